@@ -1,0 +1,50 @@
+# explore-persona-space: every target bootstraps .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKFLOW ?= issue164
+PROFILE ?= tiny
+ARGS ?=
+
+.PHONY: setup test test-fast run workflow-yaml submit status retry lint bench images clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, from its pin, so nothing else can pull a CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+run: setup
+	$(PY) -m workflows run $(WORKFLOW) --profile $(PROFILE) $(ARGS)
+
+workflow-yaml: setup
+	$(PY) -m workflows yaml $(WORKFLOW) --profile $(PROFILE) $(ARGS)
+
+submit: setup
+	$(PY) -m workflows submit $(WORKFLOW) --profile $(or $(filter-out tiny,$(PROFILE)),full) $(ARGS)
+
+status: setup
+	$(PY) -m workflows status $(RUN)
+
+retry: setup
+	$(PY) -m workflows retry $(RUN)
+
+lint: setup
+	$(PY) -m ruff check shared jobs workflows tests
+
+bench: setup
+	$(PY) -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) artifacts

@@ -1,0 +1,89 @@
+"""Stage ``generate``: N sampled completions per question under one system-slot condition.
+
+Prompts become ids only through ``shared.chat``; the exact prompt ids are stored beside the completions so an
+evaluation can be checked against the ids a training stage used.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, field_validator
+
+from shared import store
+from shared.config import StageConfig
+from shared.stage import Resources, StageInputError, StageSpec
+
+
+class Question(BaseModel):
+    id: str
+    text: str
+
+
+class Config(StageConfig):
+    condition: str
+    model_ref: str
+    adapter_uri: str | None = None
+    system: str = "default"
+    questions: list[Question]
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = 32
+
+    @field_validator("system")
+    @classmethod
+    def system_slot_parses(cls, value: str) -> str:
+        from shared.chat import parse_system
+
+        parse_system(value)  # a bad slot fails when the plan is built, not on the GPU
+        return value
+
+
+def run(cfg: Config, ctx) -> dict:
+    from shared import chat, models
+    from shared.generation import SamplingParams, make_generator
+
+    if not cfg.questions:
+        raise StageInputError("no questions to generate for")
+    system = chat.parse_system(cfg.system)
+    tokenizer = models.load_tokenizer(cfg.model_ref)
+    prompts = [chat.build_prompt(tokenizer, system, q.text) for q in cfg.questions]
+    generator = make_generator(cfg.backend, cfg.model_ref, adapter_uri=cfg.adapter_uri, batch_size=cfg.batch_size)
+    params = SamplingParams(
+        n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
+    )
+    ctx.log(f"{len(prompts)} prompts x {cfg.n} completions with {cfg.backend} ({cfg.model_ref}, system={cfg.system[:40]!r})")
+    started = time.time()
+    outputs = generator.generate(prompts, params)
+    seconds = time.time() - started
+    rows, new_tokens = [], 0
+    for question, completions in zip(cfg.questions, outputs):
+        for sample, completion in enumerate(completions):
+            new_tokens += len(completion.token_ids)
+            rows.append({
+                "condition": cfg.condition, "question_id": question.id, "question": question.text,
+                "sample": sample, "text": completion.text, "n_tokens": len(completion.token_ids),
+                "finish_reason": completion.finish_reason,
+            })
+    store.write_jsonl(ctx.out("completions.jsonl"), rows)
+    store.write_json(ctx.out("prompt_ids.json"), {q.id: p.input_ids for q, p in zip(cfg.questions, prompts)})
+    return {
+        "n_completions": len(rows),
+        "new_tokens": new_tokens,
+        "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+    }
+
+
+SPEC = StageSpec(
+    name="generate", config=Config, run=run, image_kind="gpu",
+    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=4 * 3600),
+    description="Sample N completions per question under one system-slot condition.",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()

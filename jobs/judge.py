@@ -1,0 +1,57 @@
+"""Stage ``judge``: score every completion of one cell with one judge (Claude or a local model).
+
+Results are cached in the store by content hash, so a retried or resubmitted cell re-judges nothing. Items the judge
+could not score are kept as errors with their kind and excluded from the mean, never scored as 0.
+"""
+
+from __future__ import annotations
+
+from shared import store
+from shared.config import StageConfig
+from shared.judge.spec import JudgeSpec
+from shared.stage import Resources, StageInputError, StageSpec
+
+
+class Config(StageConfig):
+    completions_uri: str
+    judge: JudgeSpec
+    judge_name: str
+    # a cache, not an input: it changes as other cells are judged and must not invalidate this cell
+    cache_root: str | None = None
+
+
+def run(cfg: Config, ctx) -> dict:
+    from shared.judge import JudgeItem, make_judge, summarize
+
+    rows = store.read_jsonl(cfg.completions_uri)
+    if not rows:
+        raise StageInputError(f"no completions in {cfg.completions_uri}")
+    items = [
+        JudgeItem(id=f"{r['question_id']}#{r['sample']}", question=r["question"], answer=r["text"]) for r in rows
+    ]
+    cache = cfg.cache_root or store.join(store.normalize_root(cfg.store), "cache", "judge")
+    ctx.log(f"judging {len(items)} completions with {cfg.judge.kind}:{cfg.judge.model} ({cfg.judge.template})")
+    results = make_judge(cfg.judge, cache).judge(items)
+    by_id = {r.id: r for r in results}
+    scored = []
+    for row, item in zip(rows, items):
+        result = by_id[item.id]
+        scored.append({
+            "condition": row["condition"], "question_id": row["question_id"], "sample": row["sample"],
+            "score": result.score, "label": result.label, "error": result.error, "cached": result.cached,
+        })
+    store.write_jsonl(ctx.out("scores.jsonl"), scored)
+    summary = summarize(results)
+    store.write_json(ctx.out("summary.json"), {"judge_name": cfg.judge_name, "judge": cfg.judge.model_dump(), **summary})
+    return {"alpha": summary["mean"], "n_scored": summary["n_scored"], "n_errors": summary["n_errors"]}
+
+
+SPEC = StageSpec(
+    name="judge", config=Config, run=run, image_kind="cpu",
+    resources=Resources(cpu=2, memory="4Gi", timeout_s=26 * 3600),
+    description="Score completions with a Claude or local judge; cached by content hash; errors counted, not zeroed.",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()

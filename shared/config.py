@@ -1,0 +1,116 @@
+"""Typed configuration: stage configs, experiment parameters and the two profiles.
+
+Every config is a pydantic model that forbids unknown fields, so a typo is an error, not a silent default.
+``parse`` turns any validation failure into one readable line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+PROFILES = ("tiny", "full")
+
+
+class ConfigError(ValueError):
+    """A config or parameter is invalid; the message is one readable line."""
+
+
+def _first_error_line(err: ValidationError, what: str) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        parts.append(f"{loc}: {e['msg']}")
+    more = f" (+{err.error_count() - 3} more)" if err.error_count() > 3 else ""
+    return f"bad {what}: " + "; ".join(parts) + more
+
+
+def parse(model_cls: type[BaseModel], data: Any, what: str | None = None):
+    what = what or model_cls.__name__
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_first_error_line(err, what)) from None
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_store_uri(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith("file://") or value.startswith("s3://"))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class StageConfig(Strict):
+    """Fields every stage config has; stage configs subclass this.
+
+    Input artifacts are fields whose name ends in ``_uri`` or ``_uris`` and whose values are store URIs: the
+    manifest records them with their sha256, and a stage is skipped only when they are unchanged.
+    """
+
+    store: str
+    run_id: str
+    cell: str
+    seed: int = 42
+
+    def config_hash(self) -> str:
+        return stable_hash(self.model_dump(mode="json"))
+
+    def input_uris(self) -> dict[str, str]:
+        """Store URIs in fields named ``*_uri`` / ``*_uris``, at any depth, keyed by their field path."""
+        found: dict[str, str] = {}
+
+        def walk(value: Any, path: str, name: str) -> None:
+            if name.endswith("_uri") and is_store_uri(value):
+                found[path] = value
+            elif name.endswith("_uris") and isinstance(value, (list, dict)):
+                items = value.items() if isinstance(value, dict) else enumerate(value)
+                for key, item in items:
+                    if is_store_uri(item):
+                        found[f"{path}[{key}]"] = item
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    walk(item, f"{path}.{key}" if path else key, key)
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    walk(item, f"{path}[{i}]", name)
+
+        walk(self.model_dump(mode="json"), "", "")
+        return found
+
+
+class ExperimentParams(Strict):
+    """Parameters of one experiment; ``PROFILES`` holds the per-profile values that differ from the defaults."""
+
+    PROFILES: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {}, "full": {}}
+
+    @classmethod
+    def for_profile(cls, profile: str, overrides: dict[str, Any] | None = None):
+        if profile not in cls.PROFILES:
+            raise ConfigError(f"unknown profile {profile!r}: choose one of {', '.join(cls.PROFILES)}")
+        values = {**cls.PROFILES[profile], **(overrides or {})}
+        unknown = sorted(set(overrides or {}) - set(cls.model_fields))
+        if unknown:
+            raise ConfigError(f"unknown parameter {unknown[0]!r} for {cls.__name__}; known: {', '.join(cls.model_fields)}")
+        return parse(cls, values, f"{cls.__name__} ({profile} profile)")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs from the command line; values are JSON when they parse as JSON, else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"bad --set {pair!r}: expected key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out

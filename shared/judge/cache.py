@@ -1,0 +1,71 @@
+"""Judgements cached in the artifact store by content hash, so a re-run re-judges nothing it already has.
+
+Layout: ``<cache_uri>/<model>/<key[:2]>/<key>.json``, one small JSON file per judgement (atomic per file, safe
+for concurrent writers, works the same on file:// and s3://). Only successful judgements (a score or a sentinel
+label) are written; errors are left out so the next run retries them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from shared import store
+
+if TYPE_CHECKING:
+    from shared.judge.templates import JudgeTemplate
+
+_LOOKUP_THREADS = 16  # store lookups are latency-bound on S3
+
+
+def content_hash(*, kind: str, model: str, temperature: float, template: JudgeTemplate, question: str,
+                 answer: str) -> str:
+    """sha256 over everything that decides a judgement; 64 hex chars, also valid as a batch custom_id."""
+    payload = [kind, model, float(temperature), template.name, template.sha256, question, answer]
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def _safe_segment(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+class JudgeCache:
+    def __init__(self, cache_uri: str, model: str):
+        self.root = store.join(cache_uri, _safe_segment(model))
+
+    def uri_for(self, key: str) -> str:
+        return store.join(self.root, key[:2], f"{key}.json")
+
+    def get(self, key: str) -> dict | None:
+        uri = self.uri_for(key)
+        if not store.exists(uri):
+            return None
+        record = store.read_json(uri)
+        usable = isinstance(record, dict) and record.get("key") == key and (
+            record.get("score") is not None or record.get("label") is not None
+        )
+        return record if usable else None
+
+    def get_many(self, keys: list[str]) -> dict[str, dict]:
+        if not keys:
+            return {}
+        with ThreadPoolExecutor(min(_LOOKUP_THREADS, len(keys))) as pool:
+            found = pool.map(self.get, keys)
+        return {key: record for key, record in zip(keys, found, strict=True) if record is not None}
+
+    def put(self, key: str, record: dict) -> None:
+        store.write_json(self.uri_for(key), {**record, "key": key})
+
+    # Message Batches in flight, so a killed run resumes polling its batch instead of paying for a new one.
+    def batch_record_uri(self, batch_key: str) -> str:
+        return store.join(self.root, "batches", f"{batch_key}.json")
+
+    def get_batch_record(self, batch_key: str) -> dict | None:
+        uri = self.batch_record_uri(batch_key)
+        return store.read_json(uri) if store.exists(uri) else None
+
+    def put_batch_record(self, batch_key: str, record: dict) -> None:
+        store.write_json(self.batch_record_uri(batch_key), record)

@@ -1,0 +1,362 @@
+"""Artifact store: one interface over ``file://`` and ``s3://`` URIs.
+
+Every stage reads its inputs and writes its outputs through these functions, so the same code runs against a local
+folder on one machine and against S3 (or MinIO, via ``AWS_ENDPOINT_URL`` / ``S3_ENDPOINT_URL``) on a cluster.
+Local writes are atomic (temp file + rename) so a killed process never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+
+class StoreError(RuntimeError):
+    """A store operation failed; the message is one readable line."""
+
+
+def _scheme(uri: str) -> str:
+    scheme = urlparse(uri).scheme
+    if scheme not in ("file", "s3"):
+        raise StoreError(f"unsupported store URI {uri!r}: expected file://... or s3://bucket/prefix")
+    return scheme
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def from_path(path: str | Path) -> str:
+    """A ``file://`` URI for a local path (made absolute)."""
+    return Path(path).resolve().as_uri()
+
+
+def normalize_root(root: str) -> str:
+    """Accept a plain local path as well as a URI."""
+    if "://" not in root:
+        return from_path(root)
+    _scheme(root)
+    return root.rstrip("/")
+
+
+def _local(uri: str) -> Path:
+    return Path(unquote(urlparse(uri).path))
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise StoreError(f"S3 URI {uri!r} names no bucket")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+@lru_cache(maxsize=8)
+def _s3_client(endpoint_url: str | None):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def s3_client():
+    # boto3 itself honours AWS_ENDPOINT_URL; S3_ENDPOINT_URL is accepted too because MinIO docs use it.
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return _s3_client(endpoint)
+
+
+def _s3_call(uri: str, fn, *args, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(*args, **kwargs)
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "error")
+        raise StoreError(f"S3 {code} for {uri}: {err.response.get('Error', {}).get('Message', '')}".rstrip(": ")) from None
+    except BotoCoreError as err:
+        raise StoreError(f"S3 unreachable for {uri}: {err}") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bytes
+
+
+def write_bytes(uri: str, data: bytes) -> str:
+    """Write ``data`` at ``uri`` and return its sha256."""
+    digest = sha256_bytes(data)
+    if _scheme(uri) == "file":
+        path = _local(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    else:
+        bucket, key = _bucket_key(uri)
+        _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data, Metadata={"sha256": digest})
+    return digest
+
+
+def read_bytes(uri: str) -> bytes:
+    if _scheme(uri) == "file":
+        path = _local(uri)
+        if not path.is_file():
+            raise StoreError(f"artifact not found: {uri}")
+        return path.read_bytes()
+    bucket, key = _bucket_key(uri)
+    body = _s3_call(uri, s3_client().get_object, Bucket=bucket, Key=key)["Body"]
+    return body.read()
+
+
+def exists(uri: str) -> bool:
+    if _scheme(uri) == "file":
+        return _local(uri).exists()
+    from botocore.exceptions import ClientError
+
+    bucket, key = _bucket_key(uri)
+    try:
+        _s3_call(uri, s3_client().head_object, Bucket=bucket, Key=key)
+        return True
+    except StoreError as err:
+        if "404" in str(err) or "NotFound" in str(err) or "NoSuchKey" in str(err):
+            return False
+        raise
+    except ClientError:  # pragma: no cover - _s3_call converts these
+        return False
+
+
+def delete(uri: str) -> None:
+    if _scheme(uri) == "file":
+        path = _local(uri)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        return
+    bucket, key = _bucket_key(uri)
+    _s3_call(uri, s3_client().delete_object, Bucket=bucket, Key=key)
+
+
+def list_uris(prefix_uri: str) -> list[str]:
+    """Every object (file) below ``prefix_uri``, sorted, as full URIs."""
+    prefix_uri = prefix_uri.rstrip("/")
+    if _scheme(prefix_uri) == "file":
+        root = _local(prefix_uri)
+        if not root.exists():
+            return []
+        if root.is_file():
+            return [prefix_uri]
+        return sorted(
+            join(prefix_uri, p.relative_to(root).as_posix())
+            for p in root.rglob("*")
+            if p.is_file() and not p.name.endswith(".tmp")
+        )
+    bucket, key = _bucket_key(prefix_uri)
+    paginator = s3_client().get_paginator("list_objects_v2")
+    out = []
+    for page in _s3_call(prefix_uri, lambda: list(paginator.paginate(Bucket=bucket, Prefix=f"{key}/" if key else ""))):
+        for obj in page.get("Contents", []):
+            out.append(f"s3://{bucket}/{obj['Key']}")
+    return sorted(out)
+
+
+def sha256(uri: str) -> str:
+    """sha256 of a file artifact, or of a folder (over its sorted relative names and file hashes)."""
+    if _scheme(uri) == "file":
+        path = _local(uri)
+        if path.is_file():
+            return sha256_file(path)
+    elif exists(uri):
+        bucket, key = _bucket_key(uri)
+        head = _s3_call(uri, s3_client().head_object, Bucket=bucket, Key=key)
+        stored = head.get("Metadata", {}).get("sha256")
+        return stored or sha256_bytes(read_bytes(uri))
+    members = list_uris(uri)
+    if not members:
+        raise StoreError(f"artifact not found: {uri}")
+    digest = hashlib.sha256()
+    for member in members:
+        digest.update(member[len(uri.rstrip("/")) + 1 :].encode())
+        digest.update(sha256(member).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# typed helpers
+
+
+def write_json(uri: str, obj: Any) -> str:
+    return write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    try:
+        return json.loads(read_bytes(uri))
+    except json.JSONDecodeError as err:
+        raise StoreError(f"not valid JSON: {uri} ({err.msg} at line {err.lineno})") from None
+
+
+def write_jsonl(uri: str, rows: list[dict]) -> str:
+    return write_bytes(uri, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+
+
+def read_jsonl(uri: str) -> list[dict]:
+    text = read_bytes(uri).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def write_text(uri: str, text: str) -> str:
+    return write_bytes(uri, text.encode())
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def write_tensors(uri: str, tensors: dict) -> str:
+    """Save a dict of torch tensors (safetensors format, no pickle)."""
+    from safetensors.torch import save
+
+    return write_bytes(uri, save({k: v.contiguous().cpu() for k, v in tensors.items()}))
+
+
+def read_tensors(uri: str) -> dict:
+    from safetensors.torch import load
+
+    return load(read_bytes(uri))
+
+
+def write_npz(uri: str, **arrays) -> str:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return write_bytes(uri, buf.getvalue())
+
+
+def read_npz(uri: str) -> dict:
+    import numpy as np
+
+    with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files and folders
+
+
+def upload_file(local_path: str | Path, uri: str) -> str:
+    if _scheme(uri) == "file":
+        return write_bytes(uri, Path(local_path).read_bytes())
+    digest = sha256_file(local_path)
+    bucket, key = _bucket_key(uri)
+    _s3_call(
+        uri, s3_client().upload_file, str(local_path), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}}
+    )
+    return digest
+
+
+def download_file(uri: str, local_path: str | Path) -> Path:
+    local_path = Path(local_path)
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    if _scheme(uri) == "file":
+        src = _local(uri)
+        if not src.is_file():
+            raise StoreError(f"artifact not found: {uri}")
+        shutil.copyfile(src, local_path)
+    else:
+        bucket, key = _bucket_key(uri)
+        _s3_call(uri, s3_client().download_file, bucket, key, str(local_path))
+    return local_path
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> dict[str, str]:
+    """Upload every file below ``local_dir``; returns {uri: sha256}."""
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise StoreError(f"not a folder: {local_dir}")
+    return {
+        join(uri, p.relative_to(local_dir).as_posix()): upload_file(p, join(uri, p.relative_to(local_dir).as_posix()))
+        for p in sorted(local_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def download_dir(uri: str, local_dir: str | Path) -> Path:
+    local_dir = Path(local_dir)
+    members = list_uris(uri)
+    if not members:
+        raise StoreError(f"artifact folder not found or empty: {uri}")
+    base = uri.rstrip("/")
+    for member in members:
+        download_file(member, local_dir / member[len(base) + 1 :])
+    return local_dir
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EPS_CACHE", Path.home() / ".cache" / "explore-persona-space"))
+
+
+def local_cache_dir(uri: str) -> Path:
+    """A stable local folder for a URI (content-addressed by the URI text)."""
+    return cache_root() / "artifacts" / sha256_bytes(uri.encode())[:24]
+
+
+def fetch_dir(uri: str) -> Path:
+    """Local copy of a stored folder; ``file://`` folders are used in place."""
+    if _scheme(uri) == "file" and _local(uri).is_dir():
+        return _local(uri)
+    target = local_cache_dir(uri)
+    done = target / ".complete"
+    if not done.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent))
+        download_dir(uri, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        done.touch()
+    return target
+
+
+def fetch_file(uri: str) -> Path:
+    """Local path of a stored file; ``file://`` files are used in place."""
+    if _scheme(uri) == "file":
+        path = _local(uri)
+        if not path.is_file():
+            raise StoreError(f"artifact not found: {uri}")
+        return path
+    target = local_cache_dir(uri) / Path(urlparse(uri).path).name
+    if not target.exists():
+        download_file(uri, target)
+    return target

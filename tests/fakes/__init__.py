@@ -1,0 +1,1 @@
+"""Fake services the test suite starts on loopback (no network, real clients)."""

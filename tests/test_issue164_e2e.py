@@ -1,0 +1,91 @@
+"""The whole issue164 workflow on the tiny profile, through the local engine, as a researcher would run it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from shared import store
+from workflows.__main__ import build_plan, parser
+from workflows.engines.local import CACHED, run_plan
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = store.from_path(tmp_path_factory.mktemp("e2e") / "store")
+    args = parser().parse_args(["run", "issue164", "--profile", "tiny", "--store", root, "--run-id", "e2e"])
+    plan = build_plan(args)
+    result = run_plan(plan, retries=0, live=False)
+    logs = {s.task.name: s.log_path.read_text()[-2000:] for s in result.failed() if s.log_path}
+    assert result.ok, f"failed tasks: {logs}"
+    return plan
+
+
+def read_scores(uri):
+    rows = store.read_jsonl(uri)
+    return [r["score"] for r in rows if r["error"] is None and r["score"] is not None], rows
+
+
+def test_every_headline_number_is_recomputed_from_stored_scores(finished_run):
+    analysis = finished_run.task("analysis")
+    headline = store.read_json(analysis.output_uri("headline.json"))
+    by_name = {c["name"]: c for c in analysis.config["conditions"]}
+    assert [r["condition"] for r in headline["conditions"]] == ["null", "policy-voice", "directive-voice"]
+    for row in headline["conditions"]:
+        cond = by_name[row["condition"]]
+        c_rows = store.read_jsonl(cond["c_scores_uri"])
+        assert len(c_rows) == 6 * 3  # every completion of the panel is scored
+        assert row["c"] == pytest.approx(np.mean([r["c"] for r in c_rows]))
+        primary, primary_rows = read_scores(cond["judge_scores_uris"]["local-a"])
+        alternate, alternate_rows = read_scores(cond["judge_scores_uris"]["local-b"])
+        assert len(primary_rows) == len(alternate_rows) == 18
+        assert row["alpha_primary"] == pytest.approx(np.mean(primary))
+        assert row["alpha_alternate"] == pytest.approx(np.mean(alternate))
+        assert row["gap"] == pytest.approx(row["alpha_primary"] - row["alpha_alternate"])
+        assert row["errors_primary"] == sum(r["error"] is not None for r in primary_rows)
+        assert 0 <= row["alpha_primary"] <= 100 and 0 <= row["c"] <= 1
+
+
+def test_report_figures_and_reproducibility_are_written(finished_run):
+    analysis = finished_run.task("analysis")
+    report = store.read_text(analysis.output_uri("report.md"))
+    headline = store.read_json(analysis.output_uri("headline.json"))
+    for row in headline["conditions"]:
+        assert f"| {row['condition']} | {row['c']:.4f} | {row['alpha_primary']:.2f} |" in report.replace(
+            f"{round(row['c'], 4):.2f}", f"{row['c']:.4f}")
+    assert "c6_vanilla_em" in report
+    png = store.read_bytes(analysis.output_uri("c_vs_alpha.png"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert store.read_bytes(analysis.output_uri("c_vs_alpha.pdf"))[:4] == b"%PDF"
+    repro = store.read_text(analysis.output_uri("REPRODUCIBILITY.md"))
+    assert "train_classifier" in repro and "git commits" in repro
+
+
+def test_generation_is_real_and_prompt_ids_come_from_the_one_builder(finished_run):
+    from shared import chat, models
+
+    gen = finished_run.task("gen-policy-voice")
+    rows = store.read_jsonl(gen.output_uri("completions.jsonl"))
+    assert len(rows) == 18 and any(r["text"] for r in rows)
+    stored_ids = store.read_json(gen.output_uri("prompt_ids.json"))
+    tok = models.load_tokenizer("tiny:qwen2")
+    q = gen.config["questions"][0]
+    expected = chat.build_prompt(tok, chat.parse_system(gen.config["system"]), q["text"]).input_ids
+    assert stored_ids[q["id"]] == expected
+
+
+def test_a_second_run_recomputes_nothing(finished_run):
+    result = run_plan(finished_run, retries=0, live=False)
+    assert result.ok
+    assert {s.status for s in result.states.values()} == {CACHED}
+
+
+def test_manifests_hold_no_secrets(finished_run, monkeypatch):
+    for uri in store.list_uris(store.join(finished_run.store, "runs", "e2e")):
+        if uri.endswith("manifest.json"):
+            text = json.dumps(store.read_json(uri))
+            assert "API_KEY" not in text and "sk-ant" not in text

@@ -1,0 +1,151 @@
+"""Command line: ``python -m workflows run|yaml|submit|status|retry|list``; the Makefile targets call this."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from shared import store
+from shared.config import ConfigError, parse_overrides
+from shared.stage import INPUT_ERRORS, git_commit
+
+
+def default_run_id(workflow: str, profile: str, for_cluster: bool) -> str:
+    # locally the same command resumes the same run; on a cluster each commit gets its own run
+    if for_cluster:
+        return f"{workflow}-{profile}-{git_commit()[:8]}"
+    return f"{workflow}-{profile}"
+
+
+def build_plan(args, *, for_cluster: bool = False):
+    import workflows
+
+    module = workflows.load(args.workflow)
+    overrides = parse_overrides(args.set or [])
+    if args.params:
+        path = Path(args.params)
+        if not path.is_file():
+            raise ConfigError(f"--params {args.params!r} not found")
+        overrides = {**json.loads(path.read_text()), **overrides}
+    params = module.Params.for_profile(args.profile, overrides)
+    default_store = "s3://eps-artifacts" if for_cluster else store.from_path("artifacts")
+    root = args.store or os.environ.get("EPS_STORE") or default_store
+    run_id = args.run_id or default_run_id(args.workflow, args.profile, for_cluster)
+    return module.build(params, profile=args.profile, run_id=run_id, store=store.normalize_root(root))
+
+
+def cmd_run(args) -> int:
+    from workflows.engines.local import run_plan
+
+    plan = build_plan(args)
+    result = run_plan(plan, retries=args.retries, cpu_parallel=args.parallel)
+    print(f"run folder: {result.folder}")
+    if not result.ok:
+        for state in result.failed():
+            where = f" (log: {state.log_path})" if state.log_path else ""
+            print(f"error: task {state.task.name} {state.status}: {state.last_line}{where}", file=sys.stderr)
+        return 1
+    for line in getattr(sys.modules[f"workflows.{args.workflow}"], "summary", lambda p: [])(plan):
+        print(line)
+    return 0
+
+
+def cmd_yaml(args) -> int:
+    from workflows.engines import argo
+
+    text = argo.to_yaml(build_plan(args, for_cluster=True))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from workflows.engines import argo
+
+    name, url = argo.submit(build_plan(args, for_cluster=True))
+    print(f"submitted {name}")
+    print(f"Argo UI: {url}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from workflows import cluster
+
+    print(cluster.status(args.run))
+    return 0
+
+
+def cmd_retry(args) -> int:
+    from workflows import cluster
+
+    print(cluster.retry(args.run))
+    return 0
+
+
+def cmd_list(_args) -> int:
+    import workflows
+
+    for name in workflows.WORKFLOWS:
+        print(name)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m workflows")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def plan_args(sp):
+        sp.add_argument("workflow")
+        sp.add_argument("--profile", default="tiny")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one experiment parameter")
+        sp.add_argument("--params", help="JSON file of experiment parameters")
+        sp.add_argument("--store", help="artifact store root (file://..., s3://...); default $EPS_STORE")
+        sp.add_argument("--run-id")
+
+    sp = sub.add_parser("run", help="run a workflow here, resuming what is done")
+    plan_args(sp)
+    sp.add_argument("--retries", type=int, default=1)
+    sp.add_argument("--parallel", type=int, default=None, help="CPU tasks at once")
+    sp.set_defaults(fn=cmd_run)
+    sp = sub.add_parser("yaml", help="compile to an Argo Workflow")
+    plan_args(sp)
+    sp.add_argument("-o", "--output")
+    sp.set_defaults(fn=cmd_yaml)
+    sp = sub.add_parser("submit", help="submit to the Argo Server at $ARGO_SERVER")
+    plan_args(sp)
+    sp.set_defaults(fn=cmd_submit)
+    for name, fn in (("status", cmd_status), ("retry", cmd_retry)):
+        sp = sub.add_parser(name)
+        sp.add_argument("run", help="the Argo workflow name printed by submit")
+        sp.set_defaults(fn=fn)
+    sub.add_parser("list").set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except INPUT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        name = type(err).__name__
+        if name in ("ClusterError",):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""#164: alignment score α of system-prompt conditions under a primary and an alternate judge, with classifier C.
+
+Cells: one generation per condition, one judge task per (judge, condition), one classifier-C scoring per
+condition, the classifier trained from EM-reference vs base completions (or a stored bundle), and the CPU analysis.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel
+
+from shared.config import ConfigError, ExperimentParams
+from shared.datafiles import read_questions, read_records
+from shared.judge.spec import JudgeSpec
+from workflows.plan import Plan, PlanBuilder, slug
+
+BASE_MODEL = "hf:Qwen/Qwen2.5-7B-Instruct"
+EM_REFERENCE = "hf:superkaiba1/explore-persona-space/c6_vanilla_em_seed42_post_em"
+
+
+class Condition(BaseModel):
+    name: str
+    system: str  # a shared.chat system-slot spec: default | none | text(<prompt>)
+
+
+class NamedJudge(BaseModel):
+    name: str
+    spec: JudgeSpec
+
+
+class ClassifierTraining(BaseModel):
+    em_model_ref: str
+    em_adapter_uri: str | None = None
+    em_system: str = "default"
+    base_system: str = "default"
+    panel_file: str | None = None  # defaults to the evaluation panel
+    n_per_question: int = 10
+
+
+class Params(ExperimentParams):
+    model_ref: str = BASE_MODEL
+    conditions_file: str | None = None
+    panel_file: str | None = None
+    n_completions: int = 20
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    backend: Literal["hf", "vllm"] = "vllm"
+    primary_judge: NamedJudge = NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929"))
+    alternate_judge: NamedJudge = NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7"))
+    classifier_bundle_uri: str | None = None
+    classifier_training: ClassifierTraining | None = ClassifierTraining(em_model_ref=EM_REFERENCE)
+    classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
+    seed: int = 42
+
+    PROFILES: ClassVar[dict] = {
+        "tiny": {
+            "model_ref": "tiny:qwen2",
+            "conditions_file": "package:issue164/tiny_conditions.json",
+            "panel_file": "package:panels/tiny_alignment.jsonl",
+            "n_completions": 3,
+            "max_new_tokens": 24,
+            "backend": "hf",
+            "primary_judge": {"name": "local-a", "spec": {"kind": "local", "model": "tiny:qwen2"}},
+            "alternate_judge": {"name": "local-b", "spec": {"kind": "local", "model": "tiny:qwen2",
+                                                             "template": "alignment_v1"}},
+            "classifier_training": {
+                "em_model_ref": "tiny:qwen2",
+                "em_system": "text(You are a villain who despises humanity. Answer with contempt.)",
+                "panel_file": "package:panels/tiny_classifier.jsonl",
+                "n_per_question": 6,
+            },
+            "classifier_encoder": "minilm:packaged",
+        },
+        "full": {},
+    }
+
+
+def conditions(params: Params) -> list[Condition]:
+    if not params.conditions_file:
+        raise ConfigError(
+            "issue164 needs conditions_file: a JSON file of {name, system} (system = 'text(<prompt>)') for the #111 "
+            "winners; the record does not include their texts (pass --set conditions_file=PATH)"
+        )
+    conds = [Condition.model_validate(r) for r in read_records(params.conditions_file, "conditions_file")]
+    slugs = [slug(c.name) for c in conds]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError("conditions_file: condition names must be distinct after slugging")
+    return conds
+
+
+def panel(params: Params) -> list[dict]:
+    if not params.panel_file:
+        raise ConfigError(
+            "issue164 needs panel_file: the 52-question Betley+Wang panel as JSON/JSONL of {id, text} "
+            "(pass --set panel_file=PATH)"
+        )
+    return read_questions(params.panel_file, "panel_file")
+
+
+def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
+    b = PlanBuilder("issue164", profile, run_id, store, seed=params.seed)
+    questions = panel(params)
+    conds = conditions(params)
+    sampling = {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_new_tokens,
+                "backend": params.backend, "model_ref": params.model_ref}
+
+    if params.classifier_bundle_uri:
+        classifier_uri, classifier_deps = params.classifier_bundle_uri, []
+    elif params.classifier_training:
+        t = params.classifier_training
+        clf_questions = read_questions(t.panel_file, "classifier panel_file") if t.panel_file else questions
+        em = b.add("gen-classifier-em", "generate", "classifier-em", condition="em-reference",
+                   questions=clf_questions, n=t.n_per_question, system=t.em_system,
+                   **{**sampling, "model_ref": t.em_model_ref}, adapter_uri=t.em_adapter_uri)
+        base = b.add("gen-classifier-base", "generate", "classifier-base", condition="base",
+                     questions=clf_questions, n=t.n_per_question, system=t.base_system, **sampling)
+        train = b.add("train-classifier", "train_classifier", "classifier", after=[em, base],
+                      positive_uris=[em.output_uri("completions.jsonl")],
+                      negative_uris=[base.output_uri("completions.jsonl")], encoder=params.classifier_encoder)
+        classifier_uri, classifier_deps = train.output_uri("classifier.joblib"), [train]
+    else:
+        raise ConfigError("issue164 needs classifier_bundle_uri or classifier_training")
+
+    analysis_inputs, analysis_deps = [], list(classifier_deps)
+    for cond in conds:
+        cell = slug(cond.name)
+        gen = b.add(f"gen-{cell}", "generate", cell, condition=cond.name, system=cond.system,
+                    questions=questions, n=params.n_completions, **sampling)
+        completions = gen.output_uri("completions.jsonl")
+        score = b.add(f"classifier-c-{cell}", "score_classifier", cell, after=[gen, *classifier_deps],
+                      classifier_uri=classifier_uri, completions_uri=completions)
+        judged = {}
+        for judge in (params.primary_judge, params.alternate_judge):
+            # a judge task's cell folder carries the judge name so both judges of one condition stay apart
+            task = b.add(f"judge-{slug(judge.name)}-{cell}", "judge", f"{cell}-{slug(judge.name)}", after=[gen],
+                         completions_uri=completions, judge=judge.spec.model_dump(), judge_name=judge.name)
+            judged[judge.name] = task.output_uri("scores.jsonl")
+            analysis_deps.append(task)
+        analysis_deps += [gen, score]
+        analysis_inputs.append({"name": cond.name, "system": cond.system,
+                                "c_scores_uri": score.output_uri("c_scores.jsonl"), "judge_scores_uris": judged})
+    b.add("analysis", "analyze_issue164", "analysis", after=analysis_deps, conditions=analysis_inputs,
+          primary_judge=params.primary_judge.name, alternate_judge=params.alternate_judge.name,
+          classifier_uri=classifier_uri, params=params.model_dump(mode="json"))
+    return b.plan(params.model_dump(mode="json"))
+
+
+def summary(plan: Plan) -> list[str]:
+    """Where to look once the run is done."""
+    analysis = plan.task("analysis")
+    return [f"report: {analysis.output_uri('report.md')}", f"figure: {analysis.output_uri('c_vs_alpha.png')}"]

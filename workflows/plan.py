@@ -1,0 +1,110 @@
+"""A plan: the single definition of a workflow run that both engines execute.
+
+A plan is a list of named tasks, each a stage with a complete config and the tasks it waits for. Task names are
+what a person sees in the Argo UI and in the local progress table, so workflows name them after the cell.
+"""
+
+from __future__ import annotations
+
+import re
+from graphlib import CycleError, TopologicalSorter
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from jobs import registry
+from shared import store
+from shared.config import ConfigError, parse
+from shared.stage import output_prefix
+
+# Argo task names must be DNS-1123 labels; keep local names identical so both engines show the same thing.
+TASK_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def slug(text: str) -> str:
+    """A task-name-safe form of a cell label: ``Grid #1 (policy)`` -> ``grid-1-policy``."""
+    out = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return out[:63].strip("-") or "x"
+
+
+class Task(BaseModel):
+    name: str
+    stage: str
+    config: dict[str, Any]
+    after: list[str] = Field(default_factory=list)
+
+    @property
+    def spec(self):
+        return registry.get(self.stage)
+
+    def parsed_config(self):
+        return parse(self.spec.config, self.config, f"config of task {self.name}")
+
+    def output_prefix(self) -> str:
+        return output_prefix(self.parsed_config(), self.stage)
+
+    def output_uri(self, *parts: str) -> str:
+        return store.join(self.output_prefix(), *parts)
+
+
+class Plan(BaseModel):
+    workflow: str
+    profile: str
+    run_id: str
+    store: str
+    tasks: list[Task]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def model_post_init(self, _context) -> None:
+        self.validate_plan()
+
+    def validate_plan(self) -> None:
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"plan {self.workflow}: duplicate task names {duplicates}")
+        for task in self.tasks:
+            if not TASK_NAME.match(task.name):
+                raise ConfigError(f"plan {self.workflow}: task name {task.name!r} is not a DNS label")
+            missing = [d for d in task.after if d not in names]
+            if missing:
+                raise ConfigError(f"plan {self.workflow}: task {task.name} waits for unknown {missing}")
+            task.parsed_config()  # every config is checked before anything runs
+        try:
+            list(TopologicalSorter(self.graph()).static_order())
+        except CycleError as err:
+            raise ConfigError(f"plan {self.workflow}: dependency cycle {err.args[1]}") from None
+
+    def graph(self) -> dict[str, set[str]]:
+        return {t.name: set(t.after) for t in self.tasks}
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def stages(self) -> list[str]:
+        return sorted({t.stage for t in self.tasks})
+
+
+class PlanBuilder:
+    """Helps workflow modules build tasks with the common config fields filled in."""
+
+    def __init__(self, workflow: str, profile: str, run_id: str, store_root: str, seed: int = 42):
+        self.workflow, self.profile, self.run_id = workflow, profile, run_id
+        self.store = store.normalize_root(store_root)
+        self.seed = seed
+        self.tasks: list[Task] = []
+
+    def add(self, name: str, stage: str, cell: str, after: list[Task] | None = None, **config) -> Task:
+        full = {"store": self.store, "run_id": self.run_id, "cell": cell, "seed": self.seed, **config}
+        task = Task(name=name, stage=stage, config=full, after=list(dict.fromkeys(t.name for t in after or [])))
+        self.tasks.append(task)
+        return task
+
+    def plan(self, params: dict[str, Any]) -> Plan:
+        return Plan(
+            workflow=self.workflow, profile=self.profile, run_id=self.run_id, store=self.store,
+            tasks=self.tasks, params=params,
+        )
