@@ -111,8 +111,8 @@ def figure(data: dict, uri: str) -> dict:
     ax.set_ylabel("alignment score α (0-100)")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-2, 102)
-    ax.set_title("C vs α: filled = primary judge, hollow = alternate; grey = reference points")
-    ax.legend(fontsize=7, loc="lower left", frameon=False)
+    ax.set_title("C vs α (filled: primary judge, hollow: alternate, grey: record's reference points)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return save(fig, uri)
 
 
@@ -123,11 +123,11 @@ def report(data: dict, val_accuracy: float | None) -> str:
     d = data["decisions"]
     measured = markdown_table(
         ["condition", "C", f"α ({j['primary']})", f"α ({j['alternate']})", "gap (P−A)", "errors P/A"],
-        [(r["condition"], round(r["c"], 4), r["alpha_primary"], r["alpha_alternate"], r["gap"],
+        [(r["condition"], f"{r['c']:.4f}", r["alpha_primary"], r["alpha_alternate"], r["gap"],
           f"{r['errors_primary']} / {r['errors_alternate']}") for r in data["conditions"]],
     )
     refs = markdown_table(["reference point (from the record)", "C", "α primary", "α alternate"],
-                          [(p["name"], p["c"], p["alpha_primary"], p["alpha_alternate"]) for p in data["reference_points"]])
+                          [(p["name"], f"{p['c']:.3f}", p["alpha_primary"], p["alpha_alternate"]) for p in data["reference_points"]])
     lines = [
         "# #164: alignment score α and classifier C per condition", "",
         "## Headline", "", measured, "",

@@ -21,7 +21,7 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared.judge import JudgeItem, make_judge, summarize
+    from shared.judge import JudgeAuthError, JudgeConfigError, JudgeItem, make_judge, summarize
 
     rows = store.read_jsonl(cfg.completions_uri)
     if not rows:
@@ -31,7 +31,10 @@ def run(cfg: Config, ctx) -> dict:
     ]
     cache = cfg.cache_root or store.join(store.normalize_root(cfg.store), "cache", "judge")
     ctx.log(f"judging {len(items)} completions with {cfg.judge.kind}:{cfg.judge.model} ({cfg.judge.template})")
-    results = make_judge(cfg.judge, cache).judge(items)
+    try:
+        results = make_judge(cfg.judge, cache).judge(items)
+    except (JudgeAuthError, JudgeConfigError) as err:
+        raise StageInputError(str(err)) from None
     by_id = {r.id: r for r in results}
     scored = []
     for row, item in zip(rows, items):
@@ -42,8 +45,9 @@ def run(cfg: Config, ctx) -> dict:
         })
     store.write_jsonl(ctx.out("scores.jsonl"), scored)
     summary = summarize(results)
-    store.write_json(ctx.out("summary.json"), {"judge_name": cfg.judge_name, "judge": cfg.judge.model_dump(), **summary})
-    return {"alpha": summary["mean"], "n_scored": summary["n_scored"], "n_errors": summary["n_errors"]}
+    store.write_json(ctx.out("summary.json"), {"judge_name": cfg.judge_name, "judge": cfg.judge.model_dump(),
+                                               **summary.model_dump()})
+    return {"alpha": summary.mean, "n_scored": summary.n_scored, "n_errors": summary.n_errors}
 
 
 SPEC = StageSpec(

@@ -118,7 +118,9 @@ def parse_system(spec: str | dict | _Slot) -> DefaultSystem | NoSystem | TextSys
     if not paren:
         if head in ("default", "none"):
             return DefaultSystem() if head == "default" else NoSystem()
-        raise ValueError(f"bad system slot {spec!r}: expected default, none, text(...), soft(K) or ids([...])")
+        raise ValueError(
+            f"bad system slot {spec!r}: expected default, none, text(...), soft(K) or ids([...])"
+        )
     if not rest.endswith(")"):
         raise ValueError(f"bad system slot {spec!r}: missing closing ')'")
     arg = rest[:-1]
@@ -189,7 +191,12 @@ class PromptIds:
     def prompt_only(self) -> PromptIds:
         """The evaluation prompt of a training example (same ids, slots and positions, no reply)."""
         return PromptIds(
-            self.prompt_ids, self.assistant_start, None, self.soft_slice, self.ids_slice, self.user_suffix_slice
+            self.prompt_ids,
+            self.assistant_start,
+            None,
+            self.soft_slice,
+            self.ids_slice,
+            self.user_suffix_slice,
         )
 
     def loss_mask(self) -> list[bool]:
@@ -218,7 +225,11 @@ def build_prompt(
     user turn.
     """
     slot = parse_system(system)
-    _check_no_sentinel(user, *([slot.text] if isinstance(slot, TextSystem) else []), *([assistant] if assistant is not None else []))
+    _check_no_sentinel(
+        user,
+        *([slot.text] if isinstance(slot, TextSystem) else []),
+        *([assistant] if assistant is not None else []),
+    )
     if assistant is not None and not add_generation_prompt:
         raise ValueError("a prompt with an assistant reply always includes the assistant header")
 
@@ -262,7 +273,9 @@ def _messages(slot: _Slot, user_content: str) -> list[dict[str, str]]:
 
 
 def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _check_no_sentinel(*texts: str) -> None:
@@ -288,7 +301,9 @@ def _tokenize_with_splices(
     pieces = [(text.find(s), s) for s in splices]
     for at, sentinel in pieces:
         if at < 0 or text.count(sentinel) != 1:
-            raise ValueError("the chat template dropped or repeated a prompt slot; it cannot be spliced safely")
+            raise ValueError(
+                "the chat template dropped or repeated a prompt slot; it cannot be spliced safely"
+            )
     ids: list[int] = []
     spans: dict[str, slice] = {}
     cursor = 0
@@ -412,7 +427,9 @@ def inputs_embeds(batch: Batch, embedding: torch.nn.Module, soft: torch.Tensor) 
             out.append(embeds[row])
             continue
         if span.stop - span.start != per_row.shape[1]:
-            raise ValueError(f"soft slot has {span.stop - span.start} positions, embeddings have {per_row.shape[1]}")
+            raise ValueError(
+                f"soft slot has {span.stop - span.start} positions, embeddings have {per_row.shape[1]}"
+            )
         filled = per_row[row].to(embeds.dtype)
         out.append(torch.cat([embeds[row, : span.start], filled, embeds[row, span.stop :]]))
     return torch.stack(out)

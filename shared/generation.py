@@ -83,10 +83,17 @@ def make_generator(
         if vllm_kwargs:
             raise ValueError(f"options {sorted(vllm_kwargs)} are for the vllm backend only")
         return HFGenerator.from_ref(
-            model_ref, adapter_uri=adapter_uri, dtype=dtype, device=device, batch_size=batch_size, progress=progress
+            model_ref,
+            adapter_uri=adapter_uri,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            progress=progress,
         )
     if backend == "vllm":
-        return VLLMGenerator(model_ref, adapter_uri=adapter_uri, dtype=dtype, progress=progress, **vllm_kwargs)
+        return VLLMGenerator(
+            model_ref, adapter_uri=adapter_uri, dtype=dtype, progress=progress, **vllm_kwargs
+        )
     raise ValueError(f"unknown generation backend {backend!r}: expected 'hf' or 'vllm'")
 
 
@@ -102,7 +109,9 @@ def _check_soft_prompts(prompts: Sequence[chat.PromptIds], prompt_embeds) -> Non
     if prompt_embeds is not None and not all(with_soft):
         raise ValueError("prompt_embeds given, but not every prompt has a soft(K) system slot")
     if prompt_embeds is not None and prompt_embeds.dim() == 3 and prompt_embeds.shape[0] != len(prompts):
-        raise ValueError(f"prompt_embeds hold {prompt_embeds.shape[0]} soft prompts for {len(prompts)} prompts")
+        raise ValueError(
+            f"prompt_embeds hold {prompt_embeds.shape[0]} soft prompts for {len(prompts)} prompts"
+        )
 
 
 def _soft_for(prompt_embeds, prompt_index: int):
@@ -116,8 +125,8 @@ def derived_seed(seed: int, *stream: int) -> int:
     return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    configured = model.generation_config.eos_token_id
+def _stop_ids(configured: int | list[int] | None, tokenizer) -> set[int]:
+    """The checkpoint's generation-config eos ids plus the tokenizer's eos (Qwen2.5 lists two)."""
     ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -158,7 +167,7 @@ class HFGenerator:
         self.batch_size = batch_size
         self.progress = progress
         self._adapter_names: dict[str, str] = {}
-        self._stop_ids = _eos_ids(model, tokenizer)
+        self._stop_ids = _stop_ids(model.generation_config.eos_token_id, tokenizer)
         self._pad_id = chat.soft_placeholder_id(tokenizer)
 
     @classmethod
@@ -194,7 +203,9 @@ class HFGenerator:
             for chunk_index, chunk in enumerate(self._progress(chunks)):
                 generated = self._generate_chunk(
                     [prompts[i] for i in chunk],
-                    None if prompt_embeds is None else torch.stack([_soft_for(prompt_embeds, i) for i in chunk]),
+                    None
+                    if prompt_embeds is None
+                    else torch.stack([_soft_for(prompt_embeds, i) for i in chunk]),
                     params,
                     derived_seed(params.seed, chunk_index),
                 )
@@ -249,7 +260,10 @@ class HFGenerator:
 
     @contextlib.contextmanager
     def _adapter(self, adapter_uri: str | None):
-        """Generate with the named LoRA adapter (loaded once per URI), or with none."""
+        """Generate with the named LoRA adapter (loaded once per URI), or with none.
+
+        peft injects adapter layers into the model in place: the wrapped model object is changed too, but
+        generates as the base model whenever no adapter is selected."""
         from peft import PeftModel
 
         if adapter_uri is None:
@@ -315,7 +329,7 @@ class VLLMGenerator:
         self.llm = vllm.LLM(
             model=path, tokenizer=path, dtype=dtype or "auto", **lora_kwargs, **embeds_kwargs, **llm_kwargs
         )
-        self._stop_ids = _eos_ids_from_tokenizer(self.tokenizer, path)
+        self._stop_ids = _stop_ids(_configured_eos(path), self.tokenizer)
         self._lora_ids: dict[str, int] = {}
         self._embedding: torch.Tensor | None = None
 
@@ -339,7 +353,10 @@ class VLLMGenerator:
             return [{"prompt_token_ids": list(p.input_ids)} for p in prompts]
         if not self.prompt_embeds_enabled:
             raise ValueError("prompt_embeds need VLLMGenerator(..., enable_prompt_embeds=True)")
-        return [{"prompt_embeds": self._full_embeds(p, _soft_for(prompt_embeds, i))} for i, p in enumerate(prompts)]
+        return [
+            {"prompt_embeds": self._full_embeds(p, _soft_for(prompt_embeds, i))}
+            for i, p in enumerate(prompts)
+        ]
 
     def _full_embeds(self, prompt: chat.PromptIds, soft):
         import torch
@@ -376,14 +393,10 @@ class VLLMGenerator:
         return Completion(text=output.text, token_ids=token_ids, finish_reason=finish)
 
 
-def _eos_ids_from_tokenizer(tokenizer, model_dir: str) -> set[int]:
+def _configured_eos(model_dir: str) -> int | list[int] | None:
     from transformers import GenerationConfig
 
     try:
-        configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:
-        configured = None
-    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+        return GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json
+        return None

@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # heavy imports stay lazy so `import shared.models` is cheap
 
 RefKind = Literal["tiny", "hf", "artifact"]
 
-TINY_MODELS = ("qwen2",)
+# name -> weight seed; the second model gives the tiny profile a judge that is not the generator
+TINY_MODELS = {"qwen2": 0, "qwen2-judge": 1}
 # Bump when the tiny builder changes: the cache folder is named by it, so old builds are never reused.
 TINY_BUILD_VERSION = "v1"
 TINY_SEED = 0
@@ -41,9 +42,7 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 
 # The pre-tokenizer split of Qwen2/2.5 (as in transformers' Qwen2Tokenizer).
-QWEN_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 _HF_REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -92,7 +91,10 @@ def parse_ref(ref: str | ModelRef) -> ModelRef:
     if kind == "hf":
         return _parse_hf(ref, body)
     if kind == "artifact":
-        if not (body.startswith("file://") or body.startswith("s3://")) or body.rstrip("/") in ("file:", "s3:"):
+        if not (body.startswith("file://") or body.startswith("s3://")) or body.rstrip("/") in (
+            "file:",
+            "s3:",
+        ):
             raise _bad_ref(ref, "an artifact ref needs a file:// or s3:// store URI")
         return ModelRef("artifact", body.rstrip("/"))
     raise _bad_ref(ref, f"unknown kind {kind!r}")
@@ -237,7 +239,9 @@ def load_input_embeddings(ref: str | ModelRef) -> torch.Tensor:
             files = {name: folder / "model.safetensors" for name in handle.keys()}  # noqa: SIM118
     names = [n for n in files if n.endswith("embed_tokens.weight")]
     if len(names) != 1:
-        raise ValueError(f"{ref}: expected one '*embed_tokens.weight' tensor in the checkpoint, found {names}")
+        raise ValueError(
+            f"{ref}: expected one '*embed_tokens.weight' tensor in the checkpoint, found {names}"
+        )
     with safe_open(files[names[0]], framework="pt") as handle:
         return handle.get_tensor(names[0])
 
@@ -295,7 +299,7 @@ TINY_INIT_STD = 0.15  # larger than the usual 0.02 so the random model's next-to
 
 
 def tiny_dir(name: str = "qwen2") -> Path:
-    return cache_root() / "models" / f"tiny-{name}-{TINY_BUILD_VERSION}-seed{TINY_SEED}"
+    return cache_root() / "models" / f"tiny-qwen2-{TINY_BUILD_VERSION}-seed{TINY_MODELS[name]}"
 
 
 def ensure_tiny(name: str = "qwen2") -> Path:
@@ -304,7 +308,7 @@ def ensure_tiny(name: str = "qwen2") -> Path:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
     target = tiny_dir(name)
     if not target.exists():
-        build_tiny_qwen2(target, seed=TINY_SEED)
+        build_tiny_qwen2(target, seed=TINY_MODELS[name])
     return target
 
 
@@ -334,7 +338,11 @@ def build_tiny_qwen2(target: str | Path, *, seed: int = TINY_SEED) -> Path:
 
 def _byte_symbols() -> list[str]:
     """GPT-2's printable stand-ins for the 256 bytes, indexed by byte value."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     symbols, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -364,7 +372,9 @@ def _tiny_tokenizer():
         ]
     )
     core.decoder = decoders.ByteLevel()
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (ENDOFTEXT, IM_START, IM_END)])
+    core.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (ENDOFTEXT, IM_START, IM_END)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token=IM_END,

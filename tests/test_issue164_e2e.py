@@ -55,8 +55,7 @@ def test_report_figures_and_reproducibility_are_written(finished_run):
     report = store.read_text(analysis.output_uri("report.md"))
     headline = store.read_json(analysis.output_uri("headline.json"))
     for row in headline["conditions"]:
-        assert f"| {row['condition']} | {row['c']:.4f} | {row['alpha_primary']:.2f} |" in report.replace(
-            f"{round(row['c'], 4):.2f}", f"{row['c']:.4f}")
+        assert f"| {row['condition']} | {row['c']:.4f} | {row['alpha_primary']:.2f} |" in report
     assert "c6_vanilla_em" in report
     png = store.read_bytes(analysis.output_uri("c_vs_alpha.png"))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

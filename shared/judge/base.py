@@ -22,6 +22,8 @@ from shared.judge.templates import JudgeTemplate, load_template
 log = logging.getLogger(__name__)
 
 # Error kinds (JudgeResult.error). `unparseable` comes from shared.judge.parsing.
+TRUNCATED = "truncated"  # the reply hit max_tokens before it parsed (raise max_tokens, or lower effort)
+JUDGE_REFUSED = "judge_refused"  # the judge model declined to grade (stop_reason "refusal")
 REQUEST_FAILED = "request_failed"  # a Messages call failed for good (non-retryable 4xx, or retries exhausted)
 BATCH_ERRORED = "batch_errored"  # the batch item's request errored
 BATCH_EXPIRED = "batch_expired"  # the batch hit its 24 h limit before reaching the item
@@ -111,11 +113,15 @@ class Judge(ABC):
         return content_hash(
             kind=self.spec.kind,
             model=self.spec.model,
-            temperature=self.spec.temperature,
             template=self.template,
             question=item.question,
             answer=item.answer,
+            settings=self.judgement_settings(),
         )
+
+    def judgement_settings(self) -> dict:
+        """Spec fields besides model and template that change the judgement (part of the cache key)."""
+        return {}
 
     def judge(self, items: Sequence[JudgeItem]) -> list[JudgeResult]:
         """One result per item, in order. Identical (question, answer) pairs are judged once."""
@@ -168,7 +174,7 @@ class Judge(ABC):
         return {
             "kind": self.spec.kind,
             "model": self.spec.model,
-            "temperature": self.spec.temperature,
+            "settings": self.judgement_settings(),
             "template": self.template.name,
             "template_sha256": self.template.sha256,
         }

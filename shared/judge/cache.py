@@ -21,11 +21,15 @@ if TYPE_CHECKING:
 _LOOKUP_THREADS = 16  # store lookups are latency-bound on S3
 
 
-def content_hash(*, kind: str, model: str, temperature: float, template: JudgeTemplate, question: str,
-                 answer: str) -> str:
-    """sha256 over everything that decides a judgement; 64 hex chars, also valid as a batch custom_id."""
-    payload = [kind, model, float(temperature), template.name, template.sha256, question, answer]
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+def content_hash(*, kind: str, model: str, template: JudgeTemplate, question: str, answer: str,
+                 settings: dict | None = None) -> str:
+    """sha256 over everything that decides a judgement; 64 hex chars, also valid as a batch custom_id.
+
+    ``settings`` are the request options that change what the judge says (e.g. thinking, effort); options
+    that do not (max_tokens, timeouts, retries) stay out so that changing them keeps the cache.
+    """
+    payload = [kind, model, template.name, template.sha256, question, answer, settings or {}]
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
 def _safe_segment(name: str) -> str:

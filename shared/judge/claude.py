@@ -25,7 +25,9 @@ from shared.judge.base import (
     BATCH_ERRORED,
     BATCH_EXPIRED,
     BATCH_MISSING,
+    JUDGE_REFUSED,
     REQUEST_FAILED,
+    TRUNCATED,
     Judge,
     JudgeItem,
     Record,
@@ -107,20 +109,33 @@ class AnthropicJudge(Judge):
 
     # -- requests and replies -------------------------------------------------------------------------------
 
+    def judgement_settings(self) -> dict:
+        return {"thinking": self.spec.thinking, "effort": self.spec.effort}
+
     def _request_params(self, item: JudgeItem) -> dict:
-        return {
+        params = {
             "model": self.spec.model,
             "max_tokens": self.spec.max_tokens,
-            "temperature": self.spec.temperature,
             "system": self.template.system,
             "messages": [{"role": "user", "content": self.template.render_user(item.question, item.answer)}],
         }
+        if self.spec.thinking != "default":
+            params["thinking"] = {"type": self.spec.thinking}
+        if self.spec.effort is not None:
+            params["output_config"] = {"effort": self.spec.effort}
+        return params
 
     def _verdict_from_message(self, message) -> Verdict:
+        # thinking blocks, if any, are not the reply: only text blocks are parsed
         text = "".join(block.text for block in message.content if getattr(block, "type", None) == "text")
         parsed = parse_reply(text, self.template.parse_rule)
         score = None if parsed.score is None else float(parsed.score)
-        return Verdict(score=score, label=parsed.label, error=parsed.error, raw=text)
+        error = parsed.error
+        if error and message.stop_reason == "max_tokens":
+            error = TRUNCATED
+        elif error and message.stop_reason == "refusal":
+            error = JUDGE_REFUSED
+        return Verdict(score=score, label=parsed.label, error=error, raw=text)
 
     def _verdict_from_batch_result(self, result) -> Verdict:
         if result.type == "succeeded":
@@ -177,8 +192,11 @@ class AnthropicJudge(Judge):
             batch_key = hashlib.sha256("\n".join(sorted(key for key, _ in chunk)).encode()).hexdigest()
             in_flight[self._resume_or_create_batch(client, batch_key, chunk)] = (batch_key, chunk)
 
-        deadline = time.monotonic() + self.spec.batch_timeout_s
+        started = time.monotonic()
+        deadline = started + self.spec.batch_timeout_s
+        polls = 0
         while in_flight:
+            polls += 1
             for batch_id in list(in_flight):
                 batch = self._call_or_stop(lambda bid=batch_id: client.messages.batches.retrieve(bid),
                                            "messages.batches.retrieve")
@@ -190,6 +208,8 @@ class AnthropicJudge(Judge):
                 if self.cache:
                     self.cache.put_batch_record(batch_key, {"batch_id": batch_id, "state": "collected"})
             if in_flight:
+                if polls % 20 == 0:  # a sign of life on long waits, without a line per poll
+                    log.info("waiting for %d batch(es) after %.0fs", len(in_flight), time.monotonic() - started)
                 if time.monotonic() > deadline:
                     raise JudgeError(
                         f"batches {sorted(in_flight)} still running after {self.spec.batch_timeout_s:.0f}s; "

@@ -7,18 +7,18 @@ are renormalised with a softmax, and the score is the expectation sum_s p(s) * s
 score range, deterministic for fixed weights, and well defined even for a randomly initialised tiny model.
 Sentinel words are not candidates: the local judge always scores.
 
-The prompt runs through the model once; its key/value cache is then repeated across a batch of candidates, so
-judging costs one prompt pass plus one short pass per ``spec.candidate_batch_size`` candidates.
+All candidates are scored in one forward pass per item (prompt plus every candidate, with an attention mask
+that keeps candidates apart; see ``_tree_logprobs``), or one pass per ``spec.candidate_batch_size`` candidates.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from functools import cached_property
 
 from shared.judge.base import Judge, JudgeItem, Record, Verdict
+from shared.judge.errors import JudgeConfigError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,12 @@ class LocalJudge(Judge):
     def _model(self):
         from shared import models
 
-        return models.load_model(self.spec.model)
+        model = models.load_model(self.spec.model)
+        attention = getattr(model.config, "_attn_implementation", None)
+        if attention not in (None, "eager", "sdpa"):
+            # the one-pass candidate scoring needs a custom attention mask, which flash attention cannot take
+            raise JudgeConfigError(f"local judge: {self.spec.model!r} uses {attention} attention; need eager or sdpa")
+        return model
 
     @cached_property
     def _candidates(self) -> tuple[list[int], list[list[int]]]:
@@ -42,7 +47,7 @@ class LocalJudge(Judge):
         rule = self.template.parse_rule
         end_of_turn = self._tokenizer.eos_token_id
         if end_of_turn is None:
-            raise ValueError(f"tokenizer of {self.spec.model!r} has no eos token to end a candidate reply")
+            raise JudgeConfigError(f"local judge: the tokenizer of {self.spec.model!r} has no eos token to end a reply")
         scores = list(range(rule.score_min, rule.score_max + 1))
         ids = [self._tokenizer.encode(str(s), add_special_tokens=False) + [end_of_turn] for s in scores]
         return scores, ids
@@ -67,47 +72,65 @@ class LocalJudge(Judge):
         """Log-likelihood of every candidate reply after ``prompt_ids`` (a 1-D float tensor, candidate order)."""
         import torch
 
-        model = self._model
         _, candidates = self._candidates
-        device = model.device
-        with torch.inference_mode():
-            prompt = torch.tensor([prompt_ids], device=device)
-            out = model(input_ids=prompt, use_cache=True)
-            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            totals = []
-            step = self.spec.candidate_batch_size
-            for start in range(0, len(candidates), step):
-                chunk = candidates[start : start + step]
-                totals.append(self._chunk_logprobs(model, out.past_key_values, len(prompt_ids), first, chunk))
-        return torch.cat(totals)
+        step = self.spec.candidate_batch_size
+        return torch.cat([
+            self._tree_logprobs(prompt_ids, candidates[start : start + step])
+            for start in range(0, len(candidates), step)
+        ])
 
-    @staticmethod
-    def _chunk_logprobs(model, prompt_cache, prompt_len: int, first, chunk: list[list[int]]):
+    def _tree_logprobs(self, prompt_ids: list[int], candidates: list[list[int]]):
+        """Score many short continuations of one prompt in a single forward pass of batch size one.
+
+        The sequence is the prompt followed by every candidate's tokens (all but its last, which is only
+        predicted). A custom attention mask lets each candidate token see the whole prompt and the earlier tokens
+        of its own candidate only, and position ids restart after the prompt for each candidate, so every
+        candidate is computed exactly as if it were alone after the prompt.
+        """
         import torch
 
-        device = first.device
-        n, width = len(chunk), max(len(c) for c in chunk) - 1
-        # feed every candidate token but the last; the logits at position j score token j+1
-        inputs = torch.zeros((n, width), dtype=torch.long, device=device)
-        mask = torch.zeros((n, prompt_len + width), dtype=torch.long, device=device)
-        mask[:, :prompt_len] = 1
-        for i, cand in enumerate(chunk):
-            inputs[i, : len(cand) - 1] = torch.tensor(cand[:-1], device=device)
-            mask[i, prompt_len : prompt_len + len(cand) - 1] = 1
-        cache = copy.deepcopy(prompt_cache)
-        cache.batch_repeat_interleave(n)
-        logprobs = torch.log_softmax(model(input_ids=inputs, attention_mask=mask, past_key_values=cache).logits.float(), -1)
-        totals = torch.empty(n, device=device)
-        for i, cand in enumerate(chunk):
-            following = torch.tensor(cand[1:], device=device)
-            totals[i] = first[cand[0]] + logprobs[i, : len(cand) - 1].gather(-1, following[:, None]).sum()
+        model = self._model
+        device = model.device
+        n_prompt = len(prompt_ids)
+        tokens, positions, owners, starts = [], [], [], []
+        for index, candidate in enumerate(candidates):
+            starts.append(n_prompt + len(tokens))
+            for offset, token in enumerate(candidate[:-1]):
+                tokens.append(token)
+                positions.append(n_prompt + offset)
+                owners.append(index)
+        total = n_prompt + len(tokens)
+
+        allowed = torch.zeros((total, total), dtype=torch.bool)
+        allowed[:, :n_prompt] = True
+        allowed[:n_prompt, :n_prompt] = torch.ones((n_prompt, n_prompt), dtype=torch.bool).tril()
+        owner = torch.tensor(owners)
+        position = torch.tensor(positions)
+        allowed[n_prompt:, n_prompt:] = (owner[:, None] == owner[None, :]) & (position[None, :] <= position[:, None])
+        dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+        # an additive float mask: understood alike by the eager and SDPA attention paths
+        mask = torch.zeros((total, total), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+        with torch.inference_mode():
+            logits = model(
+                input_ids=torch.tensor([prompt_ids + tokens], device=device),
+                attention_mask=mask[None, None].to(device),
+                position_ids=torch.tensor([list(range(n_prompt)) + positions], device=device),
+            ).logits[0]
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+
+        totals = torch.empty(len(candidates))
+        for index, (candidate, start) in enumerate(zip(candidates, starts, strict=True)):
+            # token 0 is predicted by the last prompt row; token k>0 by the row of the candidate's token k-1
+            rows = [n_prompt - 1] + list(range(start, start + len(candidate) - 1))
+            totals[index] = logprobs[rows, candidate].sum()
         return totals
 
     def _score(self, item: JudgeItem) -> Verdict:
         import torch
 
         scores, _ = self._candidates
-        probs = torch.softmax(self.candidate_logprobs(self.prompt_ids(item)), dim=0).cpu().double()
+        probs = torch.softmax(self.candidate_logprobs(self.prompt_ids(item)).double(), dim=0).cpu()
         values = torch.tensor(scores, dtype=torch.float64)
         expected = float((probs * values).sum())
         top = torch.topk(probs, k=min(5, len(scores)))

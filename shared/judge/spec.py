@@ -33,9 +33,9 @@ class RetryPolicy(BaseModel):
 class JudgeSpec(BaseModel):
     """A judge configuration; stage configs embed it.
 
-    ``kind="anthropic"``: ``model`` is a Claude model id. Fewer than ``batch_threshold`` uncached items go through
-    the Messages API on ``max_concurrency`` threads; more go through Message Batches (half price, minutes to
-    hours), polled every ``poll_interval_s``.
+    ``kind="anthropic"``: ``model`` is a Claude model id; ``thinking`` and ``effort`` are sent as given. Fewer
+    than ``batch_threshold`` uncached items go through the Messages API on ``max_concurrency`` threads; more go
+    through Message Batches (half price, minutes to hours), polled every ``poll_interval_s``.
     ``kind="local"``: ``model`` is a ``shared.models`` reference such as ``tiny:qwen2``; the score is the
     probability-weighted mean over the candidate scores (see shared/judge/local.py).
     """
@@ -45,8 +45,13 @@ class JudgeSpec(BaseModel):
     kind: Literal["anthropic", "local"]
     model: str = Field(min_length=1)
     template: str = "alignment_v1"
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=1.0)
+    # Thinking tokens count towards max_tokens, so leave room even though the reply is one word; a reply cut
+    # off by the limit is a `truncated` error.
+    max_tokens: int = Field(2048, ge=1)
+    # The API takes no sampling parameters (temperature etc.) any more; thinking is what remains to choose.
+    # "default" sends nothing (the model's own default); not every model accepts "disabled".
+    thinking: Literal["default", "disabled", "adaptive"] = "default"
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
     batch_threshold: int = Field(100, ge=1)
     max_concurrency: int = Field(8, ge=1)
     poll_interval_s: float = Field(30.0, gt=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from pydantic import ValidationError
@@ -42,7 +42,7 @@ class JudgeTemplate:
         return self.user.replace("{question}", question).replace("{answer}", answer)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_template(name: str) -> JudgeTemplate:
     folder = _templates_dir()
     files = {part: folder.joinpath(f"{name}.{part}") for part in ("system.txt", "user.txt", "parse.json")}

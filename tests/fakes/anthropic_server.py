@@ -7,10 +7,14 @@ Scripting:
 - ``fail_next(status, times=..., retry_after=...)`` queues forced error replies (429, 529, 500, 401, ...);
 - what the judge "says" is decided by ``reply_for(params)`` from the request. The default reads a marker in the
   user message: ``[[judge:score=85]]`` replies "85", ``[[judge:reply=some text]]`` replies that text verbatim,
-  ``[[judge:batch=errored|expired|canceled]]`` makes that batch entry fail (and a Messages call answer 400);
+  ``[[judge:batch=errored|expired|canceled]]`` makes that batch entry fail (and a Messages call answer 400),
+  ``[[judge:stop=max_tokens]]`` / ``[[judge:stop=refusal]]`` end the reply early with that stop_reason;
   without a marker the reply is "50";
 - ``requests`` logs every request (method, path, headers, JSON body), forced failures included;
 - a batch stays ``in_progress`` for ``polls_until_ended`` retrieves, then ends.
+
+As the real API (version 2026-10-21) does, requests carrying sampling parameters (temperature, top_p, top_k) are
+rejected with 400, and the key is accepted as ``x-api-key`` or ``Authorization: Bearer``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-MARKER = re.compile(r"\[\[judge:(score|reply|batch)=(.*?)\]\]", re.S)
+MARKER = re.compile(r"\[\[judge:(score|reply|batch|stop)=(.*?)\]\]", re.S)
+SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
 CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 ERROR_TYPES = {
@@ -37,6 +42,14 @@ ERROR_TYPES = {
     500: "api_error",
     529: "overloaded_error",
 }
+
+
+@dataclass(frozen=True)
+class FakeReply:
+    """A reply with a stop_reason other than end_turn."""
+
+    text: str
+    stop_reason: str = "end_turn"
 
 
 @dataclass(frozen=True)
@@ -83,13 +96,15 @@ def user_text(params: dict) -> str:
     return "\n".join(parts)
 
 
-def marker_reply(params: dict) -> str | ItemFailure:
+def marker_reply(params: dict) -> str | FakeReply | ItemFailure:
     match = MARKER.search(user_text(params))
     if not match:
         return "50"
     kind, value = match.groups()
     if kind == "batch":
         return ItemFailure(value)
+    if kind == "stop":
+        return FakeReply("I would rate this answer" if value == "max_tokens" else "", stop_reason=value)
     return value  # score=NN and reply=TEXT both reply with the given text
 
 
@@ -98,7 +113,7 @@ def _iso(moment: datetime) -> str:
 
 
 class FakeAnthropicServer:
-    def __init__(self, reply_for: Callable[[dict], str | ItemFailure] = marker_reply, *,
+    def __init__(self, reply_for: Callable[[dict], str | FakeReply | ItemFailure] = marker_reply, *,
                  polls_until_ended: int = 1, expected_api_key: str | None = None):
         self.reply_for = reply_for
         self.polls_until_ended = polls_until_ended
@@ -110,7 +125,9 @@ class FakeAnthropicServer:
         self._ids = itertools.count(1)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fake-anthropic", daemon=True)
+        # a short poll interval keeps stop() fast (shutdown waits for the serve loop to notice)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="fake-anthropic", daemon=True)
 
     @property
     def url(self) -> str:
@@ -140,12 +157,14 @@ class FakeAnthropicServer:
             for _ in range(times):
                 self._forced.append(_Forced(status, None if retry_after is None else str(retry_after), path_prefix))
 
-    def count(self, method: str | None = None, path: str | None = None) -> int:
-        """How many requests were received, optionally only those with this method and path prefix."""
+    def count(self, method: str | None = None, path: str | None = None, *, path_prefix: str | None = None) -> int:
+        """How many requests were received, optionally only those with this method and path (or path prefix)."""
         with self._lock:
             return sum(
                 1 for r in self.requests
-                if (method is None or r.method == method) and (path is None or r.path.startswith(path))
+                if (method is None or r.method == method)
+                and (path is None or r.path == path)
+                and (path_prefix is None or r.path.startswith(path_prefix))
             )
 
     def clear_log(self) -> None:
@@ -162,14 +181,16 @@ class FakeAnthropicServer:
                     return forced
         return None
 
-    def _message(self, params: dict, text: str) -> dict:
+    def _message(self, params: dict, reply: str | FakeReply) -> dict:
+        reply = reply if isinstance(reply, FakeReply) else FakeReply(reply)
+        text = reply.text
         return {
             "id": f"msg_fake_{next(self._ids)}",
             "type": "message",
             "role": "assistant",
             "model": params.get("model", "unknown"),
             "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
+            "stop_reason": reply.stop_reason,
             "stop_sequence": None,
             "usage": {"input_tokens": len(user_text(params)) // 4 + 1, "output_tokens": len(text) // 4 + 1},
         }
@@ -201,10 +222,14 @@ class FakeAnthropicServer:
         if forced:
             extra = {"retry-after": forced.retry_after} if forced.retry_after is not None else {}
             return forced.status, extra, _error(forced.status, f"forced {forced.status} by the test")
-        if self.expected_api_key is not None and headers.get("x-api-key") != self.expected_api_key:
+        if self.expected_api_key is not None and self.expected_api_key not in (
+            headers.get("x-api-key"), headers.get("authorization", "").removeprefix("Bearer ")
+        ):
             return 401, {}, _error(401, "invalid x-api-key")
 
         if method == "POST" and path == "/v1/messages":
+            if rejected := _sampling_params_error(body):
+                return 400, {}, rejected
             outcome = self.reply_for(body)
             if isinstance(outcome, ItemFailure):
                 return 400, {}, _error(400, outcome.message)
@@ -239,6 +264,8 @@ class FakeAnthropicServer:
             return 400, {}, _error(400, "requests must be non-empty with unique custom_ids matching ^[a-zA-Z0-9_-]{1,64}$")
         results, counts = [], {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
         for request in requests:
+            if rejected := _sampling_params_error(request["params"]):
+                return 400, {}, rejected
             outcome = self.reply_for(request["params"])
             if isinstance(outcome, ItemFailure):
                 result: dict = {"type": outcome.kind}
@@ -253,6 +280,11 @@ class FakeAnthropicServer:
                            polls_left=self.polls_until_ended, created_at=datetime.now(timezone.utc), counts=counts)
             self.batches[batch.id] = batch
             return 200, {}, self._batch_json(batch)
+
+
+def _sampling_params_error(params: dict | None) -> dict | None:
+    present = [name for name in SAMPLING_PARAMS if name in (params or {})]
+    return _error(400, f"{present[0]}: Extra inputs are not permitted") if present else None
 
 
 def _error(status: int, message: str) -> dict:

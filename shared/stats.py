@@ -1,0 +1,873 @@
+"""Vectorised statistics for the persona experiments.
+
+Every permutation test here draws its whole null in one go (numpy arrays of shape ``(n_iter, ...)``) from a
+seeded ``np.random.Generator``, so 10,000 iterations cost milliseconds rather than the minutes of a Python
+loop (#205's analysis took ~56 minutes).
+
+P-values follow one convention throughout (the one ``scipy.stats.permutation_test`` uses):
+
+* Monte Carlo null of ``n`` draws: ``p_greater = (1 + #{null >= obs}) / (1 + n)`` and
+  ``p_less = (1 + #{null <= obs}) / (1 + n)``; the +1 counts the observed labelling, so no p is ever 0.
+* Exhaustive null (every labelling enumerated, the observed one among them): ``#{...} / n``, exact.
+* ``alternative="two-sided"``: ``min(1, 2 * min(p_greater, p_less))``.
+* Comparisons carry a relative tolerance of ``100 * eps * |obs|`` so that null values equal to the observed
+  one up to floating-point noise count as ties (permutations of discrete data tie exactly in theory).
+
+Sections: p-values; paired (sign-flip), label (two-sample / k-group / blocked) and exact Spearman permutation
+tests; bootstrap CIs; Cohen's d; BH-FDR and Holm; held-out LDA with GroupKFold and its joint-shuffle null;
+the pre-registered behavioural hypotheses H1/H2/H3 of #205.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+Alternative = Literal["two-sided", "greater", "less"]
+ALTERNATIVES: tuple[str, ...] = ("two-sided", "greater", "less")
+RngLike = np.random.Generator | int | None
+
+# Largest n whose 2**n sign patterns (paired test) or n! orderings (Spearman) we enumerate.
+MAX_EXHAUSTIVE_PAIRS = 20
+MAX_SPEARMAN_N = 8
+
+
+def as_generator(rng: RngLike) -> np.random.Generator:
+    """A ``np.random.Generator`` from a Generator, an integer seed or None (fresh entropy)."""
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _check_alternative(alternative: str) -> None:
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+
+
+# ----------------------------------------------------------------------------------------------- p-values
+
+
+def permutation_p_value(
+    observed: np.ndarray | float,
+    null: np.ndarray,
+    alternative: Alternative = "two-sided",
+    *,
+    exhaustive: bool = False,
+) -> np.ndarray | float:
+    """P-value of ``observed`` against ``null`` (draws on axis 0), by the module's convention.
+
+    ``exhaustive=True`` means ``null`` enumerates every labelling including the observed one, so the p-value
+    is the exact fraction with no +1. Shapes broadcast: ``observed`` (...) against ``null`` (n, ...).
+    """
+    _check_alternative(alternative)
+    observed = np.asarray(observed, dtype=float)
+    null = np.asarray(null, dtype=float)
+    n_null = null.shape[0]
+    tolerance = 100 * np.finfo(float).eps * np.abs(observed)
+    adjustment = 0 if exhaustive else 1
+
+    def one_sided(count: np.ndarray) -> np.ndarray:
+        return (count + adjustment) / (n_null + adjustment)
+
+    p_greater = one_sided(np.sum(null >= observed - tolerance, axis=0))
+    p_less = one_sided(np.sum(null <= observed + tolerance, axis=0))
+    if alternative == "greater":
+        p = p_greater
+    elif alternative == "less":
+        p = p_less
+    else:
+        p = np.minimum(1.0, 2 * np.minimum(p_greater, p_less))
+    return float(p) if np.ndim(p) == 0 else p
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    """A permutation test's outcome; ``statistic`` and ``p_value`` are arrays when the test ran over cells.
+
+    ``n_iter`` is the size of the null actually used: the requested draws, or every labelling when
+    ``exact`` (then the p-value is exact and carries no +1).
+    """
+
+    statistic: float | np.ndarray
+    p_value: float | np.ndarray
+    n_iter: int
+    exact: bool
+    alternative: str
+    null_distribution: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+
+def _scalar_or_array(value: np.ndarray) -> float | np.ndarray:
+    return float(value) if np.ndim(value) == 0 else value
+
+
+# ---------------------------------------------------------------------------------- paired sign-flip test
+
+
+def all_sign_patterns(n: int) -> np.ndarray:
+    """Every one of the ``2**n`` vectors of +1/-1 signs, shape ``(2**n, n)``; row 0 is all +1."""
+    bits = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1
+    return 1.0 - 2.0 * bits
+
+
+def paired_permutation_test(
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    *,
+    alternative: Alternative = "two-sided",
+    n_iter: int = 10_000,
+    rng: RngLike = None,
+    exact: bool | None = None,
+    keep_null: bool = False,
+) -> PermutationResult:
+    """Paired permutation test of ``mean(x - y)`` by random sign flips of the pair differences.
+
+    Swapping the two members of a pair flips the sign of its difference, so under H0 (the members are
+    exchangeable) the differences are symmetric about 0. ``x`` and ``y`` have shape ``(..., n_pairs)``:
+    leading axes are independent cells (e.g. every (method, layer, condition) of #205's M1) tested at once
+    against one shared set of sign draws; ``y=None`` means ``x`` already holds the differences.
+
+    ``exact=None`` enumerates all ``2**n`` sign patterns when that is no more than ``n_iter`` (the p-value is
+    then exact), otherwise draws ``n_iter`` patterns.
+    """
+    _check_alternative(alternative)
+    differences = np.asarray(x, dtype=float) if y is None else np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    if differences.ndim == 0 or differences.shape[-1] < 1:
+        raise ValueError("paired_permutation_test needs at least one pair")
+    n_pairs = differences.shape[-1]
+    exhaustive = (2**n_pairs <= n_iter) if exact is None else exact
+    if exhaustive and n_pairs > MAX_EXHAUSTIVE_PAIRS:
+        raise ValueError(f"exact enumeration of 2**{n_pairs} sign patterns is too large; use exact=False")
+    if exhaustive:
+        signs = all_sign_patterns(n_pairs)
+    else:
+        signs = as_generator(rng).choice(np.array([-1.0, 1.0]), size=(n_iter, n_pairs))
+    cells = differences.reshape(-1, n_pairs)
+    null = (signs @ cells.T) / n_pairs  # (n_null, n_cells): one matrix product for every cell
+    observed = cells.mean(axis=1)
+    p = permutation_p_value(observed, null, alternative, exhaustive=exhaustive)
+    cell_shape = differences.shape[:-1]
+    return PermutationResult(
+        statistic=_scalar_or_array(observed.reshape(cell_shape)),
+        p_value=_scalar_or_array(np.asarray(p).reshape(cell_shape)),
+        n_iter=signs.shape[0],
+        exact=exhaustive,
+        alternative=alternative,
+        null_distribution=null.reshape((-1, *cell_shape)) if keep_null else None,
+    )
+
+
+# -------------------------------------------------------------------------- label (two-sample, k-group) tests
+
+
+def encode_labels(labels: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, classes)``: integer codes 0..k-1 in the sorted order of the distinct labels."""
+    classes, codes = np.unique(np.asarray(labels), return_inverse=True)
+    return codes.astype(np.int64), classes
+
+
+def _smallest_int_dtype(n_values: int) -> type:
+    return np.int8 if n_values <= 127 else np.int16 if n_values <= 32_767 else np.int32
+
+
+def grouped_label_shuffles(labels: np.ndarray, groups: np.ndarray, n_iter: int, rng: RngLike = None) -> np.ndarray:
+    """``n_iter`` relabellings that shuffle ``labels`` only within each group; shape ``(n_iter, n)``.
+
+    Each draw permutes the labels among the rows of every group independently and uniformly, so every group
+    keeps its multiset of labels (and every fold made of whole groups keeps its class counts). ``labels``
+    must be integer codes (see ``encode_labels``); the result uses the smallest integer dtype that holds them.
+    """
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    if labels.shape != groups.shape or labels.ndim != 1:
+        raise ValueError("labels and groups must be 1-D arrays of equal length")
+    generator = as_generator(rng)
+    dtype = _smallest_int_dtype(int(labels.max(initial=0)) + 1)
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    _, group_sizes = np.unique(sorted_groups, return_counts=True)
+    sorted_labels = labels[order].astype(dtype)
+
+    if np.all(group_sizes == group_sizes[0]):
+        # Equal-sized groups (a persona x question grid): shuffle each row of a (draws*groups, size) table.
+        table = np.broadcast_to(sorted_labels.reshape(-1, group_sizes[0]), (n_iter, len(group_sizes), group_sizes[0]))
+        shuffled_sorted = generator.permuted(table.reshape(-1, group_sizes[0]), axis=1).reshape(n_iter, -1)
+    else:
+        # Ragged groups: random keys offset by the group index keep every row inside its own group's slots.
+        group_index = np.repeat(np.arange(len(group_sizes)), group_sizes).astype(float)
+        slots = np.argsort(group_index[None, :] + generator.random((n_iter, labels.size)), axis=1)
+        shuffled_sorted = sorted_labels[slots]
+    shuffled = np.empty((n_iter, labels.size), dtype=dtype)
+    shuffled[:, order] = shuffled_sorted
+    return shuffled
+
+
+def _two_group_labellings(codes: np.ndarray) -> np.ndarray:
+    """Every distinct assignment of the two labels of ``codes`` to its positions, shape ``(C(n, n1), n)``."""
+    n, n_ones = codes.size, int(codes.sum())
+    labellings = np.zeros((math.comb(n, n_ones), n), dtype=np.int8)
+    for row, positions in enumerate(itertools.combinations(range(n), n_ones)):
+        labellings[row, list(positions)] = 1
+    return labellings
+
+
+GroupStatistic = Callable[[np.ndarray], np.ndarray]
+
+
+def group_mean_range(group_means: np.ndarray) -> np.ndarray:
+    """Spread of the group means (max - min) over the last axis: #81's inter-axis spread, #205's H2 range."""
+    return group_means.max(axis=-1) - group_means.min(axis=-1)
+
+
+def group_mean_difference(group_means: np.ndarray) -> np.ndarray:
+    """Second group's mean minus the first's (two groups, in the sorted order of their labels)."""
+    return group_means[..., 1] - group_means[..., 0]
+
+
+_NAMED_GROUP_STATISTICS: dict[str, GroupStatistic] = {
+    "mean_difference": group_mean_difference,
+    "range": group_mean_range,
+}
+
+
+def label_permutation_test(
+    values: np.ndarray,
+    labels: Sequence | np.ndarray,
+    *,
+    statistic: str | GroupStatistic = "mean_difference",
+    blocks: Sequence | np.ndarray | None = None,
+    alternative: Alternative = "two-sided",
+    n_iter: int = 10_000,
+    rng: RngLike = None,
+    exact: bool | None = None,
+    chunk_size: int = 2_000,
+) -> PermutationResult:
+    """Permutation test of a statistic of the group means, shuffling the group labels of the rows.
+
+    ``values`` has shape ``(n,)`` or ``(n_cells, n)`` (cells share the labels and the label draws);
+    ``statistic`` maps group means ``(..., k)`` (groups in the sorted order of their labels) to a number:
+    ``"mean_difference"`` (two groups: second minus first), ``"range"`` (max - min over groups) or a callable.
+    ``blocks`` restricts the shuffle to within each block (a randomised-block design: labels are exchangeable
+    only among rows of the same block). With two groups, no blocks and ``C(n, n1) <= n_iter`` (or
+    ``exact=True``) every distinct labelling is enumerated and the p-value is exact.
+    """
+    _check_alternative(alternative)
+    stat_fn = _NAMED_GROUP_STATISTICS[statistic] if isinstance(statistic, str) else statistic
+    values = np.asarray(values, dtype=float)
+    cells = values.reshape(-1, values.shape[-1])
+    codes, classes = encode_labels(labels)
+    if codes.size != cells.shape[1]:
+        raise ValueError(f"{codes.size} labels for {cells.shape[1]} values")
+    n_groups = classes.size
+    if n_groups < 2:
+        raise ValueError("a label permutation test needs at least two groups")
+    counts = np.bincount(codes, minlength=n_groups).astype(float)
+
+    def statistic_of(label_draws: np.ndarray) -> np.ndarray:
+        one_hot = (label_draws[:, None, :] == np.arange(n_groups)[None, :, None]).astype(float)
+        group_means = (one_hot @ cells.T) / counts[None, :, None]  # (draws, groups, cells)
+        return stat_fn(np.moveaxis(group_means, 1, -1))  # (draws, cells)
+
+    can_enumerate = n_groups == 2 and blocks is None
+    exhaustive = (can_enumerate and math.comb(codes.size, int(codes.sum())) <= n_iter) if exact is None else exact
+    if exhaustive and not can_enumerate:
+        raise ValueError("exact enumeration is implemented for two unblocked groups only")
+    if exhaustive:
+        draws = _two_group_labellings(codes)
+    elif blocks is None:
+        generator = as_generator(rng)
+        draws = generator.permuted(np.broadcast_to(codes.astype(np.int16), (n_iter, codes.size)), axis=1)
+    else:
+        draws = grouped_label_shuffles(codes, encode_labels(blocks)[0], n_iter, rng)
+
+    observed = statistic_of(codes[None, :])[0]
+    null = np.concatenate([statistic_of(draws[i : i + chunk_size]) for i in range(0, len(draws), chunk_size)])
+    p = permutation_p_value(observed, null, alternative, exhaustive=exhaustive)
+    cell_shape = values.shape[:-1]
+    return PermutationResult(
+        statistic=_scalar_or_array(observed.reshape(cell_shape)),
+        p_value=_scalar_or_array(np.asarray(p).reshape(cell_shape)),
+        n_iter=len(draws),
+        exact=exhaustive,
+        alternative=alternative,
+        null_distribution=null.reshape((-1, *cell_shape)),
+    )
+
+
+def two_sample_permutation_test(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    alternative: Alternative = "two-sided",
+    n_iter: int = 10_000,
+    rng: RngLike = None,
+    exact: bool | None = None,
+) -> PermutationResult:
+    """Independent two-sample permutation test of ``mean(x) - mean(y)`` (pooled rows, labels shuffled)."""
+    x = np.asarray(x, dtype=float).ravel()
+    y = np.asarray(y, dtype=float).ravel()
+    values = np.concatenate([y, x])
+    labels = np.concatenate([np.zeros(y.size, dtype=int), np.ones(x.size, dtype=int)])
+    return label_permutation_test(
+        values, labels, statistic="mean_difference", alternative=alternative, n_iter=n_iter, rng=rng, exact=exact
+    )
+
+
+# --------------------------------------------------------------------------------- exact Spearman test
+
+
+@dataclass(frozen=True)
+class SpearmanResult:
+    """Spearman's rho with its exact permutation p-value over all ``n_orderings = n!`` orderings."""
+
+    rho: float
+    p_value: float
+    n_orderings: int
+    alternative: str
+
+
+def spearman_exact_test(x: Sequence[float], y: Sequence[float], *, alternative: Alternative = "two-sided") -> SpearmanResult:
+    """Exact permutation test of Spearman's rho: ``y`` is paired with every one of the ``n!`` orderings.
+
+    Ranks use average ties. With ``n = 5`` the 120 orderings give p = 10/120 = 0.083 at |rho| = 0.9, so
+    p < 0.05 needs |rho| = 1 (the constraint #205's plan noted for H3).
+    """
+    _check_alternative(alternative)
+    x_ranks = scipy_stats.rankdata(np.asarray(x, dtype=float))
+    y_ranks = scipy_stats.rankdata(np.asarray(y, dtype=float))
+    n = x_ranks.size
+    if y_ranks.size != n:
+        raise ValueError(f"x has {n} values but y has {y_ranks.size}")
+    if not 3 <= n <= MAX_SPEARMAN_N:
+        raise ValueError(f"exact Spearman test enumerates n! orderings; needs 3 <= n <= {MAX_SPEARMAN_N}, got {n}")
+    if np.ptp(x_ranks) == 0 or np.ptp(y_ranks) == 0:
+        raise ValueError("Spearman's rho is undefined when x or y is constant")
+    orderings = np.array(list(itertools.permutations(range(n))))
+    x_centred = x_ranks - x_ranks.mean()
+    y_centred = y_ranks[orderings] - y_ranks.mean()
+    null = (y_centred @ x_centred) / (np.linalg.norm(x_centred) * np.linalg.norm(y_centred, axis=1))
+    rho = float(null[0])  # ordering 0 is the identity
+    p = permutation_p_value(rho, null, alternative, exhaustive=True)
+    return SpearmanResult(rho=rho, p_value=float(p), n_orderings=len(orderings), alternative=alternative)
+
+
+# ---------------------------------------------------------------------------------------- bootstrap CIs
+
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """Percentile bootstrap interval: ``estimate`` on the data, ``[low, high]`` at ``confidence``."""
+
+    estimate: float
+    low: float
+    high: float
+    n_boot: int
+    confidence: float
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def _percentile_interval(estimate: float, replicates: np.ndarray, confidence: float) -> BootstrapCI:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(replicates, [tail, 1 - tail])
+    return BootstrapCI(float(estimate), float(low), float(high), len(replicates), confidence)
+
+
+def bootstrap_ci(
+    data: np.ndarray | Sequence[np.ndarray],
+    statistic: Callable[..., np.ndarray] = np.mean,
+    *,
+    n_boot: int = 1_000,
+    confidence: float = 0.95,
+    rng: RngLike = None,
+) -> BootstrapCI:
+    """Percentile bootstrap CI of ``statistic`` by resampling rows with replacement, all draws at once.
+
+    ``data`` is one array or a tuple of equal-length arrays resampled together (paired rows, e.g. ``(x, y)``
+    for a slope). ``statistic(*arrays, axis=-1)`` must reduce the last axis (``np.mean``, ``ols_slope``...).
+    """
+    arrays = (np.asarray(data, dtype=float),) if isinstance(data, np.ndarray) else tuple(np.asarray(a, dtype=float) for a in data)
+    n = arrays[0].shape[-1]
+    if any(a.shape[-1] != n for a in arrays):
+        raise ValueError("arrays resampled together must have the same length")
+    rows = as_generator(rng).integers(0, n, size=(n_boot, n))
+    replicates = statistic(*(a[rows] for a in arrays), axis=-1)
+    return _percentile_interval(statistic(*arrays, axis=-1), replicates, confidence)
+
+
+def binomial_bootstrap_ci(
+    successes: np.ndarray,
+    trials: np.ndarray,
+    statistic: Callable[..., np.ndarray],
+    *,
+    n_boot: int = 1_000,
+    confidence: float = 0.95,
+    rng: RngLike = None,
+) -> BootstrapCI:
+    """Parametric (binomial) bootstrap CI of ``statistic(rates, axis=-1)`` over cells of counts.
+
+    Each replicate redraws every cell's count from ``Binomial(trials, successes / trials)`` (#81's "binomial
+    resampling" of leakage rates) and applies ``statistic`` to the resampled rates.
+    """
+    successes = np.asarray(successes, dtype=float)
+    trials = np.asarray(trials, dtype=float)
+    rates = successes / trials
+    draws = as_generator(rng).binomial(trials.astype(np.int64), rates, size=(n_boot, *rates.shape))
+    return _percentile_interval(statistic(rates, axis=-1), statistic(draws / trials, axis=-1), confidence)
+
+
+def ols_slope(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Least-squares slope of ``y`` on ``x`` along ``axis`` (broadcasts, so it works on bootstrap batches)."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    x_centred = x - x.mean(axis=axis, keepdims=True)
+    y_centred = y - y.mean(axis=axis, keepdims=True)
+    return (x_centred * y_centred).sum(axis=axis) / (x_centred * x_centred).sum(axis=axis)
+
+
+# ---------------------------------------------------------------------------------------------- Cohen's d
+
+
+def cohens_d(x: np.ndarray, y: np.ndarray) -> float:
+    """Cohen's d for independent samples: ``(mean(x) - mean(y)) / pooled SD`` (pooled with ddof=1)."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    pooled_variance = ((x.size - 1) * x.var(ddof=1) + (y.size - 1) * y.var(ddof=1)) / (x.size + y.size - 2)
+    return float((x.mean() - y.mean()) / np.sqrt(pooled_variance))
+
+
+def cohens_d_paired(x: np.ndarray, y: np.ndarray) -> float:
+    """Cohen's d_z for paired samples: ``mean(x - y) / SD(x - y)`` (ddof=1)."""
+    differences = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    return float(differences.mean() / differences.std(ddof=1))
+
+
+# ------------------------------------------------------------------------------------- multiple testing
+
+
+def _validated_p_values(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    p = np.asarray(p_values, dtype=float)
+    if p.ndim != 1:
+        raise ValueError("a family of p-values must be a 1-D array")
+    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError("p-values must be finite and in [0, 1]")
+    return p
+
+
+def bh_fdr(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (``scipy.stats.false_discovery_control``, method 'bh')."""
+    p = _validated_p_values(p_values)
+    return scipy_stats.false_discovery_control(p, method="bh") if p.size else p
+
+
+def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm step-down adjusted p-values: the i-th smallest becomes ``max_{j<=i} min(1, (m - j + 1) p_(j))``."""
+    p = _validated_p_values(p_values)
+    order = np.argsort(p, kind="stable")
+    multipliers = p.size - np.arange(p.size)
+    adjusted_sorted = np.minimum(1.0, np.maximum.accumulate(multipliers * p[order]))
+    adjusted = np.empty_like(p)
+    adjusted[order] = adjusted_sorted
+    return adjusted
+
+
+@dataclass(frozen=True)
+class FamilyAdjustment:
+    """One family's raw p-values with BH-FDR (primary) and Holm (robustness) adjustments, in input order."""
+
+    p_raw: np.ndarray
+    p_bh: np.ndarray
+    p_holm: np.ndarray
+
+
+def adjust_family(p_values: Sequence[float] | np.ndarray) -> FamilyAdjustment:
+    """BH-FDR and Holm adjustments of one family of tests (e.g. #205's 150 geometry cells)."""
+    p = _validated_p_values(p_values)
+    return FamilyAdjustment(p_raw=p, p_bh=bh_fdr(p), p_holm=holm(p))
+
+
+# ------------------------------------------------------------------------- held-out LDA with GroupKFold
+
+
+class GroupedCVError(ValueError):
+    """The grouped cross-validation cannot measure held-out accuracy (see ``grouped_folds``)."""
+
+
+def grouped_folds(labels: Sequence | np.ndarray, groups: Sequence | np.ndarray, n_splits: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """GroupKFold splits, refusing any split in which a class has no training rows.
+
+    A class absent from a training fold can never be predicted, so every held-out row of it scores wrong.
+    #205's M3 did exactly that: it held out one persona's vector at a time (one row per persona, i.e. groups
+    nested in labels) and scored 0% even on the base model. Group by a unit that spans every class (the
+    question: each question is asked under every persona) so that each fold trains on every persona.
+    """
+    codes, classes = encode_labels(labels)
+    group_codes, group_names = encode_labels(groups)
+    if codes.size != group_codes.size:
+        raise GroupedCVError(f"{codes.size} labels but {group_codes.size} group ids")
+    if group_names.size < n_splits:
+        raise GroupedCVError(f"{group_names.size} groups cannot make {n_splits} GroupKFold folds")
+    from sklearn.model_selection import GroupKFold
+
+    folds = list(GroupKFold(n_splits=n_splits).split(np.zeros(codes.size), codes, group_codes))
+    classes_per_group = np.array([np.unique(codes[group_codes == g]).size for g in range(group_names.size)])
+    for fold, (train, _test) in enumerate(folds):
+        missing = np.setdiff1d(np.arange(classes.size), codes[train])
+        if missing.size:
+            hint = (
+                " Every group holds a single class (groups nested in labels, e.g. leave-one-persona-out), so a "
+                "held-out class is never seen in training and accuracy is 0 by construction - the failure of "
+                "#205's M3."
+                if np.all(classes_per_group == 1)
+                else ""
+            )
+            raise GroupedCVError(
+                f"fold {fold} has no training rows of class(es) {list(classes[missing])}.{hint} "
+                "Group by a unit that spans every class (the question), not by the class itself."
+            )
+    return folds
+
+
+def label_free_projection(activations: np.ndarray, n_components: int, *, seed: int = 0) -> np.ndarray:
+    """Scores on the top ``n_components`` principal components of the centred rows (labels never used).
+
+    Persona activations have more dimensions (3584) than rows in a training fold, where LDA's within-class
+    covariance is singular; projecting on a few principal components first (PCA-LDA) makes it estimable.
+    The projection ignores labels, so it cannot leak them into held-out scores and is identical for the
+    observed labels and every shuffled draw. Large inputs use a seeded randomized SVD.
+    """
+    centred = np.asarray(activations, dtype=np.float32)
+    centred = centred - centred.mean(axis=0, keepdims=True)
+    n_components = min(n_components, *centred.shape)
+    if min(centred.shape) <= 4 * n_components + 20:
+        _u, _s, vt = np.linalg.svd(centred.astype(float), full_matrices=False)
+    else:
+        from sklearn.utils.extmath import randomized_svd
+
+        _u, _s, vt = randomized_svd(centred, n_components, n_oversamples=10, n_iter=4, random_state=seed)
+    return (centred @ vt[:n_components].T.astype(np.float32)).astype(float)
+
+
+def lda_heldout_accuracy(
+    activations: np.ndarray,
+    labels: Sequence | np.ndarray,
+    groups: Sequence | np.ndarray,
+    *,
+    n_splits: int = 5,
+    n_components: int = 16,
+) -> float:
+    """Held-out accuracy of scikit-learn's LDA over GroupKFold folds (the reference, one labelling only).
+
+    Same definition as ``lda_joint_shuffle_test``'s observed accuracy: label-free PCA projection, then
+    ``LinearDiscriminantAnalysis(solver="lsqr")`` fitted on each training fold and scored on its test fold;
+    accuracy = correct held-out predictions / all rows.
+    """
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    codes, _ = encode_labels(labels)
+    folds = grouped_folds(codes, groups, n_splits)
+    projected = label_free_projection(activations, n_components)
+    correct = 0
+    for train, test in folds:
+        model = LinearDiscriminantAnalysis(solver="lsqr").fit(projected[train], codes[train])
+        correct += int(np.sum(model.predict(projected[test]) == codes[test]))
+    return correct / codes.size
+
+
+@dataclass(frozen=True)
+class LdaShuffleTest:
+    """Held-out LDA accuracy of each checkpoint with its joint-shuffle null (one null row per draw).
+
+    ``null_accuracy[i, c]`` is checkpoint ``c``'s held-out accuracy under label draw ``i``; the same draw is
+    applied to every checkpoint, so differences between checkpoints have a paired null.
+    """
+
+    accuracy: np.ndarray  # (n_checkpoints,)
+    null_accuracy: np.ndarray = field(repr=False)  # (n_iter, n_checkpoints)
+    chance_level: float
+    n_iter: int
+    n_splits: int
+    n_components: int
+    classes: np.ndarray = field(repr=False)
+
+    @property
+    def p_above_chance(self) -> np.ndarray:
+        """One-sided p that each checkpoint's accuracy exceeds what shuffled persona labels reach."""
+        return permutation_p_value(self.accuracy, self.null_accuracy, "greater")
+
+    def contrast(self, reference: int, condition: int, alternative: Alternative = "two-sided") -> PermutationResult:
+        """Test of ``accuracy[condition] - accuracy[reference]`` against the same difference under each draw."""
+        observed = self.accuracy[condition] - self.accuracy[reference]
+        null = self.null_accuracy[:, condition] - self.null_accuracy[:, reference]
+        p = permutation_p_value(observed, null, alternative)
+        return PermutationResult(float(observed), float(p), self.n_iter, False, alternative, null)
+
+
+def _fold_whitening(projected: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(inverse Cholesky factor of the training second moment, whitened test rows with a ones column)``.
+
+    In coordinates where the training rows' (uncentred) second moment ``T`` is the identity, LDA's
+    within-class scatter is ``I - U U^T`` with ``U`` the scaled class sums, so each label draw needs only a
+    k x k inverse instead of refitting in r dimensions.
+    """
+    second_moment = projected[train].T @ projected[train]
+    inverse_factor = np.linalg.inv(np.linalg.cholesky(second_moment))
+    whitened_test = projected[test] @ inverse_factor.T
+    with_ones = np.hstack([whitened_test, np.ones((len(test), 1))])
+    return inverse_factor, np.ascontiguousarray(with_ones.T, dtype=np.float32)
+
+
+def _lda_draw_accuracies(
+    projected: np.ndarray,
+    label_draws: np.ndarray,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    n_classes: int,
+    chunk_size: int,
+) -> np.ndarray:
+    """Held-out accuracy of LDA refitted under every label draw, for every checkpoint: ``(n_draws, C)``.
+
+    ``projected`` is ``(C, n, r)``; ``label_draws`` is ``(n_draws, n)`` and must keep each fold's class counts
+    (within-group shuffles do). Matches ``LinearDiscriminantAnalysis(solver="lsqr")`` fitted per fold:
+    covariance ``S_W / n_train``, priors = training class frequencies. Per draw and fold the class sums come
+    from one matrix product shared by all checkpoints; scores are ``n_train * x~' S~_W^-1 mu~_k`` plus
+    ``-1/2 n_train mu~_k' S~_W^-1 mu~_k + log prior_k`` in whitened coordinates, where by the push-through
+    identity ``S~_W^-1 U = U A^-1`` with ``A = I - U'U`` (k x k), and the quadratic term reduces to
+    ``(n_train / n_k) (A^-1_kk - 1)``.
+    """
+    n_checkpoints, n_rows, rank = projected.shape
+    # Reorder rows fold by fold so every fold's test rows are one contiguous slice.
+    row_order = np.concatenate([test for _train, test in folds])
+    projected = projected[:, row_order]
+    label_draws = label_draws[:, row_order]
+    fold_slices, start = [], 0
+    for _train, test in folds:
+        fold_slices.append(slice(start, start + len(test)))
+        start += len(test)
+    position = np.empty(n_rows, dtype=np.int64)
+    position[row_order] = np.arange(n_rows)
+    stacked = np.ascontiguousarray(projected.transpose(1, 0, 2).reshape(n_rows, n_checkpoints * rank), dtype=np.float32)
+
+    class_ids = np.arange(n_classes, dtype=label_draws.dtype)
+    test_counts = [np.bincount(label_draws[0, s], minlength=n_classes) for s in fold_slices]
+    total_counts = np.sum(test_counts, axis=0)
+    fold_setup = []
+    for fold, (train, test) in enumerate(folds):
+        train_counts = (total_counts - test_counts[fold]).astype(float)
+        whitening = [_fold_whitening(projected[c], np.sort(position[train]), position[test]) for c in range(n_checkpoints)]
+        n_train = train_counts.sum()
+        fold_setup.append((train_counts, n_train, np.log(train_counts / n_train), whitening))
+
+    correct = np.zeros((len(label_draws), n_checkpoints))
+    for first in range(0, len(label_draws), chunk_size):
+        draws = label_draws[first : first + chunk_size]
+        n_draws = len(draws)
+        fold_sums = []
+        for fold, rows in enumerate(fold_slices):
+            one_hot = np.empty((n_draws, n_classes, rows.stop - rows.start), dtype=np.float32)
+            np.equal(draws[:, None, rows], class_ids[None, :, None], out=one_hot, casting="unsafe")
+            if not np.array_equal(one_hot.sum(axis=2), np.broadcast_to(test_counts[fold], (n_draws, n_classes))):
+                raise ValueError("label draws must keep each fold's class counts (shuffle within groups)")
+            sums = one_hot.reshape(n_draws * n_classes, -1) @ stacked[rows]
+            fold_sums.append(sums.reshape(n_draws, n_classes, n_checkpoints, rank))
+        total_sums = np.sum(fold_sums, axis=0)
+
+        for fold, rows in enumerate(fold_slices):
+            train_counts, n_train, log_priors, whitening = fold_setup[fold]
+            train_sums = (total_sums - fold_sums[fold]).astype(float)
+            n_test = rows.stop - rows.start
+            true_label = draws[:, rows].astype(np.int64)
+            true_score_index = ((np.arange(n_draws)[:, None] * n_classes + true_label) * n_test + np.arange(n_test)).ravel()
+            for checkpoint, (inverse_factor, test_with_ones) in enumerate(whitening):
+                scaled = (train_sums[:, :, checkpoint] @ inverse_factor.T) / np.sqrt(train_counts)[None, :, None]
+                a_inverse = np.linalg.inv(np.eye(n_classes) - scaled @ scaled.transpose(0, 2, 1))
+                weights = (n_train / np.sqrt(train_counts))[None, :, None] * (a_inverse @ scaled)
+                intercepts = -0.5 * (n_train / train_counts) * (np.diagonal(a_inverse, axis1=1, axis2=2) - 1) + log_priors
+                augmented = np.concatenate([weights, intercepts[:, :, None]], axis=2).astype(np.float32)
+                scores = augmented.reshape(n_draws * n_classes, rank + 1) @ test_with_ones
+                best = scores.reshape(n_draws, n_classes, n_test).max(axis=1)
+                true_scores = scores.ravel()[true_score_index].reshape(n_draws, n_test)
+                correct[first : first + n_draws, checkpoint] += np.sum(true_scores >= best, axis=1)
+    return correct / n_rows
+
+
+def lda_joint_shuffle_test(
+    activations: np.ndarray | Sequence[np.ndarray],
+    labels: Sequence | np.ndarray,
+    groups: Sequence | np.ndarray,
+    *,
+    n_iter: int = 10_000,
+    rng: RngLike = None,
+    n_splits: int = 5,
+    n_components: int = 16,
+    label_draws: np.ndarray | None = None,
+    chunk_size: int = 256,
+) -> LdaShuffleTest:
+    """Held-out LDA accuracy (shared GroupKFold) of one or more checkpoints, with a joint-shuffle null.
+
+    #205's M3: "held-out LDA accuracy with shared GroupKFold, joint-shuffle null, n_iter=10,000". Reading:
+
+    * rows are (persona, question) activations, ``labels`` the personas, ``groups`` the questions;
+      ``activations`` is ``(n, d)`` or ``(C, n, d)`` / a list of ``(n, d)``, one per checkpoint, row i of
+      every checkpoint being the same (persona, question);
+    * shared GroupKFold: one fold split (by question) used for every checkpoint and every null draw;
+    * held-out LDA: label-free PCA to ``n_components`` per checkpoint, then LDA (lsqr) fitted per training
+      fold and scored on the held-out questions; accuracy over all rows;
+    * joint-shuffle null: each draw permutes the persona labels within every question (so each question
+      still has one row per persona and each fold keeps its class counts), jointly for training and test
+      rows (labels are shuffled before the split, as in Ojala & Garriga's test 1) and jointly for all
+      checkpoints (the same draw for each), then refits the whole cross-validation.
+
+    The null therefore says "the activations carry no persona information"; ``p_above_chance`` tests each
+    checkpoint against it and ``contrast`` tests accuracy differences between checkpoints against their
+    paired null. ``label_draws`` lets callers reuse one set of draws (from ``grouped_label_shuffles`` on
+    the encoded labels) across analyses with the same row layout.
+    """
+    stack = np.asarray(activations, dtype=np.float32)
+    if stack.ndim == 2:
+        stack = stack[None]
+    codes, classes = encode_labels(labels)
+    group_codes, _ = encode_labels(groups)
+    if stack.shape[1] != codes.size:
+        raise ValueError(f"{stack.shape[1]} activation rows but {codes.size} labels")
+    if classes.size < 2:
+        raise ValueError("LDA needs at least two classes")
+    if np.all(np.array([np.unique(codes[group_codes == g]).size for g in np.unique(group_codes)]) == 1):
+        raise GroupedCVError("every group holds one class, so shuffling labels within groups changes nothing")
+    folds = grouped_folds(codes, group_codes, n_splits)
+    smallest_train = min(len(train) for train, _ in folds)
+    rank = min(n_components, stack.shape[2], smallest_train - classes.size - 1)
+    if rank < 1:
+        raise GroupedCVError(f"training folds of {smallest_train} rows are too small for {classes.size} classes")
+
+    projected = np.stack([label_free_projection(checkpoint, rank) for checkpoint in stack])
+    rank = projected.shape[2]
+    if label_draws is None:
+        label_draws = grouped_label_shuffles(codes, group_codes, n_iter, rng)
+    elif label_draws.shape[1] != codes.size:
+        raise ValueError(f"label_draws has {label_draws.shape[1]} columns for {codes.size} rows")
+    observed_labels = codes[None].astype(label_draws.dtype)
+    accuracy = _lda_draw_accuracies(projected, observed_labels, folds, classes.size, chunk_size)[0]
+    null_accuracy = _lda_draw_accuracies(projected, label_draws, folds, classes.size, chunk_size)
+    return LdaShuffleTest(
+        accuracy=accuracy,
+        null_accuracy=null_accuracy,
+        chance_level=float(np.bincount(codes).max() / codes.size),
+        n_iter=len(label_draws),
+        n_splits=n_splits,
+        n_components=rank,
+        classes=classes,
+    )
+
+
+# ------------------------------------------------------------------ #205 pre-registered behavioural tests
+
+
+@dataclass(frozen=True)
+class HypothesisResult:
+    """A pre-registered hypothesis test: its statistic, p-value, the decision rule and whether it fired."""
+
+    name: str
+    statistic: float
+    p_value: float
+    n_iter: int
+    fires: bool
+    rule: str
+    details: dict = field(default_factory=dict)
+
+
+def h1_self_leakage_test(
+    leakage: np.ndarray,
+    personas: Sequence[str],
+    induction_persona: str,
+    *,
+    source_persona: str = "confab",
+    n_iter: int = 10_000,
+    rng: RngLike = None,
+    min_excess: float = 0.05,
+    alpha: float = 0.05,
+) -> HypothesisResult:
+    """H1 (induction-self-leakage) for one EM condition.
+
+    Pre-registered: ``leakage_to_E_i_persona - mean_other_bystanders >= 5 pp``, raw p < 0.05, no FDR.
+    ``leakage`` is ``(n_personas, n_questions)`` marker rates (each over that question's completions). The
+    other bystanders are every persona but the source and the induction persona. Test: one-sided paired
+    sign-flip over questions of ``rate_E(q) - mean_bystanders(q)``; the question is the unit because each
+    question is asked of every persona. (Ranking the E persona among the 11 bystanders instead - which the
+    record's p-values 0.81/0.91/0.28/0.09 look like - cannot go below p = 1/11 and so could never fire.)
+    """
+    names = list(personas)
+    if induction_persona not in names:
+        raise ValueError(f"{induction_persona!r} is not in the persona grid; H1 is untestable for this condition")
+    leakage = np.asarray(leakage, dtype=float)
+    others = [i for i, name in enumerate(names) if name not in (source_persona, induction_persona)]
+    per_question_excess = leakage[names.index(induction_persona)] - leakage[others].mean(axis=0)
+    result = paired_permutation_test(per_question_excess, alternative="greater", n_iter=n_iter, rng=rng)
+    fires = bool(result.statistic >= min_excess and result.p_value < alpha)
+    return HypothesisResult(
+        "H1", float(result.statistic), float(result.p_value), result.n_iter, fires,
+        f"excess >= {min_excess} and p < {alpha}",
+        {"induction_persona": induction_persona, "n_questions": per_question_excess.size},
+    )  # fmt: skip
+
+
+def h2_invariance_test(
+    leakage: np.ndarray,
+    personas: Sequence[str],
+    induction_personas: Sequence[str],
+    *,
+    source_persona: str = "confab",
+    n_iter: int = 10_000,
+    rng: RngLike = None,
+    max_range: float = 0.15,
+    alpha: float = 0.10,
+) -> HypothesisResult:
+    """H2 (induction-invariant): range of mean bystander leakage over conditions <= 15 pp and raw p > 0.10.
+
+    ``leakage`` is ``(n_conditions, n_personas, n_questions)``; ``induction_personas[c]`` is condition c's
+    EM persona. A condition's bystanders exclude the source and its own induction persona - for the observed
+    range and for the null alike, since both come from one long table of (condition, persona, question)
+    rates (the mismatch fixed in #205's review round 2 cannot recur). Null: condition labels permuted within
+    each (persona, question) block, so persona and question effects stay put.
+    """
+    leakage = np.asarray(leakage, dtype=float)
+    names = list(personas)
+    values, conditions, blocks = [], [], []
+    for condition, induction in enumerate(induction_personas):
+        for index, name in enumerate(names):
+            if name in (source_persona, induction):
+                continue
+            values.append(leakage[condition, index])
+            conditions.append(np.full(leakage.shape[2], condition))
+            blocks.append(index * leakage.shape[2] + np.arange(leakage.shape[2]))
+    result = label_permutation_test(
+        np.concatenate(values), np.concatenate(conditions), statistic="range", blocks=np.concatenate(blocks),
+        alternative="greater", n_iter=n_iter, rng=rng,
+    )  # fmt: skip
+    fires = bool(result.statistic <= max_range and result.p_value > alpha)
+    return HypothesisResult(
+        "H2", float(result.statistic), float(result.p_value), result.n_iter, fires,
+        f"range <= {max_range} and p > {alpha}", {"n_conditions": len(induction_personas)},
+    )  # fmt: skip
+
+
+def h3_cos_monotone_test(
+    cos_to_assistant: Sequence[float],
+    mean_bystander_leakage: Sequence[float],
+    *,
+    min_abs_rho: float = 0.7,
+    alpha: float = 0.05,
+) -> HypothesisResult:
+    """H3 (cos-monotone): Spearman |rho| >= 0.7 between cos-to-assistant and mean bystander leakage,
+    exact two-sided permutation p < 0.05 over all n! orderings (120 for the 5 conditions)."""
+    result = spearman_exact_test(cos_to_assistant, mean_bystander_leakage)
+    fires = bool(abs(result.rho) >= min_abs_rho and result.p_value < alpha)
+    return HypothesisResult(
+        "H3", result.rho, result.p_value, result.n_orderings, fires, f"|rho| >= {min_abs_rho} and p < {alpha}"
+    )

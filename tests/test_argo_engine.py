@@ -1,0 +1,552 @@
+"""The Argo engine: the compiled workflow's real properties, and submit/status/retry against a loopback server.
+
+The plan is a real one: issue164 built from the stage registry (``generate`` GPU cells, judge and classifier CPU
+tasks, the CPU analysis depending on all of them); the compiled YAML is parsed back with pyyaml and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.registry import all_stages
+from shared.store import from_path
+from workflows import cluster, exit_status
+from workflows.engines import argo
+from workflows.engines.argo import ClusterError, ClusterSettings
+from workflows.plan import Plan, PlanBuilder
+
+REGISTRY = "registry.invalid/lab"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+FAKE_SECRETS = {
+    "ANTHROPIC_API_KEY": "sk-ant-THIS-MUST-NOT-LEAK",
+    "HF_TOKEN": "hf_THIS_MUST_NOT_LEAK",
+    "WANDB_API_KEY": "wandb-THIS-MUST-NOT-LEAK",
+    "AWS_SECRET_ACCESS_KEY": "aws-THIS-MUST-NOT-LEAK",
+    "AWS_ACCESS_KEY_ID": "AKIATHISMUSTNOTLEAK",
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("ARGO_SERVER", "ARGO_TOKEN", "ARGO_NAMESPACE", "ARGO_BASE_HREF", "ARGO_SECURE",
+                 "ARGO_INSECURE_SKIP_VERIFY", "EPS_CLUSTER_CONFIG", "EPS_IMAGE_REGISTRY", "EPS_IMAGE_TAG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EPS_GIT_SHA", SHA)
+    for name, value in FAKE_SECRETS.items():  # present in the submitter's environment: must never be copied
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="module")
+def plan() -> Plan:
+    from workflows import issue164
+
+    params = issue164.Params.for_profile("tiny")
+    return issue164.build(params, profile="tiny", run_id="issue164-tiny-1a2b3c4d", store="s3://eps-artifacts/test")
+
+
+@pytest.fixture()
+def settings() -> ClusterSettings:
+    return ClusterSettings(image_registry=REGISTRY, git_sha=SHA)
+
+
+@pytest.fixture()
+def wf(plan, settings) -> dict:
+    return yaml.safe_load(argo.to_yaml(plan, cluster=settings))
+
+
+def templates(wf: dict) -> dict[str, dict]:
+    return {t["name"]: t for t in wf["spec"]["templates"]}
+
+
+def dag_tasks(wf: dict) -> dict[str, dict]:
+    entry = templates(wf)[wf["spec"]["entrypoint"]]
+    return {t["name"]: t for t in entry["dag"]["tasks"]}
+
+
+def params_of(task: dict) -> dict[str, str]:
+    return {p["name"]: p["value"] for p in task["arguments"]["parameters"]}
+
+
+def stage_of(plan: Plan, wf: dict, task_name: str):
+    return plan.task(task_name).spec, templates(wf)[dag_tasks(wf)[task_name]["template"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the compiled workflow
+
+
+def test_yaml_is_one_argo_workflow_named_after_the_run(plan, settings):
+    text = argo.to_yaml(plan, cluster=settings)
+    docs = list(yaml.safe_load_all(text))
+    assert len(docs) == 1
+    wf = docs[0]
+    assert wf["apiVersion"] == "argoproj.io/v1alpha1" and wf["kind"] == "Workflow"
+    assert wf["metadata"]["name"] == "issue164-tiny-1a2b3c4d"
+    assert wf["metadata"]["namespace"] == "eps"
+    assert wf["spec"]["serviceAccountName"] == "eps-workflow"
+    assert argo.to_yaml(plan, cluster=settings) == text  # deterministic
+
+
+def test_one_named_dag_task_per_plan_task_with_the_plans_dependencies(plan, wf):
+    tasks = dag_tasks(wf)
+    assert list(tasks) == [t.name for t in plan.tasks]
+    assert len(plan.tasks) >= 5
+    for task in plan.tasks:
+        assert sorted(tasks[task.name].get("dependencies", [])) == sorted(task.after), task.name
+    # one failed cell must not stop the independent ones
+    entry = templates(wf)[wf["spec"]["entrypoint"]]
+    assert entry["dag"]["failFast"] is False
+
+
+def test_each_task_runs_its_stage_entrypoint_in_its_stage_image_with_its_config(plan, wf):
+    for task in plan.tasks:
+        spec, tmpl = stage_of(plan, wf, task.name)
+        container = tmpl["container"]
+        assert container["image"] == f"{REGISTRY}/{spec.image}:{SHA}"
+        assert container["command"] == ["python", "-m", f"jobs.{task.stage}"]
+        assert container["args"] == ["--config", "{{inputs.parameters.config}}"]
+        args = params_of(dag_tasks(wf)[task.name])
+        assert json.loads(args["config"]) == json.loads(json.dumps(task.config))
+        assert args["cell"] == argo.label_value(task.config["cell"])
+        env = {e["name"]: e for e in container["env"]}
+        assert env["EPS_IMAGE"]["value"] == container["image"]
+        assert env["EPS_GIT_SHA"]["value"] == SHA
+    # one template per stage image, not per task
+    stage_templates = {t["template"] for t in dag_tasks(wf).values()}
+    assert len(stage_templates) == len(plan.stages())
+
+
+def test_gpu_tasks_get_gpus_the_node_pool_of_their_class_and_a_semaphore_slot(plan, settings, wf):
+    gpu_tasks = [t for t in plan.tasks if t.spec.resources.uses_gpu]
+    cpu_tasks = [t for t in plan.tasks if not t.spec.resources.uses_gpu]
+    assert gpu_tasks and cpu_tasks
+    for task in gpu_tasks:
+        spec, tmpl = stage_of(plan, wf, task.name)
+        res = tmpl["container"]["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == str(spec.resources.gpus)
+        assert res["requests"]["nvidia.com/gpu"] == str(spec.resources.gpus)
+        assert res["requests"]["memory"] == res["limits"]["memory"] == spec.resources.memory
+        klass = spec.resources.gpu_class
+        pool = settings.gpu_classes[klass]
+        assert tmpl["nodeSelector"] == pool.node_selector
+        assert tmpl["nodeSelector"]["nvidia.com/gpu.product"].startswith(f"NVIDIA-{klass.upper()}")
+        tolerations = tmpl["tolerations"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+        assert {"key": "eps/gpu-class", "operator": "Equal", "value": klass, "effect": "NoSchedule"} in tolerations
+        sems = tmpl["synchronization"]["semaphores"]
+        assert sems == [{"configMapKeyRef": {"name": "eps-gpu-semaphore", "key": klass}}]
+        assert tmpl["metadata"]["labels"]["eps/gpu-class"] == klass
+        shm = [v for v in tmpl["volumes"] if v["name"] == "dshm"]
+        assert shm and shm[0]["emptyDir"]["medium"] == "Memory"
+    for task in cpu_tasks:
+        _, tmpl = stage_of(plan, wf, task.name)
+        res = tmpl["container"]["resources"]
+        assert "nvidia.com/gpu" not in res.get("limits", {}) and "nvidia.com/gpu" not in res.get("requests", {})
+        assert "nodeSelector" not in tmpl and "tolerations" not in tmpl
+        assert "synchronization" not in tmpl
+
+
+def test_every_template_retries_with_backoff_and_has_a_deadline(plan, wf):
+    containers = [t for t in wf["spec"]["templates"] if "container" in t]
+    assert len(containers) == len(plan.stages()) + 1  # the stages and the exit handler
+    for tmpl in containers:
+        retry = tmpl["retryStrategy"]
+        assert retry["limit"] == 3
+        assert retry["retryPolicy"] == "Always"
+        assert retry["backoff"] == {"duration": "1m", "factor": 2, "maxDuration": "3h"}
+        assert retry["expression"] == "lastRetry.exitCode != '2'"  # bad input (exit 2) is not retried
+        assert tmpl["priorityClassName"] == "eps-batch"
+        assert isinstance(tmpl["activeDeadlineSeconds"], int)
+    for task in plan.tasks:
+        spec, tmpl = stage_of(plan, wf, task.name)
+        assert tmpl["activeDeadlineSeconds"] == spec.resources.timeout_s
+
+
+def test_final_cpu_task_depends_on_every_cell(plan, wf):
+    tasks = dag_tasks(wf)
+    depended_on = {d for t in tasks.values() for d in t.get("dependencies", [])}
+    sinks = [name for name in tasks if name not in depended_on]
+    assert sinks == ["analysis"]
+    final = plan.task("analysis")
+    assert not final.spec.resources.uses_gpu and final.spec.image_kind == "cpu"
+    direct = set(tasks["analysis"]["dependencies"])
+    assert {t.name for t in plan.tasks if t.stage == "generate" and t.config["cell"] not in
+            ("classifier-em", "classifier-base")} <= direct
+    # everything else is upstream of it
+    upstream, frontier = set(), set(direct)
+    while frontier:
+        name = frontier.pop()
+        upstream.add(name)
+        frontier |= set(tasks[name].get("dependencies", [])) - upstream
+    assert upstream == set(tasks) - {"analysis"}
+
+
+def test_labels_carry_experiment_run_cell_stage_and_git_sha(plan, wf):
+    expected = {"eps/experiment": "issue164", "eps/run-id": "issue164-tiny-1a2b3c4d", "eps/git-sha": SHA,
+                "eps/profile": "tiny"}
+    assert expected.items() <= wf["metadata"]["labels"].items()
+    assert expected.items() <= wf["spec"]["podMetadata"]["labels"].items()  # every pod
+    for task in plan.tasks:
+        spec, tmpl = stage_of(plan, wf, task.name)
+        labels = tmpl["metadata"]["labels"]
+        assert labels["eps/stage"] == spec.name
+        assert labels["eps/cell"] == "{{inputs.parameters.cell}}"  # filled per task from its argument
+        assert params_of(dag_tasks(wf)[task.name])["cell"] == task.config["cell"]
+
+
+def test_pod_gc_ttl_and_security(wf):
+    assert wf["spec"]["podGC"] == {"strategy": "OnPodSuccess"}
+    assert wf["spec"]["ttlStrategy"] == {"secondsAfterSuccess": 7 * 24 * 3600}  # failed runs stay for retry
+    for tmpl in (t for t in wf["spec"]["templates"] if "container" in t):
+        assert tmpl["securityContext"]["runAsNonRoot"] is True
+        sc = tmpl["container"]["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000 and sc["allowPrivilegeEscalation"] is False
+        mounts = {m["mountPath"] for m in tmpl["container"]["volumeMounts"]}
+        assert "/cache" in mounts and "/tmp" in mounts
+        env = {e["name"]: e.get("value") for e in tmpl["container"]["env"]}
+        assert env["HF_HOME"].startswith("/cache/") and env["PIP_CACHE_DIR"].startswith("/cache/")
+
+
+def test_store_and_secrets_come_from_configmap_and_secret_refs_never_values(plan, wf):
+    text = yaml.safe_dump(wf)
+    for value in FAKE_SECRETS.values():
+        assert value not in text
+    for tmpl in (t for t in wf["spec"]["templates"] if "container" in t):
+        container = tmpl["container"]
+        assert container["envFrom"] == [{"configMapRef": {"name": "eps-store", "optional": False}}]
+        env = {e["name"]: e for e in container["env"]}
+        for name in FAKE_SECRETS:
+            assert "value" not in env[name]
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref["optional"] is True and ref["key"] == name
+            assert ref["name"] in ("eps-api-keys", "eps-s3-credentials")
+
+
+def test_exit_handler_records_the_run_status_in_the_store(plan, wf, tmp_path):
+    assert wf["spec"]["onExit"] == argo.EXIT_TEMPLATE
+    tmpl = templates(wf)[argo.EXIT_TEMPLATE]
+    container = tmpl["container"]
+    assert container["image"] == f"{REGISTRY}/{argo.EXIT_STATUS_IMAGE}:{SHA}"
+    assert container["command"] == ["python", "-m", "workflows.exit_status"]
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    args = container["args"]
+    opts = dict(zip(args[::2], args[1::2]))
+    assert opts["--store"] == plan.store and opts["--run-id"] == plan.run_id
+    assert opts["--status"] == "{{workflow.status}}" and opts["--failures"] == "{{workflow.failures}}"
+
+    # what the pod does once Argo has filled in the variables (against a local store here)
+    failures = [{"displayName": "gen-null", "message": "OOMKilled (exit code 137)", "templateName": "generate",
+                 "phase": "Failed", "podName": "p-1", "finishedAt": "2026-01-01T00:00:00Z"}]
+    filled = {**opts, "--store": from_path(tmp_path), "--workflow": "issue164-tiny-1a2b3c4d", "--status": "Failed",
+              "--failures": json.dumps(failures), "--duration": "123.5"}
+    assert exit_status.main([x for kv in filled.items() for x in kv]) == 0
+    record = json.loads((tmp_path / "runs" / plan.run_id / "_status.json").read_text())
+    assert record["status"] == "Failed" and record["succeeded"] is False
+    assert record["failed_tasks"] == ["gen-null"] and record["failures"][0]["message"].startswith("OOMKilled")
+    assert record["duration_s"] == 123.5 and record["git_commit"] == SHA
+
+
+def test_exit_status_tolerates_what_argo_sends_when_nothing_failed(tmp_path):
+    for failures in ("null", "", "{{workflow.failures}}", "[]"):
+        argv = ["--store", str(tmp_path), "--run-id", "r1", "--status", "Succeeded", "--failures", failures]
+        assert exit_status.main(argv) == 0
+        record = json.loads((tmp_path / "runs" / "r1" / "_status.json").read_text())
+        assert record["succeeded"] is True and record["failures"] == [] and record["failed_tasks"] == []
+
+
+@pytest.mark.parametrize("stage", sorted(all_stages()))
+def test_every_registry_stage_compiles_to_a_template(stage, plan, settings):
+    """Generic over the registry: whatever stages exist, each gets a correct container template."""
+    spec = all_stages()[stage]
+    tmpl = argo._stage_template(spec, plan, settings)._build_template().model_dump(by_alias=True, exclude_none=True)
+    assert tmpl["name"] == argo.stage_template_name(stage)
+    assert tmpl["container"]["image"] == f"{REGISTRY}/{spec.image}:{SHA}"
+    assert tmpl["container"]["command"] == ["python", "-m", spec.module]
+    assert tmpl["activeDeadlineSeconds"] == spec.resources.timeout_s
+    gpu = tmpl["container"]["resources"].get("limits", {}).get("nvidia.com/gpu")
+    assert (gpu == str(spec.resources.gpus)) if spec.resources.uses_gpu else gpu is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# settings and compile-time errors
+
+
+def test_settings_load_from_the_chart_style_file_with_env_overrides(tmp_path, monkeypatch):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({
+        "namespace": "research", "imageRegistry": "registry.invalid/other", "imageTag": "v1",
+        "gpuClasses": {"h200": {"nodeSelector": {"pool": "h200"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]}},
+        "podGC": {"strategy": "OnWorkflowSuccess"}, "priorityClass": None,
+    }))
+    monkeypatch.setenv("EPS_CLUSTER_CONFIG", str(path))
+    s = ClusterSettings.load()
+    assert s.namespace == "research" and s.image("eps-generate") == "registry.invalid/other/eps-generate:v1"
+    assert s.gpu_classes["h200"].node_selector == {"pool": "h200"} and "h100" not in s.gpu_classes
+    assert s.pod_gc.strategy == "OnWorkflowSuccess" and s.priority_class is None
+    monkeypatch.setenv("EPS_IMAGE_TAG", "hotfix")
+    monkeypatch.setenv("ARGO_NAMESPACE", "elsewhere")
+    s = ClusterSettings.load()
+    assert s.image("eps-judge").endswith(":hotfix") and s.namespace == "elsewhere"
+
+
+def test_settings_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPS_CLUSTER_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ClusterError, match="not found"):
+        ClusterSettings.load()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("namespace: eps\nretry: {limit: -1}\ngpuClasss: {}\n")
+    with pytest.raises(ClusterError) as err:
+        ClusterSettings.load(bad)
+    assert "\n" not in str(err.value) and "bad" in str(err.value)
+
+
+def test_a_stage_on_an_undefined_gpu_class_is_a_clear_error(plan):
+    s = ClusterSettings(image_registry=REGISTRY, gpu_classes={"h200": ClusterSettings().gpu_classes["h200"]})
+    with pytest.raises(ClusterError, match="GPU class 'h100'"):
+        argo.compile_plan(plan, cluster=s)
+
+
+def test_a_config_argo_would_template_is_refused(settings):
+    b = PlanBuilder("issue164", "tiny", "r1", "s3://b/p")
+    b.add("gen-x", "generate", "x", condition="x", model_ref="tiny:qwen2", questions=[{"id": "q", "text": "{{x}}"}])
+    with pytest.raises(ClusterError, match="gen-x"):
+        argo.compile_plan(b.plan({}), cluster=settings)
+
+
+def test_tag_defaults_to_the_git_sha_and_registry_is_optional_for_yaml(plan, monkeypatch):
+    s = ClusterSettings(git_sha=SHA)
+    assert s.image("eps-generate") == f"eps-generate:{SHA}"
+    monkeypatch.setenv("EPS_IMAGE_TAG", "release-1")
+    assert ClusterSettings(git_sha=SHA).image("eps-generate") == "eps-generate:release-1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Argo Server API against a loopback server
+
+
+class FakeArgo:
+    """A tiny Argo Server on 127.0.0.1 that records every request and answers like the real one."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.workflows: dict[str, dict] = {}
+        self.create_status = 200
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, code: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _record(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                req = {"method": self.command, "path": self.path, "headers": dict(self.headers),
+                       "body": json.loads(raw) if raw else None}
+                outer.requests.append(req)
+                return req
+
+            def do_POST(self):  # noqa: N802
+                req = self._record()
+                wf = req["body"]["workflow"]
+                name = wf["metadata"]["name"]
+                if outer.create_status != 200 or name in outer.workflows:
+                    msg = f'workflows.argoproj.io "{name}" already exists'
+                    return self._reply(409, {"code": 6, "message": msg})
+                wf = {**wf, "metadata": {**wf["metadata"], "uid": "u-1", "creationTimestamp": "2026-01-01T00:00:00Z"}}
+                outer.workflows[name] = wf
+                self._reply(200, wf)
+
+            def do_GET(self):  # noqa: N802
+                req = self._record()
+                parts = req["path"].split("?")[0].strip("/").split("/")
+                if len(parts) == 5 and parts[4] in outer.workflows:
+                    return self._reply(200, outer.workflows[parts[4]])
+                if len(parts) == 4:  # list, with a label selector
+                    return self._reply(200, {"metadata": {}, "items": list(outer.workflows.values())})
+                self._reply(404, {"code": 5, "message": "not found"})
+
+            def do_PUT(self):  # noqa: N802
+                req = self._record()
+                name = req["path"].strip("/").split("/")[4]
+                if name not in outer.workflows:
+                    return self._reply(404, {"code": 5, "message": "not found"})
+                wf = outer.workflows[name]
+                wf["status"] = {**wf.get("status", {}), "phase": "Running"}
+                self._reply(200, wf)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture()
+def argo_server(monkeypatch):
+    with FakeArgo() as server:
+        monkeypatch.setenv("ARGO_SERVER", server.url)
+        monkeypatch.setenv("ARGO_TOKEN", "tok-123")
+        yield server
+
+
+def test_submit_posts_the_compiled_workflow_with_the_bearer_token(plan, settings, argo_server):
+    name, url = argo.submit(plan, cluster=settings)
+    assert name == "issue164-tiny-1a2b3c4d"
+    assert url == f"{argo_server.url}/workflows/eps/{name}"
+    [req] = argo_server.requests
+    assert req["method"] == "POST" and req["path"] == "/api/v1/workflows/eps"
+    assert req["headers"]["Authorization"] == "Bearer tok-123"
+    assert req["headers"]["Content-Type"] == "application/json"
+    body = req["body"]
+    assert body["namespace"] == "eps"
+    sent = body["workflow"]
+    expected = yaml.safe_load(argo.to_yaml(plan, cluster=settings))
+    assert sent["metadata"]["name"] == expected["metadata"]["name"]
+    assert [t["name"] for t in sent["spec"]["templates"]] == [t["name"] for t in expected["spec"]["templates"]]
+    assert dag_tasks(sent) == dag_tasks(expected)
+    assert sent["spec"]["onExit"] == argo.EXIT_TEMPLATE
+    for value in FAKE_SECRETS.values():
+        assert value not in json.dumps(body)
+
+
+def test_cluster_submit_is_the_same_call_and_keeps_an_explicit_bearer_prefix(plan, settings, argo_server):
+    name, _ = cluster.submit(plan, token="Bearer abc.def", cluster=settings)
+    assert argo_server.requests[-1]["headers"]["Authorization"] == "Bearer abc.def"
+    # a second submit of the same run is refused with a pointer to retry
+    with pytest.raises(ClusterError) as err:
+        cluster.submit(plan, cluster=settings)
+    text = str(err.value)
+    assert "409" in text and "already exists" in text and "make retry" in text and "\n" not in text
+
+
+def test_submit_without_server_or_token_is_one_clear_line(plan, settings, monkeypatch):
+    with pytest.raises(ClusterError) as err:
+        argo.submit(plan, cluster=settings)
+    assert "ARGO_SERVER and ARGO_TOKEN are not set" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setenv("ARGO_SERVER", "http://127.0.0.1:9")
+    with pytest.raises(ClusterError, match="^ARGO_TOKEN is not set"):
+        argo.submit(plan, cluster=settings)
+    monkeypatch.delenv("ARGO_SERVER")
+    monkeypatch.setenv("ARGO_TOKEN", "t")
+    with pytest.raises(ClusterError, match="^ARGO_SERVER is not set"):
+        cluster.status("some-run")
+
+
+def test_submit_refuses_a_local_store_and_a_missing_registry(plan, settings, argo_server):
+    local = plan.model_copy(update={"store": "file:///tmp/x"})
+    with pytest.raises(ClusterError, match="s3://"):
+        argo.submit(local, cluster=settings)
+    with pytest.raises(ClusterError, match="EPS_IMAGE_REGISTRY"):
+        argo.submit(plan, cluster=ClusterSettings(git_sha=SHA))
+    assert argo_server.requests == []
+
+
+def test_an_unreachable_server_is_one_clear_line(plan, settings, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("ARGO_SERVER", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("ARGO_TOKEN", "t")
+    with pytest.raises(ClusterError, match="cannot reach the Argo Server"):
+        argo.submit(plan, cluster=settings)
+
+
+def test_server_address_forms(monkeypatch):
+    monkeypatch.setenv("ARGO_TOKEN", "t")
+    monkeypatch.setenv("ARGO_SERVER", "argo.invalid:2746")
+    conn = cluster.connect(namespace="ns")
+    assert conn.server == "https://argo.invalid:2746" and conn.token == "Bearer t" and conn.verify_ssl
+    monkeypatch.setenv("ARGO_SECURE", "false")
+    monkeypatch.setenv("ARGO_BASE_HREF", "argo/")
+    monkeypatch.setenv("ARGO_INSECURE_SKIP_VERIFY", "true")
+    conn = cluster.connect(namespace="ns")
+    assert conn.server == "http://argo.invalid:2746" and not conn.verify_ssl
+    assert conn.ui_url("wf-1") == "http://argo.invalid:2746/argo/workflows/ns/wf-1"
+
+
+def _with_status(server: FakeArgo, name: str, phase: str) -> None:
+    server.workflows[name]["status"] = {
+        "phase": phase, "progress": "3/5", "startedAt": "2026-01-01T00:00:00Z",
+        "nodes": {
+            "n0": {"id": "n0", "name": name, "displayName": name, "type": "DAG", "phase": phase},
+            "n1": {"id": "n1", "name": f"{name}.gen-null", "displayName": "gen-null", "type": "Retry",
+                   "phase": "Failed", "message": "No more retries left", "children": ["n2", "n3"]},
+            "n2": {"id": "n2", "name": f"{name}.gen-null(0)", "displayName": "gen-null(0)", "type": "Pod",
+                   "phase": "Failed", "message": "OOMKilled"},
+            "n3": {"id": "n3", "name": f"{name}.gen-null(1)", "displayName": "gen-null(1)", "type": "Pod",
+                   "phase": "Failed", "message": "OOMKilled"},
+            "n4": {"id": "n4", "name": f"{name}.gen-policy", "displayName": "gen-policy", "type": "Retry",
+                   "phase": "Succeeded", "children": ["n5"]},
+            "n5": {"id": "n5", "name": f"{name}.gen-policy(0)", "displayName": "gen-policy(0)", "type": "Pod",
+                   "phase": "Succeeded"},
+            "n6": {"id": "n6", "name": f"{name}.onExit", "displayName": f"{name}.onExit", "type": "Pod",
+                   "phase": "Succeeded"},
+        },
+    }
+
+
+def test_status_and_retry_wrap_the_argo_server_api(plan, settings, argo_server):
+    name, _ = argo.submit(plan, cluster=settings)
+    _with_status(argo_server, name, "Failed")
+
+    st = cluster.status(name)
+    assert st.phase == "Failed" and st.progress == "3/5"
+    assert [(t.name, t.phase, t.retries) for t in st.tasks] == [("gen-null", "Failed", 1), ("gen-policy", "Succeeded", 0)]
+    text = str(st)
+    assert "gen-null" in text and "make retry RUN=" in text and st.url in text
+    get = argo_server.requests[-1]
+    assert get["method"] == "GET" and get["path"] == f"/api/v1/workflows/eps/{name}"
+    assert get["headers"]["Authorization"] == "Bearer tok-123"
+
+    result = cluster.retry(plan.run_id)  # the run id finds the workflow too
+    put = argo_server.requests[-1]
+    assert put["method"] == "PUT" and put["path"] == f"/api/v1/workflows/eps/{name}/retry"
+    assert put["body"]["name"] == name and put["body"]["namespace"] == "eps"
+    assert not put["body"].get("restartSuccessful")  # succeeded cells are kept
+    assert result.name == name and result.tasks == ("gen-null",) and result.url.endswith(f"/workflows/eps/{name}")
+    assert "retrying" in str(result)
+
+    with pytest.raises(ClusterError, match="only a Failed or Error workflow"):  # it is Running now
+        cluster.retry(name)
+
+
+def test_status_of_an_unknown_run_is_one_clear_line(argo_server):
+    with pytest.raises(ClusterError) as err:
+        cluster.status("nope")
+    assert "no workflow 'nope'" in str(err.value)
+
+
+def test_workflow_names_are_dns_labels():
+    assert cluster.workflow_name("Issue164_full/AB12") == "issue164-full-ab12"
+    assert len(cluster.workflow_name("x" * 100)) == 63
+    assert argo.label_value("-grid #1 (policy)-") == "grid-1-policy"
+
+
+def test_module_layout_is_what_the_cli_calls():
+    """``python -m workflows submit|status|retry`` calls exactly these."""
+    assert callable(argo.submit) and callable(argo.to_yaml) and callable(argo.compile_plan)
+    assert callable(cluster.status) and callable(cluster.retry) and callable(cluster.submit)
+    assert Path(exit_status.__file__).name == "exit_status.py"

@@ -1,0 +1,525 @@
+"""The Argo engine: compile a plan with Hera into an Argo ``Workflow``, print it as YAML, or submit it.
+
+The plan is the single definition; this module only translates it:
+
+- one container template per stage (image ``<registry>/eps-<stage>:<tag>``, command ``python -m jobs.<stage>``),
+  resources and ``activeDeadlineSeconds`` from the stage's ``Resources``;
+- one DAG task per plan task, named as in the plan (the cell), passing the task's config JSON and cell;
+- GPU templates get ``nvidia.com/gpu``, the node selector and tolerations of their GPU class, and hold a slot of
+  the GPU semaphore (a ConfigMap key per class) while they run;
+- every template retries with exponential backoff (but not on exit code 2: bad input does not get better);
+- pods carry labels for experiment, run, cell, stage and git sha; pod GC, a TTL for succeeded workflows, a
+  priority class, a non-root security context, caches in writable volumes;
+- an exit handler (``python -m workflows.exit_status``) writes ``<store>/runs/<run_id>/_status.json``.
+
+Cluster specifics (namespace, registry, node pools, secret names ...) live in ``ClusterSettings``, read from the
+file at ``EPS_CLUSTER_CONFIG`` (the Helm chart renders it into the ``eps-cluster-config`` ConfigMap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from shared.stage import StageSpec, git_commit
+from workflows.cluster import ClusterError, connect, dns_label, workflow_name
+from workflows.plan import Plan
+
+__all__ = [
+    "ClusterError", "ClusterSettings", "compile_plan", "to_yaml", "to_dict", "submit", "stage_template_name",
+    "EXIT_TEMPLATE", "ENTRY_TEMPLATE", "EXIT_STATUS_IMAGE", "LABEL_PREFIX",
+]
+
+ENTRY_TEMPLATE = "main"
+EXIT_TEMPLATE = "exit-status"
+EXIT_STATUS_IMAGE = "eps-exit-status"  # images/exit-status.Dockerfile: python -m workflows.exit_status
+LABEL_PREFIX = "eps"
+MAX_WORKFLOW_BYTES = 900_000  # etcd stores objects up to ~1.5 MB and Argo adds status to the same object
+EXIT_CODE_BAD_INPUT = 2  # shared.stage.run_stage: bad input, one error line; retrying cannot help
+_DOCKER_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def label_value(text: str) -> str:
+    """A Kubernetes label value: at most 63 of ``[A-Za-z0-9_.-]``, starting and ending alphanumeric."""
+    out = _LABEL_VALUE.sub("-", str(text))[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cluster settings
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class Toleration(_Settings):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class NodePool(_Settings):
+    """Where a class of pods runs: the node selector and the tolerations for the pool's taints."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+def _gpu_pool(product: str, klass: str) -> NodePool:
+    # GPU feature discovery (NVIDIA GPU operator) labels nodes with the product; pools are tainted for GPU pods
+    return NodePool(
+        node_selector={"nvidia.com/gpu.product": product},
+        tolerations=[
+            Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),
+            Toleration(key="eps/gpu-class", operator="Equal", value=klass, effect="NoSchedule"),
+        ],
+    )
+
+
+def default_gpu_classes() -> dict[str, NodePool]:
+    """The GPU node-pool classes; charts/eps/values.yaml ``gpuClasses`` has the same defaults."""
+    return {"h100": _gpu_pool("NVIDIA-H100-80GB-HBM3", "h100"), "h200": _gpu_pool("NVIDIA-H200", "h200")}
+
+
+class SecretEnv(_Settings):
+    """An environment variable filled from a Kubernetes Secret key; optional, so a missing key is just unset."""
+
+    env: str
+    secret: str
+    key: str
+
+
+def default_secret_env() -> list[SecretEnv]:
+    api, s3 = "eps-api-keys", "eps-s3-credentials"
+    return [
+        SecretEnv(env="ANTHROPIC_API_KEY", secret=api, key="ANTHROPIC_API_KEY"),
+        SecretEnv(env="HF_TOKEN", secret=api, key="HF_TOKEN"),
+        SecretEnv(env="WANDB_API_KEY", secret=api, key="WANDB_API_KEY"),
+        SecretEnv(env="AWS_ACCESS_KEY_ID", secret=s3, key="AWS_ACCESS_KEY_ID"),
+        SecretEnv(env="AWS_SECRET_ACCESS_KEY", secret=s3, key="AWS_SECRET_ACCESS_KEY"),
+    ]
+
+
+class Semaphore(_Settings):
+    """The ConfigMap whose keys (one per GPU class) cap how many GPU pods of that class run at once."""
+
+    config_map: str = "eps-gpu-semaphore"
+    enabled: bool = True
+
+
+class RetrySettings(_Settings):
+    limit: int = Field(3, ge=0)
+    policy: Literal["Always", "OnFailure", "OnError", "OnTransientError"] = "Always"
+    backoff_duration: str = "1m"
+    backoff_factor: int = Field(2, ge=1)
+    backoff_max_duration: str = "3h"
+    no_retry_exit_codes: list[int] = Field(default_factory=lambda: [EXIT_CODE_BAD_INPUT])
+
+
+class PodGCSettings(_Settings):
+    strategy: Literal["OnPodCompletion", "OnPodSuccess", "OnWorkflowCompletion", "OnWorkflowSuccess"] = "OnPodSuccess"
+    delete_delay_duration: str = ""  # e.g. "10m": keep succeeded pods (and their logs) a while
+
+
+class CacheSettings(_Settings):
+    """Caches (HF, pip, torch, vLLM) live in a writable volume at ``mount_path``, never in the image."""
+
+    mount_path: str = "/cache"
+    claim_name: str = ""  # a ReadWriteMany PVC shared by the pods; empty: a per-pod emptyDir
+    size_limit: str = "200Gi"  # of the emptyDir
+    shm_size: str = "16Gi"  # /dev/shm of GPU pods (torch, vLLM)
+
+
+class ExitHandlerSettings(_Settings):
+    cpu: str = "250m"
+    memory: str = "512Mi"
+    timeout_s: int = 600
+
+
+class ClusterSettings(_Settings):
+    """Everything about the cluster the compiled workflow needs; the plan knows none of it."""
+
+    namespace: str = "eps"
+    image_registry: str = ""  # "<registry host>/<org>"; EPS_IMAGE_REGISTRY overrides; required to submit
+    image_tag: str = ""  # EPS_IMAGE_TAG overrides; empty: the git commit (CI tags every image with it)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    service_account: str = "eps-workflow"
+    gpu_classes: dict[str, NodePool] = Field(default_factory=default_gpu_classes)
+    cpu_pool: NodePool = Field(default_factory=NodePool)
+    gpu_semaphore: Semaphore = Field(default_factory=Semaphore)
+    priority_class: str | None = "eps-batch"
+    pod_gc: PodGCSettings = Field(default_factory=PodGCSettings, alias="podGC")
+    ttl_seconds_after_success: int | None = 7 * 24 * 3600  # failed workflows stay, so they can be retried
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    store_config_map: str = "eps-store"  # envFrom: AWS_ENDPOINT_URL, AWS_REGION, EPS_STORE, EPS_BUCKET ...
+    secret_env: list[SecretEnv] = Field(default_factory=default_secret_env)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    exit_handler: ExitHandlerSettings = Field(default_factory=ExitHandlerSettings)
+    run_as_user: int = 1000
+    parallelism: int | None = None
+    git_sha: str = ""  # EPS_GIT_SHA, else `git rev-parse HEAD`
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> ClusterSettings:
+        """Settings from ``path`` or ``$EPS_CLUSTER_CONFIG`` (YAML or JSON), else the defaults; then env overrides."""
+        path = path or os.environ.get("EPS_CLUSTER_CONFIG") or None
+        data: dict[str, Any] = {}
+        if path:
+            file = Path(path)
+            if not file.is_file():
+                raise ClusterError(f"cluster config {str(path)!r} (EPS_CLUSTER_CONFIG) not found")
+            try:
+                data = yaml.safe_load(file.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ClusterError(f"cluster config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            if not isinstance(data, dict):
+                raise ClusterError(f"cluster config {path} must be a mapping of settings")
+        for env, key in (("EPS_IMAGE_REGISTRY", "imageRegistry"), ("EPS_IMAGE_TAG", "imageTag"),
+                         ("ARGO_NAMESPACE", "namespace"), ("EPS_GIT_SHA", "gitSha")):
+            if os.environ.get(env, "").strip():
+                data = {k: v for k, v in data.items() if to_camel(k) != key}
+                data[key] = os.environ[env].strip()
+        return cls.parse_settings(data, str(path or "cluster settings"))
+
+    @classmethod
+    def parse_settings(cls, data: dict[str, Any], what: str = "cluster settings") -> ClusterSettings:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"]) or "(root)"
+            more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+            raise ClusterError(f"bad {what}: {loc}: {first['msg']}{more}") from None
+
+    # -- derived values
+
+    def resolved_git_sha(self) -> str:
+        return self.git_sha or git_commit()
+
+    def resolved_tag(self) -> str:
+        tag = self.image_tag or os.environ.get("EPS_IMAGE_TAG", "").strip()
+        if not tag:
+            sha = self.resolved_git_sha()
+            tag = sha if sha and sha != "unknown" else "latest"
+        if not _DOCKER_TAG.match(tag):
+            raise ClusterError(f"image tag {tag!r} is not a valid image tag")
+        return tag
+
+    def image(self, name: str) -> str:
+        prefix = self.image_registry.strip().rstrip("/")
+        return f"{prefix}/{name}:{self.resolved_tag()}" if prefix else f"{name}:{self.resolved_tag()}"
+
+    def pool_for(self, spec: StageSpec) -> tuple[str | None, NodePool]:
+        """(GPU class, node pool) for a stage; (None, CPU pool) for a CPU stage."""
+        res = spec.resources
+        if not res.uses_gpu:
+            return None, self.cpu_pool
+        klass = res.gpu_class if res.gpu_class != "none" else "h100"
+        if klass not in self.gpu_classes:
+            raise ClusterError(
+                f"stage {spec.name} needs GPU class {klass!r}, which the cluster config does not define "
+                f"(known: {', '.join(sorted(self.gpu_classes)) or 'none'})"
+            )
+        return klass, self.gpu_classes[klass]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compiling
+
+
+def stage_template_name(stage: str) -> str:
+    return dns_label(stage)
+
+
+def _config_json(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _pod_security():
+    from hera.workflows import models as m
+
+    return m.PodSecurityContext(
+        run_as_non_root=True, seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def _container_security(uid: int):
+    from hera.workflows import models as m
+
+    return m.SecurityContext(
+        run_as_non_root=True, run_as_user=uid, run_as_group=uid, allow_privilege_escalation=False,
+        capabilities=m.Capabilities(drop=["ALL"]),
+    )
+
+
+def _retry_strategy(settings: ClusterSettings):
+    from hera.workflows import RetryStrategy
+    from hera.workflows import models as m
+
+    r = settings.retry
+    expression = " && ".join(f"lastRetry.exitCode != '{code}'" for code in r.no_retry_exit_codes) or None
+    return RetryStrategy(
+        limit=r.limit, retry_policy=r.policy, expression=expression,
+        backoff=m.Backoff(duration=r.backoff_duration, factor=r.backoff_factor, max_duration=r.backoff_max_duration),
+    )
+
+
+def _common_env(settings: ClusterSettings, plan: Plan, image: str) -> list:
+    from hera.workflows import Env, SecretEnv as HeraSecretEnv
+
+    cache = settings.cache.mount_path
+    env = [
+        Env(name="EPS_GIT_SHA", value=settings.resolved_git_sha()),
+        Env(name="EPS_IMAGE", value=image),
+        Env(name="EPS_EXPERIMENT", value=plan.workflow),
+        Env(name="EPS_RUN_ID", value=plan.run_id),
+        Env(name="EPS_PROFILE", value=plan.profile),
+        Env(name="EPS_CACHE", value=f"{cache}/eps"),
+        Env(name="HF_HOME", value=f"{cache}/huggingface"),
+        Env(name="XDG_CACHE_HOME", value=cache),
+        Env(name="PIP_CACHE_DIR", value=f"{cache}/pip"),
+        Env(name="TORCH_HOME", value=f"{cache}/torch"),
+        Env(name="VLLM_CACHE_ROOT", value=f"{cache}/vllm"),
+        Env(name="TRITON_CACHE_DIR", value=f"{cache}/triton"),
+        Env(name="PYTHONUNBUFFERED", value="1"),
+    ]
+    env += [HeraSecretEnv(name=s.env, secret_name=s.secret, secret_key=s.key, optional=True) for s in settings.secret_env]
+    return env
+
+
+def _volumes(settings: ClusterSettings, gpu: bool) -> list:
+    from hera.workflows import EmptyDirVolume, ExistingVolume
+
+    c = settings.cache
+    cache = (
+        ExistingVolume(name="cache", claim_name=c.claim_name, mount_path=c.mount_path)
+        if c.claim_name else EmptyDirVolume(name="cache", mount_path=c.mount_path, size_limit=c.size_limit)
+    )
+    volumes = [cache, EmptyDirVolume(name="tmp", mount_path="/tmp")]
+    if gpu:
+        volumes.append(EmptyDirVolume(name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=c.shm_size))
+    return volumes
+
+
+def _tolerations(pool: NodePool) -> list | None:
+    from hera.workflows import models as m
+
+    return [m.Toleration(**t.model_dump(exclude_none=True)) for t in pool.tolerations] or None
+
+
+def _stage_template(spec: StageSpec, plan: Plan, settings: ClusterSettings):
+    """The container template every task of ``spec``'s stage runs, with the task's config as a parameter."""
+    from hera.workflows import ConfigMapEnvFrom, Container, Parameter, Resources
+    from hera.workflows import models as m
+
+    res = spec.resources
+    klass, pool = settings.pool_for(spec)
+    image = settings.image(spec.image)
+    sync = None
+    if klass and settings.gpu_semaphore.enabled:
+        ref = m.ConfigMapKeySelector(name=settings.gpu_semaphore.config_map, key=klass)
+        sync = m.Synchronization(semaphores=[m.SemaphoreRef(config_map_key_ref=ref)])
+    labels = {
+        f"{LABEL_PREFIX}/stage": label_value(spec.name),
+        f"{LABEL_PREFIX}/cell": "{{inputs.parameters.cell}}",
+        f"{LABEL_PREFIX}/gpu-class": klass or "none",
+    }
+    return Container(
+        name=stage_template_name(spec.name),
+        image=image,
+        image_pull_policy=settings.image_pull_policy,
+        command=["python", "-m", spec.module],
+        args=["--config", "{{inputs.parameters.config}}"],
+        inputs=[Parameter(name="config"), Parameter(name="cell")],
+        env=_common_env(settings, plan, image),
+        env_from=[ConfigMapEnvFrom(name=settings.store_config_map, optional=False)],
+        resources=Resources(
+            cpu_request=str(res.cpu), memory_request=res.memory, memory_limit=res.memory,
+            gpus=res.gpus if klass else None,
+        ),
+        volumes=_volumes(settings, gpu=klass is not None),
+        node_selector=dict(pool.node_selector) or None,
+        tolerations=_tolerations(pool),
+        retry_strategy=_retry_strategy(settings),
+        active_deadline_seconds=res.timeout_s,
+        synchronization=sync,
+        priority_class_name=settings.priority_class or None,
+        labels=labels,
+        annotations={f"{LABEL_PREFIX}/description": (spec.description or spec.name)[:200]},
+        pod_security_context=_pod_security(),
+        security_context=_container_security(settings.run_as_user),
+    )
+
+
+def _exit_template(plan: Plan, settings: ClusterSettings):
+    """A small CPU step that records the run's final status in the store, whatever happened."""
+    from hera.workflows import ConfigMapEnvFrom, Container, Resources
+
+    h = settings.exit_handler
+    image = settings.image(EXIT_STATUS_IMAGE)
+    return Container(
+        name=EXIT_TEMPLATE,
+        image=image,
+        image_pull_policy=settings.image_pull_policy,
+        command=["python", "-m", "workflows.exit_status"],
+        args=[
+            "--store", plan.store, "--run-id", plan.run_id, "--experiment", plan.workflow,
+            "--workflow", "{{workflow.name}}", "--status", "{{workflow.status}}",
+            "--failures", "{{workflow.failures}}", "--duration", "{{workflow.duration}}",
+        ],
+        env=_common_env(settings, plan, image),
+        env_from=[ConfigMapEnvFrom(name=settings.store_config_map, optional=False)],
+        resources=Resources(cpu_request=h.cpu, memory_request=h.memory, memory_limit=h.memory),
+        volumes=_volumes(settings, gpu=False),
+        node_selector=dict(settings.cpu_pool.node_selector) or None,
+        tolerations=_tolerations(settings.cpu_pool),
+        retry_strategy=_retry_strategy(settings),
+        active_deadline_seconds=h.timeout_s,
+        priority_class_name=settings.priority_class or None,
+        labels={f"{LABEL_PREFIX}/stage": "exit-status", f"{LABEL_PREFIX}/cell": "exit-status"},
+        pod_security_context=_pod_security(),
+        security_context=_container_security(settings.run_as_user),
+    )
+
+
+def _run_labels(plan: Plan, settings: ClusterSettings) -> dict[str, str]:
+    return {
+        f"{LABEL_PREFIX}/experiment": label_value(plan.workflow),
+        f"{LABEL_PREFIX}/run-id": dns_label(plan.run_id),
+        f"{LABEL_PREFIX}/profile": label_value(plan.profile),
+        f"{LABEL_PREFIX}/git-sha": label_value(settings.resolved_git_sha()) or "unknown",
+    }
+
+
+def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None):
+    """The Argo ``Workflow`` (a Hera object) that runs ``plan``: one DAG task per plan task, named as in the plan."""
+    from hera.workflows import DAG, Task, Workflow
+    from hera.workflows import models as m
+
+    settings = cluster or ClusterSettings.load()
+    for task in plan.tasks:
+        if "{{" in _config_json(task.config):
+            raise ClusterError(f"task {task.name}: its config contains '{{{{', which Argo would read as a variable")
+    stages = {t.stage: t.spec for t in plan.tasks}
+    labels = _run_labels(plan, settings)
+    with Workflow(
+        name=workflow_name(plan.run_id),
+        namespace=settings.namespace,
+        labels=labels,
+        annotations={
+            "workflows.argoproj.io/description": (
+                f"{plan.workflow} ({plan.profile} profile), run {plan.run_id}: {len(plan.tasks)} tasks"
+            ),
+            f"{LABEL_PREFIX}/store": plan.store,
+            f"{LABEL_PREFIX}/run-id": plan.run_id,
+        },
+        entrypoint=ENTRY_TEMPLATE,
+        on_exit=EXIT_TEMPLATE,
+        service_account_name=settings.service_account,
+        pod_metadata=m.Metadata(labels=labels),
+        pod_gc=m.PodGC(
+            strategy=settings.pod_gc.strategy,
+            delete_delay_duration=settings.pod_gc.delete_delay_duration or None,
+        ),
+        ttl_strategy=(
+            m.TTLStrategy(seconds_after_success=settings.ttl_seconds_after_success)
+            if settings.ttl_seconds_after_success else None
+        ),
+        image_pull_secrets=[m.LocalObjectReference(name=n) for n in settings.image_pull_secrets] or None,
+        parallelism=settings.parallelism,
+    ) as wf:
+        templates = {stage: _stage_template(spec, plan, settings) for stage, spec in sorted(stages.items())}
+        _exit_template(plan, settings)
+        # fail_fast off: one failed cell does not stop the others; what depends on it does not run
+        with DAG(name=ENTRY_TEMPLATE, fail_fast=False):
+            for task in plan.tasks:
+                Task(
+                    name=task.name,
+                    template=templates[task.stage],
+                    arguments={"config": _config_json(task.config), "cell": label_value(task.config.get("cell", task.name))},
+                    dependencies=list(task.after) or None,
+                )
+    return wf
+
+
+def to_dict(plan: Plan, *, cluster: ClusterSettings | None = None) -> dict[str, Any]:
+    return compile_plan(plan, cluster=cluster).to_dict()
+
+
+def to_yaml(plan: Plan, *, cluster: ClusterSettings | None = None) -> str:
+    """The compiled workflow as YAML (``make workflow-yaml``); ``kubectl create -f`` or ``argo submit`` take it."""
+    return compile_plan(plan, cluster=cluster).to_yaml()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# submitting
+
+
+def _check_submittable(plan: Plan, settings: ClusterSettings) -> None:
+    if not plan.store.startswith("s3://"):
+        raise ClusterError(
+            f"plan store {plan.store} is not reachable from cluster pods: submit with an s3:// store "
+            "(--store s3://<bucket>/<prefix> or EPS_STORE)"
+        )
+    if not settings.image_registry.strip():
+        raise ClusterError(
+            "no image registry: set EPS_IMAGE_REGISTRY=<registry>/<org> (the IMAGE_REGISTRY the CI pushes to) "
+            "or image.registry in the chart and EPS_CLUSTER_CONFIG"
+        )
+
+
+def submit(
+    plan: Plan, *, server: str | None = None, token: str | None = None, cluster: ClusterSettings | None = None
+) -> tuple[str, str]:
+    """Compile ``plan`` and create it on the Argo Server (``ARGO_SERVER``/``ARGO_TOKEN``); (workflow name, UI link)."""
+    from hera.workflows.models import WorkflowCreateRequest
+
+    from workflows.cluster import _call
+
+    settings = cluster or ClusterSettings.load()
+    conn = connect(server, token, settings.namespace)
+    _check_submittable(plan, settings)
+    wf = compile_plan(plan, cluster=settings)
+    built = wf.build()
+    size = len(built.json(exclude_none=True, by_alias=True))
+    if size > MAX_WORKFLOW_BYTES:
+        raise ClusterError(
+            f"compiled workflow is {size // 1000} kB, over the {MAX_WORKFLOW_BYTES // 1000} kB Kubernetes can store; "
+            "split the experiment or shrink the task configs"
+        )
+    sha = settings.resolved_git_sha()
+    if settings.resolved_tag() == sha and _dirty_tree():
+        print(f"warning: uncommitted changes are not in the images tagged {sha[:12]}", file=sys.stderr)
+    with conn.service() as service:
+        created = _call(
+            conn, f"submit of {built.metadata.name}", service.create_workflow,
+            WorkflowCreateRequest(workflow=built, namespace=conn.namespace), namespace=conn.namespace,
+        )
+    name = (created.metadata.name if created and created.metadata else None) or built.metadata.name
+    return name, conn.ui_url(name)
+
+
+def _dirty_tree() -> bool:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.returncode == 0 and bool(out.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        return False
