@@ -61,7 +61,7 @@ def run(cfg: Config, ctx) -> dict:
     outputs = generator.generate(prompts, params)
     seconds = time.time() - started
     rows, new_tokens = [], 0
-    for question, completions in zip(cfg.questions, outputs):
+    for question, completions in zip(cfg.questions, outputs, strict=True):
         for sample, completion in enumerate(completions):
             new_tokens += len(completion.token_ids)
             rows.append({
@@ -70,7 +70,7 @@ def run(cfg: Config, ctx) -> dict:
                 "finish_reason": completion.finish_reason,
             })
     store.write_jsonl(ctx.out("completions.jsonl"), rows)
-    store.write_json(ctx.out("prompt_ids.json"), {q.id: p.input_ids for q, p in zip(cfg.questions, prompts)})
+    store.write_json(ctx.out("prompt_ids.json"), {q.id: p.input_ids for q, p in zip(cfg.questions, prompts, strict=True)})
     return {
         "n_completions": len(rows),
         "new_tokens": new_tokens,

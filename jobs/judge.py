@@ -37,7 +37,7 @@ def run(cfg: Config, ctx) -> dict:
         raise StageInputError(str(err)) from None
     by_id = {r.id: r for r in results}
     scored = []
-    for row, item in zip(rows, items):
+    for row, item in zip(rows, items, strict=True):
         result = by_id[item.id]
         scored.append({
             "condition": row["condition"], "question_id": row["question_id"], "sample": row["sample"],

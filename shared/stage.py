@@ -168,7 +168,7 @@ def input_hashes(cfg: StageConfig) -> dict[str, str]:
     for name, uri in cfg.input_uris().items():
         try:
             hashes[uri] = store.sha256(uri)
-        except store.StoreError:
+        except store.ArtifactNotFound:
             raise StageInputError(f"input {name} not found: {uri}") from None
     return hashes
 

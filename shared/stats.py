@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 from scipy import stats as scipy_stats
+from threadpoolctl import threadpool_limits
 
 Alternative = Literal["two-sided", "greater", "less"]
 ALTERNATIVES: tuple[str, ...] = ("two-sided", "greater", "less")
@@ -41,6 +44,11 @@ MAX_SPEARMAN_N = 8
 def as_generator(rng: RngLike) -> np.random.Generator:
     """A ``np.random.Generator`` from a Generator, an integer seed or None (fresh entropy)."""
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the host's core count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _check_alternative(alternative: str) -> None:
@@ -535,24 +543,36 @@ def grouped_folds(labels: Sequence | np.ndarray, groups: Sequence | np.ndarray, 
     return folds
 
 
-def label_free_projection(activations: np.ndarray, n_components: int, *, seed: int = 0) -> np.ndarray:
-    """Scores on the top ``n_components`` principal components of the centred rows (labels never used).
+def label_free_projection(activations: np.ndarray, n_components: int, *, power_iterations: int = 4, seed: int = 0) -> np.ndarray:
+    """Scores of the rows on their top ``n_components`` principal components (labels never used).
 
     Persona activations have more dimensions (3584) than rows in a training fold, where LDA's within-class
     covariance is singular; projecting on a few principal components first (PCA-LDA) makes it estimable.
-    The projection ignores labels, so it cannot leak them into held-out scores and is identical for the
-    observed labels and every shuffled draw. Large inputs use a seeded randomized SVD.
+    The projection ignores labels, so it cannot leak them into held-out scores and is the same for the
+    observed labels and every shuffled draw. Large inputs use a seeded randomized SVD (Halko et al.) that
+    centres implicitly, so the (n, d) matrix is never copied.
     """
-    centred = np.asarray(activations, dtype=np.float32)
-    centred = centred - centred.mean(axis=0, keepdims=True)
-    n_components = min(n_components, *centred.shape)
-    if min(centred.shape) <= 4 * n_components + 20:
-        _u, _s, vt = np.linalg.svd(centred.astype(float), full_matrices=False)
-    else:
-        from sklearn.utils.extmath import randomized_svd
+    matrix = np.asarray(activations)
+    matrix = matrix if matrix.dtype in (np.float32, np.float64) else matrix.astype(np.float64)
+    column_means = matrix.mean(axis=0)
+    n_components = min(n_components, *matrix.shape)
+    sketch_size = n_components + 10
+    if min(matrix.shape) <= 2 * sketch_size:
+        _u, _s, vt = np.linalg.svd(matrix - column_means, full_matrices=False)
+        return (matrix - column_means) @ vt[:n_components].T
 
-        _u, _s, vt = randomized_svd(centred, n_components, n_oversamples=10, n_iter=4, random_state=seed)
-    return (centred @ vt[:n_components].T.astype(np.float32)).astype(float)
+    def times(right: np.ndarray) -> np.ndarray:  # (X - 1 mean') @ right
+        return matrix @ right - column_means @ right
+
+    def transpose_times(left: np.ndarray) -> np.ndarray:  # (X - 1 mean')' @ left
+        return matrix.T @ left - np.outer(column_means, left.sum(axis=0))
+
+    sketch = np.random.default_rng(seed).standard_normal((matrix.shape[1], sketch_size)).astype(matrix.dtype)
+    basis, _ = np.linalg.qr(times(sketch))
+    for _ in range(power_iterations):
+        basis, _ = np.linalg.qr(times(np.linalg.qr(transpose_times(basis))[0]))
+    _u, _s, vt = np.linalg.svd(transpose_times(basis).T, full_matrices=False)
+    return times(vt[:n_components].T.astype(matrix.dtype)).astype(np.float64)
 
 
 def lda_heldout_accuracy(
@@ -610,18 +630,99 @@ class LdaShuffleTest:
         return PermutationResult(float(observed), float(p), self.n_iter, False, alternative, null)
 
 
-def _fold_whitening(projected: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(inverse Cholesky factor of the training second moment, whitened test rows with a ones column)``.
+@dataclass(frozen=True)
+class _FoldModel:
+    """What every label draw of one GroupKFold fold shares: class counts and whitened test rows.
 
-    In coordinates where the training rows' (uncentred) second moment ``T`` is the identity, LDA's
-    within-class scatter is ``I - U U^T`` with ``U`` the scaled class sums, so each label draw needs only a
-    k x k inverse instead of refitting in r dimensions.
+    In coordinates where the training rows' (uncentred) second moment ``T = L L'`` is the identity, LDA's
+    within-class scatter is ``I - U U'`` with ``U`` the class sums scaled by ``1/sqrt(n_k)``, so a draw needs
+    only a k x k inverse instead of a refit in r dimensions.
     """
-    second_moment = projected[train].T @ projected[train]
-    inverse_factor = np.linalg.inv(np.linalg.cholesky(second_moment))
-    whitened_test = projected[test] @ inverse_factor.T
-    with_ones = np.hstack([whitened_test, np.ones((len(test), 1))])
-    return inverse_factor, np.ascontiguousarray(with_ones.T, dtype=np.float32)
+
+    test_rows: slice
+    train_counts: np.ndarray  # (k,)
+    log_priors: np.ndarray  # (k,)
+    inverse_factors_t: np.ndarray  # (C, r, r): (L^-1)' per checkpoint
+    whitened_test_t: np.ndarray  # (C, r + 1, n_test) float32: (L^-1 x)' with a row of ones for the intercept
+
+    @property
+    def n_train(self) -> float:
+        return float(self.train_counts.sum())
+
+
+def _fold_models(projected: np.ndarray, test_counts: list[np.ndarray], fold_rows: list[slice]) -> list[_FoldModel]:
+    n_rows = projected.shape[1]
+    total_counts = np.sum(test_counts, axis=0)
+    models = []
+    for rows, counts in zip(fold_rows, test_counts, strict=True):
+        train = np.r_[0 : rows.start, rows.stop : n_rows]
+        inverse_factors, whitened = [], []
+        for checkpoint in projected:
+            inverse_factor = np.linalg.inv(np.linalg.cholesky(checkpoint[train].T @ checkpoint[train]))
+            test_whitened = checkpoint[rows] @ inverse_factor.T
+            inverse_factors.append(inverse_factor.T)
+            whitened.append(np.vstack([test_whitened.T, np.ones((1, rows.stop - rows.start))]))
+        train_counts = (total_counts - counts).astype(float)
+        models.append(
+            _FoldModel(
+                test_rows=rows,
+                train_counts=train_counts,
+                log_priors=np.log(train_counts / train_counts.sum()),
+                inverse_factors_t=np.stack(inverse_factors),
+                whitened_test_t=np.stack(whitened).astype(np.float32),
+            )
+        )
+    return models
+
+
+def _count_correct(
+    draws: np.ndarray, stacked: np.ndarray, models: list[_FoldModel], n_classes: int, n_checkpoints: int
+) -> np.ndarray:
+    """Correct held-out predictions per draw and checkpoint, ``(n_draws, C)``, for one chunk of draws.
+
+    Matches ``LinearDiscriminantAnalysis(solver="lsqr")`` fitted per fold (covariance ``S_W / n_train``,
+    priors = training class frequencies). Per fold: class sums of every checkpoint from one matrix product;
+    whitened, scaled sums ``U`` (k x r); ``A = I - U U'``; by the push-through identity the LDA weights are
+    ``n_train / sqrt(n_k) * (A^-1 U)_k`` and the intercepts ``-n_train / (2 n_k) * (A^-1_kk - 1) + log prior_k``.
+    A row counts as correct when its true label's score is the maximum.
+    """
+    n_draws = len(draws)
+    rank = stacked.shape[1] // n_checkpoints
+    class_ids = np.arange(n_classes, dtype=draws.dtype)
+    fold_sums = []
+    for model in models:
+        rows = model.test_rows
+        one_hot = np.empty((n_draws, n_classes, rows.stop - rows.start), dtype=np.float32)
+        np.equal(draws[:, None, rows], class_ids[None, :, None], out=one_hot, casting="unsafe")
+        fold_sums.append(one_hot.reshape(n_draws * n_classes, -1) @ stacked[rows])
+    total_sums = np.sum(fold_sums, axis=0)
+
+    correct = np.zeros((n_draws, n_checkpoints))
+    for model, test_sums in zip(models, fold_sums, strict=True):
+        rows, counts = model.test_rows, model.train_counts
+        n_test = rows.stop - rows.start
+        train_sums = (total_sums - test_sums).reshape(n_draws * n_classes, n_checkpoints, rank).transpose(1, 0, 2)
+        scaled = (train_sums.astype(float) @ model.inverse_factors_t).reshape(-1, n_classes, rank)
+        scaled /= np.sqrt(counts)[None, :, None]
+        a_inverse = np.linalg.inv(np.eye(n_classes) - scaled @ scaled.transpose(0, 2, 1))
+        weights = (model.n_train / np.sqrt(counts))[None, :, None] * (a_inverse @ scaled)
+        intercepts = -0.5 * (model.n_train / counts) * (np.diagonal(a_inverse, axis1=1, axis2=2) - 1) + model.log_priors
+        augmented = np.concatenate([weights, intercepts[:, :, None]], axis=2).astype(np.float32)
+        augmented = augmented.reshape(n_checkpoints, n_draws * n_classes, rank + 1)
+        true_labels = draws[:, rows].astype(np.int64)
+        true_score_index = ((np.arange(n_draws)[:, None] * n_classes + true_labels) * n_test + np.arange(n_test)).ravel()
+        for checkpoint in range(n_checkpoints):
+            scores = augmented[checkpoint] @ model.whitened_test_t[checkpoint]  # (draws * k, n_test)
+            best = scores.reshape(n_draws, n_classes, n_test).max(axis=1)
+            true_scores = scores.ravel()[true_score_index].reshape(n_draws, n_test)
+            correct[:, checkpoint] += np.sum(true_scores >= best, axis=1)
+    return correct
+
+
+def _per_fold_class_counts(label_draws: np.ndarray, rows: slice, n_classes: int) -> np.ndarray:
+    """``(n_draws, k)`` class counts of every draw within one fold's rows."""
+    codes = label_draws[:, rows].astype(np.int64) + n_classes * np.arange(len(label_draws))[:, None]
+    return np.bincount(codes.ravel(), minlength=n_classes * len(label_draws)).reshape(len(label_draws), n_classes)
 
 
 def _lda_draw_accuracies(
@@ -629,72 +730,44 @@ def _lda_draw_accuracies(
     label_draws: np.ndarray,
     folds: list[tuple[np.ndarray, np.ndarray]],
     n_classes: int,
-    chunk_size: int,
+    *,
+    chunk_size: int = 64,
+    n_threads: int | None = None,
 ) -> np.ndarray:
     """Held-out accuracy of LDA refitted under every label draw, for every checkpoint: ``(n_draws, C)``.
 
-    ``projected`` is ``(C, n, r)``; ``label_draws`` is ``(n_draws, n)`` and must keep each fold's class counts
-    (within-group shuffles do). Matches ``LinearDiscriminantAnalysis(solver="lsqr")`` fitted per fold:
-    covariance ``S_W / n_train``, priors = training class frequencies. Per draw and fold the class sums come
-    from one matrix product shared by all checkpoints; scores are ``n_train * x~' S~_W^-1 mu~_k`` plus
-    ``-1/2 n_train mu~_k' S~_W^-1 mu~_k + log prior_k`` in whitened coordinates, where by the push-through
-    identity ``S~_W^-1 U = U A^-1`` with ``A = I - U'U`` (k x k), and the quadratic term reduces to
-    ``(n_train / n_k) (A^-1_kk - 1)``.
+    ``projected`` is ``(C, n, r)``; ``label_draws`` ``(n_draws, n)`` must keep each fold's class counts
+    (within-group shuffles do). Chunks of draws run on ``n_threads`` threads with BLAS pinned to one thread
+    each: numpy releases the GIL in every heavy call here, while OpenBLAS's own threads spin badly on small
+    products when the machine is busy.
     """
     n_checkpoints, n_rows, rank = projected.shape
-    # Reorder rows fold by fold so every fold's test rows are one contiguous slice.
+    # Reorder rows fold by fold so each fold's test rows are one contiguous slice.
     row_order = np.concatenate([test for _train, test in folds])
     projected = projected[:, row_order]
     label_draws = label_draws[:, row_order]
-    fold_slices, start = [], 0
-    for _train, test in folds:
-        fold_slices.append(slice(start, start + len(test)))
-        start += len(test)
-    position = np.empty(n_rows, dtype=np.int64)
-    position[row_order] = np.arange(n_rows)
+    bounds = np.cumsum([0] + [len(test) for _train, test in folds])
+    fold_rows = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    test_counts = [_per_fold_class_counts(label_draws[:1], rows, n_classes)[0] for rows in fold_rows]
+    for rows, counts in zip(fold_rows, test_counts, strict=True):
+        if np.any(_per_fold_class_counts(label_draws, rows, n_classes) != counts):
+            raise ValueError("label draws must keep each fold's class counts (shuffle labels within groups)")
+
     stacked = np.ascontiguousarray(projected.transpose(1, 0, 2).reshape(n_rows, n_checkpoints * rank), dtype=np.float32)
+    models = _fold_models(projected, test_counts, fold_rows)
+    starts = range(0, len(label_draws), chunk_size)
+    n_threads = n_threads or available_cpus()
 
-    class_ids = np.arange(n_classes, dtype=label_draws.dtype)
-    test_counts = [np.bincount(label_draws[0, s], minlength=n_classes) for s in fold_slices]
-    total_counts = np.sum(test_counts, axis=0)
-    fold_setup = []
-    for fold, (train, test) in enumerate(folds):
-        train_counts = (total_counts - test_counts[fold]).astype(float)
-        whitening = [_fold_whitening(projected[c], np.sort(position[train]), position[test]) for c in range(n_checkpoints)]
-        n_train = train_counts.sum()
-        fold_setup.append((train_counts, n_train, np.log(train_counts / n_train), whitening))
+    def run_chunk(first: int) -> np.ndarray:
+        return _count_correct(label_draws[first : first + chunk_size], stacked, models, n_classes, n_checkpoints)
 
-    correct = np.zeros((len(label_draws), n_checkpoints))
-    for first in range(0, len(label_draws), chunk_size):
-        draws = label_draws[first : first + chunk_size]
-        n_draws = len(draws)
-        fold_sums = []
-        for fold, rows in enumerate(fold_slices):
-            one_hot = np.empty((n_draws, n_classes, rows.stop - rows.start), dtype=np.float32)
-            np.equal(draws[:, None, rows], class_ids[None, :, None], out=one_hot, casting="unsafe")
-            if not np.array_equal(one_hot.sum(axis=2), np.broadcast_to(test_counts[fold], (n_draws, n_classes))):
-                raise ValueError("label draws must keep each fold's class counts (shuffle within groups)")
-            sums = one_hot.reshape(n_draws * n_classes, -1) @ stacked[rows]
-            fold_sums.append(sums.reshape(n_draws, n_classes, n_checkpoints, rank))
-        total_sums = np.sum(fold_sums, axis=0)
-
-        for fold, rows in enumerate(fold_slices):
-            train_counts, n_train, log_priors, whitening = fold_setup[fold]
-            train_sums = (total_sums - fold_sums[fold]).astype(float)
-            n_test = rows.stop - rows.start
-            true_label = draws[:, rows].astype(np.int64)
-            true_score_index = ((np.arange(n_draws)[:, None] * n_classes + true_label) * n_test + np.arange(n_test)).ravel()
-            for checkpoint, (inverse_factor, test_with_ones) in enumerate(whitening):
-                scaled = (train_sums[:, :, checkpoint] @ inverse_factor.T) / np.sqrt(train_counts)[None, :, None]
-                a_inverse = np.linalg.inv(np.eye(n_classes) - scaled @ scaled.transpose(0, 2, 1))
-                weights = (n_train / np.sqrt(train_counts))[None, :, None] * (a_inverse @ scaled)
-                intercepts = -0.5 * (n_train / train_counts) * (np.diagonal(a_inverse, axis1=1, axis2=2) - 1) + log_priors
-                augmented = np.concatenate([weights, intercepts[:, :, None]], axis=2).astype(np.float32)
-                scores = augmented.reshape(n_draws * n_classes, rank + 1) @ test_with_ones
-                best = scores.reshape(n_draws, n_classes, n_test).max(axis=1)
-                true_scores = scores.ravel()[true_score_index].reshape(n_draws, n_test)
-                correct[first : first + n_draws, checkpoint] += np.sum(true_scores >= best, axis=1)
-    return correct / n_rows
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads == 1 or len(starts) == 1:
+            correct = [run_chunk(first) for first in starts]
+        else:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                correct = list(pool.map(run_chunk, starts))
+    return np.concatenate(correct) / n_rows
 
 
 def lda_joint_shuffle_test(
@@ -707,7 +780,7 @@ def lda_joint_shuffle_test(
     n_splits: int = 5,
     n_components: int = 16,
     label_draws: np.ndarray | None = None,
-    chunk_size: int = 256,
+    n_threads: int | None = None,
 ) -> LdaShuffleTest:
     """Held-out LDA accuracy (shared GroupKFold) of one or more checkpoints, with a joint-shuffle null.
 
@@ -727,7 +800,7 @@ def lda_joint_shuffle_test(
     The null therefore says "the activations carry no persona information"; ``p_above_chance`` tests each
     checkpoint against it and ``contrast`` tests accuracy differences between checkpoints against their
     paired null. ``label_draws`` lets callers reuse one set of draws (from ``grouped_label_shuffles`` on
-    the encoded labels) across analyses with the same row layout.
+    the encoded labels) across analyses with the same row layout; ``n_iter`` is then their number.
     """
     stack = np.asarray(activations, dtype=np.float32)
     if stack.ndim == 2:
@@ -746,15 +819,17 @@ def lda_joint_shuffle_test(
     if rank < 1:
         raise GroupedCVError(f"training folds of {smallest_train} rows are too small for {classes.size} classes")
 
-    projected = np.stack([label_free_projection(checkpoint, rank) for checkpoint in stack])
+    n_threads = n_threads or available_cpus()
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=n_threads) as pool:
+        projected = np.stack(list(pool.map(lambda checkpoint: label_free_projection(checkpoint, rank), stack)))
     rank = projected.shape[2]
     if label_draws is None:
         label_draws = grouped_label_shuffles(codes, group_codes, n_iter, rng)
     elif label_draws.shape[1] != codes.size:
         raise ValueError(f"label_draws has {label_draws.shape[1]} columns for {codes.size} rows")
     observed_labels = codes[None].astype(label_draws.dtype)
-    accuracy = _lda_draw_accuracies(projected, observed_labels, folds, classes.size, chunk_size)[0]
-    null_accuracy = _lda_draw_accuracies(projected, label_draws, folds, classes.size, chunk_size)
+    accuracy = _lda_draw_accuracies(projected, observed_labels, folds, classes.size, n_threads=1)[0]
+    null_accuracy = _lda_draw_accuracies(projected, label_draws, folds, classes.size, n_threads=n_threads)
     return LdaShuffleTest(
         accuracy=accuracy,
         null_accuracy=null_accuracy,

@@ -23,6 +23,10 @@ class StoreError(RuntimeError):
     """A store operation failed; the message is one readable line."""
 
 
+class ArtifactNotFound(StoreError):
+    """The URI names nothing in the store."""
+
+
 def _scheme(uri: str) -> str:
     scheme = urlparse(uri).scheme
     if scheme not in ("file", "s3"):
@@ -85,7 +89,8 @@ def _s3_call(uri: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except ClientError as err:
         code = err.response.get("Error", {}).get("Code", "error")
-        raise StoreError(f"S3 {code} for {uri}: {err.response.get('Error', {}).get('Message', '')}".rstrip(": ")) from None
+        error = ArtifactNotFound if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket") else StoreError
+        raise error(f"S3 {code} for {uri}: {err.response.get('Error', {}).get('Message', '')}".rstrip(": ")) from None
     except BotoCoreError as err:
         raise StoreError(f"S3 unreachable for {uri}: {err}") from None
 
@@ -132,7 +137,7 @@ def read_bytes(uri: str) -> bytes:
     if _scheme(uri) == "file":
         path = _local(uri)
         if not path.is_file():
-            raise StoreError(f"artifact not found: {uri}")
+            raise ArtifactNotFound(f"artifact not found: {uri}")
         return path.read_bytes()
     bucket, key = _bucket_key(uri)
     body = _s3_call(uri, s3_client().get_object, Bucket=bucket, Key=key)["Body"]
@@ -142,17 +147,11 @@ def read_bytes(uri: str) -> bytes:
 def exists(uri: str) -> bool:
     if _scheme(uri) == "file":
         return _local(uri).exists()
-    from botocore.exceptions import ClientError
-
     bucket, key = _bucket_key(uri)
     try:
         _s3_call(uri, s3_client().head_object, Bucket=bucket, Key=key)
         return True
-    except StoreError as err:
-        if "404" in str(err) or "NotFound" in str(err) or "NoSuchKey" in str(err):
-            return False
-        raise
-    except ClientError:  # pragma: no cover - _s3_call converts these
+    except ArtifactNotFound:
         return False
 
 
@@ -204,7 +203,7 @@ def sha256(uri: str) -> str:
         return stored or sha256_bytes(read_bytes(uri))
     members = list_uris(uri)
     if not members:
-        raise StoreError(f"artifact not found: {uri}")
+        raise ArtifactNotFound(f"artifact not found: {uri}")
     digest = hashlib.sha256()
     for member in members:
         digest.update(member[len(uri.rstrip("/")) + 1 :].encode())
@@ -293,7 +292,7 @@ def download_file(uri: str, local_path: str | Path) -> Path:
     if _scheme(uri) == "file":
         src = _local(uri)
         if not src.is_file():
-            raise StoreError(f"artifact not found: {uri}")
+            raise ArtifactNotFound(f"artifact not found: {uri}")
         shutil.copyfile(src, local_path)
     else:
         bucket, key = _bucket_key(uri)
@@ -317,7 +316,7 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     local_dir = Path(local_dir)
     members = list_uris(uri)
     if not members:
-        raise StoreError(f"artifact folder not found or empty: {uri}")
+        raise ArtifactNotFound(f"artifact folder not found or empty: {uri}")
     base = uri.rstrip("/")
     for member in members:
         download_file(member, local_dir / member[len(base) + 1 :])
@@ -354,7 +353,7 @@ def fetch_file(uri: str) -> Path:
     if _scheme(uri) == "file":
         path = _local(uri)
         if not path.is_file():
-            raise StoreError(f"artifact not found: {uri}")
+            raise ArtifactNotFound(f"artifact not found: {uri}")
         return path
     target = local_cache_dir(uri) / Path(urlparse(uri).path).name
     if not target.exists():
