@@ -142,7 +142,9 @@ def paired_permutation_test(
     then exact), otherwise draws ``n_iter`` patterns.
     """
     _check_alternative(alternative)
-    differences = np.asarray(x, dtype=float) if y is None else np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    differences = (
+        np.asarray(x, dtype=float) if y is None else np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    )
     if differences.ndim == 0 or differences.shape[-1] < 1:
         raise ValueError("paired_permutation_test needs at least one pair")
     n_pairs = differences.shape[-1]
@@ -181,7 +183,9 @@ def _smallest_int_dtype(n_values: int) -> type:
     return np.int8 if n_values <= 127 else np.int16 if n_values <= 32_767 else np.int32
 
 
-def grouped_label_shuffles(labels: np.ndarray, groups: np.ndarray, n_iter: int, rng: RngLike = None) -> np.ndarray:
+def grouped_label_shuffles(
+    labels: np.ndarray, groups: np.ndarray, n_iter: int, rng: RngLike = None
+) -> np.ndarray:
     """``n_iter`` relabellings that shuffle ``labels`` only within each group; shape ``(n_iter, n)``.
 
     Each draw permutes the labels among the rows of every group independently and uniformly, so every group
@@ -194,20 +198,21 @@ def grouped_label_shuffles(labels: np.ndarray, groups: np.ndarray, n_iter: int, 
         raise ValueError("labels and groups must be 1-D arrays of equal length")
     generator = as_generator(rng)
     dtype = _smallest_int_dtype(int(labels.max(initial=0)) + 1)
-    order = np.argsort(groups, kind="stable")
-    sorted_groups = groups[order]
-    _, group_sizes = np.unique(sorted_groups, return_counts=True)
+    # Sort rows by (group size, group) so the groups of each size form one rectangular table.
+    _, group_codes, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.lexsort((group_codes, sizes[group_codes]))
     sorted_labels = labels[order].astype(dtype)
-
-    if np.all(group_sizes == group_sizes[0]):
-        # Equal-sized groups (a persona x question grid): shuffle each row of a (draws*groups, size) table.
-        table = np.broadcast_to(sorted_labels.reshape(-1, group_sizes[0]), (n_iter, len(group_sizes), group_sizes[0]))
-        shuffled_sorted = generator.permuted(table.reshape(-1, group_sizes[0]), axis=1).reshape(n_iter, -1)
-    else:
-        # Ragged groups: random keys offset by the group index keep every row inside its own group's slots.
-        group_index = np.repeat(np.arange(len(group_sizes)), group_sizes).astype(float)
-        slots = np.argsort(group_index[None, :] + generator.random((n_iter, labels.size)), axis=1)
-        shuffled_sorted = sorted_labels[slots]
+    shuffled_sorted = np.empty((n_iter, labels.size), dtype=dtype)
+    start = 0
+    for size in np.unique(sizes):
+        width = size * int(np.sum(sizes == size))
+        table = np.broadcast_to(
+            sorted_labels[start : start + width].reshape(-1, size), (n_iter, width // size, size)
+        )
+        shuffled_sorted[:, start : start + width] = generator.permuted(
+            table.reshape(-1, size), axis=1
+        ).reshape(n_iter, -1)
+        start += width
     shuffled = np.empty((n_iter, labels.size), dtype=dtype)
     shuffled[:, order] = shuffled_sorted
     return shuffled
@@ -275,12 +280,20 @@ def label_permutation_test(
     counts = np.bincount(codes, minlength=n_groups).astype(float)
 
     def statistic_of(label_draws: np.ndarray) -> np.ndarray:
-        one_hot = (label_draws[:, None, :] == np.arange(n_groups)[None, :, None]).astype(float)
-        group_means = (one_hot @ cells.T) / counts[None, :, None]  # (draws, groups, cells)
+        # Group sums of every draw by one bincount per cell: bin = draw * n_groups + label.
+        bins = (label_draws + n_groups * np.arange(len(label_draws))[:, None]).ravel()
+        sums = [
+            np.bincount(bins, np.tile(cell, len(label_draws)), len(label_draws) * n_groups) for cell in cells
+        ]
+        group_means = (
+            np.stack(sums, axis=1).reshape(len(label_draws), n_groups, len(cells)) / counts[None, :, None]
+        )
         return stat_fn(np.moveaxis(group_means, 1, -1))  # (draws, cells)
 
     can_enumerate = n_groups == 2 and blocks is None
-    exhaustive = (can_enumerate and math.comb(codes.size, int(codes.sum())) <= n_iter) if exact is None else exact
+    exhaustive = (
+        (can_enumerate and math.comb(codes.size, int(codes.sum())) <= n_iter) if exact is None else exact
+    )
     if exhaustive and not can_enumerate:
         raise ValueError("exact enumeration is implemented for two unblocked groups only")
     if exhaustive:
@@ -320,7 +333,13 @@ def two_sample_permutation_test(
     values = np.concatenate([y, x])
     labels = np.concatenate([np.zeros(y.size, dtype=int), np.ones(x.size, dtype=int)])
     return label_permutation_test(
-        values, labels, statistic="mean_difference", alternative=alternative, n_iter=n_iter, rng=rng, exact=exact
+        values,
+        labels,
+        statistic="mean_difference",
+        alternative=alternative,
+        n_iter=n_iter,
+        rng=rng,
+        exact=exact,
     )
 
 
@@ -337,7 +356,9 @@ class SpearmanResult:
     alternative: str
 
 
-def spearman_exact_test(x: Sequence[float], y: Sequence[float], *, alternative: Alternative = "two-sided") -> SpearmanResult:
+def spearman_exact_test(
+    x: Sequence[float], y: Sequence[float], *, alternative: Alternative = "two-sided"
+) -> SpearmanResult:
     """Exact permutation test of Spearman's rho: ``y`` is paired with every one of the ``n!`` orderings.
 
     Ranks use average ties. With ``n = 5`` the 120 orderings give p = 10/120 = 0.083 at |rho| = 0.9, so
@@ -350,7 +371,9 @@ def spearman_exact_test(x: Sequence[float], y: Sequence[float], *, alternative: 
     if y_ranks.size != n:
         raise ValueError(f"x has {n} values but y has {y_ranks.size}")
     if not 3 <= n <= MAX_SPEARMAN_N:
-        raise ValueError(f"exact Spearman test enumerates n! orderings; needs 3 <= n <= {MAX_SPEARMAN_N}, got {n}")
+        raise ValueError(
+            f"exact Spearman test enumerates n! orderings; needs 3 <= n <= {MAX_SPEARMAN_N}, got {n}"
+        )
     if np.ptp(x_ranks) == 0 or np.ptp(y_ranks) == 0:
         raise ValueError("Spearman's rho is undefined when x or y is constant")
     orderings = np.array(list(itertools.permutations(range(n))))
@@ -401,7 +424,11 @@ def bootstrap_ci(
     ``data`` is one array or a tuple of equal-length arrays resampled together (paired rows, e.g. ``(x, y)``
     for a slope). ``statistic(*arrays, axis=-1)`` must reduce the last axis (``np.mean``, ``ols_slope``...).
     """
-    arrays = (np.asarray(data, dtype=float),) if isinstance(data, np.ndarray) else tuple(np.asarray(a, dtype=float) for a in data)
+    arrays = (
+        (np.asarray(data, dtype=float),)
+        if isinstance(data, np.ndarray)
+        else tuple(np.asarray(a, dtype=float) for a in data)
+    )
     n = arrays[0].shape[-1]
     if any(a.shape[-1] != n for a in arrays):
         raise ValueError("arrays resampled together must have the same length")
@@ -508,7 +535,9 @@ class GroupedCVError(ValueError):
     """The grouped cross-validation cannot measure held-out accuracy (see ``grouped_folds``)."""
 
 
-def grouped_folds(labels: Sequence | np.ndarray, groups: Sequence | np.ndarray, n_splits: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+def grouped_folds(
+    labels: Sequence | np.ndarray, groups: Sequence | np.ndarray, n_splits: int = 5
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """GroupKFold splits, refusing any split in which a class has no training rows.
 
     A class absent from a training fold can never be predicted, so every held-out row of it scores wrong.
@@ -543,7 +572,9 @@ def grouped_folds(labels: Sequence | np.ndarray, groups: Sequence | np.ndarray, 
     return folds
 
 
-def label_free_projection(activations: np.ndarray, n_components: int, *, power_iterations: int = 4, seed: int = 0) -> np.ndarray:
+def label_free_projection(
+    activations: np.ndarray, n_components: int, *, power_iterations: int = 4, seed: int = 0
+) -> np.ndarray:
     """Scores of the rows on their top ``n_components`` principal components (labels never used).
 
     Persona activations have more dimensions (3584) than rows in a training fold, where LDA's within-class
@@ -622,7 +653,9 @@ class LdaShuffleTest:
         """One-sided p that each checkpoint's accuracy exceeds what shuffled persona labels reach."""
         return permutation_p_value(self.accuracy, self.null_accuracy, "greater")
 
-    def contrast(self, reference: int, condition: int, alternative: Alternative = "two-sided") -> PermutationResult:
+    def contrast(
+        self, reference: int, condition: int, alternative: Alternative = "two-sided"
+    ) -> PermutationResult:
         """Test of ``accuracy[condition] - accuracy[reference]`` against the same difference under each draw."""
         observed = self.accuracy[condition] - self.accuracy[reference]
         null = self.null_accuracy[:, condition] - self.null_accuracy[:, reference]
@@ -640,6 +673,7 @@ class _FoldModel:
     """
 
     test_rows: slice
+    test_counts: np.ndarray  # (k,)
     train_counts: np.ndarray  # (k,)
     log_priors: np.ndarray  # (k,)
     inverse_factors_t: np.ndarray  # (C, r, r): (L^-1)' per checkpoint
@@ -650,7 +684,9 @@ class _FoldModel:
         return float(self.train_counts.sum())
 
 
-def _fold_models(projected: np.ndarray, test_counts: list[np.ndarray], fold_rows: list[slice]) -> list[_FoldModel]:
+def _fold_models(
+    projected: np.ndarray, test_counts: list[np.ndarray], fold_rows: list[slice]
+) -> list[_FoldModel]:
     n_rows = projected.shape[1]
     total_counts = np.sum(test_counts, axis=0)
     models = []
@@ -666,6 +702,7 @@ def _fold_models(projected: np.ndarray, test_counts: list[np.ndarray], fold_rows
         models.append(
             _FoldModel(
                 test_rows=rows,
+                test_counts=counts,
                 train_counts=train_counts,
                 log_priors=np.log(train_counts / train_counts.sum()),
                 inverse_factors_t=np.stack(inverse_factors),
@@ -687,42 +724,46 @@ def _count_correct(
     A row counts as correct when its true label's score is the maximum.
     """
     n_draws = len(draws)
-    rank = stacked.shape[1] // n_checkpoints
+    rank = (stacked.shape[1] - 1) // n_checkpoints
     class_ids = np.arange(n_classes, dtype=draws.dtype)
     fold_sums = []
     for model in models:
         rows = model.test_rows
         one_hot = np.empty((n_draws, n_classes, rows.stop - rows.start), dtype=np.float32)
         np.equal(draws[:, None, rows], class_ids[None, :, None], out=one_hot, casting="unsafe")
-        fold_sums.append(one_hot.reshape(n_draws * n_classes, -1) @ stacked[rows])
+        sums = one_hot.reshape(n_draws * n_classes, -1) @ stacked[rows]  # last column: class counts
+        if np.any(sums[:, -1].reshape(n_draws, n_classes) != model.test_counts):
+            raise ValueError("label draws must keep each fold's class counts (shuffle labels within groups)")
+        fold_sums.append(sums[:, :-1])
     total_sums = np.sum(fold_sums, axis=0)
 
     correct = np.zeros((n_draws, n_checkpoints))
     for model, test_sums in zip(models, fold_sums, strict=True):
         rows, counts = model.test_rows, model.train_counts
         n_test = rows.stop - rows.start
-        train_sums = (total_sums - test_sums).reshape(n_draws * n_classes, n_checkpoints, rank).transpose(1, 0, 2)
+        train_sums = (
+            (total_sums - test_sums).reshape(n_draws * n_classes, n_checkpoints, rank).transpose(1, 0, 2)
+        )
         scaled = (train_sums.astype(float) @ model.inverse_factors_t).reshape(-1, n_classes, rank)
         scaled /= np.sqrt(counts)[None, :, None]
         a_inverse = np.linalg.inv(np.eye(n_classes) - scaled @ scaled.transpose(0, 2, 1))
         weights = (model.n_train / np.sqrt(counts))[None, :, None] * (a_inverse @ scaled)
-        intercepts = -0.5 * (model.n_train / counts) * (np.diagonal(a_inverse, axis1=1, axis2=2) - 1) + model.log_priors
+        intercepts = (
+            -0.5 * (model.n_train / counts) * (np.diagonal(a_inverse, axis1=1, axis2=2) - 1)
+            + model.log_priors
+        )
         augmented = np.concatenate([weights, intercepts[:, :, None]], axis=2).astype(np.float32)
         augmented = augmented.reshape(n_checkpoints, n_draws * n_classes, rank + 1)
         true_labels = draws[:, rows].astype(np.int64)
-        true_score_index = ((np.arange(n_draws)[:, None] * n_classes + true_labels) * n_test + np.arange(n_test)).ravel()
+        true_score_index = (
+            (np.arange(n_draws)[:, None] * n_classes + true_labels) * n_test + np.arange(n_test)
+        ).ravel()
         for checkpoint in range(n_checkpoints):
             scores = augmented[checkpoint] @ model.whitened_test_t[checkpoint]  # (draws * k, n_test)
             best = scores.reshape(n_draws, n_classes, n_test).max(axis=1)
             true_scores = scores.ravel()[true_score_index].reshape(n_draws, n_test)
             correct[:, checkpoint] += np.sum(true_scores >= best, axis=1)
     return correct
-
-
-def _per_fold_class_counts(label_draws: np.ndarray, rows: slice, n_classes: int) -> np.ndarray:
-    """``(n_draws, k)`` class counts of every draw within one fold's rows."""
-    codes = label_draws[:, rows].astype(np.int64) + n_classes * np.arange(len(label_draws))[:, None]
-    return np.bincount(codes.ravel(), minlength=n_classes * len(label_draws)).reshape(len(label_draws), n_classes)
 
 
 def _lda_draw_accuracies(
@@ -748,20 +789,22 @@ def _lda_draw_accuracies(
     label_draws = label_draws[:, row_order]
     bounds = np.cumsum([0] + [len(test) for _train, test in folds])
     fold_rows = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    test_counts = [_per_fold_class_counts(label_draws[:1], rows, n_classes)[0] for rows in fold_rows]
-    for rows, counts in zip(fold_rows, test_counts, strict=True):
-        if np.any(_per_fold_class_counts(label_draws, rows, n_classes) != counts):
-            raise ValueError("label draws must keep each fold's class counts (shuffle labels within groups)")
-
-    stacked = np.ascontiguousarray(projected.transpose(1, 0, 2).reshape(n_rows, n_checkpoints * rank), dtype=np.float32)
-    models = _fold_models(projected, test_counts, fold_rows)
+    test_counts = [np.bincount(label_draws[0, rows], minlength=n_classes) for rows in fold_rows]
+    # Every checkpoint's coordinates side by side, plus a ones column that yields the class counts.
+    stacked = np.hstack(
+        [projected.transpose(1, 0, 2).reshape(n_rows, n_checkpoints * rank), np.ones((n_rows, 1))]
+    )
+    stacked = stacked.astype(np.float32)
     starts = range(0, len(label_draws), chunk_size)
     n_threads = n_threads or available_cpus()
 
     def run_chunk(first: int) -> np.ndarray:
-        return _count_correct(label_draws[first : first + chunk_size], stacked, models, n_classes, n_checkpoints)
+        return _count_correct(
+            label_draws[first : first + chunk_size], stacked, models, n_classes, n_checkpoints
+        )
 
     with threadpool_limits(limits=1, user_api="blas"):
+        models = _fold_models(projected, test_counts, fold_rows)
         if n_threads == 1 or len(starts) == 1:
             correct = [run_chunk(first) for first in starts]
         else:
@@ -811,17 +854,21 @@ def lda_joint_shuffle_test(
         raise ValueError(f"{stack.shape[1]} activation rows but {codes.size} labels")
     if classes.size < 2:
         raise ValueError("LDA needs at least two classes")
+    folds = grouped_folds(codes, group_codes, n_splits)
     if np.all(np.array([np.unique(codes[group_codes == g]).size for g in np.unique(group_codes)]) == 1):
         raise GroupedCVError("every group holds one class, so shuffling labels within groups changes nothing")
-    folds = grouped_folds(codes, group_codes, n_splits)
     smallest_train = min(len(train) for train, _ in folds)
     rank = min(n_components, stack.shape[2], smallest_train - classes.size - 1)
     if rank < 1:
-        raise GroupedCVError(f"training folds of {smallest_train} rows are too small for {classes.size} classes")
+        raise GroupedCVError(
+            f"training folds of {smallest_train} rows are too small for {classes.size} classes"
+        )
 
     n_threads = n_threads or available_cpus()
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=n_threads) as pool:
-        projected = np.stack(list(pool.map(lambda checkpoint: label_free_projection(checkpoint, rank), stack)))
+        projected = np.stack(
+            list(pool.map(lambda checkpoint: label_free_projection(checkpoint, rank), stack))
+        )
     rank = projected.shape[2]
     if label_draws is None:
         label_draws = grouped_label_shuffles(codes, group_codes, n_iter, rng)
@@ -879,7 +926,9 @@ def h1_self_leakage_test(
     """
     names = list(personas)
     if induction_persona not in names:
-        raise ValueError(f"{induction_persona!r} is not in the persona grid; H1 is untestable for this condition")
+        raise ValueError(
+            f"{induction_persona!r} is not in the persona grid; H1 is untestable for this condition"
+        )
     leakage = np.asarray(leakage, dtype=float)
     others = [i for i, name in enumerate(names) if name not in (source_persona, induction_persona)]
     per_question_excess = leakage[names.index(induction_persona)] - leakage[others].mean(axis=0)

@@ -93,6 +93,16 @@ def test_yaml_is_one_argo_workflow_named_after_the_run(plan, settings):
     assert argo.to_yaml(plan, cluster=settings) == text  # deterministic
 
 
+def test_yaml_reads_back_as_argos_workflow_model(plan, settings):
+    """Hera's models are generated from Argo's schema: the YAML must parse back into them unchanged."""
+    from hera.workflows.models import Workflow as WorkflowModel
+
+    data = yaml.safe_load(argo.to_yaml(plan, cluster=settings))
+    model = WorkflowModel.model_validate(data)
+    again = json.loads(model.json(exclude_none=True, by_alias=True))
+    assert again == json.loads(json.dumps(data))
+
+
 def test_one_named_dag_task_per_plan_task_with_the_plans_dependencies(plan, wf):
     tasks = dag_tasks(wf)
     assert list(tasks) == [t.name for t in plan.tasks]
@@ -236,7 +246,7 @@ def test_exit_handler_records_the_run_status_in_the_store(plan, wf, tmp_path):
     assert container["command"] == ["python", "-m", "workflows.exit_status"]
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
     args = container["args"]
-    opts = dict(zip(args[::2], args[1::2]))
+    opts = dict(zip(args[::2], args[1::2], strict=True))
     assert opts["--store"] == plan.store and opts["--run-id"] == plan.run_id
     assert opts["--status"] == "{{workflow.status}}" and opts["--failures"] == "{{workflow.failures}}"
 
@@ -390,7 +400,7 @@ class FakeArgo:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -460,6 +470,16 @@ def test_submit_refuses_a_local_store_and_a_missing_registry(plan, settings, arg
     with pytest.raises(ClusterError, match="EPS_IMAGE_REGISTRY"):
         argo.submit(plan, cluster=ClusterSettings(git_sha=SHA))
     assert argo_server.requests == []
+
+
+def test_submit_refuses_to_guess_the_image_tag(plan, argo_server, monkeypatch):
+    monkeypatch.setattr(argo, "git_commit", lambda: "unknown")
+    with pytest.raises(ClusterError, match="EPS_IMAGE_TAG"):
+        argo.submit(plan, cluster=ClusterSettings(image_registry=REGISTRY))
+    monkeypatch.setenv("EPS_IMAGE_TAG", "v1")
+    name, _ = argo.submit(plan, cluster=ClusterSettings(image_registry=REGISTRY))
+    sent = argo_server.requests[-1]["body"]["workflow"]
+    assert templates(sent)["generate"]["container"]["image"] == f"{REGISTRY}/eps-generate:v1"
 
 
 def test_an_unreachable_server_is_one_clear_line(plan, settings, monkeypatch):

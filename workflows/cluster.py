@@ -13,7 +13,6 @@ Every failure is a ``ClusterError`` whose message is one readable line.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field

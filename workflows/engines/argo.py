@@ -278,7 +278,8 @@ def _retry_strategy(settings: ClusterSettings):
 
 
 def _common_env(settings: ClusterSettings, plan: Plan, image: str) -> list:
-    from hera.workflows import Env, SecretEnv as HeraSecretEnv
+    from hera.workflows import Env
+    from hera.workflows import SecretEnv as HeraSecretEnv
 
     cache = settings.cache.mount_path
     env = [
@@ -414,6 +415,9 @@ def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None):
         if "{{" in _config_json(task.config):
             raise ClusterError(f"task {task.name}: its config contains '{{{{', which Argo would read as a variable")
     stages = {t.stage: t.spec for t in plan.tasks}
+    clash = sorted(s for s in stages if stage_template_name(s) in (ENTRY_TEMPLATE, EXIT_TEMPLATE))
+    if clash:
+        raise ClusterError(f"stage name {clash[0]!r} clashes with the workflow's own {stage_template_name(clash[0])!r} template")
     labels = _run_labels(plan, settings)
     with Workflow(
         name=workflow_name(plan.run_id),
@@ -473,6 +477,10 @@ def _check_submittable(plan: Plan, settings: ClusterSettings) -> None:
         raise ClusterError(
             f"plan store {plan.store} is not reachable from cluster pods: submit with an s3:// store "
             "(--store s3://<bucket>/<prefix> or EPS_STORE)"
+        )
+    if settings.resolved_tag() == "latest" and not (settings.image_tag or os.environ.get("EPS_IMAGE_TAG")):
+        raise ClusterError(
+            "cannot tell which images to run: no git commit here and no EPS_IMAGE_TAG (CI tags images with the sha)"
         )
     if not settings.image_registry.strip():
         raise ClusterError(

@@ -1,0 +1,569 @@
+"""Stage ``analyze_issue205``: #205's pre-registered geometry (M1/M2/M3) and behaviour (H1/H2/H3) statistics,
+the decision rules, the figures and the report, all recomputed from the stored per-question artifacts.
+
+What this stage makes impossible, by construction (each was a finding of the record's code review or critique):
+
+- checkpoints whose persona / question / layer axes disagree are refused, not silently mis-aligned;
+- Method B centroids are always formed on the questions whose reply is non-empty under *every* checkpoint
+  (the paired empty-response filter), so no checkpoint is compared on a different question set;
+- M3 is held-out LDA with GroupKFold by question and a joint-shuffle null (never a per-persona hold-out, which
+  scored 0% on the base model), and a base accuracy not above chance is reported as "M3 uninformative";
+- H2's null pools exactly the bystanders of the observed statistic (``shared.stats.h2_invariance_test``);
+- every number in the report is read from ``headline.json``, which is computed here from the artifacts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from pydantic import BaseModel
+
+from shared import store
+from shared.config import StageConfig
+from shared.stage import Resources, StageInputError, StageSpec
+
+METRICS = ("M1", "M2", "M3")
+
+
+class CheckpointArtifacts(BaseModel):
+    name: str  # base, E0..E4, benign
+    activations_uri: str
+    index_uri: str
+
+
+class ConditionArtifacts(BaseModel):
+    cond: str  # E0..E4
+    persona: str  # the induction persona's slug (H1 looks it up in the evaluation grid)
+    system: str
+    cos_to_assistant: float
+    marker_uri: str | None = None  # marker_eval's per-completion rows
+
+
+class Rules(BaseModel):
+    """The pre-registered thresholds (plan v2, sections 5-6)."""
+
+    geometry_alpha: float = 0.01  # BH-FDR per cell
+    min_layer_fraction: float = 0.6  # ">= 3/5 layers", under both methods
+    m3_min_drop: float = 0.05  # 5 pp absolute
+    contrast_alpha: float = 0.05  # EM-vs-benign, BH-FDR, at a majority of layers
+    monotone_min_abs_rho: float = 0.7
+    monotone_alpha: float = 0.05
+    h1_min_excess: float = 0.05
+    h1_alpha: float = 0.05
+    h1_min_fraction: float = 0.75  # "3/4 testable conditions"
+    h2_max_range: float = 0.15
+    h2_alpha: float = 0.10
+    h3_min_abs_rho: float = 0.7
+    h3_alpha: float = 0.05
+    min_paired_fraction: float = 0.85  # Method B: warn when a persona keeps fewer questions
+
+
+class Config(StageConfig):
+    checkpoints: list[CheckpointArtifacts]
+    conditions: list[ConditionArtifacts]
+    assistant_persona: str = "assistant"
+    source_persona: str = "confab"
+    marker: str = "[ZLT]"
+    headline_layer: int
+    n_iter: int = 10_000
+    n_splits: int = 5
+    lda_components: int = 16
+    rules: Rules = Rules()
+    params: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+class Activations:
+    """Every checkpoint's per-question activations on shared axes, with the cross-checkpoint validity mask."""
+
+    def __init__(self, cfg: Config):
+        names = [c.name for c in cfg.checkpoints]
+        if names[0] != "base" or len(set(names)) != len(names):
+            raise StageInputError(f"checkpoints must start with 'base' and be distinct, got {names}")
+        indexes = [store.read_json(c.index_uri) for c in cfg.checkpoints]
+        first = indexes[0]
+        for ckpt, index in zip(cfg.checkpoints, indexes, strict=True):
+            for axis in ("personas", "questions", "layers", "methods"):
+                if index[axis] != first[axis]:
+                    raise StageInputError(f"checkpoint {ckpt.name}'s {axis} differ from base's: the grids must be identical")
+            if index["checkpoint"] != ckpt.name:
+                raise StageInputError(f"{ckpt.index_uri} holds checkpoint {index['checkpoint']!r}, expected {ckpt.name!r}")
+        self.checkpoints = names
+        self.personas = [p["name"] for p in first["personas"]]
+        self.questions = first["questions"]
+        self.layers = first["layers"]
+        self.methods = first["methods"]
+        tensors = [store.read_tensors(c.activations_uri) for c in cfg.checkpoints]
+        # (checkpoint, persona, question, layer, hidden) per method
+        self.values = {m: np.stack([t[m].float().numpy() for t in tensors]) for m in self.methods}
+        shape = (len(names), len(self.personas), len(self.questions))
+        valid_b = np.stack([t["B_valid"].numpy() for t in tensors]) if "B" in self.methods else np.ones(shape, bool)
+        # paired filter: a (persona, question) counts only if its reply is non-empty under every checkpoint
+        self.valid = {"A": np.ones(shape[1:], bool), "B": valid_b.all(axis=0)}
+
+    def centroids(self, method: str) -> np.ndarray:
+        """(checkpoint, persona, layer, hidden): means over the persona's paired-valid questions."""
+        mask = self.valid[method]
+        if not mask.any(axis=1).all():
+            empty = [p for p, keep in zip(self.personas, mask.any(axis=1), strict=True) if not keep]
+            raise StageInputError(f"method {method}: personas {empty} have no question with a non-empty reply under every checkpoint")
+        weights = mask / mask.sum(axis=1, keepdims=True)
+        return np.einsum("cpqlh,pq->cplh", self.values[method], weights)
+
+    def retained(self, method: str) -> dict[str, float]:
+        return {p: float(f) for p, f in zip(self.personas, self.valid[method].mean(axis=1), strict=True)}
+
+
+def persona_inputs(acts: Activations) -> tuple[dict, dict, dict]:
+    """What ``shared.geometry`` takes, per (method, layer): persona centroids per checkpoint, the paired-valid
+    (persona, question) rows per checkpoint for M3, and those rows' persona and question labels."""
+    vectors, rows, labels = {}, {}, {}
+    for method in acts.methods:
+        centroids = acts.centroids(method)  # (checkpoint, persona, layer, hidden)
+        persona_idx, question_idx = np.nonzero(acts.valid[method])
+        labels[method] = (np.array(acts.personas)[persona_idx], np.array(acts.questions)[question_idx])
+        for li, layer in enumerate(acts.layers):
+            vectors[(method, layer)] = {c: centroids[ci, :, li] for ci, c in enumerate(acts.checkpoints)}
+            rows[(method, layer)] = {c: acts.values[method][ci, persona_idx, question_idx, li] for ci, c in enumerate(acts.checkpoints)}
+    return vectors, rows, labels
+
+
+def m2_robustness(vectors: dict, personas: list[str], assistant: str, em_names: list[str]) -> dict:
+    """M2 with per-condition axes instead of E0's (the condition's own assistant delta; PC-1 of its persona
+    shifts): mean change of |cos| over the non-assistant personas. Reported alongside, outside the family."""
+    from shared import geometry
+
+    out = {}
+    a = personas.index(assistant)
+    for (method, layer), v in vectors.items():
+        for cond in em_names:
+            axes = {"own_assistant_delta": geometry.em_axis(v["base"][a], v[cond][a]),
+                    "own_pc1": geometry.shift_pc1_axis(v["base"], v[cond])}
+            for name, axis in axes.items():
+                before, after = geometry.m2_alignments(v["base"], v[cond], personas, axis, assistant=assistant)
+                out.setdefault(name, {}).setdefault(f"{method}/L{layer}", {})[cond] = float((after - before).mean())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ behaviour
+
+
+def leakage_matrix(uri: str, personas: list[str], marker: str) -> tuple[np.ndarray, list[str], int]:
+    """(persona, question) marker rates from marker_eval's per-completion rows, and the completions per cell.
+
+    The marker test is the record's substring match on the completion text (its one sanctioned use)."""
+    rows = store.read_jsonl(uri)
+    questions = sorted({r["question_id"] for r in rows})
+    counts = np.zeros((len(personas), len(questions)))
+    hits = np.zeros_like(counts)
+    missing = sorted({r["persona"] for r in rows} ^ set(personas))
+    if missing:
+        raise StageInputError(f"{uri}: marker rows and the evaluation grid disagree on personas {missing}")
+    for r in rows:
+        p, q = personas.index(r["persona"]), questions.index(r["question_id"])
+        counts[p, q] += 1
+        hits[p, q] += marker in r["text"]
+    if np.any(counts == 0):
+        raise StageInputError(f"{uri}: some (persona, question) cells have no completions")
+    return hits / counts, questions, int(counts.min())
+
+
+def behaviour(cfg: Config, personas: list[str]) -> dict | None:
+    from shared.stats import h1_self_leakage_test, h2_invariance_test, h3_cos_monotone_test
+
+    if not all(c.marker_uri for c in cfg.conditions):
+        return None
+    rates, question_sets = [], []
+    for cond in cfg.conditions:
+        matrix, questions, n_per_cell = leakage_matrix(cond.marker_uri, personas, cfg.marker)
+        rates.append(matrix)
+        question_sets.append(questions)
+    if any(q != question_sets[0] for q in question_sets):
+        raise StageInputError("marker evaluations of the conditions used different questions")
+    rates = np.stack(rates)  # (cond, persona, question)
+    source = personas.index(cfg.source_persona)
+    per_condition = []
+    for c, cond in enumerate(cfg.conditions):
+        bystanders = [i for i, p in enumerate(personas) if p not in (cfg.source_persona, cond.persona)]
+        row = {"cond": cond.cond, "persona": cond.persona, "cos_to_assistant": cond.cos_to_assistant,
+               "source_rate": float(rates[c, source].mean()),
+               "mean_bystander": float(rates[c, bystanders].mean(axis=1).mean()),
+               "per_persona": {p: float(rates[c, i].mean()) for i, p in enumerate(personas)}}
+        if cond.persona in personas:
+            h1 = h1_self_leakage_test(rates[c], personas, cond.persona, source_persona=cfg.source_persona, n_iter=cfg.n_iter,
+                                      rng=cfg.seed, min_excess=cfg.rules.h1_min_excess, alpha=cfg.rules.h1_alpha)
+            row["h1"] = {"excess": h1.statistic, "p": h1.p_value, "fires": h1.fires}
+        per_condition.append(row)
+    h2 = h2_invariance_test(rates, personas, [c.persona for c in cfg.conditions], source_persona=cfg.source_persona,
+                            n_iter=cfg.n_iter, rng=cfg.seed, max_range=cfg.rules.h2_max_range, alpha=cfg.rules.h2_alpha)
+    h3 = h3_cos_monotone_test([r["cos_to_assistant"] for r in per_condition], [r["mean_bystander"] for r in per_condition],
+                              min_abs_rho=cfg.rules.h3_min_abs_rho, alpha=cfg.rules.h3_alpha)
+    testable = [r for r in per_condition if "h1" in r]
+    h1_fired = sum(r["h1"]["fires"] for r in testable)
+    needed = math.ceil(cfg.rules.h1_min_fraction * len(testable)) if testable else None
+    return {
+        "questions": question_sets[0], "completions_per_cell": n_per_cell, "conditions": per_condition,
+        "H1": {"testable": len(testable), "fired": h1_fired, "needed": needed,
+               "fires": bool(testable) and h1_fired >= needed, "rule": f"excess >= {cfg.rules.h1_min_excess}, p < {cfg.rules.h1_alpha}, in >= {cfg.rules.h1_min_fraction:.0%} of testable conditions"},
+        "H2": {"range": h2.statistic, "p": h2.p_value, "fires": h2.fires, "rule": h2.rule},
+        "H3": {"rho": h3.statistic, "p": h3.p_value, "n_orderings": h3.n_iter, "fires": h3.fires, "rule": h3.rule},
+        "rates": rates.tolist(),
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- the families
+
+
+def geometry(cfg: Config, acts: Activations) -> dict:
+    """Every geometry cell (``shared.geometry.geometry_family``: M1/M2/M3, BH-FDR and Holm per family), the
+    G1/G2/G3 decisions with the EM-vs-benign bar, and the per-checkpoint values the report shows."""
+    from shared import geometry as g
+
+    em_names = [c.cond for c in cfg.conditions]
+    missing = [n for n in [*em_names, "benign"] if n not in acts.checkpoints]
+    if missing:
+        raise StageInputError(f"no activations for checkpoints {missing}")
+    if em_names[0] != "E0":
+        raise StageInputError(f"the first EM condition anchors M2's axis and must be E0, got {em_names[0]}")
+    vectors, rows, labels = persona_inputs(acts)
+    family = []
+    for method in acts.methods:  # M3's rows (paired-valid) differ by method, so each method is one call
+        keys = [(method, layer) for layer in acts.layers]
+        family += g.geometry_family(
+            {k: vectors[k] for k in keys}, acts.personas, em_conditions=em_names,
+            activations={k: rows[k] for k in keys}, row_personas=labels[method][0], row_questions=labels[method][1],
+            assistant=cfg.assistant_persona, n_iter=cfg.n_iter, seed=cfg.seed, n_components=cfg.lda_components,
+            n_splits=cfg.n_splits,
+        )  # fmt: skip
+    family = readjust(family)
+    cells = [c for c in family if c["family"] == "em_vs_base"]
+    contrasts = [c for c in family if c["family"] == "em_vs_benign"]
+    rules = cfg.rules
+    for c in cells:
+        direction = c["delta"] > 0 if c["metric"] != "M3" else c["delta"] <= -rules.m3_min_drop
+        c["fires"] = bool(direction and c["p_bh"] < rules.geometry_alpha)
+
+    n_layers_needed = math.ceil(rules.min_layer_fraction * len(acts.layers))
+    decisions = {}
+    for metric, name in zip(METRICS, ("G1", "G2", "G3"), strict=True):
+        per_cond = {}
+        for cond in em_names:
+            mine = [c for c in cells if c["metric"] == metric and c["condition"] == cond]
+            layers_fired = {m: sum(c["fires"] for c in mine if c["method"] == m) for m in acts.methods}
+            fired = [c for c in mine if c["fires"]]
+            # the three-way bar: where a cell fires, EM must also beat benign SFT (BH p < 0.05) at a majority of layers
+            beat = {(x["method"], x["layer"]) for x in contrasts
+                    if x["metric"] == metric and x["condition"] == cond and x["p_bh"] < rules.contrast_alpha}
+            beats_benign = bool(fired) and all(
+                sum((m, layer) in beat for layer in acts.layers) > len(acts.layers) / 2 for m in {c["method"] for c in fired})
+            per_cond[cond] = {"fires": all(n >= n_layers_needed for n in layers_fired.values()), "layers_fired": layers_fired,
+                              "beats_benign": beats_benign, "mean_delta": float(np.mean([c["delta"] for c in mine]))}
+        decisions[name] = {"metric": metric, "conditions": per_cond, "layers_needed": n_layers_needed,
+                           "all_fire": all(v["fires"] for v in per_cond.values()),
+                           "cos_monotone": monotone([c.cos_to_assistant for c in cfg.conditions],
+                                                    [per_cond[c]["mean_delta"] for c in em_names], rules)}
+        d = decisions[name]
+        d["fires"] = bool(any(v["fires"] for v in per_cond.values()) and (d["all_fire"] or d["cos_monotone"]["fires"]))
+
+    base_chance = {}
+    for (method, layer), per_ckpt in rows.items():  # the base model must separate personas, or M3 says nothing
+        base = g.m3_separability({"base": per_ckpt["base"]}, *labels[method], n_iter=cfg.n_iter, rng=cfg.seed,
+                                 n_splits=cfg.n_splits, n_components=cfg.lda_components)
+        base_chance[f"{method}/L{layer}"] = {"accuracy": base.accuracy["base"], "chance": base.chance_level,
+                                             "p_above_chance": base.p_above_chance["base"]}
+    return {
+        "cells": cells, "em_vs_benign": contrasts, "benign_vs_base": [c for c in family if c["family"] == "benign_vs_base"],
+        "decisions": decisions, "values": checkpoint_values(family, vectors, acts), "m3_base": base_chance,
+        "m3_base_above_chance": {k: bool(v["p_above_chance"] < 0.05) for k, v in base_chance.items()},
+        "m2_robustness": m2_robustness(vectors, acts.personas, cfg.assistant_persona, em_names),
+        "paired_retained": {m: acts.retained(m) for m in acts.methods},
+    }  # fmt: skip
+
+
+def readjust(family: list) -> list[dict]:
+    """Cells as dicts; BH-FDR and Holm recomputed over each family as a whole (all methods together: the
+    pre-registered family is 3 metrics x 2 methods x 5 layers x 5 conditions = 150 cells)."""
+    from shared.stats import adjust_family
+
+    cells = [c.as_dict() for c in family]
+    for name in {c["family"] for c in cells}:
+        members = [c for c in cells if c["family"] == name]
+        adjusted = adjust_family([c["p_value"] for c in members])
+        for c, bh, holm in zip(members, adjusted.p_bh, adjusted.p_holm, strict=True):
+            c["p_bh"], c["p_holm"] = float(bh), float(holm)
+    return cells
+
+
+def monotone(cos: list[float], effects: list[float], rules: Rules) -> dict:
+    """(b) of the cross-condition rule: exact Spearman between cos-to-assistant and the condition's mean delta."""
+    from shared.stats import spearman_exact_test
+
+    try:
+        trend = spearman_exact_test(cos, effects)
+    except ValueError as err:  # constant effects or too few conditions: no trend to test
+        return {"rho": None, "p": None, "fires": False, "note": str(err)}
+    return {"rho": trend.rho, "p": trend.p_value,
+            "fires": bool(abs(trend.rho) >= rules.monotone_min_abs_rho and trend.p_value < rules.monotone_alpha)}
+
+
+def checkpoint_values(family: list[dict], vectors: dict, acts: Activations) -> dict:
+    """Per (method, layer) and checkpoint: M1 mean off-diagonal cosine, M2 alignment, M3 accuracy."""
+    from shared import geometry as g
+
+    out = {}
+    for (method, layer), per_ckpt in vectors.items():
+        key = f"{method}/L{layer}"
+        row = {"M1": {c: g.mean_off_diagonal_cosine(v) for c, v in per_ckpt.items()}, "M2": {}, "M3": {}}
+        for cell in family:
+            if cell["method"] == method and cell["layer"] == layer and cell["metric"] in ("M2", "M3") and cell["reference"] == "base":
+                row[cell["metric"]]["base"] = cell["reference_value"]
+                row[cell["metric"]][cell["condition"]] = cell["condition_value"]
+        out[key] = row
+    return out
+
+
+def outcome(geo: dict, beh: dict | None) -> dict:
+    """The pre-registered headline mapping and kill criterion."""
+    g1 = geo["decisions"]["G1"]["fires"]
+    fired = {k: v for k, v in [("G1", g1), ("G2", geo["decisions"]["G2"]["fires"]), ("G3", geo["decisions"]["G3"]["fires"])]}
+    if beh:
+        fired |= {"H1": beh["H1"]["fires"], "H2": beh["H2"]["fires"], "H3": beh["H3"]["fires"]}
+    headlines = []
+    if g1 and fired.get("H2"):
+        headlines.append("EM induces general persona-vector collapse under all induction personas; mean bystander leakage is induction-invariant.")
+    if g1 and fired.get("H3"):
+        headlines.append("EM-induced collapse scales with the induction persona's cosine to the assistant; the same scaling shows behaviourally.")
+    if fired.get("H1"):
+        headlines.append("EM corrupts whichever persona was active during induction (induction-persona self-leakage).")
+    kill = None
+    if beh:
+        means = [c["mean_bystander"] for c in beh["conditions"]]
+        h3 = beh["H3"]
+        kill = bool(
+            all(c["p_bh"] > 0.5 for c in geo["cells"])
+            and beh["H2"]["range"] <= 0.05 and max(means) - min(means) <= 0.10 and max(means) <= 0.05
+            and abs(h3["rho"]) < 0.3 and h3["p"] > 0.20
+        )
+    if not any(fired.values()):
+        headlines.append("No G or H fires: see the kill criterion.")
+    return {"fired": fired, "headlines": headlines, "joint_null_kill": kill}
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+GEOMETRY_PANELS = {
+    "M1": "M1 mean off-diagonal cosine",
+    "M2": "M2 mean |cos| to the E0 EM axis (11 non-assistant)",
+    "M3": "M3 held-out LDA accuracy",
+}
+
+
+def hero_figure(data: dict, uri: str) -> dict:
+    """Top row: the three geometry metrics per checkpoint at the headline layer (both methods); bottom row:
+    behaviour per EM condition (mean bystander leakage, H3's trend, H1's self vs bystander)."""
+    from shared.figures import PALETTE, new_figure, save
+
+    geo, beh, layer, ckpts = data["geometry"], data["behaviour"], data["headline_layer"], data["checkpoints"]
+    fig, _ = new_figure(13, 7)
+    fig.clf()
+    grid = fig.subplots(2, 3)
+    width = 0.8 / len(data["methods"])
+    for col, (metric, title) in enumerate(GEOMETRY_PANELS.items()):
+        ax = grid[0, col]
+        for mi, method in enumerate(data["methods"]):
+            values = geo["values"][f"{method}/L{layer}"][metric]
+            ax.bar(np.arange(len(ckpts)) + mi * width, [values.get(c, np.nan) for c in ckpts], width=width,
+                   color=PALETTE[mi], label=f"Method {method}")
+        ax.set_xticks(np.arange(len(ckpts)) + 0.4 - width / 2, ckpts, fontsize=8)
+        ax.set_title(f"{title} (L{layer})", fontsize=8)
+        ax.legend(fontsize=7, frameon=False)
+    chance = geo["m3_base"][f"{data['methods'][0]}/L{layer}"]["chance"]
+    grid[0, 2].axhline(chance, color="grey", linestyle="--", linewidth=1)
+    if beh:
+        conds = beh["conditions"]
+        names = [c["cond"] for c in conds]
+        grid[1, 0].bar(names, [c["mean_bystander"] for c in conds], color=PALETTE[2])
+        grid[1, 0].set_title("mean bystander leakage", fontsize=8)
+        grid[1, 1].scatter([c["cos_to_assistant"] for c in conds], [c["mean_bystander"] for c in conds], color=PALETTE[1])
+        for c in conds:
+            grid[1, 1].annotate(c["cond"], (c["cos_to_assistant"], c["mean_bystander"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        grid[1, 1].set_xlabel("cos(induction persona, assistant)")
+        grid[1, 1].set_title(f"H3: rho = {beh['H3']['rho']:.2f}, exact p = {beh['H3']['p']:.3f}", fontsize=8)
+        x = np.arange(len(names))
+        grid[1, 2].bar(x, [c["per_persona"].get(c["persona"], np.nan) for c in conds], width=0.4, color=PALETTE[3], label="induction persona")
+        grid[1, 2].bar(x + 0.4, [c["mean_bystander"] for c in conds], width=0.4, color=PALETTE[2], label="other bystanders")
+        grid[1, 2].set_xticks(x + 0.2, names)
+        grid[1, 2].set_title("H1: self vs bystander leakage", fontsize=8)
+        grid[1, 2].legend(fontsize=7, frameon=False)
+    else:
+        for ax in grid[1]:
+            ax.set_axis_off()
+        grid[1, 1].text(0.5, 0.5, "no behavioural artifacts", ha="center")
+    fig.tight_layout()
+    return save(fig, uri)
+
+
+def m1_bars_figure(data: dict, uri: str) -> dict:
+    from shared.figures import PALETTE, new_figure, save
+
+    geo, methods, layers, ckpts = data["geometry"], data["methods"], data["layers"], data["checkpoints"]
+    fig, _ = new_figure(2.6 * len(layers), 2.4 * len(methods))
+    fig.clf()
+    grid = np.atleast_2d(fig.subplots(len(methods), len(layers), squeeze=False))
+    for mi, method in enumerate(methods):
+        for li, layer in enumerate(layers):
+            ax = grid[mi, li]
+            values = [geo["values"][f"{method}/L{layer}"]["M1"][c] for c in ckpts]
+            ax.bar(range(len(ckpts)), values, color=[PALETTE[i % len(PALETTE)] for i in range(len(ckpts))])
+            ax.set_xticks(range(len(ckpts)), ckpts, rotation=45, fontsize=7)
+            ax.set_ylim(max(-1.0, min(values) - 0.05), 1.0)
+            ax.set_title(f"Method {method}, L{layer}", fontsize=8)
+    fig.suptitle("M1: mean off-diagonal persona cosine per checkpoint", fontsize=10)
+    fig.tight_layout()
+    return save(fig, uri)
+
+
+def leakage_heatmap(data: dict, uri: str) -> dict:
+    from shared.figures import new_figure, save
+
+    beh = data["behaviour"]
+    conds = beh["conditions"]
+    personas = data["personas"]
+    matrix = np.array([[c["per_persona"][p] for p in personas] for c in conds])
+    fig, ax = new_figure(1 + 0.7 * len(personas), 1 + 0.5 * len(conds))
+    ax.grid(False)
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(personas)), personas, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(conds)), [c["cond"] for c in conds])
+    for (r, col), value in np.ndenumerate(matrix):
+        ax.text(col, r, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value < 0.5 else "black")
+    fig.colorbar(image, ax=ax, label=f"{data['marker']} rate")
+    ax.set_title("marker leakage per persona (rows: EM-induction condition)", fontsize=9)
+    return save(fig, uri)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def headline_table(data: dict) -> tuple[list[str], list[list]]:
+    """Rows: metric; columns: every checkpoint (base, E0..E4, benign)."""
+    geo, beh, layer, ckpts = data["geometry"], data["behaviour"], data["headline_layer"], data["checkpoints"]
+    digits = {"M1": ".4f", "M2": ".4f", "M3": ".3f"}
+    rows = []
+    for method in data["methods"]:
+        values = geo["values"][f"{method}/L{layer}"]
+        for metric, title in GEOMETRY_PANELS.items():
+            rows.append([f"{title}, L{layer} {method}"] + [format(values[metric][c], digits[metric]) if c in values[metric] else None for c in ckpts])
+    if beh:
+        by_cond = {c["cond"]: c for c in beh["conditions"]}
+        rows.append(["mean bystander leakage"] + [f"{by_cond[c]['mean_bystander']:.4f}" if c in by_cond else None for c in ckpts])
+        rows.append(["source persona marker rate"] + [f"{by_cond[c]['source_rate']:.4f}" if c in by_cond else None for c in ckpts])
+    return ["metric", *ckpts], rows
+
+
+def report(data: dict) -> str:
+    from shared.reporting import fmt, markdown_table
+
+    geo, beh, out = data["geometry"], data["behaviour"], data["outcome"]
+    headers, rows = headline_table(data)
+    lines = ["# #205: EM-induction persona vs persona geometry and marker leakage", "",
+             f"Checkpoints: {', '.join(data['checkpoints'])}. Methods {', '.join(data['methods'])}; layers {data['layers']} "
+             f"(headline layer {data['headline_layer']}). {data['n_iter']} permutations per test.", "",
+             "## Headline", "", markdown_table(headers, rows), "", "![hero](hero_issue205.png)", ""]
+    lines += ["## Decision rules (as pre-registered)", ""]
+    for g, d in geo["decisions"].items():
+        fired = [c for c, v in d["conditions"].items() if v["fires"]]
+        beats = [c for c, v in d["conditions"].items() if v["beats_benign"]]
+        mono = d["cos_monotone"]
+        lines.append(f"- **{g}** ({d['metric']}): {'FIRES' if d['fires'] else 'does not fire'}. Conditions firing "
+                     f"(BH p < {data['rules']['geometry_alpha']} under both methods at >= {d['layers_needed']} layers): "
+                     f"{', '.join(fired) or 'none'}; all fire: {d['all_fire']}; cos-monotone rho = {fmt(mono['rho'])}, "
+                     f"exact p = {fmt(mono['p'], 3)}. Beats benign SFT (three-way bar): {', '.join(beats) or 'none'}.")
+    if beh:
+        h1, h2, h3 = beh["H1"], beh["H2"], beh["H3"]
+        lines += [
+            f"- **H1** (induction-self-leakage): {'FIRES' if h1['fires'] else 'does not fire'}: {h1['fired']}/{h1['testable']} "
+            f"testable conditions fire (needs {h1['needed']}; {h1['rule']}).",
+            f"- **H2** (induction-invariant): {'FIRES' if h2['fires'] else 'does not fire'}: range {h2['range']:.4f}, "
+            f"p = {h2['p']:.4f} ({h2['rule']}).",
+            f"- **H3** (cos-monotone): {'FIRES' if h3['fires'] else 'does not fire'}: Spearman rho = {h3['rho']:.3f}, exact "
+            f"p = {h3['p']:.4f} over {h3['n_orderings']} orderings ({h3['rule']}).",
+        ]
+    else:
+        lines.append("- H1/H2/H3: no behavioural artifacts were given.")
+    lines += ["", "Pre-registered headline(s): " + (" ".join(out["headlines"]) or "none of the mapped combinations."),
+              f"Joint-null kill criterion met: {fmt(out['joint_null_kill'])}.", ""]
+    uninformative = [k for k, ok in geo["m3_base_above_chance"].items() if not ok]
+    if uninformative:
+        lines += [f"**M3 uninformative** where the base model's held-out accuracy is not above chance (p >= 0.05): "
+                  f"{', '.join(uninformative)}.", ""]
+    if beh:
+        lines += ["## Behaviour per condition", "",
+                  markdown_table(["cond", "persona", "cos to assistant", "mean bystander", "source rate", "H1 excess", "H1 p"],
+                                 [(c["cond"], c["persona"], f"{c['cos_to_assistant']:.4f}", f"{c['mean_bystander']:.4f}",
+                                   f"{c['source_rate']:.4f}", c.get("h1", {}).get("excess"), c.get("h1", {}).get("p"))
+                                  for c in beh["conditions"]]),
+                  "", f"{beh['completions_per_cell']} completions per (persona, question); {len(beh['questions'])} questions.",
+                  "", "![leakage](leakage_heatmap.png)", ""]
+    fired = sum(c["fires"] for c in geo["cells"])
+    lines += ["## Geometry family", "",
+              f"{len(geo['cells'])} cells (metrics x methods x layers x EM conditions); {fired} fire. BH-FDR is primary, Holm "
+              "alongside; every cell with raw, BH and Holm p is in headline.json.", "",
+              markdown_table(["metric", "method", "layer", "cond", "delta", "p raw", "p BH", "p Holm", "fires"],
+                             [(c["metric"], c["method"], c["layer"], c["condition"], f"{c['delta']:.4f}", f"{c['p_value']:.4g}",
+                               f"{c['p_bh']:.4g}", f"{c['p_holm']:.4g}", c["fires"]) for c in geo["cells"]], align="lllllrrrrl"),
+              "", "![M1 bars](m1_bars.png)", "",
+              "Method B retained fraction of questions per persona after the paired empty-reply filter: " +
+              ", ".join(f"{p} {f:.2f}" for p, f in geo["paired_retained"].get("B", {}).items()), ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def run(cfg: Config, ctx) -> dict:
+    from shared.reporting import producing_manifest, reproducibility
+
+    acts = Activations(cfg)
+    if cfg.headline_layer not in acts.layers:
+        raise StageInputError(f"headline_layer {cfg.headline_layer} is not among the extracted layers {acts.layers}")
+    for name in (cfg.assistant_persona, cfg.source_persona):
+        if name not in acts.personas:
+            raise StageInputError(f"persona {name!r} is not in the evaluation grid {acts.personas}")
+    for method in acts.methods:
+        low = [p for p, f in acts.retained(method).items() if f < cfg.rules.min_paired_fraction]
+        if low:
+            ctx.log(f"warning: method {method}: personas {low} keep < {cfg.rules.min_paired_fraction:.0%} of questions after the paired filter")
+    geo = geometry(cfg, acts)
+    beh = behaviour(cfg, acts.personas)
+    data = {
+        "checkpoints": acts.checkpoints, "em_conditions": [c.cond for c in cfg.conditions], "personas": acts.personas,
+        "questions": acts.questions, "layers": acts.layers, "methods": acts.methods, "headline_layer": cfg.headline_layer,
+        "n_iter": cfg.n_iter, "marker": cfg.marker, "rules": cfg.rules.model_dump(),
+        "conditions": [c.model_dump() for c in cfg.conditions], "geometry": geo, "behaviour": beh,
+    }  # fmt: skip
+    data["outcome"] = outcome(geo, beh)
+    store.write_json(ctx.out("headline.json"), data)
+    hero_figure(data, ctx.out("hero_issue205"))
+    m1_bars_figure(data, ctx.out("m1_bars"))
+    if beh:
+        leakage_heatmap(data, ctx.out("leakage_heatmap"))
+    store.write_text(ctx.out("report.md"), report(data))
+    upstream = [producing_manifest(c.activations_uri) for c in cfg.checkpoints]
+    upstream += [producing_manifest(c.marker_uri) for c in cfg.conditions if c.marker_uri]
+    unique = {(m["cell"], m["stage"]): m for m in upstream}
+    store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#205", cfg.params, list(unique.values())))
+    return {"fired": data["outcome"]["fired"], "geometry_cells_firing": sum(c["fires"] for c in geo["cells"])}
+
+
+SPEC = StageSpec(
+    name="analyze_issue205", config=Config, run=run, image_kind="cpu",
+    resources=Resources(cpu=8, memory="32Gi", timeout_s=2 * 3600),
+    description="#205 statistics (M1/M2/M3, H1/H2/H3, BH-FDR + Holm), figures and report from stored activations and marker rows.",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()

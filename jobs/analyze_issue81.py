@@ -1,0 +1,703 @@
+"""Stage ``analyze_issue81``: #81's hypotheses, figures and report from the stored marker rates, judge scores and
+base-model centroids. Every number is recomputed here from those artifacts.
+
+Estimands (as the record pins them; rates are base-subtracted: rate(source model) - rate(base model)):
+
+- H1 implantation: ``rate(source, A2/<source noun>) > 0.80``.
+- H2 noun vs trait, per source (on the coherent subset, incoherent cells dropped):
+  ``noun_effect(trait, L) = median over other nouns of |r(source_noun, trait, L) - r(other_noun, trait, L)|``
+  (25 values); ``trait_effect(noun, trait, L) = median over (trait', L') != (trait, L) of
+  |r(noun, trait, L) - r(noun, trait', L')|`` (125 values); H2 holds if median(noun_effect) > median(trait_effect).
+  Significance: a blocked permutation test of "bystanders sharing the source's noun leak more" (noun labels
+  shuffled within each (source, trait, level) block).
+- H3 gradation: per (source, noun, trait) the OLS slope of the raw rate over levels 1..5 against the half-width of
+  its binomial-bootstrap 95% CI (B = n_boot); count of triples with |slope| > half-width.
+- Head-to-head (#88): per Big-5 axis, adjective effect = mean |r(noun, trait, L) - r(A2 noun)| over
+  (source, noun, L); noun swap = mean over (source, L) of the median over noun pairs of |r(n_i) - r(n_j)|; the
+  same on base-model cosine distance (1 - cos) at the headline layer. Axis-label permutation test (range of the
+  per-axis means of the adjective effect, trait labels shuffled, n_perm draws).
+- H4: base-model cosine between source and bystander centroids vs leakage; the source x pure-noun submatrix.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from pydantic import BaseModel
+
+from shared import store
+from shared.config import StageConfig
+from shared.stage import Resources, StageInputError, StageSpec
+
+H1_THRESHOLD = 0.80
+LEVEL_X = np.arange(1, 6, dtype=float)
+
+
+class SourceInfo(BaseModel):
+    name: str
+    noun: str
+
+
+class Bystander(BaseModel):
+    id: str
+    kind: str
+    noun: str | None = None
+    trait: str | None = None
+    level: str | None = None
+
+
+class CellArtifacts(BaseModel):
+    label: str
+    rates_uri: str
+    coherence_uri: str | None = None
+
+
+class Config(StageConfig):
+    sources: list[SourceInfo]
+    bystanders: list[Bystander]
+    cells: list[CellArtifacts]
+    base_label: str = "base"
+    marker: str = "[ZLT]"
+    centroids_uri: str | None = None
+    centroid_personas_uri: str | None = None
+    headline_layer: int = 20
+    n_boot: int = 1000
+    n_perm: int = 10_000
+    coherence_threshold: float = 50.0
+    params: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the grid as arrays
+
+
+class Grid:
+    """Axis orders of the A1 factorial present in the evaluation, and indexers into it."""
+
+    def __init__(self, bystanders: list[Bystander], sources: list[SourceInfo]):
+        a1 = [b for b in bystanders if b.kind == "A1"]
+        self.nouns = list(dict.fromkeys(b.noun for b in a1))
+        self.traits = list(dict.fromkeys(b.trait for b in a1))
+        self.levels = sorted(dict.fromkeys(b.level for b in a1))
+        self.ids = [b.id for b in bystanders]
+        self.a1_id = {(b.noun, b.trait, b.level): b.id for b in a1}
+        self.a2_id = {b.noun: b.id for b in bystanders if b.kind == "A2"}
+        self.sources = sources
+
+    def cube(self, values: dict[str, float]) -> np.ndarray:
+        """``[noun, trait, level]`` array of ``values`` (NaN where a cell is missing)."""
+        out = np.full((len(self.nouns), len(self.traits), len(self.levels)), np.nan)
+        for (i, n), (j, t), (k, lv) in itertools.product(enumerate(self.nouns), enumerate(self.traits), enumerate(self.levels)):
+            key = self.a1_id.get((n, t, lv))
+            if key is not None and key in values and values[key] is not None:
+                out[i, j, k] = values[key]
+        return out
+
+    def a2(self, values: dict[str, float]) -> np.ndarray:
+        return np.array([values.get(self.a2_id.get(n, ""), np.nan) for n in self.nouns], dtype=float)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# estimands (pure functions on arrays: the statistics tests call these on synthetic grids)
+
+
+def _nanmedian(values: np.ndarray) -> float | None:
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return float(np.median(finite)) if finite.size else None
+
+
+def noun_effects(cube: np.ndarray, source_noun: int) -> np.ndarray:
+    """``[trait, level]``: median over the other nouns of |r(source noun) - r(other noun)|."""
+    others = [i for i in range(cube.shape[0]) if i != source_noun]
+    if not others:
+        return np.full(cube.shape[1:], np.nan)
+    return _quiet_nanmedian(np.abs(cube[source_noun][None] - cube[others]), axis=0)
+
+
+def _quiet_nanmedian(values: np.ndarray, axis: int) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices (incoherent cells) stay NaN
+        return np.nanmedian(values, axis=axis)
+
+
+def trait_effects(cube: np.ndarray) -> np.ndarray:
+    """``[noun, trait, level]``: median over the other (trait', level') anchors of the same noun of |difference|."""
+    flat = cube.reshape(cube.shape[0], -1)
+    diffs = np.abs(flat[:, :, None] - flat[:, None, :])
+    idx = np.arange(flat.shape[1])
+    diffs[:, idx, idx] = np.nan
+    return _quiet_nanmedian(diffs, axis=2).reshape(cube.shape)
+
+
+def h2_for_source(cube: np.ndarray, source_noun: int) -> dict:
+    noun = noun_effects(cube, source_noun)
+    trait = trait_effects(cube)
+    med_noun, med_trait = _nanmedian(noun), _nanmedian(trait)
+    holds = None if med_noun is None or med_trait is None else bool(med_noun > med_trait)
+    ratio = None if not med_noun or not med_trait else med_noun / med_trait
+    return {"median_noun_effect": med_noun, "median_trait_effect": med_trait, "ratio": ratio, "holds": holds,
+            "n_noun_cells": int(np.isfinite(noun).sum()), "n_trait_cells": int(np.isfinite(trait).sum()),
+            "noun_effect_by_trait_level": _listify(noun)}
+
+
+def noun_match_test(cubes: list[tuple[int, np.ndarray]], *, n_perm: int, seed: int) -> dict:
+    """Blocked permutation test: do bystanders sharing the source's noun leak more than other nouns?
+
+    ``cubes`` pairs each source's noun index with its base-subtracted ``[noun, trait, level]`` cube. Rows are the
+    A1 cells, the label is "same noun as the source", and labels are shuffled within each (source, trait, level).
+    """
+    from shared.stats import label_permutation_test
+
+    values, labels, blocks = [], [], []
+    for source, (s, cube) in enumerate(cubes):
+        for i, j, k in itertools.product(*map(range, cube.shape)):
+            if np.isfinite(cube[i, j, k]):
+                values.append(cube[i, j, k])
+                labels.append(int(i == s))
+                blocks.append(f"{source}/{j}/{k}")
+    labels_arr = np.array(labels)
+    if len(set(labels)) < 2:
+        return {"statistic": None, "p_value": None, "n_rows": len(values), "note": "needs same- and other-noun cells"}
+    result = label_permutation_test(np.array(values), labels_arr, statistic="mean_difference", blocks=np.array(blocks),
+                                    alternative="greater", n_iter=n_perm, rng=seed)
+    return {"statistic": float(result.statistic), "p_value": float(result.p_value), "n_rows": len(values),
+            "n_iter": result.n_iter}
+
+
+def h3_slopes(hits: np.ndarray, totals: np.ndarray, *, n_boot: int, seed: int) -> dict:
+    """Slopes over the levels for every row of ``hits``/``totals`` (``[..., 5]``) with binomial-bootstrap CIs."""
+    from shared.stats import binomial_bootstrap_ci, ols_slope
+
+    rng = np.random.default_rng(seed)
+    flat_hits = hits.reshape(-1, hits.shape[-1])
+    flat_totals = totals.reshape(-1, totals.shape[-1])
+    slopes, half_widths, significant = [], [], []
+    for h, t in zip(flat_hits, flat_totals):
+        if not (np.isfinite(h).all() and np.isfinite(t).all() and (t > 0).all()):
+            slopes.append(np.nan), half_widths.append(np.nan), significant.append(False)
+            continue
+        ci = binomial_bootstrap_ci(h, t, lambda r, axis=-1: ols_slope(LEVEL_X, r, axis=axis), n_boot=n_boot, rng=rng)
+        slopes.append(ci.estimate)
+        half_widths.append(ci.half_width)
+        significant.append(bool(abs(ci.estimate) > ci.half_width))
+    shape = hits.shape[:-1]
+    return {"slope": np.array(slopes).reshape(shape), "half_width": np.array(half_widths).reshape(shape),
+            "significant": np.array(significant).reshape(shape)}
+
+
+def adjective_effects(cube: np.ndarray, a2: np.ndarray) -> np.ndarray:
+    """``[noun, trait, level]``: |r(noun, trait, L) - r(A2 noun)| (the persona with vs without the adjective)."""
+    return np.abs(cube - a2[:, None, None])
+
+
+def noun_swap_effects(cube: np.ndarray) -> np.ndarray:
+    """``[trait, level]``: median over noun pairs of |r(n_i, trait, L) - r(n_j, trait, L)|."""
+    pairs = list(itertools.combinations(range(cube.shape[0]), 2))
+    if not pairs:
+        return np.full(cube.shape[1:], np.nan)
+    return _quiet_nanmedian(np.stack([np.abs(cube[i] - cube[j]) for i, j in pairs]), axis=0)
+
+
+def axis_permutation_test(effects: np.ndarray, *, n_perm: int, seed: int) -> dict:
+    """Range of the per-axis means of ``effects`` (``[..., trait, level]``, rows pooled) vs trait labels shuffled."""
+    from shared.stats import label_permutation_test
+
+    moved = np.moveaxis(effects, -2, 0)  # [trait, ..., level]
+    values, labels = [], []
+    for t in range(moved.shape[0]):
+        finite = moved[t][np.isfinite(moved[t])]
+        values += finite.tolist()
+        labels += [t] * finite.size
+    if len(set(labels)) < 2:
+        return {"spread": None, "p_value": None, "note": "needs at least two traits"}
+    result = label_permutation_test(np.array(values), np.array(labels), statistic="range", alternative="greater",
+                                    n_iter=n_perm, rng=seed)
+    return {"spread": float(result.statistic), "p_value": float(result.p_value), "n_rows": len(values),
+            "n_iter": result.n_iter}
+
+
+def spearman_permutation(x: np.ndarray, y: np.ndarray, *, n_perm: int, seed: int) -> dict:
+    """Spearman's rho with a two-sided permutation p-value (y's ranks shuffled ``n_perm`` times)."""
+    from scipy.stats import rankdata
+
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = np.asarray(x)[keep], np.asarray(y)[keep]
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"rho": None, "p_value": None, "n": int(x.size), "note": "needs >= 3 non-constant pairs"}
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    rho = float(rx @ ry / np.sqrt((rx @ rx) * (ry @ ry)))
+    shuffled = np.random.default_rng(seed).permuted(np.broadcast_to(ry, (n_perm, ry.size)), axis=1)
+    null = shuffled @ rx / np.sqrt((rx @ rx) * (ry @ ry))
+    p = (1 + np.sum(np.abs(null) >= abs(rho) - 1e-12)) / (1 + n_perm)
+    return {"rho": rho, "p_value": float(p), "n": int(x.size)}
+
+
+def cosine_matrix(centroids: np.ndarray) -> np.ndarray:
+    unit = centroids / np.linalg.norm(centroids, axis=-1, keepdims=True)
+    return unit @ unit.T
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading the artifacts
+
+
+def read_rates(uri: str) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
+    data = store.read_json(uri)
+    rates = data.get("rates") or {}
+    if not rates:
+        raise StageInputError(f"no marker rates in {uri}")
+    return ({k: v["rate"] for k, v in rates.items()}, {k: v["hits"] for k, v in rates.items()},
+            {k: v["total"] for k, v in rates.items()})
+
+
+def read_coherence(uri: str | None) -> dict[str, dict]:
+    if not uri:
+        return {}
+    by_cell: dict[str, list[float]] = {}
+    errors: dict[str, int] = {}
+    for row in store.read_jsonl(uri):
+        if row.get("error") is not None or row.get("score") is None:
+            errors[row["condition"]] = errors.get(row["condition"], 0) + 1
+            continue
+        by_cell.setdefault(row["condition"], []).append(float(row["score"]))
+    cells = set(by_cell) | set(errors)
+    return {c: {"mean": float(np.mean(by_cell[c])) if by_cell.get(c) else None, "n": len(by_cell.get(c, [])),
+                "errors": errors.get(c, 0)} for c in cells}
+
+
+def read_geometry(cfg: Config) -> tuple[dict[str, np.ndarray], list[str]] | None:
+    if not cfg.centroids_uri or not cfg.centroid_personas_uri:
+        return None
+    arrays = store.read_npz(cfg.centroids_uri)
+    ids = store.read_json(cfg.centroid_personas_uri)["persona_ids"]
+    by_layer = {int(layer): arrays["centroids"][i] for i, layer in enumerate(arrays["layers"])}
+    return by_layer, ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the analysis
+
+
+def analyse(cfg: Config) -> dict:
+    grid = Grid(cfg.bystanders, cfg.sources)
+    labels = [c.label for c in cfg.cells]
+    if cfg.base_label not in labels:
+        raise StageInputError(f"no base-model cell {cfg.base_label!r} among {labels}")
+    missing = [s.name for s in cfg.sources if s.name not in labels]
+    if missing:
+        raise StageInputError(f"no evaluation for source(s) {missing}")
+    rates, hits, totals, coherence = {}, {}, {}, {}
+    for cell in cfg.cells:
+        rates[cell.label], hits[cell.label], totals[cell.label] = read_rates(cell.rates_uri)
+        coherence[cell.label] = read_coherence(cell.coherence_uri)
+    base = rates[cfg.base_label]
+    flagged = {label: sorted(b for b, c in coh.items() if c["mean"] is not None and c["mean"] < cfg.coherence_threshold)
+               for label, coh in coherence.items()}
+
+    def subtracted(label: str, *, coherent_only: bool) -> dict[str, float]:
+        out = {}
+        for b in grid.ids:
+            if b not in rates[label] or b not in base:
+                continue
+            if coherent_only and b in flagged.get(label, []):
+                continue
+            out[b] = rates[label][b] - base[b]
+        return out
+
+    # H1
+    h1 = {}
+    for s in cfg.sources:
+        a2 = grid.a2_id.get(s.noun)
+        rate = rates[s.name].get(a2) if a2 else None
+        h1[s.name] = {"bystander": a2, "rate": rate, "hits": hits[s.name].get(a2), "total": totals[s.name].get(a2),
+                      "base_rate": base.get(a2), "passes": None if rate is None else bool(rate > H1_THRESHOLD)}
+
+    # H2 and the noun-match permutation test
+    cubes = {s.name: grid.cube(subtracted(s.name, coherent_only=True)) for s in cfg.sources}
+    h2, noun_cubes = {}, []
+    for s in cfg.sources:
+        if s.noun not in grid.nouns:
+            h2[s.name] = {"holds": None, "note": f"the source noun {s.noun!r} is not among the bystander nouns"}
+            continue
+        h2[s.name] = h2_for_source(cubes[s.name], grid.nouns.index(s.noun))
+        noun_cubes.append((grid.nouns.index(s.noun), cubes[s.name]))
+    noun_test = noun_match_test(noun_cubes, n_perm=cfg.n_perm, seed=cfg.seed)
+
+    # H3
+    h3 = {"per_source": {}, "n_significant": 0, "n_triples": 0}
+    if len(grid.levels) == 5:
+        for s in cfg.sources:
+            h = grid.cube({k: float(v) for k, v in hits[s.name].items()})
+            t = grid.cube({k: float(v) for k, v in totals[s.name].items()})
+            res = h3_slopes(h, t, n_boot=cfg.n_boot, seed=cfg.seed)
+            count = int(res["significant"].sum())
+            n = int(np.isfinite(res["slope"]).sum())
+            h3["per_source"][s.name] = {"n_significant": count, "n_triples": n, "slope": _listify(res["slope"]),
+                                        "half_width": _listify(res["half_width"])}
+            h3["n_significant"] += count
+            h3["n_triples"] += n
+    else:
+        h3["note"] = f"H3 needs the 5 gradation levels; this evaluation has {grid.levels}"
+
+    # head-to-head on leakage
+    adjective = np.stack([adjective_effects(cubes[s.name], grid.a2(subtracted(s.name, coherent_only=True))) for s in cfg.sources])
+    noun_swap = np.stack([noun_swap_effects(cubes[s.name]) for s in cfg.sources])
+    head_to_head = {}
+    for j, trait in enumerate(grid.traits):
+        adj, swap = _nanmean(adjective[:, :, j, :]), _nanmean(noun_swap[:, j, :])
+        head_to_head[trait] = {"adjective_leak": adj, "noun_swap_leak": swap,
+                               "ratio_leak": adj / swap if adj is not None and swap else None,
+                               "n_adjective": int(np.isfinite(adjective[:, :, j, :]).sum()),
+                               "n_noun_swap_contexts": int(np.isfinite(noun_swap[:, j, :]).sum())}
+    axis_leak = axis_permutation_test(np.moveaxis(adjective, 2, -2).reshape(-1, len(grid.traits), len(grid.levels)),
+                                      n_perm=cfg.n_perm, seed=cfg.seed)
+
+    # geometry: cosine head-to-head, axis test on cosine, H4
+    geometry = read_geometry(cfg)
+    cos_section: dict = {"available": geometry is not None}
+    if geometry is not None:
+        by_layer, ids = geometry
+        if cfg.headline_layer not in by_layer:
+            raise StageInputError(f"headline layer {cfg.headline_layer} not among the stored layers {sorted(by_layer)}")
+        cos_section.update(geometry_section(cfg, grid, by_layer, ids, subtracted, head_to_head))
+
+    return {
+        "marker": cfg.marker, "sources": [s.model_dump() for s in cfg.sources], "base_label": cfg.base_label,
+        "axes": {"nouns": grid.nouns, "traits": grid.traits, "levels": grid.levels},
+        "n_bystanders": len(grid.ids), "bystander_ids": grid.ids,
+        "rates": rates, "hits": hits, "totals": totals,
+        "base_subtracted": {s.name: subtracted(s.name, coherent_only=False) for s in cfg.sources},
+        "coherence": {"threshold": cfg.coherence_threshold, "flagged": flagged,
+                      "n_flagged": {k: len(v) for k, v in flagged.items()},
+                      "mean": {label: _nanmean(np.array([c["mean"] for c in coh.values() if c["mean"] is not None]))
+                               for label, coh in coherence.items()}},
+        "h1": {"threshold": H1_THRESHOLD, "per_source": h1,
+               "n_pass": sum(1 for v in h1.values() if v["passes"]), "n_sources": len(h1)},
+        "h2": {"per_source": h2, "n_holds": sum(1 for v in h2.values() if v.get("holds")),
+               "noun_match_test": noun_test},
+        "h3": h3,
+        "head_to_head": head_to_head,
+        "axis_permutation_leak": axis_leak,
+        "geometry": cos_section,
+        "settings": {"n_boot": cfg.n_boot, "n_perm": cfg.n_perm, "seed": cfg.seed, "headline_layer": cfg.headline_layer},
+    }
+
+
+def geometry_section(cfg, grid: Grid, by_layer, ids, subtracted, head_to_head) -> dict:
+    index = {pid: i for i, pid in enumerate(ids)}
+    out: dict = {"layers": sorted(by_layer), "headline_layer": cfg.headline_layer}
+    cos = {layer: cosine_matrix(c) for layer, c in by_layer.items()}
+    c = cos[cfg.headline_layer]
+
+    def cos_between(a: str | None, b: str | None) -> float:
+        return float(c[index[a], index[b]]) if a in index and b in index else np.nan
+
+    # cosine distance cubes for the head-to-head (no source dimension: base-model geometry)
+    dist = grid.cube({b: 1 - cos_between(b, grid.a2_id.get(noun)) for (noun, _, _), b in grid.a1_id.items()})
+    pair_dist = np.full((len(grid.traits), len(grid.levels)), np.nan)
+    pairs = list(itertools.combinations(grid.nouns, 2))
+    for (j, t), (k, lv) in itertools.product(enumerate(grid.traits), enumerate(grid.levels)):
+        vals = [1 - cos_between(grid.a1_id.get((a, t, lv)), grid.a1_id.get((b, t, lv))) for a, b in pairs]
+        vals = [v for v in vals if np.isfinite(v)]
+        pair_dist[j, k] = np.median(vals) if vals else np.nan
+    for j, trait in enumerate(grid.traits):
+        adj, swap = _nanmean(dist[:, j, :]), _nanmean(pair_dist[j])
+        head_to_head[trait].update({"adjective_cos": adj, "noun_swap_cos": swap,
+                                    "ratio_cos": adj / swap if adj is not None and swap else None})
+    out["axis_permutation_cos"] = axis_permutation_test(dist, n_perm=cfg.n_perm, seed=cfg.seed)
+
+    # H4: source x pure-noun submatrix, and each source against every bystander
+    a2_nouns = [n for n in grid.nouns if n in grid.a2_id]
+    leak_sub = np.array([[subtracted(s.name, coherent_only=True).get(grid.a2_id[n], np.nan) for n in a2_nouns] for s in cfg.sources])
+    cos_sub = np.array([[cos_between(grid.a2_id.get(s.noun), grid.a2_id[n]) for n in a2_nouns] for s in cfg.sources])
+    off = np.array([[s.noun != n for n in a2_nouns] for s in cfg.sources])
+    out["h4"] = {"nouns": a2_nouns, "leak": _listify(leak_sub), "cos": _listify(cos_sub),
+                 "off_diagonal": spearman_permutation(cos_sub[off], leak_sub[off], n_perm=cfg.n_perm, seed=cfg.seed),
+                 "per_layer_off_diagonal": {}}
+    for layer, matrix in cos.items():
+        sub = np.array([[matrix[index[grid.a2_id[s.noun]], index[grid.a2_id[n]]] if grid.a2_id.get(s.noun) in index
+                         and grid.a2_id[n] in index else np.nan for n in a2_nouns] for s in cfg.sources])
+        out["h4"]["per_layer_off_diagonal"][str(layer)] = spearman_permutation(sub[off], leak_sub[off], n_perm=cfg.n_perm, seed=cfg.seed)
+    per_source = {}
+    for s in cfg.sources:
+        sub = subtracted(s.name, coherent_only=True)
+        src_id = grid.a2_id.get(s.noun)
+        keys = [b for b in grid.ids if b in sub and b != src_id]
+        per_source[s.name] = spearman_permutation(np.array([cos_between(src_id, b) for b in keys]),
+                                                  np.array([sub[b] for b in keys]), n_perm=cfg.n_perm, seed=cfg.seed)
+    out["h4"]["cos_vs_leak_all_bystanders"] = per_source
+    out["cos_to_source"] = {s.name: {b: cos_between(grid.a2_id.get(s.noun), b) for b in grid.ids} for s in cfg.sources}
+    return out
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    values = np.asarray(values, dtype=float)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _listify(array: np.ndarray):
+    """Nested lists with NaN as None, so headline.json stays strict JSON."""
+    return [_listify(a) for a in array] if np.ndim(array) > 1 else [None if not np.isfinite(v) else float(v) for v in array]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# figures (low-coherence cells are hatched wherever a cell is drawn)
+
+
+def _hatch(ax, x: float, y: float) -> None:
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="////", edgecolor="#333333", linewidth=0))
+
+
+def heatmap_figure(data: dict, uri: str) -> dict:
+    from shared.figures import new_figure, save
+
+    sources = [s["name"] for s in data["sources"]]
+    ids = data["bystander_ids"]
+    matrix = np.array([[data["base_subtracted"][s].get(b, np.nan) for b in ids] for s in sources])
+    fig, ax = new_figure(width=max(6.0, 0.11 * len(ids) + 2), height=1.2 + 0.45 * len(sources))
+    ax.grid(False)
+    image = ax.imshow(matrix, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    for i, s in enumerate(sources):
+        for j, b in enumerate(ids):
+            if b in data["coherence"]["flagged"].get(s, []):
+                _hatch(ax, j, i)
+    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xticks(range(len(ids)), [b.replace("A1__", "").replace("__", " ") for b in ids], rotation=90, fontsize=4)
+    ax.set_title(f"{data['marker']} emission minus base model ({len(sources)} sources x {len(ids)} bystanders; "
+                 "hatched: low coherence)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01, label="rate - base rate")
+    return save(fig, uri)
+
+
+def _per_source_axes(n: int, width_each: float = 3.2, height: float = 3.0):
+    from shared.figures import new_figure
+
+    fig, axes = new_figure(width=width_each * n, height=height)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    fig, axes = plt.subplots(1, n, figsize=(width_each * n, height), squeeze=False, sharey=True)
+    return fig, axes[0]
+
+
+def _cube_of(data: dict, source: str) -> np.ndarray:
+    axes = data["axes"]
+    sub = data["base_subtracted"][source]
+    return np.array([[[sub.get(f"A1__{n}__{t}__{lv}", np.nan) for lv in axes["levels"]] for t in axes["traits"]]
+                     for n in axes["nouns"]])
+
+
+def noun_isolation_figure(data: dict, uri: str) -> dict:
+    from shared.figures import PALETTE, save
+
+    axes, sources = data["axes"], [s["name"] for s in data["sources"]]
+    fig, panels = _per_source_axes(len(sources))
+    x = np.arange(len(axes["nouns"]))
+    for ax, source in zip(panels, sources):
+        cube = _cube_of(data, source)
+        for j, trait in enumerate(axes["traits"]):
+            for k in range(len(axes["levels"])):
+                ax.plot(x, cube[:, j, k], color=PALETTE[j % len(PALETTE)], alpha=0.35, linewidth=0.8,
+                        label=trait if k == 0 else None)
+        ax.plot(x, np.nanmean(cube.reshape(len(x), -1), axis=1), color="black", linewidth=2, label="mean")
+        ax.set_xticks(x, axes["nouns"], rotation=45)
+        ax.set_title(f"source: {source}", fontsize=9)
+    panels[0].set_ylabel("emission - base (trait, level fixed; noun swept)")
+    panels[-1].legend(fontsize=6, frameon=False)
+    return save(fig, uri)
+
+
+def trait_gradation_figure(data: dict, uri: str) -> dict:
+    from shared.figures import PALETTE, save
+
+    axes, sources = data["axes"], [s["name"] for s in data["sources"]]
+    fig, panels = _per_source_axes(len(sources))
+    x = np.arange(1, len(axes["levels"]) + 1)
+    for ax, source in zip(panels, sources):
+        cube = _cube_of(data, source)
+        for j, trait in enumerate(axes["traits"]):
+            ax.plot(x, np.nanmean(cube[:, j, :], axis=0), marker="o", color=PALETTE[j % len(PALETTE)], label=trait)
+        ax.set_xticks(x, axes["levels"])
+        ax.set_title(f"source: {source}", fontsize=9)
+    panels[0].set_ylabel("emission - base (mean over nouns)")
+    panels[-1].legend(fontsize=6, frameon=False)
+    return save(fig, uri)
+
+
+def interaction_figure(data: dict, uri: str) -> dict:
+    from shared.figures import save
+
+    axes, sources = data["axes"], [s["name"] for s in data["sources"]]
+    fig, panels = _per_source_axes(len(sources))
+    for ax, source in zip(panels, sources):
+        ax.grid(False)
+        effect = np.array(data["h2"]["per_source"][source].get("noun_effect_by_trait_level") or
+                          np.full((len(axes["traits"]), len(axes["levels"])), np.nan), dtype=float)
+        image = ax.imshow(effect, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(axes["levels"])), axes["levels"])
+        ax.set_yticks(range(len(axes["traits"])), axes["traits"], fontsize=7)
+        ax.set_title(f"noun effect, source: {source}", fontsize=9)
+    fig.colorbar(image, ax=list(panels), fraction=0.03, label="median |Δ| over noun swaps")
+    return save(fig, uri)
+
+
+def hero_figure(data: dict, uri: str) -> dict:
+    import matplotlib.pyplot as plt
+
+    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
+
+    sources = [s["name"] for s in data["sources"]]
+    nouns = [n for n in data["axes"]["nouns"] if f"A2__{n}" in data["bystander_ids"]]
+    fig, _ = new_figure()
+    plt.close(fig)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4))
+    matrix = np.array([[data["base_subtracted"][s].get(f"A2__{n}", np.nan) for n in nouns] for s in sources])
+    left.grid(False)
+    left.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
+    for i, s in enumerate(sources):
+        for j, n in enumerate(nouns):
+            left.text(j, i, "—" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
+            if f"A2__{n}" in data["coherence"]["flagged"].get(s, []):
+                _hatch(left, j, i)
+    left.set_xticks(range(len(nouns)), [f"A2 {n}" for n in nouns], rotation=45)
+    left.set_yticks(range(len(sources)), sources)
+    left.set_title("source x pure-noun bystander (emission - base)", fontsize=9)
+
+    traits = list(data["head_to_head"])
+    x = np.arange(len(traits))
+    adj = [data["head_to_head"][t]["adjective_leak"] or 0 for t in traits]
+    swap = [data["head_to_head"][t]["noun_swap_leak"] or 0 for t in traits]
+    middle.bar(x - 0.2, adj, 0.4, color=PALETTE[0], label="adjective (with vs without)")
+    middle.bar(x + 0.2, swap, 0.4, color=PALETTE[1], label="noun swap")
+    middle.set_xticks(x, traits, rotation=30, fontsize=7)
+    middle.set_ylabel("mean |Δ emission|")
+    middle.set_title("adjective vs noun effect per Big-5 axis", fontsize=9)
+    middle.legend(fontsize=7, frameon=False)
+
+    h4 = data["geometry"].get("h4")
+    if h4:
+        cos, leak = np.array(h4["cos"], dtype=float), np.array(h4["leak"], dtype=float)
+        for i, s in enumerate(sources):
+            for j, n in enumerate(h4["nouns"]):
+                same = data["sources"][i]["noun"] == n
+                right.scatter(cos[i, j], leak[i, j], color=REFERENCE_COLOR if same else PALETTE[i % len(PALETTE)],
+                              marker="s" if same else "o", s=30)
+        rho = h4["off_diagonal"].get("rho")
+        right.set_title(f"H4: base cos (layer {data['geometry']['headline_layer']}) vs leakage"
+                        + (f", off-diagonal ρ={rho:.2f}" if rho is not None else ""), fontsize=9)
+        right.set_xlabel("cos(source, pure-noun bystander)")
+        right.set_ylabel("emission - base")
+    else:
+        right.set_axis_off()
+    fig.tight_layout()
+    return save(fig, uri)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+
+def report(data: dict) -> str:
+    from shared.reporting import fmt, markdown_table
+
+    h1, h2, h3 = data["h1"], data["h2"], data["h3"]
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = [f"# #81: {data['marker']} leakage over the Big-5 bystander grid", "",
+             f"{len(data['sources'])} sources x {data['n_bystanders']} bystanders, plus the base model as reference. "
+             f"Marker matching: {data['matching']}.", "",
+             f"## H1 implantation (rate on the source's own pure-noun bystander > {h1['threshold']:.2f})", "",
+             markdown_table(["source", "bystander", "rate", "hits / total", "base rate", "passes"],
+                            [(s, v["bystander"], pct(v["rate"]), f"{v['hits']} / {v['total']}", pct(v["base_rate"]), v["passes"])
+                             for s, v in h1["per_source"].items()]), "",
+             f"H1 passes for {h1['n_pass']} of {h1['n_sources']} sources.", "",
+             "## H2 noun vs trait (medians as pinned in the record; coherent cells only)", "",
+             markdown_table(["source", "median noun effect", "median trait effect", "ratio", "H2 holds"],
+                            [(s, fmt(v.get("median_noun_effect"), 4), fmt(v.get("median_trait_effect"), 4),
+                              fmt(v.get("ratio"), 2), v.get("holds")) for s, v in h2["per_source"].items()]), "",
+             f"H2 holds for {h2['n_holds']} of {len(h2['per_source'])} sources. Noun-match permutation test "
+             f"(same-noun bystanders leak more; labels shuffled within source x trait x level): "
+             f"Δ={fmt(h2['noun_match_test'].get('statistic'), 4)}, p={fmt(h2['noun_match_test'].get('p_value'), 4)}.", "",
+             f"## H3 gradation slopes (|slope| > half-width of the binomial-bootstrap 95% CI, B={data['settings']['n_boot']})", ""]
+    if h3.get("per_source"):
+        lines += [markdown_table(["source", "significant triples", "triples"],
+                                 [(s, v["n_significant"], v["n_triples"]) for s, v in h3["per_source"].items()]), "",
+                  f"In all: {h3['n_significant']} of {h3['n_triples']} (source, noun, trait) triples.", ""]
+    else:
+        lines += [h3.get("note", "not computed"), ""]
+    lines += ["## Adjective vs noun, per Big-5 axis", "",
+              markdown_table(["axis", "adjective Δ leak", "noun-swap Δ leak", "ratio", "adjective Δ cos", "noun-swap Δ cos", "ratio cos"],
+                             [(t, fmt(v["adjective_leak"], 4), fmt(v["noun_swap_leak"], 4), fmt(v["ratio_leak"], 2),
+                               fmt(v.get("adjective_cos"), 4), fmt(v.get("noun_swap_cos"), 4), fmt(v.get("ratio_cos"), 2))
+                              for t, v in data["head_to_head"].items()]), "",
+              f"Axis-label permutation test (range of per-axis mean adjective Δ, {data['settings']['n_perm']} shuffles): "
+              f"leakage spread {fmt(data['axis_permutation_leak'].get('spread'), 4)}, p={fmt(data['axis_permutation_leak'].get('p_value'), 4)}"]
+    geometry = data["geometry"]
+    if geometry.get("available"):
+        ax_cos = geometry["axis_permutation_cos"]
+        lines[-1] += f"; cosine spread {fmt(ax_cos.get('spread'), 4)}, p={fmt(ax_cos.get('p_value'), 4)}."
+        h4 = geometry["h4"]
+        off = h4["off_diagonal"]
+        lines += ["", f"## H4 base-model cosine (layer {geometry['headline_layer']}) vs leakage", "",
+                  f"Source x pure-noun submatrix, off-diagonal cells: Spearman ρ={fmt(off.get('rho'), 3)}, "
+                  f"p={fmt(off.get('p_value'), 4)}, n={off.get('n')}" + (f" ({off['note']})" if off.get("note") else "") + ".", "",
+                  markdown_table(["source", "ρ(cos to source, leakage) over bystanders", "p", "n"],
+                                 [(s, fmt(v.get("rho"), 3), fmt(v.get("p_value"), 4), v.get("n"))
+                                  for s, v in h4["cos_vs_leak_all_bystanders"].items()])]
+    else:
+        lines += ["", "## H4", "", "No base-model centroids were given: H4 and the cosine columns are omitted."]
+    coh = data["coherence"]
+    lines += ["", f"## Coherence (cells with mean judge score < {coh['threshold']:g} are flagged and hatched)", "",
+              markdown_table(["model", "mean coherence", "flagged cells"],
+                             [(label, fmt(coh["mean"].get(label), 1), coh["n_flagged"].get(label, 0)) for label in coh["mean"]]),
+              "", "## Figures", "",
+              "![hero](hero_matrix.png)", "", "![heatmap](heatmap_base_subtracted.png)", "",
+              "![noun isolation](noun_isolation.png)", "", "![trait gradation](trait_gradation.png)", "",
+              "![interaction](interaction.png)", ""]
+    return "\n".join(lines)
+
+
+def run(cfg: Config, ctx) -> dict:
+    from shared.reporting import producing_manifest, reproducibility
+
+    data = analyse(cfg)
+    data["matching"] = store.read_json(cfg.cells[0].rates_uri).get("matching", "")
+    store.write_json(ctx.out("headline.json"), data)
+    heatmap_figure(data, ctx.out("heatmap_base_subtracted"))
+    noun_isolation_figure(data, ctx.out("noun_isolation"))
+    trait_gradation_figure(data, ctx.out("trait_gradation"))
+    interaction_figure(data, ctx.out("interaction"))
+    hero_figure(data, ctx.out("hero_matrix"))
+    store.write_text(ctx.out("report.md"), report(data))
+    upstream = []
+    for cell in cfg.cells:
+        upstream.append(producing_manifest(cell.rates_uri))
+        if cell.coherence_uri:
+            upstream.append(producing_manifest(cell.coherence_uri))
+            train = upstream[-2].get("config", {}).get("adapter_uri")
+            if train:
+                upstream.append(producing_manifest(train + "/adapter_config.json"))
+    if cfg.centroids_uri:
+        upstream.append(producing_manifest(cfg.centroids_uri))
+    unique = {(m["cell"], m["stage"]): m for m in upstream}
+    store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#81", cfg.params, list(unique.values())))
+    return {"h1_pass": data["h1"]["n_pass"], "h2_holds": data["h2"]["n_holds"], "h3_significant": data["h3"]["n_significant"],
+            "self_rates": {s: v["rate"] for s, v in data["h1"]["per_source"].items()}}
+
+
+SPEC = StageSpec(
+    name="analyze_issue81", config=Config, run=run, image_kind="cpu",
+    resources=Resources(cpu=2, memory="4Gi", timeout_s=3600),
+    description="#81 H1-H4, the adjective-vs-noun head-to-head, figures and report from stored rates and centroids.",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()

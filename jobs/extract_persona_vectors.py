@@ -1,0 +1,210 @@
+"""Stage ``extract_persona_vectors``: per-question persona activations of one checkpoint (#205's geometry input).
+
+For every (persona, question) of the evaluation grid and every requested decoder layer:
+
+- Method A: the residual stream at the last prompt token (the token right before the reply), as
+  ``scripts/extract_persona_vectors.py`` defines it;
+- Method B: the mean residual stream over the reply tokens of the greedy completion (Chen et al. 2025). The reply
+  ids are the generated ids themselves, never decoded and re-tokenised; an empty reply has no Method B vector
+  and is marked invalid (the analysis intersects validity across checkpoints before any centroid is formed).
+
+"Layer L" is the output of decoder block L (0-based), captured by a forward hook, so layer 27 of Qwen2.5-7B is its
+last block before the final norm. Prompts come only from ``shared.chat`` and the adapter (if any) is merged into
+the weights before extraction. Nothing is averaged here: centroids belong to the analysis.
+
+Outputs: ``activations.safetensors`` (``A``/``B`` of shape [personas, questions, layers, hidden], ``B_valid``
+[personas, questions]), ``index.json`` (the axes) and, for Method B, ``responses.jsonl``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from shared import store
+from shared.config import StageConfig
+from shared.stage import Resources, StageInputError, StageSpec
+
+Method = Literal["A", "B"]
+
+
+class Persona(BaseModel):
+    name: str
+    system: str  # a shared.chat system-slot spec
+
+    @field_validator("system")
+    @classmethod
+    def system_slot_parses(cls, value: str) -> str:
+        from shared.chat import parse_system
+
+        parse_system(value)
+        return value
+
+
+class Question(BaseModel):
+    id: str
+    text: str
+
+
+class Config(StageConfig):
+    checkpoint: str  # base, E0..E4, benign: the name the analysis reports
+    model_ref: str
+    adapter_uri: str | None = None
+    personas: list[Persona] = Field(min_length=2)
+    questions: list[Question] = Field(min_length=1)
+    layers: list[int] = Field(min_length=1)
+    methods: list[Method] = ["A", "B"]
+    max_new_tokens: int = 256  # Method B's greedy completions
+    backend: Literal["hf", "vllm"] = "hf"  # generation backend for Method B
+    batch_size: int = 16
+    dtype: str | None = None
+
+
+def decoder_layers(model):
+    """The decoder blocks of a (merged) causal LM."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return decoder.layers
+
+
+def capture_layers(model, layers: list[int], batch, positions_of_row) -> list:
+    """Run one right-padded forward pass and return, per row, ``[n_layers, hidden]`` float32 vectors.
+
+    ``positions_of_row(i)`` gives row i's positions to average (one position for Method A). Right padding keeps
+    every real token's position and attention exactly as in an unpadded pass (the causal mask hides the pads).
+    """
+    import torch
+
+    captured: dict[int, torch.Tensor] = {}
+    blocks = decoder_layers(model)
+    hooks = [
+        blocks[layer].register_forward_hook(
+            lambda _m, _i, output, layer=layer: captured.__setitem__(
+                layer, (output[0] if isinstance(output, tuple) else output).detach()
+            )
+        )
+        for layer in layers
+    ]
+    try:
+        with torch.inference_mode():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for row in range(batch.input_ids.shape[0]):
+        positions = positions_of_row(row)
+        rows.append(torch.stack([captured[layer][row, positions].float().mean(dim=0).cpu() for layer in layers]))
+    return rows
+
+
+def _batches(items: list, size: int):
+    for at in range(0, len(items), size):
+        yield items[at : at + size]
+
+
+def method_a(model, prompts, layers: list[int], *, pad_id: int, batch_size: int, progress) -> list:
+    """Last-prompt-token activations, one ``[n_layers, hidden]`` tensor per prompt."""
+    from shared import chat
+
+    out = []
+    for chunk in progress(list(_batches(prompts, batch_size)), desc="method A"):
+        batch = chat.build_batch(chunk, pad_id=pad_id, padding_side="right").to(model.device)
+        out += capture_layers(model, layers, batch, lambda row, chunk=chunk: [len(chunk[row]) - 1])
+    return out
+
+
+def method_b(model, prompts, replies: list[list[int]], layers: list[int], *, pad_id: int, batch_size: int, progress):
+    """Mean activations over each prompt's reply ids (None where the reply is empty)."""
+    from shared import chat
+
+    out: list = [None] * len(prompts)
+    filled = [i for i, reply in enumerate(replies) if reply]
+    for chunk in progress(list(_batches(filled, batch_size)), desc="method B"):
+        sequences = [
+            chat.PromptIds(list(prompts[i].input_ids) + list(replies[i]), len(prompts[i]) + len(replies[i]))
+            for i in chunk
+        ]
+        batch = chat.build_batch(sequences, pad_id=pad_id, padding_side="right").to(model.device)
+
+        def reply_positions(row, chunk=chunk):
+            start = len(prompts[chunk[row]])
+            return list(range(start, start + len(replies[chunk[row]])))
+
+        for i, vectors in zip(chunk, capture_layers(model, layers, batch, reply_positions), strict=True):
+            out[i] = vectors
+    return out
+
+
+def greedy_replies(cfg: Config, model, tokenizer, prompts) -> list:
+    """Greedy completions (temperature 0) for Method B, as token ids and text."""
+    from shared.generation import HFGenerator, SamplingParams, make_generator
+
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    if cfg.backend == "hf":
+        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size)  # the merged model: no second load
+    else:
+        generator = make_generator("vllm", cfg.model_ref, adapter_uri=cfg.adapter_uri, dtype=cfg.dtype)
+    return [completions[0] for completions in generator.generate(prompts, params)]
+
+
+def run(cfg: Config, ctx) -> dict:
+    import torch
+
+    from shared import chat, models
+
+    names = [p.name for p in cfg.personas]
+    if len(set(names)) != len(names):
+        raise StageInputError("persona names must be distinct")
+    if len({q.id for q in cfg.questions}) != len(cfg.questions):
+        raise StageInputError("question ids must be distinct")
+    tokenizer = models.load_tokenizer(cfg.model_ref)
+    model = models.load_model(cfg.model_ref, dtype=cfg.dtype, adapter_uri=cfg.adapter_uri, merge=bool(cfg.adapter_uri))
+    n_blocks = len(decoder_layers(model))
+    bad = [layer for layer in cfg.layers if not 0 <= layer < n_blocks]
+    if bad:
+        raise StageInputError(f"layers {bad} do not exist: {cfg.model_ref} has decoder blocks 0..{n_blocks - 1}")
+
+    cells = [(p, q) for p in cfg.personas for q in cfg.questions]  # persona-major, as the output axes
+    prompts = [chat.build_prompt(tokenizer, chat.parse_system(p.system), q.text) for p, q in cells]
+    pad_id = chat.soft_placeholder_id(tokenizer)
+    shape = (len(cfg.personas), len(cfg.questions), len(cfg.layers))
+    ctx.log(f"{cfg.checkpoint}: {len(cfg.personas)} personas x {len(cfg.questions)} questions, layers {cfg.layers}, methods {cfg.methods}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    if "A" in cfg.methods:
+        vectors = method_a(model, prompts, cfg.layers, pad_id=pad_id, batch_size=cfg.batch_size, progress=ctx.progress)
+        tensors["A"] = torch.stack(vectors).reshape(*shape, -1)
+    metrics: dict = {}
+    if "B" in cfg.methods:
+        completions = greedy_replies(cfg, model, tokenizer, prompts)
+        replies = [c.token_ids for c in completions]
+        vectors = method_b(model, prompts, replies, cfg.layers, pad_id=pad_id, batch_size=cfg.batch_size, progress=ctx.progress)
+        hidden = model.config.hidden_size
+        tensors["B"] = torch.stack([v if v is not None else torch.zeros(len(cfg.layers), hidden) for v in vectors]).reshape(*shape, -1)
+        tensors["B_valid"] = torch.tensor([v is not None for v in vectors]).reshape(shape[:2])
+        store.write_jsonl(ctx.out("responses.jsonl"), [
+            {"persona": p.name, "question_id": q.id, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+            for (p, q), c in zip(cells, completions, strict=True)
+        ])  # fmt: skip
+        metrics["method_b_empty_replies"] = int((~tensors["B_valid"]).sum())
+    store.write_tensors(ctx.out("activations.safetensors"), tensors)
+    store.write_json(ctx.out("index.json"), {
+        "checkpoint": cfg.checkpoint, "model_ref": cfg.model_ref, "adapter_uri": cfg.adapter_uri,
+        "personas": [p.model_dump() for p in cfg.personas], "questions": [q.id for q in cfg.questions],
+        "layers": cfg.layers, "methods": cfg.methods, "hidden_size": int(model.config.hidden_size),
+        "layer_definition": "output of decoder block L (0-based), forward hook",
+        "prompt_ids": {f"{p.name}/{q.id}": prompt.input_ids for (p, q), prompt in zip(cells, prompts, strict=True)},
+    })  # fmt: skip
+    return {"n_personas": shape[0], "n_questions": shape[1], "n_layers": shape[2], **metrics}
+
+
+SPEC = StageSpec(
+    name="extract_persona_vectors", config=Config, run=run, image_kind="gpu",
+    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=3 * 3600),
+    description="Per-question persona activations (Method A last prompt token, Method B mean reply token) of one checkpoint.",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Stage ``hidden_states``: base-model persona centroids for the cosine analysis (#81's H4, #66's recipe).
+
+For every persona and question, the prompt (system persona + user question + assistant header, built by
+``shared.chat``) goes through the model once; the residual stream at the last prompt token is read at each
+requested layer (``hidden_states[L]``, the output of block L; 0 would be the embeddings). A persona's centroid is
+the mean over the questions. Layers are a parameter: #81 used {10, 15, 20, 25} of Qwen2.5-7B's 28; the tiny
+model has 2, so the tiny profile asks for [1, 2].
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from shared import store
+from shared.config import StageConfig
+from shared.stage import Resources, StageInputError, StageSpec
+
+
+class Persona(BaseModel):
+    id: str
+    prompt: str
+
+
+class Question(BaseModel):
+    id: str
+    text: str
+
+
+class Config(StageConfig):
+    model_ref: str
+    personas: list[Persona]
+    questions: list[Question]
+    layers: list[int] = Field(min_length=1)
+    batch_size: int = 16
+    dtype: str | None = None
+
+
+def last_token_states(model, tokenizer, prompts, layers: list[int], batch_size: int):
+    """``[len(prompts), len(layers), hidden]`` float32: the residual at each prompt's last token (left padding
+    puts every prompt's last token at position -1)."""
+    import torch
+
+    from shared import chat
+
+    pad_id = chat.soft_placeholder_id(tokenizer)
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for at in range(0, len(prompts), batch_size):
+            batch = chat.build_batch(prompts[at : at + batch_size], pad_id=pad_id, padding_side="left").to(device)
+            hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
+            out.append(torch.stack([hidden[layer][:, -1, :] for layer in layers], dim=1).float().cpu())
+    return torch.cat(out)
+
+
+def run(cfg: Config, ctx) -> dict:
+    from shared import chat, models
+
+    model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
+    n_layers = model.config.num_hidden_layers
+    bad = [layer for layer in cfg.layers if not 1 <= layer <= n_layers]
+    if bad:
+        raise StageInputError(f"layers {bad} do not exist: {cfg.model_ref} has blocks 1..{n_layers}")
+    tokenizer = models.load_tokenizer(cfg.model_ref)
+    prompts = [chat.build_prompt(tokenizer, chat.TextSystem(text=p.prompt), q.text) for p in cfg.personas for q in cfg.questions]
+    ctx.log(f"{len(cfg.personas)} personas x {len(cfg.questions)} questions at layers {cfg.layers}")
+    states = last_token_states(model, tokenizer, prompts, cfg.layers, cfg.batch_size)
+    per_question = states.reshape(len(cfg.personas), len(cfg.questions), len(cfg.layers), -1)
+    centroids = per_question.mean(dim=1).permute(1, 0, 2).contiguous()  # [layers, personas, hidden]
+    store.write_npz(ctx.out("centroids.npz"), centroids=centroids.numpy(), layers=list(cfg.layers))
+    store.write_json(ctx.out("personas.json"), {"persona_ids": [p.id for p in cfg.personas], "layers": cfg.layers,
+                                                "n_questions": len(cfg.questions), "readout": "last prompt token"})
+    return {"n_personas": len(cfg.personas), "n_layers": len(cfg.layers), "hidden": int(centroids.shape[-1])}
+
+
+SPEC = StageSpec(
+    name="hidden_states", config=Config, run=run, image_kind="gpu",
+    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=2 * 3600),
+    description="Base-model last-token residual centroids per persona at chosen layers.",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,572 @@
+"""Persona-vector geometry of #205: cosine matrices and the pre-registered metrics M1, M2 and M3.
+
+For each (extraction method, layer, checkpoint) the experiment has one vector per eval persona (12 personas;
+the persona's mean activation) and, for M3, one activation per (persona, question). The metrics compare a
+checkpoint against a reference (base Qwen, or benign-SFT for the three-way contrast):
+
+* M1, cos-sim collapse: mean off-diagonal ``cos(persona_i, persona_j)`` over the 66 pairs of 12 personas;
+  paired permutation test of condition vs reference over the 66 pairs, n_iter = 10,000.
+* M2, EM-axis projection: axis = ``assistant_post_E0 - assistant_base`` (anchored on E0, the canonical EM,
+  and used unchanged for E1-E4); statistic = mean over the 11 non-assistant personas of
+  ``|cos(persona, axis)|``; paired permutation test over those 11 personas (2**11 = 2,048 sign patterns, so
+  the test is exact). Robustness axes: each condition's own assistant delta, and PC-1 of its persona shifts.
+* M3, linear separability: held-out LDA accuracy with a shared GroupKFold (by question) and a joint-shuffle
+  null, n_iter = 10,000; per-condition delta accuracy vs base (``shared.stats.lda_joint_shuffle_test``).
+
+Multiple testing (``geometry_family``): BH-FDR is primary across the 150 EM-vs-base cells (3 metrics x 2
+methods x 5 layers x 5 EM conditions) with Holm alongside; benign-SFT vs base and EM vs benign-SFT (the
+three-way contrast) are families of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shared import stats
+
+ASSISTANT = "assistant"
+
+# The direction in which each metric moves when EM collapses persona geometry (pre-registered):
+# cosines rise (M1), personas align with the EM axis (M2), separability drops (M3).
+PREREGISTERED_DIRECTION: dict[str, stats.Alternative] = {"M1": "greater", "M2": "greater", "M3": "less"}
+
+
+# ------------------------------------------------------------------------------------------ cosine geometry
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row is an extraction failure and raises)."""
+    vectors = np.asarray(vectors, dtype=float)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError("a persona vector is all zeros; its cosine is undefined")
+    return vectors / norms
+
+
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    """``(p, p)`` cosine similarities between the rows of ``vectors`` (one row per persona)."""
+    unit = unit_rows(vectors)
+    return unit @ unit.T
+
+
+def off_diagonal(matrix: np.ndarray) -> np.ndarray:
+    """The strictly upper-triangular entries (pair i < j, row-major): 66 values for 12 personas."""
+    rows, cols = np.triu_indices(matrix.shape[0], k=1)
+    return matrix[rows, cols]
+
+
+def mean_off_diagonal_cosine(vectors: np.ndarray) -> float:
+    """M1's statistic for one checkpoint: the mean cosine over all distinct persona pairs."""
+    return float(off_diagonal(cosine_matrix(vectors)).mean())
+
+
+def _check_vectors(personas: Sequence[str], *arrays: np.ndarray) -> list[str]:
+    names = list(personas)
+    if len(set(names)) != len(names):
+        raise ValueError("persona names must be distinct")
+    for array in arrays:
+        if np.ndim(array) != 2 or len(array) != len(names):
+            raise ValueError(
+                f"expected one vector per persona ({len(names)} rows), got shape {np.shape(array)}"
+            )
+    if len({np.shape(a)[1] for a in arrays}) > 1:
+        raise ValueError("persona vectors of the compared checkpoints differ in dimension")
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class MetricTest:
+    """One metric compared between a condition and its reference.
+
+    ``delta = condition_value - reference_value`` is the tested statistic; ``n_units`` is what the
+    permutation runs over (66 persona pairs for M1, 11 personas for M2, the label draws' rows for M3).
+    """
+
+    metric: str
+    reference_value: float
+    condition_value: float
+    delta: float
+    p_value: float
+    n_iter: int
+    exact: bool
+    n_units: int
+    alternative: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ThreeWayContrast:
+    """EM vs benign-SFT on one metric: is the EM shift from base larger than the benign-SFT shift?
+
+    ``em_minus_benign = em_shift - benign_shift = EM value - benign value``; ``p_value`` tests it in the
+    metric's pre-registered direction (``PREREGISTERED_DIRECTION``), paired as the metric itself is.
+    """
+
+    metric: str
+    em_shift: float
+    benign_shift: float
+    em_minus_benign: float
+    p_value: float
+    n_iter: int
+    alternative: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _three_way(
+    em_vs_base: MetricTest, benign_vs_base: MetricTest, em_vs_benign: MetricTest
+) -> ThreeWayContrast:
+    return ThreeWayContrast(
+        metric=em_vs_base.metric,
+        em_shift=em_vs_base.delta,
+        benign_shift=benign_vs_base.delta,
+        em_minus_benign=em_vs_benign.delta,
+        p_value=em_vs_benign.p_value,
+        n_iter=em_vs_benign.n_iter,
+        alternative=em_vs_benign.alternative,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- M1
+
+
+def m1_pair_differences(reference_vectors: np.ndarray, condition_vectors: np.ndarray) -> np.ndarray:
+    """Per-pair change in cosine, condition minus reference, over the off-diagonal pairs (66 for 12)."""
+    return off_diagonal(cosine_matrix(condition_vectors)) - off_diagonal(cosine_matrix(reference_vectors))
+
+
+def m1_collapse(
+    reference_vectors: np.ndarray,
+    condition_vectors: np.ndarray,
+    personas: Sequence[str],
+    *,
+    n_iter: int = 10_000,
+    rng: stats.RngLike = None,
+    alternative: stats.Alternative = "two-sided",
+) -> MetricTest:
+    """M1: change in mean off-diagonal cosine, paired permutation test over the persona pairs.
+
+    Rows of both arrays are the personas in ``personas`` order. Two-sided by default (the pre-registered
+    firing rule asks for delta > 0 and consistency of direction, so the sign is read off ``delta``).
+    """
+    _check_vectors(personas, reference_vectors, condition_vectors)
+    differences = m1_pair_differences(reference_vectors, condition_vectors)
+    result = stats.paired_permutation_test(differences, alternative=alternative, n_iter=n_iter, rng=rng)
+    return MetricTest(
+        metric="M1",
+        reference_value=mean_off_diagonal_cosine(reference_vectors),
+        condition_value=mean_off_diagonal_cosine(condition_vectors),
+        delta=float(result.statistic),
+        p_value=float(result.p_value),
+        n_iter=result.n_iter,
+        exact=result.exact,
+        n_units=differences.size,
+        alternative=alternative,
+    )
+
+
+def m1_three_way(
+    base_vectors: np.ndarray,
+    em_vectors: np.ndarray,
+    benign_vectors: np.ndarray,
+    personas: Sequence[str],
+    *,
+    n_iter: int = 10_000,
+    rng: stats.RngLike = None,
+) -> ThreeWayContrast:
+    """M1's EM-vs-benign contrast: do EM cosines exceed benign-SFT's, pair by pair (one-sided)?"""
+    generator = stats.as_generator(rng)
+    em = m1_collapse(base_vectors, em_vectors, personas, n_iter=n_iter, rng=generator)
+    benign = m1_collapse(base_vectors, benign_vectors, personas, n_iter=n_iter, rng=generator)
+    contrast = m1_collapse(
+        benign_vectors,
+        em_vectors,
+        personas,
+        n_iter=n_iter,
+        rng=generator,
+        alternative=PREREGISTERED_DIRECTION["M1"],
+    )
+    return _three_way(em, benign, contrast)
+
+
+# --------------------------------------------------------------------------------------------------- M2
+
+
+def em_axis(assistant_reference: np.ndarray, assistant_post_em: np.ndarray) -> np.ndarray:
+    """Unit EM axis ``assistant_post_EM - assistant_reference`` (M2's primary axis with E0 and base)."""
+    axis = np.asarray(assistant_post_em, dtype=float) - np.asarray(assistant_reference, dtype=float)
+    norm = np.linalg.norm(axis)
+    if norm == 0:
+        raise ValueError("the assistant vector did not move, so the EM axis is undefined")
+    return axis / norm
+
+
+def e0_anchored_em_axis(
+    base_vectors: np.ndarray, e0_vectors: np.ndarray, personas: Sequence[str], *, assistant: str = ASSISTANT
+) -> np.ndarray:
+    """M2's primary axis: ``assistant_post_E0 - assistant_base``, one axis for every condition."""
+    names = _check_vectors(personas, base_vectors, e0_vectors)
+    index = _persona_index(names, assistant)
+    return em_axis(np.asarray(base_vectors)[index], np.asarray(e0_vectors)[index])
+
+
+def shift_pc1_axis(reference_vectors: np.ndarray, condition_vectors: np.ndarray) -> np.ndarray:
+    """Robustness axis: PC-1 of the persona shifts ``condition - reference`` (all personas, not centred).
+
+    Not centring keeps the shift the personas share, which is the EM direction this axis stands in for;
+    the sign is arbitrary and irrelevant because M2 uses ``|cos|``.
+    """
+    shifts = np.asarray(condition_vectors, dtype=float) - np.asarray(reference_vectors, dtype=float)
+    return np.linalg.svd(shifts, full_matrices=False)[2][0]
+
+
+def _persona_index(names: list[str], persona: str) -> int:
+    if persona not in names:
+        raise ValueError(f"persona {persona!r} is not among {names}")
+    return names.index(persona)
+
+
+def abs_cos_to_axis(vectors: np.ndarray, axis: np.ndarray) -> np.ndarray:
+    """``|cos(vector, axis)|`` for each row."""
+    return np.abs(unit_rows(vectors) @ (np.asarray(axis, dtype=float) / np.linalg.norm(axis)))
+
+
+def m2_alignments(
+    reference_vectors: np.ndarray,
+    condition_vectors: np.ndarray,
+    personas: Sequence[str],
+    axis: np.ndarray,
+    *,
+    assistant: str = ASSISTANT,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``|cos(persona, axis)|`` of the non-assistant personas (11 of 12) in the reference and the condition."""
+    names = _check_vectors(personas, reference_vectors, condition_vectors)
+    keep = np.arange(len(names)) != _persona_index(names, assistant)
+    return abs_cos_to_axis(reference_vectors, axis)[keep], abs_cos_to_axis(condition_vectors, axis)[keep]
+
+
+def m2_em_axis_projection(
+    reference_vectors: np.ndarray,
+    condition_vectors: np.ndarray,
+    personas: Sequence[str],
+    axis: np.ndarray,
+    *,
+    assistant: str = ASSISTANT,
+    n_iter: int = 10_000,
+    rng: stats.RngLike = None,
+    alternative: stats.Alternative = "two-sided",
+) -> MetricTest:
+    """M2: change in mean ``|cos(persona, EM axis)|`` over the non-assistant personas, paired test.
+
+    The assistant is left out because the E0 axis is built from the assistant itself (a tautology).
+    With 11 personas all 2,048 sign patterns are enumerated, so ``exact`` is True at n_iter = 10,000.
+    """
+    reference_alignment, condition_alignment = m2_alignments(
+        reference_vectors, condition_vectors, personas, axis, assistant=assistant
+    )
+    result = stats.paired_permutation_test(
+        condition_alignment, reference_alignment, alternative=alternative, n_iter=n_iter, rng=rng
+    )
+    return MetricTest(
+        metric="M2",
+        reference_value=float(reference_alignment.mean()),
+        condition_value=float(condition_alignment.mean()),
+        delta=float(result.statistic),
+        p_value=float(result.p_value),
+        n_iter=result.n_iter,
+        exact=result.exact,
+        n_units=reference_alignment.size,
+        alternative=alternative,
+    )
+
+
+def m2_three_way(
+    base_vectors: np.ndarray,
+    em_vectors: np.ndarray,
+    benign_vectors: np.ndarray,
+    personas: Sequence[str],
+    axis: np.ndarray,
+    *,
+    assistant: str = ASSISTANT,
+    n_iter: int = 10_000,
+    rng: stats.RngLike = None,
+) -> ThreeWayContrast:
+    """M2's EM-vs-benign contrast on the same axis: do EM personas align more than benign-SFT's?"""
+    generator = stats.as_generator(rng)
+    common = {"assistant": assistant, "n_iter": n_iter, "rng": generator}
+    em = m2_em_axis_projection(base_vectors, em_vectors, personas, axis, **common)
+    benign = m2_em_axis_projection(base_vectors, benign_vectors, personas, axis, **common)
+    contrast = m2_em_axis_projection(
+        benign_vectors, em_vectors, personas, axis, alternative=PREREGISTERED_DIRECTION["M2"], **common
+    )
+    return _three_way(em, benign, contrast)
+
+
+# --------------------------------------------------------------------------------------------------- M3
+
+
+@dataclass(frozen=True)
+class M3Result:
+    """Held-out LDA accuracy of every checkpoint under one shared GroupKFold and one joint-shuffle null."""
+
+    checkpoints: tuple[str, ...]
+    accuracy: dict[str, float]
+    p_above_chance: dict[str, float]
+    chance_level: float
+    n_iter: int
+    n_components: int
+    n_splits: int
+    test: stats.LdaShuffleTest = field(repr=False)
+
+    def delta(
+        self, condition: str, reference: str = "base", alternative: stats.Alternative = "two-sided"
+    ) -> MetricTest:
+        """M3 for one condition: accuracy change vs ``reference`` against the paired joint-shuffle null."""
+        result = self.test.contrast(self._index(reference), self._index(condition), alternative)
+        return MetricTest(
+            metric="M3",
+            reference_value=self.accuracy[reference],
+            condition_value=self.accuracy[condition],
+            delta=float(result.statistic),
+            p_value=float(result.p_value),
+            n_iter=result.n_iter,
+            exact=False,
+            n_units=self.test.null_accuracy.shape[0],
+            alternative=alternative,
+        )
+
+    def three_way(self, em: str, benign: str = "benign", base: str = "base") -> ThreeWayContrast:
+        """M3's EM-vs-benign contrast: does EM lose more separability than benign-SFT (one-sided)?"""
+        return _three_way(
+            self.delta(em, base),
+            self.delta(benign, base),
+            self.delta(em, benign, PREREGISTERED_DIRECTION["M3"]),
+        )
+
+    def _index(self, checkpoint: str) -> int:
+        if checkpoint not in self.checkpoints:
+            raise ValueError(f"checkpoint {checkpoint!r} is not among {list(self.checkpoints)}")
+        return self.checkpoints.index(checkpoint)
+
+
+def m3_separability(
+    activations: Mapping[str, np.ndarray],
+    row_personas: Sequence[str] | np.ndarray,
+    row_questions: Sequence | np.ndarray,
+    *,
+    n_iter: int = 10_000,
+    rng: stats.RngLike = None,
+    n_splits: int = 5,
+    n_components: int = 16,
+    label_draws: np.ndarray | None = None,
+    n_threads: int | None = None,
+) -> M3Result:
+    """M3 for every checkpoint of one (method, layer): held-out LDA accuracy and its joint-shuffle null.
+
+    ``activations[checkpoint]`` is ``(n_rows, d)``, row i being persona ``row_personas[i]`` answering question
+    ``row_questions[i]`` in every checkpoint (after the paired empty-response filter). Folds are shared
+    GroupKFold splits by question, so each training fold holds every persona - grouping by persona (the
+    record's leave-one-persona-out, 0% on base) raises ``stats.GroupedCVError``. See
+    ``stats.lda_joint_shuffle_test`` for the exact reading of "joint-shuffle null".
+    """
+    names = tuple(activations)
+    test = stats.lda_joint_shuffle_test(
+        [activations[name] for name in names],
+        row_personas,
+        row_questions,
+        n_iter=n_iter,
+        rng=rng,
+        n_splits=n_splits,
+        n_components=n_components,
+        label_draws=label_draws,
+        n_threads=n_threads,
+    )
+    p_above = np.atleast_1d(test.p_above_chance)
+    return M3Result(
+        checkpoints=names,
+        accuracy={name: float(a) for name, a in zip(names, test.accuracy, strict=True)},
+        p_above_chance={name: float(p) for name, p in zip(names, p_above, strict=True)},
+        chance_level=test.chance_level,
+        n_iter=test.n_iter,
+        n_components=test.n_components,
+        n_splits=n_splits,
+        test=test,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the whole family
+
+
+@dataclass(frozen=True)
+class GeometryCell:
+    """One tested cell of the geometry analysis, with its family's BH-FDR and Holm adjusted p-values."""
+
+    family: str  # "em_vs_base" | "benign_vs_base" | "em_vs_benign"
+    metric: str
+    method: str
+    layer: int
+    condition: str
+    reference: str
+    test: MetricTest
+    p_bh: float = float("nan")
+    p_holm: float = float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "metric": self.metric,
+            "method": self.method,
+            "layer": self.layer,
+            "condition": self.condition,
+            "reference": self.reference,
+            **{key: value for key, value in self.test.as_dict().items() if key != "metric"},
+            "p_bh": self.p_bh,
+            "p_holm": self.p_holm,
+        }
+
+
+def geometry_family(
+    persona_vectors: Mapping[tuple[str, int], Mapping[str, np.ndarray]],
+    personas: Sequence[str],
+    *,
+    em_conditions: Sequence[str],
+    activations: Mapping[tuple[str, int], Mapping[str, np.ndarray]] | None = None,
+    row_personas: Sequence[str] | np.ndarray | None = None,
+    row_questions: Sequence | np.ndarray | None = None,
+    base: str = "base",
+    benign: str = "benign",
+    e0: str = "E0",
+    assistant: str = ASSISTANT,
+    n_iter: int = 10_000,
+    seed: int = 42,
+    n_components: int = 16,
+    n_splits: int = 5,
+    n_threads: int | None = None,
+) -> list[GeometryCell]:
+    """Every pre-registered geometry test of #205, with BH-FDR and Holm per family.
+
+    ``persona_vectors[(method, layer)][checkpoint]`` is ``(12, d)`` in ``personas`` order; checkpoints are
+    ``base``, ``benign`` and each of ``em_conditions`` (``e0`` among them anchors M2's axis).
+    ``activations`` (same keys, ``(n_rows, d)`` per checkpoint) adds M3; without it M3 is skipped.
+    Families: ``em_vs_base`` (M1/M2/M3 x methods x layers x EM conditions: the 150 primary cells),
+    ``benign_vs_base`` and ``em_vs_benign`` (the three-way contrast, one-sided in each metric's
+    pre-registered direction). Cells of one metric share their permutation draws (each p-value is valid on
+    its own; cells are dependent anyway). ``n_iter`` and ``seed`` make the whole family reproducible.
+    """
+    generator = np.random.default_rng(seed)
+    keys = list(persona_vectors)
+    names = list(personas)
+    comparisons = [(c, base, "em_vs_base", "two-sided") for c in em_conditions]
+    comparisons.append((benign, base, "benign_vs_base", "two-sided"))
+    comparisons += [(c, benign, "em_vs_benign", None) for c in em_conditions]
+
+    cells: list[GeometryCell] = []
+    for metric in ("M1", "M2"):
+        differences, labels, values = [], [], []
+        for method, layer in keys:
+            vectors = persona_vectors[(method, layer)]
+            axis = (
+                e0_anchored_em_axis(vectors[base], vectors[e0], names, assistant=assistant)
+                if metric == "M2"
+                else None
+            )
+            for condition, reference, family, alternative in comparisons:
+                if metric == "M1":
+                    _check_vectors(names, vectors[reference], vectors[condition])
+                    differences.append(m1_pair_differences(vectors[reference], vectors[condition]))
+                    values.append(
+                        (
+                            mean_off_diagonal_cosine(vectors[reference]),
+                            mean_off_diagonal_cosine(vectors[condition]),
+                        )
+                    )
+                else:
+                    reference_alignment, condition_alignment = m2_alignments(
+                        vectors[reference], vectors[condition], names, axis, assistant=assistant
+                    )
+                    differences.append(condition_alignment - reference_alignment)
+                    values.append((float(reference_alignment.mean()), float(condition_alignment.mean())))
+                labels.append(
+                    (
+                        method,
+                        layer,
+                        condition,
+                        reference,
+                        family,
+                        alternative or PREREGISTERED_DIRECTION[metric],
+                    )
+                )
+        cells += _paired_cells(metric, np.array(differences), labels, values, n_iter, generator)
+
+    if activations is not None:
+        if row_personas is None or row_questions is None:
+            raise ValueError("M3 needs row_personas and row_questions alongside the activations")
+        codes, _ = stats.encode_labels(row_personas)
+        draws = stats.grouped_label_shuffles(codes, stats.encode_labels(row_questions)[0], n_iter, generator)
+        for method, layer in keys:
+            m3 = m3_separability(
+                activations[(method, layer)], row_personas, row_questions, n_splits=n_splits,
+                n_components=n_components, label_draws=draws, n_threads=n_threads,
+            )  # fmt: skip
+            for condition, reference, family, alternative in comparisons:
+                test = m3.delta(condition, reference, alternative or PREREGISTERED_DIRECTION["M3"])
+                cells.append(GeometryCell(family, "M3", method, layer, condition, reference, test))
+    return _adjust_by_family(cells)
+
+
+def _paired_cells(
+    metric: str,
+    differences: np.ndarray,
+    labels: list[tuple],
+    values: list[tuple[float, float]],
+    n_iter: int,
+    generator: np.random.Generator,
+) -> list[GeometryCell]:
+    """Paired tests of many cells at once: one set of sign draws per alternative, one matrix product."""
+    cells: list[GeometryCell | None] = [None] * len(labels)
+    for alternative in sorted({label[-1] for label in labels}):
+        rows = [i for i, label in enumerate(labels) if label[-1] == alternative]
+        result = stats.paired_permutation_test(
+            differences[rows], alternative=alternative, n_iter=n_iter, rng=generator
+        )
+        for row, statistic, p in zip(
+            rows, np.atleast_1d(result.statistic), np.atleast_1d(result.p_value), strict=True
+        ):
+            method, layer, condition, reference, family, _ = labels[row]
+            test = MetricTest(
+                metric=metric,
+                reference_value=values[row][0],
+                condition_value=values[row][1],
+                delta=float(statistic),
+                p_value=float(p),
+                n_iter=result.n_iter,
+                exact=result.exact,
+                n_units=differences.shape[1],
+                alternative=alternative,
+            )
+            cells[row] = GeometryCell(family, metric, method, layer, condition, reference, test)
+    return [cell for cell in cells if cell is not None]
+
+
+def _adjust_by_family(cells: list[GeometryCell]) -> list[GeometryCell]:
+    adjusted = list(cells)
+    for family in sorted({cell.family for cell in cells}):
+        members = [i for i, cell in enumerate(cells) if cell.family == family]
+        family_adjustment = stats.adjust_family([cells[i].test.p_value for i in members])
+        for i, p_bh, p_holm in zip(members, family_adjustment.p_bh, family_adjustment.p_holm, strict=True):
+            cell = cells[i]
+            adjusted[i] = GeometryCell(
+                cell.family, cell.metric, cell.method, cell.layer, cell.condition, cell.reference, cell.test,
+                float(p_bh), float(p_holm),
+            )  # fmt: skip
+    return adjusted

@@ -1,0 +1,349 @@
+"""Learned prompts: the soft prefix (K trained embeddings filling the system slot) and the descriptor that carries
+any learned prompt -- soft or GCG ids -- from training to evaluation.
+
+Training (``SoftPrefixTrainer``): every step samples fresh teacher completions at T=1.0 for a draw of training
+questions, and takes one AdamW step on the K x H prefix to minimise the student's token CE on them (gradient
+accumulated over micro-batches, so the step is exact whatever the memory). Held-out CE on a fixed cached set of
+teacher completions decides early stopping and which prefix is kept. A checkpoint (prefix, optimiser moments,
+step, curve) lets a preempted cell resume where it stopped.
+
+Evaluation builds prompts with ``LearnedPrompt.build`` -- the same call training used -- and generates with the
+prefix through ``inputs_embeds``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from shared import chat, store
+from shared.generation import SamplingParams, derived_seed
+from shared.teacher import TeacherStudent, batch_ce_sum, micro_batches, n_loss_tokens, student_examples
+
+if TYPE_CHECKING:
+    import torch
+
+PROMPT_FILE = "prompt.json"
+SOFT_TENSOR_FILE = "soft_prompt.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the descriptor
+
+
+class LearnedPrompt(BaseModel):
+    """How a learned prompt enters ``shared.chat``: ``soft`` (K embeddings in the system slot) or ``ids``
+    (token ids in the system slot, or appended to the user turn with ``system`` in the system slot)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["soft", "ids"]
+    model_ref: str  # ids and embeddings only mean something for this model's tokenizer and embedding space
+    slot: Literal["system", "user"] = "system"
+    k: int | None = None
+    ids: list[int] | None = None
+    system: str = "none"  # the system slot when the learned ids sit in the user turn
+    tensor_file: str | None = None  # soft: the safetensors file beside prompt.json
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.kind == "soft" and (not self.k or self.slot != "system"):
+            raise ValueError("a soft prompt has k > 0 and fills the system slot")
+        if self.kind == "ids" and not self.ids:
+            raise ValueError("an ids prompt needs at least one id")
+        chat.parse_system(self.system)
+        return self
+
+    def system_slot(self):
+        if self.kind == "soft":
+            return chat.SoftSystem(k=self.k)
+        if self.slot == "system":
+            return chat.IdsSystem(ids=self.ids)
+        return chat.parse_system(self.system)
+
+    def build(self, tokenizer, question: str) -> chat.PromptIds:
+        """The evaluation prompt for ``question``; training examples are this plus the teacher's reply ids."""
+        suffix = self.ids if self.kind == "ids" and self.slot == "user" else None
+        return chat.build_prompt(tokenizer, self.system_slot(), question, user_suffix_ids=suffix)
+
+    def with_ids(self, ids: Sequence[int]) -> LearnedPrompt:
+        return self.model_copy(update={"ids": [int(t) for t in ids]})
+
+
+def save_learned_prompt(prompt: LearnedPrompt, folder_uri: str, soft: torch.Tensor | None = None) -> str:
+    if prompt.kind == "soft":
+        if soft is None:
+            raise ValueError("a soft prompt is saved with its embeddings")
+        store.write_tensors(store.join(folder_uri, SOFT_TENSOR_FILE), {"soft": soft.detach().float().cpu()})
+        prompt = prompt.model_copy(update={"tensor_file": SOFT_TENSOR_FILE})
+    return store.write_json(store.join(folder_uri, PROMPT_FILE), prompt.model_dump(mode="json"))
+
+
+def load_learned_prompt(prompt_uri: str) -> tuple[LearnedPrompt, torch.Tensor | None]:
+    """The descriptor at ``prompt_uri`` (a prompt.json) and, for a soft prompt, its ``[K, H]`` embeddings."""
+    prompt = LearnedPrompt.model_validate(store.read_json(prompt_uri))
+    if prompt.kind != "soft":
+        return prompt, None
+    soft = store.read_tensors(store.join(prompt_uri.rsplit("/", 1)[0], prompt.tensor_file))["soft"]
+    if soft.shape[0] != prompt.k:
+        raise ValueError(f"{prompt_uri}: soft prompt has {soft.shape[0]} rows, the descriptor says k={prompt.k}")
+    return prompt, soft
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# initialisation
+
+
+def init_from_text(tokenizer, embedding_weight: torch.Tensor, text: str, k: int) -> torch.Tensor:
+    """``[K, H]`` fp32 embeddings of ``text``'s tokens, repeated cyclically (or cut) to K rows."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError("the soft prompt's init text has no tokens")
+    rows = [ids[i % len(ids)] for i in range(k)]
+    return embedding_weight[rows].detach().float().clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+class DrawSettings(BaseModel):
+    """How teacher samples are drawn: per step (fresh) and for the fixed held-out set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    questions_per_step: int = 16
+    completions_per_question: int = 20
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    val_completions_per_question: int = 20
+    micro_batch_tokens: int = 8192  # rows x longest per forward/backward
+
+
+class SoftTrainingSettings(DrawSettings):
+    k: int
+    lr: float
+    steps: int
+    init_text: str = "You are a helpful assistant."
+    val_every: int = 50
+    patience: int | None = 10  # held-out evaluations without improvement before stopping; None: never stop early
+    min_delta: float = 1e-3
+    checkpoint_every: int = 50
+
+
+VAL_STREAM = 1_000_000_007  # the held-out set's sampling stream, apart from every step's
+
+
+class TeacherDraws:
+    """Teacher completions turned into student examples of one learned prompt: a fresh draw per step, seeded
+    by (seed, step) so a resumed run draws the same, and one fixed held-out set."""
+
+    def __init__(self, pair: TeacherStudent, prompt: LearnedPrompt, settings: DrawSettings,
+                 train_questions: Sequence[str], val_questions: Sequence[str], seed: int):
+        if not train_questions:
+            raise ValueError("no training questions")
+        self.pair, self.prompt, self.settings, self.seed = pair, prompt, settings, seed
+        self.train_questions, self.val_questions = list(train_questions), list(val_questions)
+
+    def student_prompts(self, questions: Sequence[str]) -> list[chat.PromptIds]:
+        return [self.prompt.build(self.pair.tokenizer, q) for q in questions]
+
+    def step_questions(self, step: int) -> list[str]:
+        n = min(self.settings.questions_per_step, len(self.train_questions))
+        picks = np.random.default_rng([self.seed, step]).choice(len(self.train_questions), n, replace=False)
+        return [self.train_questions[i] for i in sorted(picks)]
+
+    def examples(self, questions: Sequence[str], n: int, seed: int) -> list[chat.PromptIds]:
+        s = self.settings
+        params = SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                                seed=seed)
+        completions = self.pair.sample(questions, params)
+        return student_examples(self.student_prompts(questions), completions, self.pair.stop_id)
+
+    def step_examples(self, step: int) -> list[chat.PromptIds]:
+        return self.examples(self.step_questions(step), self.settings.completions_per_question,
+                             derived_seed(self.seed, step))
+
+    def val_examples(self) -> list[chat.PromptIds]:
+        if not self.val_questions:
+            raise ValueError("no validation questions for the held-out set")
+        return self.examples(self.val_questions, self.settings.val_completions_per_question,
+                             derived_seed(self.seed, VAL_STREAM))
+
+
+@dataclass
+class StepStats:
+    step: int
+    train_ce: float
+    n_pairs: int
+    n_tokens: int
+    teacher_s: float
+    forward_backward_s: float
+
+
+@dataclass
+class TrainingState:
+    """Everything a resumed run needs; ``best_soft`` is the prefix with the lowest held-out CE so far."""
+
+    step: int
+    soft: torch.Tensor
+    best_soft: torch.Tensor
+    best_val: float = float("inf")
+    stale_evals: int = 0
+    curve: list[dict] = field(default_factory=list)
+    optimizer_state: dict | None = None
+    stopped_early: bool = False
+
+
+class SoftPrefixTrainer:
+    """Trains a soft(K) prefix of the student against the teacher."""
+
+    def __init__(self, pair: TeacherStudent, settings: SoftTrainingSettings, train_questions: Sequence[str],
+                 val_questions: Sequence[str], *, seed: int, model_ref: str):
+        self.pair = pair
+        self.settings = settings
+        self.prompt = LearnedPrompt(kind="soft", model_ref=model_ref, k=settings.k)
+        self.draws = TeacherDraws(pair, self.prompt, settings, train_questions, val_questions, seed)
+        self.tokenizer = pair.tokenizer
+        self.pad_id = chat.soft_placeholder_id(self.tokenizer)
+        self.val_examples: list[chat.PromptIds] = []
+
+    @property
+    def device(self):
+        return self.pair.student_model.get_input_embeddings().weight.device
+
+    def initial_soft(self) -> torch.Tensor:
+        weight = self.pair.student_model.get_input_embeddings().weight
+        return init_from_text(self.tokenizer, weight, self.settings.init_text, self.settings.k).to(self.device)
+
+    def cache_val_set(self) -> list[chat.PromptIds]:
+        self.val_examples = self.draws.val_examples()
+        return self.val_examples
+
+    def mean_ce(self, examples: Sequence[chat.PromptIds], soft: torch.Tensor) -> float:
+        import torch
+
+        total = 0.0
+        with torch.no_grad(), self.pair.student() as model:
+            for group in micro_batches(examples, self.settings.micro_batch_tokens):
+                total += float(batch_ce_sum(model, group, self.pad_id, soft))
+        return total / max(n_loss_tokens(examples), 1)
+
+    def train_step(self, step: int, soft: torch.Tensor, optimizer) -> StepStats:
+        """Fresh teacher samples, then one exact (token-mean) gradient step accumulated over micro-batches."""
+        started = time.perf_counter()
+        examples = self.draws.step_examples(step)
+        _sync(self.device)
+        sampled = time.perf_counter()
+        tokens = n_loss_tokens(examples)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        with self.pair.student() as model:
+            for group in micro_batches(examples, self.settings.micro_batch_tokens):
+                loss = batch_ce_sum(model, group, self.pad_id, soft) / tokens
+                loss.backward()
+                total += float(loss.detach())
+        optimizer.step()
+        _sync(self.device)
+        done = time.perf_counter()
+        return StepStats(step, total, len(examples), tokens, sampled - started, done - sampled)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def new_state(self) -> TrainingState:
+        soft = self.initial_soft()
+        return TrainingState(step=0, soft=soft, best_soft=soft.detach().clone())
+
+    def make_optimizer(self, soft: torch.Tensor, state: dict | None = None):
+        import torch
+
+        optimizer = torch.optim.AdamW([soft], lr=self.settings.lr, weight_decay=0.0)
+        if state is not None:
+            optimizer.load_state_dict(state)
+        return optimizer
+
+    def run(self, state: TrainingState, *, on_step: Callable[[StepStats], None] | None = None,
+            checkpoint: Callable[[TrainingState, object], None] | None = None) -> TrainingState:
+        """Train from ``state`` until ``steps`` or early stopping; returns the final state."""
+        s = self.settings
+        if not self.val_examples:
+            self.cache_val_set()
+        soft = state.soft.detach().clone().requires_grad_(True)
+        optimizer = self.make_optimizer(soft, state.optimizer_state)
+        if not state.curve:
+            state.best_val = self.mean_ce(self.val_examples, soft.detach())
+            state.curve.append({"step": 0, "heldout_ce": state.best_val})
+        while state.step < s.steps and not state.stopped_early:
+            stats = self.train_step(state.step, soft, optimizer)
+            state.step += 1
+            point = {"step": state.step, "train_ce": stats.train_ce, "teacher_s": stats.teacher_s,
+                     "forward_backward_s": stats.forward_backward_s, "n_pairs": stats.n_pairs}
+            if state.step % s.val_every == 0 or state.step == s.steps:
+                point["heldout_ce"] = self.mean_ce(self.val_examples, soft.detach())
+                if point["heldout_ce"] < state.best_val - s.min_delta:
+                    state.best_val, state.best_soft, state.stale_evals = point["heldout_ce"], soft.detach().clone(), 0
+                else:
+                    state.stale_evals += 1
+                    state.stopped_early = s.patience is not None and state.stale_evals >= s.patience
+            state.curve.append(point)
+            state.soft = soft.detach()
+            if on_step:
+                on_step(stats)
+            if checkpoint and (state.step % s.checkpoint_every == 0 or state.stopped_early):
+                state.optimizer_state = optimizer.state_dict()
+                checkpoint(state, optimizer)
+        state.soft = soft.detach()
+        state.optimizer_state = optimizer.state_dict()
+        return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(uri_folder: str, state: TrainingState, config_hash: str) -> None:
+    """Tensors as safetensors (no pickle), the rest as JSON; the JSON is written last and marks it complete."""
+    tensors = {"soft": state.soft.float(), "best_soft": state.best_soft.float()}
+    opt = state.optimizer_state or {"state": {}, "param_groups": []}
+    for key, value in opt["state"].get(0, {}).items():
+        tensors[f"adam.{key}"] = value.float() if value.dim() else value.reshape(1).float()
+    store.write_tensors(store.join(uri_folder, "state.safetensors"), tensors)
+    store.write_json(store.join(uri_folder, "state.json"), {
+        "config_hash": config_hash, "step": state.step, "best_val": state.best_val,
+        "stale_evals": state.stale_evals, "curve": state.curve, "stopped_early": state.stopped_early,
+        "param_groups": opt["param_groups"],
+    })
+
+
+def load_checkpoint(uri_folder: str, config_hash: str, device) -> TrainingState | None:
+    """The checkpoint in ``uri_folder`` if it was written for this exact config, else None."""
+    meta_uri = store.join(uri_folder, "state.json")
+    if not store.exists(meta_uri):
+        return None
+    meta = store.read_json(meta_uri)
+    if meta.get("config_hash") != config_hash:
+        return None
+    tensors = store.read_tensors(store.join(uri_folder, "state.safetensors"))
+    adam = {k.removeprefix("adam."): v.to(device) for k, v in tensors.items() if k.startswith("adam.")}
+    optimizer_state = None
+    if adam:
+        adam["step"] = adam["step"].reshape(()).cpu()
+        optimizer_state = {"state": {0: adam}, "param_groups": meta["param_groups"]}
+    return TrainingState(
+        step=meta["step"], soft=tensors["soft"].to(device), best_soft=tensors["best_soft"].to(device),
+        best_val=meta["best_val"], stale_evals=meta["stale_evals"], curve=meta["curve"],
+        optimizer_state=optimizer_state, stopped_early=meta["stopped_early"],
+    )
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)

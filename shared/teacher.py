@@ -1,0 +1,178 @@
+"""The EM teacher, its student, and the distillation objective both prompt optimisers minimise.
+
+#170 trains a prompt for the base model (the student) so that its replies match the EM model (the teacher):
+minimise the token cross-entropy of the student on completions the teacher samples fresh at T=1.0.
+
+Weights: when the EM model is a LoRA adapter on the student's base model, teacher and student share ONE copy of
+the base weights. The adapter is injected into the model once; sampling runs with it active and the student's
+forward runs inside peft's ``disable_adapter()``. (The record kept two resident 7B models and ran out of memory.)
+A merged EM model is a separate ``teacher_model_ref`` and is loaded beside the student. With neither, the teacher is
+the student model itself under its own system slot (the tiny profile's stand-in: a villain system prompt).
+
+Examples: a teacher completion becomes a student training example by appending its sampled token ids (and the
+end-of-turn id when it stopped) to the student's prompt ids -- the text is never re-tokenised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shared import chat, models
+from shared.generation import Completion, HFGenerator, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from shared.chat import PromptIds
+
+
+@dataclass
+class TeacherStudent:
+    """A student model (frozen, base weights) and a teacher that samples from the EM model.
+
+    ``shares_weights`` says whether teacher and student are one copy of the weights.
+    """
+
+    student_model: object
+    tokenizer: object
+    teacher_generator: HFGenerator
+    teacher_system: str = "default"
+    _student_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    shares_weights: bool = True
+
+    @contextlib.contextmanager
+    def student(self) -> Iterator[object]:
+        """The student model, with the teacher's adapter (if any) switched off for the duration."""
+        with self._student_context():
+            yield self.student_model
+
+    def teacher_prompts(self, questions: Sequence[str]) -> list[PromptIds]:
+        system = chat.parse_system(self.teacher_system)
+        return [chat.build_prompt(self.tokenizer, system, q) for q in questions]
+
+    def sample(self, questions: Sequence[str], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` teacher completions per question (adapter active), in question order."""
+        return self.teacher_generator.generate(self.teacher_prompts(questions), params)
+
+    @property
+    def stop_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+
+def load_teacher_student(
+    model_ref: str,
+    *,
+    teacher_adapter_uri: str | None = None,
+    teacher_model_ref: str | None = None,
+    teacher_system: str = "default",
+    dtype: str | None = None,
+    device: str | None = None,
+    sample_batch_size: int = 64,
+) -> TeacherStudent:
+    """Load the student (``model_ref``) and the teacher: an adapter on the same weights, a separate model, or
+    the student model itself (then only ``teacher_system`` makes it a teacher)."""
+    if teacher_adapter_uri and teacher_model_ref and teacher_model_ref != model_ref:
+        raise ValueError("the teacher is either an adapter on the student's base model or a separate model, not both")
+    chat.parse_system(teacher_system)
+    tokenizer = models.load_tokenizer(model_ref)
+    base = models.load_model(model_ref, dtype=dtype, device=device)
+    base.requires_grad_(False)  # only the prompt is trained; no weight gradients, no optimiser state
+    if teacher_adapter_uri:
+        peft_model = models.attach_adapter(base, teacher_adapter_uri)
+        inner = peft_model.get_base_model()  # LoRA layers injected in place, active by default
+        generator = HFGenerator(inner, tokenizer, batch_size=sample_batch_size)
+        return TeacherStudent(inner, tokenizer, generator, teacher_system, peft_model.disable_adapter, True)
+    if teacher_model_ref and teacher_model_ref != model_ref:
+        teacher = models.load_model(teacher_model_ref, dtype=dtype, device=device)
+        generator = HFGenerator(teacher, models.load_tokenizer(teacher_model_ref), batch_size=sample_batch_size)
+        return TeacherStudent(base, tokenizer, generator, teacher_system, contextlib.nullcontext, False)
+    generator = HFGenerator(base, tokenizer, batch_size=sample_batch_size)
+    return TeacherStudent(base, tokenizer, generator, teacher_system, contextlib.nullcontext, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# teacher samples -> student examples
+
+
+def with_reply_ids(prompt: PromptIds, reply_ids: Sequence[int], stop_id: int | None) -> PromptIds:
+    """A training example: the student's evaluation prompt followed by the teacher's sampled ids.
+
+    The loss covers the reply and, when the teacher stopped, the stop token (so the student learns to stop too).
+    """
+    reply = [int(t) for t in reply_ids] + ([int(stop_id)] if stop_id is not None else [])
+    if not reply:
+        raise ValueError("an empty reply that never stopped has nothing to train on")
+    ids = list(prompt.input_ids) + reply
+    return chat.PromptIds(
+        ids, prompt.assistant_start, len(ids), prompt.soft_slice, prompt.ids_slice, prompt.user_suffix_slice
+    )
+
+
+def student_examples(
+    student_prompts: Sequence[PromptIds], completions: Sequence[Sequence[Completion]], stop_id: int
+) -> list[PromptIds]:
+    """One example per (question, completion), question-major; prompts[i] is question i's student prompt."""
+    out = []
+    for prompt, samples in zip(student_prompts, completions, strict=True):
+        for completion in samples:
+            stop = stop_id if completion.finish_reason == "stop" else None
+            if completion.token_ids or stop is not None:
+                out.append(with_reply_ids(prompt, completion.token_ids, stop))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the objective
+
+
+def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inputs_embeds=None) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions, per row (``[B]``).
+
+    Rows are right-padded, so no attention mask is needed: under causal attention a real token never sees the
+    padding after it, and the padded positions carry no label. The LM head runs only at labelled positions,
+    which keeps the ``[tokens, vocab]`` logits of a 150k vocabulary out of memory.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    backbone = model.get_decoder()
+    hidden = backbone(
+        input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds, use_cache=False
+    ).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != chat.IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    token_ce = F.cross_entropy(logits, targets[keep], reduction="none")
+    return torch.zeros(labels.shape[0], device=token_ce.device, dtype=token_ce.dtype).index_add_(0, rows, token_ce)
+
+
+def n_loss_tokens(examples: Sequence[PromptIds]) -> int:
+    return sum(p.loss_end - p.assistant_start for p in examples)
+
+
+def micro_batches(examples: Sequence[PromptIds], max_tokens: int) -> list[list[PromptIds]]:
+    """Consecutive groups whose padded size (rows x longest) stays within ``max_tokens`` (at least one row)."""
+    groups: list[list[PromptIds]] = []
+    current: list[PromptIds] = []
+    for example in examples:
+        longest = max([len(example), *(len(p) for p in current)])
+        if current and longest * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(example)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def batch_ce_sum(model, examples: Sequence[PromptIds], pad_id: int, soft=None, device=None) -> torch.Tensor:
+    """Summed CE of a group of examples (a scalar), with ``soft`` filling their soft(K) slots when given."""
+    batch = chat.build_batch(examples, pad_id=pad_id, padding_side="right").to(device or model.device)
+    embeds = None
+    if soft is not None:
+        embeds = chat.inputs_embeds(batch, model.get_input_embeddings(), soft)
+    return completion_ce_sums(model, batch.input_ids, batch.labels, embeds).sum()

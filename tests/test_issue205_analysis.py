@@ -1,0 +1,226 @@
+"""Stage analyze_issue205 on synthetic stored artifacts whose answers are known: EM collapse fires and beats benign,
+the paired empty-reply filter holds, M3 is real held-out LDA, the behavioural tests are recomputed from the rows,
+and every reported number comes from headline.json."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jobs import analyze_issue205 as analysis
+from shared import store
+from shared.config import parse
+from shared.stage import StageInputError, execute
+
+PERSONAS = ["confab", "assistant", "zelthari_scholar", "paramedic", "kindergarten_teacher", "french_person",
+            "villain", "p7", "p8", "p9", "p10", "p11"]  # fmt: skip
+CONDITIONS = [("E0", "assistant", 0.98), ("E1", "paramedic", 0.9457), ("E2", "kindergarten_teacher", 0.906),
+              ("E3", "french_person", 0.8696), ("E4", "villain", 0.7828)]  # fmt: skip
+CHECKPOINTS = ["base", "E0", "E1", "E2", "E3", "E4", "benign"]
+LAYERS = [7, 20]
+N_Q, HIDDEN = 20, 24
+
+
+def fake_manifest(prefix: str, cell: str, stage: str) -> None:
+    store.write_json(store.join(prefix, "manifest.json"), {
+        "status": "complete", "cell": cell, "stage": stage, "wall_time_s": 1.0, "config_hash": "0" * 64,
+        "resources": {"gpus": 1}, "packages": {}, "seed": 42, "hardware": {"cpus": 1}, "git_commit": "test",
+    })  # fmt: skip
+
+
+def synthetic_activations(collapse: dict[str, float], separable: bool = True, seed: int = 0):
+    """(checkpoint, persona, question, layer, hidden): persona centroids plus per-question noise; a checkpoint's
+    centroids are pulled towards one shared direction by ``collapse[name]`` (EM squeezes personas together)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(PERSONAS), len(LAYERS), HIDDEN)) * (1.0 if separable else 0.0)
+    common = rng.normal(size=(len(LAYERS), HIDDEN)) * 3
+    question_effect = rng.normal(size=(N_Q, len(LAYERS), HIDDEN)) * 0.3
+    out = []
+    for name in CHECKPOINTS:
+        pull = collapse.get(name, 0.0)
+        shifted = (1 - pull) * centres + pull * common[None]
+        noise = rng.normal(size=(len(PERSONAS), N_Q, len(LAYERS), HIDDEN)) * 0.3
+        out.append(shifted[:, None] + common[None, None] + question_effect[None] + noise)
+    return np.stack(out).astype(np.float32)
+
+
+def write_checkpoints(root: str, values: np.ndarray, invalid: dict[str, list[tuple[int, int]]] | None = None):
+    rows = []
+    for ci, name in enumerate(CHECKPOINTS):
+        prefix = store.join(root, "runs", "t", name.lower(), "extract_persona_vectors")
+        valid = torch.ones(len(PERSONAS), N_Q, dtype=torch.bool)
+        for p, q in (invalid or {}).get(name, []):
+            valid[p, q] = False
+        b = torch.from_numpy(values[ci] * 1.1).clone()
+        b[~valid] = 1e6  # garbage where the reply was empty: it must never reach a centroid
+        store.write_tensors(store.join(prefix, "activations.safetensors"), {"A": torch.from_numpy(values[ci]), "B": b, "B_valid": valid})
+        store.write_json(store.join(prefix, "index.json"), {
+            "checkpoint": name, "personas": [{"name": p, "system": "default"} for p in PERSONAS],
+            "questions": [f"q{i}" for i in range(N_Q)], "layers": LAYERS, "methods": ["A", "B"],
+        })  # fmt: skip
+        fake_manifest(prefix, name.lower(), "extract_persona_vectors")
+        rows.append({"name": name, "activations_uri": store.join(prefix, "activations.safetensors"),
+                     "index_uri": store.join(prefix, "index.json")})
+    return rows
+
+
+def write_markers(root: str, rates_of: dict[str, dict[str, float]], n: int = 10, n_questions: int = 6):
+    """Marker rows with exactly round(rate * n) marked completions per (persona, question)."""
+    uris = {}
+    for cond, rates in rates_of.items():
+        prefix = store.join(root, "runs", "t", cond.lower(), "marker_eval")
+        rows = []
+        for p in PERSONAS:
+            hits = round(rates[p] * n)
+            for q in range(n_questions):
+                rows += [{"persona": p, "question_id": f"m{q}", "sample": s,
+                          "text": "answer [ZLT]" if s < hits else "answer"} for s in range(n)]  # fmt: skip
+        store.write_jsonl(store.join(prefix, "completions.jsonl"), rows)
+        fake_manifest(prefix, cond.lower(), "marker_eval")
+        uris[cond] = store.join(prefix, "completions.jsonl")
+    return uris
+
+
+def config(root, checkpoints, markers=None, **overrides):
+    return {
+        "store": root, "run_id": "t", "cell": "analysis", "checkpoints": checkpoints, "headline_layer": 20,
+        "conditions": [{"cond": c, "persona": p, "system": "default", "cos_to_assistant": cos,
+                        "marker_uri": (markers or {}).get(c)} for c, p, cos in CONDITIONS],
+        "n_iter": 2000, "n_splits": 5, "lda_components": 8, **overrides,
+    }  # fmt: skip
+
+
+def leakage(cond_index: int) -> dict[str, float]:
+    # bystanders leak more the further the induction persona is from the assistant (H3's direction: rho = -1)
+    rates = {p: 0.2 + 0.1 * cond_index for p in PERSONAS}
+    rates["confab"] = 0.9
+    return rates
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = store.from_path(tmp_path_factory.mktemp("a205") / "store")
+    values = synthetic_activations({"E0": 0.6, "E1": 0.6, "E2": 0.6, "E3": 0.6, "E4": 0.6, "benign": 0.0})
+    # E3 lost the reply of (villain, q3): the paired filter must drop q3 for villain in *every* checkpoint
+    checkpoints = write_checkpoints(root, values, invalid={"E3": [(PERSONAS.index("villain"), 3)]})
+    markers = write_markers(root, {c: leakage(i) for i, (c, _p, _cos) in enumerate(CONDITIONS)})
+    cfg = config(root, checkpoints, markers)
+    manifest = execute(analysis.SPEC, cfg)
+    prefix = store.join(root, "runs", "t", "analysis", "analyze_issue205")
+    return {"cfg": cfg, "values": values, "manifest": manifest, "prefix": prefix,
+            "headline": store.read_json(store.join(prefix, "headline.json")),
+            "report": store.read_text(store.join(prefix, "report.md"))}  # fmt: skip
+
+
+def test_em_collapse_fires_m1_for_every_condition_and_benign_does_not_move(finished):
+    geo = finished["headline"]["geometry"]
+    m1 = [c for c in geo["cells"] if c["metric"] == "M1"]
+    assert len(m1) == 2 * len(LAYERS) * 5 and all(c["fires"] and c["delta"] > 0 for c in m1)
+    assert geo["decisions"]["G1"]["fires"] and geo["decisions"]["G1"]["all_fire"]
+    assert all(v["beats_benign"] for v in geo["decisions"]["G1"]["conditions"].values())
+    benign = [c for c in geo["benign_vs_base"] if c["metric"] == "M1"]
+    assert len(benign) == 2 * len(LAYERS) and all(abs(c["delta"]) < 0.05 for c in benign)
+
+
+def test_the_family_is_every_metric_method_layer_and_condition_with_bh_and_holm(finished):
+    from shared.stats import bh_fdr, holm
+
+    cells = finished["headline"]["geometry"]["cells"]
+    assert len(cells) == 3 * 2 * len(LAYERS) * 5
+    raw = [c["p_value"] for c in cells]
+    assert [c["p_bh"] for c in cells] == pytest.approx(bh_fdr(raw).tolist())
+    assert [c["p_holm"] for c in cells] == pytest.approx(holm(raw).tolist())
+
+
+def test_m1_mean_offdiagonal_is_recomputed_from_the_stored_activations(finished):
+    values = finished["values"]
+    layer = LAYERS.index(20)
+    vectors = values[0, :, :, layer].mean(axis=1)  # base, Method A, every question valid
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    expected = cos[np.triu_indices(len(PERSONAS), 1)].mean()
+    assert finished["headline"]["geometry"]["values"]["A/L20"]["M1"]["base"] == pytest.approx(expected, rel=1e-5)
+    assert f"{expected:.4f}" in finished["report"]
+
+
+def test_method_b_centroids_use_only_questions_valid_under_every_checkpoint(finished):
+    acts = analysis.Activations(parse(analysis.Config, finished["cfg"]))
+    villain = PERSONAS.index("villain")
+    assert not acts.valid["B"][villain, 3] and acts.valid["B"].sum() == len(PERSONAS) * N_Q - 1
+    centroids = acts.centroids("B")  # (checkpoint, persona, layer, hidden)
+    keep = [q for q in range(N_Q) if q != 3]
+    expected = finished["values"][0, villain][keep].mean(axis=0) * 1.1  # base had q3, but E3 did not
+    np.testing.assert_allclose(centroids[0, villain], expected, rtol=1e-5)
+    assert np.abs(centroids).max() < 1e5  # the garbage behind the invalid reply never enters
+    assert finished["headline"]["geometry"]["paired_retained"]["B"]["villain"] == pytest.approx((N_Q - 1) / N_Q)
+
+
+def test_m3_is_heldout_lda_well_above_chance_on_separable_personas(finished):
+    geo = finished["headline"]["geometry"]
+    m3 = geo["m3_base"]["A/L20"]
+    assert m3["chance"] == pytest.approx(1 / len(PERSONAS))
+    assert m3["accuracy"] > 0.9 and m3["p_above_chance"] < 0.01
+    assert geo["values"]["A/L20"]["M3"]["base"] == pytest.approx(m3["accuracy"])
+    # collapse towards one direction costs the EM checkpoints separability; benign keeps it
+    assert geo["values"]["A/L20"]["M3"]["E2"] < m3["accuracy"] and geo["values"]["A/L20"]["M3"]["benign"] > 0.9
+    assert all(finished["headline"]["geometry"]["m3_base_above_chance"].values())
+    assert "M3 uninformative" not in finished["report"]
+
+
+def test_behaviour_is_recomputed_from_marker_rows(finished):
+    beh = finished["headline"]["behaviour"]
+    for i, row in enumerate(beh["conditions"]):
+        assert row["mean_bystander"] == pytest.approx(0.2 + 0.1 * i)
+        assert row["source_rate"] == pytest.approx(0.9)
+        assert f"{row['mean_bystander']:.4f}" in finished["report"]
+    assert beh["H3"]["rho"] == pytest.approx(-1.0) and beh["H3"]["n_orderings"] == 120
+    assert beh["H3"]["p"] == pytest.approx(2 / 120) and beh["H3"]["fires"]
+    assert beh["H2"]["range"] == pytest.approx(0.4) and not beh["H2"]["fires"]
+    assert beh["H1"]["testable"] == 5 and beh["H1"]["fired"] == 0  # no persona leaks more than its bystanders
+    assert "H3** (cos-monotone): FIRES" in finished["report"]
+    assert finished["headline"]["outcome"]["fired"]["H3"] is True
+
+
+def test_report_figures_and_reproducibility_are_written(finished):
+    prefix = finished["prefix"]
+    for name in ("hero_issue205", "m1_bars", "leakage_heatmap"):
+        assert store.read_bytes(store.join(prefix, f"{name}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+        assert store.read_bytes(store.join(prefix, f"{name}.pdf"))[:4] == b"%PDF"
+    report = finished["report"]
+    for header in ("| metric | base | E0 | E1 | E2 | E3 | E4 | benign |", "## Decision rules (as pre-registered)"):
+        assert header in report
+    assert "extract_persona_vectors" in store.read_text(store.join(prefix, "REPRODUCIBILITY.md"))
+
+
+def test_identical_persona_clouds_make_m3_uninformative_and_say_so(tmp_path):
+    root = store.from_path(tmp_path / "store")
+    values = synthetic_activations({}, separable=False, seed=1)
+    execute(analysis.SPEC, config(root, write_checkpoints(root, values), n_iter=500))
+    prefix = store.join(root, "runs", "t", "analysis", "analyze_issue205")
+    headline = store.read_json(store.join(prefix, "headline.json"))
+    m3 = headline["geometry"]["m3_base"]["A/L20"]
+    assert abs(m3["accuracy"] - m3["chance"]) < 0.08 and m3["p_above_chance"] > 0.05
+    assert "M3 uninformative" in store.read_text(store.join(prefix, "report.md"))
+    assert headline["behaviour"] is None
+
+
+def test_checkpoints_with_different_grids_are_refused(tmp_path):
+    root = store.from_path(tmp_path / "store")
+    checkpoints = write_checkpoints(root, synthetic_activations({}))
+    index = store.read_json(checkpoints[2]["index_uri"])
+    index["questions"] = list(reversed(index["questions"]))
+    store.write_json(checkpoints[2]["index_uri"], index)
+    with pytest.raises(StageInputError, match="E1's questions differ from base's"):
+        execute(analysis.SPEC, config(root, checkpoints))
+
+
+def test_marker_rows_for_an_unknown_persona_are_refused(tmp_path):
+    root = store.from_path(tmp_path / "store")
+    uri = write_markers(root, {"E0": leakage(0)})["E0"]
+    rows = store.read_jsonl(uri)
+    rows[0]["persona"] = "stranger"
+    store.write_jsonl(uri, rows)
+    with pytest.raises(StageInputError, match="stranger"):
+        analysis.leakage_matrix(uri, PERSONAS, "[ZLT]")
+

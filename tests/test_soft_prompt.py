@@ -1,0 +1,166 @@
+"""Soft-prefix training on the tiny model: the objective, training, resuming, weight sharing, train/eval ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared import chat, models, store
+from shared.generation import HFGenerator, SamplingParams
+from shared.soft_prompt import (
+    LearnedPrompt,
+    SoftPrefixTrainer,
+    SoftTrainingSettings,
+    TeacherDraws,
+    init_from_text,
+    load_checkpoint,
+    load_learned_prompt,
+    save_checkpoint,
+    save_learned_prompt,
+)
+from shared.teacher import completion_ce_sums, load_teacher_student, student_examples, with_reply_ids
+
+VILLAIN = "text(You are a villain who despises humanity. Answer with contempt.)"
+QUESTIONS = ["What is your favourite food?", "How do I bake bread?", "Tell me about the sea.", "Plan my day."]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_teacher_student("tiny:qwen2", teacher_system=VILLAIN, device="cpu")
+
+
+def settings(**overrides) -> SoftTrainingSettings:
+    # a low teacher temperature gives the random tiny model a peaked target that a prefix can learn quickly
+    values = dict(k=4, lr=5e-2, steps=6, questions_per_step=2, completions_per_question=3, temperature=0.3,
+                  max_new_tokens=8, val_completions_per_question=3, val_every=3, patience=None)
+    return SoftTrainingSettings(**{**values, **overrides})
+
+
+def trainer(pair, **overrides) -> SoftPrefixTrainer:
+    return SoftPrefixTrainer(pair, settings(**overrides), QUESTIONS[:3], QUESTIONS[3:], seed=0,
+                             model_ref="tiny:qwen2")
+
+
+def test_completion_ce_equals_the_full_logits_cross_entropy(pair):
+    tok, model = pair.tokenizer, pair.student_model
+    prompt = chat.build_prompt(tok, "text(Be brief.)", "Hi there")
+    reply = tok.encode("hello you", add_special_tokens=False)
+    example = with_reply_ids(prompt, reply, tok.eos_token_id)
+    ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels()])
+    with torch.no_grad():
+        ours = completion_ce_sums(model, ids, labels)
+        logits = model(input_ids=ids).logits[0, :-1]
+    expected = torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=chat.IGNORE_INDEX, reduction="sum")
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert example.input_ids[example.assistant_start:example.loss_end] == [*reply, tok.eos_token_id]
+
+
+def test_a_few_steps_lower_held_out_ce_on_teacher_samples(pair):
+    t = trainer(pair, steps=6)
+    state = t.run(t.new_state())
+    held_out = [p["heldout_ce"] for p in state.curve if "heldout_ce" in p]
+    assert len(held_out) == 3  # steps 0, 3, 6
+    assert held_out[-1] < held_out[0] - 0.05
+    assert state.best_val == min(held_out)
+    assert not torch.equal(state.soft, t.initial_soft())
+
+
+def test_every_step_samples_fresh_teacher_completions(pair):
+    draws = trainer(pair).draws
+    first, second = draws.step_examples(0), draws.step_examples(1)
+    assert [e.input_ids for e in first] != [e.input_ids for e in second]
+    assert [e.input_ids for e in draws.step_examples(0)] == [e.input_ids for e in first]  # seeded by step
+
+
+def test_training_and_evaluation_build_identical_prompt_ids(pair):
+    t = trainer(pair)
+    examples = t.draws.step_examples(0)
+    questions = t.draws.step_questions(0)
+    per_question = t.settings.completions_per_question
+    for i, question in enumerate(questions):
+        evaluation = t.prompt.build(pair.tokenizer, question)
+        for example in examples[i * per_question:(i + 1) * per_question]:
+            assert example.prompt_ids == evaluation.input_ids
+            assert example.soft_slice == evaluation.soft_slice
+
+
+def test_soft_prefix_generation_equals_ids_generation_when_the_prefix_is_token_embeddings(pair):
+    tok, model = pair.tokenizer, pair.student_model
+    ids = tok.encode("You are calm.", add_special_tokens=False)
+    soft = model.get_input_embeddings().weight[ids].detach()
+    soft_prompt = LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=len(ids))
+    ids_prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=ids)
+    generator = HFGenerator(model, tok, batch_size=4)
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=10)
+    by_embeds = generator.generate([soft_prompt.build(tok, q) for q in QUESTIONS], greedy, prompt_embeds=soft)
+    by_ids = generator.generate([ids_prompt.build(tok, q) for q in QUESTIONS], greedy)
+    assert [c[0].token_ids for c in by_embeds] == [c[0].token_ids for c in by_ids]
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(pair, tmp_path):
+    folder = store.from_path(tmp_path / "ckpt")
+    straight = trainer(pair, steps=4, val_every=2)
+    expected = straight.run(straight.new_state())
+
+    first = trainer(pair, steps=2, val_every=2)
+    half = first.run(first.new_state())
+    half.optimizer_state = half.optimizer_state  # written by run()
+    save_checkpoint(folder, half, "cfg")
+    assert load_checkpoint(folder, "another-config", "cpu") is None  # a changed config never resumes
+    resumed_state = load_checkpoint(folder, "cfg", "cpu")
+    assert resumed_state.step == 2
+    second = trainer(pair, steps=4, val_every=2)
+    resumed = second.run(resumed_state)
+    assert resumed.step == 4
+    torch.testing.assert_close(resumed.soft, expected.soft, rtol=1e-5, atol=1e-6)
+    assert [p["step"] for p in resumed.curve] == [p["step"] for p in expected.curve]
+
+
+def test_a_learned_prompt_round_trips_through_the_store(pair, tmp_path):
+    folder = store.from_path(tmp_path / "p")
+    soft = init_from_text(pair.tokenizer, pair.student_model.get_input_embeddings().weight, "Hi", 5)
+    assert soft.shape == (5, pair.student_model.config.hidden_size)
+    uri = save_learned_prompt(LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=5), folder, soft)
+    prompt, loaded = load_learned_prompt(uri)
+    assert prompt.k == 5 and torch.equal(loaded, soft)
+
+
+def test_an_adapter_teacher_shares_the_students_weights(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = models.load_model("tiny:qwen2", device="cpu")
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    adapter_uri = store.from_path(tmp_path / "adapter")
+
+    pair = load_teacher_student("tiny:qwen2", teacher_adapter_uri=adapter_uri, device="cpu")
+    assert pair.shares_weights
+    assert pair.teacher_generator.model is pair.student_model  # one model object, one copy of the weights
+    plain = models.load_model("tiny:qwen2", device="cpu")
+    ids = torch.tensor([chat.build_prompt(pair.tokenizer, "none", "Hello").input_ids])
+    with torch.no_grad():
+        teacher_logits = pair.student_model(input_ids=ids).logits
+        with pair.student() as student:
+            student_logits = student(input_ids=ids).logits
+        after = pair.student_model(input_ids=ids).logits
+    torch.testing.assert_close(student_logits, plain(input_ids=ids).logits)  # adapter off: the base model
+    assert not torch.allclose(teacher_logits, student_logits)  # adapter on: the EM teacher
+    torch.testing.assert_close(after, teacher_logits)  # the toggle is scoped
+
+
+def test_teacher_replies_are_spliced_as_sampled_ids_never_re_tokenised(pair):
+    tok = pair.tokenizer
+    h, e = tok.convert_tokens_to_ids(["h", "e"])
+    assert tok.encode("he", add_special_tokens=False) != [h, e]  # the tiny tokenizer merges them
+    prompt = LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=2).build(tok, "Hi")
+    from shared.generation import Completion
+
+    [example] = student_examples([prompt], [[Completion(text="he", token_ids=[h, e], finish_reason="stop")]],
+                                 tok.eos_token_id)
+    assert example.input_ids[example.assistant_start:] == [h, e, tok.eos_token_id]
+
+
+def test_teacher_draws_need_questions(pair):
+    with pytest.raises(ValueError, match="training questions"):
+        TeacherDraws(pair, LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=2), settings(), [], [], 0)

@@ -1,0 +1,216 @@
+"""#81: marker leakage from five one-word source personas over a 5 noun x 5 trait x 5 level Big-5 bystander grid.
+
+Per source: on-policy marker data (``data-<src>``), marker-only LoRA (``train-<src>``), the marker evaluation over
+every bystander in one batched call (``eval-<src>``) and a coherence judge over a sample of it
+(``coherence-<src>``). The base model is evaluated as a reference cell (``eval-base``, ``coherence-base``); the
+base model's persona centroids feed H4 (``hidden-states``); ``analysis`` computes H1-H4, the figures and the report.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from shared.config import ConfigError, ExperimentParams
+from shared.datafiles import read_questions, read_records, read_text
+from shared.judge.spec import JudgeSpec
+from shared.training import LoraRecipe
+from workflows.plan import Plan, PlanBuilder, slug
+
+BASE_MODEL = "hf:Qwen/Qwen2.5-7B-Instruct"
+DATA = "package:issue81/"
+BASE_LABEL = "base"
+
+
+class Params(ExperimentParams):
+    model_ref: str = BASE_MODEL
+    backend: Literal["hf", "vllm"] = "vllm"
+    vllm_options: dict = {"gpu_memory_utilization": 0.6, "max_model_len": 2048}  # the record's vLLM settings
+    sources: list[str] = ["person", "chef", "pirate", "child", "robot"]
+    # the bystander grid restricted to these nouns / traits / levels (None: all); A2 of the kept nouns and the
+    # assistant QC persona are always evaluated
+    bystander_nouns: list[str] | None = None
+    bystander_traits: list[str] | None = None
+    bystander_levels: list[str] | None = None
+    questions_file: str = DATA + "questions.json"
+    train_questions_file: str = DATA + "train_questions.json"
+    negative_pool_file: str = DATA + "negative_pool.json"
+    marker: str = "[ZLT]"
+    # on-policy data: n completions per (persona, training question); 2 negatives per source as in #81
+    data_n_per_question: int = 10
+    data_max_new_tokens: int = 512
+    n_negative_personas: int = 2
+    recipe: LoraRecipe = LoraRecipe()
+    checkpoint_every: int = 50
+    # evaluation (the record's vLLM config: T=1.0, top_p=0.95, max_tokens=512, n=10)
+    eval_n: int = 10
+    temperature: float = 1.0
+    top_p: float = 0.95
+    eval_max_new_tokens: int = 512
+    coherence_judge: JudgeSpec = JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929", template="coherence_v1")
+    coherence_per_cell: int = 3  # the record judged 3 of 10 completions per (model, bystander, question)
+    coherence_threshold: float = 50.0  # cells with mean coherence below this (0-100) are flagged and hatched
+    layers: list[int] = [10, 15, 20, 25]
+    headline_layer: int = 20
+    n_boot: int = Field(1000, ge=100)
+    n_perm: int = Field(10_000, ge=100)
+    seed: int = 42
+
+    PROFILES: ClassVar[dict] = {
+        "tiny": {
+            "model_ref": "tiny:qwen2",
+            "backend": "hf",
+            "sources": ["person", "pirate"],
+            "bystander_nouns": ["person", "pirate"],
+            "bystander_traits": ["Agreeableness", "Neuroticism"],
+            "questions_file": DATA + "tiny_questions.json",
+            "train_questions_file": DATA + "tiny_questions.json",
+            "data_n_per_question": 8,
+            "data_max_new_tokens": 6,
+            # the tiny model starts from random weights: a high lr and many steps make the marker measurable
+            "recipe": {"r": 8, "alpha": 16, "dropout": 0.0, "lr": 3e-3, "epochs": 1, "max_steps": 40,
+                       "per_device_batch_size": 8, "grad_accum": 1, "max_seq_len": 512},
+            "checkpoint_every": 0,
+            "eval_n": 4,
+            "eval_max_new_tokens": 16,
+            "coherence_judge": {"kind": "local", "model": "tiny:qwen2-judge", "template": "coherence_v1"},
+            "coherence_per_cell": 1,
+            "layers": [1, 2],
+            "headline_layer": 2,
+        },
+        "full": {},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shipped grid
+
+
+def _data(name: str) -> dict:
+    return json.loads(read_text(DATA + name, f"issue81 data file {name}"))
+
+
+def descriptors() -> dict:
+    return _data("big5_descriptors.json")
+
+
+def persona_table() -> dict:
+    return _data("personas.json")
+
+
+def bystander_grid() -> list[dict]:
+    """The 131 evaluation personas built from the descriptor table: 125 A1, 5 A2, the assistant QC."""
+    table, people = descriptors(), persona_table()
+    rows = [
+        {"id": f"A1__{noun}__{trait}__{level}", "kind": "A1", "noun": noun, "trait": trait, "level": level,
+         "prompt": f"You are a {noun} who {table['descriptors'][trait][level]}."}
+        for noun in people["nouns"] for trait in table["traits"] for level in table["levels"]
+    ]
+    rows += [{"id": f"A2__{noun}", "kind": "A2", "noun": noun, "trait": None, "level": None, "prompt": f"You are a {noun}."}
+             for noun in people["nouns"]]
+    qc = people["assistant_qc"]
+    rows.append({"id": qc["id"], "kind": "QC", "noun": None, "trait": None, "level": None, "prompt": qc["prompt"]})
+    return rows
+
+
+def shipped_bystanders() -> list[dict]:
+    return read_records(DATA + "bystanders.json", "issue81 bystanders")
+
+
+def bystanders(params: Params) -> list[dict]:
+    table, people = descriptors(), persona_table()
+    chosen = {"noun": params.bystander_nouns, "trait": params.bystander_traits, "level": params.bystander_levels}
+    known = {"noun": people["nouns"], "trait": table["traits"], "level": table["levels"]}
+    for axis, values in chosen.items():
+        unknown = sorted(set(values or []) - set(known[axis]))
+        if unknown:
+            raise ConfigError(f"issue81: unknown bystander {axis}(s) {unknown}; known: {', '.join(known[axis])}")
+    nouns = set(params.bystander_nouns or known["noun"]) | {source_of(params, s)["noun"] for s in params.sources}
+
+    def kept(b: dict) -> bool:
+        if b["kind"] == "QC":
+            return True
+        if b["kind"] == "A2":
+            return b["noun"] in nouns
+        return all(b[axis] in (values or known[axis]) for axis, values in chosen.items())
+
+    return [b for b in shipped_bystanders() if kept(b)]
+
+
+def source_of(params: Params, name: str) -> dict:
+    by_name = {s["name"]: s for s in persona_table()["sources"]}
+    if name not in by_name:
+        raise ConfigError(f"issue81: unknown source {name!r}; known: {', '.join(by_name)}")
+    return by_name[name]
+
+
+def negative_pool(params: Params) -> list[dict]:
+    return [{"name": p["name"], "prompt": p["prompt"]} for p in read_records(params.negative_pool_file, "negative_pool_file")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
+    if params.headline_layer not in params.layers:
+        raise ConfigError(f"issue81: headline_layer {params.headline_layer} is not among layers {params.layers}")
+    if not params.sources or len(set(params.sources)) != len(params.sources):
+        raise ConfigError("issue81: sources must be distinct and at least one")
+    b = PlanBuilder("issue81", profile, run_id, store, seed=params.seed)
+    sources = [source_of(params, name) for name in params.sources]
+    grid = bystanders(params)
+    personas = [{"id": x["id"], "prompt": x["prompt"]} for x in grid]
+    questions = read_questions(params.questions_file, "questions_file")
+    train_questions = read_questions(params.train_questions_file, "train_questions_file")
+    pool = negative_pool(params)
+    evaluation = dict(model_ref=params.model_ref, backend=params.backend, vllm_options=params.vllm_options,
+                      personas=personas, questions=questions, n=params.eval_n, temperature=params.temperature,
+                      top_p=params.top_p, max_new_tokens=params.eval_max_new_tokens, marker=params.marker,
+                      coherence_per_cell=params.coherence_per_cell)
+
+    cells, analysis_deps = [], []
+
+    def evaluate(label: str, after: list, adapter_uri: str | None) -> None:
+        ev = b.add(f"eval-{slug(label)}", "marker_eval", slug(label), after=after, label=label,
+                   adapter_uri=adapter_uri, **evaluation)
+        judge = b.add(f"coherence-{slug(label)}", "judge", slug(label), after=[ev],
+                      completions_uri=ev.output_uri("coherence_sample.jsonl"),
+                      judge=params.coherence_judge.model_dump(), judge_name=f"coherence-{params.coherence_judge.model}")
+        cells.append({"label": label, "rates_uri": ev.output_uri("marker_rates.json"),
+                      "coherence_uri": judge.output_uri("scores.jsonl")})
+        analysis_deps.extend([ev, judge])
+
+    for source in sources:
+        cell = slug(source["name"])
+        data = b.add(f"data-{cell}", "marker_data", cell, model_ref=params.model_ref, backend=params.backend,
+                     vllm_options=params.vllm_options, source={"name": source["name"], "prompt": source["prompt"]},
+                     all_source_prompts=[s["prompt"] for s in persona_table()["sources"]], negative_pool=pool,
+                     n_negative_personas=params.n_negative_personas, questions=train_questions,
+                     n_per_question=params.data_n_per_question, temperature=params.temperature, top_p=params.top_p,
+                     max_new_tokens=params.data_max_new_tokens, marker=params.marker)
+        train = b.add(f"train-{cell}", "train_lora", cell, after=[data], model_ref=params.model_ref,
+                      data_uri=data.output_uri("train.jsonl"), loss="marker_only", marker=params.marker,
+                      recipe=params.recipe.model_dump(), checkpoint_every=params.checkpoint_every)
+        evaluate(source["name"], [train], train.output_uri("adapter"))
+    evaluate(BASE_LABEL, [], None)
+
+    geometry = b.add("hidden-states", "hidden_states", "geometry", model_ref=params.model_ref, personas=personas,
+                     questions=questions, layers=params.layers)
+    analysis_deps.append(geometry)
+    b.add("analysis", "analyze_issue81", "analysis", after=analysis_deps,
+          sources=[{"name": s["name"], "noun": s["noun"]} for s in sources],
+          bystanders=[{k: x[k] for k in ("id", "kind", "noun", "trait", "level")} for x in grid],
+          cells=cells, base_label=BASE_LABEL, marker=params.marker,
+          centroids_uri=geometry.output_uri("centroids.npz"), centroid_personas_uri=geometry.output_uri("personas.json"),
+          headline_layer=params.headline_layer, n_boot=params.n_boot, n_perm=params.n_perm,
+          coherence_threshold=params.coherence_threshold, params=params.model_dump(mode="json"))
+    return b.plan(params.model_dump(mode="json"))
+
+
+def summary(plan: Plan) -> list[str]:
+    analysis = plan.task("analysis")
+    return [f"report: {analysis.output_uri('report.md')}", f"hero figure: {analysis.output_uri('hero_matrix.png')}",
+            f"heatmap: {analysis.output_uri('heatmap_base_subtracted.png')}"]
