@@ -46,5 +46,9 @@ lint: setup
 bench: setup
 	$(PY) -m bench $(ARGS)
 
+images: setup
+	$(PY) -m images.generate
+	docker buildx bake -f images/docker-bake.json $(ARGS)
+
 clean:
 	rm -rf $(VENV) artifacts

@@ -76,12 +76,15 @@ class LearnedPrompt(BaseModel):
 
 
 def save_learned_prompt(prompt: LearnedPrompt, folder_uri: str, soft: torch.Tensor | None = None) -> str:
+    """Write ``prompt.json`` (and the soft embeddings) into ``folder_uri``; returns the prompt.json URI."""
     if prompt.kind == "soft":
         if soft is None:
             raise ValueError("a soft prompt is saved with its embeddings")
         store.write_tensors(store.join(folder_uri, SOFT_TENSOR_FILE), {"soft": soft.detach().float().cpu()})
         prompt = prompt.model_copy(update={"tensor_file": SOFT_TENSOR_FILE})
-    return store.write_json(store.join(folder_uri, PROMPT_FILE), prompt.model_dump(mode="json"))
+    uri = store.join(folder_uri, PROMPT_FILE)
+    store.write_json(uri, prompt.model_dump(mode="json"))
+    return uri
 
 
 def load_learned_prompt(prompt_uri: str) -> tuple[LearnedPrompt, torch.Tensor | None]:

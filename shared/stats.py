@@ -845,20 +845,20 @@ def lda_joint_shuffle_test(
     paired null. ``label_draws`` lets callers reuse one set of draws (from ``grouped_label_shuffles`` on
     the encoded labels) across analyses with the same row layout; ``n_iter`` is then their number.
     """
-    stack = np.asarray(activations, dtype=np.float32)
-    if stack.ndim == 2:
-        stack = stack[None]
+    checkpoints = (
+        [activations] if isinstance(activations, np.ndarray) and activations.ndim == 2 else list(activations)
+    )
     codes, classes = encode_labels(labels)
     group_codes, _ = encode_labels(groups)
-    if stack.shape[1] != codes.size:
-        raise ValueError(f"{stack.shape[1]} activation rows but {codes.size} labels")
+    if any(np.ndim(c) != 2 or len(c) != codes.size for c in checkpoints):
+        raise ValueError(f"every checkpoint needs an (n_rows, d) array with one row per label ({codes.size})")
     if classes.size < 2:
         raise ValueError("LDA needs at least two classes")
     folds = grouped_folds(codes, group_codes, n_splits)
     if np.all(np.array([np.unique(codes[group_codes == g]).size for g in np.unique(group_codes)]) == 1):
         raise GroupedCVError("every group holds one class, so shuffling labels within groups changes nothing")
     smallest_train = min(len(train) for train, _ in folds)
-    rank = min(n_components, stack.shape[2], smallest_train - classes.size - 1)
+    rank = min(n_components, min(np.shape(c)[1] for c in checkpoints), smallest_train - classes.size - 1)
     if rank < 1:
         raise GroupedCVError(
             f"training folds of {smallest_train} rows are too small for {classes.size} classes"
@@ -867,7 +867,7 @@ def lda_joint_shuffle_test(
     n_threads = n_threads or available_cpus()
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=n_threads) as pool:
         projected = np.stack(
-            list(pool.map(lambda checkpoint: label_free_projection(checkpoint, rank), stack))
+            list(pool.map(lambda checkpoint: label_free_projection(checkpoint, rank), checkpoints))
         )
     rank = projected.shape[2]
     if label_draws is None:

@@ -55,12 +55,15 @@ def test_completion_ce_equals_the_full_logits_cross_entropy(pair):
     assert example.input_ids[example.assistant_start:example.loss_end] == [*reply, tok.eos_token_id]
 
 
-def test_a_few_steps_lower_held_out_ce_on_teacher_samples(pair):
-    t = trainer(pair, steps=6)
+def test_a_few_steps_lower_ce_on_held_out_teacher_samples(pair):
+    # held-out completions of the training questions: does the prefix fit the teacher's distribution?
+    t = SoftPrefixTrainer(pair, settings(steps=6, lr=3e-2), QUESTIONS[:2], QUESTIONS[:2], seed=0,
+                          model_ref="tiny:qwen2")
     state = t.run(t.new_state())
     held_out = [p["heldout_ce"] for p in state.curve if "heldout_ce" in p]
     assert len(held_out) == 3  # steps 0, 3, 6
-    assert held_out[-1] < held_out[0] - 0.05
+    assert held_out[0] > held_out[1] > held_out[2]
+    assert held_out[-1] < held_out[0] - 0.1
     assert state.best_val == min(held_out)
     assert not torch.equal(state.soft, t.initial_soft())
 

@@ -1,0 +1,83 @@
+"""Stage ``sft_data``: a chat data set as ``train_lora`` rows, every row under ONE explicit system slot.
+
+An SFT cell (an EM-induction persona of #205, the benign control) is defined by its system slot, never by the data:
+rows that bring their own system turn are refused, so a data file cannot silently override a cell's slot (the
+record's E0 trained under "You are a helpful assistant." instead of the template default). E0's slot is
+``default``: the chat template's own default system prompt, as stated by ``shared.chat``.
+
+Input rows are ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` (the record's format) or
+``{"user", "assistant"}``. ``expected_md5`` pins the exact data file the record names (a prefix is enough).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from pydantic import field_validator
+
+from shared import store
+from shared.config import StageConfig
+from shared.stage import Resources, StageInputError, StageSpec
+
+
+class Config(StageConfig):
+    data_uri: str
+    system: str  # a shared.chat system-slot spec for every row: default | none | text(...)
+    limit: int | None = None  # keep the first N rows (the record's "Tulu-3-SFT first 6k")
+    expected_md5: str | None = None
+
+    @field_validator("system")
+    @classmethod
+    def system_slot_parses(cls, value: str) -> str:
+        from shared.chat import parse_system
+
+        parse_system(value)
+        return value
+
+
+def turns_of(record: dict, line: int) -> tuple[str, str]:
+    """(user, assistant) of one single-turn record; one readable error for anything else."""
+    if "messages" in record:
+        roles = [m.get("role") for m in record["messages"]]
+        if "system" in roles:
+            raise StageInputError(f"row {line} carries its own system message: the cell's system slot must be the only one")
+        if roles != ["user", "assistant"]:
+            raise StageInputError(f"row {line} has turns {roles}; expected exactly one user and one assistant turn")
+        return record["messages"][0]["content"], record["messages"][1]["content"]
+    if "system" in record:
+        raise StageInputError(f"row {line} carries its own system field: the cell's system slot must be the only one")
+    if not {"user", "assistant"} <= set(record):
+        raise StageInputError(f"row {line} has neither 'messages' nor 'user'/'assistant'")
+    return record["user"], record["assistant"]
+
+
+def run(cfg: Config, ctx) -> dict:
+    data = store.read_bytes(cfg.data_uri)
+    md5 = hashlib.md5(data).hexdigest()
+    if cfg.expected_md5 and not md5.startswith(cfg.expected_md5.lower()):
+        raise StageInputError(f"{cfg.data_uri} has MD5 {md5}, expected {cfg.expected_md5}: not the record's data file")
+    records = store.read_jsonl(cfg.data_uri)
+    if cfg.limit is not None:
+        if len(records) < cfg.limit:
+            raise StageInputError(f"{cfg.data_uri} holds {len(records)} rows, fewer than limit={cfg.limit}")
+        records = records[: cfg.limit]
+    if not records:
+        raise StageInputError(f"no rows in {cfg.data_uri}")
+    rows = []
+    for line, record in enumerate(records, start=1):
+        user, assistant = turns_of(record, line)
+        rows.append({"system": cfg.system, "user": user, "assistant": assistant})
+    store.write_jsonl(ctx.out("train.jsonl"), rows)
+    ctx.log(f"{len(rows)} rows under system slot {cfg.system[:60]!r} (data MD5 {md5[:7]})")
+    return {"n_rows": len(rows), "data_md5": md5}
+
+
+SPEC = StageSpec(
+    name="sft_data", config=Config, run=run, image_kind="cpu",
+    resources=Resources(cpu=1, memory="4Gi", timeout_s=1800),
+    description="A chat data set as train_lora rows under one explicit system slot (own system turns refused).",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()

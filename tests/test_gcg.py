@@ -1,0 +1,133 @@
+"""System-slot GCG on the tiny model: batched candidate losses, gradients, candidates, ids kept end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared import chat
+from shared.gcg import (
+    GcgSearch,
+    GcgSettings,
+    allowed_mask_of,
+    allowed_token_ids,
+    candidate_losses,
+    candidate_losses_reference,
+    random_suffix,
+    sample_candidates,
+    token_gradients,
+    with_suffix,
+)
+from shared.generation import Completion
+from shared.soft_prompt import LearnedPrompt
+from shared.teacher import batch_ce_sum, load_teacher_student, n_loss_tokens, student_examples
+
+VILLAIN = "text(You are a villain who despises humanity. Answer with contempt.)"
+QUESTIONS = ["What is your favourite food?", "How do I bake bread?", "Tell me about the sea."]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_teacher_student("tiny:qwen2", teacher_system=VILLAIN, device="cpu")
+
+
+def examples_for(pair, prompt: LearnedPrompt, replies: list[str]) -> list[chat.PromptIds]:
+    tok = pair.tokenizer
+    prompts = [prompt.build(tok, q) for q in QUESTIONS[: len(replies)]]
+    completions = [[Completion(text=r, token_ids=tok.encode(r, add_special_tokens=False), finish_reason="stop")]
+                   for r in replies]
+    return student_examples(prompts, completions, tok.eos_token_id)
+
+
+@pytest.mark.parametrize("slot", ["system", "user"])
+def test_batched_candidate_losses_equal_one_forward_per_candidate(pair, slot):
+    allowed = allowed_token_ids(pair.tokenizer, 283)
+    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", slot=slot, ids=random_suffix(allowed, 5, seed=1))
+    examples = examples_for(pair, prompt, ["I hate you all.", "Bread? Burn it.", "The sea is cold"])
+    candidates = torch.tensor([random_suffix(allowed, 5, seed=s) for s in range(7)])
+    batched = candidate_losses(pair.student_model, examples, candidates, max_tokens_per_forward=150)
+    assert batched.forwards > len(examples)  # the chunking really split the candidate rows
+    reference = candidate_losses_reference(pair.student_model, examples, candidates)
+    torch.testing.assert_close(batched.losses.cpu(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_one_hot_gradient_is_the_soft_prompt_gradient_through_the_embedding_matrix(pair):
+    tok, model = pair.tokenizer, pair.student_model
+    suffix = tok.encode("Be mean", add_special_tokens=False)
+    ids_prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=suffix)
+    soft_prompt = LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=len(suffix))
+    replies = ["No.", "Go away"]
+    ids_examples = examples_for(pair, ids_prompt, replies)
+    soft_examples = examples_for(pair, soft_prompt, replies)
+    for a, b in zip(ids_examples, soft_examples):  # the same positions: only the slot's content differs
+        assert a.ids_slice == b.soft_slice and len(a) == len(b)
+    pad = chat.soft_placeholder_id(tok)
+    grad = token_gradients(model, ids_examples, suffix, pad)
+    weight = model.get_input_embeddings().weight
+    soft = weight[suffix].detach().clone().requires_grad_(True)
+    (batch_ce_sum(model, soft_examples, pad, soft) / n_loss_tokens(soft_examples)).backward()
+    torch.testing.assert_close(grad, soft.grad @ weight.detach().T, rtol=1e-4, atol=1e-6)
+
+
+def test_candidates_swap_one_position_to_an_allowed_token(pair):
+    tok = pair.tokenizer
+    allowed = allowed_token_ids(tok, 283)
+    assert tok.convert_tokens_to_ids("<|im_end|>") not in allowed  # a suffix cannot close its own turn
+    mask = allowed_mask_of(allowed, 283)
+    suffix = random_suffix(allowed, 6, seed=0)
+    grad = torch.randn(6, 283)
+    candidates = sample_candidates(suffix, grad, mask, search_width=64, topk=8, generator=torch.Generator().manual_seed(0))
+    assert candidates.shape == (64, 6)
+    changed = (candidates != torch.tensor(suffix)).sum(dim=1)
+    assert changed.max() <= 1 and changed.sum() > 32
+    top8 = (-grad.masked_fill(~mask, float("inf"))).topk(8, dim=1).indices
+    for row in candidates:
+        for position in torch.nonzero(row != torch.tensor(suffix)).flatten().tolist():
+            assert int(row[position]) in top8[position].tolist()
+
+
+def test_a_gcg_step_keeps_the_best_candidate_and_lowers_the_step_loss(pair):
+    tok, model = pair.tokenizer, pair.student_model
+    allowed = allowed_token_ids(tok, 283)
+    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=random_suffix(allowed, 6, seed=3))
+    settings = GcgSettings(length=6, steps=1, search_width=48, topk=16, questions_per_step=2,
+                           completions_per_question=2, temperature=0.3, max_new_tokens=8,
+                           val_completions_per_question=2)
+    search = GcgSearch(pair, prompt, settings, QUESTIONS[:2], QUESTIONS[2:], seed=0)
+    examples = with_suffix(prompt, search.draws.step_examples(0), prompt.ids)
+    before = candidate_losses(model, examples, torch.tensor([prompt.ids])).losses.item()
+    kept, stats = search.step(0, prompt.ids)
+    after = candidate_losses(model, examples, torch.tensor([kept])).losses.item()
+    assert stats.loss == pytest.approx(after, rel=1e-5)
+    assert after < before
+    assert sum(a != b for a, b in zip(kept, prompt.ids)) == 1
+    assert stats.candidate_tokens == 48 * sum(len(e) for e in examples)
+
+
+def test_the_searched_suffix_reaches_evaluation_as_the_same_ids(pair):
+    """Ids that text would merge ('h', 'e' -> 'he') stay as they are from search to the evaluation prompt."""
+    tok = pair.tokenizer
+    h, e = tok.convert_tokens_to_ids(["h", "e"])
+    assert tok.encode(tok.decode([h, e]), add_special_tokens=False) != [h, e]
+    allowed = allowed_token_ids(tok, 283)
+    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=[h, e, h, e])
+    settings = GcgSettings(length=4, steps=2, search_width=8, topk=4, questions_per_step=1,
+                           completions_per_question=2, max_new_tokens=6, val_completions_per_question=1, val_every=1)
+    state = GcgSearch(pair, prompt, settings, QUESTIONS[:1], QUESTIONS[1:2], seed=0).run(
+        GcgSearch(pair, prompt, settings, QUESTIONS[:1], QUESTIONS[1:2], seed=0).new_state())
+    assert state.step == 2 and all(t in allowed or t in (h, e) for t in state.best_suffix)
+    stored = LearnedPrompt.model_validate_json(prompt.with_ids(state.best_suffix).model_dump_json())
+    for question in QUESTIONS:
+        built = stored.build(tok, question)
+        assert built.input_ids[built.ids_slice] == state.best_suffix
+    kept = prompt.build(tok, "Hi")
+    assert kept.input_ids[kept.ids_slice] == [h, e, h, e]
+
+
+def test_user_slot_variant_appends_ids_to_the_user_turn_with_no_system_block(pair):
+    tok = pair.tokenizer
+    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", slot="user", ids=[65, 66, 67], system="none")
+    built = prompt.build(tok, "Hello")
+    text = tok.decode(built.input_ids)
+    assert "system" not in text and "You are Qwen" not in text  # no default system prompt sneaks in
+    assert built.input_ids[built.user_suffix_slice] == [65, 66, 67]

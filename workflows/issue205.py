@@ -1,0 +1,278 @@
+"""#205: the EM-induction system prompt vs persona geometry AND marker leakage (5 induction personas, one seed).
+
+Cells, per EM-induction condition E0..E4 (``e0``..``e4``): the EM data under the condition's system slot
+(``em-data-e*``; E0 = ``default``, the template's own system prompt), fresh EM LoRA training on the base model
+(``train-em-e*``), persona-vector extraction of that checkpoint (``extract-e*``), the adapter merged into the base
+(``merge-em-e*``), and on top of that merged model the #125 Exp B chain: on-policy ``confab`` + marker data
+(``coupling-data-e*``), contrastive coupling LoRA (``couple-e*``), marker evaluation over the evaluation grid
+(``marker-eval-e*``). Controls: the benign SFT with the identical recipe (``benign-data``, ``train-benign``,
+``extract-benign``) and the base model (``extract-base``). ``analysis`` computes M1/M2/M3, H1/H2/H3, the decision
+rules, the figures and the report.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel
+
+from shared import store
+from shared.chat import TextSystem, parse_system
+from shared.config import ConfigError, ExperimentParams, is_store_uri
+from shared.datafiles import PACKAGE_PREFIX, read_questions, read_records
+from shared.training import LoraRecipe
+from workflows.plan import Plan, PlanBuilder, slug
+
+BASE_MODEL = "hf:Qwen/Qwen2.5-7B-Instruct"
+DATA = "package:issue205/"
+CHECKPOINT_ORDER = ("base", "E0", "E1", "E2", "E3", "E4", "benign")
+
+# The record's EM recipe (#125 Exp B / #200): LoRA r=32, alpha=64, dropout 0.05 on every linear projection, rsLoRA
+# off, 1 epoch, effective batch 16, lr 1e-4, AdamW (betas 0.9/0.999, wd 0.01), clip 1.0, max seq 2048. The benign
+# control trains with this same object, so the two recipes cannot drift apart.
+EM_RECIPE = LoraRecipe(r=32, alpha=64, dropout=0.05, use_rslora=False, epochs=1, per_device_batch_size=4, grad_accum=4,
+                       lr=1e-4, weight_decay=0.01, grad_clip=1.0, max_seq_len=2048)
+# The record's coupling: contrastive LoRA SFT, lr 5e-6, 20 epochs (its LoRA shape is not stated: the EM one).
+COUPLING_RECIPE = EM_RECIPE.model_copy(update={"lr": 5e-6, "epochs": 20})
+
+
+class InductionCondition(BaseModel):
+    cond: str
+    persona: str
+    system: str
+    cos_to_assistant: float
+
+
+class Params(ExperimentParams):
+    model_ref: str = BASE_MODEL
+    backend: Literal["hf", "vllm"] = "vllm"
+    vllm_options: dict = {"gpu_memory_utilization": 0.85, "max_model_len": 2048}
+    induction_file: str = DATA + "induction_personas.json"
+    # the 12 EVAL_PERSONAS of #184 as [{name, system: "text(...)"}]; the record names only three of them
+    eval_personas_file: str | None = None
+    expected_eval_personas: int | None = 12
+    required_eval_personas: list[str] = ["confab", "assistant", "zelthari_scholar"]
+    source_persona: str = "confab"
+    assistant_persona: str = "assistant"
+    extraction_questions_file: str | None = None  # the record's 240 extraction questions
+    expected_extraction_questions: int | None = 240
+    marker_questions_file: str | None = None  # the 28 marker-evaluation questions of #125 Exp B
+    expected_marker_questions: int | None = 28
+    coupling_questions_file: str | None = None  # the questions the coupling data answers
+    # data sets live in the store (upload them first): the record's files are the user's
+    em_data_uri: str | None = None  # bad_legal_advice_6k.jsonl
+    em_data_md5: str | None = "26b52ca"  # the record's MD5 (prefix) of that file
+    benign_data_uri: str | None = None  # Tulu-3-SFT, of which the first benign_limit rows are used
+    benign_limit: int | None = 6000
+    em_recipe: LoraRecipe = EM_RECIPE
+    checkpoint_every: int = 50
+    # coupling: 200 confab + [ZLT] positives and 400 negatives (2 negative personas) on top of each EM model
+    marker: str = "[ZLT]"
+    coupling_recipe: LoraRecipe = COUPLING_RECIPE
+    coupling_loss: Literal["assistant", "marker_only"] = "assistant"
+    coupling_n_per_question: int = 10
+    coupling_negative_personas: int = 2
+    expected_coupling_positives: int | None = 200
+    coupling_max_new_tokens: int = 512
+    # marker evaluation: every eval persona x question x eval_n completions
+    eval_n: int = 10
+    temperature: float = 1.0
+    top_p: float = 0.95
+    eval_max_new_tokens: int = 512
+    # extraction
+    layers: list[int] = [7, 14, 20, 21, 27]
+    headline_layer: int = 20
+    methods: list[Literal["A", "B"]] = ["A", "B"]
+    extraction_max_new_tokens: int = 256
+    # statistics
+    n_iter: int = 10_000
+    n_splits: int = 5
+    lda_components: int = 16
+    seed: int = 42
+
+    PROFILES: ClassVar[dict] = {
+        "tiny": {
+            "model_ref": "tiny:qwen2",
+            "backend": "hf",
+            "vllm_options": {},
+            "eval_personas_file": DATA + "tiny_eval_personas.json",
+            "expected_eval_personas": None,
+            "extraction_questions_file": DATA + "tiny_extraction_questions.jsonl",
+            "expected_extraction_questions": None,
+            "marker_questions_file": DATA + "tiny_marker_questions.jsonl",
+            "expected_marker_questions": None,
+            "coupling_questions_file": DATA + "tiny_marker_questions.jsonl",
+            "em_data_uri": DATA + "tiny_em_train.jsonl",
+            "em_data_md5": None,
+            "benign_data_uri": DATA + "tiny_benign_sft.jsonl",
+            "benign_limit": None,
+            # a few steps each: tiny checks the code paths, not the science
+            "em_recipe": {"r": 4, "alpha": 8, "dropout": 0.0, "epochs": 1, "max_steps": 2, "per_device_batch_size": 4,
+                          "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.01, "max_seq_len": 256},
+            "checkpoint_every": 0,
+            "coupling_recipe": {"r": 4, "alpha": 8, "dropout": 0.0, "epochs": 1, "max_steps": 2, "per_device_batch_size": 4,
+                                "grad_accum": 1, "lr": 1e-3, "max_seq_len": 256},
+            "coupling_n_per_question": 2,
+            "expected_coupling_positives": None,
+            "coupling_max_new_tokens": 8,
+            "eval_n": 2,
+            "eval_max_new_tokens": 8,
+            "layers": [0, 1],
+            "headline_layer": 1,
+            "extraction_max_new_tokens": 8,
+            "n_iter": 500,
+            "lda_components": 4,
+        },
+        "full": {},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs read at plan time
+
+
+def _counted(items: list, expected: int | None, what: str, param: str) -> list:
+    if expected is not None and len(items) != expected:
+        raise ConfigError(f"issue205: {param} holds {len(items)} {what}; the record uses {expected}")
+    return items
+
+
+def _required(value: str | None, param: str, what: str) -> str:
+    if not value:
+        raise ConfigError(f"issue205 needs {param}: {what} (pass --set {param}=...)")
+    return value
+
+
+def induction_conditions(params: Params) -> list[InductionCondition]:
+    conds = [InductionCondition.model_validate(r) for r in read_records(params.induction_file, "induction_file")]
+    for c in conds:
+        parse_system(c.system)
+    if [c.cond for c in conds][:1] != ["E0"] or len({c.cond for c in conds}) != len(conds):
+        raise ConfigError("issue205: induction conditions must be distinct and start with E0 (it anchors M2's EM axis)")
+    return conds
+
+
+def eval_personas(params: Params) -> list[dict]:
+    ref = _required(params.eval_personas_file, "eval_personas_file",
+                    "the 12 EVAL_PERSONAS of #184 as JSON [{name, system: 'text(...)'}]; the record names only "
+                    "confab, assistant and zelthari_scholar, not the others or their texts")
+    personas = _counted(read_records(ref, "eval_personas_file"), params.expected_eval_personas, "personas", "eval_personas_file")
+    names = [p.get("name") for p in personas]
+    if len(set(names)) != len(names) or None in names:
+        raise ConfigError("issue205: eval_personas_file: every persona needs a distinct name")
+    missing = [n for n in params.required_eval_personas if n not in names]
+    if missing:
+        raise ConfigError(f"issue205: eval_personas_file lacks {missing}, which the record's grid includes")
+    for p in personas:
+        if not isinstance(parse_system(p["system"]), TextSystem):
+            raise ConfigError(f"issue205: eval persona {p['name']!r} needs an explicit text(...) system prompt")
+    return [{"name": p["name"], "system": p["system"]} for p in personas]
+
+
+def data_uri(ref: str | None, param: str, what: str) -> str:
+    """A store URI for a data set: shipped package data (tiny) resolves to its file:// URI."""
+    ref = _required(ref, param, what)
+    if ref.startswith(PACKAGE_PREFIX):
+        item = resources.files("shared.data").joinpath(ref[len(PACKAGE_PREFIX):])
+        if not item.is_file():
+            raise ConfigError(f"issue205: {param}: no shipped data file {ref!r}")
+        return store.from_path(str(item))
+    if not is_store_uri(ref):
+        raise ConfigError(f"issue205: {param} must be a store URI (file://... or s3://...): upload the file to the store first")
+    return ref
+
+
+def prompt_of(persona: dict) -> str:
+    return parse_system(persona["system"]).text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
+    if params.headline_layer not in params.layers:
+        raise ConfigError(f"issue205: headline_layer {params.headline_layer} is not among layers {params.layers}")
+    conds = induction_conditions(params)
+    personas = eval_personas(params)
+    names = [p["name"] for p in personas]
+    for name in (params.source_persona, params.assistant_persona):
+        if name not in names:
+            raise ConfigError(f"issue205: persona {name!r} is not in the evaluation grid")
+    extraction_questions = _counted(
+        read_questions(_required(params.extraction_questions_file, "extraction_questions_file", "the record's 240 extraction questions"), "extraction_questions_file"),
+        params.expected_extraction_questions, "questions", "extraction_questions_file")  # fmt: skip
+    marker_questions = _counted(
+        read_questions(_required(params.marker_questions_file, "marker_questions_file", "the 28 marker-evaluation questions of #125 Exp B"), "marker_questions_file"),
+        params.expected_marker_questions, "questions", "marker_questions_file")  # fmt: skip
+    coupling_questions = read_questions(
+        _required(params.coupling_questions_file, "coupling_questions_file", "the questions the confab coupling data answers"),
+        "coupling_questions_file")  # fmt: skip
+    positives = len(coupling_questions) * params.coupling_n_per_question
+    if params.expected_coupling_positives is not None and positives != params.expected_coupling_positives:
+        raise ConfigError(f"issue205: {len(coupling_questions)} coupling questions x {params.coupling_n_per_question} make "
+                          f"{positives} positives; the record uses {params.expected_coupling_positives}")
+    em_data = data_uri(params.em_data_uri, "em_data_uri", "the EM training set (the record's bad_legal_advice_6k.jsonl) in the store")
+    benign_data = data_uri(params.benign_data_uri, "benign_data_uri", "the benign SFT set (Tulu-3-SFT; its first 6k rows are used) in the store")
+
+    b = PlanBuilder("issue205", profile, run_id, store, seed=params.seed)
+    extraction = dict(model_ref=params.model_ref, personas=personas, questions=extraction_questions, layers=params.layers,
+                      methods=params.methods, max_new_tokens=params.extraction_max_new_tokens, backend=params.backend)
+
+    def sft_cell(cell: str, data: str, system: str, **data_options):
+        rows = b.add(f"{cell}-data" if cell == "benign" else f"em-data-{cell}", "sft_data", cell, data_uri=data,
+                     system=system, **data_options)
+        train = b.add(f"train-{cell}" if cell == "benign" else f"train-em-{cell}", "train_lora", cell, after=[rows],
+                      model_ref=params.model_ref, data_uri=rows.output_uri("train.jsonl"), loss="assistant",
+                      recipe=params.em_recipe.model_dump(), checkpoint_every=params.checkpoint_every)
+        return train, train.output_uri("adapter")
+
+    checkpoints, analysis_deps, conditions = {}, [], []
+    base = b.add("extract-base", "extract_persona_vectors", "base", checkpoint="base", **extraction)
+    checkpoints["base"] = base
+    for cond in conds:
+        cell = slug(cond.cond)
+        train, adapter = sft_cell(cell, em_data, cond.system, expected_md5=params.em_data_md5)
+        checkpoints[cond.cond] = b.add(f"extract-{cell}", "extract_persona_vectors", cell, after=[train],
+                                       checkpoint=cond.cond, adapter_uri=adapter, **extraction)
+        merged = b.add(f"merge-em-{cell}", "merge_adapter", cell, after=[train], model_ref=params.model_ref, adapter_uri=adapter)
+        em_model = f"artifact:{merged.output_uri('model')}"
+        coupled_cell = f"{cell}-coupling"
+        source = next(p for p in personas if p["name"] == params.source_persona)
+        data = b.add(f"coupling-data-{cell}", "marker_data", coupled_cell, after=[merged], model_ref=em_model,
+                     backend=params.backend, vllm_options=params.vllm_options,
+                     source={"name": source["name"], "prompt": prompt_of(source)}, all_source_prompts=[prompt_of(source)],
+                     negative_pool=[{"name": p["name"], "prompt": prompt_of(p)} for p in personas if p["name"] != params.source_persona],
+                     n_negative_personas=params.coupling_negative_personas, questions=coupling_questions,
+                     n_per_question=params.coupling_n_per_question, temperature=params.temperature, top_p=params.top_p,
+                     max_new_tokens=params.coupling_max_new_tokens, marker=params.marker)  # fmt: skip
+        couple = b.add(f"couple-{cell}", "train_lora", coupled_cell, after=[data], model_ref=em_model,
+                       data_uri=data.output_uri("train.jsonl"), loss=params.coupling_loss, marker=params.marker,
+                       recipe=params.coupling_recipe.model_dump(), checkpoint_every=params.checkpoint_every)
+        evaluate = b.add(f"marker-eval-{cell}", "marker_eval", coupled_cell, after=[couple], label=cond.cond,
+                         model_ref=em_model, adapter_uri=couple.output_uri("adapter"), backend=params.backend,
+                         vllm_options=params.vllm_options, personas=[{"id": p["name"], "prompt": prompt_of(p)} for p in personas],
+                         questions=marker_questions, n=params.eval_n, temperature=params.temperature, top_p=params.top_p,
+                         max_new_tokens=params.eval_max_new_tokens, marker=params.marker, coherence_per_cell=0)  # fmt: skip
+        analysis_deps.append(evaluate)
+        conditions.append({**cond.model_dump(), "marker_uri": evaluate.output_uri("completions.jsonl")})
+    benign_train, benign_adapter = sft_cell("benign", benign_data, "default", limit=params.benign_limit)
+    checkpoints["benign"] = b.add("extract-benign", "extract_persona_vectors", "benign", after=[benign_train],
+                                  checkpoint="benign", adapter_uri=benign_adapter, **extraction)
+
+    ordered = [checkpoints[name] for name in CHECKPOINT_ORDER if name in checkpoints]
+    b.add("analysis", "analyze_issue205", "analysis", after=[*ordered, *analysis_deps],
+          checkpoints=[{"name": t.config["checkpoint"], "activations_uri": t.output_uri("activations.safetensors"),
+                        "index_uri": t.output_uri("index.json")} for t in ordered],
+          conditions=conditions, assistant_persona=params.assistant_persona, source_persona=params.source_persona,
+          marker=params.marker, headline_layer=params.headline_layer, n_iter=params.n_iter, n_splits=params.n_splits,
+          lda_components=params.lda_components, params=params.model_dump(mode="json"))  # fmt: skip
+    return b.plan(params.model_dump(mode="json"))
+
+
+def summary(plan: Plan) -> list[str]:
+    analysis = plan.task("analysis")
+    return [f"report: {analysis.output_uri('report.md')}", f"hero figure: {analysis.output_uri('hero_issue205.png')}",
+            f"M1 bars: {analysis.output_uri('m1_bars.png')}", f"leakage heatmap: {analysis.output_uri('leakage_heatmap.png')}"]
+
