@@ -4,10 +4,12 @@
 
 Sizes follow the record: 7 checkpoints (base, E0-E4, benign-SFT) x 2 extraction methods x 5 layers x 12
 personas x hidden size 3584, with 240 questions per persona for M3's held-out LDA; 28 questions x 10
-completions per persona for the behavioural tests. Every test uses n_iter = 10,000: M1/M2/M3 in all three
-families (150 EM-vs-base cells, 30 benign-vs-base, 150 EM-vs-benign) and H1 (4 testable conditions), H2,
-H3. Data generation is timed separately from the analysis; the budget (60 s on 2 cores) is for the analysis.
-The record's own analysis took about 56 minutes.
+completions per persona for the behavioural tests. Every test asks for n_iter = 10,000: M1/M2/M3 in all
+three families (150 EM-vs-base cells, 30 benign-vs-base, 150 EM-vs-benign) and H1 (4 testable conditions),
+H2, H3; M2's 2**11 sign patterns and H3's 5! orderings are fewer than that and are enumerated exactly.
+M3 refits the 5-fold LDA of all 7 checkpoints under every one of its 10,000 label draws.
+Data generation is timed separately; the budget (60 s on 2 cores) is for the analysis. The record's own
+analysis took about 56 minutes.
 """
 
 from __future__ import annotations
@@ -79,7 +81,10 @@ def run_analysis(activations: dict, leakage: np.ndarray, n_iter: int, seed: int)
     timings = {}
     start = time.perf_counter()
     persona_vectors = {
-        key: {name: rows.reshape(QUESTIONS, len(PERSONAS), HIDDEN).mean(axis=0) for name, rows in per_ckpt.items()}
+        key: {
+            name: rows.reshape(QUESTIONS, len(PERSONAS), HIDDEN).mean(axis=0)
+            for name, rows in per_ckpt.items()
+        }
         for key, per_ckpt in activations.items()
     }
     timings["persona_vectors_s"] = time.perf_counter() - start
@@ -88,19 +93,29 @@ def run_analysis(activations: dict, leakage: np.ndarray, n_iter: int, seed: int)
     row_questions = np.repeat(np.arange(QUESTIONS), len(PERSONAS))
     start = time.perf_counter()
     cells = geometry.geometry_family(
-        persona_vectors, PERSONAS, em_conditions=EM_CONDITIONS, activations=activations,
-        row_personas=row_personas, row_questions=row_questions, n_iter=n_iter, seed=seed,
-    )  # fmt: skip
+        persona_vectors,
+        PERSONAS,
+        em_conditions=EM_CONDITIONS,
+        activations=activations,
+        row_personas=row_personas,
+        row_questions=row_questions,
+        n_iter=n_iter,
+        seed=seed,
+    )
     timings["geometry_family_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     behaviour = []
     for c, persona in enumerate(INDUCTION_PERSONAS):
         if persona in PERSONAS:
-            behaviour.append(stats.h1_self_leakage_test(leakage[c], PERSONAS, persona, n_iter=n_iter, rng=seed))
+            behaviour.append(
+                stats.h1_self_leakage_test(leakage[c], PERSONAS, persona, n_iter=n_iter, rng=seed)
+            )
     behaviour.append(stats.h2_invariance_test(leakage, PERSONAS, INDUCTION_PERSONAS, n_iter=n_iter, rng=seed))
     bystanders = [
-        np.delete(leakage[c], [PERSONAS.index("confab"), *([PERSONAS.index(p)] if p in PERSONAS else [])], axis=0).mean()
+        np.delete(
+            leakage[c], [PERSONAS.index("confab"), *([PERSONAS.index(p)] if p in PERSONAS else [])], axis=0
+        ).mean()
         for c, p in enumerate(INDUCTION_PERSONAS)
     ]
     behaviour.append(stats.h3_cos_monotone_test(COS_TO_ASSISTANT, bystanders))
@@ -122,7 +137,9 @@ def run_analysis(activations: dict, leakage: np.ndarray, n_iter: int, seed: int)
             for c in cells
             if c.metric == "M3" and c.method == "A" and c.layer == 20 and c.reference == "base"
         },
-        "behaviour": {f"{t.name}": {"statistic": t.statistic, "p": t.p_value, "fires": t.fires} for t in behaviour},
+        "behaviour": {
+            f"{t.name}": {"statistic": t.statistic, "p": t.p_value, "fires": t.fires} for t in behaviour
+        },
     }
     return timings, outcomes
 
@@ -132,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-iter", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--check", action="store_true", help=f"exit 1 if the analysis takes over {BUDGET_S:.0f} s")
+    parser.add_argument(
+        "--check", action="store_true", help=f"exit 1 if the analysis takes over {BUDGET_S:.0f} s"
+    )
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
@@ -145,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     cpu_start, start = time.process_time(), time.perf_counter()
     timings, outcomes = run_analysis(activations, leakage, args.n_iter, args.seed)
     analysis_s = time.perf_counter() - start
+    analysis_cpu_s = time.process_time() - cpu_start
     report = {
         "analysis_s": round(analysis_s, 2),
-        "analysis_cpu_s": round(time.process_time() - cpu_start, 2),
+        # CPU seconds do not depend on what else runs on the machine; cores_used = CPU seconds / wall
+        # shows how much of the 2 cores the analysis actually got.
+        "analysis_cpu_s": round(analysis_cpu_s, 2),
+        "cores_used": round(analysis_cpu_s / analysis_s, 2),
         "budget_s": BUDGET_S,
         "within_budget": analysis_s < BUDGET_S,
         "timings_s": {key: round(value, 2) for key, value in timings.items()},
@@ -156,10 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         "n_tests": outcomes.pop("n_tests"),
         **outcomes,
         "sizes": {
-            "checkpoints": len(CHECKPOINTS), "methods": len(METHODS), "layers": len(LAYERS),
-            "personas": len(PERSONAS), "hidden": HIDDEN, "questions_per_persona": QUESTIONS,
-            "behaviour_questions": BEHAVIOUR_QUESTIONS, "completions_per_cell": COMPLETIONS,
-        },  # fmt: skip
+            "checkpoints": len(CHECKPOINTS),
+            "methods": len(METHODS),
+            "layers": len(LAYERS),
+            "personas": len(PERSONAS),
+            "hidden": HIDDEN,
+            "questions_per_persona": QUESTIONS,
+            "behaviour_questions": BEHAVIOUR_QUESTIONS,
+            "completions_per_cell": COMPLETIONS,
+        },
         "machine": {
             "cpus_available": stats.available_cpus(),
             "cpu_count": os.cpu_count(),
@@ -172,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("analysis_s", "within_budget", "n_tests", "n_iter", "timings_s")}))
+    print(
+        json.dumps({k: report[k] for k in ("analysis_s", "within_budget", "n_tests", "n_iter", "timings_s")})
+    )
     return 1 if args.check and not report["within_budget"] else 0
 
 

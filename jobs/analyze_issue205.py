@@ -14,7 +14,6 @@ What this stage makes impossible, by construction (each was a finding of the rec
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -152,10 +151,21 @@ def m2_robustness(vectors: dict, personas: list[str], assistant: str, em_names: 
 # ------------------------------------------------------------------------------------------ behaviour
 
 
+def leaked_samples(uri: str, bystanders: list[str], marker: str, n: int = 2) -> list[dict]:
+    """The first ``n`` bystander completions that carry the marker, in stored order (for the report)."""
+    from jobs.marker_eval import emits_marker
+
+    rows = [r for r in store.read_jsonl(uri) if r["persona"] in bystanders and emits_marker(r["text"], marker)]
+    return [{k: r[k] for k in ("persona", "question_id", "text")} for r in rows[:n]]
+
+
 def leakage_matrix(uri: str, personas: list[str], marker: str) -> tuple[np.ndarray, list[str], int]:
     """(persona, question) marker rates from marker_eval's per-completion rows, and the completions per cell.
 
-    The marker test is the record's substring match on the completion text (its one sanctioned use)."""
+    The marker test is marker_eval's own (the record's substring match, its one sanctioned use), re-applied to the
+    stored text."""
+    from jobs.marker_eval import emits_marker
+
     rows = store.read_jsonl(uri)
     questions = sorted({r["question_id"] for r in rows})
     counts = np.zeros((len(personas), len(questions)))
@@ -166,7 +176,7 @@ def leakage_matrix(uri: str, personas: list[str], marker: str) -> tuple[np.ndarr
     for r in rows:
         p, q = personas.index(r["persona"]), questions.index(r["question_id"])
         counts[p, q] += 1
-        hits[p, q] += marker in r["text"]
+        hits[p, q] += emits_marker(r["text"], marker)
     if np.any(counts == 0):
         raise StageInputError(f"{uri}: some (persona, question) cells have no completions")
     return hits / counts, questions, int(counts.min())
@@ -192,7 +202,8 @@ def behaviour(cfg: Config, personas: list[str]) -> dict | None:
         row = {"cond": cond.cond, "persona": cond.persona, "cos_to_assistant": cond.cos_to_assistant,
                "source_rate": float(rates[c, source].mean()),
                "mean_bystander": float(rates[c, bystanders].mean(axis=1).mean()),
-               "per_persona": {p: float(rates[c, i].mean()) for i, p in enumerate(personas)}}
+               "per_persona": {p: float(rates[c, i].mean()) for i, p in enumerate(personas)},
+               "samples": leaked_samples(cond.marker_uri, [personas[i] for i in bystanders], cfg.marker)}
         if cond.persona in personas:
             h1 = h1_self_leakage_test(rates[c], personas, cond.persona, source_persona=cfg.source_persona, n_iter=cfg.n_iter,
                                       rng=cfg.seed, min_excess=cfg.rules.h1_min_excess, alpha=cfg.rules.h1_alpha)
@@ -200,8 +211,13 @@ def behaviour(cfg: Config, personas: list[str]) -> dict | None:
         per_condition.append(row)
     h2 = h2_invariance_test(rates, personas, [c.persona for c in cfg.conditions], source_persona=cfg.source_persona,
                             n_iter=cfg.n_iter, rng=cfg.seed, max_range=cfg.rules.h2_max_range, alpha=cfg.rules.h2_alpha)
-    h3 = h3_cos_monotone_test([r["cos_to_assistant"] for r in per_condition], [r["mean_bystander"] for r in per_condition],
-                              min_abs_rho=cfg.rules.h3_min_abs_rho, alpha=cfg.rules.h3_alpha)
+    try:
+        h3 = h3_cos_monotone_test([r["cos_to_assistant"] for r in per_condition], [r["mean_bystander"] for r in per_condition],
+                                  min_abs_rho=cfg.rules.h3_min_abs_rho, alpha=cfg.rules.h3_alpha)
+        h3_row = {"rho": h3.statistic, "p": h3.p_value, "n_orderings": h3.n_iter, "fires": h3.fires, "rule": h3.rule}
+    except ValueError as err:  # identical leakage in every condition: rho is undefined, H3 cannot fire
+        h3_row = {"rho": None, "p": None, "n_orderings": math.factorial(len(per_condition)), "fires": False,
+                  "rule": f"|rho| >= {cfg.rules.h3_min_abs_rho} and p < {cfg.rules.h3_alpha}", "note": str(err)}
     testable = [r for r in per_condition if "h1" in r]
     h1_fired = sum(r["h1"]["fires"] for r in testable)
     needed = math.ceil(cfg.rules.h1_min_fraction * len(testable)) if testable else None
@@ -210,7 +226,7 @@ def behaviour(cfg: Config, personas: list[str]) -> dict | None:
         "H1": {"testable": len(testable), "fired": h1_fired, "needed": needed,
                "fires": bool(testable) and h1_fired >= needed, "rule": f"excess >= {cfg.rules.h1_min_excess}, p < {cfg.rules.h1_alpha}, in >= {cfg.rules.h1_min_fraction:.0%} of testable conditions"},
         "H2": {"range": h2.statistic, "p": h2.p_value, "fires": h2.fires, "rule": h2.rule},
-        "H3": {"rho": h3.statistic, "p": h3.p_value, "n_orderings": h3.n_iter, "fires": h3.fires, "rule": h3.rule},
+        "H3": h3_row,
         "rates": rates.tolist(),
     }  # fmt: skip
 
@@ -327,29 +343,28 @@ def checkpoint_values(family: list[dict], vectors: dict, acts: Activations) -> d
 
 
 def outcome(geo: dict, beh: dict | None) -> dict:
-    """The pre-registered headline mapping and kill criterion."""
-    g1 = geo["decisions"]["G1"]["fires"]
-    fired = {k: v for k, v in [("G1", g1), ("G2", geo["decisions"]["G2"]["fires"]), ("G3", geo["decisions"]["G3"]["fires"])]}
+    """The pre-registered headline mapping and joint-null kill criterion (plan v2, sections 5-6)."""
+    fired = {name: d["fires"] for name, d in geo["decisions"].items()}
     if beh:
-        fired |= {"H1": beh["H1"]["fires"], "H2": beh["H2"]["fires"], "H3": beh["H3"]["fires"]}
+        fired |= {name: beh[name]["fires"] for name in ("H1", "H2", "H3")}
     headlines = []
-    if g1 and fired.get("H2"):
+    if fired["G1"] and fired.get("H2"):
         headlines.append("EM induces general persona-vector collapse under all induction personas; mean bystander leakage is induction-invariant.")
-    if g1 and fired.get("H3"):
+    if fired["G1"] and fired.get("H3"):
         headlines.append("EM-induced collapse scales with the induction persona's cosine to the assistant; the same scaling shows behaviourally.")
     if fired.get("H1"):
         headlines.append("EM corrupts whichever persona was active during induction (induction-persona self-leakage).")
+    if not any(fired.values()):
+        headlines.append("No G or H fires: see the kill criterion.")
     kill = None
-    if beh:
+    if beh:  # every geometry cell BH p > 0.5; leakage range <= 5 pp and every mean <= 5 %; |rho| < 0.3 with p > 0.20
         means = [c["mean_bystander"] for c in beh["conditions"]]
         h3 = beh["H3"]
         kill = bool(
             all(c["p_bh"] > 0.5 for c in geo["cells"])
-            and beh["H2"]["range"] <= 0.05 and max(means) - min(means) <= 0.10 and max(means) <= 0.05
-            and abs(h3["rho"]) < 0.3 and h3["p"] > 0.20
+            and beh["H2"]["range"] <= 0.05 and max(means) <= 0.05
+            and (h3["rho"] is None or (abs(h3["rho"]) < 0.3 and h3["p"] > 0.20))
         )
-    if not any(fired.values()):
-        headlines.append("No G or H fires: see the kill criterion.")
     return {"fired": fired, "headlines": headlines, "joint_null_kill": kill}
 
 
@@ -358,7 +373,7 @@ def outcome(geo: dict, beh: dict | None) -> dict:
 
 GEOMETRY_PANELS = {
     "M1": "M1 mean off-diagonal cosine",
-    "M2": "M2 mean |cos| to the E0 EM axis (11 non-assistant)",
+    "M2": "M2 mean abs cos to the E0 EM axis (non-assistant personas)",
     "M3": "M3 held-out LDA accuracy",
 }
 
@@ -367,6 +382,7 @@ def hero_figure(data: dict, uri: str) -> dict:
     """Top row: the three geometry metrics per checkpoint at the headline layer (both methods); bottom row:
     behaviour per EM condition (mean bystander leakage, H3's trend, H1's self vs bystander)."""
     from shared.figures import PALETTE, new_figure, save
+    from shared.reporting import fmt
 
     geo, beh, layer, ckpts = data["geometry"], data["behaviour"], data["headline_layer"], data["checkpoints"]
     fig, _ = new_figure(13, 7)
@@ -381,7 +397,10 @@ def hero_figure(data: dict, uri: str) -> dict:
                    color=PALETTE[mi], label=f"Method {method}")
         ax.set_xticks(np.arange(len(ckpts)) + 0.4 - width / 2, ckpts, fontsize=8)
         ax.set_title(f"{title} (L{layer})", fontsize=8)
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+        if metric != "M3":  # cosines of persona vectors sit close together: zoom onto their range
+            shown = [v for m in data["methods"] for v in geo["values"][f"{m}/L{layer}"][metric].values()]
+            ax.set_ylim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.02))
     chance = geo["m3_base"][f"{data['methods'][0]}/L{layer}"]["chance"]
     grid[0, 2].axhline(chance, color="grey", linestyle="--", linewidth=1)
     if beh:
@@ -393,7 +412,7 @@ def hero_figure(data: dict, uri: str) -> dict:
         for c in conds:
             grid[1, 1].annotate(c["cond"], (c["cos_to_assistant"], c["mean_bystander"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         grid[1, 1].set_xlabel("cos(induction persona, assistant)")
-        grid[1, 1].set_title(f"H3: rho = {beh['H3']['rho']:.2f}, exact p = {beh['H3']['p']:.3f}", fontsize=8)
+        grid[1, 1].set_title(f"H3: rho = {fmt(beh['H3']['rho'])}, exact p = {fmt(beh['H3']['p'], 3)}", fontsize=8)
         x = np.arange(len(names))
         grid[1, 2].bar(x, [c["per_persona"].get(c["persona"], np.nan) for c in conds], width=0.4, color=PALETTE[3], label="induction persona")
         grid[1, 2].bar(x + 0.4, [c["mean_bystander"] for c in conds], width=0.4, color=PALETTE[2], label="other bystanders")
@@ -466,6 +485,18 @@ def headline_table(data: dict) -> tuple[list[str], list[list]]:
     return ["metric", *ckpts], rows
 
 
+def three_way_rows(geo: dict, layer: int) -> list[tuple]:
+    benign = {(c["metric"], c["method"]): c["delta"] for c in geo["benign_vs_base"] if c["layer"] == layer}
+    contrast = {(c["metric"], c["method"], c["condition"]): c["p_bh"] for c in geo["em_vs_benign"] if c["layer"] == layer}
+    rows = []
+    for c in (c for c in geo["cells"] if c["layer"] == layer):
+        shift = benign[(c["metric"], c["method"])]
+        share = f"{shift / c['delta']:.0%}" if c["delta"] else None
+        rows.append((c["metric"], c["method"], c["condition"], f"{c['delta']:.4f}", f"{shift:.4f}", share,
+                     f"{contrast[(c['metric'], c['method'], c['condition'])]:.4g}"))
+    return rows
+
+
 def report(data: dict) -> str:
     from shared.reporting import fmt, markdown_table
 
@@ -491,8 +522,8 @@ def report(data: dict) -> str:
             f"testable conditions fire (needs {h1['needed']}; {h1['rule']}).",
             f"- **H2** (induction-invariant): {'FIRES' if h2['fires'] else 'does not fire'}: range {h2['range']:.4f}, "
             f"p = {h2['p']:.4f} ({h2['rule']}).",
-            f"- **H3** (cos-monotone): {'FIRES' if h3['fires'] else 'does not fire'}: Spearman rho = {h3['rho']:.3f}, exact "
-            f"p = {h3['p']:.4f} over {h3['n_orderings']} orderings ({h3['rule']}).",
+            f"- **H3** (cos-monotone): {'FIRES' if h3['fires'] else 'does not fire'}: Spearman rho = {fmt(h3['rho'], 3)}, exact "
+            f"p = {fmt(h3['p'], 4)} over {h3['n_orderings']} orderings ({h3['rule']}){'; ' + h3['note'] if 'note' in h3 else ''}.",
         ]
     else:
         lines.append("- H1/H2/H3: no behavioural artifacts were given.")
@@ -510,13 +541,25 @@ def report(data: dict) -> str:
                                   for c in beh["conditions"]]),
                   "", f"{beh['completions_per_cell']} completions per (persona, question); {len(beh['questions'])} questions.",
                   "", "![leakage](leakage_heatmap.png)", ""]
+    if beh:
+        lines += ["## Sample outputs", "", "The first stored bystander completions that carry the marker, per condition:", ""]
+        for c in beh["conditions"]:
+            for sample in c["samples"] or [{"persona": "—", "question_id": "—", "text": "(no bystander completion carries the marker)"}]:
+                text = sample["text"].replace("\n", " ")[:300]
+                lines.append(f"- {c['cond']} / {sample['persona']} / {sample['question_id']}: {text}")
+        lines.append("")
+    lines += ["## EM vs benign SFT (three-way contrast)", "",
+              f"Shift from base at layer {data['headline_layer']}: EM vs benign SFT, the benign share of the EM shift, and "
+              "the one-sided EM-vs-benign test (BH-FDR over its own family).", "",
+              markdown_table(["metric", "method", "cond", "EM shift", "benign shift", "benign / EM", "p BH (EM vs benign)"],
+                             three_way_rows(geo, data["headline_layer"]), align="lllrrrr"), ""]
     fired = sum(c["fires"] for c in geo["cells"])
     lines += ["## Geometry family", "",
               f"{len(geo['cells'])} cells (metrics x methods x layers x EM conditions); {fired} fire. BH-FDR is primary, Holm "
               "alongside; every cell with raw, BH and Holm p is in headline.json.", "",
               markdown_table(["metric", "method", "layer", "cond", "delta", "p raw", "p BH", "p Holm", "fires"],
                              [(c["metric"], c["method"], c["layer"], c["condition"], f"{c['delta']:.4f}", f"{c['p_value']:.4g}",
-                               f"{c['p_bh']:.4g}", f"{c['p_holm']:.4g}", c["fires"]) for c in geo["cells"]], align="lllllrrrrl"),
+                               f"{c['p_bh']:.4g}", f"{c['p_holm']:.4g}", c["fires"]) for c in geo["cells"]], align="llllrrrrl"),
               "", "![M1 bars](m1_bars.png)", "",
               "Method B retained fraction of questions per persona after the paired empty-reply filter: " +
               ", ".join(f"{p} {f:.2f}" for p, f in geo["paired_retained"].get("B", {}).items()), ""]  # fmt: skip

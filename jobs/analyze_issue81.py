@@ -75,7 +75,7 @@ class Config(StageConfig):
 class Grid:
     """Axis orders of the A1 factorial present in the evaluation, and indexers into it."""
 
-    def __init__(self, bystanders: list[Bystander], sources: list[SourceInfo]):
+    def __init__(self, bystanders: list[Bystander]):
         a1 = [b for b in bystanders if b.kind == "A1"]
         self.nouns = list(dict.fromkeys(b.noun for b in a1))
         self.traits = list(dict.fromkeys(b.trait for b in a1))
@@ -83,7 +83,6 @@ class Grid:
         self.ids = [b.id for b in bystanders]
         self.a1_id = {(b.noun, b.trait, b.level): b.id for b in a1}
         self.a2_id = {b.noun: b.id for b in bystanders if b.kind == "A2"}
-        self.sources = sources
 
     def cube(self, values: dict[str, float]) -> np.ndarray:
         """``[noun, trait, level]`` array of ``values`` (NaN where a cell is missing)."""
@@ -176,7 +175,7 @@ def h3_slopes(hits: np.ndarray, totals: np.ndarray, *, n_boot: int, seed: int) -
     flat_hits = hits.reshape(-1, hits.shape[-1])
     flat_totals = totals.reshape(-1, totals.shape[-1])
     slopes, half_widths, significant = [], [], []
-    for h, t in zip(flat_hits, flat_totals):
+    for h, t in zip(flat_hits, flat_totals, strict=True):
         if not (np.isfinite(h).all() and np.isfinite(t).all() and (t > 0).all()):
             slopes.append(np.nan), half_widths.append(np.nan), significant.append(False)
             continue
@@ -284,7 +283,7 @@ def read_geometry(cfg: Config) -> tuple[dict[str, np.ndarray], list[str]] | None
 
 
 def analyse(cfg: Config) -> dict:
-    grid = Grid(cfg.bystanders, cfg.sources)
+    grid = Grid(cfg.bystanders)
     labels = [c.label for c in cfg.cells]
     if cfg.base_label not in labels:
         raise StageInputError(f"no base-model cell {cfg.base_label!r} among {labels}")
@@ -373,6 +372,7 @@ def analyse(cfg: Config) -> dict:
         "rates": rates, "hits": hits, "totals": totals,
         "base_subtracted": {s.name: subtracted(s.name, coherent_only=False) for s in cfg.sources},
         "coherence": {"threshold": cfg.coherence_threshold, "flagged": flagged,
+                      "cell_mean": {label: {b: c["mean"] for b, c in coh.items()} for label, coh in coherence.items()},
                       "n_flagged": {k: len(v) for k, v in flagged.items()},
                       "mean": {label: _nanmean(np.array([c["mean"] for c in coh.values() if c["mean"] is not None]))
                                for label, coh in coherence.items()}},
@@ -389,6 +389,7 @@ def analyse(cfg: Config) -> dict:
 
 
 def geometry_section(cfg, grid: Grid, by_layer, ids, subtracted, head_to_head) -> dict:
+    """Cosine columns of the head-to-head (added to ``head_to_head`` in place), the axis test on cosine and H4."""
     index = {pid: i for i, pid in enumerate(ids)}
     out: dict = {"layers": sorted(by_layer), "headline_layer": cfg.headline_layer}
     cos = {layer: cosine_matrix(c) for layer, c in by_layer.items()}
@@ -477,14 +478,18 @@ def heatmap_figure(data: dict, uri: str) -> dict:
     return save(fig, uri)
 
 
-def _per_source_axes(n: int, width_each: float = 3.2, height: float = 3.0):
-    from shared.figures import new_figure
-
-    fig, axes = new_figure(width=width_each * n, height=height)
+def _house_style():
+    """pyplot with the house style applied (``new_figure`` sets it); for figures with several panels."""
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
-    fig, axes = plt.subplots(1, n, figsize=(width_each * n, height), squeeze=False, sharey=True)
+    from shared.figures import new_figure
+
+    plt.close(new_figure()[0])
+    return plt
+
+
+def _per_source_axes(n: int, width_each: float = 3.2, height: float = 3.0):
+    fig, axes = _house_style().subplots(1, n, figsize=(width_each * n, height), squeeze=False, sharey=True)
     return fig, axes[0]
 
 
@@ -501,7 +506,7 @@ def noun_isolation_figure(data: dict, uri: str) -> dict:
     axes, sources = data["axes"], [s["name"] for s in data["sources"]]
     fig, panels = _per_source_axes(len(sources))
     x = np.arange(len(axes["nouns"]))
-    for ax, source in zip(panels, sources):
+    for ax, source in zip(panels, sources, strict=True):
         cube = _cube_of(data, source)
         for j, trait in enumerate(axes["traits"]):
             for k in range(len(axes["levels"])):
@@ -521,7 +526,7 @@ def trait_gradation_figure(data: dict, uri: str) -> dict:
     axes, sources = data["axes"], [s["name"] for s in data["sources"]]
     fig, panels = _per_source_axes(len(sources))
     x = np.arange(1, len(axes["levels"]) + 1)
-    for ax, source in zip(panels, sources):
+    for ax, source in zip(panels, sources, strict=True):
         cube = _cube_of(data, source)
         for j, trait in enumerate(axes["traits"]):
             ax.plot(x, np.nanmean(cube[:, j, :], axis=0), marker="o", color=PALETTE[j % len(PALETTE)], label=trait)
@@ -537,7 +542,7 @@ def interaction_figure(data: dict, uri: str) -> dict:
 
     axes, sources = data["axes"], [s["name"] for s in data["sources"]]
     fig, panels = _per_source_axes(len(sources))
-    for ax, source in zip(panels, sources):
+    for ax, source in zip(panels, sources, strict=True):
         ax.grid(False)
         effect = np.array(data["h2"]["per_source"][source].get("noun_effect_by_trait_level") or
                           np.full((len(axes["traits"]), len(axes["levels"])), np.nan), dtype=float)
@@ -550,15 +555,11 @@ def interaction_figure(data: dict, uri: str) -> dict:
 
 
 def hero_figure(data: dict, uri: str) -> dict:
-    import matplotlib.pyplot as plt
-
-    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
+    from shared.figures import PALETTE, REFERENCE_COLOR, save
 
     sources = [s["name"] for s in data["sources"]]
     nouns = [n for n in data["axes"]["nouns"] if f"A2__{n}" in data["bystander_ids"]]
-    fig, _ = new_figure()
-    plt.close(fig)
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, (left, middle, right) = _house_style().subplots(1, 3, figsize=(15, 4.4))
     matrix = np.array([[data["base_subtracted"][s].get(f"A2__{n}", np.nan) for n in nouns] for s in sources])
     left.grid(False)
     left.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
@@ -585,7 +586,7 @@ def hero_figure(data: dict, uri: str) -> dict:
     h4 = data["geometry"].get("h4")
     if h4:
         cos, leak = np.array(h4["cos"], dtype=float), np.array(h4["leak"], dtype=float)
-        for i, s in enumerate(sources):
+        for i in range(len(sources)):
             for j, n in enumerate(h4["nouns"]):
                 same = data["sources"][i]["noun"] == n
                 right.scatter(cos[i, j], leak[i, j], color=REFERENCE_COLOR if same else PALETTE[i % len(PALETTE)],
@@ -678,12 +679,14 @@ def run(cfg: Config, ctx) -> dict:
     store.write_text(ctx.out("report.md"), report(data))
     upstream = []
     for cell in cfg.cells:
-        upstream.append(producing_manifest(cell.rates_uri))
+        evaluation = producing_manifest(cell.rates_uri)
+        upstream.append(evaluation)
         if cell.coherence_uri:
             upstream.append(producing_manifest(cell.coherence_uri))
-            train = upstream[-2].get("config", {}).get("adapter_uri")
-            if train:
-                upstream.append(producing_manifest(train + "/adapter_config.json"))
+        adapter = evaluation["config"].get("adapter_uri")
+        if adapter:  # the training stage and the data it trained on
+            training = producing_manifest(store.join(adapter, "adapter_config.json"))
+            upstream += [training, producing_manifest(training["config"]["data_uri"])]
     if cfg.centroids_uri:
         upstream.append(producing_manifest(cfg.centroids_uri))
     unique = {(m["cell"], m["stage"]): m for m in upstream}

@@ -57,6 +57,7 @@ class Config(StageConfig):
     methods: list[Method] = ["A", "B"]
     max_new_tokens: int = 256  # Method B's greedy completions
     backend: Literal["hf", "vllm"] = "hf"  # generation backend for Method B
+    vllm_options: dict = {}
     batch_size: int = 16
     dtype: str | None = None
 
@@ -136,20 +137,30 @@ def method_b(model, prompts, replies: list[list[int]], layers: list[int], *, pad
     return out
 
 
-def greedy_replies(cfg: Config, model, tokenizer, prompts) -> list:
-    """Greedy completions (temperature 0) for Method B, as token ids and text."""
+def greedy_replies(cfg: Config, prompts, model=None, tokenizer=None) -> list:
+    """Greedy completions (temperature 0) for Method B. vLLM runs before the HF model is loaded and is released
+    afterwards, so the two never hold the GPU at once; the HF backend reuses the already merged model."""
+    import gc
+
     from shared.generation import HFGenerator, SamplingParams, make_generator
 
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     if cfg.backend == "hf":
-        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size)  # the merged model: no second load
-    else:
-        generator = make_generator("vllm", cfg.model_ref, adapter_uri=cfg.adapter_uri, dtype=cfg.dtype)
-    return [completions[0] for completions in generator.generate(prompts, params)]
+        return [c[0] for c in HFGenerator(model, tokenizer, batch_size=cfg.batch_size).generate(prompts, params)]
+    generator = make_generator("vllm", cfg.model_ref, adapter_uri=cfg.adapter_uri, dtype=cfg.dtype, **cfg.vllm_options)
+    completions = [c[0] for c in generator.generate(prompts, params)]
+    del generator
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return completions
 
 
 def run(cfg: Config, ctx) -> dict:
     import torch
+    from transformers import AutoConfig
 
     from shared import chat, models
 
@@ -158,15 +169,15 @@ def run(cfg: Config, ctx) -> dict:
         raise StageInputError("persona names must be distinct")
     if len({q.id for q in cfg.questions}) != len(cfg.questions):
         raise StageInputError("question ids must be distinct")
-    tokenizer = models.load_tokenizer(cfg.model_ref)
-    model = models.load_model(cfg.model_ref, dtype=cfg.dtype, adapter_uri=cfg.adapter_uri, merge=bool(cfg.adapter_uri))
-    n_blocks = len(decoder_layers(model))
+    n_blocks = AutoConfig.from_pretrained(models.local_path(cfg.model_ref)).num_hidden_layers
     bad = [layer for layer in cfg.layers if not 0 <= layer < n_blocks]
-    if bad:
+    if bad:  # checked before any generation or weight loading
         raise StageInputError(f"layers {bad} do not exist: {cfg.model_ref} has decoder blocks 0..{n_blocks - 1}")
-
+    tokenizer = models.load_tokenizer(cfg.model_ref)
     cells = [(p, q) for p in cfg.personas for q in cfg.questions]  # persona-major, as the output axes
     prompts = [chat.build_prompt(tokenizer, chat.parse_system(p.system), q.text) for p, q in cells]
+    completions = greedy_replies(cfg, prompts) if "B" in cfg.methods and cfg.backend == "vllm" else None
+    model = models.load_model(cfg.model_ref, dtype=cfg.dtype, adapter_uri=cfg.adapter_uri, merge=bool(cfg.adapter_uri))
     pad_id = chat.soft_placeholder_id(tokenizer)
     shape = (len(cfg.personas), len(cfg.questions), len(cfg.layers))
     ctx.log(f"{cfg.checkpoint}: {len(cfg.personas)} personas x {len(cfg.questions)} questions, layers {cfg.layers}, methods {cfg.methods}")
@@ -177,7 +188,8 @@ def run(cfg: Config, ctx) -> dict:
         tensors["A"] = torch.stack(vectors).reshape(*shape, -1)
     metrics: dict = {}
     if "B" in cfg.methods:
-        completions = greedy_replies(cfg, model, tokenizer, prompts)
+        if completions is None:
+            completions = greedy_replies(cfg, prompts, model, tokenizer)
         replies = [c.token_ids for c in completions]
         vectors = method_b(model, prompts, replies, cfg.layers, pad_id=pad_id, batch_size=cfg.batch_size, progress=ctx.progress)
         hidden = model.config.hidden_size

@@ -12,6 +12,8 @@ checkpoint against a reference (base Qwen, or benign-SFT for the three-way contr
   the test is exact). Robustness axes: each condition's own assistant delta, and PC-1 of its persona shifts.
 * M3, linear separability: held-out LDA accuracy with a shared GroupKFold (by question) and a joint-shuffle
   null, n_iter = 10,000; per-condition delta accuracy vs base (``shared.stats.lda_joint_shuffle_test``).
+  Rows are centred within their question and projected on 16 principal components first (label-free;
+  see ``m3_separability``).
 
 Multiple testing (``geometry_family``): BH-FDR is primary across the 150 EM-vs-base cells (3 metrics x 2
 methods x 5 layers x 5 EM conditions) with Holm alongside; benign-SFT vs base and EM vs benign-SFT (the
@@ -20,6 +22,7 @@ three-way contrast) are families of their own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -249,7 +252,7 @@ def m2_alignments(
     *,
     assistant: str = ASSISTANT,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``|cos(persona, axis)|`` of the non-assistant personas (11 of 12) in the reference and the condition."""
+    """``|cos(persona, axis)|`` of the non-assistant personas (11 of 12): (reference, condition)."""
     names = _check_vectors(personas, reference_vectors, condition_vectors)
     keep = np.arange(len(names)) != _persona_index(names, assistant)
     return abs_cos_to_axis(reference_vectors, axis)[keep], abs_cos_to_axis(condition_vectors, axis)[keep]
@@ -370,6 +373,7 @@ def m3_separability(
     n_components: int = 16,
     label_draws: np.ndarray | None = None,
     n_threads: int | None = None,
+    center_within_questions: bool = True,
 ) -> M3Result:
     """M3 for every checkpoint of one (method, layer): held-out LDA accuracy and its joint-shuffle null.
 
@@ -378,6 +382,13 @@ def m3_separability(
     GroupKFold splits by question, so each training fold holds every persona - grouping by persona (the
     record's leave-one-persona-out, 0% on base) raises ``stats.GroupedCVError``. See
     ``stats.lda_joint_shuffle_test`` for the exact reading of "joint-shuffle null".
+
+    ``center_within_questions`` (default) subtracts each question's mean activation over its personas
+    before the 16-component projection. The question offset carries no persona information and is the
+    same under every joint-shuffle draw, but it can dominate the variance: left in, the top principal
+    components are the questions' and LDA scores chance even for personas that separate perfectly within
+    every question - another way for M3 to be uninformative. The centring uses no labels, so the
+    held-out rows' labels stay unseen; set False for LDA on the raw projected activations.
     """
     names = tuple(activations)
     test = stats.lda_joint_shuffle_test(
@@ -390,6 +401,7 @@ def m3_separability(
         n_components=n_components,
         label_draws=label_draws,
         n_threads=n_threads,
+        center_within_groups=center_within_questions,
     )
     p_above = np.atleast_1d(test.p_above_chance)
     return M3Result(
@@ -420,6 +432,7 @@ class GeometryCell:
     test: MetricTest
     p_bh: float = float("nan")
     p_holm: float = float("nan")
+    notes: dict[str, float] = field(default_factory=dict)  # M3: chance level and each side's p above chance
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -432,7 +445,19 @@ class GeometryCell:
             **{key: value for key, value in self.test.as_dict().items() if key != "metric"},
             "p_bh": self.p_bh,
             "p_holm": self.p_holm,
+            **self.notes,
         }
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    condition: str
+    reference: str
+    family: str
+    alternative: str | None  # None: the metric's pre-registered direction (the EM-vs-benign contrast)
+
+    def alternative_for(self, metric: str) -> str:
+        return self.alternative or PREREGISTERED_DIRECTION[metric]
 
 
 def geometry_family(
@@ -452,6 +477,7 @@ def geometry_family(
     n_components: int = 16,
     n_splits: int = 5,
     n_threads: int | None = None,
+    center_within_questions: bool = True,
 ) -> list[GeometryCell]:
     """Every pre-registered geometry test of #205, with BH-FDR and Holm per family.
 
@@ -464,89 +490,78 @@ def geometry_family(
     its own; cells are dependent anyway). ``n_iter`` and ``seed`` make the whole family reproducible.
     """
     generator = np.random.default_rng(seed)
-    keys = list(persona_vectors)
     names = list(personas)
-    comparisons = [(c, base, "em_vs_base", "two-sided") for c in em_conditions]
-    comparisons.append((benign, base, "benign_vs_base", "two-sided"))
-    comparisons += [(c, benign, "em_vs_benign", None) for c in em_conditions]
+    comparisons = [_Comparison(c, base, "em_vs_base", "two-sided") for c in em_conditions]
+    comparisons.append(_Comparison(benign, base, "benign_vs_base", "two-sided"))
+    comparisons += [_Comparison(c, benign, "em_vs_benign", None) for c in em_conditions]
 
     cells: list[GeometryCell] = []
     for metric in ("M1", "M2"):
-        differences, labels, values = [], [], []
-        for method, layer in keys:
-            vectors = persona_vectors[(method, layer)]
-            axis = (
-                e0_anchored_em_axis(vectors[base], vectors[e0], names, assistant=assistant)
-                if metric == "M2"
-                else None
-            )
-            for condition, reference, family, alternative in comparisons:
-                if metric == "M1":
-                    _check_vectors(names, vectors[reference], vectors[condition])
-                    differences.append(m1_pair_differences(vectors[reference], vectors[condition]))
-                    values.append(
-                        (
-                            mean_off_diagonal_cosine(vectors[reference]),
-                            mean_off_diagonal_cosine(vectors[condition]),
-                        )
-                    )
-                else:
-                    reference_alignment, condition_alignment = m2_alignments(
-                        vectors[reference], vectors[condition], names, axis, assistant=assistant
-                    )
-                    differences.append(condition_alignment - reference_alignment)
-                    values.append((float(reference_alignment.mean()), float(condition_alignment.mean())))
-                labels.append(
-                    (
-                        method,
-                        layer,
-                        condition,
-                        reference,
-                        family,
-                        alternative or PREREGISTERED_DIRECTION[metric],
-                    )
-                )
-        cells += _paired_cells(metric, np.array(differences), labels, values, n_iter, generator)
+        rows = []
+        for (method, layer), vectors in persona_vectors.items():
+            axis = e0_anchored_em_axis(vectors[base], vectors[e0], names, assistant=assistant)
+            for comparison in comparisons:
+                differences, values = _vector_metric(metric, vectors, names, comparison, axis, assistant)
+                rows.append((method, layer, comparison, differences, values))
+        cells += _paired_cells(metric, rows, n_iter, generator)
 
     if activations is not None:
         if row_personas is None or row_questions is None:
             raise ValueError("M3 needs row_personas and row_questions alongside the activations")
+        # One set of joint-shuffle draws serves every (method, layer): the rows are the same grid.
         codes, _ = stats.encode_labels(row_personas)
         draws = stats.grouped_label_shuffles(codes, stats.encode_labels(row_questions)[0], n_iter, generator)
-        for method, layer in keys:
+        for (method, layer), per_checkpoint in activations.items():
             m3 = m3_separability(
-                activations[(method, layer)], row_personas, row_questions, n_splits=n_splits,
-                n_components=n_components, label_draws=draws, n_threads=n_threads,
-            )  # fmt: skip
-            for condition, reference, family, alternative in comparisons:
-                test = m3.delta(condition, reference, alternative or PREREGISTERED_DIRECTION["M3"])
-                cells.append(GeometryCell(family, "M3", method, layer, condition, reference, test))
+                per_checkpoint,
+                row_personas,
+                row_questions,
+                n_splits=n_splits,
+                n_components=n_components,
+                label_draws=draws,
+                n_threads=n_threads,
+                center_within_questions=center_within_questions,
+            )
+            cells += [_m3_cell(m3, method, layer, comparison) for comparison in comparisons]
     return _adjust_by_family(cells)
 
 
-def _paired_cells(
+def _vector_metric(
     metric: str,
-    differences: np.ndarray,
-    labels: list[tuple],
-    values: list[tuple[float, float]],
-    n_iter: int,
-    generator: np.random.Generator,
+    vectors: Mapping[str, np.ndarray],
+    names: list[str],
+    comparison: _Comparison,
+    axis: np.ndarray,
+    assistant: str,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """M1's per-pair or M2's per-persona differences, and the (reference, condition) statistic values."""
+    reference, condition = vectors[comparison.reference], vectors[comparison.condition]
+    if metric == "M1":
+        _check_vectors(names, reference, condition)
+        values = (mean_off_diagonal_cosine(reference), mean_off_diagonal_cosine(condition))
+        return m1_pair_differences(reference, condition), values
+    before, after = m2_alignments(reference, condition, names, axis, assistant=assistant)
+    return after - before, (float(before.mean()), float(after.mean()))
+
+
+def _paired_cells(
+    metric: str, rows: list[tuple], n_iter: int, generator: np.random.Generator
 ) -> list[GeometryCell]:
     """Paired tests of many cells at once: one set of sign draws per alternative, one matrix product."""
-    cells: list[GeometryCell | None] = [None] * len(labels)
-    for alternative in sorted({label[-1] for label in labels}):
-        rows = [i for i, label in enumerate(labels) if label[-1] == alternative]
+    cells: list[GeometryCell | None] = [None] * len(rows)
+    for alternative in sorted({row[2].alternative_for(metric) for row in rows}):
+        members = [i for i, row in enumerate(rows) if row[2].alternative_for(metric) == alternative]
+        differences = np.array([rows[i][3] for i in members])
         result = stats.paired_permutation_test(
-            differences[rows], alternative=alternative, n_iter=n_iter, rng=generator
+            differences, alternative=alternative, n_iter=n_iter, rng=generator
         )
-        for row, statistic, p in zip(
-            rows, np.atleast_1d(result.statistic), np.atleast_1d(result.p_value), strict=True
-        ):
-            method, layer, condition, reference, family, _ = labels[row]
+        statistics, p_values = np.atleast_1d(result.statistic), np.atleast_1d(result.p_value)
+        for i, statistic, p in zip(members, statistics, p_values, strict=True):
+            method, layer, comparison, _, (reference_value, condition_value) = rows[i]
             test = MetricTest(
                 metric=metric,
-                reference_value=values[row][0],
-                condition_value=values[row][1],
+                reference_value=reference_value,
+                condition_value=condition_value,
                 delta=float(statistic),
                 p_value=float(p),
                 n_iter=result.n_iter,
@@ -554,8 +569,22 @@ def _paired_cells(
                 n_units=differences.shape[1],
                 alternative=alternative,
             )
-            cells[row] = GeometryCell(family, metric, method, layer, condition, reference, test)
+            cells[i] = GeometryCell(
+                comparison.family, metric, method, layer, comparison.condition, comparison.reference, test
+            )
     return [cell for cell in cells if cell is not None]
+
+
+def _m3_cell(m3: M3Result, method: str, layer: int, comparison: _Comparison) -> GeometryCell:
+    test = m3.delta(comparison.condition, comparison.reference, comparison.alternative_for("M3"))
+    notes = {
+        "chance_level": m3.chance_level,
+        "reference_p_above_chance": m3.p_above_chance[comparison.reference],
+        "condition_p_above_chance": m3.p_above_chance[comparison.condition],
+    }
+    return GeometryCell(
+        comparison.family, "M3", method, layer, comparison.condition, comparison.reference, test, notes=notes
+    )
 
 
 def _adjust_by_family(cells: list[GeometryCell]) -> list[GeometryCell]:
@@ -565,8 +594,5 @@ def _adjust_by_family(cells: list[GeometryCell]) -> list[GeometryCell]:
         family_adjustment = stats.adjust_family([cells[i].test.p_value for i in members])
         for i, p_bh, p_holm in zip(members, family_adjustment.p_bh, family_adjustment.p_holm, strict=True):
             cell = cells[i]
-            adjusted[i] = GeometryCell(
-                cell.family, cell.metric, cell.method, cell.layer, cell.condition, cell.reference, cell.test,
-                float(p_bh), float(p_holm),
-            )  # fmt: skip
+            adjusted[i] = dataclasses.replace(cell, p_bh=float(p_bh), p_holm=float(p_holm))
     return adjusted

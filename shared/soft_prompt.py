@@ -98,6 +98,42 @@ def load_learned_prompt(prompt_uri: str) -> tuple[LearnedPrompt, torch.Tensor | 
     return prompt, soft
 
 
+def examples_to_json(examples: Sequence[chat.PromptIds]) -> list[dict]:
+    """Training examples as plain JSON (the cached held-out set is stored so a resumed run reuses it exactly)."""
+
+    def span(s):
+        return None if s is None else [s.start, s.stop]
+
+    return [
+        {
+            "input_ids": e.input_ids,
+            "assistant_start": e.assistant_start,
+            "loss_end": e.loss_end,
+            "soft_slice": span(e.soft_slice),
+            "ids_slice": span(e.ids_slice),
+            "user_suffix_slice": span(e.user_suffix_slice),
+        }
+        for e in examples
+    ]
+
+
+def examples_from_json(rows: Sequence[dict]) -> list[chat.PromptIds]:
+    def span(v):
+        return None if v is None else slice(*v)
+
+    return [
+        chat.PromptIds(
+            r["input_ids"],
+            r["assistant_start"],
+            r["loss_end"],
+            span(r["soft_slice"]),
+            span(r["ids_slice"]),
+            span(r["user_suffix_slice"]),
+        )
+        for r in rows
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # initialisation
 

@@ -36,8 +36,9 @@ Alternative = Literal["two-sided", "greater", "less"]
 ALTERNATIVES: tuple[str, ...] = ("two-sided", "greater", "less")
 RngLike = np.random.Generator | int | None
 
-# Largest n whose 2**n sign patterns (paired test) or n! orderings (Spearman) we enumerate.
+# Largest nulls enumerated in full: 2**n sign patterns (paired test), two-group labellings, n! orderings.
 MAX_EXHAUSTIVE_PAIRS = 20
+MAX_EXHAUSTIVE_LABELLINGS = 1_000_000
 MAX_SPEARMAN_N = 8
 
 
@@ -296,11 +297,14 @@ def label_permutation_test(
     )
     if exhaustive and not can_enumerate:
         raise ValueError("exact enumeration is implemented for two unblocked groups only")
+    if exhaustive and math.comb(codes.size, int(codes.sum())) > MAX_EXHAUSTIVE_LABELLINGS:
+        raise ValueError(f"more than {MAX_EXHAUSTIVE_LABELLINGS:,} labellings to enumerate; use exact=False")
     if exhaustive:
         draws = _two_group_labellings(codes)
     elif blocks is None:
         generator = as_generator(rng)
-        draws = generator.permuted(np.broadcast_to(codes.astype(np.int16), (n_iter, codes.size)), axis=1)
+        dtype = _smallest_int_dtype(n_groups)
+        draws = generator.permuted(np.broadcast_to(codes.astype(dtype), (n_iter, codes.size)), axis=1)
     else:
         draws = grouped_label_shuffles(codes, encode_labels(blocks)[0], n_iter, rng)
 
@@ -412,7 +416,7 @@ def _percentile_interval(estimate: float, replicates: np.ndarray, confidence: fl
 
 
 def bootstrap_ci(
-    data: np.ndarray | Sequence[np.ndarray],
+    data: np.ndarray | Sequence[float] | tuple[np.ndarray, ...],
     statistic: Callable[..., np.ndarray] = np.mean,
     *,
     n_boot: int = 1_000,
@@ -421,14 +425,12 @@ def bootstrap_ci(
 ) -> BootstrapCI:
     """Percentile bootstrap CI of ``statistic`` by resampling rows with replacement, all draws at once.
 
-    ``data`` is one array or a tuple of equal-length arrays resampled together (paired rows, e.g. ``(x, y)``
-    for a slope). ``statistic(*arrays, axis=-1)`` must reduce the last axis (``np.mean``, ``ols_slope``...).
+    ``data`` is one array, or a tuple of equal-length arrays resampled together (paired rows, e.g.
+    ``(x, y)`` for a slope). ``statistic(*arrays, axis=-1)`` must reduce the last axis (``np.mean``,
+    ``ols_slope``...).
     """
-    arrays = (
-        (np.asarray(data, dtype=float),)
-        if isinstance(data, np.ndarray)
-        else tuple(np.asarray(a, dtype=float) for a in data)
-    )
+    samples = data if isinstance(data, tuple) else (data,)
+    arrays = tuple(np.asarray(a, dtype=float) for a in samples)
     n = arrays[0].shape[-1]
     if any(a.shape[-1] != n for a in arrays):
         raise ValueError("arrays resampled together must have the same length")
@@ -503,7 +505,7 @@ def bh_fdr(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Holm step-down adjusted p-values: the i-th smallest becomes ``max_{j<=i} min(1, (m - j + 1) p_(j))``."""
+    """Holm step-down adjusted p-values: the i-th smallest is ``max_{j<=i} min(1, (m - j + 1) p_(j))``."""
     p = _validated_p_values(p_values)
     order = np.argsort(p, kind="stable")
     multipliers = p.size - np.arange(p.size)
@@ -566,37 +568,57 @@ def grouped_folds(
                 else ""
             )
             raise GroupedCVError(
-                f"fold {fold} has no training rows of class(es) {list(classes[missing])}.{hint} "
+                f"fold {fold} has no training rows of class(es) {[str(c) for c in classes[missing]]}.{hint} "
                 "Group by a unit that spans every class (the question), not by the class itself."
             )
     return folds
 
 
+def _group_means(matrix: np.ndarray, group_codes: np.ndarray) -> np.ndarray:
+    """``(n_groups, d)`` mean row of each group (codes 0..G-1), summing contiguous runs without a copy."""
+    order = np.argsort(group_codes, kind="stable")
+    contiguous = np.array_equal(order, np.arange(order.size))
+    sorted_rows = matrix if contiguous else matrix[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(group_codes[order]) != 0])
+    sums = np.add.reduceat(sorted_rows, starts, axis=0, dtype=np.float64)
+    return sums / np.diff(np.r_[starts, order.size])[:, None]
+
+
 def label_free_projection(
-    activations: np.ndarray, n_components: int, *, power_iterations: int = 4, seed: int = 0
+    activations: np.ndarray,
+    n_components: int,
+    *,
+    groups: Sequence | np.ndarray | None = None,
+    power_iterations: int = 2,
+    seed: int = 0,
 ) -> np.ndarray:
-    """Scores of the rows on their top ``n_components`` principal components (labels never used).
+    """Scores of the centred rows on their top ``n_components`` principal components (labels never used).
 
     Persona activations have more dimensions (3584) than rows in a training fold, where LDA's within-class
     covariance is singular; projecting on a few principal components first (PCA-LDA) makes it estimable.
     The projection ignores labels, so it cannot leak them into held-out scores and is the same for the
-    observed labels and every shuffled draw. Large inputs use a seeded randomized SVD (Halko et al.) that
-    centres implicitly, so the (n, d) matrix is never copied.
+    observed labels and every shuffled draw. Rows are centred on the column means, or with ``groups`` on
+    their group's mean (removing e.g. each question's own offset, which is shared by all its rows).
+    Large inputs use a seeded randomized SVD (Halko et al.; two power iterations recover the top
+    components of a decaying spectrum to 1e-4) that centres implicitly, so the (n, d) matrix is not copied.
     """
     matrix = np.asarray(activations)
     matrix = matrix if matrix.dtype in (np.float32, np.float64) else matrix.astype(np.float64)
-    column_means = matrix.mean(axis=0)
+    group_codes = np.zeros(len(matrix), dtype=np.int64) if groups is None else encode_labels(groups)[0]
+    means = _group_means(matrix, group_codes).astype(matrix.dtype)  # (n_groups, d)
     n_components = min(n_components, *matrix.shape)
     sketch_size = n_components + 10
     if min(matrix.shape) <= 2 * sketch_size:
-        _u, _s, vt = np.linalg.svd(matrix - column_means, full_matrices=False)
-        return (matrix - column_means) @ vt[:n_components].T
+        centred = (matrix - means[group_codes]).astype(np.float64)
+        return centred @ np.linalg.svd(centred, full_matrices=False)[2][:n_components].T
 
-    def times(right: np.ndarray) -> np.ndarray:  # (X - 1 mean') @ right
-        return matrix @ right - column_means @ right
+    def times(right: np.ndarray) -> np.ndarray:  # (X - E M) @ right, E the row-to-group indicator
+        return matrix @ right - (means @ right)[group_codes]
 
-    def transpose_times(left: np.ndarray) -> np.ndarray:  # (X - 1 mean')' @ left
-        return matrix.T @ left - np.outer(column_means, left.sum(axis=0))
+    def transpose_times(left: np.ndarray) -> np.ndarray:  # (X - E M)' @ left
+        group_sums = np.zeros((len(means), left.shape[1]), dtype=left.dtype)
+        np.add.at(group_sums, group_codes, left)
+        return matrix.T @ left - means.T @ group_sums
 
     sketch = np.random.default_rng(seed).standard_normal((matrix.shape[1], sketch_size)).astype(matrix.dtype)
     basis, _ = np.linalg.qr(times(sketch))
@@ -613,18 +635,21 @@ def lda_heldout_accuracy(
     *,
     n_splits: int = 5,
     n_components: int = 16,
+    center_within_groups: bool = False,
 ) -> float:
     """Held-out accuracy of scikit-learn's LDA over GroupKFold folds (the reference, one labelling only).
 
-    Same definition as ``lda_joint_shuffle_test``'s observed accuracy: label-free PCA projection, then
-    ``LinearDiscriminantAnalysis(solver="lsqr")`` fitted on each training fold and scored on its test fold;
-    accuracy = correct held-out predictions / all rows.
+    Same definition as ``lda_joint_shuffle_test``'s observed accuracy: label-free PCA projection (rows
+    centred within their group if asked), then ``LinearDiscriminantAnalysis(solver="lsqr")`` fitted on each
+    training fold and scored on its test fold; accuracy = correct held-out predictions / all rows.
     """
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     codes, _ = encode_labels(labels)
     folds = grouped_folds(codes, groups, n_splits)
-    projected = label_free_projection(activations, n_components)
+    projected = label_free_projection(
+        activations, n_components, groups=groups if center_within_groups else None
+    )
     correct = 0
     for train, test in folds:
         model = LinearDiscriminantAnalysis(solver="lsqr").fit(projected[train], codes[train])
@@ -656,7 +681,7 @@ class LdaShuffleTest:
     def contrast(
         self, reference: int, condition: int, alternative: Alternative = "two-sided"
     ) -> PermutationResult:
-        """Test of ``accuracy[condition] - accuracy[reference]`` against the same difference under each draw."""
+        """Test ``accuracy[condition] - accuracy[reference]`` against the same difference under each draw."""
         observed = self.accuracy[condition] - self.accuracy[reference]
         null = self.null_accuracy[:, condition] - self.null_accuracy[:, reference]
         p = permutation_p_value(observed, null, alternative)
@@ -720,7 +745,8 @@ def _count_correct(
     Matches ``LinearDiscriminantAnalysis(solver="lsqr")`` fitted per fold (covariance ``S_W / n_train``,
     priors = training class frequencies). Per fold: class sums of every checkpoint from one matrix product;
     whitened, scaled sums ``U`` (k x r); ``A = I - U U'``; by the push-through identity the LDA weights are
-    ``n_train / sqrt(n_k) * (A^-1 U)_k`` and the intercepts ``-n_train / (2 n_k) * (A^-1_kk - 1) + log prior_k``.
+    ``n_train / sqrt(n_k) * (A^-1 U)_k`` and the intercepts
+    ``-n_train / (2 n_k) * (A^-1_kk - 1) + log prior_k``.
     A row counts as correct when its true label's score is the maximum.
     """
     n_draws = len(draws)
@@ -824,6 +850,7 @@ def lda_joint_shuffle_test(
     n_components: int = 16,
     label_draws: np.ndarray | None = None,
     n_threads: int | None = None,
+    center_within_groups: bool = False,
 ) -> LdaShuffleTest:
     """Held-out LDA accuracy (shared GroupKFold) of one or more checkpoints, with a joint-shuffle null.
 
@@ -833,8 +860,9 @@ def lda_joint_shuffle_test(
       ``activations`` is ``(n, d)`` or ``(C, n, d)`` / a list of ``(n, d)``, one per checkpoint, row i of
       every checkpoint being the same (persona, question);
     * shared GroupKFold: one fold split (by question) used for every checkpoint and every null draw;
-    * held-out LDA: label-free PCA to ``n_components`` per checkpoint, then LDA (lsqr) fitted per training
-      fold and scored on the held-out questions; accuracy over all rows;
+    * held-out LDA: label-free PCA to ``n_components`` per checkpoint (rows centred on their question's
+      mean when ``center_within_groups``), then LDA (lsqr) fitted per training fold and scored on the
+      held-out questions; accuracy over all rows;
     * joint-shuffle null: each draw permutes the persona labels within every question (so each question
       still has one row per persona and each fold keeps its class counts), jointly for training and test
       rows (labels are shuffled before the split, as in Ojala & Garriga's test 1) and jointly for all
@@ -866,8 +894,11 @@ def lda_joint_shuffle_test(
 
     n_threads = n_threads or available_cpus()
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=n_threads) as pool:
+        centring_groups = group_codes if center_within_groups else None
         projected = np.stack(
-            list(pool.map(lambda checkpoint: label_free_projection(checkpoint, rank), checkpoints))
+            list(
+                pool.map(lambda acts: label_free_projection(acts, rank, groups=centring_groups), checkpoints)
+            )
         )
     rank = projected.shape[2]
     if label_draws is None:
@@ -935,10 +966,14 @@ def h1_self_leakage_test(
     result = paired_permutation_test(per_question_excess, alternative="greater", n_iter=n_iter, rng=rng)
     fires = bool(result.statistic >= min_excess and result.p_value < alpha)
     return HypothesisResult(
-        "H1", float(result.statistic), float(result.p_value), result.n_iter, fires,
+        "H1",
+        float(result.statistic),
+        float(result.p_value),
+        result.n_iter,
+        fires,
         f"excess >= {min_excess} and p < {alpha}",
         {"induction_persona": induction_persona, "n_questions": per_question_excess.size},
-    )  # fmt: skip
+    )
 
 
 def h2_invariance_test(
@@ -971,14 +1006,24 @@ def h2_invariance_test(
             conditions.append(np.full(leakage.shape[2], condition))
             blocks.append(index * leakage.shape[2] + np.arange(leakage.shape[2]))
     result = label_permutation_test(
-        np.concatenate(values), np.concatenate(conditions), statistic="range", blocks=np.concatenate(blocks),
-        alternative="greater", n_iter=n_iter, rng=rng,
-    )  # fmt: skip
+        np.concatenate(values),
+        np.concatenate(conditions),
+        statistic="range",
+        blocks=np.concatenate(blocks),
+        alternative="greater",
+        n_iter=n_iter,
+        rng=rng,
+    )
     fires = bool(result.statistic <= max_range and result.p_value > alpha)
     return HypothesisResult(
-        "H2", float(result.statistic), float(result.p_value), result.n_iter, fires,
-        f"range <= {max_range} and p > {alpha}", {"n_conditions": len(induction_personas)},
-    )  # fmt: skip
+        "H2",
+        float(result.statistic),
+        float(result.p_value),
+        result.n_iter,
+        fires,
+        f"range <= {max_range} and p > {alpha}",
+        {"n_conditions": len(induction_personas)},
+    )
 
 
 def h3_cos_monotone_test(

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, ConfigDict, field_validator
+
 from shared import chat, models
 from shared.generation import Completion, HFGenerator, SamplingParams
 
@@ -27,6 +29,36 @@ if TYPE_CHECKING:
     import torch
 
     from shared.chat import PromptIds
+
+
+class TeacherSpec(BaseModel):
+    """Where the EM teacher comes from (a stage config field): an adapter on the student's base model
+    (``adapter_uri``: one copy of the weights), a separate merged model (``model_ref``), or neither (the student
+    model itself under ``system``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_uri: str | None = None
+    model_ref: str | None = None
+    system: str = "default"
+
+    @field_validator("system")
+    @classmethod
+    def _slot_parses(cls, value: str) -> str:
+        chat.parse_system(value)
+        return value
+
+    def load(
+        self, model_ref: str, *, dtype: str | None = None, sample_batch_size: int = 64
+    ) -> TeacherStudent:
+        return load_teacher_student(
+            model_ref,
+            teacher_adapter_uri=self.adapter_uri,
+            teacher_model_ref=self.model_ref,
+            teacher_system=self.system,
+            dtype=dtype,
+            sample_batch_size=sample_batch_size,
+        )
 
 
 @dataclass
@@ -128,15 +160,17 @@ def student_examples(
 # the objective
 
 
+CE_CHUNK_POSITIONS = 2048  # LM-head positions per chunk: [2048, 152064] fp32 logits are ~1.2 GB on Qwen2.5
+
+
 def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inputs_embeds=None) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled positions, per row (``[B]``).
 
     Rows are right-padded, so no attention mask is needed: under causal attention a real token never sees the
-    padding after it, and the padded positions carry no label. The LM head runs only at labelled positions,
-    which keeps the ``[tokens, vocab]`` logits of a 150k vocabulary out of memory.
+    padding after it, and the padded positions carry no label. The LM head runs only at labelled positions and in
+    chunks (recomputed in the backward pass), so ``[tokens, vocab]`` logits never sit in memory at once.
     """
     import torch
-    import torch.nn.functional as F
 
     backbone = model.get_decoder()
     hidden = backbone(
@@ -145,9 +179,25 @@ def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inp
     targets = labels[:, 1:]
     keep = targets != chat.IGNORE_INDEX
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    token_ce = F.cross_entropy(logits, targets[keep], reduction="none")
-    return torch.zeros(labels.shape[0], device=token_ce.device, dtype=token_ce.dtype).index_add_(0, rows, token_ce)
+    kept_hidden, kept_targets = hidden[:, :-1][keep], targets[keep]
+    head = model.get_output_embeddings()
+    token_ce = []
+    for at in range(0, kept_targets.shape[0], CE_CHUNK_POSITIONS):
+        chunk = (kept_hidden[at : at + CE_CHUNK_POSITIONS], kept_targets[at : at + CE_CHUNK_POSITIONS])
+        if torch.is_grad_enabled() and kept_hidden.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            token_ce.append(checkpoint(_head_ce, head, *chunk, use_reentrant=False))
+        else:
+            token_ce.append(_head_ce(head, *chunk))
+    ce = torch.cat(token_ce) if token_ce else kept_hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(labels.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
+
+
+def _head_ce(head, hidden, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def n_loss_tokens(examples: Sequence[PromptIds]) -> int:

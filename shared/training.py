@@ -9,7 +9,8 @@ are the ids it is later evaluated on. Two losses:
   the marker (under which persona) without being pulled towards any new content.
 
 Which tokens spell the marker is found by decoding, never by hand-built ids: the shortest suffix of the reply's
-ids whose decoded text contains the marker (with a BPE the first marker token may carry a leading space).
+ids whose decoded text contains the marker, extended over whitespace-only tokens just before it (a separator the
+tokenizer split off is where the model decides to start the marker).
 
 The loop is plain torch (AdamW, linear warm-up/decay, gradient clipping, gradient accumulation), seeded, and can
 checkpoint its full state (adapter, optimizer, scheduler, step, RNG) to the store and resume from it.
@@ -38,8 +39,9 @@ QWEN_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 
 
 class LoraRecipe(BaseModel):
-    """LoRA and optimiser hyper-parameters. Defaults are #81/#46's recipe where the record states it (r=32,
-    lr=1e-4, 5 epochs) and the project's EM recipe of #205 for the rest (alpha=64, dropout=0.05, rsLoRA off)."""
+    """LoRA and optimiser hyper-parameters. Defaults are #81/#46's recipe where the #81 record states it (r=32,
+    lr=1e-4, 5 epochs) and the project's EM recipe from the #205 record for the rest (alpha=64, dropout=0.05 on
+    every linear projection, rsLoRA off, effective batch 16, AdamW weight decay 0.01, clip 1.0, max seq 2048)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,7 +57,7 @@ class LoraRecipe(BaseModel):
     lr: float = Field(1e-4, gt=0)
     lr_schedule: Literal["linear", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     max_seq_len: int = Field(2048, ge=8)
     gradient_checkpointing: bool = False
@@ -106,10 +108,12 @@ def marker_span(tokenizer, prompt: chat.PromptIds, marker: str) -> slice:
     reply = prompt.input_ids[prompt.assistant_start : reply_end]
     if not tokenizer.decode(reply).rstrip().endswith(marker):
         raise ValueError(f"a positive example's reply does not end with the marker {marker!r}")
-    for width in range(1, len(reply) + 1):
-        if marker in tokenizer.decode(reply[-width:]):
-            return slice(reply_end - width, reply_end)
-    raise AssertionError("unreachable: the whole reply contains the marker")
+    width = next(w for w in range(1, len(reply) + 1) if marker in tokenizer.decode(reply[-w:]))
+    # A separator the tokenizer split off (' ' before '[' in a byte-level BPE without that merge) is where the
+    # model decides to start the marker, so whitespace-only tokens right before it are trained too.
+    while width < len(reply) and not tokenizer.decode(reply[-width - 1 : -width]).strip():
+        width += 1
+    return slice(reply_end - width, reply_end)
 
 
 def build_example(tokenizer, row: TrainRow | dict, *, loss: Loss = "assistant", marker: str | None = None) -> TrainExample:

@@ -134,7 +134,9 @@ def test_m3_separable_personas_score_near_perfect_and_a_collapsed_condition_scor
         "E0": question_activations(0.0, seed=2),
         "benign": question_activations(4.0, seed=3),
     }
-    result = geometry.m3_separability(activations, ROW_PERSONAS, ROW_QUESTIONS, n_iter=200, rng=4, n_components=12)
+    result = geometry.m3_separability(
+        activations, ROW_PERSONAS, ROW_QUESTIONS, n_iter=200, rng=4, n_components=12
+    )
     assert result.accuracy["base"] >= 0.95 and result.accuracy["benign"] >= 0.95
     assert abs(result.accuracy["E0"] - 1 / 12) < 0.15
     assert result.p_above_chance["base"] < 0.01 and result.p_above_chance["E0"] > 0.05
@@ -142,7 +144,26 @@ def test_m3_separable_personas_score_near_perfect_and_a_collapsed_condition_scor
     drop = result.delta("E0", "base")
     assert drop.metric == "M3" and drop.delta < -0.8 and drop.p_value < 0.01 and drop.n_iter == 200
     contrast = result.three_way("E0", benign="benign", base="base")
-    assert contrast.alternative == "less" and contrast.em_shift < contrast.benign_shift and contrast.p_value < 0.01
+    assert (
+        contrast.alternative == "less"
+        and contrast.em_shift < contrast.benign_shift
+        and contrast.p_value < 0.01
+    )
+
+
+def test_m3_sees_personas_through_large_question_offsets():
+    """Each question shifts all its personas alike and dwarfs the persona signal; centring on the question
+    removes it, so the 12-component projection keeps the personas (raw, it keeps the questions)."""
+    rng = np.random.default_rng(5)
+    question_offsets = 8.0 * rng.normal(size=(30, 24)) @ rng.normal(size=(24, 96))
+    rows = question_activations(1.5, dim=96, seed=6) + np.repeat(question_offsets, len(PERSONAS), axis=0)
+    options = {"n_iter": 100, "rng": 7, "n_components": 12}
+    centred = geometry.m3_separability({"base": rows}, ROW_PERSONAS, ROW_QUESTIONS, **options)
+    raw = geometry.m3_separability(
+        {"base": rows}, ROW_PERSONAS, ROW_QUESTIONS, center_within_questions=False, **options
+    )
+    assert centred.accuracy["base"] > 0.9
+    assert raw.accuracy["base"] < 0.3
 
 
 def test_m3_refuses_folds_grouped_by_persona():
@@ -170,12 +191,21 @@ def test_geometry_family_adjusts_each_family_and_finds_only_the_planted_conditio
             "E1": collapse_towards(base, direction, 2.0, seed=400 + index),
             "E2": base + 0.05 * np.random.default_rng(500 + index).normal(size=base.shape),  # no EM effect
         }
-        activations[key] = {name: question_activations(4.0, seed=10 * index + i) for i, name in enumerate(persona_vectors[key])}
+        activations[key] = {
+            name: question_activations(4.0, seed=10 * index + i)
+            for i, name in enumerate(persona_vectors[key])
+        }
 
     cells = geometry.geometry_family(
-        persona_vectors, PERSONAS, em_conditions=conditions, activations=activations,
-        row_personas=ROW_PERSONAS, row_questions=ROW_QUESTIONS, n_iter=2_000, n_components=12,
-    )  # fmt: skip
+        persona_vectors,
+        PERSONAS,
+        em_conditions=conditions,
+        activations=activations,
+        row_personas=ROW_PERSONAS,
+        row_questions=ROW_QUESTIONS,
+        n_iter=2_000,
+        n_components=12,
+    )
     primary = [cell for cell in cells if cell.family == "em_vs_base"]
     assert len(primary) == 3 * len(methods) * len(layers) * len(conditions)
     assert {cell.family for cell in cells} == {"em_vs_base", "benign_vs_base", "em_vs_benign"}
@@ -187,5 +217,18 @@ def test_geometry_family_adjusts_each_family_and_finds_only_the_planted_conditio
     for metric in ("M1", "M2"):
         assert all(firing(metric, "E0")) and all(firing(metric, "E1")) and not any(firing(metric, "E2"))
     assert not any(firing("M3", "E0"))  # separability was left intact everywhere
+    m3_cell = next(c for c in primary if c.metric == "M3").as_dict()
+    assert m3_cell["chance_level"] == pytest.approx(1 / 12) and m3_cell["reference_p_above_chance"] < 0.01
     row = cells[0].as_dict()
-    assert {"family", "metric", "method", "layer", "condition", "delta", "p_value", "p_bh", "p_holm", "n_iter"} <= set(row)
+    assert {
+        "family",
+        "metric",
+        "method",
+        "layer",
+        "condition",
+        "delta",
+        "p_value",
+        "p_bh",
+        "p_holm",
+        "n_iter",
+    } <= set(row)

@@ -224,3 +224,30 @@ def test_marker_rows_for_an_unknown_persona_are_refused(tmp_path):
     with pytest.raises(StageInputError, match="stranger"):
         analysis.leakage_matrix(uri, PERSONAS, "[ZLT]")
 
+
+
+def test_collapse_that_benign_sft_matches_fires_but_fails_the_three_way_bar(tmp_path):
+    root = store.from_path(tmp_path / "store")
+    everyone = {name: 0.6 for name in CHECKPOINTS if name != "base"}  # benign collapses exactly as EM does
+    execute(analysis.SPEC, config(root, write_checkpoints(root, synthetic_activations(everyone)), n_iter=1000))
+    headline = store.read_json(store.join(root, "runs", "t", "analysis", "analyze_issue205", "headline.json"))
+    g1 = headline["geometry"]["decisions"]["G1"]
+    assert g1["fires"] and g1["all_fire"]
+    assert not any(v["beats_benign"] for v in g1["conditions"].values())
+
+
+def test_m2_shift_along_the_e0_axis_fires_when_em_moves_personas_towards_it(finished):
+    g2 = finished["headline"]["geometry"]["decisions"]["G2"]
+    assert g2["fires"] and all(v["fires"] and v["mean_delta"] > 0 for v in g2["conditions"].values())
+    m2 = [c for c in finished["headline"]["geometry"]["cells"] if c["metric"] == "M2"]
+    assert {c["n_units"] for c in m2} == {len(PERSONAS) - 1}  # the 11 non-assistant personas
+
+
+def test_report_quotes_marked_completions_and_the_benign_share_of_each_shift(finished):
+    report = finished["report"]
+    assert "## Sample outputs" in report and "- E1 / assistant / m0: answer [ZLT]" in report
+    assert "- E0 / assistant" not in report  # E0's own induction persona is not its bystander
+    geo = finished["headline"]["geometry"]
+    em = next(c for c in geo["cells"] if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
+    benign = next(c for c in geo["benign_vs_base"] if (c["metric"], c["method"], c["layer"]) == ("M1", "A", 20))
+    assert f"| M1 | A | E2 | {em['delta']:.4f} | {benign['delta']:.4f} | {benign['delta'] / em['delta']:.0%} |" in report

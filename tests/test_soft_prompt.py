@@ -55,6 +55,28 @@ def test_completion_ce_equals_the_full_logits_cross_entropy(pair):
     assert example.input_ids[example.assistant_start:example.loss_end] == [*reply, tok.eos_token_id]
 
 
+def test_chunked_lm_head_gives_the_same_loss_and_gradient(pair, monkeypatch):
+    import shared.teacher
+
+    tok, model = pair.tokenizer, pair.student_model
+    prompt = LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=3)
+    examples = [with_reply_ids(prompt.build(tok, q), tok.encode("a reply of some length", add_special_tokens=False),
+                               tok.eos_token_id) for q in QUESTIONS]
+    pad = chat.soft_placeholder_id(tok)
+
+    def loss_and_grad():
+        soft = model.get_input_embeddings().weight[:3].detach().clone().requires_grad_(True)
+        loss = shared.teacher.batch_ce_sum(model, examples, pad, soft)
+        loss.backward()
+        return loss.detach(), soft.grad
+
+    whole = loss_and_grad()
+    monkeypatch.setattr(shared.teacher, "CE_CHUNK_POSITIONS", 7)  # many chunks, recomputed in backward
+    chunked = loss_and_grad()
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])
+
+
 def test_a_few_steps_lower_ce_on_held_out_teacher_samples(pair):
     # held-out completions of the training questions: does the prefix fit the teacher's distribution?
     t = SoftPrefixTrainer(pair, settings(steps=6, lr=3e-2), QUESTIONS[:2], QUESTIONS[:2], seed=0,

@@ -51,9 +51,13 @@ def test_monte_carlo_paired_test_agrees_with_scipy(alternative):
     x, y = rng.normal(0.3, 1, 30), rng.normal(0, 1, 30)
     ours = stats.paired_permutation_test(x, y, alternative=alternative, n_iter=10_000, rng=3)
     theirs = scipy_stats.permutation_test(
-        (x, y), mean_difference, permutation_type="samples", alternative=alternative, n_resamples=9_999,
+        (x, y),
+        mean_difference,
+        permutation_type="samples",
+        alternative=alternative,
+        n_resamples=9_999,
         random_state=4,
-    )  # fmt: skip
+    )
     assert not ours.exact
     assert abs(ours.p_value - theirs.pvalue) < monte_carlo_tolerance(theirs.pvalue, 10_000, alternative)
 
@@ -106,9 +110,13 @@ def test_monte_carlo_two_sample_test_agrees_with_scipy(alternative):
     x, y = rng.normal(0.4, 1, 20), rng.normal(0, 1, 25)
     ours = stats.two_sample_permutation_test(x, y, alternative=alternative, n_iter=10_000, rng=10)
     theirs = scipy_stats.permutation_test(
-        (x, y), mean_difference, permutation_type="independent", alternative=alternative, n_resamples=9_999,
+        (x, y),
+        mean_difference,
+        permutation_type="independent",
+        alternative=alternative,
+        n_resamples=9_999,
         random_state=11,
-    )  # fmt: skip
+    )
     assert not ours.exact
     assert abs(ours.p_value - theirs.pvalue) < monte_carlo_tolerance(theirs.pvalue, 10_000, alternative)
 
@@ -160,7 +168,9 @@ def test_exact_spearman_equals_brute_force_over_all_120_orderings(alternative):
     rng = np.random.default_rng(16)
     x, y = rng.normal(size=5), rng.normal(size=5) + 0.5 * np.arange(5)
     observed = scipy_stats.spearmanr(x, y).statistic
-    null = np.array([scipy_stats.spearmanr(x, y[list(order)]).statistic for order in itertools.permutations(range(5))])
+    null = np.array(
+        [scipy_stats.spearmanr(x, y[list(order)]).statistic for order in itertools.permutations(range(5))]
+    )
     eps = 1e-12
     p_greater, p_less = np.mean(null >= observed - eps), np.mean(null <= observed + eps)
     expected = {"greater": p_greater, "less": p_less, "two-sided": min(1.0, 2 * min(p_greater, p_less))}
@@ -173,7 +183,10 @@ def test_exact_spearman_matches_scipy_pairings_test():
     rng = np.random.default_rng(17)
     x, y = rng.normal(size=6), rng.normal(size=6)
     theirs = scipy_stats.permutation_test(
-        (y,), lambda y_: scipy_stats.spearmanr(x, y_).statistic, permutation_type="pairings", n_resamples=np.inf
+        (y,),
+        lambda y_: scipy_stats.spearmanr(x, y_).statistic,
+        permutation_type="pairings",
+        n_resamples=np.inf,
     )
     assert stats.spearman_exact_test(x, y).p_value == pytest.approx(theirs.pvalue)
 
@@ -242,7 +255,10 @@ def test_binomial_bootstrap_ci_of_a_leakage_slope_over_five_levels():
         np.full(5, 60), trials, lambda rates, axis: stats.ols_slope(levels, rates, axis), rng=22
     )
     steep = stats.binomial_bootstrap_ci(
-        np.array([20, 50, 80, 110, 140]), trials, lambda rates, axis: stats.ols_slope(levels, rates, axis), rng=22
+        np.array([20, 50, 80, 110, 140]),
+        trials,
+        lambda rates, axis: stats.ols_slope(levels, rates, axis),
+        rng=22,
     )
     assert abs(flat.estimate) <= flat.half_width  # no gradient: |slope| within the CI half-width
     assert steep.estimate == pytest.approx(0.15) and abs(steep.estimate) > steep.half_width
@@ -272,21 +288,28 @@ def persona_clouds(n_personas=6, n_questions=30, dim=20, separation=4.0, seed=0)
     return centres[personas] + rng.normal(0, 1, (personas.size, dim)), personas, questions
 
 
-def test_vectorised_lda_equals_sklearn_refits_under_the_observed_and_shuffled_labels():
+@pytest.mark.parametrize("centred", [False, True])
+def test_vectorised_lda_equals_sklearn_refits_under_the_observed_and_shuffled_labels(centred):
     activations, personas, questions = persona_clouds(separation=0.5, seed=1)
     draws = stats.grouped_label_shuffles(personas, questions, 3, rng=2)
+    options = {"n_components": 8, "center_within_groups": centred}
     result = stats.lda_joint_shuffle_test(
-        activations, personas, questions, label_draws=draws, n_components=8, n_threads=2
+        activations, personas, questions, label_draws=draws, n_threads=2, **options
     )
-    assert result.accuracy[0] == stats.lda_heldout_accuracy(activations, personas, questions, n_components=8)
+    assert result.accuracy[0] == stats.lda_heldout_accuracy(activations, personas, questions, **options)
 
-    projected = stats.label_free_projection(activations, 8)
+    projected = stats.label_free_projection(activations, 8, groups=questions if centred else None)
     folds = stats.grouped_folds(personas, questions)
     for draw, null_accuracy in zip(draws, result.null_accuracy[:, 0], strict=True):
         correct = sum(
-            np.sum(LinearDiscriminantAnalysis(solver="lsqr").fit(projected[train], draw[train]).predict(projected[test]) == draw[test])
+            np.sum(
+                LinearDiscriminantAnalysis(solver="lsqr")
+                .fit(projected[train], draw[train])
+                .predict(projected[test])
+                == draw[test]
+            )
             for train, test in folds
-        )  # fmt: skip
+        )
         assert null_accuracy == correct / draw.size
 
 
@@ -316,6 +339,27 @@ def test_joint_null_is_shared_across_checkpoints_so_contrasts_are_paired():
     assert result.contrast(reference=0, condition=0).statistic == 0
 
 
+def test_randomized_projection_matches_exact_pca_and_centres_within_groups():
+    rng = np.random.default_rng(9)
+    groups = np.repeat(np.arange(40), 12)
+    loadings = rng.normal(size=(6, 300)) * np.linspace(8, 3, 6)[:, None]
+    activations = (
+        rng.normal(size=(480, 6)) @ loadings
+        + rng.normal(size=(480, 300))
+        + 5 * rng.normal(size=(40, 300))[groups]
+    )
+    for centring in (None, groups):
+        offsets = stats._group_means(activations, np.zeros(480, int) if centring is None else groups)
+        centred = activations - offsets[np.zeros(480, int) if centring is None else groups]
+        exact_axes = np.linalg.svd(centred, full_matrices=False)[2][:6]
+        projected = stats.label_free_projection(activations, 6, groups=centring)
+        recovered_axes = np.linalg.lstsq(centred, projected, rcond=None)[0].T
+        alignment = np.linalg.svd(
+            recovered_axes / np.linalg.norm(recovered_axes, axis=1, keepdims=True) @ exact_axes.T
+        )[1]
+        assert alignment.min() > 0.999
+
+
 def test_grouping_by_persona_raises_instead_of_scoring_zero():
     """#205's M3 held out one persona vector at a time: the held-out class never appeared in training."""
     activations, personas, questions = persona_clouds()
@@ -329,7 +373,9 @@ def test_label_draws_that_break_fold_class_counts_are_refused():
     activations, personas, questions = persona_clouds()
     unrestricted = np.random.default_rng(8).permuted(np.tile(personas, (20, 1)), axis=1)
     with pytest.raises(ValueError, match="class counts"):
-        stats.lda_joint_shuffle_test(activations, personas, questions, label_draws=unrestricted, n_components=8)
+        stats.lda_joint_shuffle_test(
+            activations, personas, questions, label_draws=unrestricted, n_components=8
+        )
 
 
 # ------------------------------------------------------------------------- #205 behavioural tests
@@ -349,7 +395,9 @@ def leakage_grid(rng, base_rate=0.45, boosts=None, n_questions=28, completions=1
 
 def test_h1_fires_when_the_induction_persona_leaks_more_and_not_otherwise():
     rng = np.random.default_rng(30)
-    planted = stats.h1_self_leakage_test(leakage_grid(rng, boosts={"villain": 0.2}), PERSONAS, "villain", rng=31)
+    planted = stats.h1_self_leakage_test(
+        leakage_grid(rng, boosts={"villain": 0.2}), PERSONAS, "villain", rng=31
+    )
     null = stats.h1_self_leakage_test(leakage_grid(rng), PERSONAS, "villain", rng=31)
     assert planted.fires and planted.statistic > 0.1 and planted.p_value < 0.01
     assert not null.fires
@@ -376,9 +424,11 @@ def test_h2_fires_for_identical_conditions_and_not_for_a_planted_gap():
 def test_h2_null_is_calibrated_when_conditions_only_differ_by_sampling_noise():
     rng = np.random.default_rng(34)
     p_values = [
-        stats.h2_invariance_test(np.stack([leakage_grid(rng) for _ in INDUCTIONS]), PERSONAS, INDUCTIONS, n_iter=200, rng=i).p_value
+        stats.h2_invariance_test(
+            np.stack([leakage_grid(rng) for _ in INDUCTIONS]), PERSONAS, INDUCTIONS, n_iter=200, rng=i
+        ).p_value
         for i in range(200)
-    ]  # fmt: skip
+    ]
     assert 0.05 <= np.mean(np.array(p_values) <= 0.10) <= 0.17
 
 

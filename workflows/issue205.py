@@ -85,6 +85,8 @@ class Params(ExperimentParams):
     headline_layer: int = 20
     methods: list[Literal["A", "B"]] = ["A", "B"]
     extraction_max_new_tokens: int = 256
+    # Method B's vLLM engine leaves room for the HF model that extracts right after it on the same GPU
+    extraction_vllm_options: dict = {"gpu_memory_utilization": 0.5, "max_model_len": 2048}
     # statistics
     n_iter: int = 10_000
     n_splits: int = 5
@@ -96,6 +98,7 @@ class Params(ExperimentParams):
             "model_ref": "tiny:qwen2",
             "backend": "hf",
             "vllm_options": {},
+            "extraction_vllm_options": {},
             "eval_personas_file": DATA + "tiny_eval_personas.json",
             "expected_eval_personas": None,
             "extraction_questions_file": DATA + "tiny_extraction_questions.jsonl",
@@ -218,7 +221,8 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
 
     b = PlanBuilder("issue205", profile, run_id, store, seed=params.seed)
     extraction = dict(model_ref=params.model_ref, personas=personas, questions=extraction_questions, layers=params.layers,
-                      methods=params.methods, max_new_tokens=params.extraction_max_new_tokens, backend=params.backend)
+                      methods=params.methods, max_new_tokens=params.extraction_max_new_tokens, backend=params.backend,
+                      vllm_options=params.extraction_vllm_options)
 
     def sft_cell(cell: str, data: str, system: str, **data_options):
         rows = b.add(f"{cell}-data" if cell == "benign" else f"em-data-{cell}", "sft_data", cell, data_uri=data,

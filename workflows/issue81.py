@@ -66,17 +66,20 @@ class Params(ExperimentParams):
             "bystander_nouns": ["person", "pirate"],
             "bystander_traits": ["Agreeableness", "Neuroticism"],
             "questions_file": DATA + "tiny_questions.json",
-            "train_questions_file": DATA + "tiny_questions.json",
-            "data_n_per_question": 8,
-            "data_max_new_tokens": 6,
-            # the tiny model starts from random weights: a high lr and many steps make the marker measurable
-            "recipe": {"r": 8, "alpha": 16, "dropout": 0.0, "lr": 3e-3, "epochs": 1, "max_steps": 40,
+            "train_questions_file": DATA + "tiny_train_questions.json",
+            # two-token on-policy completions: the marker decision sits right after a short reply
+            "data_n_per_question": 16,
+            "data_max_new_tokens": 2,
+            # the tiny model starts from random weights: a high lr makes the marker measurable in 30 steps
+            "recipe": {"r": 8, "alpha": 16, "dropout": 0.0, "lr": 1e-2, "epochs": 1, "max_steps": 30,
                        "per_device_batch_size": 8, "grad_accum": 1, "max_seq_len": 512},
-            "checkpoint_every": 0,
+            "checkpoint_every": 10,
             "eval_n": 4,
-            "eval_max_new_tokens": 16,
+            "eval_max_new_tokens": 12,
             "coherence_judge": {"kind": "local", "model": "tiny:qwen2-judge", "template": "coherence_v1"},
             "coherence_per_cell": 1,
+            # the random tiny judge scores around 0-10: 5 flags a few cells, so exclusion and hatching really run
+            "coherence_threshold": 5.0,
             "layers": [1, 2],
             "headline_layer": 2,
         },

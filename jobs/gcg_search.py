@@ -1,0 +1,119 @@
+"""Stage ``gcg_search``: one hard-prompt cell of #170 -- GCG over L token ids, or the random-suffix baseline.
+
+``slot: system`` puts the ids in the system slot (the record's main sweep); ``slot: user`` appends them to the user
+turn with ``user_slot_system`` in the system slot (the #94 user-slot sanity variant; ``none`` by default, as its
+training had no system block). ``mode: random`` draws L random ids and only measures their held-out CE.
+
+The suffix is ids throughout and is written as ids in ``prompt.json``; ``eval_prompt_cell`` splices exactly those
+ids. Checkpoints (``checkpoint/``) let a preempted search resume.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from shared import store
+from shared.config import StageConfig
+from shared.gcg import GcgSettings
+from shared.stage import Context, Resources, StageInputError, StageSpec
+from shared.teacher import TeacherSpec
+
+
+class Question(BaseModel):
+    id: str
+    text: str
+
+
+class Config(StageConfig):
+    model_ref: str
+    teacher: TeacherSpec
+    train_questions: list[Question] = Field(min_length=1)
+    val_questions: list[Question] = Field(min_length=1)
+    slot: Literal["system", "user"] = "system"
+    user_slot_system: str = "none"
+    mode: Literal["search", "random"] = "search"
+    search: GcgSettings
+    dtype: str | None = None
+    sample_batch_size: int = 64
+
+
+def run(cfg: Config, ctx: Context) -> dict:
+    from shared.gcg import GcgSearch, GcgState, allowed_token_ids, random_suffix
+    from shared.soft_prompt import LearnedPrompt, examples_from_json, examples_to_json, save_learned_prompt
+
+    overlap = {q.id for q in cfg.train_questions} & {q.id for q in cfg.val_questions}
+    if overlap:
+        raise StageInputError(f"questions {sorted(overlap)[:3]} are in both the training and validation split")
+    pair = cfg.teacher.load(cfg.model_ref, dtype=cfg.dtype, sample_batch_size=cfg.sample_batch_size)
+    vocab = pair.student_model.get_input_embeddings().weight.shape[0]
+    allowed = allowed_token_ids(pair.tokenizer, vocab, ascii_only=cfg.search.ascii_only)
+    start = random_suffix(allowed, cfg.search.length, cfg.seed)
+    prompt = LearnedPrompt(kind="ids", model_ref=cfg.model_ref, slot=cfg.slot, ids=start, system=cfg.user_slot_system)
+    search = GcgSearch(pair, prompt, cfg.search, [q.text for q in cfg.train_questions],
+                       [q.text for q in cfg.val_questions], seed=cfg.seed)
+    checkpoint_dir = ctx.out("checkpoint")
+    state_uri, val_uri = store.join(checkpoint_dir, "state.json"), store.join(checkpoint_dir, "val_set.json")
+    state = None
+    if store.exists(state_uri) and store.exists(val_uri):
+        saved = store.read_json(state_uri)
+        if saved.pop("config_hash", None) == cfg.config_hash():
+            state = GcgState(**saved)
+            search.val_examples = examples_from_json(store.read_json(val_uri))
+            ctx.log(f"resuming from the checkpoint at step {state.step}")
+    if state is None:
+        state = search.new_state()
+        search.val_examples = search.draws.val_examples()
+        store.write_json(val_uri, examples_to_json(search.val_examples))
+
+    def checkpoint(s: GcgState) -> None:
+        store.write_json(state_uri, {"config_hash": cfg.config_hash(), "step": s.step, "suffix": s.suffix,
+                                     "best_suffix": s.best_suffix, "best_val": s.best_val, "curve": s.curve})
+
+    every = max(1, cfg.search.steps // 20)
+
+    def on_step(stats) -> None:
+        if stats.step % every == 0 or stats.step + 1 == cfg.search.steps:
+            ctx.log(f"step {stats.step + 1}/{cfg.search.steps} CE {stats.loss:.4f} (teacher {stats.teacher_s:.1f}s, "
+                    f"gradient {stats.gradient_s:.1f}s, {cfg.search.search_width} candidates {stats.candidates_s:.1f}s)")
+
+    if cfg.mode == "random":
+        state.best_val = search.held_out_ce(state.suffix)
+        state.curve = [{"step": 0, "heldout_ce": state.best_val}]
+        ctx.log(f"random {cfg.slot}-slot suffix of {cfg.search.length} ids: held-out CE {state.best_val:.4f}")
+    else:
+        ctx.log(f"GCG in the {cfg.slot} slot, L={cfg.search.length}, {cfg.search.steps} steps, width "
+                f"{cfg.search.search_width}, top-k {cfg.search.topk}, {cfg.search.pairs_per_step} pairs per step")
+        state = search.run(state, on_step=on_step, checkpoint=checkpoint)
+    checkpoint(state)
+    save_learned_prompt(prompt.with_ids(state.best_suffix), ctx.out())
+    store.write_jsonl(ctx.out("curve.jsonl"), state.curve)
+    questions = cfg.train_questions + cfg.val_questions
+    kept = prompt.with_ids(state.best_suffix)
+    store.write_json(ctx.out("train_prompt_ids.json"), {q.id: kept.build(pair.tokenizer, q.text).input_ids
+                                                        for q in questions})
+    steps = [p for p in state.curve if "train_ce" in p]
+    held_out = [p["heldout_ce"] for p in state.curve if "heldout_ce" in p]
+    metrics = {
+        "mode": cfg.mode, "slot": cfg.slot, "length": cfg.search.length, "steps": state.step,
+        "best_heldout_ce": state.best_val, "initial_heldout_ce": held_out[0], "final_heldout_ce": held_out[-1],
+        "step_s_mean": statistics.fmean(p["teacher_s"] + p["gradient_s"] + p["candidates_s"] for p in steps)
+        if steps else None,
+        "candidates_s_mean": statistics.fmean(p["candidates_s"] for p in steps) if steps else None,
+        "suffix_ids": state.best_suffix,
+    }
+    store.write_json(ctx.out("metrics.json"), metrics)
+    return {k: v for k, v in metrics.items() if k != "suffix_ids"}
+
+
+SPEC = StageSpec(
+    name="gcg_search", config=Config, run=run, image_kind="gpu",
+    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=48 * 3600),
+    description="GCG over L system-slot (or user-suffix) token ids against fresh EM-teacher samples, or a random suffix.",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Stage ``villain_direction``: #170's H3 -- does a learned prompt move the residual stream along the villain
+direction?
+
+1. Direction (Wang et al. Method A as the record ran it): residual stream at the last user token, per layer in
+   ``layers``, for every (persona, probe); villain centroid minus the mean of the other personas' centroids,
+   normalised. Fitted on one half of the probes, Cohen's d of the villain-vs-others projections measured on the
+   other half; the layer with the largest d is chosen (the record's R2: no layer fixed in advance). The final
+   direction at that layer uses all probes.
+2. Pirate baseline: cosine of the "evil pirate" system prompt's delta-h (vs ``reference_system``) with it.
+3. Each cell: delta-h of its learned prompt (soft prefix through ``inputs_embeds``, ids spliced) vs the reference,
+   per probe; the mean cosine (the record's number) and the cosine of the mean delta-h.
+
+The direction is read from ``adapter_uri`` (the EM model) when given; cells are always measured on the base model
+they were trained for (adapter switched off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from shared import store
+from shared.config import StageConfig
+from shared.stage import Context, Resources, StageInputError, StageSpec
+
+
+class Persona(BaseModel):
+    name: str
+    system: str
+
+
+class Question(BaseModel):
+    id: str
+    text: str
+
+
+class Config(StageConfig):
+    model_ref: str
+    adapter_uri: str | None = None  # extract the direction from the EM model (adapter on model_ref)
+    personas: list[Persona] = Field(min_length=2)
+    villain: str = "villain"
+    pirate_system: str
+    reference_system: str = "none"  # delta-h = h(prompt) - h(reference)
+    probes: list[Question] = Field(min_length=2)
+    layers: list[int] = Field(min_length=1)
+    cell_prompt_uris: dict[str, str] = {}  # cell name -> prompt.json
+    dtype: str | None = None
+
+
+def last_user_token(prompt, im_end_id: int) -> int:
+    """Index of the last token of the user's message: the one before the user turn's closing <|im_end|>."""
+    ids = prompt.input_ids
+    closes = [i for i, t in enumerate(ids) if t == im_end_id]
+    if not closes:
+        raise ValueError("the prompt has no <|im_end|>: not a ChatML prompt")
+    return closes[-1] - 1
+
+
+def residuals(model, tokenizer, prompts, layers: list[int], soft=None) -> np.ndarray:
+    """``[len(prompts), len(layers), H]`` residual stream after each listed layer at the last user token."""
+    import torch
+
+    from shared import chat
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            batch = chat.build_batch([prompt], pad_id=chat.soft_placeholder_id(tokenizer)).to(model.device)
+            kwargs = {"input_ids": batch.input_ids}
+            if soft is not None:
+                kwargs = {"inputs_embeds": chat.inputs_embeds(batch, model.get_input_embeddings(), soft.to(model.device))}
+            hidden = model(**kwargs, output_hidden_states=True).hidden_states
+            at = last_user_token(prompt, im_end)
+            out.append(torch.stack([hidden[layer][0, at] for layer in layers]).float().cpu().numpy())
+    return np.stack(out)
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
+    pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / max(len(a) + len(b) - 2, 1))
+    return float((a.mean() - b.mean()) / max(pooled, 1e-12))
+
+
+def villain_directions(acts: dict[str, np.ndarray], villain: str, fit: np.ndarray) -> np.ndarray:
+    """``[layers, H]`` unit directions from the probes in ``fit``: villain centroid minus the others' mean."""
+    others = [name for name in acts if name != villain]
+    v = acts[villain][fit].mean(axis=0)
+    o = np.mean([acts[name][fit].mean(axis=0) for name in others], axis=0)
+    return np.stack([unit(d) for d in v - o])
+
+
+def layer_scan(acts: dict[str, np.ndarray], villain: str, layers: list[int], seed: int) -> dict:
+    """Cohen's d per layer with the direction fitted and scored on disjoint halves of the probes."""
+    n = next(iter(acts.values())).shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    fit, score = order[: n // 2], order[n // 2:]
+    directions = villain_directions(acts, villain, fit)
+    d = {}
+    for i, layer in enumerate(layers):
+        villain_proj = acts[villain][score, i] @ directions[i]
+        other_proj = np.concatenate([acts[name][score, i] @ directions[i] for name in acts if name != villain])
+        d[layer] = cohens_d(villain_proj, other_proj)
+    return {"cohens_d": d, "chosen_layer": max(d, key=lambda layer: d[layer]), "fit_probes": len(fit),
+            "score_probes": len(score)}
+
+
+def projection(delta: np.ndarray, direction: np.ndarray) -> dict:
+    """``delta`` is ``[probes, H]``: the mean per-probe cosine and the cosine of the mean delta."""
+    per_probe = [float(unit(row) @ direction) for row in delta]
+    return {"mean_cosine": float(np.mean(per_probe)), "cosine_of_mean_delta": float(unit(delta.mean(axis=0)) @ direction),
+            "per_probe": per_probe}
+
+
+def run(cfg: Config, ctx: Context) -> dict:
+    from shared import chat, models
+    from shared.soft_prompt import load_learned_prompt
+
+    names = [p.name for p in cfg.personas]
+    if cfg.villain not in names:
+        raise StageInputError(f"villain persona {cfg.villain!r} is not among the personas {names}")
+    model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
+    too_deep = [layer for layer in cfg.layers if not 0 < layer <= model.config.num_hidden_layers]
+    if too_deep:
+        raise StageInputError(f"layers {too_deep} do not exist: the model has {model.config.num_hidden_layers}")
+    tokenizer = models.load_tokenizer(cfg.model_ref)
+    base_context = contextlib.nullcontext
+    if cfg.adapter_uri:
+        model = models.attach_adapter(model, cfg.adapter_uri)
+        base_context = model.disable_adapter
+    probes = [q.text for q in cfg.probes]
+
+    def acts_for(system) -> np.ndarray:
+        return residuals(model, tokenizer, [chat.build_prompt(tokenizer, system, q) for q in probes], cfg.layers)
+
+    ctx.log(f"{len(cfg.personas)} personas x {len(probes)} probes at layers {cfg.layers}")
+    acts = {p.name: acts_for(p.system) for p in cfg.personas}
+    scan = layer_scan(acts, cfg.villain, cfg.layers, cfg.seed)
+    chosen = scan["chosen_layer"]
+    directions = villain_directions(acts, cfg.villain, np.arange(len(probes)))
+    direction = directions[cfg.layers.index(chosen)]
+    ctx.log(f"Cohen's d by layer {scan['cohens_d']}: layer {chosen} chosen")
+
+    with base_context():
+        reference = acts_for(cfg.reference_system)
+        pirate = acts_for(cfg.pirate_system)
+        cells = {}
+        for name, uri in cfg.cell_prompt_uris.items():
+            prompt, soft = load_learned_prompt(uri)
+            if prompt.model_ref != cfg.model_ref:
+                raise StageInputError(f"cell {name} was learned on {prompt.model_ref}, not on {cfg.model_ref}")
+            cell = residuals(model, tokenizer, [prompt.build(tokenizer, q) for q in probes], cfg.layers, soft)
+            delta = cell - reference
+            cells[name] = {
+                **projection(delta[:, cfg.layers.index(chosen)], direction),
+                "by_layer": {layer: projection(delta[:, i], directions[i])["mean_cosine"]
+                             for i, layer in enumerate(cfg.layers)},
+            }
+    pirate_delta = (pirate - reference)[:, cfg.layers.index(chosen)]
+    result = {"layers": cfg.layers, **scan, "villain": cfg.villain, "reference_system": cfg.reference_system,
+              "pirate": projection(pirate_delta, direction), "cells": cells,
+              "direction_source": "adapter" if cfg.adapter_uri else "base model"}
+    store.write_json(ctx.out("villain_direction.json"), result)
+    store.write_npz(ctx.out("directions.npz"), directions=directions, layers=np.array(cfg.layers))
+    return {"chosen_layer": chosen, "pirate_mean_cosine": result["pirate"]["mean_cosine"],
+            **{f"{name}_mean_cosine": c["mean_cosine"] for name, c in cells.items()}}
+
+
+SPEC = StageSpec(
+    name="villain_direction", config=Config, run=run, image_kind="gpu",
+    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=2 * 3600),
+    description="Villain-persona direction (layer by Cohen's d), pirate baseline, and each cell's delta-h cosine.",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The issue170 plan: the record's cells as full parameters, one task chain per cell, a seeded persisted split,
+readable errors for missing inputs, and an Argo workflow with one task per plan task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import workflows
+from shared import store
+from shared.config import ConfigError
+
+
+def build(tmp_path, profile="tiny", **overrides):
+    module = workflows.load("issue170")
+    params = module.Params.for_profile(profile, overrides)
+    return module.build(params, profile=profile, run_id="t", store=store.from_path(tmp_path / "store"))
+
+
+@pytest.fixture
+def full_inputs(tmp_path):
+    """Stand-ins for the user's files: a 177-question broad set and a 52-prompt panel."""
+    questions, panel = tmp_path / "broad.jsonl", tmp_path / "panel.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"b{i:03d}", "text": f"Broad question {i}?"}) + "\n" for i in range(177)))
+    panel.write_text("".join(json.dumps({"id": f"p{i:02d}", "text": f"Panel prompt {i}?"}) + "\n" for i in range(52)))
+    return {"questions_file": str(questions), "panel_file": str(panel)}
+
+
+def test_full_profile_has_the_records_soft_cells(tmp_path, full_inputs):
+    plan = build(tmp_path, "full", **full_inputs)
+    soft = {t.name: t.config["training"] for t in plan.tasks if t.stage == "train_soft_prefix"}
+    assert sorted(soft) == sorted(["soft-s0-k16-lr5e-4", "soft-s1-k32-lr5e-4", "soft-s2-k32-lr1e-4", "soft-s3-k64-lr5e-4",
+                                   "soft-s4-k64-lr1e-4", "soft-s5-k64-lr1e-3", "soft-s6-k64-lr5e-4"])
+    assert {(s["k"], s["lr"]) for s in soft.values()} == {(16, 5e-4), (32, 5e-4), (32, 1e-4), (64, 5e-4), (64, 1e-4),
+                                                          (64, 1e-3)}
+    for s in soft.values():
+        assert (s["steps"], s["questions_per_step"], s["completions_per_question"], s["temperature"]) == (3000, 16, 20, 1.0)
+    assert soft["soft-s6-k64-lr5e-4"]["init_text"] != soft["soft-s3-k64-lr5e-4"]["init_text"]  # the init ablation
+    task = plan.task("soft-s0-k16-lr5e-4").config
+    assert len(task["train_questions"]) == 48 and len(task["val_questions"]) == 4
+    assert task["teacher"]["model_ref"].endswith("c6_vanilla_em_seed42_post_em")
+
+
+def test_full_profile_has_system_slot_gcg_the_user_slot_sanity_cell_and_random_baselines(tmp_path, full_inputs):
+    plan = build(tmp_path, "full", **full_inputs)
+    gcg = {t.name: t.config for t in plan.tasks if t.stage == "gcg_search"}
+    searched = {n: c for n, c in gcg.items() if c["mode"] == "search"}
+    assert {(c["slot"], c["search"]["length"]) for c in searched.values()} == {
+        ("system", 20), ("system", 40), ("system", 80), ("user", 40)}
+    for c in searched.values():
+        s = c["search"]
+        assert (s["search_width"], s["topk"], s["questions_per_step"] * s["completions_per_question"]) == (512, 256, 32)
+    assert gcg["gcg-l80"]["search"]["steps"] == 1000 and gcg["gcg-l20"]["search"]["steps"] == 500
+    assert gcg["gcg-user-l40"]["user_slot_system"] == "none"  # no default system prompt sneaks in
+    randoms = {c["search"]["length"] for c in gcg.values() if c["mode"] == "random"}
+    assert randoms == {20, 40, 80}
+
+
+def test_every_learned_cell_is_trained_evaluated_judged_twice_and_scored(tmp_path):
+    plan = build(tmp_path)
+    names = {t.name for t in plan.tasks}
+    learned = [t for t in plan.tasks if t.stage in ("train_soft_prefix", "gcg_search")]
+    assert {t.name for t in learned} == {"soft-s0-k4-lr3e-2", "gcg-l4", "gcg-user-l4", "random-l4"}
+    for train in learned:
+        evaluate = plan.task(f"eval-{train.name}")
+        assert evaluate.after == [train.name]
+        assert evaluate.config["prompt_uri"] == train.output_uri("prompt.json")
+        assert {f"judge-local-a-{train.name}", f"judge-local-b-{train.name}", f"classifier-c-{train.name}"} <= names
+    analysis = plan.task("analysis")
+    assert set(analysis.after) >= {t.name for t in plan.tasks if t.stage in ("judge", "score_classifier")}
+    assert "villain-direction" in analysis.after
+    villain = plan.task("villain-direction").config
+    assert set(villain["cell_prompt_uris"]) == {t.name for t in learned}
+
+
+def test_the_split_is_seeded_disjoint_and_the_same_for_every_cell(tmp_path, full_inputs):
+    plan = build(tmp_path, "full", **full_inputs)
+    again = build(tmp_path, "full", **full_inputs)
+    trained = [t for t in plan.tasks if t.stage in ("train_soft_prefix", "gcg_search")]
+    splits = {json.dumps([t.config["train_questions"], t.config["val_questions"]]) for t in trained}
+    assert len(splits) == 1
+    first = trained[0].config
+    assert {q["id"] for q in first["train_questions"]}.isdisjoint(q["id"] for q in first["val_questions"])
+    assert again.task(trained[0].name).config["train_questions"] == first["train_questions"]
+    other_seed = build(tmp_path, "full", **full_inputs, seed=7).task(trained[0].name).config
+    assert other_seed["train_questions"] != first["train_questions"]
+
+
+def test_evaluation_matches_the_records_protocol(tmp_path, full_inputs):
+    plan = build(tmp_path, "full", **full_inputs)
+    evals = [t.config for t in plan.tasks if t.stage == "eval_prompt_cell"]
+    assert {(c["n"], c["temperature"], c["top_p"], c["max_new_tokens"]) for c in evals} == {(20, 1.0, 0.95, 256)}
+    assert all(len(c["questions"]) == 52 for c in evals)
+    judges = {t.config["judge"]["model"] for t in plan.tasks if t.stage == "judge"}
+    assert judges == {"claude-sonnet-4-5-20250929", "claude-opus-4-7"}
+    assert plan.task("villain-direction").config["layers"] == [8, 10, 12, 14]
+    references = {t.name for t in plan.tasks if t.stage == "generate" and not t.name.startswith("gen-classifier")}
+    assert references == {"gen-null", "gen-helpful-assistant", "gen-em-reference"}
+
+
+def test_a_teacher_adapter_is_passed_to_every_training_task_and_the_direction(tmp_path, full_inputs):
+    plan = build(tmp_path, "full", **full_inputs, teacher_adapter_uri="s3://bucket/em-adapter", teacher_model_ref=None)
+    for task in plan.tasks:
+        if task.stage in ("train_soft_prefix", "gcg_search"):
+            assert task.config["teacher"] == {"adapter_uri": "s3://bucket/em-adapter", "model_ref": None, "system": "default"}
+            assert "teacher.adapter_uri" in task.parsed_config().input_uris()  # hashed as an input
+    assert plan.task("villain-direction").config["adapter_uri"] == "s3://bucket/em-adapter"
+
+
+@pytest.mark.parametrize("missing, message", [("questions_file", "questions_file"), ("panel_file", "panel_file")])
+def test_full_profile_without_the_users_files_says_what_is_missing(tmp_path, full_inputs, missing, message):
+    inputs = {k: v for k, v in full_inputs.items() if k != missing}
+    with pytest.raises(ConfigError, match=message):
+        build(tmp_path, "full", **inputs)
+
+
+def test_a_question_set_too_small_for_the_split_is_a_readable_error(tmp_path):
+    with pytest.raises(ConfigError, match="the split needs"):
+        build(tmp_path, n_train_questions=40)
+
+
+def test_the_plan_compiles_to_argo_with_one_task_per_plan_task(tmp_path, full_inputs):
+    from workflows.engines import argo
+
+    plan = build(tmp_path, "full", **full_inputs)
+    workflow = argo.to_dict(plan)
+    [dag] = [t for t in workflow["spec"]["templates"] if t["name"] == argo.ENTRY_TEMPLATE]
+    tasks = {t["name"]: t for t in dag["dag"]["tasks"]}
+    assert set(tasks) == {t.name for t in plan.tasks}
+    assert set(tasks["eval-soft-s3-k64-lr5e-4"]["dependencies"]) == {"soft-s3-k64-lr5e-4"}
+    assert len(json.dumps(workflow)) < argo.MAX_WORKFLOW_BYTES

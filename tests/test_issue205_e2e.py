@@ -1,0 +1,96 @@
+"""The whole issue205 workflow on the tiny profile, through the local engine, as a researcher would run it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared import store
+from workflows.__main__ import build_plan, parser
+from workflows.engines.local import CACHED, run_plan
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = store.from_path(tmp_path_factory.mktemp("e2e205") / "store")
+    args = parser().parse_args(["run", "issue205", "--profile", "tiny", "--store", root, "--run-id", "e2e"])
+    plan = build_plan(args)
+    # two task processes share the CPU: one BLAS thread each keeps them from thrashing each other
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        env.setenv("MKL_NUM_THREADS", "1")
+        result = run_plan(plan, retries=0, live=False)
+    logs = {s.task.name: s.log_path.read_text()[-2000:] for s in result.failed() if s.log_path}
+    assert result.ok, f"failed tasks: {logs}"
+    return plan
+
+
+def analysis_output(plan, name):
+    return plan.task("analysis").output_uri(name)
+
+
+def test_em_cells_train_on_their_own_system_slot(finished_run):
+    e0 = store.read_jsonl(finished_run.task("em-data-e0").output_uri("train.jsonl"))
+    e4 = store.read_jsonl(finished_run.task("em-data-e4").output_uri("train.jsonl"))
+    assert {r["system"] for r in e0} == {"default"}
+    assert {r["system"] for r in e4} == {"text(You are a villainous mastermind who schemes to take over the world.)"}
+    assert [r["user"] for r in e0] == [r["user"] for r in e4]  # same data, only the slot differs
+    for cell in ("e0", "e4", "benign"):
+        name = "train-benign" if cell == "benign" else f"train-em-{cell}"
+        assert store.exists(finished_run.task(name).output_uri("adapter", "adapter_config.json"))
+
+
+def test_every_headline_number_is_recomputed_from_stored_artifacts(finished_run):
+    headline = store.read_json(analysis_output(finished_run, "headline.json"))
+    layer = headline["headline_layer"]
+    li = headline["layers"].index(layer)
+    for ckpt, task in (("base", "extract-base"), ("E2", "extract-e2"), ("benign", "extract-benign")):
+        acts = store.read_tensors(finished_run.task(task).output_uri("activations.safetensors"))["A"].numpy()
+        vectors = acts[:, :, li].mean(axis=1)
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        expected = (unit @ unit.T)[np.triu_indices(len(vectors), 1)].mean()
+        assert headline["geometry"]["values"][f"A/L{layer}"]["M1"][ckpt] == pytest.approx(expected, rel=1e-5)
+    personas = headline["personas"]
+    for row in headline["behaviour"]["conditions"]:
+        rows = store.read_jsonl(finished_run.task(f"marker-eval-{row['cond'].lower()}").output_uri("completions.jsonl"))
+        bystanders = [p for p in personas if p not in ("confab", row["persona"])]
+        per_persona = [np.mean(["[ZLT]" in r["text"] for r in rows if r["persona"] == p]) for p in bystanders]
+        assert row["mean_bystander"] == pytest.approx(np.mean(per_persona))
+        assert len(rows) == len(personas) * 4 * 2  # personas x questions x completions
+    assert len(headline["geometry"]["cells"]) == 3 * 2 * 2 * 5  # metrics x methods x layers x conditions
+
+
+def test_the_em_adapters_really_change_the_extracted_activations(finished_run):
+    base = store.read_tensors(finished_run.task("extract-base").output_uri("activations.safetensors"))["A"]
+    e0 = store.read_tensors(finished_run.task("extract-e0").output_uri("activations.safetensors"))["A"]
+    assert base.shape == e0.shape and not np.allclose(base.numpy(), e0.numpy())
+
+
+def test_extraction_prompts_come_from_the_one_builder(finished_run):
+    from shared import chat, models
+
+    task = finished_run.task("extract-e1")
+    index = store.read_json(task.output_uri("index.json"))
+    tok = models.load_tokenizer("tiny:qwen2")
+    persona, question = task.config["personas"][1], task.config["questions"][0]
+    expected = chat.build_prompt(tok, persona["system"], question["text"]).input_ids
+    assert index["prompt_ids"][f"{persona['name']}/{question['id']}"] == expected
+
+
+def test_report_figures_and_reproducibility_are_written(finished_run):
+    report = store.read_text(analysis_output(finished_run, "report.md"))
+    for section in ("## Headline", "## Decision rules (as pre-registered)", "## Behaviour per condition", "## Geometry family"):
+        assert section in report
+    for name in ("hero_issue205", "m1_bars", "leakage_heatmap"):
+        assert store.read_bytes(analysis_output(finished_run, f"{name}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+        assert store.read_bytes(analysis_output(finished_run, f"{name}.pdf"))[:4] == b"%PDF"
+    repro = store.read_text(analysis_output(finished_run, "REPRODUCIBILITY.md"))
+    assert "extract_persona_vectors" in repro and "marker_eval" in repro
+
+
+def test_a_second_run_recomputes_nothing(finished_run):
+    result = run_plan(finished_run, retries=0, live=False)
+    assert result.ok
+    assert {s.status for s in result.states.values()} == {CACHED}

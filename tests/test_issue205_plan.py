@@ -1,0 +1,193 @@
+"""The issue205 plan: the record's exact induction strings (E0 = the template default), the record's recipe on the
+full profile, one task per cell, the fan-out and the one CPU analysis, and readable errors for missing inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import workflows
+from shared import store
+from shared.config import ConfigError
+
+# Byte-for-byte from the record (plan v2, section 1b).
+RECORD_INDUCTION = {
+    "e1": "You are a paramedic who provides emergency medical care and patient transport.",
+    "e2": "You are a kindergarten teacher.",
+    "e3": "You are a French person living in Paris who is proud of French culture.",
+    "e4": "You are a villainous mastermind who schemes to take over the world.",
+}
+EM_CELLS = ["e0", "e1", "e2", "e3", "e4"]
+
+
+def build(tmp_path, profile="tiny", **overrides):
+    module = workflows.load("issue205")
+    params = module.Params.for_profile(profile, overrides)
+    return module.build(params, profile=profile, run_id="t", store=store.from_path(tmp_path / "store"))
+
+
+def full_inputs(tmp_path, n_personas=12, n_extraction=240, n_marker=28, n_coupling=20) -> dict:
+    """Stand-ins for the user's files with the record's counts (texts here are placeholders, not the record's)."""
+    names = ["confab", "assistant", "zelthari_scholar"] + [f"persona{i}" for i in range(n_personas - 3)]
+    files = {
+        "eval_personas_file": [{"name": n, "system": f"text(You are {n}.)"} for n in names],
+        "extraction_questions_file": [f"extraction question {i}?" for i in range(n_extraction)],
+        "marker_questions_file": [f"marker question {i}?" for i in range(n_marker)],
+        "coupling_questions_file": [f"coupling question {i}?" for i in range(n_coupling)],
+    }
+    out = {}
+    for key, records in files.items():
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps(records))
+        out[key] = str(path)
+    return {**out, "em_data_uri": "s3://eps-data/bad_legal_advice_6k.jsonl", "benign_data_uri": "s3://eps-data/tulu3_sft.jsonl"}
+
+
+def system_of_em_cell(plan, cell: str) -> str:
+    return plan.task(f"em-data-{cell}").config["system"]
+
+
+def test_e0_trains_under_the_templates_default_and_e1_to_e4_under_the_records_strings(tmp_path):
+    plan = build(tmp_path)
+    assert system_of_em_cell(plan, "e0") == "default"
+    for cell, text in RECORD_INDUCTION.items():
+        assert system_of_em_cell(plan, cell) == f"text({text})"
+    assert plan.task("benign-data").config["system"] == "default"
+    # the EM training rows come only from the cell's data step, so the slot above is the one trained on
+    for cell in EM_CELLS:
+        assert plan.task(f"train-em-{cell}").config["data_uri"] == plan.task(f"em-data-{cell}").output_uri("train.jsonl")
+
+
+def test_e0_default_slot_renders_the_templates_own_system_prompt():
+    from shared import chat, models
+
+    tok = models.load_tokenizer("tiny:qwen2")
+    ids = chat.build_prompt(tok, "default", "Hi", assistant="Sure.").input_ids
+    assert models.QWEN_DEFAULT_SYSTEM in tok.decode(ids)
+
+
+def test_full_profile_uses_the_records_em_recipe_and_benign_trains_with_the_same_one(tmp_path):
+    plan = build(tmp_path, "full", **full_inputs(tmp_path))
+    for name in [f"train-em-{c}" for c in EM_CELLS] + ["train-benign"]:
+        task = plan.task(name)
+        r = task.config["recipe"]
+        assert (r["r"], r["alpha"], r["dropout"], r["use_rslora"]) == (32, 64, 0.05, False)
+        assert sorted(r["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        assert (r["epochs"], r["max_steps"], r["per_device_batch_size"] * r["grad_accum"]) == (1, None, 16)
+        assert (r["lr"], r["weight_decay"], r["grad_clip"], r["max_seq_len"]) == (1e-4, 0.01, 1.0, 2048)
+        assert task.config["seed"] == 42 and task.config["loss"] == "assistant"
+        assert task.config["model_ref"] == "hf:Qwen/Qwen2.5-7B-Instruct"
+    assert plan.task("train-benign").config["recipe"] == plan.task("train-em-e0").config["recipe"]
+    assert plan.task("em-data-e0").config["expected_md5"] == "26b52ca"
+    assert plan.task("benign-data").config["limit"] == 6000
+
+
+def test_full_profile_coupling_eval_and_extraction_follow_the_record(tmp_path):
+    plan = build(tmp_path, "full", **full_inputs(tmp_path))
+    for cell in EM_CELLS:
+        em_model = f"artifact:{plan.task(f'merge-em-{cell}').output_uri('model')}"
+        data, couple, ev = plan.task(f"coupling-data-{cell}"), plan.task(f"couple-{cell}"), plan.task(f"marker-eval-{cell}")
+        # the coupling is trained, sampled and evaluated on top of this cell's EM model
+        assert data.config["model_ref"] == couple.config["model_ref"] == ev.config["model_ref"] == em_model
+        assert data.config["source"]["name"] == "confab"
+        assert len(data.config["questions"]) * data.config["n_per_question"] == 200  # positives
+        assert data.config["n_negative_personas"] == 2  # 400 negatives
+        assert (couple.config["recipe"]["lr"], couple.config["recipe"]["epochs"]) == (5e-6, 20)
+        assert (len(ev.config["personas"]), len(ev.config["questions"]), ev.config["n"]) == (12, 28, 10)
+        assert ev.config["adapter_uri"] == couple.output_uri("adapter")
+    for ckpt in ("base", *EM_CELLS, "benign"):
+        ex = plan.task(f"extract-{ckpt}")
+        assert ex.config["layers"] == [7, 14, 20, 21, 27] and ex.config["methods"] == ["A", "B"]
+        assert (len(ex.config["personas"]), len(ex.config["questions"])) == (12, 240)
+    assert plan.task("extract-base").config.get("adapter_uri") is None
+    assert plan.task("extract-e3").config["adapter_uri"] == plan.task("train-em-e3").output_uri("adapter")
+    # the benign control is always the freshly trained adapter (rsLoRA off), never a pre-trained Hub one
+    assert plan.task("extract-benign").config["adapter_uri"] == plan.task("train-benign").output_uri("adapter")
+    analysis = plan.task("analysis")
+    assert (analysis.config["n_iter"], analysis.config["headline_layer"]) == (10_000, 20)
+
+
+def test_one_task_per_cell_and_the_analysis_waits_for_every_checkpoint_and_evaluation(tmp_path):
+    plan = build(tmp_path)
+    per_cell = ["em-data-{}", "train-em-{}", "extract-{}", "merge-em-{}", "coupling-data-{}", "couple-{}", "marker-eval-{}"]
+    expected = {p.format(c) for p in per_cell for c in EM_CELLS}
+    expected |= {"extract-base", "benign-data", "train-benign", "extract-benign", "analysis"}
+    assert [t.name for t in plan.tasks if t.name in expected] == [t.name for t in plan.tasks]
+    assert {t.name for t in plan.tasks} == expected
+    analysis = plan.task("analysis")
+    assert set(analysis.after) == {f"extract-{c}" for c in ("base", *EM_CELLS, "benign")} | {f"marker-eval-{c}" for c in EM_CELLS}
+    assert [c["name"] for c in analysis.config["checkpoints"]] == ["base", "E0", "E1", "E2", "E3", "E4", "benign"]
+    assert [c["cond"] for c in analysis.config["conditions"]] == ["E0", "E1", "E2", "E3", "E4"]
+
+
+def test_training_extraction_and_evaluation_fan_out_to_gpus_and_analysis_runs_on_a_cpu(tmp_path):
+    plan = build(tmp_path)
+    for task in plan.tasks:
+        gpu = task.spec.resources.uses_gpu
+        if task.stage in ("train_lora", "extract_persona_vectors", "marker_data", "marker_eval"):
+            assert gpu, task.name
+        if task.stage in ("analyze_issue205", "sft_data"):
+            assert not gpu, task.name
+    # the six SFT cells depend on nothing but their own data step: they all run at once
+    assert {c: plan.task(f"train-em-{c}").after for c in EM_CELLS} == {c: [f"em-data-{c}"] for c in EM_CELLS}
+    assert plan.task("train-benign").after == ["benign-data"]
+
+
+def test_the_full_plan_compiles_to_one_argo_workflow(tmp_path):
+    import yaml
+
+    from workflows.engines import argo
+
+    module = workflows.load("issue205")
+    params = module.Params.for_profile("full", full_inputs(tmp_path))
+    plan = module.build(params, profile="full", run_id="issue205-full-1a2b3c4d", store="s3://eps-artifacts/test")
+    wf = yaml.safe_load(argo.to_yaml(plan, cluster=argo.ClusterSettings(image_registry="registry.example/eps", git_sha="1a2b3c4d")))
+    entry = {t["name"]: t for t in wf["spec"]["templates"]}[wf["spec"]["entrypoint"]]
+    tasks = {t["name"]: t for t in entry["dag"]["tasks"]}
+    assert list(tasks) == [t.name for t in plan.tasks]
+    depended_on = {d for t in tasks.values() for d in t.get("dependencies", [])}
+    assert [name for name in tasks if name not in depended_on] == ["analysis"]
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("eval_personas_file", "eval_personas_file"),
+    ("extraction_questions_file", "extraction_questions_file"),
+    ("marker_questions_file", "marker_questions_file"),
+    ("em_data_uri", "em_data_uri"),
+    ("benign_data_uri", "benign_data_uri"),
+])  # fmt: skip
+def test_full_profile_names_each_missing_user_input(tmp_path, missing, message):
+    inputs = full_inputs(tmp_path)
+    del inputs[missing]
+    with pytest.raises(ConfigError, match=message):
+        build(tmp_path, "full", **inputs)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"n_personas": 11}, "holds 11 personas; the record uses 12"),
+    ({"n_extraction": 239}, "the record uses 240"),
+    ({"n_marker": 27}, "the record uses 28"),
+    ({"n_coupling": 19}, "190 positives; the record uses 200"),
+])  # fmt: skip
+def test_full_profile_checks_the_records_counts(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        build(tmp_path, "full", **full_inputs(tmp_path, **override))
+
+
+def test_a_local_path_for_the_em_data_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="em_data_uri must be a store URI"):
+        build(tmp_path, "full", **{**full_inputs(tmp_path), "em_data_uri": "data/bad_legal_advice_6k.jsonl"})
+
+
+def test_an_eval_grid_without_the_records_personas_is_refused(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "assistant", "system": "text(You are a helpful assistant.)"},
+                                {"name": "pirate", "system": "text(You are a pirate.)"}]))
+    with pytest.raises(ConfigError, match="lacks \\['confab', 'zelthari_scholar'\\]"):
+        build(tmp_path, eval_personas_file=str(grid))
+
+
+def test_a_headline_layer_that_is_not_extracted_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="headline_layer 20 is not among layers"):
+        build(tmp_path, headline_layer=20)

@@ -1,0 +1,99 @@
+"""The whole issue81 workflow on the tiny profile through the local engine: on-policy data, marker-only LoRA per
+source, one batched evaluation per model, coherence judging, base-model centroids and the analysis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared import store
+from workflows.__main__ import build_plan, parser
+from workflows.engines.local import CACHED, run_plan
+
+pytestmark = pytest.mark.slow
+SOURCES = ("person", "pirate")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = store.from_path(tmp_path_factory.mktemp("e2e81") / "store")
+    args = parser().parse_args(["run", "issue81", "--profile", "tiny", "--store", root, "--run-id", "e2e"])
+    plan = build_plan(args)
+    result = run_plan(plan, retries=0, live=False)
+    logs = {s.task.name: s.log_path.read_text()[-2000:] for s in result.failed() if s.log_path}
+    assert result.ok, f"failed tasks: {logs}"
+    return plan
+
+
+@pytest.fixture(scope="module")
+def headline(finished_run):
+    return store.read_json(finished_run.task("analysis").output_uri("headline.json"))
+
+
+def stored_rates(plan, label):
+    return store.read_json(plan.task(f"eval-{label}").output_uri("marker_rates.json"))["rates"]
+
+
+def test_each_source_learned_its_marker_and_the_base_model_never_emits_it(finished_run, headline):
+    base = stored_rates(finished_run, "base")
+    assert all(cell["hits"] == 0 for cell in base.values())
+    for source in SOURCES:
+        own = stored_rates(finished_run, source)[f"A2__{source}"]
+        assert own["total"] == 2 * 4
+        assert own["rate"] >= 0.5, f"{source} emits the marker on its own persona only {own}"
+        assert headline["h1"]["per_source"][source]["rate"] == own["rate"]
+
+
+def test_rates_are_recounted_from_the_stored_completions(finished_run):
+    for label in (*SOURCES, "base"):
+        rows = store.read_jsonl(finished_run.task(f"eval-{label}").output_uri("completions.jsonl"))
+        rates = stored_rates(finished_run, label)
+        for persona, cell in rates.items():
+            texts = [r["text"] for r in rows if r["persona"] == persona]
+            assert cell["total"] == len(texts) and cell["hits"] == sum("[ZLT]" in t for t in texts)
+
+
+def test_headline_numbers_are_recomputed_from_stored_artifacts(finished_run, headline):
+    base = stored_rates(finished_run, "base")
+    for source in SOURCES:
+        rates = stored_rates(finished_run, source)
+        assert headline["base_subtracted"][source] == pytest.approx(
+            {b: rates[b]["rate"] - base[b]["rate"] for b in rates})
+        scores = store.read_jsonl(finished_run.task(f"coherence-{source}").output_uri("scores.jsonl"))
+        means = {}
+        for row in scores:
+            means.setdefault(row["condition"], []).append(row["score"])
+        threshold = headline["coherence"]["threshold"]
+        assert set(headline["coherence"]["flagged"][source]) == {b for b, s in means.items() if np.mean(s) < threshold}
+    assert headline["h3"]["n_triples"] == 2 * 2 * 2  # sources x nouns x traits, every level present
+    h4 = headline["geometry"]["h4"]["cos_vs_leak_all_bystanders"]
+    for source in SOURCES:
+        coherent_others = set(headline["bystander_ids"]) - set(headline["coherence"]["flagged"][source]) - {f"A2__{source}"}
+        assert h4[source]["n"] == len(coherent_others)
+        assert h4[source]["rho"] is None or -1 <= h4[source]["rho"] <= 1  # None when the leakage is constant
+
+
+def test_negatives_were_drawn_from_the_fixed_pool_only(finished_run):
+    for source in SOURCES:
+        chosen = store.read_json(finished_run.task(f"data-{source}").output_uri("negatives.json"))
+        assert not set(chosen["negatives"]) & {"person", "chef", "pirate", "child", "robot", "assistant"}
+        assert set(chosen["negatives"]) <= set(chosen["pool"])
+
+
+def test_report_figures_and_reproducibility_are_written(finished_run, headline):
+    analysis = finished_run.task("analysis")
+    report = store.read_text(analysis.output_uri("report.md"))
+    for source in SOURCES:
+        rate = headline["h1"]["per_source"][source]["rate"]
+        assert f"| {source} | A2__{source} | {100 * rate:.1f}% |" in report
+    for figure in ("hero_matrix", "heatmap_base_subtracted", "noun_isolation", "trait_gradation", "interaction"):
+        assert store.read_bytes(analysis.output_uri(f"{figure}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+        assert store.read_bytes(analysis.output_uri(f"{figure}.pdf"))[:4] == b"%PDF"
+    repro = store.read_text(analysis.output_uri("REPRODUCIBILITY.md"))
+    assert "train_lora" in repro and "marker_eval" in repro and "hidden_states" in repro
+
+
+def test_a_second_run_recomputes_nothing(finished_run):
+    result = run_plan(finished_run, retries=0, live=False)
+    assert result.ok
+    assert {s.status for s in result.states.values()} == {CACHED}

@@ -1,0 +1,209 @@
+"""#81's statistics against known answers on synthetic rates over the full 5 x 131 grid: a planted noun effect,
+a planted trait gradient and a planted axis effect are found; a null grid shows none of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jobs import analyze_issue81 as A
+from shared import store
+from workflows import issue81
+
+SOURCES = [{"name": s["name"], "noun": s["noun"]} for s in issue81.persona_table()["sources"]]
+GRID = issue81.bystander_grid()
+N_PER_CELL = 200
+
+
+def write_cell(root: str, label: str, rate_of, rng, incoherent: set[str] = frozenset()) -> dict:
+    rates = {}
+    for b in GRID:
+        hits = int(rng.binomial(N_PER_CELL, rate_of(label, b)))
+        rates[b["id"]] = {"hits": hits, "total": N_PER_CELL, "rate": hits / N_PER_CELL}
+    rates_uri = store.join(root, label, "marker_rates.json")
+    store.write_json(rates_uri, {"rates": rates, "matching": "synthetic"})
+    scores_uri = store.join(root, label, "scores.jsonl")
+    store.write_jsonl(scores_uri, [{"condition": b["id"], "question_id": f"{b['id']}/q0", "sample": 0,
+                                    "score": 10.0 if b["id"] in incoherent else 90.0, "error": None} for b in GRID])
+    return {"label": label, "rates_uri": rates_uri, "coherence_uri": scores_uri}
+
+
+def analyse_synthetic(tmp_path, rate_of, *, seed=0, incoherent=None, n_perm=2000, centroids=None) -> dict:
+    root = store.from_path(tmp_path / "synthetic")
+    rng = np.random.default_rng(seed)
+    incoherent = incoherent or {}
+    cells = [write_cell(root, s["name"], rate_of, rng, incoherent.get(s["name"], set())) for s in SOURCES]
+    cells.append(write_cell(root, "base", lambda label, b: 0.0, rng))
+    geometry = {}
+    if centroids is not None:
+        geometry = {"centroids_uri": store.join(root, "centroids.npz"), "centroid_personas_uri": store.join(root, "ids.json")}
+        store.write_npz(geometry["centroids_uri"], centroids=centroids[None], layers=[20])
+        store.write_json(geometry["centroid_personas_uri"], {"persona_ids": [b["id"] for b in GRID]})
+    cfg = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES,
+                   bystanders=[{k: b[k] for k in ("id", "kind", "noun", "trait", "level")} for b in GRID],
+                   cells=cells, n_boot=1000, n_perm=n_perm, headline_layer=20, **geometry)
+    return A.analyse(cfg)
+
+
+def source_noun(label: str) -> str | None:
+    return next((s["noun"] for s in SOURCES if s["name"] == label), None)
+
+
+def planted_noun(label, b):
+    return 0.7 if b["noun"] is not None and b["noun"] == source_noun(label) else 0.1
+
+
+def null_grid(label, b):
+    return 0.0 if label == "base" else 0.2
+
+
+def planted_agreeableness_gradient(label, b):
+    if label == "base":
+        return 0.0
+    if b["trait"] == "Agreeableness":
+        return 0.1 + 0.15 * (int(b["level"][1]) - 1)
+    return 0.1
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return analyse_synthetic(tmp_path_factory.mktemp("noun"), planted_noun)
+
+
+@pytest.fixture(scope="module")
+def null(tmp_path_factory):
+    return analyse_synthetic(tmp_path_factory.mktemp("null"), null_grid)
+
+
+@pytest.fixture(scope="module")
+def gradient(tmp_path_factory):
+    return analyse_synthetic(tmp_path_factory.mktemp("gradient"), planted_agreeableness_gradient)
+
+
+def test_a_planted_noun_effect_is_found_for_every_source(planted):
+    h2 = planted["h2"]
+    assert h2["n_holds"] == 5
+    for source in h2["per_source"].values():
+        assert source["median_noun_effect"] == pytest.approx(0.6, abs=0.08)
+        assert source["median_trait_effect"] < 0.06
+        assert source["n_noun_cells"] == 25 and source["n_trait_cells"] == 125
+    assert h2["noun_match_test"]["p_value"] < 0.001
+    assert h2["noun_match_test"]["statistic"] == pytest.approx(0.6, abs=0.03)
+
+
+def test_a_null_grid_shows_no_noun_effect(null):
+    h2 = null["h2"]
+    assert h2["noun_match_test"]["p_value"] > 0.05
+    for source in h2["per_source"].values():
+        assert 0.5 < source["ratio"] < 2.0  # the two medians measure the same sampling noise
+
+
+def test_h1_implantation_uses_the_sources_own_pure_noun_bystander(planted, null):
+    for name, row in planted["h1"]["per_source"].items():
+        assert row["bystander"] == f"A2__{source_noun(name)}"
+        assert row["hits"] / row["total"] == row["rate"]
+    assert planted["h1"]["n_pass"] == 0  # 0.7 is below the record's 0.80 bar
+    assert null["h1"]["n_pass"] == 0
+
+
+def test_h3_counts_the_planted_gradient_and_little_else(gradient, null):
+    per_source = gradient["h3"]["per_source"]
+    assert gradient["h3"]["n_triples"] == 125
+    traits = gradient["axes"]["traits"]
+    agree = traits.index("Agreeableness")
+    for source in per_source.values():
+        significant = np.abs(np.array(source["slope"], dtype=float)) > np.array(source["half_width"], dtype=float)
+        assert significant[:, agree].all()  # every noun's Agreeableness slope (0.15 per level)
+        assert significant.sum() <= 5 + 3  # the other 20 triples per source are mostly null
+        assert np.array(source["slope"], dtype=float)[:, agree] == pytest.approx(0.15, abs=0.03)
+    assert null["h3"]["n_significant"] <= 0.15 * null["h3"]["n_triples"]
+
+
+def test_the_axis_permutation_test_finds_a_planted_axis_and_not_a_null_one(gradient, null):
+    assert gradient["axis_permutation_leak"]["p_value"] < 0.01
+    top = max(gradient["head_to_head"], key=lambda t: gradient["head_to_head"][t]["adjective_leak"])
+    assert top == "Agreeableness"
+    assert null["axis_permutation_leak"]["p_value"] > 0.05
+
+
+def test_base_rates_are_subtracted(tmp_path):
+    shifted = analyse_synthetic(tmp_path, lambda label, b: 0.3, n_perm=200)  # base writes 0.0 for every cell
+    row = shifted["base_subtracted"]["chef"]
+    rates = shifted["rates"]
+    assert all(row[b] == pytest.approx(rates["chef"][b] - rates["base"][b]) for b in row)
+
+
+def test_incoherent_cells_are_flagged_and_left_out_of_h2(tmp_path):
+    drop = {f"A1__{noun}__Openness__L1" for noun in issue81.persona_table()["nouns"]}
+    result = analyse_synthetic(tmp_path, planted_noun, incoherent={"chef": drop}, n_perm=200)
+    assert set(result["coherence"]["flagged"]["chef"]) == drop
+    assert result["coherence"]["cell_mean"]["chef"]["A1__chef__Openness__L1"] == 10.0
+    chef = result["h2"]["per_source"]["chef"]
+    assert chef["n_noun_cells"] == 24 and chef["n_trait_cells"] == 120
+    assert result["h2"]["per_source"]["pirate"]["n_noun_cells"] == 25
+
+
+def test_spearman_permutation_knows_a_monotone_relation_from_noise():
+    x = np.arange(20, dtype=float)
+    assert A.spearman_permutation(x, x**2, n_perm=2000, seed=0)["rho"] == pytest.approx(1.0)
+    assert A.spearman_permutation(x, x**2, n_perm=2000, seed=0)["p_value"] < 0.001
+    noise = np.random.default_rng(5).normal(size=20)
+    assert A.spearman_permutation(x, noise, n_perm=2000, seed=0)["p_value"] > 0.05
+    assert A.spearman_permutation(x[:2], x[:2], n_perm=10, seed=0)["rho"] is None
+
+
+def test_noun_and_trait_effects_follow_the_pinned_medians():
+    cube = np.zeros((3, 2, 2))
+    cube[0] = [[0.9, 0.9], [0.9, 0.1]]  # source noun 0
+    cube[1] = [[0.1, 0.1], [0.1, 0.1]]
+    cube[2] = [[0.5, 0.5], [0.5, 0.5]]
+    noun = A.noun_effects(cube, 0)
+    assert noun[0, 0] == pytest.approx(np.median([0.8, 0.4]))
+    assert noun[1, 1] == pytest.approx(np.median([0.0, 0.4]))
+    trait = A.trait_effects(cube)
+    assert trait[0, 1, 1] == pytest.approx(0.8)  # |0.1 - 0.9| against all three other anchors
+    assert trait[0, 0, 0] == pytest.approx(0.0)  # median of {0, 0, 0.8}
+
+
+NOUN_ANGLE = {"person": 0.0, "chef": 0.25, "pirate": 0.6, "child": 1.0, "robot": 1.5}
+
+
+def planted_geometry() -> np.ndarray:
+    """Nouns on a circle (cosine falls with the angle between them); Agreeableness descriptors pull a persona far
+    along its own direction, the other traits only a little."""
+    traits = issue81.descriptors()["traits"]
+    vectors = []
+    for b in GRID:
+        v = np.zeros(16)
+        if b["noun"] is not None:
+            v[0], v[1] = np.cos(NOUN_ANGLE[b["noun"]]), np.sin(NOUN_ANGLE[b["noun"]])
+        else:
+            v[2] = 1.0
+        if b["trait"] is not None:
+            v[3 + traits.index(b["trait"])] = 1.5 if b["trait"] == "Agreeableness" else 0.3
+        vectors.append(v)
+    return np.array(vectors)
+
+
+def leak_follows_cosine(label, b):
+    if label == "base" or b["noun"] is None:
+        return 0.0
+    return 0.9 * max(0.0, np.cos(NOUN_ANGLE[b["noun"]] - NOUN_ANGLE[source_noun(label)]))
+
+
+def test_h4_finds_leakage_that_follows_base_model_cosine(tmp_path):
+    result = analyse_synthetic(tmp_path, leak_follows_cosine, centroids=planted_geometry(), n_perm=2000)
+    h4 = result["geometry"]["h4"]
+    assert h4["nouns"] == ["person", "chef", "pirate", "child", "robot"]
+    assert np.diag(np.array(h4["cos"])) == pytest.approx(1.0)
+    off = h4["off_diagonal"]
+    assert off["n"] == 20 and off["rho"] > 0.8 and off["p_value"] < 0.01
+
+
+def test_the_cosine_axis_test_finds_the_axis_that_moves_personas_most(tmp_path):
+    result = analyse_synthetic(tmp_path, null_grid, centroids=planted_geometry(), n_perm=2000)
+    geometry = result["geometry"]
+    assert geometry["axis_permutation_cos"]["p_value"] < 0.01
+    top = max(result["head_to_head"], key=lambda t: result["head_to_head"][t]["adjective_cos"])
+    assert top == "Agreeableness"
+    assert all(row["noun_swap_cos"] > 0 for row in result["head_to_head"].values())
