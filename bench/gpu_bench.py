@@ -38,7 +38,7 @@ SHAPES = {
 SETTINGS = {
     "qwen7b": dict(search_width=512, topk=256, gcg_questions=16, gcg_completions=2, suffix_length=20,
                    soft_k=64, soft_questions=16, soft_completions=20, max_new_tokens=256,
-                   eval_batch=256, eval_new_tokens=256, ratio_pairs=4, micro_batch_tokens=4096,
+                   eval_batch=1024, eval_new_tokens=256, ratio_pairs=4, micro_batch_tokens=4096,
                    max_tokens_per_forward=65536, sample_batch=320, lora_rank=32),
     "tiny": dict(search_width=16, topk=8, gcg_questions=2, gcg_completions=2, suffix_length=4,
                  soft_k=4, soft_questions=2, soft_completions=2, max_new_tokens=8,

@@ -138,10 +138,14 @@ def run_analysis(activations: dict, leakage: np.ndarray, n_iter: int, seed: int)
             if c.metric == "M3" and c.method == "A" and c.layer == 20 and c.reference == "base"
         },
         "behaviour": {
-            f"{t.name}": {"statistic": t.statistic, "p": t.p_value, "fires": t.fires} for t in behaviour
+            _behaviour_key(t): {"statistic": t.statistic, "p": t.p_value, "fires": t.fires} for t in behaviour
         },
     }
     return timings, outcomes
+
+
+def _behaviour_key(test: stats.HypothesisResult) -> str:
+    return f"H1:{test.details['induction_persona']}" if test.name == "H1" else test.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,9 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        json.dumps({k: report[k] for k in ("analysis_s", "within_budget", "n_tests", "n_iter", "timings_s")})
+    summary = (
+        "analysis_s",
+        "analysis_cpu_s",
+        "cores_used",
+        "within_budget",
+        "n_tests",
+        "n_iter",
+        "timings_s",
     )
+    print(json.dumps({k: report[k] for k in summary}))
     return 1 if args.check and not report["within_budget"] else 0
 
 

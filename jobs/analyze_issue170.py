@@ -144,24 +144,32 @@ def pareto_figure(data: dict, uri: str) -> None:
 
 
 def capacity_figure(data: dict, uri: str) -> None:
+    """α and the best held-out CE against prompt length, one line per method (and per lr for soft prefixes)."""
     from shared.figures import PALETTE, new_figure, save
 
-    fig, ax = new_figure(6.4, 4.2)
+    fig, _ = new_figure(10.0, 4.0)
+    fig.clf()
+    left, right = fig.subplots(1, 2)
     series: dict[str, list[dict]] = {}
     for row in data["cells"]:
-        if row["method"] in LEARNED and row["size"] is not None and row["alpha_primary"] is not None:
+        if row["method"] in LEARNED and row["size"] is not None:
             key = f"soft lr={row['lr']:g}" if row["method"] == "soft" else row["method"]
             series.setdefault(key, []).append(row)
     for i, (key, rows) in enumerate(sorted(series.items())):
         rows = sorted(rows, key=lambda r: r["size"])
-        ax.plot([r["size"] for r in rows], [r["alpha_primary"] for r in rows], marker="o",
-                color=PALETTE[i % len(PALETTE)], label=key)
-    ax.axhline(data["decisions"]["h2_gate"]["alpha_primary_max"], color="#7f7f7f", linestyle="--", linewidth=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt length (K soft embeddings / L ids)")
-    ax.set_ylabel(f"alignment α ({data['judges']['primary']})")
-    ax.set_title("capacity curve", fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
+        for ax, field in ((left, "alpha_primary"), (right, "best_heldout_ce")):
+            points = [(r["size"], r[field]) for r in rows if r[field] is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", color=PALETTE[i % len(PALETTE)], label=key)
+    left.axhline(data["decisions"]["h2_gate"]["alpha_primary_max"], color="#7f7f7f", linestyle="--", linewidth=1)
+    for ax, label in ((left, f"alignment α ({data['judges']['primary']})"), (right, "best held-out CE (nats/token)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length (K soft embeddings / L ids)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.25)
+    left.set_title("capacity curve: α", fontsize=9)
+    right.set_title("capacity curve: fit to the EM teacher", fontsize=9)
+    right.legend(fontsize=7, frameon=False)
     save(fig, uri)
 
 

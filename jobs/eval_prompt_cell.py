@@ -65,7 +65,7 @@ def run(cfg: Config, ctx: Context) -> dict:
                 "finish_reason": completion.finish_reason,
             })
     store.write_jsonl(ctx.out("completions.jsonl"), rows)
-    store.write_json(ctx.out("prompt_ids.json"), {q.id: p.input_ids for q, p in zip(cfg.questions, prompts)})
+    store.write_json(ctx.out("prompt_ids.json"), {q.id: p.input_ids for q, p in zip(cfg.questions, prompts, strict=True)})
     return {"n_completions": len(rows), "new_tokens": new_tokens,
             "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "prompt_kind": prompt.kind}
 

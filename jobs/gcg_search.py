@@ -102,6 +102,8 @@ def run(cfg: Config, ctx: Context) -> dict:
         "step_s_mean": statistics.fmean(p["teacher_s"] + p["gradient_s"] + p["candidates_s"] for p in steps)
         if steps else None,
         "candidates_s_mean": statistics.fmean(p["candidates_s"] for p in steps) if steps else None,
+        "candidate_tokens_per_s": sum(p["candidate_tokens"] for p in steps) / max(sum(p["candidates_s"] for p in steps), 1e-9)
+        if steps else None,
         "suffix_ids": state.best_suffix,
     }
     store.write_json(ctx.out("metrics.json"), metrics)
@@ -110,7 +112,7 @@ def run(cfg: Config, ctx: Context) -> dict:
 
 SPEC = StageSpec(
     name="gcg_search", config=Config, run=run, image_kind="gpu",
-    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=48 * 3600),
+    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=72 * 3600),  # ~189 s/step at width 512 (bench)
     description="GCG over L system-slot (or user-suffix) token ids against fresh EM-teacher samples, or a random suffix.",
 )
 main = SPEC.main

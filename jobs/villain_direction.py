@@ -10,8 +10,10 @@ direction?
 3. Each cell: delta-h of its learned prompt (soft prefix through ``inputs_embeds``, ids spliced) vs the reference,
    per probe; the mean cosine (the record's number) and the cosine of the mean delta-h.
 
-The direction is read from ``adapter_uri`` (the EM model) when given; cells are always measured on the base model
-they were trained for (adapter switched off).
+The direction is read from the EM model as the record did: ``adapter_uri`` (an adapter on ``model_ref``, switched
+off for everything else) or ``direction_model_ref`` (a merged EM model, loaded beside the base model); with neither,
+from the base model. Cells, the pirate and the reference are always measured on the base model the cells were
+trained for. Layer ``l`` is the residual stream after ``l`` decoder blocks (``hidden_states[l]``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Question(BaseModel):
 class Config(StageConfig):
     model_ref: str
     adapter_uri: str | None = None  # extract the direction from the EM model (adapter on model_ref)
+    direction_model_ref: str | None = None  # ... or from a merged EM model
     personas: list[Persona] = Field(min_length=2)
     villain: str = "villain"
     pirate_system: str
@@ -128,18 +131,24 @@ def run(cfg: Config, ctx: Context) -> dict:
     too_deep = [layer for layer in cfg.layers if not 0 < layer <= model.config.num_hidden_layers]
     if too_deep:
         raise StageInputError(f"layers {too_deep} do not exist: the model has {model.config.num_hidden_layers}")
+    if cfg.adapter_uri and cfg.direction_model_ref:
+        raise StageInputError("the direction comes from an adapter on model_ref or from direction_model_ref, not both")
     tokenizer = models.load_tokenizer(cfg.model_ref)
     base_context = contextlib.nullcontext
+    direction_model = model
     if cfg.adapter_uri:
-        model = models.attach_adapter(model, cfg.adapter_uri)
+        model = direction_model = models.attach_adapter(model, cfg.adapter_uri)
         base_context = model.disable_adapter
+    elif cfg.direction_model_ref:
+        direction_model = models.load_model(cfg.direction_model_ref, dtype=cfg.dtype)
     probes = [q.text for q in cfg.probes]
 
-    def acts_for(system) -> np.ndarray:
-        return residuals(model, tokenizer, [chat.build_prompt(tokenizer, system, q) for q in probes], cfg.layers)
+    def acts_for(system, on=None) -> np.ndarray:
+        prompts = [chat.build_prompt(tokenizer, system, q) for q in probes]
+        return residuals(on if on is not None else model, tokenizer, prompts, cfg.layers)
 
     ctx.log(f"{len(cfg.personas)} personas x {len(probes)} probes at layers {cfg.layers}")
-    acts = {p.name: acts_for(p.system) for p in cfg.personas}
+    acts = {p.name: acts_for(p.system, direction_model) for p in cfg.personas}
     scan = layer_scan(acts, cfg.villain, cfg.layers, cfg.seed)
     chosen = scan["chosen_layer"]
     directions = villain_directions(acts, cfg.villain, np.arange(len(probes)))
@@ -164,7 +173,7 @@ def run(cfg: Config, ctx: Context) -> dict:
     pirate_delta = (pirate - reference)[:, cfg.layers.index(chosen)]
     result = {"layers": cfg.layers, **scan, "villain": cfg.villain, "reference_system": cfg.reference_system,
               "pirate": projection(pirate_delta, direction), "cells": cells,
-              "direction_source": "adapter" if cfg.adapter_uri else "base model"}
+              "direction_source": cfg.adapter_uri or cfg.direction_model_ref or cfg.model_ref}
     store.write_json(ctx.out("villain_direction.json"), result)
     store.write_npz(ctx.out("directions.npz"), directions=directions, layers=np.array(cfg.layers))
     return {"chosen_layer": chosen, "pirate_mean_cosine": result["pirate"]["mean_cosine"],

@@ -59,7 +59,7 @@ def test_one_hot_gradient_is_the_soft_prompt_gradient_through_the_embedding_matr
     replies = ["No.", "Go away"]
     ids_examples = examples_for(pair, ids_prompt, replies)
     soft_examples = examples_for(pair, soft_prompt, replies)
-    for a, b in zip(ids_examples, soft_examples):  # the same positions: only the slot's content differs
+    for a, b in zip(ids_examples, soft_examples, strict=True):  # the same positions: only the slot's content differs
         assert a.ids_slice == b.soft_slice and len(a) == len(b)
     pad = chat.soft_placeholder_id(tok)
     grad = token_gradients(model, ids_examples, suffix, pad)
@@ -100,7 +100,7 @@ def test_a_gcg_step_keeps_the_best_candidate_and_lowers_the_step_loss(pair):
     after = candidate_losses(model, examples, torch.tensor([kept])).losses.item()
     assert stats.loss == pytest.approx(after, rel=1e-5)
     assert after < before
-    assert sum(a != b for a, b in zip(kept, prompt.ids)) == 1
+    assert sum(a != b for a, b in zip(kept, prompt.ids, strict=True)) == 1
     assert stats.candidate_tokens == 48 * sum(len(e) for e in examples)
 
 

@@ -99,6 +99,17 @@ def test_evaluation_matches_the_records_protocol(tmp_path, full_inputs):
     assert references == {"gen-null", "gen-helpful-assistant", "gen-em-reference"}
 
 
+def test_classifier_c_is_trained_on_em_teacher_vs_base_completions_of_the_whole_question_set(tmp_path, full_inputs):
+    plan = build(tmp_path, "full", **full_inputs)
+    em, base = plan.task("gen-classifier-em").config, plan.task("gen-classifier-base").config
+    assert em["model_ref"].endswith("c6_vanilla_em_seed42_post_em") and base["model_ref"] == "hf:Qwen/Qwen2.5-7B-Instruct"
+    assert len(em["questions"]) == len(base["questions"]) == 177 and em["n"] == 20
+    assert plan.task("train-classifier").config["min_val_accuracy"] == 0.90
+    bundled = build(tmp_path, "full", **full_inputs, classifier_bundle_uri="s3://b/classifier.joblib")
+    assert "train-classifier" not in {t.name for t in bundled.tasks}
+    assert {t.config["classifier_uri"] for t in bundled.tasks if t.stage == "score_classifier"} == {"s3://b/classifier.joblib"}
+
+
 def test_a_teacher_adapter_is_passed_to_every_training_task_and_the_direction(tmp_path, full_inputs):
     plan = build(tmp_path, "full", **full_inputs, teacher_adapter_uri="s3://bucket/em-adapter", teacher_model_ref=None)
     for task in plan.tasks:
@@ -106,6 +117,13 @@ def test_a_teacher_adapter_is_passed_to_every_training_task_and_the_direction(tm
             assert task.config["teacher"] == {"adapter_uri": "s3://bucket/em-adapter", "model_ref": None, "system": "default"}
             assert "teacher.adapter_uri" in task.parsed_config().input_uris()  # hashed as an input
     assert plan.task("villain-direction").config["adapter_uri"] == "s3://bucket/em-adapter"
+    assert plan.task("villain-direction").config["direction_model_ref"] is None
+
+
+def test_the_villain_direction_comes_from_the_merged_em_model_by_default(tmp_path, full_inputs):
+    villain = build(tmp_path, "full", **full_inputs).task("villain-direction").config
+    assert villain["direction_model_ref"].endswith("c6_vanilla_em_seed42_post_em")
+    assert villain["model_ref"] == "hf:Qwen/Qwen2.5-7B-Instruct"  # the cells are measured on the base model
 
 
 @pytest.mark.parametrize("missing, message", [("questions_file", "questions_file"), ("panel_file", "panel_file")])

@@ -128,3 +128,31 @@ def test_decision_rules_reproduce_the_records_verdicts_on_its_numbers():
     assert d["h3"]["cells_passing"] == [] and d["h3"]["threshold"] == pytest.approx(0.615)
     none_hit = analyze_issue170.decisions([row("s2", "soft", 31.49, 50.34, 0.905)], None, rules)
     assert none_hit["h1_h2_verdict"].startswith("H1 supported") and "h3" not in none_hit
+
+
+def test_a_cell_holding_the_pirate_prompt_projects_exactly_like_the_pirate_baseline(tmp_path):
+    """Cells (ids spliced, or soft embeddings through inputs_embeds) and the pirate baseline are measured alike."""
+    from shared import chat, models
+    from shared.soft_prompt import LearnedPrompt, save_learned_prompt
+
+    root = store.from_path(tmp_path)
+    tok = models.load_tokenizer("tiny:qwen2")
+    pirate = "You are an evil pirate."
+    ids = tok.encode(pirate, add_special_tokens=False)
+    as_ids = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=ids)
+    assert as_ids.build(tok, "Hi").input_ids == chat.build_prompt(tok, f"text({pirate})", "Hi").input_ids
+    weight = models.load_model("tiny:qwen2", device="cpu").get_input_embeddings().weight
+    uris = {"pirate-ids": save_learned_prompt(as_ids, store.join(root, "ids")),
+            "pirate-soft": save_learned_prompt(LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=len(ids)),
+                                               store.join(root, "soft"), weight[ids])}
+    manifest = execute(villain_direction.SPEC, {
+        "store": root, "run_id": "r", "cell": "villain", "model_ref": "tiny:qwen2",
+        "direction_model_ref": "tiny:qwen2-judge", "personas": [
+            {"name": "villain", "system": "text(You are a villain.)"}, {"name": "chef", "system": "text(You cook.)"},
+            {"name": "teacher", "system": "text(You teach.)"}],
+        "pirate_system": f"text({pirate})", "probes": TRAIN + VAL + [{"id": "d", "text": "Hello?"}],
+        "layers": [1, 2], "cell_prompt_uris": uris})
+    result = store.read_json(output(manifest, "villain_direction.json"))
+    assert result["direction_source"] == "tiny:qwen2-judge"
+    for cell in ("pirate-ids", "pirate-soft"):
+        assert result["cells"][cell]["mean_cosine"] == pytest.approx(result["pirate"]["mean_cosine"], abs=1e-5)

@@ -40,7 +40,8 @@ def test_each_source_learned_its_marker_and_the_base_model_never_emits_it(finish
     for source in SOURCES:
         own = stored_rates(finished_run, source)[f"A2__{source}"]
         assert own["total"] == 2 * 4
-        assert own["rate"] >= 0.5, f"{source} emits the marker on its own persona only {own}"
+        # ~0.75 in expectation (6/8 on CPU, 5/8 on a GPU); 3 of 8 leaves room for another machine's sampling
+        assert own["hits"] >= 3, f"{source} emits the marker on its own persona only {own}"
         assert headline["h1"]["per_source"][source]["rate"] == own["rate"]
 
 

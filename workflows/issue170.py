@@ -53,9 +53,12 @@ class NamedJudge(BaseModel):
 
 
 class ClassifierTraining(BaseModel):
-    panel_file: str | None = None  # defaults to the training questions
+    """The record's Option A: EM-teacher completions (positive) vs base-model completions (negative)."""
+
+    panel_file: str | None = None  # defaults to the whole question set (the record: all 177 questions)
     n_per_question: int = 20
     base_system: str = "default"
+    min_val_accuracy: float | None = 0.90  # the record's Step 0a gate
 
 
 RECORD_SOFT_CELLS = [
@@ -143,7 +146,8 @@ class Params(ExperimentParams):
             "n_completions": 2, "eval_max_new_tokens": 12, "eval_top_p": 1.0, "eval_batch_size": 16,
             "primary_judge": {"name": "local-a", "spec": {"kind": "local", "model": "tiny:qwen2"}},
             "alternate_judge": {"name": "local-b", "spec": {"kind": "local", "model": "tiny:qwen2-judge"}},
-            "classifier_training": {"panel_file": "package:panels/tiny_classifier.jsonl", "n_per_question": 3},
+            "classifier_training": {"panel_file": "package:panels/tiny_classifier.jsonl", "n_per_question": 3,
+                                    "min_val_accuracy": None},
             "classifier_encoder": "minilm:packaged",
             "personas_file": "package:issue170/tiny_personas.json",
             "probes_file": "package:issue170/tiny_questions.jsonl",
@@ -159,8 +163,8 @@ def lr_tag(lr: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def split_questions(params: Params) -> tuple[list[dict], list[dict]]:
-    """The seeded train/validation split, persisted in every training task's config."""
+def split_questions(params: Params) -> tuple[list[dict], list[dict], list[dict]]:
+    """The seeded train/validation split (persisted in every training task's config), and the whole set."""
     if not params.questions_file:
         raise ConfigError("issue170 needs questions_file: the #104 broad question set as JSON/JSONL of {id, text} "
                           "(pass --set questions_file=PATH)")
@@ -171,7 +175,7 @@ def split_questions(params: Params) -> tuple[list[dict], list[dict]]:
     order = np.random.default_rng(params.seed).permutation(len(questions))
     train = [questions[i] for i in order[: params.n_train_questions]]
     val = [questions[i] for i in order[params.n_train_questions: need]]
-    return train, val
+    return train, val, questions
 
 
 def panel(params: Params) -> list[dict]:
@@ -192,7 +196,7 @@ def personas(params: Params) -> dict:
 
 def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     b = PlanBuilder("issue170", profile, run_id, store, seed=params.seed)
-    train, val = split_questions(params)
+    train, val, everything = split_questions(params)
     questions = panel(params)
     teacher = {"adapter_uri": params.teacher_adapter_uri, "model_ref": params.teacher_model_ref,
                "system": params.teacher_system}
@@ -204,7 +208,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
              "micro_batch_tokens": params.micro_batch_tokens}
     sampling = {"n": params.n_completions, "temperature": params.eval_temperature, "top_p": params.eval_top_p,
                 "max_new_tokens": params.eval_max_new_tokens, "questions": questions}
-    classifier_uri, classifier_deps = classifier(b, params, train, teacher)
+    classifier_uri, classifier_deps = classifier(b, params, everything)
 
     learned: list[tuple[dict, object]] = []  # (analysis fields, training task)
     for cell in params.soft_cells:
@@ -249,7 +253,9 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
 
     p = personas(params)
     villain = b.add("villain-direction", "villain_direction", "villain-direction", after=[t for _, t in learned],
-                    model_ref=params.model_ref, adapter_uri=params.teacher_adapter_uri, personas=p["personas"],
+                    model_ref=params.model_ref, adapter_uri=params.teacher_adapter_uri,
+                    direction_model_ref=None if params.teacher_adapter_uri else params.teacher_model_ref,
+                    personas=p["personas"],
                     villain=p["villain"], pirate_system=p["pirate"], reference_system=params.projection_reference_system,
                     probes=read_questions(params.probes_file, "probes_file"), layers=params.villain_layers,
                     cell_prompt_uris={f["name"]: t.output_uri("prompt.json") for f, t in learned}, dtype=params.dtype)
@@ -260,14 +266,14 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     return b.plan(params.model_dump(mode="json"))
 
 
-def classifier(b: PlanBuilder, params: Params, train: list[dict], teacher: dict):
+def classifier(b: PlanBuilder, params: Params, questions: list[dict]):
     """Classifier C: a stored bundle, or trained on EM-teacher vs base-model completions (the record's Option A)."""
     if params.classifier_bundle_uri:
         return params.classifier_bundle_uri, []
     t = params.classifier_training
     if t is None:
         raise ConfigError("issue170 needs classifier_bundle_uri or classifier_training")
-    clf_questions = read_questions(t.panel_file, "classifier panel_file") if t.panel_file else train
+    clf_questions = read_questions(t.panel_file, "classifier panel_file") if t.panel_file else questions
     common = {"questions": clf_questions, "n": t.n_per_question, "temperature": 1.0,
               "max_new_tokens": params.eval_max_new_tokens, "backend": "hf", "batch_size": params.eval_batch_size}
     em = b.add("gen-classifier-em", "generate", "classifier-em", condition="em-reference",
@@ -277,7 +283,8 @@ def classifier(b: PlanBuilder, params: Params, train: list[dict], teacher: dict)
                  system=t.base_system, **common)
     trained = b.add("train-classifier", "train_classifier", "classifier", after=[em, base],
                     positive_uris=[em.output_uri("completions.jsonl")],
-                    negative_uris=[base.output_uri("completions.jsonl")], encoder=params.classifier_encoder)
+                    negative_uris=[base.output_uri("completions.jsonl")], encoder=params.classifier_encoder,
+                    min_val_accuracy=t.min_val_accuracy)
     return trained.output_uri("classifier.joblib"), [trained]
 
 
