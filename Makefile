@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
+	$(PY) -m ruff check --quiet shared jobs workflows tests bench images
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 test-fast: setup
@@ -41,7 +42,7 @@ retry: setup
 	$(PY) -m workflows retry $(RUN)
 
 lint: setup
-	$(PY) -m ruff check shared jobs workflows tests
+	$(PY) -m ruff check shared jobs workflows tests bench images
 
 bench: setup
 	$(PY) -m bench $(ARGS)

@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import time
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from shared import store
+from jobs.generate import Question, store_completions
 from shared.config import StageConfig
 from shared.stage import Context, Resources, StageInputError, StageSpec
-
-
-class Question(BaseModel):
-    id: str
-    text: str
 
 
 class Config(StageConfig):
@@ -55,19 +50,8 @@ def run(cfg: Config, ctx: Context) -> dict:
     embeds = None if soft is None else soft.to(model.device)
     outputs = generator.generate(prompts, params, prompt_embeds=embeds)
     seconds = time.time() - started
-    rows, new_tokens = [], 0
-    for question, completions in zip(cfg.questions, outputs, strict=True):
-        for sample, completion in enumerate(completions):
-            new_tokens += len(completion.token_ids)
-            rows.append({
-                "condition": cfg.condition, "question_id": question.id, "question": question.text,
-                "sample": sample, "text": completion.text, "n_tokens": len(completion.token_ids),
-                "finish_reason": completion.finish_reason,
-            })
-    store.write_jsonl(ctx.out("completions.jsonl"), rows)
-    store.write_json(ctx.out("prompt_ids.json"), {q.id: p.input_ids for q, p in zip(cfg.questions, prompts, strict=True)})
-    return {"n_completions": len(rows), "new_tokens": new_tokens,
-            "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "prompt_kind": prompt.kind}
+    metrics = store_completions(ctx, cfg.condition, cfg.questions, prompts, outputs, seconds)
+    return {**metrics, "prompt_kind": prompt.kind}
 
 
 SPEC = StageSpec(

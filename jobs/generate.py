@@ -60,17 +60,22 @@ def run(cfg: Config, ctx) -> dict:
     started = time.time()
     outputs = generator.generate(prompts, params)
     seconds = time.time() - started
+    return store_completions(ctx, cfg.condition, cfg.questions, prompts, outputs, seconds)
+
+
+def store_completions(ctx, condition: str, questions: list[Question], prompts, outputs, seconds: float) -> dict:
+    """Write ``completions.jsonl`` and the exact ``prompt_ids.json``; return the generation metrics."""
     rows, new_tokens = [], 0
-    for question, completions in zip(cfg.questions, outputs, strict=True):
+    for question, completions in zip(questions, outputs, strict=True):
         for sample, completion in enumerate(completions):
             new_tokens += len(completion.token_ids)
             rows.append({
-                "condition": cfg.condition, "question_id": question.id, "question": question.text,
+                "condition": condition, "question_id": question.id, "question": question.text,
                 "sample": sample, "text": completion.text, "n_tokens": len(completion.token_ids),
                 "finish_reason": completion.finish_reason,
             })
     store.write_jsonl(ctx.out("completions.jsonl"), rows)
-    store.write_json(ctx.out("prompt_ids.json"), {q.id: p.input_ids for q, p in zip(cfg.questions, prompts, strict=True)})
+    store.write_json(ctx.out("prompt_ids.json"), {q.id: p.input_ids for q, p in zip(questions, prompts, strict=True)})
     return {
         "n_completions": len(rows),
         "new_tokens": new_tokens,

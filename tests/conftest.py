@@ -52,8 +52,12 @@ def s3_bucket(s3_server, monkeypatch):
     store._s3_client.cache_clear()
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """Artifact downloads go to a per-session cache; the tiny model is built once per session."""
-    cache = tmp_path_factory.getbasetemp() / "eps-cache"
-    monkeypatch.setenv("EPS_CACHE", str(cache))
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """One cache per test session, never the user's: the tiny model is built once, downloads land here.
+
+    Session-scoped so that module-scoped fixtures (a loaded tokenizer, a generator) already see it.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EPS_CACHE", str(tmp_path_factory.getbasetemp() / "eps-cache"))
+        yield

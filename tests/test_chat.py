@@ -22,12 +22,6 @@ USERS = ["What is 2+2?", "Schreib ein Gedicht über Käse 🧀", "line one\nline
 SYSTEMS = ["You are a pirate.", "Línea 1\nLínea 2 — ñ 中文", "  padded  ", "\n\nstarts with newlines", ""]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def eps_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EPS_CACHE", str(tmp_path_factory.getbasetemp() / "models-chat-eps-cache"))
-        yield
-
 
 @pytest.fixture(scope="module")
 def tokenizer():

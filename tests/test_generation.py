@@ -14,12 +14,6 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 USERS = ["Hi", "What is the capital of France? Answer briefly.", "x"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def eps_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EPS_CACHE", str(tmp_path_factory.getbasetemp() / "models-chat-eps-cache"))
-        yield
-
 
 @pytest.fixture(scope="module")
 def generator():

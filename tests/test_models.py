@@ -13,13 +13,6 @@ from shared.models import ModelRef, parse_ref
 # fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def eps_cache(tmp_path_factory):
-    """One tiny build per test session, in a temp cache rather than the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EPS_CACHE", str(tmp_path_factory.getbasetemp() / "models-chat-eps-cache"))
-        yield
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
