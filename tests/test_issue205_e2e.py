@@ -59,6 +59,9 @@ def test_every_headline_number_is_recomputed_from_stored_artifacts(finished_run)
         per_persona = [np.mean(["[ZLT]" in r["text"] for r in rows if r["persona"] == p]) for p in bystanders]
         assert row["mean_bystander"] == pytest.approx(np.mean(per_persona))
         assert len(rows) == len(personas) * 4 * 2  # personas x questions x completions
+        confab = [r for r in rows if r["persona"] == "confab"]
+        assert row["source_rate"] == pytest.approx(np.mean(["[ZLT]" in r["text"] for r in confab]))
+        assert row["source_rate"] >= 0.5  # the coupling took: leakage is measured against a real marker
     assert len(headline["geometry"]["cells"]) == 3 * 2 * 2 * 5  # metrics x methods x layers x conditions
 
 
