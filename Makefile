@@ -33,7 +33,8 @@ workflow-yaml: setup
 	$(PY) -m workflows yaml $(WORKFLOW) --profile $(PROFILE) $(ARGS)
 
 submit: setup
-	$(PY) -m workflows submit $(WORKFLOW) --profile $(or $(filter-out tiny,$(PROFILE)),full) $(ARGS)
+	# a cluster run is the full profile unless PROFILE is given on the command line
+	$(PY) -m workflows submit $(WORKFLOW) --profile $(if $(filter command line,$(origin PROFILE)),$(PROFILE),full) $(ARGS)
 
 status: setup
 	$(PY) -m workflows status $(RUN)
