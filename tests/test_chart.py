@@ -272,5 +272,5 @@ def test_chart_documents_its_argo_dependency():
     assert chart["apiVersion"] == "v2" and chart["name"] == "eps"
     assert "Argo Workflows" in (CHART / "Chart.yaml").read_text()
     assert chart["annotations"]["eps/requires-argo-workflows"].startswith(">=")
-    assert "dependencies" not in chart  # installed by the admin first, not vendored (docs/cluster.md)
+    assert "dependencies" not in chart  # installed by the admin first, not vendored (README, "Running on a cluster")
     assert "Argo Workflows" in (CHART / "README.md").read_text()

@@ -100,7 +100,7 @@ def connect(server: str | None = None, token: str | None = None, namespace: str 
         raise ClusterError(
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: export ARGO_SERVER=https://<argo-server>:2746 "
             "and ARGO_TOKEN=\"Bearer $(kubectl -n <namespace> get secret eps-submitter.service-account-token "
-            "-o jsonpath='{.data.token}' | base64 -d)\" (see docs/cluster.md)"
+            "-o jsonpath='{.data.token}' | base64 -d)\" (see the README, \"Running on a cluster\")"
         )
     token = token if len(token.split()) > 1 else f"Bearer {token}"
     if namespace is None:
