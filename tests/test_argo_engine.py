@@ -6,10 +6,11 @@ tasks, the CPU analysis depending on all of them); the compiled YAML is parsed b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 import yaml
@@ -347,6 +348,7 @@ class FakeArgo:
         self.requests: list[dict] = []
         self.workflows: dict[str, dict] = {}
         self.create_status = 200
+        self.token: str | None = None  # when set, any other bearer token is answered 401, as the server does
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -364,13 +366,23 @@ class FakeArgo:
             def _record(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                req = {"method": self.command, "path": self.path, "headers": dict(self.headers),
-                       "body": json.loads(raw) if raw else None}
+                path, _, query = self.path.partition("?")
+                req = {"method": self.command, "path": path, "query": parse_qs(query),
+                       "headers": dict(self.headers), "body": json.loads(raw) if raw else None}
                 outer.requests.append(req)
                 return req
 
+            def _refused(self, req) -> bool:
+                if outer.token and req["headers"].get("Authorization") != f"Bearer {outer.token}":
+                    msg = "token not valid. see https://argo-workflows.readthedocs.io/en/latest/faq/"
+                    self._reply(401, {"code": 16, "message": msg})
+                    return True
+                return False
+
             def do_POST(self):  # noqa: N802
                 req = self._record()
+                if self._refused(req):
+                    return
                 wf = req["body"]["workflow"]
                 name = wf["metadata"]["name"]
                 if outer.create_status != 200 or name in outer.workflows:
@@ -382,15 +394,24 @@ class FakeArgo:
 
             def do_GET(self):  # noqa: N802
                 req = self._record()
-                parts = req["path"].split("?")[0].strip("/").split("/")
+                if self._refused(req):
+                    return
+                parts = req["path"].strip("/").split("/")
                 if len(parts) == 5 and parts[4] in outer.workflows:
                     return self._reply(200, outer.workflows[parts[4]])
-                if len(parts) == 4:  # list, with a label selector
-                    return self._reply(200, {"metadata": {}, "items": list(outer.workflows.values())})
-                self._reply(404, {"code": 5, "message": "not found"})
+                if len(parts) == 4:  # list: GET /api/v1/workflows/{ns}?listOptions.labelSelector=k=v[,k=v]
+                    wanted = dict(kv.split("=", 1) for sel in req["query"].get("listOptions.labelSelector", [])
+                                  for kv in sel.split(","))
+                    items = [w for w in outer.workflows.values()
+                             if wanted.items() <= (w["metadata"].get("labels") or {}).items()]
+                    return self._reply(200, {"metadata": {}, "items": items})
+                msg = f'workflows.argoproj.io "{parts[-1]}" not found'
+                self._reply(404, {"code": 5, "message": msg})
 
             def do_PUT(self):  # noqa: N802
                 req = self._record()
+                if self._refused(req):
+                    return
                 name = req["path"].strip("/").split("/")[4]
                 if name not in outer.workflows:
                     return self._reply(404, {"code": 5, "message": "not found"})
@@ -565,8 +586,91 @@ def test_workflow_names_are_dns_labels():
     assert argo.label_value("-grid #1 (policy)-") == "grid-1-policy"
 
 
-def test_module_layout_is_what_the_cli_calls():
-    """``python -m workflows submit|status|retry`` calls exactly these."""
-    assert callable(argo.submit) and callable(argo.to_yaml) and callable(argo.compile_plan)
-    assert callable(cluster.status) and callable(cluster.retry) and callable(cluster.submit)
-    assert Path(exit_status.__file__).name == "exit_status.py"
+def test_status_finds_a_resubmitted_run_by_its_run_id_label(plan, settings, argo_server):
+    """A workflow resubmitted from the UI gets a new name but keeps the labels: the run id still finds it."""
+    wf = yaml.safe_load(argo.to_yaml(plan, cluster=settings))
+    other = json.loads(json.dumps(wf))
+    other["metadata"].update(name="issue81-tiny-99", labels={**wf["metadata"]["labels"], "eps/run-id": "issue81-tiny-99"},
+                             creationTimestamp="2026-01-03T00:00:00Z")  # newer: found only if the selector is ignored
+    wf["metadata"].update(name=f"{wf['metadata']['name']}-x7k2p", creationTimestamp="2026-01-02T00:00:00Z")
+    argo_server.workflows = {w["metadata"]["name"]: w for w in (other, wf)}
+    _with_status(argo_server, wf["metadata"]["name"], "Failed")
+
+    st = cluster.status(plan.run_id)
+    assert st.name == f"{plan.run_id}-x7k2p" and st.phase == "Failed"
+    listing = argo_server.requests[-1]
+    assert listing["method"] == "GET" and listing["path"] == "/api/v1/workflows/eps"
+    assert listing["query"]["listOptions.labelSelector"] == [f"eps/run-id={plan.run_id}"]
+
+
+def test_a_rejected_token_is_one_line_that_names_argo_token(plan, settings, argo_server):
+    argo_server.token = "the-right-one"
+    for call in (lambda: argo.submit(plan, cluster=settings), lambda: cluster.status(plan.run_id),
+                 lambda: cluster.retry(plan.run_id)):
+        with pytest.raises(ClusterError) as err:
+            call()
+        text = str(err.value)
+        assert "401" in text and "ARGO_TOKEN" in text and "\n" not in text and "tok-123" not in text
+    assert argo_server.workflows == {}
+
+
+def test_a_multi_gpu_stage_is_refused_while_the_semaphore_counts_pods(plan, settings):
+    spec = all_stages()["generate"]
+    two = dataclasses.replace(spec, resources=spec.resources.model_copy(update={"gpus": 2}))
+    with pytest.raises(ClusterError, match="asks for 2 GPUs"):
+        argo._stage_template(two, plan, settings)
+    off = settings.model_copy(update={"gpu_semaphore": argo.Semaphore(enabled=False)})
+    tmpl = argo._stage_template(two, plan, off)._build_template().model_dump(by_alias=True, exclude_none=True)
+    assert tmpl["container"]["resources"]["limits"]["nvidia.com/gpu"] == "2" and "synchronization" not in tmpl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line that `make submit|status|retry` runs
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from workflows.__main__ import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_make_submit_status_retry_on_the_command_line(argo_server, monkeypatch, capsys):
+    monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
+    run_id = "issue164-tiny-cli"
+    code, out, err = cli(["submit", "issue164", "--profile", "tiny", "--store", "s3://eps-artifacts/t",
+                          "--run-id", run_id], capsys)
+    assert code == 0, err
+    url = f"{argo_server.url}/workflows/eps/{run_id}"
+    assert out.splitlines() == [f"submitted {run_id}", f"Argo UI: {url}"]
+    sent = argo_server.requests[-1]["body"]["workflow"]
+    assert templates(sent)["generate"]["container"]["image"] == f"{REGISTRY}/eps-generate:{SHA}"
+
+    _with_status(argo_server, run_id, "Failed")
+    code, out, err = cli(["status", run_id], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"workflow {run_id}: Failed (3/5 tasks)" and f"Argo UI: {url}" in out
+    assert "gen-null" in out and f"make retry RUN={run_id}" in out
+
+    code, out, err = cli(["retry", run_id], capsys)
+    assert code == 0, err
+    assert out.splitlines() == [f"retrying {run_id}: failed tasks rerun (gen-null), completed cells are kept",
+                                f"Argo UI: {url}"]
+    assert argo_server.requests[-1]["path"] == f"/api/v1/workflows/eps/{run_id}/retry"
+    for value in FAKE_SECRETS.values():
+        assert value not in out + err and value not in json.dumps(argo_server.requests)
+
+
+@pytest.mark.parametrize("argv", [["submit", "issue164", "--profile", "full"], ["status", "r1"], ["retry", "r1"]])
+def test_missing_argo_server_and_token_is_one_error_line(argv, capsys):
+    """``make submit`` without ARGO_SERVER/ARGO_TOKEN: one line, before a full plan could ask for its files."""
+    code, out, err = cli(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ARGO_SERVER and ARGO_TOKEN are not set") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["status", "retry"])
+def test_status_and_retry_without_a_run_is_one_error_line(command, capsys):
+    code, out, err = cli([command], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and f"make {command} RUN=" in err

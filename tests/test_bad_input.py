@@ -69,6 +69,9 @@ def test_a_bad_config_field(tmp_path):
 
 def test_an_unknown_workflow_and_profile_from_make():
     for args, message in ((["WORKFLOW=issue999"], "unknown workflow"), (["PROFILE=huge"], "unknown profile")):
-        proc = subprocess.run(["make", "-s", "run", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+        # ARGS is emptied and MAKEFLAGS dropped so that a caller's `make test ARGS=...` cannot leak in
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS")}
+        proc = subprocess.run(["make", "-s", "run", *args, "ARGS="], capture_output=True, text=True, cwd=REPO,
+                              env=env, timeout=300)
         assert proc.returncode != 0
         assert message in proc.stderr

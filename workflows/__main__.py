@@ -67,25 +67,37 @@ def cmd_yaml(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    from workflows import cluster
     from workflows.engines import argo
 
+    cluster.connect()  # no ARGO_SERVER / ARGO_TOKEN: say so before building a plan that may ask for files
     name, url = argo.submit(build_plan(args, for_cluster=True))
     print(f"submitted {name}")
     print(f"Argo UI: {url}")
     return 0
 
 
+def _run_name(args) -> str:
+    from workflows import cluster
+
+    if not (args.run or "").strip():
+        raise cluster.ClusterError(
+            f"no run given: make {args.command} RUN=<the workflow name `make submit` printed, or the run id>"
+        )
+    return args.run.strip()
+
+
 def cmd_status(args) -> int:
     from workflows import cluster
 
-    print(cluster.status(args.run))
+    print(cluster.status(_run_name(args)))
     return 0
 
 
 def cmd_retry(args) -> int:
     from workflows import cluster
 
-    print(cluster.retry(args.run))
+    print(cluster.retry(_run_name(args)))
     return 0
 
 
@@ -123,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_submit)
     for name, fn in (("status", cmd_status), ("retry", cmd_retry)):
         sp = sub.add_parser(name)
-        sp.add_argument("run", help="the Argo workflow name printed by submit")
+        sp.add_argument("run", nargs="?", default="", help="the Argo workflow name printed by submit, or the run id")
         sp.set_defaults(fn=fn)
     sub.add_parser("list").set_defaults(fn=cmd_list)
     return p

@@ -6,7 +6,8 @@ The plan is the single definition; this module only translates it:
   resources and ``activeDeadlineSeconds`` from the stage's ``Resources``;
 - one DAG task per plan task, named as in the plan (the cell), passing the task's config JSON and cell;
 - GPU templates get ``nvidia.com/gpu``, the node selector and tolerations of their GPU class, and hold a slot of
-  the GPU semaphore (a ConfigMap key per class) while they run;
+  the GPU semaphore (a ConfigMap key per class) while they run; a slot is one pod, so with the semaphore on a GPU
+  stage must use exactly one GPU (compiling refuses others) and the cap counts GPUs;
 - every template retries with exponential backoff (but not on exit code 2: bad input does not get better);
 - pods carry labels for experiment, run, cell, stage and git sha; pod GC, a TTL for succeeded workflows, a
   priority class, a non-root security context, caches in writable volumes;
@@ -331,6 +332,13 @@ def _stage_template(spec: StageSpec, plan: Plan, settings: ClusterSettings):
     image = settings.image(spec.image)
     sync = None
     if klass and settings.gpu_semaphore.enabled:
+        if res.gpus != 1:
+            # an Argo semaphore slot is held per pod, not per GPU: a multi-GPU pod would slip past the cap
+            raise ClusterError(
+                f"stage {spec.name} asks for {res.gpus} GPUs, but a slot of the GPU semaphore counts one pod, so "
+                f"the {settings.gpu_semaphore.config_map} cap would not count its GPUs; give the stage 1 GPU or "
+                "turn the semaphore off (gpuSemaphore.enabled=false) and cap with workflow.parallelism"
+            )
         ref = m.ConfigMapKeySelector(name=settings.gpu_semaphore.config_map, key=klass)
         sync = m.Synchronization(semaphores=[m.SemaphoreRef(config_map_key_ref=ref)])
     labels = {
