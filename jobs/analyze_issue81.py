@@ -10,12 +10,14 @@ Estimands (as the record pins them; rates are base-subtracted: rate(source model
   |r(noun, trait, L) - r(noun, trait', L')|`` (125 values); H2 holds if median(noun_effect) > median(trait_effect).
   Significance: a blocked permutation test of "bystanders sharing the source's noun leak more" (noun labels
   shuffled within each (source, trait, level) block).
-- H3 gradation: per (source, noun, trait) the OLS slope of the raw rate over levels 1..5 against the half-width of
-  its binomial-bootstrap 95% CI (B = n_boot); count of triples with |slope| > half-width.
+- H3 gradation: per (source, noun, trait) the OLS slope of the base-subtracted rate over levels 1..5 against the
+  half-width of its binomial-bootstrap 95% CI (B = n_boot; each replicate redraws the source's and the base
+  model's counts); count of triples with |slope| > half-width.
 - Head-to-head (#88): per Big-5 axis, adjective effect = mean |r(noun, trait, L) - r(A2 noun)| over
-  (source, noun, L); noun swap = mean over (source, L) of the median over noun pairs of |r(n_i) - r(n_j)|; the
-  same on base-model cosine distance (1 - cos) at the headline layer. Axis-label permutation test (range of the
-  per-axis means of the adjective effect, trait labels shuffled, n_perm draws).
+  (source, noun, L) (125 cells); noun swap = mean over the 25 (source, L) contexts of the median over the 10 noun
+  pairs of |r(n_i) - r(n_j)|; the same with r replaced by the base-model cosine between the source's and the
+  bystander's centroids at the headline layer. Axis-label permutation test per metric (range of the per-axis
+  means of the adjective effect; trait labels shuffled over the 625 (source, A1) rows, n_perm draws).
 - H4: base-model cosine between source and bystander centroids vs leakage; the source x pure-noun submatrix.
 """
 
@@ -31,7 +33,6 @@ from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
 H1_THRESHOLD = 0.80
-LEVEL_X = np.arange(1, 6, dtype=float)
 
 
 class SourceInfo(BaseModel):
@@ -167,19 +168,31 @@ def noun_match_test(cubes: list[tuple[int, np.ndarray]], *, n_perm: int, seed: i
             "n_iter": result.n_iter}
 
 
-def h3_slopes(hits: np.ndarray, totals: np.ndarray, *, n_boot: int, seed: int) -> dict:
-    """Slopes over the levels for every row of ``hits``/``totals`` (``[..., 5]``) with binomial-bootstrap CIs."""
+def h3_slopes(hits: np.ndarray, totals: np.ndarray, base_hits: np.ndarray | None = None,
+              base_totals: np.ndarray | None = None, *, n_boot: int, seed: int) -> dict:
+    """Slopes over the levels for every row of ``hits``/``totals`` (``[..., 5]``) with binomial-bootstrap CIs.
+
+    With ``base_hits``/``base_totals`` (the base model's counts on the same cells) the slope is that of the
+    base-subtracted rate, and every replicate redraws the source's and the base model's counts alike."""
     from shared.stats import binomial_bootstrap_ci, ols_slope
 
+    n_levels = hits.shape[-1]
+    x = np.arange(1, n_levels + 1, dtype=float)
+    if base_hits is None:
+        base_hits, base_totals = np.zeros_like(hits, dtype=float), np.ones_like(totals, dtype=float)
+
+    def slope(rates, axis=-1):  # rates: [..., source levels + base levels]
+        return ols_slope(x, rates[..., :n_levels] - rates[..., n_levels:], axis=-1)
+
     rng = np.random.default_rng(seed)
-    flat_hits = hits.reshape(-1, hits.shape[-1])
-    flat_totals = totals.reshape(-1, totals.shape[-1])
+    flat_hits = np.concatenate([hits, base_hits], axis=-1).reshape(-1, 2 * n_levels)
+    flat_totals = np.concatenate([totals, base_totals], axis=-1).reshape(-1, 2 * n_levels)
     slopes, half_widths, significant = [], [], []
     for h, t in zip(flat_hits, flat_totals, strict=True):
         if not (np.isfinite(h).all() and np.isfinite(t).all() and (t > 0).all()):
             slopes.append(np.nan), half_widths.append(np.nan), significant.append(False)
             continue
-        ci = binomial_bootstrap_ci(h, t, lambda r, axis=-1: ols_slope(LEVEL_X, r, axis=axis), n_boot=n_boot, rng=rng)
+        ci = binomial_bootstrap_ci(h, t, slope, n_boot=n_boot, rng=rng)
         slopes.append(ci.estimate)
         half_widths.append(ci.half_width)
         significant.append(bool(abs(ci.estimate) > ci.half_width))
@@ -234,6 +247,25 @@ def spearman_permutation(x: np.ndarray, y: np.ndarray, *, n_perm: int, seed: int
     null = shuffled @ rx / np.sqrt((rx @ rx) * (ry @ ry))
     p = (1 + np.sum(np.abs(null) >= abs(rho) - 1e-12)) / (1 + n_perm)
     return {"rho": rho, "p_value": float(p), "n": int(x.size)}
+
+
+def head_to_head_columns(grid: Grid, per_source: list[tuple[np.ndarray, np.ndarray]], metric: str,
+                         table: dict, *, n_perm: int, seed: int) -> dict:
+    """The adjective-vs-noun head-to-head of one metric (``leak``: base-subtracted emission; ``cos``: base-model
+    cosine to the source), written into ``table[trait]``; returns the axis-label permutation test.
+
+    ``per_source`` holds, for every source, the metric's A1 cube ``[noun, trait, level]`` and its A2 vector
+    ``[noun]``. Per axis: adjective = mean over (source, noun, level) of |m(noun, trait, L) - m(A2 noun)|;
+    noun swap = mean over the (source, level) contexts of the median over noun pairs of |m(n_i) - m(n_j)|."""
+    adjective = np.stack([adjective_effects(cube, a2) for cube, a2 in per_source])  # [source, noun, trait, level]
+    noun_swap = np.stack([noun_swap_effects(cube) for cube, _ in per_source])  # [source, trait, level]
+    for j, trait in enumerate(grid.traits):
+        adj, swap = _nanmean(adjective[:, :, j, :]), _nanmean(noun_swap[:, j, :])
+        table[trait].update({f"adjective_{metric}": adj, f"noun_swap_{metric}": swap,
+                             f"ratio_{metric}": adj / swap if adj is not None and swap else None,
+                             f"n_adjective_{metric}": int(np.isfinite(adjective[:, :, j, :]).sum()),
+                             f"n_noun_swap_contexts_{metric}": int(np.isfinite(noun_swap[:, j, :]).sum())})
+    return axis_permutation_test(adjective.reshape(-1, len(grid.traits), len(grid.levels)), n_perm=n_perm, seed=seed)
 
 
 def cosine_matrix(centroids: np.ndarray) -> np.ndarray:
@@ -331,9 +363,9 @@ def analyse(cfg: Config) -> dict:
     h3 = {"per_source": {}, "n_significant": 0, "n_triples": 0}
     if len(grid.levels) == 5:
         for s in cfg.sources:
-            h = grid.cube({k: float(v) for k, v in hits[s.name].items()})
-            t = grid.cube({k: float(v) for k, v in totals[s.name].items()})
-            res = h3_slopes(h, t, n_boot=cfg.n_boot, seed=cfg.seed)
+            counts = [grid.cube({k: float(v) for k, v in table[label].items()})
+                      for label in (s.name, cfg.base_label) for table in (hits, totals)]
+            res = h3_slopes(*counts, n_boot=cfg.n_boot, seed=cfg.seed)
             count = int(res["significant"].sum())
             n = int(np.isfinite(res["slope"]).sum())
             h3["per_source"][s.name] = {"n_significant": count, "n_triples": n, "slope": _listify(res["slope"]),
@@ -344,17 +376,10 @@ def analyse(cfg: Config) -> dict:
         h3["note"] = f"H3 needs the 5 gradation levels; this evaluation has {grid.levels}"
 
     # head-to-head on leakage
-    adjective = np.stack([adjective_effects(cubes[s.name], grid.a2(subtracted(s.name, coherent_only=True))) for s in cfg.sources])
-    noun_swap = np.stack([noun_swap_effects(cubes[s.name]) for s in cfg.sources])
-    head_to_head = {}
-    for j, trait in enumerate(grid.traits):
-        adj, swap = _nanmean(adjective[:, :, j, :]), _nanmean(noun_swap[:, j, :])
-        head_to_head[trait] = {"adjective_leak": adj, "noun_swap_leak": swap,
-                               "ratio_leak": adj / swap if adj is not None and swap else None,
-                               "n_adjective": int(np.isfinite(adjective[:, :, j, :]).sum()),
-                               "n_noun_swap_contexts": int(np.isfinite(noun_swap[:, j, :]).sum())}
-    axis_leak = axis_permutation_test(np.moveaxis(adjective, 2, -2).reshape(-1, len(grid.traits), len(grid.levels)),
-                                      n_perm=cfg.n_perm, seed=cfg.seed)
+    head_to_head = {trait: {} for trait in grid.traits}
+    axis_leak = head_to_head_columns(
+        grid, [(cubes[s.name], grid.a2(subtracted(s.name, coherent_only=True))) for s in cfg.sources], "leak",
+        head_to_head, n_perm=cfg.n_perm, seed=cfg.seed)
 
     # geometry: cosine head-to-head, axis test on cosine, H4
     geometry = read_geometry(cfg)
@@ -374,6 +399,10 @@ def analyse(cfg: Config) -> dict:
         "coherence": {"threshold": cfg.coherence_threshold, "flagged": flagged,
                       "cell_mean": {label: {b: c["mean"] for b, c in coh.items()} for label, coh in coherence.items()},
                       "n_flagged": {k: len(v) for k, v in flagged.items()},
+                      "n_cells_scored": {label: sum(1 for c in coh.values() if c["mean"] is not None)
+                                         for label, coh in coherence.items()},
+                      "n_scores": {label: sum(c["n"] for c in coh.values()) for label, coh in coherence.items()},
+                      "n_judge_errors": {label: sum(c["errors"] for c in coh.values()) for label, coh in coherence.items()},
                       "mean": {label: _nanmean(np.array([c["mean"] for c in coh.values() if c["mean"] is not None]))
                                for label, coh in coherence.items()}},
         "h1": {"threshold": H1_THRESHOLD, "per_source": h1,
@@ -398,19 +427,14 @@ def geometry_section(cfg, grid: Grid, by_layer, ids, subtracted, head_to_head) -
     def cos_between(a: str | None, b: str | None) -> float:
         return float(c[index[a], index[b]]) if a in index and b in index else np.nan
 
-    # cosine distance cubes for the head-to-head (no source dimension: base-model geometry)
-    dist = grid.cube({b: 1 - cos_between(b, grid.a2_id.get(noun)) for (noun, _, _), b in grid.a1_id.items()})
-    pair_dist = np.full((len(grid.traits), len(grid.levels)), np.nan)
-    pairs = list(itertools.combinations(grid.nouns, 2))
-    for (j, t), (k, lv) in itertools.product(enumerate(grid.traits), enumerate(grid.levels)):
-        vals = [1 - cos_between(grid.a1_id.get((a, t, lv)), grid.a1_id.get((b, t, lv))) for a, b in pairs]
-        vals = [v for v in vals if np.isfinite(v)]
-        pair_dist[j, k] = np.median(vals) if vals else np.nan
-    for j, trait in enumerate(grid.traits):
-        adj, swap = _nanmean(dist[:, j, :]), _nanmean(pair_dist[j])
-        head_to_head[trait].update({"adjective_cos": adj, "noun_swap_cos": swap,
-                                    "ratio_cos": adj / swap if adj is not None and swap else None})
-    out["axis_permutation_cos"] = axis_permutation_test(dist, n_perm=cfg.n_perm, seed=cfg.seed)
+    # the head-to-head on base-model cosine to the source (the source's prompt is its pure-noun bystander's)
+    cos_cubes = []
+    for s in cfg.sources:
+        src = grid.a2_id.get(s.noun)
+        cos_cubes.append((grid.cube({b: cos_between(src, b) for b in grid.a1_id.values()}),
+                           np.array([cos_between(src, grid.a2_id.get(n)) for n in grid.nouns])))
+    out["axis_permutation_cos"] = head_to_head_columns(grid, cos_cubes, "cos", head_to_head, n_perm=cfg.n_perm,
+                                                       seed=cfg.seed)
 
     # H4: source x pure-noun submatrix, and each source against every bystander
     a2_nouns = [n for n in grid.nouns if n in grid.a2_id]
@@ -448,13 +472,31 @@ def _listify(array: np.ndarray):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# figures (low-coherence cells are hatched wherever a cell is drawn)
+# figures. Low-coherence cells are marked wherever a cell is drawn: hatched in the matrix panels, a black "x" on
+# the line panels; line-panel means are over the coherent cells only. Each figure function returns the written
+# URIs and ``marked``, the number of low-coherence cells it marked.
+
+HATCH_NOTE = "hatched: low coherence"
+
+
+def _flagged(data: dict, source: str) -> set[str]:
+    return set(data["coherence"]["flagged"].get(source, []))
 
 
 def _hatch(ax, x: float, y: float) -> None:
     from matplotlib.patches import Rectangle
 
-    ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="////", edgecolor="#333333", linewidth=0))
+    ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="xxx", edgecolor="#808080", linewidth=0))
+
+
+def _cell_text(ax, x: float, y: float, value: float, digits: int = 2) -> None:
+    text = "—" if not np.isfinite(value) else f"{value:.{digits}f}"
+    ax.text(x, y, text, ha="center", va="center", fontsize=8,
+            color="white" if np.isfinite(value) and abs(value) > 0.55 else "black")
+
+
+def _short(bystander: str) -> str:
+    return bystander.replace("A1__", "").replace("A2__", "A2 ").replace("__", " ")
 
 
 def heatmap_figure(data: dict, uri: str) -> dict:
@@ -463,19 +505,28 @@ def heatmap_figure(data: dict, uri: str) -> dict:
     sources = [s["name"] for s in data["sources"]]
     ids = data["bystander_ids"]
     matrix = np.array([[data["base_subtracted"][s].get(b, np.nan) for b in ids] for s in sources])
-    fig, ax = new_figure(width=max(6.0, 0.11 * len(ids) + 2), height=1.2 + 0.45 * len(sources))
+    fig, ax = new_figure(width=max(6.0, 0.11 * len(ids) + 2), height=1.6 + 0.45 * len(sources))
     ax.grid(False)
     image = ax.imshow(matrix, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    marked = 0
     for i, s in enumerate(sources):
         for j, b in enumerate(ids):
-            if b in data["coherence"]["flagged"].get(s, []):
+            if b in _flagged(data, s):
                 _hatch(ax, j, i)
+                marked += 1
+    # a thin line between the bystander nouns' blocks and before the pure-noun / QC columns
+    prefixes = [b.split("__")[1] if b.startswith("A1__") else b.split("__")[0] for b in ids]
+    for j in range(1, len(ids)):
+        if prefixes[j] != prefixes[j - 1]:
+            ax.axvline(j - 0.5, color="black", linewidth=0.6)
     ax.set_yticks(range(len(sources)), sources)
-    ax.set_xticks(range(len(ids)), [b.replace("A1__", "").replace("__", " ") for b in ids], rotation=90, fontsize=4)
+    ax.set_xticks(range(len(ids)), [_short(b) for b in ids], rotation=90, fontsize=4)
+    ax.set_xlabel("bystander (noun, Big-5 trait, level; then the pure nouns and the assistant QC)", fontsize=8)
+    ax.set_ylabel("trained source")
     ax.set_title(f"{data['marker']} emission minus base model ({len(sources)} sources x {len(ids)} bystanders; "
-                 "hatched: low coherence)", fontsize=9)
+                 f"{HATCH_NOTE})", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01, label="rate - base rate")
-    return save(fig, uri)
+    return {**save(fig, uri), "marked": marked}
 
 
 def _house_style():
@@ -493,11 +544,32 @@ def _per_source_axes(n: int, width_each: float = 3.2, height: float = 3.0):
     return fig, axes[0]
 
 
-def _cube_of(data: dict, source: str) -> np.ndarray:
+def _cube_of(data: dict, source: str, *, coherent_only: bool = False) -> np.ndarray:
     axes = data["axes"]
     sub = data["base_subtracted"][source]
-    return np.array([[[sub.get(f"A1__{n}__{t}__{lv}", np.nan) for lv in axes["levels"]] for t in axes["traits"]]
+    drop = _flagged(data, source) if coherent_only else set()
+    return np.array([[[np.nan if f"A1__{n}__{t}__{lv}" in drop else sub.get(f"A1__{n}__{t}__{lv}", np.nan)
+                       for lv in axes["levels"]] for t in axes["traits"]] for n in axes["nouns"]])
+
+
+def _flag_cube(data: dict, source: str) -> np.ndarray:
+    axes, drop = data["axes"], _flagged(data, source)
+    return np.array([[[f"A1__{n}__{t}__{lv}" in drop for lv in axes["levels"]] for t in axes["traits"]]
                      for n in axes["nouns"]])
+
+
+def _mark_legend(ax, marked: int) -> None:
+    if marked:
+        ax.plot([], [], "x", color="black", label="low coherence")
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
+def _nanmean_axis(values: np.ndarray, axis) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a slice with only incoherent cells stays NaN
+        return np.nanmean(values, axis=axis)
 
 
 def noun_isolation_figure(data: dict, uri: str) -> dict:
@@ -506,18 +578,26 @@ def noun_isolation_figure(data: dict, uri: str) -> dict:
     axes, sources = data["axes"], [s["name"] for s in data["sources"]]
     fig, panels = _per_source_axes(len(sources))
     x = np.arange(len(axes["nouns"]))
+    marked = 0
     for ax, source in zip(panels, sources, strict=True):
-        cube = _cube_of(data, source)
+        cube, flags = _cube_of(data, source), _flag_cube(data, source)
         for j, trait in enumerate(axes["traits"]):
             for k in range(len(axes["levels"])):
-                ax.plot(x, cube[:, j, k], color=PALETTE[j % len(PALETTE)], alpha=0.35, linewidth=0.8,
+                ax.plot(x, cube[:, j, k], color=PALETTE[j % len(PALETTE)], alpha=0.45, linewidth=0.8,
                         label=trait if k == 0 else None)
-        ax.plot(x, np.nanmean(cube.reshape(len(x), -1), axis=1), color="black", linewidth=2, label="mean")
+                ax.plot(x[flags[:, j, k]], cube[flags[:, j, k], j, k], "x", color="black", markersize=5)
+                marked += int(flags[:, j, k].sum())
+        coherent = _cube_of(data, source, coherent_only=True)
+        ax.plot(x, _nanmean_axis(coherent.reshape(len(x), -1), axis=1), color="black", linewidth=2,
+                label="mean (coherent cells)")
         ax.set_xticks(x, axes["nouns"], rotation=45)
+        ax.set_xlabel("bystander noun")
         ax.set_title(f"source: {source}", fontsize=9)
-    panels[0].set_ylabel("emission - base (trait, level fixed; noun swept)")
-    panels[-1].legend(fontsize=6, frameon=False)
-    return save(fig, uri)
+    panels[0].set_ylabel("emission - base\n(one line per trait x level; noun swept)")
+    _mark_legend(panels[-1], marked)
+    fig.suptitle("Label isolation: trait and level fixed, the noun swept", fontsize=10)
+    fig.tight_layout()
+    return {**save(fig, uri), "marked": marked}
 
 
 def trait_gradation_figure(data: dict, uri: str) -> dict:
@@ -526,32 +606,65 @@ def trait_gradation_figure(data: dict, uri: str) -> dict:
     axes, sources = data["axes"], [s["name"] for s in data["sources"]]
     fig, panels = _per_source_axes(len(sources))
     x = np.arange(1, len(axes["levels"]) + 1)
+    marked = 0
     for ax, source in zip(panels, sources, strict=True):
-        cube = _cube_of(data, source)
+        coherent, flags = _cube_of(data, source, coherent_only=True), _flag_cube(data, source)
         for j, trait in enumerate(axes["traits"]):
-            ax.plot(x, np.nanmean(cube[:, j, :], axis=0), marker="o", color=PALETTE[j % len(PALETTE)], label=trait)
+            mean = _nanmean_axis(coherent[:, j, :], axis=0)
+            ax.plot(x, mean, marker="o", color=PALETTE[j % len(PALETTE)], label=trait)
+            some = flags[:, j, :].any(axis=0) & np.isfinite(mean)
+            ax.plot(x[some], mean[some], "x", color="black", markersize=7)
+            marked += int(flags[:, j, :].sum())
         ax.set_xticks(x, axes["levels"])
+        ax.set_xlabel("gradation level (L1 very low ... L5 very high)", fontsize=8)
         ax.set_title(f"source: {source}", fontsize=9)
-    panels[0].set_ylabel("emission - base (mean over nouns)")
-    panels[-1].legend(fontsize=6, frameon=False)
-    return save(fig, uri)
+    panels[0].set_ylabel("emission - base\n(mean over the coherent nouns)")
+    _mark_legend(panels[-1], marked)
+    fig.suptitle("Trait gradation: the noun fixed, trait and level swept (x: a low-coherence noun left out)",
+                 fontsize=10)
+    fig.tight_layout()
+    return {**save(fig, uri), "marked": marked}
 
 
 def interaction_figure(data: dict, uri: str) -> dict:
     from shared.figures import save
 
     axes, sources = data["axes"], [s["name"] for s in data["sources"]]
-    fig, panels = _per_source_axes(len(sources))
-    for ax, source in zip(panels, sources, strict=True):
+    fig, panels = _per_source_axes(len(sources), height=3.2)
+    marked = 0
+    for ax, source, info in zip(panels, sources, data["sources"], strict=True):
         ax.grid(False)
         effect = np.array(data["h2"]["per_source"][source].get("noun_effect_by_trait_level") or
                           np.full((len(axes["traits"]), len(axes["levels"])), np.nan), dtype=float)
         image = ax.imshow(effect, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        flags = _flag_cube(data, source)
+        own = axes["nouns"].index(info["noun"]) if info["noun"] in axes["nouns"] else None
+        for j, k in itertools.product(range(len(axes["traits"])), range(len(axes["levels"]))):
+            if (own is not None and flags[own, j, k]) or not np.isfinite(effect[j, k]):
+                _hatch(ax, k, j)
+                marked += 1
         ax.set_xticks(range(len(axes["levels"])), axes["levels"])
         ax.set_yticks(range(len(axes["traits"])), axes["traits"], fontsize=7)
         ax.set_title(f"noun effect, source: {source}", fontsize=9)
     fig.colorbar(image, ax=list(panels), fraction=0.03, label="median |Δ| over noun swaps")
-    return save(fig, uri)
+    fig.suptitle(f"Interaction: the noun effect per trait x level ({HATCH_NOTE} / not computable)", fontsize=10,
+                 y=1.04)
+    return {**save(fig, uri), "marked": marked}
+
+
+def _head_to_head_bars(ax, data: dict, metric: str, ylabel: str, title: str) -> None:
+    from shared.figures import PALETTE
+
+    traits = list(data["head_to_head"])
+    x = np.arange(len(traits))
+    adj = [data["head_to_head"][t].get(f"adjective_{metric}") or 0 for t in traits]
+    swap = [data["head_to_head"][t].get(f"noun_swap_{metric}") or 0 for t in traits]
+    ax.bar(x - 0.2, adj, 0.4, color=PALETTE[0], label="adjective (with vs without)")
+    ax.bar(x + 0.2, swap, 0.4, color=PALETTE[1], label="noun swap")
+    ax.set_xticks(x, traits, rotation=30, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
 
 
 def hero_figure(data: dict, uri: str) -> dict:
@@ -559,51 +672,67 @@ def hero_figure(data: dict, uri: str) -> dict:
 
     sources = [s["name"] for s in data["sources"]]
     nouns = [n for n in data["axes"]["nouns"] if f"A2__{n}" in data["bystander_ids"]]
-    fig, (left, middle, right) = _house_style().subplots(1, 3, figsize=(15, 4.4))
+    geometry = data["geometry"]
+    fig, grid = _house_style().subplots(2, 2, figsize=(12, 8.4))
+    (matrix_ax, scatter_ax), (leak_ax, cos_ax) = grid
     matrix = np.array([[data["base_subtracted"][s].get(f"A2__{n}", np.nan) for n in nouns] for s in sources])
-    left.grid(False)
-    left.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
+    matrix_ax.grid(False)
+    image = matrix_ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
+    marked = 0
     for i, s in enumerate(sources):
         for j, n in enumerate(nouns):
-            left.text(j, i, "—" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
-            if f"A2__{n}" in data["coherence"]["flagged"].get(s, []):
-                _hatch(left, j, i)
-    left.set_xticks(range(len(nouns)), [f"A2 {n}" for n in nouns], rotation=45)
-    left.set_yticks(range(len(sources)), sources)
-    left.set_title("source x pure-noun bystander (emission - base)", fontsize=9)
+            _cell_text(matrix_ax, j, i, matrix[i, j])
+            if f"A2__{n}" in _flagged(data, s):
+                _hatch(matrix_ax, j, i)
+                marked += 1
+    matrix_ax.set_xticks(range(len(nouns)), [f"You are a {n}." for n in nouns], rotation=30, fontsize=8)
+    matrix_ax.set_yticks(range(len(sources)), sources)
+    matrix_ax.set_ylabel("trained source")
+    matrix_ax.set_title(f"source x pure-noun bystander: emission - base ({HATCH_NOTE})", fontsize=9)
+    fig.colorbar(image, ax=matrix_ax, fraction=0.046, pad=0.04)
 
-    traits = list(data["head_to_head"])
-    x = np.arange(len(traits))
-    adj = [data["head_to_head"][t]["adjective_leak"] or 0 for t in traits]
-    swap = [data["head_to_head"][t]["noun_swap_leak"] or 0 for t in traits]
-    middle.bar(x - 0.2, adj, 0.4, color=PALETTE[0], label="adjective (with vs without)")
-    middle.bar(x + 0.2, swap, 0.4, color=PALETTE[1], label="noun swap")
-    middle.set_xticks(x, traits, rotation=30, fontsize=7)
-    middle.set_ylabel("mean |Δ emission|")
-    middle.set_title("adjective vs noun effect per Big-5 axis", fontsize=9)
-    middle.legend(fontsize=7, frameon=False)
-
-    h4 = data["geometry"].get("h4")
+    h4 = geometry.get("h4")
     if h4:
         cos, leak = np.array(h4["cos"], dtype=float), np.array(h4["leak"], dtype=float)
-        for i in range(len(sources)):
+        for i, info in enumerate(data["sources"]):
             for j, n in enumerate(h4["nouns"]):
-                same = data["sources"][i]["noun"] == n
-                right.scatter(cos[i, j], leak[i, j], color=REFERENCE_COLOR if same else PALETTE[i % len(PALETTE)],
-                              marker="s" if same else "o", s=30)
+                same = info["noun"] == n
+                scatter_ax.scatter(cos[i, j], leak[i, j], color=REFERENCE_COLOR if same else PALETTE[i % len(PALETTE)],
+                                   marker="s" if same else "o", s=36, label=None if same else info["name"])
+        scatter_ax.scatter([], [], color=REFERENCE_COLOR, marker="s", label="own noun (diagonal)")
         rho = h4["off_diagonal"].get("rho")
-        right.set_title(f"H4: base cos (layer {data['geometry']['headline_layer']}) vs leakage"
-                        + (f", off-diagonal ρ={rho:.2f}" if rho is not None else ""), fontsize=9)
-        right.set_xlabel("cos(source, pure-noun bystander)")
-        right.set_ylabel("emission - base")
+        scatter_ax.set_title(f"H4: base-model cos (layer {geometry['headline_layer']}) vs leakage"
+                             + (f", off-diagonal ρ={rho:.2f} (n={h4['off_diagonal']['n']})" if rho is not None else ""),
+                             fontsize=9)
+        scatter_ax.set_xlabel("cos(source, pure-noun bystander)")
+        scatter_ax.set_ylabel("emission - base")
+        handles, labels = scatter_ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        scatter_ax.legend(unique.values(), unique.keys(), fontsize=7, frameon=False, title="source", title_fontsize=7)
     else:
-        right.set_axis_off()
+        scatter_ax.set_axis_off()
+        scatter_ax.text(0.5, 0.5, "H4: no base-model centroids", ha="center", va="center")
+
+    _head_to_head_bars(leak_ax, data, "leak", "mean |Δ emission - base|", "adjective vs noun effect on leakage, per Big-5 axis")
+    if geometry.get("available"):
+        _head_to_head_bars(cos_ax, data, "cos", f"mean |Δ cos to source| (layer {geometry['headline_layer']})",
+                           "adjective vs noun effect on base-model cosine, per Big-5 axis")
+    else:
+        cos_ax.set_axis_off()
     fig.tight_layout()
-    return save(fig, uri)
+    return {**save(fig, uri), "marked": marked}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # report
+
+
+def _with_n(row: dict, key: str, n_key: str | None = None) -> str:
+    from shared.reporting import fmt
+
+    if row.get(key) is None:
+        return "—"
+    return f"{fmt(row[key], 4)} ({row[n_key or f'n_{key}']})"
 
 
 def report(data: dict) -> str:
@@ -626,7 +755,9 @@ def report(data: dict) -> str:
              f"H2 holds for {h2['n_holds']} of {len(h2['per_source'])} sources. Noun-match permutation test "
              f"(same-noun bystanders leak more; labels shuffled within source x trait x level): "
              f"Δ={fmt(h2['noun_match_test'].get('statistic'), 4)}, p={fmt(h2['noun_match_test'].get('p_value'), 4)}.", "",
-             f"## H3 gradation slopes (|slope| > half-width of the binomial-bootstrap 95% CI, B={data['settings']['n_boot']})", ""]
+             f"## H3 gradation slopes (|slope| > half-width of the binomial-bootstrap 95% CI, B={data['settings']['n_boot']})", "",
+             "Per (source, noun, trait): the least-squares slope of the base-subtracted rate over L1..L5; every bootstrap "
+             "replicate redraws the source's and the base model's counts.", ""]
     if h3.get("per_source"):
         lines += [markdown_table(["source", "significant triples", "triples"],
                                  [(s, v["n_significant"], v["n_triples"]) for s, v in h3["per_source"].items()]), "",
@@ -634,9 +765,16 @@ def report(data: dict) -> str:
     else:
         lines += [h3.get("note", "not computed"), ""]
     lines += ["## Adjective vs noun, per Big-5 axis", "",
-              markdown_table(["axis", "adjective Δ leak", "noun-swap Δ leak", "ratio", "adjective Δ cos", "noun-swap Δ cos", "ratio cos"],
-                             [(t, fmt(v["adjective_leak"], 4), fmt(v["noun_swap_leak"], 4), fmt(v["ratio_leak"], 2),
-                               fmt(v.get("adjective_cos"), 4), fmt(v.get("noun_swap_cos"), 4), fmt(v.get("ratio_cos"), 2))
+              "Adjective Δ: mean over (source, noun, level) cells of |m(noun who <descriptor>) - m(pure noun)|; "
+              "noun-swap Δ: mean over (source, level) contexts of the median over noun pairs of |m(noun i) - m(noun j)|, "
+              "trait and level fixed. m is the base-subtracted emission (leak, coherent cells) or the base-model "
+              f"cosine to the source at layer {data['settings']['headline_layer']} (cos). "
+              "N: cells (adjective) and contexts (noun swap) behind each mean.", "",
+              markdown_table(["axis", "adjective Δ leak (N)", "noun-swap Δ leak (N)", "ratio leak",
+                              "adjective Δ cos (N)", "noun-swap Δ cos (N)", "ratio cos"],
+                             [(t, _with_n(v, "adjective_leak"), _with_n(v, "noun_swap_leak", "n_noun_swap_contexts_leak"),
+                               fmt(v["ratio_leak"], 2), _with_n(v, "adjective_cos"),
+                               _with_n(v, "noun_swap_cos", "n_noun_swap_contexts_cos"), fmt(v.get("ratio_cos"), 2))
                               for t, v in data["head_to_head"].items()]), "",
               f"Axis-label permutation test (range of per-axis mean adjective Δ, {data['settings']['n_perm']} shuffles): "
               f"leakage spread {fmt(data['axis_permutation_leak'].get('spread'), 4)}, p={fmt(data['axis_permutation_leak'].get('p_value'), 4)}"]
@@ -649,20 +787,34 @@ def report(data: dict) -> str:
         lines += ["", f"## H4 base-model cosine (layer {geometry['headline_layer']}) vs leakage", "",
                   f"Source x pure-noun submatrix, off-diagonal cells: Spearman ρ={fmt(off.get('rho'), 3)}, "
                   f"p={fmt(off.get('p_value'), 4)}, n={off.get('n')}" + (f" ({off['note']})" if off.get("note") else "") + ".", "",
-                  markdown_table(["source", "ρ(cos to source, leakage) over bystanders", "p", "n"],
+                  markdown_table(["layer", "off-diagonal ρ", "p", "n"],
+                                 [(layer, fmt(v.get("rho"), 3), fmt(v.get("p_value"), 4), v.get("n"))
+                                  for layer, v in h4["per_layer_off_diagonal"].items()]), "",
+                  markdown_table(["source", f"ρ(cos to source, leakage) over bystanders, layer {geometry['headline_layer']}", "p", "n"],
                                  [(s, fmt(v.get("rho"), 3), fmt(v.get("p_value"), 4), v.get("n"))
                                   for s, v in h4["cos_vs_leak_all_bystanders"].items()])]
     else:
         lines += ["", "## H4", "", "No base-model centroids were given: H4 and the cosine columns are omitted."]
     coh = data["coherence"]
     lines += ["", f"## Coherence (cells with mean judge score < {coh['threshold']:g} are flagged and hatched)", "",
-              markdown_table(["model", "mean coherence", "flagged cells"],
-                             [(label, fmt(coh["mean"].get(label), 1), coh["n_flagged"].get(label, 0)) for label in coh["mean"]]),
-              "", "## Figures", "",
-              "![hero](hero_matrix.png)", "", "![heatmap](heatmap_base_subtracted.png)", "",
-              "![noun isolation](noun_isolation.png)", "", "![trait gradation](trait_gradation.png)", "",
-              "![interaction](interaction.png)", ""]
+              "A source's flagged cells are left out of H2, the leakage head-to-head and H4; H1 and H3 use every cell.", "",
+              markdown_table(["model", "mean coherence", "cells scored", "scores", "judge errors", "flagged cells"],
+                             [(label, fmt(coh["mean"].get(label), 1), coh["n_cells_scored"].get(label, 0),
+                               coh["n_scores"].get(label, 0), coh["n_judge_errors"].get(label, 0),
+                               coh["n_flagged"].get(label, 0)) for label in coh["mean"]]),
+              "", "## Figures", ""]
+    captions = {"hero_matrix": "hero: source x pure-noun matrix, H4 scatter, adjective vs noun on leakage and cosine",
+                "heatmap_base_subtracted": "every source x every bystander, base-subtracted",
+                "noun_isolation": "label isolation", "trait_gradation": "trait gradation",
+                "interaction": "noun effect per trait x level"}
+    for name, figure in data.get("figures", {}).items():
+        lines += [f"![{captions.get(name, name)}]({name}.png)", "",
+                  f"*{captions.get(name, name)}; low-coherence cells marked: {figure['low_coherence_marked']}.*", ""]
     return "\n".join(lines)
+
+
+FIGURES = {"hero_matrix": hero_figure, "heatmap_base_subtracted": heatmap_figure, "noun_isolation": noun_isolation_figure,
+           "trait_gradation": trait_gradation_figure, "interaction": interaction_figure}
 
 
 def run(cfg: Config, ctx) -> dict:
@@ -670,12 +822,10 @@ def run(cfg: Config, ctx) -> dict:
 
     data = analyse(cfg)
     data["matching"] = store.read_json(cfg.cells[0].rates_uri).get("matching", "")
+    figures = {name: draw(data, ctx.out(name)) for name, draw in FIGURES.items()}
+    data["figures"] = {name: {"png": f["png"], "pdf": f["pdf"], "low_coherence_marked": f["marked"]}
+                       for name, f in figures.items()}
     store.write_json(ctx.out("headline.json"), data)
-    heatmap_figure(data, ctx.out("heatmap_base_subtracted"))
-    noun_isolation_figure(data, ctx.out("noun_isolation"))
-    trait_gradation_figure(data, ctx.out("trait_gradation"))
-    interaction_figure(data, ctx.out("interaction"))
-    hero_figure(data, ctx.out("hero_matrix"))
     store.write_text(ctx.out("report.md"), report(data))
     upstream = []
     for cell in cfg.cells:

@@ -105,6 +105,8 @@ def test_the_plan_compiles_to_argo_with_one_task_per_source_and_per_evaluated_mo
     wf = yaml.safe_load(argo.to_yaml(plan, cluster=ClusterSettings(image_registry="registry.invalid/lab", git_sha="0" * 40)))
     dag = next(t for t in wf["spec"]["templates"] if "dag" in t)
     tasks = {t["name"]: t for t in dag["dag"]["tasks"]}
-    assert sorted(n for n in tasks if n.startswith("train-")) == sorted(f"train-{s}" for s in FULL_SOURCES)
-    assert sorted(n for n in tasks if n.startswith("eval-")) == sorted(f"eval-{s}" for s in [*FULL_SOURCES, "base"])
+    for kind in ("data", "train"):  # one chain per source
+        assert sorted(n for n in tasks if n.startswith(f"{kind}-")) == sorted(f"{kind}-{s}" for s in FULL_SOURCES)
+    for kind in ("eval", "coherence"):  # one evaluation group per model: the five sources and the base model
+        assert sorted(n for n in tasks if n.startswith(f"{kind}-")) == sorted(f"{kind}-{s}" for s in [*FULL_SOURCES, "base"])
     assert set(tasks["analysis"]["dependencies"]) >= {f"eval-{s}" for s in FULL_SOURCES} | {"hidden-states"}

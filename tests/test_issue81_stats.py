@@ -28,12 +28,12 @@ def write_cell(root: str, label: str, rate_of, rng, incoherent: set[str] = froze
     return {"label": label, "rates_uri": rates_uri, "coherence_uri": scores_uri}
 
 
-def analyse_synthetic(tmp_path, rate_of, *, seed=0, incoherent=None, n_perm=2000, centroids=None) -> dict:
+def analyse_synthetic(tmp_path, rate_of, *, seed=0, incoherent=None, n_perm=2000, centroids=None, base_rate_of=None) -> dict:
     root = store.from_path(tmp_path / "synthetic")
     rng = np.random.default_rng(seed)
     incoherent = incoherent or {}
     cells = [write_cell(root, s["name"], rate_of, rng, incoherent.get(s["name"], set())) for s in SOURCES]
-    cells.append(write_cell(root, "base", lambda label, b: 0.0, rng))
+    cells.append(write_cell(root, "base", base_rate_of or (lambda label, b: 0.0), rng))
     geometry = {}
     if centroids is not None:
         geometry = {"centroids_uri": store.join(root, "centroids.npz"), "centroid_personas_uri": store.join(root, "ids.json")}
@@ -119,6 +119,28 @@ def test_h3_counts_the_planted_gradient_and_little_else(gradient, null):
     assert null["h3"]["n_significant"] <= 0.15 * null["h3"]["n_triples"]
 
 
+def test_h3_slopes_are_of_the_base_subtracted_rate(tmp_path):
+    """A gradient the base model shows just as much as every source is not a gradient of leakage."""
+
+    def gradient_everywhere(label, b):
+        return 0.1 + 0.15 * (int(b["level"][1]) - 1) if b["trait"] == "Agreeableness" else 0.1
+
+    h3 = analyse_synthetic(tmp_path, gradient_everywhere, base_rate_of=gradient_everywhere, n_perm=200)["h3"]
+    assert h3["n_triples"] == 125
+    assert h3["n_significant"] <= 0.15 * h3["n_triples"]
+    for source in h3["per_source"].values():
+        assert np.array(source["slope"], dtype=float) == pytest.approx(0.0, abs=0.06)
+
+
+def test_h3_bootstrap_widens_with_the_base_models_noise():
+    hits = np.array([[20.0, 40.0, 60.0, 80.0, 100.0]])
+    totals = np.full_like(hits, 200.0)
+    alone = A.h3_slopes(hits, totals, n_boot=1000, seed=0)
+    noisy_base = A.h3_slopes(hits, totals, np.full_like(hits, 100.0), totals, n_boot=1000, seed=0)
+    assert alone["slope"][0] == pytest.approx(0.1) and noisy_base["slope"][0] == pytest.approx(0.1)
+    assert noisy_base["half_width"][0] > 1.2 * alone["half_width"][0]
+
+
 def test_the_axis_permutation_test_finds_a_planted_axis_and_not_a_null_one(gradient, null):
     assert gradient["axis_permutation_leak"]["p_value"] < 0.01
     top = max(gradient["head_to_head"], key=lambda t: gradient["head_to_head"][t]["adjective_leak"])
@@ -141,6 +163,19 @@ def test_incoherent_cells_are_flagged_and_left_out_of_h2(tmp_path):
     chef = result["h2"]["per_source"]["chef"]
     assert chef["n_noun_cells"] == 24 and chef["n_trait_cells"] == 120
     assert result["h2"]["per_source"]["pirate"]["n_noun_cells"] == 25
+
+
+def test_figures_mark_exactly_the_low_coherence_cells(tmp_path):
+    drop = {"chef": {"A1__robot__Openness__L1", "A1__chef__Neuroticism__L5", "A2__pirate"},
+            "robot": {"A1__chef__Openness__L2"}}
+    result = analyse_synthetic(tmp_path, planted_noun, incoherent=drop, n_perm=200)
+    out = store.from_path(tmp_path / "figures")
+    assert A.heatmap_figure(result, store.join(out, "heatmap"))["marked"] == 4
+    assert A.hero_figure(result, store.join(out, "hero"))["marked"] == 1  # the one pure-noun cell
+    assert A.noun_isolation_figure(result, store.join(out, "nouns"))["marked"] == 3  # the three A1 cells
+    assert A.trait_gradation_figure(result, store.join(out, "traits"))["marked"] == 3
+    # chef's own-noun cell (Neuroticism, L5) leaves its noun effect uncomputable; a flagged other-noun cell does not
+    assert A.interaction_figure(result, store.join(out, "interaction"))["marked"] == 1
 
 
 def test_spearman_permutation_knows_a_monotone_relation_from_noise():
@@ -207,3 +242,44 @@ def test_the_cosine_axis_test_finds_the_axis_that_moves_personas_most(tmp_path):
     top = max(result["head_to_head"], key=lambda t: result["head_to_head"][t]["adjective_cos"])
     assert top == "Agreeableness"
     assert all(row["noun_swap_cos"] > 0 for row in result["head_to_head"].values())
+    # cosine to each source, as the record counts it: 5 sources x 5 nouns x 5 levels cells, 5 x 5 contexts
+    assert geometry["axis_permutation_cos"]["n_rows"] == 625
+    for row in result["head_to_head"].values():
+        assert (row["n_adjective_cos"], row["n_noun_swap_contexts_cos"]) == (125, 25)
+        assert (row["n_adjective_leak"], row["n_noun_swap_contexts_leak"]) == (125, 25)
+
+
+def test_the_cosine_head_to_head_is_measured_against_each_source():
+    """Hand-built geometry: 2 nouns, 1 trait, 2 levels. Each source's A1 cells sit at a known cosine to it."""
+    bystanders = [A.Bystander(id=f"A1__{n}__T__{lv}", kind="A1", noun=n, trait="T", level=lv)
+                  for n in ("a", "b") for lv in ("L1", "L2")]
+    bystanders += [A.Bystander(id=f"A2__{n}", kind="A2", noun=n) for n in ("a", "b")]
+    grid = A.Grid(bystanders)
+    # cos(source a, .) and cos(source b, .) per A1 cell [noun, trait, level] and per A2 noun
+    to_a = (np.array([[[0.8, 0.6]], [[0.5, 0.5]]]), np.array([1.0, 0.7]))
+    to_b = (np.array([[[0.4, 0.4]], [[0.9, 0.7]]]), np.array([0.7, 1.0]))
+    table = {"T": {}}
+    A.head_to_head_columns(grid, [to_a, to_b], "cos", table, n_perm=100, seed=0)
+    adjective = np.mean([0.2, 0.4, 0.2, 0.2, 0.3, 0.3, 0.1, 0.3])
+    noun_swap = np.mean([0.3, 0.1, 0.5, 0.3])
+    assert table["T"]["adjective_cos"] == pytest.approx(adjective)
+    assert table["T"]["noun_swap_cos"] == pytest.approx(noun_swap)
+    assert table["T"]["ratio_cos"] == pytest.approx(adjective / noun_swap)
+    assert (table["T"]["n_adjective_cos"], table["T"]["n_noun_swap_contexts_cos"]) == (8, 4)
+
+
+def test_the_analysis_refuses_a_run_without_the_base_model_or_a_source(tmp_path):
+    from shared.stage import StageInputError
+
+    root = store.from_path(tmp_path / "inputs")
+    rng = np.random.default_rng(0)
+    cells = [write_cell(root, s["name"], planted_noun, rng) for s in SOURCES]
+    bystanders = [{k: b[k] for k in ("id", "kind", "noun", "trait", "level")} for b in GRID]
+    without_base = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES, bystanders=bystanders, cells=cells)
+    with pytest.raises(StageInputError, match="no base-model cell 'base'"):
+        A.analyse(without_base)
+    base = write_cell(root, "base", null_grid, rng)
+    without_robot = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES, bystanders=bystanders,
+                             cells=[*cells[:-1], base])
+    with pytest.raises(StageInputError, match=r"no evaluation for source\(s\) \['robot'\]"):
+        A.analyse(without_robot)
