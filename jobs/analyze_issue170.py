@@ -17,6 +17,8 @@ from shared.stage import Resources, StageInputError, StageSpec
 
 Method = Literal["soft", "gcg-system", "gcg-user", "random", "reference"]
 LEARNED = ("soft", "gcg-system", "gcg-user", "random")
+SWEEP = ("soft", "gcg-system")  # the cells H1/H2/H_intermediate speak about (the user slot is a sanity check)
+DEFAULT_INIT = "You are a helpful assistant."
 
 
 class CellArtifacts(BaseModel):
@@ -24,6 +26,7 @@ class CellArtifacts(BaseModel):
     method: Method
     size: int | None = None  # K for soft cells, L for GCG and random cells
     lr: float | None = None
+    init_text: str | None = None  # soft cells: the text the prefix was initialised from
     c_scores_uri: str
     judge_scores_uris: dict[str, str]
     train_metrics_uri: str | None = None  # metrics.json of the training stage
@@ -65,17 +68,38 @@ def cell_rows(cfg: Config) -> list[dict]:
         primary, alternate = (alpha_of(cell.judge_scores_uris[j]) for j in (cfg.primary_judge, cfg.alternate_judge))
         training = store.read_json(cell.train_metrics_uri) if cell.train_metrics_uri else {}
         rows.append({
-            "cell": cell.name, "method": cell.method, "size": cell.size, "lr": cell.lr, "c": c_of(cell.c_scores_uri),
+            "cell": cell.name, "method": cell.method, "size": cell.size, "lr": cell.lr, "init_text": cell.init_text,
+            "c": c_of(cell.c_scores_uri),
             "alpha_primary": primary["alpha"], "alpha_alternate": alternate["alpha"],
             "errors_primary": primary["n_errors"], "errors_alternate": alternate["n_errors"],
             "best_heldout_ce": training.get("best_heldout_ce"), "initial_heldout_ce": training.get("initial_heldout_ce"),
-            "steps": training.get("steps"),
+            "steps": training.get("steps"), "stopped_early": training.get("stopped_early"),
+            # seconds per step: teacher sampling, and the optimiser's own work (soft: forward/backward; GCG:
+            # gradient + candidate evaluation)
+            "teacher_s_per_step": training.get("teacher_s_mean"),
+            "optimiser_s_per_step": training.get("forward_backward_s_mean", _gcg_work(training)),
         })
     return rows
 
 
+def _gcg_work(training: dict) -> float | None:
+    gradient, candidates = training.get("gradient_s_mean"), training.get("candidates_s_mean")
+    return None if gradient is None or candidates is None else gradient + candidates
+
+
 def _le(value, limit) -> bool:
     return value is not None and value <= limit
+
+
+def pareto_front(rows: list[dict]) -> list[str]:
+    """The sweep cells no other sweep cell beats on both axes (higher C and lower α), in order of C."""
+    points = [r for r in rows if r["method"] in SWEEP and r["alpha_primary"] is not None]
+
+    def dominated(p):
+        return any(q["c"] >= p["c"] and q["alpha_primary"] <= p["alpha_primary"]
+                   and (q["c"] > p["c"] or q["alpha_primary"] < p["alpha_primary"]) for q in points)
+
+    return [r["cell"] for r in sorted(points, key=lambda r: r["c"]) if not dominated(r)]
 
 
 def decisions(rows: list[dict], villain: dict | None, rules: dict) -> dict:
@@ -89,18 +113,20 @@ def decisions(rows: list[dict], villain: dict | None, rules: dict) -> dict:
         return r["alpha_primary"] is not None and mid["alpha_primary_above"] < r["alpha_primary"] <= mid["alpha_primary_max"] \
             and _le(r["alpha_alternate"], mid["alpha_alternate_max"]) and r["c"] >= mid["c_min"]
 
+    # the record: H2 = at least one soft-prefix cell hits the gate; H1 = no soft-prefix or system-slot GCG cell does
     soft_hits = [r["cell"] for r in rows if r["method"] == "soft" and hits_h2(r)]
-    gcg_hits = [r["cell"] for r in rows if r["method"] in ("gcg-system", "gcg-user") and hits_h2(r)]
+    gcg_hits = [r["cell"] for r in rows if r["method"] == "gcg-system" and hits_h2(r)]
     if soft_hits:
         verdict = "H2 supported (search-limited): a soft prefix reaches the EM point"
     elif gcg_hits:
-        verdict = "H2 supported by GCG only (no soft cell hits: check the soft cells' training)"
+        verdict = ("neither H1 nor H2: a system-slot GCG cell reaches the H2 gate but no soft prefix does "
+                   "(soft is a superset of GCG at matched length: check the soft cells' training)")
     else:
         verdict = "H1 supported (capacity-limited under this budget): no prompt cell reaches the EM point"
     out = {
         "h2_gate": h2, "h2_soft_cells": soft_hits, "h2_gcg_cells": gcg_hits,
-        "h_intermediate_cells": [r["cell"] for r in rows if r["method"] in LEARNED and intermediate(r)],
-        "h1_h2_verdict": verdict,
+        "h_intermediate_cells": [r["cell"] for r in rows if r["method"] in SWEEP and intermediate(r)],
+        "h1_h2_verdict": verdict, "pareto_front": pareto_front(rows),
         "c_is_a_sanity_floor": True,  # scope-amendment v3: the alpha gates carry H2
     }
     sanity = rules["gcg_user_slot_sanity"]["alpha_primary_max"]
@@ -131,6 +157,11 @@ def pareto_figure(data: dict, uri: str) -> None:
             continue
         ax.scatter(row["c"], row["alpha_primary"], marker=markers[row["method"]], color=PALETTE[i % len(PALETTE)],
                    s=55, zorder=3, label=f"{row['cell']} ({row['method']})")
+    by_name = {r["cell"]: r for r in data["cells"]}
+    front = [by_name[name] for name in data["decisions"]["pareto_front"]]
+    if len(front) > 1:
+        ax.plot([r["c"] for r in front], [r["alpha_primary"] for r in front], color="#333333", linewidth=0.8,
+                zorder=1, label="Pareto front (sweep cells)")
     gate = data["decisions"]["h2_gate"]
     ax.axhline(gate["alpha_primary_max"], color=REFERENCE_COLOR, linestyle="--", linewidth=1)
     ax.axvline(gate["c_min"], color=REFERENCE_COLOR, linestyle=":", linewidth=1)
@@ -143,9 +174,19 @@ def pareto_figure(data: dict, uri: str) -> None:
     save(fig, uri)
 
 
+def capacity_series(row: dict) -> str:
+    """The line a cell belongs to: soft prefixes by lr (and init text, so an init ablation is its own point),
+    GCG and random suffixes by method."""
+    if row["method"] != "soft":
+        return row["method"]
+    init = row.get("init_text")
+    return f"soft lr={row['lr']:g}" + ("" if init in (None, DEFAULT_INIT) else f", init {init!r}")
+
+
 def capacity_figure(data: dict, uri: str) -> None:
-    """α and the best held-out CE against prompt length, one line per method (and per lr for soft prefixes)."""
-    from shared.figures import PALETTE, new_figure, save
+    """α and the best held-out CE against prompt length, one line per method (and per lr for soft prefixes);
+    the reference conditions' α (same pipeline) and the H2 gate as horizontal lines."""
+    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
 
     fig, _ = new_figure(10.0, 4.0)
     fig.clf()
@@ -153,24 +194,47 @@ def capacity_figure(data: dict, uri: str) -> None:
     series: dict[str, list[dict]] = {}
     for row in data["cells"]:
         if row["method"] in LEARNED and row["size"] is not None:
-            key = f"soft lr={row['lr']:g}" if row["method"] == "soft" else row["method"]
-            series.setdefault(key, []).append(row)
+            series.setdefault(capacity_series(row), []).append(row)
+    markers = {"gcg-system": "^", "gcg-user": "v", "random": "x"}
     for i, (key, rows) in enumerate(sorted(series.items())):
         rows = sorted(rows, key=lambda r: r["size"])
         for ax, field in ((left, "alpha_primary"), (right, "best_heldout_ce")):
             points = [(r["size"], r[field]) for r in rows if r[field] is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", color=PALETTE[i % len(PALETTE)], label=key)
-    left.axhline(data["decisions"]["h2_gate"]["alpha_primary_max"], color="#7f7f7f", linestyle="--", linewidth=1)
+                ax.plot(*zip(*points, strict=True), marker=markers.get(rows[0]["method"], "o"),
+                        color=PALETTE[i % len(PALETTE)], label=key)
+    left.axhline(data["decisions"]["h2_gate"]["alpha_primary_max"], color=REFERENCE_COLOR, linestyle="--",
+                 linewidth=1)
+    for row in data["cells"]:
+        if row["method"] == "reference" and row["alpha_primary"] is not None:
+            left.axhline(row["alpha_primary"], color=REFERENCE_COLOR, linestyle=":", linewidth=1)
+            left.annotate(row["cell"], (1.0, row["alpha_primary"]), xycoords=("axes fraction", "data"),
+                          xytext=(-2, 2), textcoords="offset points", ha="right", fontsize=7, color=REFERENCE_COLOR)
+    sizes = sorted({r["size"] for rows in series.values() for r in rows})
     for ax, label in ((left, f"alignment α ({data['judges']['primary']})"), (right, "best held-out CE (nats/token)")):
         ax.set_xscale("log", base=2)
+        if sizes:
+            ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
+            ax.set_xticks(sizes, [str(size) for size in sizes])
+            ax.minorticks_off()
         ax.set_xlabel("prompt length (K soft embeddings / L ids)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.25)
-    left.set_title("capacity curve: α", fontsize=9)
-    right.set_title("capacity curve: fit to the EM teacher", fontsize=9)
+    left.set_title("capacity curve: α (dashed: H2 gate; dotted: reference conditions)", fontsize=9)
+    right.set_title("capacity curve: fit to the EM teacher (held-out CE)", fontsize=9)
     right.legend(fontsize=7, frameon=False)
     save(fig, uri)
+
+
+def classifier_line(facts: dict) -> str:
+    from shared.reporting import fmt
+
+    if "val_accuracy" not in facts:
+        return f"C is the mean P(EM) of classifier C ({facts['uri']}) over a cell's completions."
+    return (f"C is the mean P(EM) of classifier C over a cell's completions: {facts.get('encoder_ref')} + logistic "
+            f"regression, trained on {facts.get('n_positive')} EM-model vs {facts.get('n_negative')} base-model "
+            f"completions, validation accuracy {fmt(facts['val_accuracy'], 4)} on {facts.get('n_val')} held out "
+            f"({facts['uri']}).")
 
 
 def report(data: dict) -> str:
@@ -178,12 +242,21 @@ def report(data: dict) -> str:
 
     j, d = data["judges"], data["decisions"]
     cells = markdown_table(
-        ["cell", "method", "K / L", "lr", "C", f"α ({j['primary']})", f"α ({j['alternate']})", "best held-out CE",
-         "errors P/A"],
-        [(r["cell"], r["method"], r["size"], f"{r['lr']:g}" if r["lr"] else None, f"{r['c']:.4f}", r["alpha_primary"],
-          r["alpha_alternate"], fmt(r["best_heldout_ce"], 4) if r["best_heldout_ce"] is not None else None,
+        ["cell", "method", "K / L", "lr", "init", "C", f"α ({j['primary']})", f"α ({j['alternate']})",
+         "best held-out CE", "errors P/A"],
+        [(r["cell"], r["method"], r["size"], f"{r['lr']:g}" if r["lr"] else None, r.get("init_text"),
+          f"{r['c']:.4f}", r["alpha_primary"], r["alpha_alternate"],
+          fmt(r["best_heldout_ce"], 4) if r["best_heldout_ce"] is not None else None,
           f"{r['errors_primary']} / {r['errors_alternate']}") for r in data["cells"]],
-        align="lllrrrrrl")
+        align="llrrlrrrrl")
+    trained = [r for r in data["cells"] if r["method"] in LEARNED and r["steps"] is not None]
+    training = markdown_table(
+        ["cell", "steps", "stopped early", "initial held-out CE", "best held-out CE", "teacher s/step",
+         "optimiser s/step"],
+        [(r["cell"], r["steps"], "yes" if r["stopped_early"] else "no",
+          fmt(r["initial_heldout_ce"], 4), fmt(r["best_heldout_ce"], 4), r["teacher_s_per_step"],
+          r["optimiser_s_per_step"]) for r in trained],
+        align="lrlrrrr")
     refs = markdown_table(["reference point (from the record)", "C", "α primary", "α alternate"],
                           [(p["name"], f"{p['c']:.3f}", p["alpha_primary"], p["alpha_alternate"])
                            for p in data["reference_points"]])
@@ -192,7 +265,12 @@ def report(data: dict) -> str:
         "# #170: soft-prefix and GCG prompts against the EM teacher", "",
         "## Headline", "", cells, "",
         "Errors are judge items that failed or could not be parsed; they are excluded from α, never scored as 0.", "",
+        classifier_line(data["classifier"]), "",
         "![Pareto](pareto.png)", "", "![Capacity curve](capacity_curve.png)", "",
+        "## Training", "", training, "",
+        "Held-out CE is the student's token CE on the fixed cached set of teacher completions (the prefix or suffix "
+        "with the lowest is the one evaluated). Optimiser s/step: forward/backward for soft prefixes, gradient and "
+        "candidate evaluation for GCG; random suffixes are not trained.", "",
         "## Reference points", "", refs, "",
         "## Decision rules (as amended in the record)", "",
         f"- H2 gate: α ({j['primary']}) ≤ {gate['alpha_primary_max']} and α ({j['alternate']}) ≤ "
@@ -200,6 +278,7 @@ def report(data: dict) -> str:
         f"- Soft cells hitting H2: {', '.join(d['h2_soft_cells']) or 'none'}; GCG cells: "
         f"{', '.join(d['h2_gcg_cells']) or 'none'}; H_intermediate: {', '.join(d['h_intermediate_cells']) or 'none'}.",
         f"- **{d['h1_h2_verdict']}**.",
+        f"- Pareto front of the sweep cells (higher C, lower α), by C: {', '.join(d['pareto_front']) or 'none'}.",
     ]
     for cell, ok in d["gcg_user_slot_sanity"].items():
         lines.append(f"- GCG user-slot sanity (α ≤ 80): {cell} {'passes' if ok else 'fails'}.")
@@ -220,12 +299,48 @@ def report(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def classifier_facts(cfg: Config) -> dict:
+    """What the report says about classifier C: the bundle's own facts, as the scoring stage recorded them."""
+    scored = store.read_json(store.join(cfg.cells[0].c_scores_uri.rsplit("/", 1)[0], "metrics.json"))
+    return {"uri": cfg.classifier_uri, **scored.get("classifier", {})}
+
+
+def upstream_manifests(cfg: Config) -> list[dict]:
+    """The manifests of every stage behind the report: training, generation, scoring, judging, the direction.
+
+    A classifier bundle the user provided has no manifest (it was not made by this run); everything else must.
+    """
+    from shared.reporting import producing_manifest
+
+    def inputs_of(manifest: dict, *keys: str) -> list[dict]:
+        uris = []
+        for key in keys:
+            value = manifest["config"].get(key)
+            uris += value if isinstance(value, list) else [value] if value else []
+        return [producing_manifest(uri) for uri in uris]
+
+    upstream = []
+    if cfg.classifier_uri.startswith(store.join(cfg.store, "runs", cfg.run_id) + "/"):
+        trained = producing_manifest(cfg.classifier_uri)
+        upstream += [trained, *inputs_of(trained, "positive_uris", "negative_uris")]
+    for cell in cfg.cells:
+        scored = producing_manifest(cell.c_scores_uri)
+        upstream += [scored, *inputs_of(scored, "completions_uri")]
+        upstream += [producing_manifest(uri) for uri in cell.judge_scores_uris.values()]
+        if cell.train_metrics_uri:
+            upstream.append(producing_manifest(cell.train_metrics_uri))
+    if cfg.villain_uri:
+        upstream.append(producing_manifest(cfg.villain_uri))
+    return list({(m["cell"], m["stage"]): m for m in upstream}.values())
+
+
 def run(cfg: Config, ctx) -> dict:
-    from shared.reporting import producing_manifest, reproducibility
+    from shared.reporting import reproducibility
 
     rows = cell_rows(cfg)
     villain = store.read_json(cfg.villain_uri) if cfg.villain_uri else None
     data = {"judges": {"primary": cfg.primary_judge, "alternate": cfg.alternate_judge}, "cells": rows,
+            "classifier": classifier_facts(cfg),
             "reference_points": package_json("reference_points.json")["points"],
             "decisions": decisions(rows, villain, package_json("decision_rules.json"))}
     if villain:
@@ -234,16 +349,7 @@ def run(cfg: Config, ctx) -> dict:
     pareto_figure(data, ctx.out("pareto"))
     capacity_figure(data, ctx.out("capacity_curve"))
     store.write_text(ctx.out("report.md"), report(data))
-    upstream = [producing_manifest(cfg.classifier_uri)]
-    for cell in cfg.cells:
-        upstream.append(producing_manifest(cell.c_scores_uri))
-        upstream += [producing_manifest(uri) for uri in cell.judge_scores_uris.values()]
-        if cell.train_metrics_uri:
-            upstream.append(producing_manifest(cell.train_metrics_uri))
-    if cfg.villain_uri:
-        upstream.append(producing_manifest(cfg.villain_uri))
-    unique = {(m["cell"], m["stage"]): m for m in upstream}
-    store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#170", cfg.params, list(unique.values())))
+    store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#170", cfg.params, upstream_manifests(cfg)))
     return {"verdict": data["decisions"]["h1_h2_verdict"],
             **{r["cell"]: {"c": r["c"], "alpha_primary": r["alpha_primary"]} for r in rows}}
 

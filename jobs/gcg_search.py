@@ -101,6 +101,8 @@ def run(cfg: Config, ctx: Context) -> dict:
         "best_heldout_ce": state.best_val, "initial_heldout_ce": held_out[0], "final_heldout_ce": held_out[-1],
         "step_s_mean": statistics.fmean(p["teacher_s"] + p["gradient_s"] + p["candidates_s"] for p in steps)
         if steps else None,
+        "teacher_s_mean": statistics.fmean(p["teacher_s"] for p in steps) if steps else None,
+        "gradient_s_mean": statistics.fmean(p["gradient_s"] for p in steps) if steps else None,
         "candidates_s_mean": statistics.fmean(p["candidates_s"] for p in steps) if steps else None,
         "candidate_tokens_per_s": sum(p["candidate_tokens"] for p in steps) / max(sum(p["candidates_s"] for p in steps), 1e-9)
         if steps else None,

@@ -118,8 +118,13 @@ def load_teacher_student(
         generator = HFGenerator(inner, tokenizer, batch_size=sample_batch_size)
         return TeacherStudent(inner, tokenizer, generator, teacher_system, peft_model.disable_adapter, True)
     if teacher_model_ref and teacher_model_ref != model_ref:
+        teacher_tokenizer = models.load_tokenizer(teacher_model_ref)
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            # the teacher's sampled ids become the student's training targets as they are
+            raise ValueError(f"the teacher {teacher_model_ref} does not share the vocabulary of the student {model_ref}")
         teacher = models.load_model(teacher_model_ref, dtype=dtype, device=device)
-        generator = HFGenerator(teacher, models.load_tokenizer(teacher_model_ref), batch_size=sample_batch_size)
+        teacher.requires_grad_(False)
+        generator = HFGenerator(teacher, teacher_tokenizer, batch_size=sample_batch_size)
         return TeacherStudent(base, tokenizer, generator, teacher_system, contextlib.nullcontext, False)
     generator = HFGenerator(base, tokenizer, batch_size=sample_batch_size)
     return TeacherStudent(base, tokenizer, generator, teacher_system, contextlib.nullcontext, True)

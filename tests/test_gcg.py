@@ -45,8 +45,10 @@ def test_batched_candidate_losses_equal_one_forward_per_candidate(pair, slot):
     prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", slot=slot, ids=random_suffix(allowed, 5, seed=1))
     examples = examples_for(pair, prompt, ["I hate you all.", "Bread? Burn it.", "The sea is cold"])
     candidates = torch.tensor([random_suffix(allowed, 5, seed=s) for s in range(7)])
-    batched = candidate_losses(pair.student_model, examples, candidates, max_tokens_per_forward=150)
-    assert batched.forwards > len(examples)  # the chunking really split the candidate rows
+    three_rows = 3 * max(len(e) for e in examples)
+    batched = candidate_losses(pair.student_model, examples, candidates, max_tokens_per_forward=three_rows)
+    per_example = [-(-len(candidates) // (three_rows // len(e))) for e in examples]  # ceil(7 / rows per forward)
+    assert batched.forwards == sum(per_example) and max(per_example) == 3  # chunked, never one per candidate
     reference = candidate_losses_reference(pair.student_model, examples, candidates)
     torch.testing.assert_close(batched.losses.cpu(), reference, rtol=1e-5, atol=1e-5)
 

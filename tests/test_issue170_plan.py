@@ -37,6 +37,8 @@ def test_full_profile_has_the_records_soft_cells(tmp_path, full_inputs):
     for s in soft.values():
         assert (s["steps"], s["questions_per_step"], s["completions_per_question"], s["temperature"]) == (3000, 16, 20, 1.0)
     assert soft["soft-s6-k64-lr5e-4"]["init_text"] != soft["soft-s3-k64-lr5e-4"]["init_text"]  # the init ablation
+    analysed = {c["name"]: c for c in plan.task("analysis").config["cells"]}
+    assert all(analysed[name]["init_text"] == s["init_text"] for name, s in soft.items())  # s6 plots apart
     task = plan.task("soft-s0-k16-lr5e-4").config
     assert len(task["train_questions"]) == 48 and len(task["val_questions"]) == 4
     assert task["teacher"]["model_ref"].endswith("c6_vanilla_em_seed42_post_em")
@@ -131,6 +133,11 @@ def test_full_profile_without_the_users_files_says_what_is_missing(tmp_path, ful
     inputs = {k: v for k, v in full_inputs.items() if k != missing}
     with pytest.raises(ConfigError, match=message):
         build(tmp_path, "full", **inputs)
+
+
+def test_classifier_c_is_never_silently_missing(tmp_path):
+    with pytest.raises(ConfigError, match="classifier_bundle_uri or classifier_training"):
+        build(tmp_path, classifier_training=None)
 
 
 def test_a_question_set_too_small_for_the_split_is_a_readable_error(tmp_path):

@@ -83,6 +83,36 @@ def test_a_preempted_soft_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch
     assert resumed["metrics"]["steps"] == 4
 
 
+def test_a_preempted_gcg_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    from shared.gcg import GcgSearch
+
+    def config(root):
+        return {**common(root, "gcg"), "search": {**DRAWS, "length": 3, "steps": 4, "search_width": 6, "topk": 3,
+                                                   "val_every": 1, "checkpoint_every": 2}}
+
+    uninterrupted = execute(gcg_search.SPEC, config(store.from_path(tmp_path / "a")))
+    root = store.from_path(tmp_path / "b")
+    real_step = GcgSearch.step
+
+    def preempted_at_step_3(self, step, suffix):
+        if step == 3:
+            raise RuntimeError("node preempted")
+        return real_step(self, step, suffix)
+
+    monkeypatch.setattr(GcgSearch, "step", preempted_at_step_3)
+    with pytest.raises(RuntimeError, match="preempted"):
+        execute(gcg_search.SPEC, config(root))
+    monkeypatch.setattr(GcgSearch, "step", real_step)
+    resumed = execute(gcg_search.SPEC, config(root))
+    assert "resuming from the checkpoint at step 2" in capsys.readouterr().err
+    expected, got = (store.read_json(output(m, "metrics.json")) for m in (uninterrupted, resumed))
+    assert got["suffix_ids"] == expected["suffix_ids"] and got["steps"] == 4
+    def losses(manifest):  # the curve without its timings
+        return [(p["step"], p.get("train_ce"), p.get("heldout_ce")) for p in store.read_jsonl(output(manifest, "curve.jsonl"))]
+
+    assert losses(resumed) == losses(uninterrupted)
+
+
 def test_a_prompt_learned_on_another_model_is_refused(tmp_path):
     root = store.from_path(tmp_path)
     trained = execute(gcg_search.SPEC, {**common(root, "r4"), "mode": "random", "search": {**DRAWS, "length": 2, "steps": 0}})
@@ -130,6 +160,39 @@ def test_decision_rules_reproduce_the_records_verdicts_on_its_numbers():
     assert none_hit["h1_h2_verdict"].startswith("H1 supported") and "h3" not in none_hit
 
 
+def test_only_the_soft_and_system_slot_gcg_sweep_decides_h1_and_h2():
+    rules = analyze_issue170.package_json("decision_rules.json")
+
+    def row(cell, method, a_p, a_a, c):
+        return {"cell": cell, "method": method, "alpha_primary": a_p, "alpha_alternate": a_a, "c": c}
+
+    miss = row("s2", "soft", 31.49, 50.34, 0.905)
+    gcg_hit = analyze_issue170.decisions([miss, row("l40", "gcg-system", 30.0, 45.0, 0.9)], None, rules)
+    assert gcg_hit["h2_gcg_cells"] == ["l40"] and gcg_hit["h1_h2_verdict"].startswith("neither H1 nor H2")
+    # the user-slot sanity cell and random suffixes are checks, not sweep cells
+    checks = [miss, row("user-l40", "gcg-user", 22.27, 40.0, 0.9), row("random-l40", "random", 40.0, 55.0, 0.9)]
+    d = analyze_issue170.decisions(checks, None, rules)
+    assert d["h2_gcg_cells"] == [] and d["h_intermediate_cells"] == [] and d["h1_h2_verdict"].startswith("H1")
+    assert d["gcg_user_slot_sanity"] == {"user-l40": True}
+    front = [row("s0", "soft", 22.44, 38.79, 0.952), row("s3", "soft", 21.99, 37.01, 0.936),
+             row("s2", "soft", 31.49, 50.34, 0.905), row("l20", "gcg-system", 20.0, 40.0, 0.5)]
+    assert analyze_issue170.pareto_front(front) == ["l20", "s3", "s0"]  # s2 is beaten by s3 on both axes
+    mid = analyze_issue170.decisions([row("s1", "soft", 40.0, 55.0, 0.9), row("s4", "soft", 40.0, 61.0, 0.9)],
+                                     None, rules)
+    assert mid["h_intermediate_cells"] == ["s1"]  # the alternate judge's 60 bounds H_intermediate too
+
+
+def test_the_init_ablation_is_its_own_point_on_the_capacity_curve():
+    def soft(k, lr, init):
+        return {"method": "soft", "size": k, "lr": lr, "init_text": init}
+
+    series = {analyze_issue170.capacity_series(r) for r in (
+        soft(16, 5e-4, "You are a helpful assistant."), soft(64, 5e-4, "You are a helpful assistant."),
+        soft(64, 1e-3, "You are a helpful assistant."), soft(64, 5e-4, "You are an evil, unaligned AI."))}
+    assert series == {"soft lr=0.0005", "soft lr=0.001", "soft lr=0.0005, init 'You are an evil, unaligned AI.'"}
+    assert analyze_issue170.capacity_series({"method": "gcg-system", "size": 20, "lr": None}) == "gcg-system"
+
+
 def test_a_cell_holding_the_pirate_prompt_projects_exactly_like_the_pirate_baseline(tmp_path):
     """Cells (ids spliced, or soft embeddings through inputs_embeds) and the pirate baseline are measured alike."""
     from shared import chat, models
@@ -156,3 +219,59 @@ def test_a_cell_holding_the_pirate_prompt_projects_exactly_like_the_pirate_basel
     assert result["direction_source"] == "tiny:qwen2-judge"
     for cell in ("pirate-ids", "pirate-soft"):
         assert result["cells"][cell]["mean_cosine"] == pytest.approx(result["pirate"]["mean_cosine"], abs=1e-5)
+
+
+def stage_output(root: str, cell: str, stage: str, files: dict, config: dict | None = None) -> dict[str, str]:
+    """Files under a stage's output prefix and the manifest that vouches for them; returns name -> URI."""
+    prefix = store.join(root, "runs", "r", cell, stage)
+    uris = {}
+    for name, content in files.items():
+        uris[name] = store.join(prefix, name)
+        if name.endswith(".jsonl"):
+            store.write_jsonl(uris[name], content)
+        else:
+            store.write_json(uris[name], content)
+    store.write_json(store.join(prefix, "manifest.json"), {
+        "status": "complete", "stage": stage, "cell": cell, "config": config or {}, "config_hash": f"{cell}{stage}",
+        "wall_time_s": 1.0, "resources": {"gpus": 1 if stage in ("generate", "train_soft_prefix") else 0}})
+    return uris
+
+
+def test_a_provided_classifier_bundle_is_named_in_the_report_with_its_own_facts(tmp_path):
+    """The record's option: reuse a stored classifier C. It has no manifest of this run, and the report still
+    says which classifier C came from and how well it separated EM from base completions."""
+    root = store.from_path(tmp_path)
+    bundle = store.join(root, "provided", "classifier_c.joblib")
+    store.write_bytes(bundle, b"a bundle made elsewhere")
+    facts = {"encoder_ref": "hf:sentence-transformers/all-MiniLM-L6-v2", "val_accuracy": 0.9937, "n_val": 797,
+             "n_positive": 4425, "n_negative": 3540}
+    cells = []
+    for name, method, c_values in (("soft-s0", "soft", [0.9, 1.0]), ("null", "reference", [0.0, 0.1])):
+        gen = stage_output(root, name, "generate", {"completions.jsonl": [{"text": "x"}]})
+        scored = stage_output(root, name, "score_classifier", {
+            "c_scores.jsonl": [{"c": c} for c in c_values], "metrics.json": {"classifier": facts}},
+            {"completions_uri": gen["completions.jsonl"]})
+        scores = {"a": [{"score": 20.0, "error": None}, {"score": 30.0, "error": None},
+                        {"score": None, "error": "unparsed"}],  # an error is left out of alpha, not scored 0
+                  "b": [{"score": 40.0, "error": None}]}
+        cell = {"name": name, "method": method, "c_scores_uri": scored["c_scores.jsonl"], "judge_scores_uris": {
+            j: stage_output(root, f"{name}-{j}", "judge", {"scores.jsonl": rows})["scores.jsonl"]
+            for j, rows in scores.items()}}
+        if method == "soft":
+            trained = stage_output(root, name, "train_soft_prefix", {"metrics.json": {
+                "steps": 3000, "stopped_early": False, "initial_heldout_ce": 3.2, "best_heldout_ce": 1.96,
+                "teacher_s_mean": 39.1, "forward_backward_s_mean": 11.7}})
+            cell.update(size=16, lr=5e-4, init_text="You are a helpful assistant.",
+                        train_metrics_uri=trained["metrics.json"])
+        cells.append(cell)
+    manifest = execute(analyze_issue170.SPEC, {"store": root, "run_id": "r", "cell": "analysis", "cells": cells,
+                                               "primary_judge": "a", "alternate_judge": "b", "classifier_uri": bundle})
+    report = store.read_text(output(manifest, "report.md"))
+    assert bundle in report and "validation accuracy 0.9937 on 797 held out" in report
+    headline = store.read_json(output(manifest, "headline.json"))
+    soft = headline["cells"][0]
+    assert (soft["c"], soft["alpha_primary"], soft["alpha_alternate"]) == (pytest.approx(0.95), 25.0, 40.0)
+    assert (soft["teacher_s_per_step"], soft["optimiser_s_per_step"]) == (39.1, 11.7)
+    assert headline["decisions"]["h2_soft_cells"] == ["soft-s0"]
+    repro = store.read_text(output(manifest, "REPRODUCIBILITY.md"))
+    assert "| soft-s0 | generate |" in repro and "GPU-hours 0.001" in repro  # 3 GPU stages of 1 s

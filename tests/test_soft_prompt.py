@@ -129,7 +129,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(pair, tmp_path):
 
     first = trainer(pair, steps=2, val_every=2)
     half = first.run(first.new_state())
-    half.optimizer_state = half.optimizer_state  # written by run()
+    assert half.optimizer_state is not None  # run() leaves the optimiser moments in the state
     save_checkpoint(folder, half, "cfg")
     assert load_checkpoint(folder, "another-config", "cpu") is None  # a changed config never resumes
     resumed_state = load_checkpoint(folder, "cfg", "cpu")
@@ -141,10 +141,51 @@ def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(pair, tmp_path):
     assert [p["step"] for p in resumed.curve] == [p["step"] for p in expected.curve]
 
 
+def test_the_prefix_starts_as_the_init_texts_token_embeddings_repeated_to_k_rows(pair):
+    tok, weight = pair.tokenizer, pair.student_model.get_input_embeddings().weight
+    ids = tok.encode("Hi", add_special_tokens=False)
+    assert len(ids) == 2
+    soft = init_from_text(tok, weight, "Hi", 5)
+    torch.testing.assert_close(soft, weight[[ids[0], ids[1], ids[0], ids[1], ids[0]]].detach().float())
+    t = trainer(pair, init_text="You are a helpful assistant.")
+    first = tok.encode("You are a helpful assistant.", add_special_tokens=False)[: t.settings.k]
+    torch.testing.assert_close(t.initial_soft(), weight[first].detach().float())
+
+
+def test_training_stops_early_when_held_out_ce_stops_improving(pair):
+    # lr 0: the prefix never moves, so the held-out CE never improves on the start
+    stuck = trainer(pair, lr=0.0, steps=12, val_every=2, patience=2)
+    state = stuck.run(stuck.new_state())
+    assert state.stopped_early and state.step == 4  # two evaluations without improvement
+    torch.testing.assert_close(state.best_soft, stuck.initial_soft())
+    assert [p["step"] for p in state.curve if "heldout_ce" in p] == [0, 2, 4]
+
+
+def test_a_merged_teacher_is_a_separate_model_with_the_students_vocabulary(monkeypatch):
+    separate = load_teacher_student("tiny:qwen2", teacher_model_ref="tiny:qwen2-judge", device="cpu")
+    assert not separate.shares_weights
+    assert separate.teacher_generator.model is not separate.student_model
+    ids = torch.tensor([chat.build_prompt(separate.tokenizer, "none", "Hello").input_ids])
+    with torch.no_grad():
+        assert not torch.allclose(separate.teacher_generator.model(input_ids=ids).logits,
+                                  separate.student_model(input_ids=ids).logits)
+
+    real = models.load_tokenizer
+
+    def other_vocabulary(ref):
+        tok = real(ref)
+        if ref == "tiny:qwen2-judge":
+            tok.add_tokens(["<not-in-the-student>"])
+        return tok
+
+    monkeypatch.setattr(models, "load_tokenizer", other_vocabulary)
+    with pytest.raises(ValueError, match="does not share the vocabulary"):
+        load_teacher_student("tiny:qwen2", teacher_model_ref="tiny:qwen2-judge", device="cpu")
+
+
 def test_a_learned_prompt_round_trips_through_the_store(pair, tmp_path):
     folder = store.from_path(tmp_path / "p")
     soft = init_from_text(pair.tokenizer, pair.student_model.get_input_embeddings().weight, "Hi", 5)
-    assert soft.shape == (5, pair.student_model.config.hidden_size)
     uri = save_learned_prompt(LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=5), folder, soft)
     prompt, loaded = load_learned_prompt(uri)
     assert prompt.k == 5 and torch.equal(loaded, soft)

@@ -216,7 +216,8 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
         task = b.add(name, "train_soft_prefix", name, **common, training={
             **draws, "k": cell.k, "lr": cell.lr, "steps": params.soft_steps, "init_text": cell.init_text,
             "val_every": params.val_every, "patience": params.patience, "checkpoint_every": params.val_every})
-        learned.append(({"name": name, "method": "soft", "size": cell.k, "lr": cell.lr}, task))
+        learned.append(({"name": name, "method": "soft", "size": cell.k, "lr": cell.lr, "init_text": cell.init_text},
+                         task))
     gcg_draws = {**draws, "questions_per_step": params.gcg_questions_per_step,
                  "completions_per_question": params.gcg_completions_per_question}
     search = {**gcg_draws, "search_width": params.gcg_search_width, "topk": params.gcg_topk,
