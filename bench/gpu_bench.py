@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import time
+from itertools import pairwise
 from pathlib import Path
 
 SHAPES = {
@@ -331,13 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SETTINGS[args.shape]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "h100" if "H100" in device_name(device) else device_name(device).lower().replace(" ", "-")
+    name = device_name(device)
+    tag = "h100" if "H100" in name else "h200" if "H200" in name else name.lower().replace(" ", "-")
     path = out / f"gpu_{tag}_{args.shape}{'_' + args.name if args.name else ''}.json"
     import sys
 
-    results: dict = {"device": device_name(device), "shape": args.shape, "model_config": SHAPES[args.shape],
+    # the output folder is a path on whatever machine ran it: record it as OUT
+    words = [("OUT" if prev == "--out" else w) for prev, w in pairwise(["", *(sys.argv[1:] if argv is None else argv)])]
+    results: dict = {"device": name, "shape": args.shape, "model_config": SHAPES[args.shape],
                      "settings": cfg, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "command": "python -m bench.gpu_bench " + " ".join(sys.argv[1:] if argv is None else argv)}
+                     "command": "python -m bench.gpu_bench " + " ".join(words)}
 
     def record(key: str, value) -> None:
         results[key] = value
