@@ -43,11 +43,16 @@ class SamplingParams(BaseModel):
 
 
 class Completion(BaseModel):
-    """One completion: the generated ids without the stop token, and their text without special tokens."""
+    """One completion: the generated ids without the stop token, and their text without special tokens.
+
+    ``stop_token_id`` is the stop token the model ended on (Qwen2.5 has two), so a student trained on the
+    completion learns to end its turn the same way; None when it ran to the length limit or was not seen.
+    """
 
     text: str
     token_ids: list[int]
     finish_reason: FinishReason
+    stop_token_id: int | None = None
 
 
 class Generator(Protocol):
@@ -135,10 +140,16 @@ def _stop_ids(configured: int | list[int] | None, tokenizer) -> set[int]:
 
 def trim_at_stop(token_ids: Sequence[int], stop_ids: set[int]) -> tuple[list[int], FinishReason]:
     """Cut generated ids at the first stop token (dropping it and any padding after it)."""
+    kept, finish, _ = split_at_stop(token_ids, stop_ids)
+    return kept, finish
+
+
+def split_at_stop(token_ids: Sequence[int], stop_ids: set[int]) -> tuple[list[int], FinishReason, int | None]:
+    """``trim_at_stop`` that also returns the stop token it cut at (None when there was none)."""
     for position, token in enumerate(token_ids):
         if token in stop_ids:
-            return list(token_ids[:position]), "stop"
-    return list(token_ids), "length"
+            return list(token_ids[:position]), "stop", int(token)
+    return list(token_ids), "length", None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,9 +255,9 @@ class HFGenerator:
         return kwargs | dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
 
     def _completion(self, generated: list[int]) -> Completion:
-        token_ids, finish = trim_at_stop(generated, self._stop_ids)
+        token_ids, finish, stop = split_at_stop(generated, self._stop_ids)
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        return Completion(text=text, token_ids=token_ids, finish_reason=finish)
+        return Completion(text=text, token_ids=token_ids, finish_reason=finish, stop_token_id=stop)
 
     def _device(self):
         return next(self.model.parameters()).device
@@ -388,9 +399,10 @@ class VLLMGenerator:
         return LoRARequest(f"lora{lora_id}", lora_id, str(models.fetch_store_dir(adapter_uri)))
 
     def _completion(self, output) -> Completion:
-        token_ids, _ = trim_at_stop(list(output.token_ids), self._stop_ids)
+        token_ids, _, stop = split_at_stop(list(output.token_ids), self._stop_ids)
         finish: FinishReason = "length" if output.finish_reason == "length" else "stop"
-        return Completion(text=output.text, token_ids=token_ids, finish_reason=finish)
+        return Completion(text=output.text, token_ids=token_ids, finish_reason=finish,
+                          stop_token_id=stop if finish == "stop" else None)
 
 
 def _configured_eos(model_dir: str) -> int | list[int] | None:

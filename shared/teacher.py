@@ -151,11 +151,16 @@ def with_reply_ids(prompt: PromptIds, reply_ids: Sequence[int], stop_id: int | N
 def student_examples(
     student_prompts: Sequence[PromptIds], completions: Sequence[Sequence[Completion]], stop_id: int
 ) -> list[PromptIds]:
-    """One example per (question, completion), question-major; prompts[i] is question i's student prompt."""
+    """One example per (question, completion), question-major; prompts[i] is question i's student prompt.
+
+    A completion that stopped ends with the stop token the teacher ended on (``stop_id`` when it is not known).
+    """
     out = []
     for prompt, samples in zip(student_prompts, completions, strict=True):
         for completion in samples:
-            stop = stop_id if completion.finish_reason == "stop" else None
+            stop = None
+            if completion.finish_reason == "stop":
+                stop = stop_id if completion.stop_token_id is None else completion.stop_token_id
             if completion.token_ids or stop is not None:
                 out.append(with_reply_ids(prompt, completion.token_ids, stop))
     return out

@@ -82,11 +82,14 @@ def test_generation_stops_at_eos_and_drops_it(generator, prompts):
     ((stopped,),) = stopping.generate(prompts[:1], GREEDY)
     assert stopped.token_ids == tokens[:stop_at]
     assert stopped.finish_reason == "stop"
+    assert stopped.stop_token_id == tokens[stop_at]  # which of the stop ids ended it
+    assert free_run[0].finish_reason == "length" and free_run[0].stop_token_id is None
 
 
 def test_trim_at_stop_cuts_at_the_first_stop_token():
     assert generation.trim_at_stop([5, 6, 9, 7, 9, 0, 0], {9}) == ([5, 6], "stop")
     assert generation.trim_at_stop([5, 6], {9}) == ([5, 6], "length")
+    assert generation.split_at_stop([5, 8, 9], {8, 9}) == ([5], "stop", 8)
 
 
 def test_left_padded_batches_give_the_same_greedy_output_as_one_at_a_time(generator, prompts):

@@ -227,6 +227,20 @@ def test_teacher_replies_are_spliced_as_sampled_ids_never_re_tokenised(pair):
     assert example.input_ids[example.assistant_start:] == [h, e, tok.eos_token_id]
 
 
+def test_the_student_learns_to_stop_on_the_token_the_teacher_stopped_on(pair):
+    tok = pair.tokenizer
+    other_stop = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert other_stop != tok.eos_token_id
+    prompt = LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=2).build(tok, "Hi")
+    from shared.generation import Completion
+
+    stopped = Completion(text="h", token_ids=[7], finish_reason="stop", stop_token_id=other_stop)
+    cut_off = Completion(text="h", token_ids=[7], finish_reason="length")
+    first, second = student_examples([prompt], [[stopped, cut_off]], tok.eos_token_id)
+    assert first.input_ids[first.assistant_start:] == [7, other_stop]
+    assert second.input_ids[second.assistant_start:] == [7]  # a reply cut at the length limit never stopped
+
+
 def test_teacher_draws_need_questions(pair):
     with pytest.raises(ValueError, match="training questions"):
         TeacherDraws(pair, LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=2), settings(), [], [], 0)
