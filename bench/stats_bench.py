@@ -2,12 +2,16 @@
 
     python -m bench.stats_bench            # writes bench/results/stats_bench.json
 
+The timed code is the analysis stage's own (``jobs.analyze_issue205``: ``results`` - the geometry family with
+its decisions, M2's robustness axes and the outcome - ``behaviour_tests`` and ``report``), fed synthetic arrays
+instead of stored artifacts; only reading the artifacts and drawing the figures are left out.
 Sizes follow the record: 7 checkpoints (base, E0-E4, benign-SFT) x 2 extraction methods x 5 layers x 12
 personas x hidden size 3584, with 240 questions per persona for M3's held-out LDA; 28 questions x 10
 completions per persona for the behavioural tests. Every test asks for n_iter = 10,000: M1/M2/M3 in all
 three families (150 EM-vs-base cells, 30 benign-vs-base, 150 EM-vs-benign) and H1 (4 testable conditions),
 H2, H3; M2's 2**11 sign patterns and H3's 5! orderings are fewer than that and are enumerated exactly.
-M3 refits the 5-fold LDA of all 7 checkpoints under every one of its 10,000 label draws.
+M3 refits the 5-fold LDA of all 7 checkpoints under every one of its 10,000 label draws. Method B carries a
+few empty replies, so the paired empty-reply filter and ragged question groups are exercised too.
 Data generation is timed separately; the budget (60 s on 2 cores) is for the analysis. The record's own
 analysis took about 56 minutes.
 """
@@ -23,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import geometry, stats
+from jobs import analyze_issue205 as analysis
+from shared import stats
 
 CHECKPOINTS = ["base", "E0", "E1", "E2", "E3", "E4", "benign"]
 EM_CONDITIONS = ["E0", "E1", "E2", "E3", "E4"]
@@ -41,8 +46,8 @@ BUDGET_S = 60.0
 RESULTS = Path(__file__).parent / "results" / "stats_bench.json"
 
 
-def synthetic_activations(rng: np.random.Generator) -> dict[tuple[str, int], dict[str, np.ndarray]]:
-    """Per (method, layer) and checkpoint: ``(240 * 12, 3584)`` float32 rows ordered (question, persona).
+def synthetic_activations(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per method: ``(checkpoint, persona, question, layer, hidden)`` float32, the extraction stage's layout.
 
     Persona centres share a common component (base cosines ~0.9); EM pulls every persona towards one
     shared direction and shrinks what tells personas apart, benign-SFT does the same more weakly. The
@@ -50,20 +55,26 @@ def synthetic_activations(rng: np.random.Generator) -> dict[tuple[str, int], dic
     same prompts are strongly correlated across fine-tunes.
     """
     strength = {"base": 0.0, "benign": 0.4, **{c: 1.0 + 0.05 * i for i, c in enumerate(EM_CONDITIONS)}}
+    shape = (len(CHECKPOINTS), len(PERSONAS), QUESTIONS, len(LAYERS), HIDDEN)
     data = {}
     for method in METHODS:
-        for layer in LAYERS:
+        values = np.empty(shape, dtype=np.float32)
+        for li, _layer in enumerate(LAYERS):
             common = 3.0 * rng.standard_normal(HIDDEN, dtype=np.float32)
             specific = 0.12 * rng.standard_normal((len(PERSONAS), HIDDEN), dtype=np.float32)
             em_direction = 3.0 * rng.standard_normal(HIDDEN, dtype=np.float32)
-            noise = rng.standard_normal((QUESTIONS * len(PERSONAS), HIDDEN), dtype=np.float32)
-            data[(method, layer)] = {}
-            for checkpoint in CHECKPOINTS:
+            noise = rng.standard_normal((len(PERSONAS), QUESTIONS, HIDDEN), dtype=np.float32)
+            for ci, checkpoint in enumerate(CHECKPOINTS):
                 s = strength[checkpoint]
                 centres = common + (1 - 0.5 * s) * specific + s * em_direction
-                rows = noise.reshape(QUESTIONS, len(PERSONAS), HIDDEN) + centres[None]
-                data[(method, layer)][checkpoint] = rows.reshape(-1, HIDDEN)
+                values[ci, :, :, li] = noise + centres[:, None]
+        data[method] = values
     return data
+
+
+def synthetic_empty_replies(rng: np.random.Generator, fraction: float = 0.01) -> np.ndarray:
+    """``(checkpoint, persona, question)`` Method B validity: about 1 % of replies empty somewhere."""
+    return rng.random((len(CHECKPOINTS), len(PERSONAS), QUESTIONS)) >= fraction / len(CHECKPOINTS)
 
 
 def synthetic_leakage(rng: np.random.Generator) -> np.ndarray:
@@ -76,76 +87,68 @@ def synthetic_leakage(rng: np.random.Generator) -> np.ndarray:
     return rates
 
 
-def run_analysis(activations: dict, leakage: np.ndarray, n_iter: int, seed: int) -> tuple[dict, dict]:
+def analysis_config(n_iter: int, seed: int) -> analysis.Config:
+    """The stage config the workflow would pass on full (the artifact URIs are never read here)."""
+    unused = "file:///nonexistent/bench"
+    return analysis.Config(
+        store=unused,
+        run_id="bench",
+        cell="analysis",
+        seed=seed,
+        checkpoints=[
+            analysis.CheckpointArtifacts(name=name, activations_uri=unused, index_uri=unused) for name in CHECKPOINTS
+        ],
+        conditions=[
+            analysis.ConditionArtifacts(cond=cond, persona=persona, system="default", cos_to_assistant=cos)
+            for cond, persona, cos in zip(EM_CONDITIONS, INDUCTION_PERSONAS, COS_TO_ASSISTANT, strict=True)
+        ],
+        headline_layer=20,
+        n_iter=n_iter,
+    )
+
+
+def run_analysis(
+    values: dict[str, np.ndarray], b_valid: np.ndarray, leakage: np.ndarray, n_iter: int, seed: int
+) -> tuple[dict, dict]:
     """The whole analysis; returns (timings in seconds, cell counts and headline outcomes)."""
+    cfg = analysis_config(n_iter, seed)
     timings = {}
     start = time.perf_counter()
-    persona_vectors = {
-        key: {
-            name: rows.reshape(QUESTIONS, len(PERSONAS), HIDDEN).mean(axis=0)
-            for name, rows in per_ckpt.items()
-        }
-        for key, per_ckpt in activations.items()
-    }
-    timings["persona_vectors_s"] = time.perf_counter() - start
-
-    row_personas = np.tile(PERSONAS, QUESTIONS)
-    row_questions = np.repeat(np.arange(QUESTIONS), len(PERSONAS))
-    start = time.perf_counter()
-    cells = geometry.geometry_family(
-        persona_vectors,
-        PERSONAS,
-        em_conditions=EM_CONDITIONS,
-        activations=activations,
-        row_personas=row_personas,
-        row_questions=row_questions,
-        n_iter=n_iter,
-        seed=seed,
+    behaviour = analysis.behaviour_tests(
+        cfg, PERSONAS, leakage, [f"m{i}" for i in range(BEHAVIOUR_QUESTIONS)], COMPLETIONS
     )
-    timings["geometry_family_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    behaviour = []
-    for c, persona in enumerate(INDUCTION_PERSONAS):
-        if persona in PERSONAS:
-            behaviour.append(
-                stats.h1_self_leakage_test(leakage[c], PERSONAS, persona, n_iter=n_iter, rng=seed)
-            )
-    behaviour.append(stats.h2_invariance_test(leakage, PERSONAS, INDUCTION_PERSONAS, n_iter=n_iter, rng=seed))
-    bystanders = [
-        np.delete(
-            leakage[c], [PERSONAS.index("confab"), *([PERSONAS.index(p)] if p in PERSONAS else [])], axis=0
-        ).mean()
-        for c, p in enumerate(INDUCTION_PERSONAS)
-    ]
-    behaviour.append(stats.h3_cos_monotone_test(COS_TO_ASSISTANT, bystanders))
     timings["behaviour_s"] = time.perf_counter() - start
 
-    families = {}
-    for cell in cells:
-        families[cell.family] = families.get(cell.family, 0) + 1
-    primary = [cell for cell in cells if cell.family == "em_vs_base"]
+    start = time.perf_counter()
+    acts = analysis.Activations(CHECKPOINTS, PERSONAS, [f"q{i}" for i in range(QUESTIONS)], LAYERS, values, b_valid)
+    data = analysis.results(cfg, acts, behaviour)
+    timings["geometry_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    analysis.report(data)
+    timings["report_s"] = time.perf_counter() - start
+
+    geo = data["geometry"]
+    families = {name: len(geo[name]) for name in ("cells", "benign_vs_base", "em_vs_benign")}
+    families["em_vs_base"] = families.pop("cells")
+    n_h1 = behaviour["H1"]["testable"]
     outcomes = {
         "geometry_cells": families,
-        "behaviour_tests": {test.name: sum(t.name == test.name for t in behaviour) for test in behaviour},
-        "n_tests": len(cells) + len(behaviour),
+        "behaviour_tests": {"H1": n_h1, "H2": 1, "H3": 1},
+        "n_tests": sum(families.values()) + n_h1 + 2,
         "primary_cells_firing_bh_0.01": {
-            metric: sum(c.p_bh < 0.01 for c in primary if c.metric == metric) for metric in ("M1", "M2", "M3")
+            metric: sum(c["p_bh"] < 0.01 for c in geo["cells"] if c["metric"] == metric) for metric in ("M1", "M2", "M3")
         },
-        "m3_accuracy_L20_A": {
-            c.condition: round(c.test.condition_value, 3)
-            for c in cells
-            if c.metric == "M3" and c.method == "A" and c.layer == 20 and c.reference == "base"
-        },
+        "m3_accuracy_L20_A": {name: round(v, 3) for name, v in geo["values"]["A/L20"]["M3"].items()},
+        "method_b_retained_min": round(min(geo["paired_retained"]["B"].values()), 4),
+        "decisions_fired": data["outcome"]["fired"],
         "behaviour": {
-            _behaviour_key(t): {"statistic": t.statistic, "p": t.p_value, "fires": t.fires} for t in behaviour
+            **{f"H1:{c['persona']}": c["h1"] for c in behaviour["conditions"] if "h1" in c},
+            "H2": {k: behaviour["H2"][k] for k in ("range", "p", "fires")},
+            "H3": {k: behaviour["H3"][k] for k in ("rho", "p", "fires")},
         },
     }
     return timings, outcomes
-
-
-def _behaviour_key(test: stats.HypothesisResult) -> str:
-    return f"H1:{test.details['induction_persona']}" if test.name == "H1" else test.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    activations = synthetic_activations(rng)
+    values = synthetic_activations(rng)
+    b_valid = synthetic_empty_replies(rng)
     leakage = synthetic_leakage(rng)
     generation_s = time.perf_counter() - start
 
     cpu_start, start = time.process_time(), time.perf_counter()
-    timings, outcomes = run_analysis(activations, leakage, args.n_iter, args.seed)
+    timings, outcomes = run_analysis(values, b_valid, leakage, args.n_iter, args.seed)
     analysis_s = time.perf_counter() - start
     analysis_cpu_s = time.process_time() - cpu_start
     report = {

@@ -77,9 +77,30 @@ class Config(StageConfig):
 
 
 class Activations:
-    """Every checkpoint's per-question activations on shared axes, with the cross-checkpoint validity mask."""
+    """Every checkpoint's per-question activations on shared axes, with the cross-checkpoint validity mask.
 
-    def __init__(self, cfg: Config):
+    ``values[method]`` is ``(checkpoint, persona, question, layer, hidden)``; ``b_valid`` is
+    ``(checkpoint, persona, question)``, False where Method B's reply was empty. ``load`` reads the stored
+    extraction artifacts; the constructor takes arrays (the benchmark times the analysis on synthetic ones).
+    """
+
+    def __init__(self, checkpoints: list[str], personas: list[str], questions: list[str], layers: list[int],
+                 values: dict[str, np.ndarray], b_valid: np.ndarray | None = None):
+        if checkpoints[0] != "base" or len(set(checkpoints)) != len(checkpoints):
+            raise StageInputError(f"checkpoints must start with 'base' and be distinct, got {checkpoints}")
+        self.checkpoints, self.personas, self.questions, self.layers = checkpoints, personas, questions, layers
+        self.methods = list(values)
+        self.values = values
+        shape = (len(checkpoints), len(personas), len(questions))
+        for method, array in values.items():
+            if array.shape[:4] != (*shape, len(layers)):
+                raise StageInputError(f"method {method} activations have shape {array.shape[:4]}, expected {(*shape, len(layers))}")
+        valid_b = np.ones(shape, bool) if b_valid is None else np.asarray(b_valid, bool)
+        # paired filter: a (persona, question) counts only if its reply is non-empty under every checkpoint
+        self.valid = {"A": np.ones(shape[1:], bool), "B": valid_b.all(axis=0)}
+
+    @classmethod
+    def load(cls, cfg: Config) -> Activations:
         names = [c.name for c in cfg.checkpoints]
         if names[0] != "base" or len(set(names)) != len(names):
             raise StageInputError(f"checkpoints must start with 'base' and be distinct, got {names}")
@@ -91,18 +112,10 @@ class Activations:
                     raise StageInputError(f"checkpoint {ckpt.name}'s {axis} differ from base's: the grids must be identical")
             if index["checkpoint"] != ckpt.name:
                 raise StageInputError(f"{ckpt.index_uri} holds checkpoint {index['checkpoint']!r}, expected {ckpt.name!r}")
-        self.checkpoints = names
-        self.personas = [p["name"] for p in first["personas"]]
-        self.questions = first["questions"]
-        self.layers = first["layers"]
-        self.methods = first["methods"]
         tensors = [store.read_tensors(c.activations_uri) for c in cfg.checkpoints]
-        # (checkpoint, persona, question, layer, hidden) per method
-        self.values = {m: np.stack([t[m].float().numpy() for t in tensors]) for m in self.methods}
-        shape = (len(names), len(self.personas), len(self.questions))
-        valid_b = np.stack([t["B_valid"].numpy() for t in tensors]) if "B" in self.methods else np.ones(shape, bool)
-        # paired filter: a (persona, question) counts only if its reply is non-empty under every checkpoint
-        self.valid = {"A": np.ones(shape[1:], bool), "B": valid_b.all(axis=0)}
+        values = {m: np.stack([t[m].float().numpy() for t in tensors]) for m in first["methods"]}
+        b_valid = np.stack([t["B_valid"].numpy() for t in tensors]) if "B" in first["methods"] else None
+        return cls(names, [p["name"] for p in first["personas"]], first["questions"], first["layers"], values, b_valid)
 
     def centroids(self, method: str) -> np.ndarray:
         """(checkpoint, persona, layer, hidden): means over the persona's paired-valid questions."""
@@ -123,11 +136,17 @@ def persona_inputs(acts: Activations) -> tuple[dict, dict, dict]:
     vectors, rows, labels = {}, {}, {}
     for method in acts.methods:
         centroids = acts.centroids(method)  # (checkpoint, persona, layer, hidden)
-        persona_idx, question_idx = np.nonzero(acts.valid[method])
+        # rows question-major, questions in their label order: each question's rows are one contiguous block
+        # (M3 centres and folds by question)
+        order = np.argsort(np.array(acts.questions), kind="stable")
+        sorted_question, persona_idx = np.nonzero(acts.valid[method][:, order].T)
+        question_idx = order[sorted_question]
         labels[method] = (np.array(acts.personas)[persona_idx], np.array(acts.questions)[question_idx])
+        flat_rows = persona_idx * len(acts.questions) + question_idx  # into (persona * question, layer, hidden)
+        flat = [acts.values[method][ci].reshape(-1, *acts.values[method].shape[3:]) for ci in range(len(acts.checkpoints))]
         for li, layer in enumerate(acts.layers):
             vectors[(method, layer)] = {c: centroids[ci, :, li] for ci, c in enumerate(acts.checkpoints)}
-            rows[(method, layer)] = {c: acts.values[method][ci, persona_idx, question_idx, li] for ci, c in enumerate(acts.checkpoints)}
+            rows[(method, layer)] = {c: flat[ci][flat_rows, li] for ci, c in enumerate(acts.checkpoints)}
     return vectors, rows, labels
 
 
@@ -183,18 +202,27 @@ def leakage_matrix(uri: str, personas: list[str], marker: str) -> tuple[np.ndarr
 
 
 def behaviour(cfg: Config, personas: list[str]) -> dict | None:
-    from shared.stats import h1_self_leakage_test, h2_invariance_test, h3_cos_monotone_test
-
+    """H1/H2/H3 and the per-condition leakage, recomputed from every condition's stored marker rows."""
     if not all(c.marker_uri for c in cfg.conditions):
         return None
-    rates, question_sets = [], []
+    rates, question_sets, per_cell = [], [], []
     for cond in cfg.conditions:
         matrix, questions, n_per_cell = leakage_matrix(cond.marker_uri, personas, cfg.marker)
         rates.append(matrix)
         question_sets.append(questions)
+        per_cell.append(n_per_cell)
     if any(q != question_sets[0] for q in question_sets):
         raise StageInputError("marker evaluations of the conditions used different questions")
-    rates = np.stack(rates)  # (cond, persona, question)
+    samples = {cond.cond: leaked_samples(cond.marker_uri, [p for p in personas if p not in (cfg.source_persona, cond.persona)],
+                                         cfg.marker) for cond in cfg.conditions}  # fmt: skip
+    return behaviour_tests(cfg, personas, np.stack(rates), question_sets[0], min(per_cell), samples)
+
+
+def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questions: list[str], n_per_cell: int,
+                    samples: dict[str, list[dict]] | None = None) -> dict:
+    """The behavioural statistics from ``rates`` (condition, persona, question) of marker rates."""
+    from shared.stats import h1_self_leakage_test, h2_invariance_test, h3_cos_monotone_test
+
     source = personas.index(cfg.source_persona)
     per_condition = []
     for c, cond in enumerate(cfg.conditions):
@@ -203,7 +231,7 @@ def behaviour(cfg: Config, personas: list[str]) -> dict | None:
                "source_rate": float(rates[c, source].mean()),
                "mean_bystander": float(rates[c, bystanders].mean(axis=1).mean()),
                "per_persona": {p: float(rates[c, i].mean()) for i, p in enumerate(personas)},
-               "samples": leaked_samples(cond.marker_uri, [personas[i] for i in bystanders], cfg.marker)}
+               "samples": (samples or {}).get(cond.cond, [])}
         if cond.persona in personas:
             h1 = h1_self_leakage_test(rates[c], personas, cond.persona, source_persona=cfg.source_persona, n_iter=cfg.n_iter,
                                       rng=cfg.seed, min_excess=cfg.rules.h1_min_excess, alpha=cfg.rules.h1_alpha)
@@ -222,7 +250,7 @@ def behaviour(cfg: Config, personas: list[str]) -> dict | None:
     h1_fired = sum(r["h1"]["fires"] for r in testable)
     needed = math.ceil(cfg.rules.h1_min_fraction * len(testable)) if testable else None
     return {
-        "questions": question_sets[0], "completions_per_cell": n_per_cell, "conditions": per_condition,
+        "questions": questions, "completions_per_cell": n_per_cell, "conditions": per_condition,
         "H1": {"testable": len(testable), "fired": h1_fired, "needed": needed,
                "fires": bool(testable) and h1_fired >= needed, "rule": f"excess >= {cfg.rules.h1_min_excess}, p < {cfg.rules.h1_alpha}, in >= {cfg.rules.h1_min_fraction:.0%} of testable conditions"},
         "H2": {"range": h2.statistic, "p": h2.p_value, "fires": h2.fires, "rule": h2.rule},
@@ -270,14 +298,17 @@ def geometry(cfg: Config, acts: Activations) -> dict:
         for cond in em_names:
             mine = [c for c in cells if c["metric"] == metric and c["condition"] == cond]
             layers_fired = {m: sum(c["fires"] for c in mine if c["method"] == m) for m in acts.methods}
-            fired = [c for c in mine if c["fires"]]
-            # the three-way bar: where a cell fires, EM must also beat benign SFT (BH p < 0.05) at a majority of layers
+            fires_vs_base = all(n >= n_layers_needed for n in layers_fired.values())
+            # the three-way bar (pre-registered): a firing condition x metric must ALSO separate from benign SFT
+            # (EM-vs-benign BH p < 0.05) at a majority of layers, under each method, or it does not count
             beat = {(x["method"], x["layer"]) for x in contrasts
                     if x["metric"] == metric and x["condition"] == cond and x["p_bh"] < rules.contrast_alpha}
-            beats_benign = bool(fired) and all(
-                sum((m, layer) in beat for layer in acts.layers) > len(acts.layers) / 2 for m in {c["method"] for c in fired})
-            per_cond[cond] = {"fires": all(n >= n_layers_needed for n in layers_fired.values()), "layers_fired": layers_fired,
-                              "beats_benign": beats_benign, "mean_delta": float(np.mean([c["delta"] for c in mine]))}
+            layers_beating = {m: sum((m, layer) in beat for layer in acts.layers) for m in acts.methods}
+            beats_benign = all(n > len(acts.layers) / 2 for n in layers_beating.values())
+            per_cond[cond] = {"fires": fires_vs_base and beats_benign, "fires_vs_base": fires_vs_base,
+                              "layers_fired": layers_fired, "beats_benign": beats_benign,
+                              "layers_beating_benign": layers_beating,
+                              "mean_delta": float(np.mean([c["delta"] for c in mine]))}
         decisions[name] = {"metric": metric, "conditions": per_cond, "layers_needed": n_layers_needed,
                            "all_fire": all(v["fires"] for v in per_cond.values()),
                            "cos_monotone": monotone([c.cos_to_assistant for c in cfg.conditions],
@@ -285,12 +316,13 @@ def geometry(cfg: Config, acts: Activations) -> dict:
         d = decisions[name]
         d["fires"] = bool(any(v["fires"] for v in per_cond.values()) and (d["all_fire"] or d["cos_monotone"]["fires"]))
 
+    # The base model must separate personas, or M3 says nothing: its held-out accuracy against the same
+    # joint-shuffle null the family's M3 cells use (one null per (method, layer), shared by every checkpoint).
     base_chance = {}
-    for (method, layer), per_ckpt in rows.items():  # the base model must separate personas, or M3 says nothing
-        base = g.m3_separability({"base": per_ckpt["base"]}, *labels[method], n_iter=cfg.n_iter, rng=cfg.seed,
-                                 n_splits=cfg.n_splits, n_components=cfg.lda_components)
-        base_chance[f"{method}/L{layer}"] = {"accuracy": base.accuracy["base"], "chance": base.chance_level,
-                                             "p_above_chance": base.p_above_chance["base"]}
+    for c in cells:
+        if c["metric"] == "M3" and c["reference"] == "base":
+            base_chance.setdefault(f"{c['method']}/L{c['layer']}", {
+                "accuracy": c["reference_value"], "chance": c["chance_level"], "p_above_chance": c["reference_p_above_chance"]})
     return {
         "cells": cells, "em_vs_benign": contrasts, "benign_vs_base": [c for c in family if c["family"] == "benign_vs_base"],
         "decisions": decisions, "values": checkpoint_values(family, vectors, acts), "m3_base": base_chance,
@@ -402,23 +434,30 @@ def hero_figure(data: dict, uri: str) -> dict:
             shown = [v for m in data["methods"] for v in geo["values"][f"{m}/L{layer}"][metric].values()]
             ax.set_ylim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.02))
     chance = geo["m3_base"][f"{data['methods'][0]}/L{layer}"]["chance"]
-    grid[0, 2].axhline(chance, color="grey", linestyle="--", linewidth=1)
+    grid[0, 2].axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    grid[0, 2].legend(fontsize=7, loc="lower right", framealpha=0.9)
     if beh:
         conds = beh["conditions"]
         names = [c["cond"] for c in conds]
+        rate = f"{data['marker']} rate"
+        x = np.arange(len(names))
+        self_rates = [c["per_persona"].get(c["persona"], np.nan) for c in conds]
+        top = 1.15 * max([0.05, *[c["mean_bystander"] for c in conds], *[r for r in self_rates if not np.isnan(r)]])
         grid[1, 0].bar(names, [c["mean_bystander"] for c in conds], color=PALETTE[2])
-        grid[1, 0].set_title("mean bystander leakage", fontsize=8)
+        grid[1, 0].set_title("mean bystander leakage per EM condition", fontsize=8)
         grid[1, 1].scatter([c["cos_to_assistant"] for c in conds], [c["mean_bystander"] for c in conds], color=PALETTE[1])
         for c in conds:
             grid[1, 1].annotate(c["cond"], (c["cos_to_assistant"], c["mean_bystander"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         grid[1, 1].set_xlabel("cos(induction persona, assistant)")
-        grid[1, 1].set_title(f"H3: rho = {fmt(beh['H3']['rho'])}, exact p = {fmt(beh['H3']['p'], 3)}", fontsize=8)
-        x = np.arange(len(names))
-        grid[1, 2].bar(x, [c["per_persona"].get(c["persona"], np.nan) for c in conds], width=0.4, color=PALETTE[3], label="induction persona")
+        grid[1, 1].set_title(f"H3: mean bystander leakage vs cos; rho = {fmt(beh['H3']['rho'])}, exact p = {fmt(beh['H3']['p'], 3)}", fontsize=8)
+        grid[1, 2].bar(x, self_rates, width=0.4, color=PALETTE[3], label="induction persona")
         grid[1, 2].bar(x + 0.4, [c["mean_bystander"] for c in conds], width=0.4, color=PALETTE[2], label="other bystanders")
         grid[1, 2].set_xticks(x + 0.2, names)
-        grid[1, 2].set_title("H1: self vs bystander leakage", fontsize=8)
+        grid[1, 2].set_title("H1: induction persona vs other bystanders", fontsize=8)
         grid[1, 2].legend(fontsize=7, frameon=False)
+        for ax in grid[1]:  # rates: from 0, with room for the largest
+            ax.set_ylim(0, top)
+            ax.set_ylabel(rate, fontsize=8)
     else:
         for ax in grid[1]:
             ax.set_axis_off()
@@ -448,6 +487,8 @@ def m1_bars_figure(data: dict, uri: str) -> dict:
 
 
 def leakage_heatmap(data: dict, uri: str) -> dict:
+    from matplotlib.patches import Rectangle
+
     from shared.figures import new_figure, save
 
     beh = data["behaviour"]
@@ -461,8 +502,11 @@ def leakage_heatmap(data: dict, uri: str) -> dict:
     ax.set_yticks(range(len(conds)), [c["cond"] for c in conds])
     for (r, col), value in np.ndenumerate(matrix):
         ax.text(col, r, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value < 0.5 else "black")
+    for r, c in enumerate(conds):  # the condition's own induction persona (H1), where the grid has it
+        if c["persona"] in personas:
+            ax.add_patch(Rectangle((personas.index(c["persona"]) - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
     fig.colorbar(image, ax=ax, label=f"{data['marker']} rate")
-    ax.set_title("marker leakage per persona (rows: EM-induction condition)", fontsize=9)
+    ax.set_title("marker leakage per persona (rows: EM-induction condition; red: its induction persona)", fontsize=9)
     return save(fig, uri)
 
 
@@ -491,10 +535,25 @@ def three_way_rows(geo: dict, layer: int) -> list[tuple]:
     rows = []
     for c in (c for c in geo["cells"] if c["layer"] == layer):
         shift = benign[(c["metric"], c["method"])]
-        share = f"{shift / c['delta']:.0%}" if c["delta"] else None
+        share = f"{shift / c['delta']:.0%}" if shift * c["delta"] > 0 else None  # a share only of a shift in the same direction
         rows.append((c["metric"], c["method"], c["condition"], f"{c['delta']:.4f}", f"{shift:.4f}", share,
                      f"{contrast[(c['metric'], c['method'], c['condition'])]:.4g}"))
     return rows
+
+
+def m2_robustness_rows(data: dict) -> list[tuple]:
+    geo, layer = data["geometry"], data["headline_layer"]
+    primary = {(c["method"], c["condition"]): c["delta"] for c in geo["cells"] if c["metric"] == "M2" and c["layer"] == layer}
+    robust = geo["m2_robustness"]
+    return [(method, cond, f"{primary[(method, cond)]:.4f}",
+             f"{robust['own_assistant_delta'][f'{method}/L{layer}'][cond]:.4f}", f"{robust['own_pc1'][f'{method}/L{layer}'][cond]:.4f}")
+            for method in data["methods"] for cond in data["em_conditions"]]
+
+
+def h1_cells(row: dict) -> tuple:
+    """H1 excess and p of one condition, or dashes where its induction persona is not in the grid."""
+    h1 = row.get("h1")
+    return (f"{h1['excess']:.4f}", f"{h1['p']:.4g}", h1["fires"]) if h1 else (None, None, "untestable")
 
 
 def report(data: dict) -> str:
@@ -507,14 +566,18 @@ def report(data: dict) -> str:
              f"(headline layer {data['headline_layer']}). {data['n_iter']} permutations per test.", "",
              "## Headline", "", markdown_table(headers, rows), "", "![hero](hero_issue205.png)", ""]
     lines += ["## Decision rules (as pre-registered)", ""]
+    rules = data["rules"]
     for g, d in geo["decisions"].items():
-        fired = [c for c, v in d["conditions"].items() if v["fires"]]
+        vs_base = [c for c, v in d["conditions"].items() if v["fires_vs_base"]]
         beats = [c for c, v in d["conditions"].items() if v["beats_benign"]]
+        fired = [c for c, v in d["conditions"].items() if v["fires"]]
         mono = d["cos_monotone"]
-        lines.append(f"- **{g}** ({d['metric']}): {'FIRES' if d['fires'] else 'does not fire'}. Conditions firing "
-                     f"(BH p < {data['rules']['geometry_alpha']} under both methods at >= {d['layers_needed']} layers): "
-                     f"{', '.join(fired) or 'none'}; all fire: {d['all_fire']}; cos-monotone rho = {fmt(mono['rho'])}, "
-                     f"exact p = {fmt(mono['p'], 3)}. Beats benign SFT (three-way bar): {', '.join(beats) or 'none'}.")
+        lines.append(f"- **{g}** ({d['metric']}): {'FIRES' if d['fires'] else 'does not fire'}. vs base (BH p < "
+                     f"{rules['geometry_alpha']} in the pre-registered direction under both methods at >= {d['layers_needed']} "
+                     f"of {len(data['layers'])} layers): {', '.join(vs_base) or 'none'}; beat benign SFT (EM-vs-benign BH p < "
+                     f"{rules['contrast_alpha']} at a majority of layers, both methods): {', '.join(beats) or 'none'}; "
+                     f"firing (both bars): {', '.join(fired) or 'none'}; all fire: {d['all_fire']}; cos-monotone rho = "
+                     f"{fmt(mono['rho'])}, exact p = {fmt(mono['p'], 3)}.")
     if beh:
         h1, h2, h3 = beh["H1"], beh["H2"], beh["H3"]
         lines += [
@@ -535,9 +598,9 @@ def report(data: dict) -> str:
                   f"{', '.join(uninformative)}.", ""]
     if beh:
         lines += ["## Behaviour per condition", "",
-                  markdown_table(["cond", "persona", "cos to assistant", "mean bystander", "source rate", "H1 excess", "H1 p"],
+                  markdown_table(["cond", "persona", "cos to assistant", "mean bystander", "source rate", "H1 excess", "H1 p", "H1 fires"],
                                  [(c["cond"], c["persona"], f"{c['cos_to_assistant']:.4f}", f"{c['mean_bystander']:.4f}",
-                                   f"{c['source_rate']:.4f}", c.get("h1", {}).get("excess"), c.get("h1", {}).get("p"))
+                                   f"{c['source_rate']:.4f}", *h1_cells(c))
                                   for c in beh["conditions"]]),
                   "", f"{beh['completions_per_cell']} completions per (persona, question); {len(beh['questions'])} questions.",
                   "", "![leakage](leakage_heatmap.png)", ""]
@@ -553,6 +616,12 @@ def report(data: dict) -> str:
               "the one-sided EM-vs-benign test (BH-FDR over its own family).", "",
               markdown_table(["metric", "method", "cond", "EM shift", "benign shift", "benign / EM", "p BH (EM vs benign)"],
                              three_way_rows(geo, data["headline_layer"]), align="lllrrrr"), ""]
+    lines += ["## M2 robustness (per-condition axes)", "",
+              f"Change from base of the mean |cos| of the non-assistant personas to three axes at layer {data['headline_layer']}: "
+              "the E0-anchored EM axis (primary, tested above), the condition's own assistant delta and PC-1 of its own "
+              "persona shifts (descriptive, outside the family).", "",
+              markdown_table(["method", "cond", "E0 axis", "own assistant delta", "own PC-1"],
+                             m2_robustness_rows(data), align="llrrr"), ""]
     fired = sum(c["fires"] for c in geo["cells"])
     lines += ["## Geometry family", "",
               f"{len(geo['cells'])} cells (metrics x methods x layers x EM conditions); {fired} fire. BH-FDR is primary, Holm "
@@ -566,21 +635,15 @@ def report(data: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Config, ctx) -> dict:
-    from shared.reporting import producing_manifest, reproducibility
-
-    acts = Activations(cfg)
+def results(cfg: Config, acts: Activations, beh: dict | None) -> dict:
+    """Everything ``headline.json`` holds: the geometry family and its decisions, the behaviour (``behaviour``
+    or ``behaviour_tests``), the pre-registered outcome. ``run`` and the statistics benchmark both call this."""
     if cfg.headline_layer not in acts.layers:
         raise StageInputError(f"headline_layer {cfg.headline_layer} is not among the extracted layers {acts.layers}")
     for name in (cfg.assistant_persona, cfg.source_persona):
         if name not in acts.personas:
             raise StageInputError(f"persona {name!r} is not in the evaluation grid {acts.personas}")
-    for method in acts.methods:
-        low = [p for p, f in acts.retained(method).items() if f < cfg.rules.min_paired_fraction]
-        if low:
-            ctx.log(f"warning: method {method}: personas {low} keep < {cfg.rules.min_paired_fraction:.0%} of questions after the paired filter")
     geo = geometry(cfg, acts)
-    beh = behaviour(cfg, acts.personas)
     data = {
         "checkpoints": acts.checkpoints, "em_conditions": [c.cond for c in cfg.conditions], "personas": acts.personas,
         "questions": acts.questions, "layers": acts.layers, "methods": acts.methods, "headline_layer": cfg.headline_layer,
@@ -588,17 +651,32 @@ def run(cfg: Config, ctx) -> dict:
         "conditions": [c.model_dump() for c in cfg.conditions], "geometry": geo, "behaviour": beh,
     }  # fmt: skip
     data["outcome"] = outcome(geo, beh)
+    return data
+
+
+def run(cfg: Config, ctx) -> dict:
+    from shared.reporting import producing_manifest, reproducibility
+
+    acts = Activations.load(cfg)
+    for method in acts.methods:
+        low = [p for p, f in acts.retained(method).items() if f < cfg.rules.min_paired_fraction]
+        if low:
+            ctx.log(f"warning: method {method}: personas {low} keep < {cfg.rules.min_paired_fraction:.0%} of questions after the paired filter")
+    for name in (cfg.assistant_persona, cfg.source_persona):  # checked before the marker rows are read
+        if name not in acts.personas:
+            raise StageInputError(f"persona {name!r} is not in the evaluation grid {acts.personas}")
+    data = results(cfg, acts, behaviour(cfg, acts.personas))
     store.write_json(ctx.out("headline.json"), data)
     hero_figure(data, ctx.out("hero_issue205"))
     m1_bars_figure(data, ctx.out("m1_bars"))
-    if beh:
+    if data["behaviour"]:
         leakage_heatmap(data, ctx.out("leakage_heatmap"))
     store.write_text(ctx.out("report.md"), report(data))
     upstream = [producing_manifest(c.activations_uri) for c in cfg.checkpoints]
     upstream += [producing_manifest(c.marker_uri) for c in cfg.conditions if c.marker_uri]
     unique = {(m["cell"], m["stage"]): m for m in upstream}
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#205", cfg.params, list(unique.values())))
-    return {"fired": data["outcome"]["fired"], "geometry_cells_firing": sum(c["fires"] for c in geo["cells"])}
+    return {"fired": data["outcome"]["fired"], "geometry_cells_firing": sum(c["fires"] for c in data["geometry"]["cells"])}
 
 
 SPEC = StageSpec(

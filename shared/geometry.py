@@ -230,7 +230,10 @@ def shift_pc1_axis(reference_vectors: np.ndarray, condition_vectors: np.ndarray)
     the sign is arbitrary and irrelevant because M2 uses ``|cos|``.
     """
     shifts = np.asarray(condition_vectors, dtype=float) - np.asarray(reference_vectors, dtype=float)
-    return np.linalg.svd(shifts, full_matrices=False)[2][0]
+    # the top right singular vector, from the (personas x personas) Gram matrix: no SVD of a 3584-wide matrix
+    _, vectors = np.linalg.eigh(shifts @ shifts.T)
+    axis = shifts.T @ vectors[:, -1]
+    return axis / np.linalg.norm(axis)
 
 
 def _persona_index(names: list[str], persona: str) -> int:

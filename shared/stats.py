@@ -575,13 +575,23 @@ def grouped_folds(
 
 
 def _group_means(matrix: np.ndarray, group_codes: np.ndarray) -> np.ndarray:
-    """``(n_groups, d)`` mean row of each group (codes 0..G-1), summing contiguous runs without a copy."""
-    order = np.argsort(group_codes, kind="stable")
-    contiguous = np.array_equal(order, np.arange(order.size))
-    sorted_rows = matrix if contiguous else matrix[order]
-    starts = np.flatnonzero(np.r_[True, np.diff(group_codes[order]) != 0])
-    sums = np.add.reduceat(sorted_rows, starts, axis=0, dtype=np.float64)
-    return sums / np.diff(np.r_[starts, order.size])[:, None]
+    """``(n_groups, d)`` float64 mean row of each group (codes 0..G-1, every code present).
+
+    Groups of equal size are summed as one ``(groups, size, d)`` block (rows ordered by size, then group); rows
+    already in that order (e.g. question-major rows of a full grid) are summed in place, without a copy.
+    """
+    sizes = np.bincount(group_codes)
+    order = np.lexsort((np.arange(group_codes.size), group_codes, sizes[group_codes]))
+    in_place = np.array_equal(order, np.arange(order.size))
+    means = np.empty((sizes.size, matrix.shape[1]))
+    start = 0
+    for size in np.unique(sizes):
+        members = np.flatnonzero(sizes == size)  # ascending codes, as the sort put their rows
+        stop = start + size * members.size
+        block = matrix[start:stop] if in_place else matrix[order[start:stop]]
+        means[members] = block.reshape(members.size, size, -1).sum(axis=1, dtype=np.float64) / size
+        start = stop
+    return means
 
 
 def label_free_projection(

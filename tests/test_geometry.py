@@ -88,6 +88,8 @@ def test_m2_robustness_axis_pc1_recovers_a_shared_shift():
     shifted = collapse_towards(base, direction, strength=2.0)
     pc1 = geometry.shift_pc1_axis(base, shifted)
     assert abs(pc1 @ direction) / np.linalg.norm(direction) > 0.99
+    top_right_singular_vector = np.linalg.svd(shifted - base, full_matrices=False)[2][0]
+    assert abs(pc1 @ top_right_singular_vector) == pytest.approx(1.0)
 
 
 def test_three_way_contrast_separates_em_from_a_weaker_benign_shift():

@@ -118,7 +118,7 @@ def test_em_collapse_fires_m1_for_every_condition_and_benign_does_not_move(finis
     m1 = [c for c in geo["cells"] if c["metric"] == "M1"]
     assert len(m1) == 2 * len(LAYERS) * 5 and all(c["fires"] and c["delta"] > 0 for c in m1)
     assert geo["decisions"]["G1"]["fires"] and geo["decisions"]["G1"]["all_fire"]
-    assert all(v["beats_benign"] for v in geo["decisions"]["G1"]["conditions"].values())
+    assert all(v["fires_vs_base"] and v["beats_benign"] and v["fires"] for v in geo["decisions"]["G1"]["conditions"].values())
     benign = [c for c in geo["benign_vs_base"] if c["metric"] == "M1"]
     assert len(benign) == 2 * len(LAYERS) and all(abs(c["delta"]) < 0.05 for c in benign)
 
@@ -145,7 +145,7 @@ def test_m1_mean_offdiagonal_is_recomputed_from_the_stored_activations(finished)
 
 
 def test_method_b_centroids_use_only_questions_valid_under_every_checkpoint(finished):
-    acts = analysis.Activations(parse(analysis.Config, finished["cfg"]))
+    acts = analysis.Activations.load(parse(analysis.Config, finished["cfg"]))
     villain = PERSONAS.index("villain")
     assert not acts.valid["B"][villain, 3] and acts.valid["B"].sum() == len(PERSONAS) * N_Q - 1
     centroids = acts.centroids("B")  # (checkpoint, persona, layer, hidden)
@@ -162,6 +162,9 @@ def test_m3_is_heldout_lda_well_above_chance_on_separable_personas(finished):
     assert m3["chance"] == pytest.approx(1 / len(PERSONAS))
     assert m3["accuracy"] > 0.9 and m3["p_above_chance"] < 0.01
     assert geo["values"]["A/L20"]["M3"]["base"] == pytest.approx(m3["accuracy"])
+    # the base's p above chance is the family's own (same joint-shuffle null as every M3 cell of A/L20)
+    cell = next(c for c in geo["cells"] if (c["metric"], c["method"], c["layer"]) == ("M3", "A", 20))
+    assert m3["p_above_chance"] == cell["reference_p_above_chance"]
     # collapse towards one direction costs the EM checkpoints separability; benign keeps it
     assert geo["values"]["A/L20"]["M3"]["E2"] < m3["accuracy"] and geo["values"]["A/L20"]["M3"]["benign"] > 0.9
     assert all(finished["headline"]["geometry"]["m3_base_above_chance"].values())
@@ -226,14 +229,20 @@ def test_marker_rows_for_an_unknown_persona_are_refused(tmp_path):
 
 
 
-def test_collapse_that_benign_sft_matches_fires_but_fails_the_three_way_bar(tmp_path):
+def test_collapse_that_benign_sft_matches_passes_vs_base_but_fails_the_three_way_bar_so_g1_does_not_fire(tmp_path):
     root = store.from_path(tmp_path / "store")
     everyone = {name: 0.6 for name in CHECKPOINTS if name != "base"}  # benign collapses exactly as EM does
     execute(analysis.SPEC, config(root, write_checkpoints(root, synthetic_activations(everyone)), n_iter=1000))
-    headline = store.read_json(store.join(root, "runs", "t", "analysis", "analyze_issue205", "headline.json"))
-    g1 = headline["geometry"]["decisions"]["G1"]
-    assert g1["fires"] and g1["all_fire"]
-    assert not any(v["beats_benign"] for v in g1["conditions"].values())
+    prefix = store.join(root, "runs", "t", "analysis", "analyze_issue205")
+    g1 = store.read_json(store.join(prefix, "headline.json"))["geometry"]["decisions"]["G1"]
+    assert all(v["fires_vs_base"] for v in g1["conditions"].values())
+    assert not any(v["beats_benign"] or v["fires"] for v in g1["conditions"].values())
+    assert not g1["fires"] and not g1["all_fire"]
+    report = store.read_text(store.join(prefix, "report.md"))
+    assert "- **G1** (M1): does not fire. vs base" in report
+    # the three-way table shows benign SFT producing about all of the EM shift
+    (row,) = [line for line in report.splitlines() if line.startswith("| M1 | A | E2 |")]
+    assert 80 <= int(row.split("|")[6].strip().rstrip("%")) <= 120
 
 
 def test_m2_shift_along_the_e0_axis_fires_when_em_moves_personas_towards_it(finished):
@@ -243,11 +252,35 @@ def test_m2_shift_along_the_e0_axis_fires_when_em_moves_personas_towards_it(fini
     assert {c["n_units"] for c in m2} == {len(PERSONAS) - 1}  # the 11 non-assistant personas
 
 
-def test_report_quotes_marked_completions_and_the_benign_share_of_each_shift(finished):
+def test_report_quotes_marked_completions_and_the_em_and_benign_shifts(finished):
     report = finished["report"]
     assert "## Sample outputs" in report and "- E1 / assistant / m0: answer [ZLT]" in report
     assert "- E0 / assistant" not in report  # E0's own induction persona is not its bystander
     geo = finished["headline"]["geometry"]
     em = next(c for c in geo["cells"] if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
     benign = next(c for c in geo["benign_vs_base"] if (c["metric"], c["method"], c["layer"]) == ("M1", "A", 20))
-    assert f"| M1 | A | E2 | {em['delta']:.4f} | {benign['delta']:.4f} | {benign['delta'] / em['delta']:.0%} |" in report
+    assert f"| M1 | A | E2 | {em['delta']:.4f} | {benign['delta']:.4f} |" in report
+
+
+def test_report_tabulates_m2_on_each_conditions_own_axes(finished):
+    robust = finished["headline"]["geometry"]["m2_robustness"]
+    assert set(robust) == {"own_assistant_delta", "own_pc1"}
+    assert "## M2 robustness (per-condition axes)" in finished["report"]
+    primary = next(c for c in finished["headline"]["geometry"]["cells"]
+                   if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M2", "B", 20, "E4"))
+    row = f"| B | E4 | {primary['delta']:.4f} | {robust['own_assistant_delta']['B/L20']['E4']:.4f} | {robust['own_pc1']['B/L20']['E4']:.4f} |"
+    assert row in finished["report"]
+
+
+def test_the_statistics_benchmark_times_this_stages_own_analysis(monkeypatch):
+    """bench.stats_bench runs ``results``/``behaviour_tests``/``report`` of this stage (here at a toy size)."""
+    from bench import stats_bench
+
+    for name, value in {"QUESTIONS": 20, "HIDDEN": 16, "LAYERS": [7, 20]}.items():
+        monkeypatch.setattr(stats_bench, name, value)
+    rng = np.random.default_rng(0)
+    timings, outcomes = stats_bench.run_analysis(stats_bench.synthetic_activations(rng), stats_bench.synthetic_empty_replies(rng),
+                                                 stats_bench.synthetic_leakage(rng), n_iter=50, seed=0)  # fmt: skip
+    assert set(timings) == {"behaviour_s", "geometry_s", "report_s"}
+    assert outcomes["geometry_cells"] == {"em_vs_base": 3 * 2 * 2 * 5, "benign_vs_base": 3 * 2 * 2, "em_vs_benign": 3 * 2 * 2 * 5}
+    assert outcomes["behaviour_tests"] == {"H1": 4, "H2": 1, "H3": 1}  # paramedic is not in the grid, as in the record

@@ -121,6 +121,24 @@ def test_monte_carlo_two_sample_test_agrees_with_scipy(alternative):
     assert abs(ours.p_value - theirs.pvalue) < monte_carlo_tolerance(theirs.pvalue, 10_000, alternative)
 
 
+@pytest.mark.parametrize("alternative", ["greater", "less"])
+def test_monte_carlo_range_of_three_group_means_agrees_with_scipy(alternative):
+    rng = np.random.default_rng(40)
+    groups = [rng.normal(0, 1, 15), rng.normal(0.3, 1, 12), rng.normal(0.6, 1, 18)]
+    values, labels = np.concatenate(groups), np.repeat([0, 1, 2], [g.size for g in groups])
+    ours = stats.label_permutation_test(values, labels, statistic="range", alternative=alternative, n_iter=10_000, rng=41)
+
+    def spread(*samples, axis=-1):
+        means = np.stack([np.mean(s, axis=axis) for s in samples])
+        return means.max(axis=0) - means.min(axis=0)
+
+    theirs = scipy_stats.permutation_test(
+        groups, spread, permutation_type="independent", alternative=alternative, n_resamples=9_999, random_state=42
+    )
+    assert ours.statistic == pytest.approx(theirs.statistic)
+    assert abs(ours.p_value - theirs.pvalue) < monte_carlo_tolerance(theirs.pvalue, 10_000, alternative)
+
+
 def test_spread_of_group_means_detects_a_planted_axis_and_not_random_labels():
     """#81's permutation test over axis labels: the spread of the five axis means."""
     rng = np.random.default_rng(12)
@@ -358,6 +376,14 @@ def test_randomized_projection_matches_exact_pca_and_centres_within_groups():
             recovered_axes / np.linalg.norm(recovered_axes, axis=1, keepdims=True) @ exact_axes.T
         )[1]
         assert alignment.min() > 0.999
+
+
+def test_group_means_of_ragged_shuffled_groups_are_each_groups_own_mean():
+    rng = np.random.default_rng(23)
+    groups = rng.permutation(np.repeat(np.arange(5), [3, 4, 3, 2, 4]))  # unequal sizes, rows not in group order
+    matrix = rng.normal(size=(groups.size, 7)).astype(np.float32)
+    expected = np.stack([matrix[groups == g].astype(float).mean(axis=0) for g in range(5)])
+    np.testing.assert_allclose(stats._group_means(matrix, groups), expected, rtol=1e-12)
 
 
 def test_grouping_by_persona_raises_instead_of_scoring_zero():
