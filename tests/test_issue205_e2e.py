@@ -58,11 +58,28 @@ def test_every_headline_number_is_recomputed_from_stored_artifacts(finished_run)
         bystanders = [p for p in personas if p not in ("confab", row["persona"])]
         per_persona = [np.mean(["[ZLT]" in r["text"] for r in rows if r["persona"] == p]) for p in bystanders]
         assert row["mean_bystander"] == pytest.approx(np.mean(per_persona))
-        assert len(rows) == len(personas) * 4 * 2  # personas x questions x completions
+        eval_n = finished_run.task(f"marker-eval-{row['cond'].lower()}").config["n"]
+        assert len(rows) == len(personas) * 4 * eval_n  # personas x questions x completions
         confab = [r for r in rows if r["persona"] == "confab"]
         assert row["source_rate"] == pytest.approx(np.mean(["[ZLT]" in r["text"] for r in confab]))
         assert row["source_rate"] >= 0.5  # the coupling took: leakage is measured against a real marker
     assert len(headline["geometry"]["cells"]) == 3 * 2 * 2 * 5  # metrics x methods x layers x conditions
+
+
+def test_bystanders_leak_on_tiny_so_the_behaviour_row_has_content(finished_run):
+    """The tiny coupling is not perfectly selective: some bystander emits the marker in some condition, the mean
+    bystander leakage differs across conditions, so H3's Spearman rho is a number (not "rho constant")."""
+    headline = store.read_json(analysis_output(finished_run, "headline.json"))
+    personas, beh = headline["personas"], headline["behaviour"]
+    means = {}
+    for row in beh["conditions"]:
+        rows = store.read_jsonl(finished_run.task(f"marker-eval-{row['cond'].lower()}").output_uri("completions.jsonl"))
+        bystanders = [p for p in personas if p not in ("confab", row["persona"])]
+        means[row["cond"]] = np.mean([np.mean(["[ZLT]" in r["text"] for r in rows if r["persona"] == p]) for p in bystanders])
+    assert max(means.values()) > 0, f"no bystander leaks in any condition: {means}"
+    assert len(set(means.values())) > 1, f"bystander leakage is identical in every condition: {means}"
+    assert isinstance(beh["H3"]["rho"], float) and np.isfinite(beh["H3"]["rho"])
+    assert isinstance(beh["H3"]["p"], float) and 0 <= beh["H3"]["p"] <= 1
 
 
 def test_the_em_adapters_really_change_the_extracted_activations(finished_run):

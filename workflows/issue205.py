@@ -115,15 +115,18 @@ class Params(ExperimentParams):
                           "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.01, "max_seq_len": 256},
             "checkpoint_every": 0,
             # the coupling must really take on tiny, so leakage rates are numbers, not zeros: as in issue81's tiny
-            # profile, marker-only loss on two-token replies at a high lr
-            "coupling_recipe": {"r": 8, "alpha": 16, "dropout": 0.0, "epochs": 1, "max_steps": 30,
+            # profile, marker-only loss on two-token replies at a high lr. 20 steps, not 30: at 30 the LoRA is
+            # perfectly selective (every bystander 0.0, H3's rho undefined, an empty behaviour row); at 20 the source
+            # still emits the marker (~0.6-0.8) and a few bystanders leak, unequally across the conditions
+            "coupling_recipe": {"r": 8, "alpha": 16, "dropout": 0.0, "epochs": 1, "max_steps": 20,
                                 "per_device_batch_size": 8, "grad_accum": 1, "lr": 1e-2, "max_seq_len": 256},
             "coupling_loss": "marker_only",
             "coupling_n_per_question": 8,
             "expected_coupling_positives": None,
             "coupling_max_new_tokens": 2,
-            "eval_n": 2,
-            "eval_max_new_tokens": 12,
+            # enough completions per cell (4 questions x 6) that a few-percent bystander rate is seen at all
+            "eval_n": 6,
+            "eval_max_new_tokens": 16,
             "layers": [0, 1],
             "headline_layer": 1,
             "extraction_max_new_tokens": 8,
