@@ -76,6 +76,18 @@ class Config(StageConfig):
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def check_checkpoint_names(names: list[str]) -> None:
+    if names[0] != "base" or len(set(names)) != len(names):
+        raise StageInputError(f"checkpoints must start with 'base' and be distinct, got {names}")
+
+
+def check_personas(cfg: Config, personas: list[str]) -> None:
+    """The assistant and the source persona must be in the evaluation grid."""
+    for name in (cfg.assistant_persona, cfg.source_persona):
+        if name not in personas:
+            raise StageInputError(f"persona {name!r} is not in the evaluation grid {personas}")
+
+
 class Activations:
     """Every checkpoint's per-question activations on shared axes, with the cross-checkpoint validity mask.
 
@@ -86,8 +98,7 @@ class Activations:
 
     def __init__(self, checkpoints: list[str], personas: list[str], questions: list[str], layers: list[int],
                  values: dict[str, np.ndarray], b_valid: np.ndarray | None = None):
-        if checkpoints[0] != "base" or len(set(checkpoints)) != len(checkpoints):
-            raise StageInputError(f"checkpoints must start with 'base' and be distinct, got {checkpoints}")
+        check_checkpoint_names(checkpoints)
         self.checkpoints, self.personas, self.questions, self.layers = checkpoints, personas, questions, layers
         self.methods = list(values)
         self.values = values
@@ -102,8 +113,7 @@ class Activations:
     @classmethod
     def load(cls, cfg: Config) -> Activations:
         names = [c.name for c in cfg.checkpoints]
-        if names[0] != "base" or len(set(names)) != len(names):
-            raise StageInputError(f"checkpoints must start with 'base' and be distinct, got {names}")
+        check_checkpoint_names(names)  # before any tensor is read
         indexes = [store.read_json(c.index_uri) for c in cfg.checkpoints]
         first = indexes[0]
         for ckpt, index in zip(cfg.checkpoints, indexes, strict=True):
@@ -640,9 +650,7 @@ def results(cfg: Config, acts: Activations, beh: dict | None) -> dict:
     or ``behaviour_tests``), the pre-registered outcome. ``run`` and the statistics benchmark both call this."""
     if cfg.headline_layer not in acts.layers:
         raise StageInputError(f"headline_layer {cfg.headline_layer} is not among the extracted layers {acts.layers}")
-    for name in (cfg.assistant_persona, cfg.source_persona):
-        if name not in acts.personas:
-            raise StageInputError(f"persona {name!r} is not in the evaluation grid {acts.personas}")
+    check_personas(cfg, acts.personas)
     geo = geometry(cfg, acts)
     data = {
         "checkpoints": acts.checkpoints, "em_conditions": [c.cond for c in cfg.conditions], "personas": acts.personas,
@@ -662,9 +670,7 @@ def run(cfg: Config, ctx) -> dict:
         low = [p for p, f in acts.retained(method).items() if f < cfg.rules.min_paired_fraction]
         if low:
             ctx.log(f"warning: method {method}: personas {low} keep < {cfg.rules.min_paired_fraction:.0%} of questions after the paired filter")
-    for name in (cfg.assistant_persona, cfg.source_persona):  # checked before the marker rows are read
-        if name not in acts.personas:
-            raise StageInputError(f"persona {name!r} is not in the evaluation grid {acts.personas}")
+    check_personas(cfg, acts.personas)  # before the marker rows are read
     data = results(cfg, acts, behaviour(cfg, acts.personas))
     store.write_json(ctx.out("headline.json"), data)
     hero_figure(data, ctx.out("hero_issue205"))

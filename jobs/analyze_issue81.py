@@ -113,15 +113,16 @@ def noun_effects(cube: np.ndarray, source_noun: int) -> np.ndarray:
     others = [i for i in range(cube.shape[0]) if i != source_noun]
     if not others:
         return np.full(cube.shape[1:], np.nan)
-    return _quiet_nanmedian(np.abs(cube[source_noun][None] - cube[others]), axis=0)
+    return _quietly(np.nanmedian, np.abs(cube[source_noun][None] - cube[others]), axis=0)
 
 
-def _quiet_nanmedian(values: np.ndarray, axis: int) -> np.ndarray:
+def _quietly(reduce, values: np.ndarray, axis) -> np.ndarray:
+    """``np.nanmedian``/``np.nanmean`` without the warning for all-NaN slices (incoherent cells), which stay NaN."""
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices (incoherent cells) stay NaN
-        return np.nanmedian(values, axis=axis)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return reduce(values, axis=axis)
 
 
 def trait_effects(cube: np.ndarray) -> np.ndarray:
@@ -130,7 +131,7 @@ def trait_effects(cube: np.ndarray) -> np.ndarray:
     diffs = np.abs(flat[:, :, None] - flat[:, None, :])
     idx = np.arange(flat.shape[1])
     diffs[:, idx, idx] = np.nan
-    return _quiet_nanmedian(diffs, axis=2).reshape(cube.shape)
+    return _quietly(np.nanmedian, diffs, axis=2).reshape(cube.shape)
 
 
 def h2_for_source(cube: np.ndarray, source_noun: int) -> dict:
@@ -211,7 +212,7 @@ def noun_swap_effects(cube: np.ndarray) -> np.ndarray:
     pairs = list(itertools.combinations(range(cube.shape[0]), 2))
     if not pairs:
         return np.full(cube.shape[1:], np.nan)
-    return _quiet_nanmedian(np.stack([np.abs(cube[i] - cube[j]) for i, j in pairs]), axis=0)
+    return _quietly(np.nanmedian, np.stack([np.abs(cube[i] - cube[j]) for i, j in pairs]), axis=0)
 
 
 def axis_permutation_test(effects: np.ndarray, *, n_perm: int, seed: int) -> dict:
@@ -564,14 +565,6 @@ def _mark_legend(ax, marked: int) -> None:
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
 
-def _nanmean_axis(values: np.ndarray, axis) -> np.ndarray:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a slice with only incoherent cells stays NaN
-        return np.nanmean(values, axis=axis)
-
-
 def noun_isolation_figure(data: dict, uri: str) -> dict:
     from shared.figures import PALETTE, save
 
@@ -588,7 +581,7 @@ def noun_isolation_figure(data: dict, uri: str) -> dict:
                 ax.plot(x[flags[:, j, k]], cube[flags[:, j, k], j, k], "x", color="black", markersize=5)
                 marked += int(flags[:, j, k].sum())
         coherent = _cube_of(data, source, coherent_only=True)
-        ax.plot(x, _nanmean_axis(coherent.reshape(len(x), -1), axis=1), color="black", linewidth=2,
+        ax.plot(x, _quietly(np.nanmean, coherent.reshape(len(x), -1), axis=1), color="black", linewidth=2,
                 label="mean (coherent cells)")
         ax.set_xticks(x, axes["nouns"], rotation=45)
         ax.set_xlabel("bystander noun")
@@ -610,7 +603,7 @@ def trait_gradation_figure(data: dict, uri: str) -> dict:
     for ax, source in zip(panels, sources, strict=True):
         coherent, flags = _cube_of(data, source, coherent_only=True), _flag_cube(data, source)
         for j, trait in enumerate(axes["traits"]):
-            mean = _nanmean_axis(coherent[:, j, :], axis=0)
+            mean = _quietly(np.nanmean, coherent[:, j, :], axis=0)
             ax.plot(x, mean, marker="o", color=PALETTE[j % len(PALETTE)], label=trait)
             some = flags[:, j, :].any(axis=0) & np.isfinite(mean)
             ax.plot(x[some], mean[some], "x", color="black", markersize=7)
