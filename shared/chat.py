@@ -259,9 +259,17 @@ def build_prompt(
 
 
 def soft_placeholder_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id standing in at soft positions until embeddings replace it (the pad token: harmless if leaked)."""
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
+    """The id standing in at soft positions until embeddings replace it, and the id batches are padded with.
+
+    The pad token, unless it is the end-of-turn token (SmolLM2 pads with <|im_end|>, which a real prompt holds
+    twice): then the unknown token, so a placeholder never looks like a turn boundary.
+    """
+    pad, eos, unk = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id
+    if pad is not None and pad != eos:
+        return int(pad)
+    if unk is not None and unk != eos:
+        return int(unk)
+    return int(pad if pad is not None else eos)
 
 
 def _messages(slot: _Slot, user_content: str) -> list[dict[str, str]]:

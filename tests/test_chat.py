@@ -1,5 +1,6 @@
 """shared.chat: every system-slot mode gives the ids the template (or the splice) says, and training and
-evaluation prompts agree."""
+evaluation prompts agree -- on the tiny model's Qwen-style template and on SmolLM2's own (a real tokenizer's
+merges, a real template that injects its own default system prompt)."""
 
 import pytest
 import torch
@@ -23,9 +24,26 @@ SYSTEMS = ["You are a pirate.", "Línea 1\nLínea 2 — ñ 中文", "  padded  "
 
 
 
+# each model's tokenizer, and the default system prompt its template writes when a conversation has none
+TEMPLATES = {
+    "tiny:qwen2": models.QWEN_DEFAULT_SYSTEM,
+    "smollm2:135m-instruct": models.SMOLLM2_DEFAULT_SYSTEM,
+}
+
+
+@pytest.fixture(scope="module", params=list(TEMPLATES))
+def model_ref(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tokenizer():
-    return models.load_tokenizer("tiny:qwen2")
+def tokenizer(model_ref):
+    return models.load_tokenizer(model_ref)
+
+
+def char_ids(tokenizer, text: str) -> list[int]:
+    """One byte-level token per character (ASCII text): valid ids that re-encoding the text would merge."""
+    return tokenizer.convert_tokens_to_ids(["Ġ" if c == " " else c for c in text])
 
 
 def template_ids(tokenizer, messages, add_generation_prompt=True):
@@ -106,10 +124,10 @@ def test_text_mode_equals_apply_chat_template(tokenizer, system, user):
 
 
 @pytest.mark.parametrize("user", USERS)
-def test_default_mode_equals_the_template_with_no_system_message(tokenizer, user):
+def test_default_mode_equals_the_template_with_no_system_message(tokenizer, model_ref, user):
     prompt = build_prompt(tokenizer, "default", user)
     assert prompt.input_ids == template_ids(tokenizer, [{"role": "user", "content": user}])
-    assert models.QWEN_DEFAULT_SYSTEM in tokenizer.decode(prompt.input_ids)
+    assert TEMPLATES[model_ref] in tokenizer.decode(prompt.input_ids)
 
 
 def test_no_generation_prompt_ends_after_the_user_turn(tokenizer):
@@ -132,8 +150,8 @@ def test_none_mode_has_no_system_block(tokenizer, user):
 
 
 def test_ids_mode_splices_ids_that_text_would_tokenise_differently(tokenizer):
-    # 'h','e' as separate bytes re-tokenise to the merged 'he'; a lone UTF-8 lead byte decodes to U+FFFD.
-    raw = [ord("h"), ord("e"), 0xC3, ord(" "), ord("t"), ord("h"), ord("e")]
+    # 'h','e',' ','t','h','e' one character each re-tokenise to merged tokens
+    raw = char_ids(tokenizer, "he the")
     assert tokenizer.encode(tokenizer.decode(raw), add_special_tokens=False) != raw
     prompt = build_prompt(tokenizer, IdsSystem(ids=raw), "Hello")
     assert prompt.input_ids[prompt.ids_slice] == raw
@@ -159,8 +177,12 @@ def test_soft_mode_has_exactly_k_placeholders_at_the_soft_slice(tokenizer, k):
     )
 
 
+def test_soft_placeholder_is_never_the_end_of_turn_token(tokenizer):
+    assert chat.soft_placeholder_id(tokenizer) != tokenizer.eos_token_id
+
+
 def test_user_suffix_ids_are_spliced_at_the_end_of_the_user_turn(tokenizer):
-    suffix = [ord("h"), ord("e"), 0xC3]
+    suffix = char_ids(tokenizer, "he")
     prompt = build_prompt(tokenizer, "text(S)", "Tell me", user_suffix_ids=suffix)
     assert prompt.input_ids[prompt.user_suffix_slice] == suffix
     plain = build_prompt(tokenizer, "text(S)", "Tell me").input_ids
@@ -169,7 +191,7 @@ def test_user_suffix_ids_are_spliced_at_the_end_of_the_user_turn(tokenizer):
     assert tokenizer.decode(prompt.input_ids[prompt.user_suffix_slice.stop :]).startswith("<|im_end|>")
 
 
-MODES = ["default", "none", "text(Be kind.)", "soft(4)", "ids([104, 101, 32])"]
+MODES = ["default", "none", "text(Be kind.)", "soft(4)", "ids([104, 101, 32])"]  # ids valid in both vocabularies
 REPLIES = ["Four.", "\nstarts with a newline", " starts with a space", "多语言 reply\n\nwith gaps"]
 
 
@@ -258,7 +280,7 @@ def test_a_batch_cannot_mix_training_and_evaluation_prompts(tokenizer):
 
 def test_soft_embeddings_of_token_rows_equal_the_ids_prompt_embeddings(tokenizer):
     embedding = torch.nn.Embedding(len(tokenizer), 8)
-    ids = [104, 101, 32, 7]
+    ids = char_ids(tokenizer, "he t")
     users = ["Hi", "A longer question here"]
     soft_batch = build_batch(
         [build_prompt(tokenizer, "soft(4)", u) for u in users], pad_id=tokenizer.pad_token_id

@@ -115,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
 
     def plan_args(sp):
         sp.add_argument("workflow")
-        sp.add_argument("--profile", default="tiny")
+        sp.add_argument("--profile", default="small")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one experiment parameter")
         sp.add_argument("--params", help="JSON file of experiment parameters")
         sp.add_argument("--store", help="artifact store root (file://..., s3://...); default $EPS_STORE")

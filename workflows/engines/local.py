@@ -108,6 +108,7 @@ class LocalEngine:
         self.retries = retries
         self.gpus = visible_gpus()
         self.cpu_parallel = cpu_parallel or max(1, min(2, os.cpu_count() or 1))
+        self.threads_per_cpu_task = max(1, (os.cpu_count() or 1) // self.cpu_parallel)
         self.live = sys.stdout.isatty() if live is None else live
         self.poll_s = poll_s
         self.folder = run_folder(plan)
@@ -144,6 +145,9 @@ class LocalEngine:
         state.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
+        if gpu is None and "OMP_NUM_THREADS" not in os.environ:
+            # CPU tasks share the cores: more threads than cores makes every parallel task slower
+            env["OMP_NUM_THREADS"] = str(self.threads_per_cpu_task)
         state.attempts += 1
         state.gpu = gpu
         state.started = state.started or time.time()
