@@ -34,7 +34,7 @@ class LocalJudge(Judge):
     def _model(self):
         from shared import models
 
-        model = models.load_model(self.spec.model)
+        model = models.load_model(self.spec.model, dtype=self.spec.dtype)
         attention = getattr(model.config, "_attn_implementation", None)
         if attention not in (None, "eager", "sdpa"):
             # the one-pass candidate scoring needs a custom attention mask, which flash attention cannot take
@@ -51,6 +51,10 @@ class LocalJudge(Judge):
         scores = list(range(rule.score_min, rule.score_max + 1))
         ids = [self._tokenizer.encode(str(s), add_special_tokens=False) + [end_of_turn] for s in scores]
         return scores, ids
+
+    def judgement_settings(self) -> dict:
+        # bf16 and fp32 give slightly different candidate likelihoods (~0.1-0.5 nats on SmolLM2), so scores differ
+        return {"dtype": self.spec.dtype} if self.spec.dtype else {}
 
     def prompt_ids(self, item: JudgeItem) -> list[int]:
         from shared import chat

@@ -62,3 +62,5 @@ class JudgeSpec(BaseModel):
     retry: RetryPolicy = RetryPolicy()
     # local judge: how many candidate continuations go through the model in one forward pass
     candidate_batch_size: int = Field(101, ge=1)
+    # local judge: the dtype to load the model in (None: the checkpoint's own); part of the cache key when set
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
