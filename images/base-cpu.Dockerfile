@@ -38,6 +38,8 @@ RUN python /tmp/eps/requirements.py /tmp/eps/pyproject.toml --extras tracking > 
     && grep -E '^torch[=<>~ ]' /tmp/eps/requirements.txt > /tmp/eps/torch.txt \
     && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" -r /tmp/eps/torch.txt \
     && pip install --no-cache-dir -r /tmp/eps/requirements.txt \
+    && python /tmp/eps/requirements.py /tmp/eps/pyproject.toml --no-deps > /tmp/eps/no-deps.txt \
+    && pip install --no-cache-dir --no-deps -r /tmp/eps/no-deps.txt \
     && rm -rf /tmp/eps
 
 ENV HOME=/home/eps \

