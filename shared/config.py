@@ -75,23 +75,25 @@ def is_store_uri(value: Any) -> bool:
 
 # Ranges every experiment parameter and stage config obeys by its field's name, so that a new workflow or stage
 # gets them without repeating Field(...) constraints (which a model may still add for anything else).
-COUNT = re.compile(r"^(n|n_[a-z0-9_]+|max_new_tokens|[a-z0-9_]*batch_size)$")  # how many: at least 1
+# how many (n, eval_n, n_completions, data_n_per_question, max_new_tokens, batch_size, ...): at least 1
+COUNT = re.compile(r"^([a-z0-9_]+_)?(n|n_[a-z0-9_]+|max_new_tokens|batch_size)$")
+COUNT_SUFFIX = re.compile(r"_per_(question|step)$")  # not per_cell: 0 coherence checks per cell is "none"
 NON_EMPTY = re.compile(r"^([a-z0-9_]*questions|personas|conditions|cells|probes|layers)$")  # what to run over
-PROBABILITY = ("top_p",)  # in (0, 1]
-NON_NEGATIVE = ("temperature",)
+PROBABILITY = re.compile(r"^([a-z0-9_]+_)?top_p$")  # in (0, 1]
+NON_NEGATIVE = re.compile(r"^([a-z0-9_]+_)?temperature$")
 
 
 def convention_problem(name: str, value: Any) -> str | None:
     """Why ``value`` is out of range for a field called ``name``, or None."""
     if isinstance(value, bool):
         return None
-    if COUNT.match(name) and isinstance(value, int) and value < 1:
+    if (COUNT.match(name) or COUNT_SUFFIX.search(name)) and isinstance(value, int) and value < 1:
         return f"must be at least 1 (got {value})"
     if NON_EMPTY.match(name) and isinstance(value, (list, dict)) and not value:
         return "must not be empty"
-    if name in PROBABILITY and isinstance(value, (int, float)) and not 0 < value <= 1:
+    if PROBABILITY.match(name) and isinstance(value, (int, float)) and not 0 < value <= 1:
         return f"must be in (0, 1] (got {value})"
-    if name in NON_NEGATIVE and isinstance(value, (int, float)) and value < 0:
+    if NON_NEGATIVE.match(name) and isinstance(value, (int, float)) and value < 0:
         return f"must be at least 0 (got {value})"
     return None
 

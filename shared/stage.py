@@ -43,7 +43,7 @@ from pydantic import BaseModel, Field
 
 from shared import fingerprint, store
 from shared.config import ConfigError, StageConfig, is_store_uri, parse, stable_hash
-from shared.lease import Lease
+from shared.lease import Lease, LeaseLost
 
 MANIFEST = "manifest.json"
 DEFAULT_RETRIES = 3  # attempts after the first, unless a stage says otherwise; both engines use it
@@ -538,8 +538,8 @@ def execute(spec: StageSpec, raw_config: Any) -> dict:
         ctx.log(f"starting (key {key[:12]}, code {spec.fingerprint[:12]}) -> {ctx.final_prefix}")
         metrics = spec.run(cfg, ctx) or {}
         metrics = {**ctx.metrics, **metrics}
-        if lease.lost:
-            raise StageInputError(f"lease {lease.uri} was taken over while this stage ran: not committing")
+        if lease.lost:  # too slow to renew (or a clock far off): another writer may be in the folder now
+            raise LeaseLost(f"lease {lease.uri} was taken over while this stage ran: not committing (retried)")
         manifest = _commit(ctx, cfg, inputs, key, started, metrics)
         ctx.log(f"done in {manifest['wall_time_s']:.1f}s")
         return manifest

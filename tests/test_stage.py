@@ -306,3 +306,51 @@ def test_reuse_on_s3_checks_s3_checksums_without_downloading(s3_bucket, monkeypa
     assert not store.verify(out, again["outputs"][out], again["output_checksums"].get(out))
     fixed = execute(SPEC, {**cfg, "run_id": "r2"})  # not cached: brought again from run r, verified
     assert fixed["reused_from"]["run_id"] == "r" and store.read_json(out) == [8] and calls == ["c"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the code fingerprint
+
+
+def test_a_stage_fingerprint_covers_the_modules_it_imports_and_the_data_it_names():
+    from shared import fingerprint
+
+    judge = fingerprint.closure("jobs.judge")
+    assert {"jobs.judge", "shared.judge.local", "shared.judge.cache", "shared.stage"} <= set(judge)
+    assert "jobs.generate" not in judge and "shared.stats" not in judge
+    assert any(name.startswith("data:judges/") for name in fingerprint.fingerprinted_files("jobs.judge"))
+    assert not any(name.startswith("data:") for name in fingerprint.fingerprinted_files("jobs.generate"))
+
+
+def test_editing_an_imported_module_changes_the_fingerprint_and_editing_another_does_not(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "shared" / "data" / "things").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "shared" / "fingerprint.py", tmp_path / "shared")
+    files = {
+        "shared/__init__.py": "", "jobs/__init__.py": "",
+        "jobs/stage.py": "from shared import helper\n\ndef run():\n    from shared.lazy import x\n    return 'things/a.txt'\n",
+        "shared/helper.py": "VALUE = 1\n", "shared/lazy.py": "x = 2\n", "shared/unrelated.py": "y = 3\n",
+        "shared/data/things/a.txt": "data\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+
+    def fingerprint() -> str:
+        code = "from shared.fingerprint import code_fingerprint; print(code_fingerprint('jobs.stage'))"
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    before = fingerprint()
+    assert fingerprint() == before  # stable
+    (tmp_path / "shared" / "unrelated.py").write_text("y = 4\n")
+    assert fingerprint() == before
+    for name in ("shared/lazy.py", "shared/helper.py", "shared/data/things/a.txt"):
+        (tmp_path / name).write_text((tmp_path / name).read_text() + "# edited\n")
+        after = fingerprint()
+        assert after != before, name
+        before = after

@@ -194,3 +194,24 @@ def test_a_held_lease_is_renewed_by_its_holder(root):
     assert not Lease(lease.uri, ttl_s=0.8).try_acquire()
     lease.release()
     assert lease.holder() is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the judge cache in the store
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xff not json", b"[1, 2]", b'{"key": "other", "score": 5}',
+                                     b'{"key": "KEY", "score": "high"}'])
+def test_a_corrupt_judge_cache_entry_is_a_miss_with_one_warning(root, garbage, capsys):
+    from shared.judge.cache import JudgeCache
+
+    cache = JudgeCache(store.join(root, "cache", "judge"), "tiny:qwen2")
+    key = "ab" * 32
+    cache.put(key, {"score": 71.5, "label": None})
+    assert cache.get(key)["score"] == 71.5
+    store.write_bytes(cache.uri_for(key), garbage.replace(b"KEY", key.encode()))
+    assert cache.get_many([key]) == {}
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and cache.uri_for(key) in warnings[0]
+    cache.put(key, {"score": 12.0, "label": None})  # judged again: the entry is rewritten
+    assert cache.get(key)["score"] == 12.0

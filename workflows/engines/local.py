@@ -53,7 +53,8 @@ def run_folder(plan: Plan) -> Path:
     root = store.normalize_root(plan.store)
     if root.startswith("file://"):
         return Path(unquote(urlparse(root).path)) / "runs" / plan.run_id / "_local"
-    return Path("artifacts") / "local-runs" / plan.run_id
+    # absolute: tasks run from the repository root, which need not be where the command was given
+    return (Path("artifacts") / "local-runs" / plan.run_id).resolve()
 
 
 @dataclass
@@ -221,8 +222,11 @@ class LocalEngine:
             state.last_line = errors[-1][:300]
         if code == 0 and not timed_out:
             state.status, state.finished = DONE, time.time()
+            # the stage may have settled itself (another run finished it while this one waited for its lease)
             if any("reused (" in ln for ln in lines):
                 state.status = REUSED
+            elif any("skipping (cached)" in ln for ln in lines):
+                state.status = CACHED
         elif code == 2 or state.attempts > self.retries_of(state.task):
             # exit 2 is bad input: retrying cannot help
             state.status, state.finished = FAILED, time.time()
