@@ -163,3 +163,18 @@ def test_sigterm_to_the_engine_stops_its_tasks(builder):
     assert engine.returncode != 0
     assert not alive(task_pid), out
     assert not lease.exists()  # the stage released its lease on the way out
+
+
+def test_the_progress_table_tells_reused_from_cached_and_shows_lines_as_written(builder):
+    from rich.console import Console
+
+    gen(builder, "gen-a")
+    gen(builder, "gen-b")
+    engine = LocalEngine(builder.plan({}), live=False)
+    engine.states["gen-a"].status, engine.states["gen-a"].last_line = REUSED, "from run r1 (link)"
+    engine.states["gen-b"].status, engine.states["gen-b"].last_line = CACHED, "[gen-b/generate] verified"
+    console = Console(width=160, record=True, force_terminal=False)
+    console.print(engine.table())
+    text = console.export_text()
+    assert "issue164 [tiny] run engine-test: 2/2 complete (1 cached, 1 reused)" in text
+    assert "reused" in text and "from run r1 (link)" in text and "[gen-b/generate] verified" in text

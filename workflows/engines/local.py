@@ -283,18 +283,19 @@ class LocalEngine:
     # -- display ------------------------------------------------------------------------------------------------
 
     def table(self):
+        from rich.markup import escape
         from rich.table import Table
 
         counts = {k: sum(s.status == k for s in self.states.values()) for k in (DONE, CACHED, REUSED)}
         detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-        table = Table(title=f"{self.plan.workflow} [{self.plan.profile}] run {self.plan.run_id}: "
-                            f"{sum(counts.values())}/{len(self.states)} complete" + (f" ({detail})" if detail else ""),
-                      expand=False)
+        title = (f"{self.plan.workflow} [{self.plan.profile}] run {self.plan.run_id}: "
+                 f"{sum(counts.values())}/{len(self.states)} complete" + (f" ({detail})" if detail else ""))
+        table = Table(title=escape(title), expand=False)
         for col in ("task", "stage", "status", "try", "time", "last output"):
             table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=70 if col == "last output" else None)
         for s in self.states.values():
             table.add_row(s.task.name, s.task.stage, f"[{STYLE[s.status]}]{s.status}[/]", str(s.attempts or ""),
-                          s.elapsed, s.last_line if s.status != DONE else "")
+                          s.elapsed, escape(s.last_line) if s.status != DONE else "")
         return table
 
     def _loop(self) -> None:
