@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 # tiny: random tiny model, proves code paths (the test suite); small: SmolLM2-135M-Instruct on a CPU, real
 # small-scale results (what `make run` runs); full: the records' parameters on Qwen2.5-7B-Instruct and GPUs
@@ -25,9 +28,33 @@ def _first_error_line(err: ValidationError, what: str) -> str:
     parts = []
     for e in err.errors()[:3]:
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
-        parts.append(f"{loc}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{msg}" if loc == "(root)" else f"{loc}: {msg}")
     more = f" (+{err.error_count() - 3} more)" if err.error_count() > 3 else ""
     return f"bad {what}: " + "; ".join(parts) + more
+
+
+@contextmanager
+def plan_errors(workflow: str) -> Iterator[None]:
+    """While a workflow builds its plan: a record that does not fit its model is one ConfigError line too.
+
+    Workflow modules validate the records of the files they read (conditions, panels, personas) with pydantic
+    models; a missing or mistyped field there is bad input like any other, not a traceback.
+    """
+    try:
+        yield
+    except ValidationError as err:
+        raise ConfigError(_first_error_line(err, f"{err.title} in a file or parameter of {workflow}")) from None
+
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names a folder in the store and an Argo label: letters, digits, '.', '_' and '-'."""
+    if not RUN_ID.match(run_id or ""):
+        raise ConfigError(f"bad run id {run_id!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return run_id
 
 
 def parse(model_cls: type[BaseModel], data: Any, what: str | None = None):
@@ -46,8 +73,41 @@ def is_store_uri(value: Any) -> bool:
     return isinstance(value, str) and (value.startswith("file://") or value.startswith("s3://"))
 
 
+# Ranges every experiment parameter and stage config obeys by its field's name, so that a new workflow or stage
+# gets them without repeating Field(...) constraints (which a model may still add for anything else).
+# how many (n, eval_n, n_completions, data_n_per_question, max_new_tokens, batch_size, ...): at least 1
+COUNT = re.compile(r"^([a-z0-9_]+_)?(n|n_[a-z0-9_]+|max_new_tokens|batch_size)$")
+COUNT_SUFFIX = re.compile(r"_per_(question|step)$")  # not per_cell: 0 coherence checks per cell is "none"
+NON_EMPTY = re.compile(r"^([a-z0-9_]*questions|personas|conditions|cells|probes|layers)$")  # what to run over
+PROBABILITY = re.compile(r"^([a-z0-9_]+_)?top_p$")  # in (0, 1]
+NON_NEGATIVE = re.compile(r"^([a-z0-9_]+_)?temperature$")
+
+
+def convention_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is out of range for a field called ``name``, or None."""
+    if isinstance(value, bool):
+        return None
+    if (COUNT.match(name) or COUNT_SUFFIX.search(name)) and isinstance(value, int) and value < 1:
+        return f"must be at least 1 (got {value})"
+    if NON_EMPTY.match(name) and isinstance(value, (list, dict)) and not value:
+        return "must not be empty"
+    if PROBABILITY.match(name) and isinstance(value, (int, float)) and not 0 < value <= 1:
+        return f"must be in (0, 1] (got {value})"
+    if NON_NEGATIVE.match(name) and isinstance(value, (int, float)) and value < 0:
+        return f"must be at least 0 (got {value})"
+    return None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+    @model_validator(mode="after")
+    def _conventional_ranges(self):
+        for name in type(self).model_fields:
+            problem = convention_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"{name} {problem}")
+        return self
 
 
 class StageConfig(Strict):

@@ -20,12 +20,19 @@ def read_text(ref: str, what: str) -> str:
     path = Path(ref).expanduser()
     if not path.is_file():
         raise ConfigError(f"{what}: file {ref!r} not found")
-    return path.read_text()
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {ref} is not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"{what}: {ref} cannot be read ({err.strerror or err})") from None
 
 
 def read_records(ref: str, what: str) -> list:
     """A JSON list, a JSON object with one list field, or JSONL."""
     text = read_text(ref, what).strip()
+    if not text:
+        raise ConfigError(f"{what}: {ref} is empty")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -40,6 +47,8 @@ def read_records(ref: str, what: str) -> list:
         data = lists[0]
     if not isinstance(data, list):
         raise ConfigError(f"{what}: {ref} must hold a list of records")
+    if not data:
+        raise ConfigError(f"{what}: {ref} holds no records")
     return data
 
 

@@ -1,41 +1,65 @@
 """The stage contract: typed config in, artifacts out, ``manifest.json`` written last.
 
 A job module defines ``SPEC = StageSpec(...)`` and ``main = SPEC.main``. ``run_stage`` does everything around the
-stage's own ``run``: parse and validate the config, skip when a complete manifest with the same config and input
-hashes exists, time the work, record every output's sha256, and turn bad input into one readable error line.
+stage's own ``run``:
+
+- parse and validate the config; bad input is one readable error line and exit code 2;
+- hold the stage's lease (one writer per output folder) while it settles or writes;
+- settle from the cache when it can: a result is keyed by the stage, the fingerprint of its code, its config
+  without run id, store and cell, and its inputs' content hashes. A complete manifest with that key in this
+  run's folder is ``cached``; one in another run's folder is ``reused`` (its outputs hard-linked or copied here).
+  Either is used only after its outputs still match the hashes its manifest recorded; a mismatch is one
+  warning line and a recompute;
+- otherwise run the stage into a staging folder, then move its outputs into place and write the manifest last,
+  so a run that fails (bad input, a crash, a kill) never replaces a previous complete result;
+- copy its own log into the store (``runs/<run_id>/_logs/``) so nothing is lost with the pod.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import io
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from shared import store
-from shared.config import ConfigError, StageConfig, is_store_uri, parse
+from shared import fingerprint, store
+from shared.config import ConfigError, StageConfig, is_store_uri, parse, stable_hash
+from shared.lease import Lease, LeaseLost
 
 MANIFEST = "manifest.json"
+DEFAULT_RETRIES = 3  # attempts after the first, unless a stage says otherwise; both engines use it
 TRACKED_PACKAGES = (
     "explore-persona-space", "torch", "transformers", "peft", "vllm", "anthropic", "numpy", "scipy",
     "scikit-learn", "sentence-transformers", "boto3",
 )
+CACHED, REUSED = "cached", "reused"
 
 
 class StageInputError(RuntimeError):
     """The stage's inputs are unusable; the message is one readable line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stop like Ctrl-C, so the lease is released and the log copied before the process ends."""
 
 
 # Errors that mean "bad input": one line, exit 2, no traceback.
@@ -43,13 +67,14 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, StageInputError, s
 
 
 class Resources(BaseModel):
-    """What a stage needs from a node; the Argo engine turns this into requests, node pools and deadlines."""
+    """What a stage needs from a node; both engines read the deadline and retry count from here."""
 
     gpu_class: Literal["none", "h100", "h200"] = "none"
     gpus: int = 0
     cpu: int = 1
     memory: str = "4Gi"
-    timeout_s: int = 3600
+    timeout_s: int = Field(3600, gt=0)
+    retries: int | None = Field(None, ge=0)  # None: the workflow default (DEFAULT_RETRIES, or the cluster's)
 
     @property
     def uses_gpu(self) -> bool:
@@ -73,6 +98,13 @@ class StageSpec:
     def image(self) -> str:
         return f"eps-{self.name.replace('_', '-')}"
 
+    @property
+    def fingerprint(self) -> str:
+        """The content hash of the code this stage runs (see ``shared.fingerprint``)."""
+        if fingerprint.is_project_module(self.module):
+            return fingerprint.code_fingerprint(self.module)
+        return fingerprint.file_fingerprint(inspect.getsourcefile(self.run))  # a stage defined in a test
+
     def main(self, argv: list[str] | None = None) -> int:
         code = run_stage(self, argv)
         if code:
@@ -80,17 +112,54 @@ class StageSpec:
         return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# where things live
+
+
+def store_root(cfg: StageConfig) -> str:
+    return store.normalize_root(cfg.store)
+
+
 def output_prefix(cfg: StageConfig, stage: str) -> str:
-    return store.join(store.normalize_root(cfg.store), "runs", cfg.run_id, cfg.cell, stage)
+    return store.join(store_root(cfg), "runs", cfg.run_id, cfg.cell, stage)
+
+
+def staging_prefix(cfg: StageConfig, stage: str, key: str) -> str:
+    # keyed by the work, so a retried attempt of the same work finds its checkpoints and other work starts clean
+    return store.join(store_root(cfg), "runs", cfg.run_id, cfg.cell, f"{stage}.staging", key[:16])
+
+
+def lease_uri(cfg: StageConfig, stage: str) -> str:
+    return store.join(store_root(cfg), "runs", cfg.run_id, cfg.cell, f"{stage}.lease.json")
+
+
+def log_uri(cfg: StageConfig, stage: str, started: float) -> str:
+    stamp = datetime.fromtimestamp(started, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    name = f"{stamp}-{socket.gethostname()}-{os.getpid()}.log"
+    return store.join(store_root(cfg), "runs", cfg.run_id, "_logs", cfg.cell, stage, name)
+
+
+def index_folder(root: str, stage: str, key: str) -> str:
+    """Where the results of one cache key are listed: one small record per output folder holding it."""
+    return store.join(root, "cache", "stages", stage, key)
+
+
+def _relative(root: str, uri: str) -> str:
+    return uri[len(root.rstrip("/")) + 1:] if uri.startswith(root.rstrip("/") + "/") else uri
 
 
 class Context:
-    """What a running stage sees: where to write, how to log, how to report progress and metrics."""
+    """What a running stage sees: where to write, how to log, how to report progress and metrics.
 
-    def __init__(self, spec: StageSpec, cfg: StageConfig):
+    ``prefix`` is the staging folder while the stage runs; ``final_prefix`` is where its outputs land once the
+    manifest is written. Downstream tasks read from ``final_prefix``; a stage writes only through ``out``.
+    """
+
+    def __init__(self, spec: StageSpec, cfg: StageConfig, prefix: str | None = None):
         self.spec = spec
         self.cfg = cfg
-        self.prefix = output_prefix(cfg, spec.name)
+        self.final_prefix = output_prefix(cfg, spec.name)
+        self.prefix = prefix or self.final_prefix
         self.metrics: dict[str, Any] = {}
         self.tag = f"{cfg.cell}/{spec.name}"
 
@@ -99,6 +168,9 @@ class Context:
 
     def log(self, message: str) -> None:
         print(f"[{self.tag}] {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"warning: [{self.tag}] {message}", file=sys.stderr, flush=True)
 
     def progress(self, iterable: Iterable, *, total: int | None = None, desc: str = "") -> Iterable:
         from tqdm.auto import tqdm
@@ -130,17 +202,34 @@ def load_config_text(source: str) -> Any:
         raise ConfigError(f"{source} is not valid JSON: {err.msg} at line {err.lineno}") from None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# provenance
+
+
+def _git(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def git_commit() -> str:
     if os.environ.get("EPS_GIT_SHA"):
         return os.environ["EPS_GIT_SHA"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+    out = _git("rev-parse", "HEAD")
+    return (out.stdout.strip() if out and out.returncode == 0 else "") or "unknown"
+
+
+@cache
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit; None when unknown (no git here, e.g. in an image)."""
+    if os.environ.get("EPS_GIT_DIRTY", "").strip().lower() in ("true", "false"):
+        return os.environ["EPS_GIT_DIRTY"].strip().lower() == "true"
+    if os.environ.get("EPS_GIT_SHA"):
+        return None
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return None if out is None or out.returncode != 0 else bool(out.stdout.strip())
 
 
 def package_versions() -> dict[str, str]:
@@ -163,7 +252,12 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the cache key
+
+
 def input_hashes(cfg: StageConfig) -> dict[str, str]:
+    """``{input URI: sha256}`` of every input the config names."""
     hashes = {}
     for name, uri in cfg.input_uris().items():
         try:
@@ -173,41 +267,242 @@ def input_hashes(cfg: StageConfig) -> dict[str, str]:
     return hashes
 
 
-def complete_manifest(prefix: str, cfg: StageConfig, inputs: dict[str, str]) -> dict | None:
-    """The existing manifest if it proves this exact work is already done, else None."""
+def keyed_config(cfg: StageConfig, inputs: dict[str, str]) -> Any:
+    """The config as the cache sees it: no run id, store or cell; inputs by content; run paths made relative."""
+    root = store_root(cfg)
+    run = store.join(root, "runs", cfg.run_id)
+
+    def norm(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: norm(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [norm(v) for v in value]
+        if isinstance(value, str):
+            if value in inputs:
+                return f"sha256:{inputs[value]}"
+            if value == run or value.startswith(run + "/"):
+                return "<run>" + value[len(run):]
+            if value == root or value.startswith(root + "/"):
+                return "<store>" + value[len(root):]
+        return value
+
+    dumped = cfg.model_dump(mode="json")
+    return norm({k: v for k, v in dumped.items() if k not in ("store", "run_id", "cell")})
+
+
+def cache_key(spec: StageSpec, cfg: StageConfig, inputs: dict[str, str]) -> str:
+    return stable_hash({"stage": spec.name, "code": spec.fingerprint, "config": keyed_config(cfg, inputs)})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding a result that can be trusted
+
+
+Warn = Callable[[str], None]
+
+
+def _read_manifest(prefix: str, warn: Warn) -> dict | None:
     uri = store.join(prefix, MANIFEST)
-    if not store.exists(uri):
+    try:
+        found = store.read_versioned(uri)
+    except store.ArtifactNotFound:
+        return None
+    if found is None:
         return None
     try:
-        manifest = store.read_json(uri)
-    except store.StoreError:
-        return None
-    if manifest.get("status") != "complete" or manifest.get("config_hash") != cfg.config_hash():
-        return None
-    if manifest.get("inputs") != inputs:
-        return None
-    if not all(store.exists(out) for out in manifest.get("outputs", {})):
+        manifest = json.loads(found[0])
+    except ValueError:
+        manifest = None
+    problem = None
+    if not isinstance(manifest, dict):
+        problem = "is not a JSON object"
+    elif not isinstance(manifest.get("outputs"), dict) or not isinstance(manifest.get("prefix"), str):
+        problem = "has no outputs or prefix"
+    if problem:
+        warn(f"{uri} {problem}: not a usable manifest, ignored")
         return None
     return manifest
+
+
+def _changed_outputs(manifest: dict, prefix: str) -> list[str]:
+    """Outputs (relative names) that no longer hold what ``manifest`` recorded, read at ``prefix``."""
+    recorded_prefix = manifest["prefix"].rstrip("/")
+    checksums = manifest.get("output_checksums") or {}
+    changed = []
+    for uri, digest in manifest["outputs"].items():
+        if not uri.startswith(recorded_prefix + "/"):
+            changed.append(uri)
+            continue
+        rel = uri[len(recorded_prefix) + 1:]
+        if not store.verify(store.join(prefix, rel), digest, checksums.get(uri)):
+            changed.append(rel)
+    return changed
+
+
+def verified_manifest(prefix: str, key: str, warn: Warn) -> dict | None:
+    """The manifest at ``prefix`` if it is complete, has ``key`` and its outputs still match; else None."""
+    manifest = _read_manifest(prefix, warn)
+    if manifest is None or manifest.get("status") != "complete" or manifest.get("cache_key") != key:
+        return None
+    changed = _changed_outputs(manifest, prefix)
+    if changed:
+        more = f" (+{len(changed) - 1} more)" if len(changed) > 1 else ""
+        warn(f"stored result at {prefix} no longer matches its manifest ({changed[0]} changed or missing{more}): "
+             "recomputing")
+        return None
+    return manifest
+
+
+def _candidates(root: str, stage: str, key: str, own: str) -> list[str]:
+    """Output folders of other runs that the index lists for ``key``, newest first."""
+    records = []
+    for uri in store.list_uris(index_folder(root, stage, key)):
+        try:
+            record = store.read_json(uri)
+            prefix = store.join(root, record["prefix"])
+        except (store.StoreError, KeyError, TypeError):
+            continue
+        if prefix != own:
+            records.append((record.get("written_at", 0), prefix))
+    return [p for _, p in sorted(records, reverse=True)]
+
+
+def _index(root: str, stage: str, key: str, prefix: str) -> None:
+    rel = _relative(root, prefix)
+    uri = store.join(index_folder(root, stage, key), f"{store.sha256_bytes(rel.encode())[:16]}.json")
+    store.write_json(uri, {"prefix": rel, "written_at": time.time()})
+
+
+def _place(staging: str, prefix: str, outputs: list[str]) -> None:
+    """Make the staged files the outputs at ``prefix``: the old manifest goes first, so no moment exists where it
+    vouches for new files, then stale files go, then the staged files move in. The new manifest comes after."""
+    store.delete(store.join(prefix, MANIFEST))
+    keep = set(outputs)
+    for uri in store.list_uris(prefix):
+        if _relative(prefix, uri) not in keep:
+            store.delete(uri)
+    for rel in outputs:
+        store.move(store.join(staging, rel), store.join(prefix, rel))
+
+
+def _checksums(uris: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for uri in uris:
+        if uri.startswith("s3://"):
+            value = store.s3_checksum(uri)
+            if value:
+                out[uri] = value
+    return out
+
+
+def _reuse(spec: StageSpec, cfg: StageConfig, inputs: dict[str, str], key: str, source: str,
+           warn: Warn) -> dict | None:
+    """Bring the result at ``source`` (another run) here, verified; the new manifest, or None if it fails."""
+    found = _read_manifest(source, warn)
+    if found is None or found.get("status") != "complete" or found.get("cache_key") != key:
+        return None
+    prefix = output_prefix(cfg, spec.name)
+    staging = staging_prefix(cfg, spec.name, key) + "-reuse"
+    recorded = found["prefix"].rstrip("/")
+    rels = [uri[len(recorded) + 1:] for uri in found["outputs"]]
+    store.delete_prefix(staging)
+    modes = {store.copy(store.join(source, rel), store.join(staging, rel)) for rel in rels}
+    # the copies are checked, not the source: what is here is what is vouched for
+    changed = _changed_outputs({**found, "prefix": staging,
+                                "outputs": {store.join(staging, r): d for r, d in zip(rels, found["outputs"].values(),
+                                                                                       strict=True)},
+                                "output_checksums": {}}, staging)
+    if changed:
+        store.delete_prefix(staging)
+        warn(f"stored result at {source} no longer matches its manifest ({changed[0]} changed or missing): "
+             "not reused")
+        return None
+    _place(staging, prefix, rels)
+    store.delete_prefix(staging)
+    outputs = {store.join(prefix, rel): digest for rel, digest in zip(rels, found["outputs"].values(), strict=True)}
+    root = store_root(cfg)
+    manifest = {
+        **{k: v for k, v in found.items() if k not in ("reused_from",)},
+        "run_id": cfg.run_id, "cell": cfg.cell, "prefix": prefix,
+        "config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash(),
+        "inputs": inputs, "outputs": outputs, "output_checksums": _checksums(outputs),
+        "reused_from": {
+            "prefix": _relative(root, source), "run_id": found.get("run_id"), "cell": found.get("cell"),
+            "mode": "link" if modes == {"link"} else "copy", "at": datetime.now(timezone.utc).isoformat(),
+        },
+    }
+    store.write_json(store.join(prefix, MANIFEST), manifest)
+    _index(root, spec.name, key, prefix)
+    return manifest
+
+
+def _relocated(manifest: dict, cfg: StageConfig, prefix: str, inputs: dict[str, str]) -> dict:
+    """The same work found under other paths (a store folder that was moved or copied): say where it is now."""
+    recorded = manifest["prefix"].rstrip("/")
+    outputs = {store.join(prefix, uri[len(recorded) + 1:]): d for uri, d in manifest["outputs"].items()}
+    return {**manifest, "prefix": prefix, "outputs": outputs, "output_checksums": _checksums(outputs),
+            "inputs": inputs, "config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash()}
+
+
+@dataclass
+class Settled:
+    how: Literal["cached", "reused"]
+    manifest: dict
+
+
+def settle(spec: StageSpec, cfg: StageConfig, warn: Warn, *, inputs: dict[str, str] | None = None) -> Settled | None:
+    """A trustworthy existing result for this work: ``cached`` here, or ``reused`` from another run; else None.
+
+    The caller holds the stage's lease (reuse writes into the output folder).
+    """
+    inputs = input_hashes(cfg) if inputs is None else inputs
+    key = cache_key(spec, cfg, inputs)
+    prefix = output_prefix(cfg, spec.name)
+    own = verified_manifest(prefix, key, warn)
+    if own is not None:
+        if own.get("prefix") != prefix or own.get("inputs") != inputs or own.get("config_hash") != cfg.config_hash():
+            own = _relocated(own, cfg, prefix, inputs)
+            store.write_json(store.join(prefix, MANIFEST), own)
+        return Settled(CACHED, own)
+    for source in _candidates(store_root(cfg), spec.name, key, prefix):
+        manifest = _reuse(spec, cfg, inputs, key, source, warn)
+        if manifest is not None:
+            return Settled(REUSED, manifest)
+    return None
 
 
 def read_manifest(prefix: str) -> dict:
     return store.read_json(store.join(prefix, MANIFEST))
 
 
-def _write_manifest(ctx: Context, cfg: StageConfig, inputs: dict[str, str], started: float, metrics: dict) -> dict:
-    manifest_uri = ctx.out(MANIFEST)
-    outputs = {uri: store.sha256(uri) for uri in store.list_uris(ctx.prefix) if uri != manifest_uri}
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+
+def _commit(ctx: Context, cfg: StageConfig, inputs: dict[str, str], key: str, started: float,
+            metrics: dict) -> dict:
+    """Move the staged outputs into place and write the manifest, last."""
+    staging, prefix = ctx.prefix, ctx.final_prefix
+    staged = store.list_uris(staging)
+    rels = [_relative(staging, uri) for uri in staged]
+    digests = [store.sha256(uri) for uri in staged]
+    _place(staging, prefix, rels)
+    outputs = {store.join(prefix, rel): digest for rel, digest in zip(rels, digests, strict=True)}
     manifest = {
         "status": "complete",
         "stage": ctx.spec.name,
         "run_id": cfg.run_id,
         "cell": cfg.cell,
+        "prefix": prefix,
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg.config_hash(),
+        "cache_key": key,
+        "code_fingerprint": ctx.spec.fingerprint,
         "inputs": inputs,
         "outputs": outputs,
+        "output_checksums": _checksums(outputs),
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "image": os.environ.get("EPS_IMAGE", "local"),
         "packages": package_versions(),
         "seed": cfg.seed,
@@ -217,46 +512,144 @@ def _write_manifest(ctx: Context, cfg: StageConfig, inputs: dict[str, str], star
         "wall_time_s": round(time.time() - started, 3),
         "metrics": metrics,
     }
-    store.write_json(manifest_uri, manifest)  # last: its presence marks the stage complete
+    store.write_json(store.join(prefix, MANIFEST), manifest)  # last: its presence marks the stage complete
+    _index(store_root(cfg), ctx.spec.name, key, prefix)
+    store.delete_prefix(staging)
     return manifest
 
 
 def execute(spec: StageSpec, raw_config: Any) -> dict:
-    """Validate, skip-or-run, and write the manifest. Raises on failure; returns the manifest."""
+    """Validate, settle-or-run under the stage's lease, and write the manifest. Raises on failure."""
     cfg = parse(spec.config, raw_config, f"config for stage {spec.name}")
-    prefix = output_prefix(cfg, spec.name)
-    inputs = input_hashes(cfg)
-    done = complete_manifest(prefix, cfg, inputs)
     ctx = Context(spec, cfg)
-    if done is not None:
-        ctx.log("complete manifest with the same config and inputs found: skipping")
-        return done
-    stale = store.join(prefix, MANIFEST)
-    if store.exists(stale):
-        store.delete(stale)  # a changed config or input: the old manifest no longer vouches for the outputs
-    started = time.time()
-    ctx.log(f"starting (config {cfg.config_hash()[:12]}) -> {prefix}")
-    metrics = spec.run(cfg, ctx) or {}
-    metrics = {**ctx.metrics, **metrics}
-    manifest = _write_manifest(ctx, cfg, inputs, started, metrics)
-    ctx.log(f"done in {manifest['wall_time_s']:.1f}s")
-    return manifest
+    inputs = input_hashes(cfg)
+    lease = Lease(lease_uri(cfg, spec.name), what=f"{cfg.run_id}/{cfg.cell}/{spec.name}")
+    lease.acquire(log=ctx.log)
+    try:
+        settled = settle(spec, cfg, ctx.warn, inputs=inputs)
+        if settled is not None:
+            source = settled.manifest.get("reused_from", {})
+            ctx.log("a verified complete result of the same work is here: skipping (cached)" if settled.how == CACHED
+                    else f"same work done in run {source.get('run_id')}: reused ({source.get('mode')}), skipping")
+            return settled.manifest
+        key = cache_key(spec, cfg, inputs)
+        ctx.prefix = staging_prefix(cfg, spec.name, key)
+        started = time.time()
+        ctx.log(f"starting (key {key[:12]}, code {spec.fingerprint[:12]}) -> {ctx.final_prefix}")
+        metrics = spec.run(cfg, ctx) or {}
+        metrics = {**ctx.metrics, **metrics}
+        if lease.lost:  # too slow to renew (or a clock far off): another writer may be in the folder now
+            raise LeaseLost(f"lease {lease.uri} was taken over while this stage ran: not committing (retried)")
+        manifest = _commit(ctx, cfg, inputs, key, started, metrics)
+        ctx.log(f"done in {manifest['wall_time_s']:.1f}s")
+        return manifest
+    finally:
+        lease.release()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the entrypoint: one error line, the log copied to the store
+
+
+class _Tee(io.TextIOBase):
+    """Writes to a stream and to a log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class StageLog:
+    """Tees the stage's stdout and stderr into a file and copies it to the store now and then and at the end."""
+
+    def __init__(self, every_s: float = 60.0):
+        self.enabled = os.environ.get("EPS_LOG_COPY", "1") != "0"
+        self.every_s = every_s
+        self.uri: str | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> StageLog:
+        if not self.enabled:
+            return self
+        fd, self.path = tempfile.mkstemp(prefix="eps-stage-", suffix=".log")
+        self.file = os.fdopen(fd, "w", buffering=1)
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+        threading.Thread(target=self._keep, name="log-copy", daemon=True).start()
+        return self
+
+    def send_to(self, uri: str) -> None:
+        self.uri = uri
+
+    def _copy(self) -> None:
+        if self.uri:
+            try:
+                self.file.flush()
+                store.upload_file(self.path, self.uri)
+            except (store.StoreError, OSError):
+                pass  # losing a log copy must not fail the stage
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._copy()
+
+    def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
+        self._stop.set()
+        sys.stdout, sys.stderr = self.saved
+        self._copy()
+        self.file.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+def _on_sigterm(_signum, _frame):
+    raise Terminated()
 
 
 def run_stage(spec: StageSpec, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {spec.module}", description=spec.description)
     parser.add_argument("--config", required=True, help="JSON text, a path to a JSON file, or a store URI")
     args = parser.parse_args(argv)
-    try:
-        execute(spec, load_config_text(args.config))
-        return 0
-    except INPUT_ERRORS as err:
-        print(f"error: {spec.name}: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print(f"error: {spec.name}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except Exception as err:  # a bug, not bad input: keep the traceback for whoever debugs it
-        traceback.print_exc()
-        print(f"error: {spec.name}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    with StageLog() as log:
+        try:
+            raw = load_config_text(args.config)
+            cfg = parse(spec.config, raw, f"config for stage {spec.name}")
+            log.send_to(log_uri(cfg, spec.name, time.time()))
+            execute(spec, raw)
+            return 0
+        except INPUT_ERRORS as err:
+            print(f"error: {spec.name}: {err}", file=sys.stderr, flush=True)
+            return 2
+        except Terminated:
+            print(f"error: {spec.name}: terminated (SIGTERM)", file=sys.stderr, flush=True)
+            return 143
+        except KeyboardInterrupt:
+            print(f"error: {spec.name}: interrupted", file=sys.stderr, flush=True)
+            return 130
+        except Exception as err:  # a bug, not bad input: keep the traceback for whoever debugs it
+            traceback.print_exc()
+            print(f"error: {spec.name}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            return 1

@@ -7,12 +7,15 @@ Local writes are atomic (temp file + rename) so a killed process never leaves a 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -49,10 +52,18 @@ def from_path(path: str | Path) -> str:
 
 
 def normalize_root(root: str) -> str:
-    """Accept a plain local path as well as a URI."""
+    """Accept a plain local path as well as a URI; an S3 root must name a bucket."""
+    root = str(root).strip()
+    if not root:
+        raise StoreError("empty store root: give a path, file://... or s3://bucket/prefix")
     if "://" not in root:
+        if root.lower().startswith(("s3:", "file:")):
+            raise StoreError(f"store root {root!r} is malformed: expected file:///path or s3://bucket/prefix")
         return from_path(root)
-    _scheme(root)
+    if _scheme(root) == "s3":
+        _bucket_key(root)
+    elif not _local(root).is_absolute():
+        raise StoreError(f"file store root {root!r} must be an absolute path (file:///...)")
     return root.rstrip("/")
 
 
@@ -63,7 +74,7 @@ def _local(uri: str) -> Path:
 def _bucket_key(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if not parsed.netloc:
-        raise StoreError(f"S3 URI {uri!r} names no bucket")
+        raise StoreError(f"S3 URI {uri!r} names no bucket: expected s3://bucket/prefix")
     return parsed.netloc, parsed.path.lstrip("/")
 
 
@@ -107,6 +118,27 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _b64_checksum(hex_digest: str) -> str:
+    """S3's form of a SHA-256 checksum (base64 of the raw digest)."""
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def _multipart(head: dict) -> bool:
+    # a multipart object's ETag ends in -<parts>; its checksum is then over the parts, whatever its form says
+    return head.get("ChecksumType") == "COMPOSITE" or bool(re.search(r"-\d+\"?$", head.get("ETag", "")))
+
+
+def _hex_of_full_checksum(value: str | None, head: dict | None = None) -> str | None:
+    """The hex sha256 an S3 ``ChecksumSHA256`` stands for, or None for a composite (multipart) checksum."""
+    if not value or "-" in value or (head is not None and _multipart(head)):
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return raw.hex() if len(raw) == 32 else None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bytes
 
@@ -129,8 +161,20 @@ def write_bytes(uri: str, data: bytes) -> str:
             raise
     else:
         bucket, key = _bucket_key(uri)
-        _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data, Metadata={"sha256": digest})
+        # S3 checks the body against this checksum on upload and keeps it, so a later check needs no download
+        _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data, Metadata={"sha256": digest},
+                 ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64_checksum(digest))
     return digest
+
+
+def _head(uri: str) -> dict:
+    bucket, key = _bucket_key(uri)
+    return _s3_call(uri, s3_client().head_object, Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+
+
+def s3_checksum(uri: str) -> str | None:
+    """The SHA-256 checksum S3 stored for an object at upload (``base64`` or ``base64-N`` for multipart)."""
+    return _head(uri).get("ChecksumSHA256")
 
 
 def read_bytes(uri: str) -> bytes:
@@ -167,6 +211,20 @@ def delete(uri: str) -> None:
     _s3_call(uri, s3_client().delete_object, Bucket=bucket, Key=key)
 
 
+def delete_prefix(uri: str) -> None:
+    """Delete everything at or below ``uri`` (a file or a folder)."""
+    if _scheme(uri) == "file":
+        delete(uri)
+        return
+    members = list_uris(uri)
+    bucket, key = _bucket_key(uri)
+    if exists(uri):
+        members.append(uri)
+    for start in range(0, len(members), 1000):
+        batch = [{"Key": _bucket_key(m)[1]} for m in members[start:start + 1000]]
+        _s3_call(uri, s3_client().delete_objects, Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+
+
 def list_uris(prefix_uri: str) -> list[str]:
     """Every object (file) below ``prefix_uri``, sorted, as full URIs."""
     prefix_uri = prefix_uri.rstrip("/")
@@ -197,9 +255,9 @@ def sha256(uri: str) -> str:
         if path.is_file():
             return sha256_file(path)
     elif exists(uri):
-        bucket, key = _bucket_key(uri)
-        head = _s3_call(uri, s3_client().head_object, Bucket=bucket, Key=key)
-        stored = head.get("Metadata", {}).get("sha256")
+        head = _head(uri)
+        # a full-object checksum S3 verified at upload beats our own metadata, which any client may set
+        stored = _hex_of_full_checksum(head.get("ChecksumSHA256"), head) or head.get("Metadata", {}).get("sha256")
         return stored or sha256_bytes(read_bytes(uri))
     members = list_uris(uri)
     if not members:
@@ -224,6 +282,8 @@ def read_json(uri: str) -> Any:
         return json.loads(read_bytes(uri))
     except json.JSONDecodeError as err:
         raise StoreError(f"not valid JSON: {uri} ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise StoreError(f"not valid JSON: {uri} (not UTF-8 text)") from None
 
 
 def write_jsonl(uri: str, rows: list[dict]) -> str:
@@ -281,7 +341,8 @@ def upload_file(local_path: str | Path, uri: str) -> str:
     digest = sha256_file(local_path)
     bucket, key = _bucket_key(uri)
     _s3_call(
-        uri, s3_client().upload_file, str(local_path), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}}
+        uri, s3_client().upload_file, str(local_path), bucket, key,
+        ExtraArgs={"Metadata": {"sha256": digest}, "ChecksumAlgorithm": "SHA256"},
     )
     return digest
 
@@ -359,3 +420,188 @@ def fetch_file(uri: str) -> Path:
     if not target.exists():
         download_file(uri, target)
     return target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verified copies, moves and conditional writes (the stage contract's cache, staging and leases use these)
+
+
+def verify(uri: str, expected_sha256: str, s3_checksum_recorded: str | None = None) -> bool:
+    """Does the artifact at ``uri`` still hold the content whose sha256 a manifest recorded?
+
+    A local file is hashed. On S3 the checksum S3 computed at upload answers without a download: it is compared
+    with the one the manifest recorded (multipart uploads have a composite checksum) or with the sha256 itself;
+    only an object without a usable checksum is downloaded and hashed.
+    """
+    if _scheme(uri) == "file":
+        path = _local(uri)
+        return path.is_file() and sha256_file(path) == expected_sha256
+    try:
+        head = _head(uri)
+    except ArtifactNotFound:
+        return False
+    stored = head.get("ChecksumSHA256")
+    if stored and (stored == s3_checksum_recorded or stored == _b64_checksum(expected_sha256)):
+        return True
+    if _hex_of_full_checksum(stored, head):
+        return False  # a full-object checksum that differs: the content differs
+    return sha256_bytes(read_bytes(uri)) == expected_sha256
+
+
+def copy(src: str, dst: str, *, link: bool = True) -> str:
+    """Copy one artifact within a store; returns how: ``link`` (a hard link, no bytes copied) or ``copy``.
+
+    Local files are hard-linked when ``link`` and the file system allows it (a later in-place rewrite of either
+    path by the store replaces that path's inode, so the other keeps its content); S3 copies server-side and
+    has S3 compute the copy's SHA-256 checksum.
+    """
+    if _scheme(src) != _scheme(dst):
+        raise StoreError(f"cannot copy between stores: {src} -> {dst}")
+    if _scheme(src) == "file":
+        source, target = _local(src), _local(dst)
+        if not source.is_file():
+            raise ArtifactNotFound(f"artifact not found: {src}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        how = "copy"
+        if link:
+            try:
+                os.link(source, tmp)
+                how = "link"
+            except OSError:
+                pass
+        if how == "copy":
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        return how
+    (src_bucket, src_key), (bucket, key) = _bucket_key(src), _bucket_key(dst)
+    source = {"Bucket": src_bucket, "Key": src_key}
+    size = _s3_call(src, s3_client().head_object, Bucket=src_bucket, Key=src_key)["ContentLength"]
+    if size < 5 * 1024**3:  # one CopyObject call up to 5 GB; S3 computes a full-object checksum of the copy
+        _s3_call(dst, s3_client().copy_object, Bucket=bucket, Key=key, CopySource=source,
+                 ChecksumAlgorithm="SHA256", MetadataDirective="COPY")
+    else:
+        _s3_call(dst, s3_client().copy, source, bucket, key, ExtraArgs={"ChecksumAlgorithm": "SHA256"})
+    return "copy"
+
+
+def move(src: str, dst: str) -> None:
+    """Move one artifact within a store: an atomic rename locally, copy then delete on S3."""
+    if _scheme(src) == "file":
+        source, target = _local(src), _local(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"artifact not found: {src}") from None
+        return
+    copy(src, dst, link=False)
+    delete(src)
+
+
+def check_writable(root: str) -> None:
+    """Fail with one line now, not halfway through a run, when the store root cannot be written."""
+    root = normalize_root(root)
+    probe = join(root, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"probe")
+        delete(probe)
+    except OSError as err:
+        raise StoreError(f"store {root} is not writable: {err.strerror or err}") from None
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """(content, version tag) of an object, or None when absent; the tag is what ``put_if_match`` compares."""
+    if _scheme(uri) == "file":
+        try:
+            data = _local(uri).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        return data, sha256_bytes(data)
+    bucket, key = _bucket_key(uri)
+    try:
+        obj = _s3_call(uri, s3_client().get_object, Bucket=bucket, Key=key)
+    except ArtifactNotFound:
+        return None
+    return obj["Body"].read(), obj["ETag"]
+
+
+def _is_precondition_failure(err: StoreError) -> bool:
+    text = str(err)
+    return "PreconditionFailed" in text or "ConditionalRequestConflict" in text or " 412 " in f" {text} "
+
+
+class _FolderGuard:
+    """An exclusive flock on a local folder: makes read-compare-write on one of its files atomic."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __enter__(self):
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def put_if_absent(uri: str, data: bytes) -> str | None:
+    """Create ``uri`` only if nothing is there; the new version tag, or None when something already was."""
+    if _scheme(uri) == "file":
+        path = _local(uri)
+        with _FolderGuard(path.parent):
+            if path.exists():
+                return None
+            write_bytes(uri, data)
+        return sha256_bytes(data)
+    bucket, key = _bucket_key(uri)
+    try:
+        return _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
+    except StoreError as err:
+        if _is_precondition_failure(err):
+            return None
+        raise
+
+
+def put_if_match(uri: str, data: bytes, version: str) -> str | None:
+    """Replace ``uri`` only if it still is at ``version``; the new version tag, or None when it changed."""
+    if _scheme(uri) == "file":
+        path = _local(uri)
+        with _FolderGuard(path.parent):
+            current = read_versioned(uri)
+            if current is None or current[1] != version:
+                return None
+            write_bytes(uri, data)
+        return sha256_bytes(data)
+    bucket, key = _bucket_key(uri)
+    try:
+        return _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
+    except StoreError as err:
+        if _is_precondition_failure(err) or isinstance(err, ArtifactNotFound):
+            return None
+        raise
+
+
+def delete_if_match(uri: str, version: str) -> bool:
+    """Delete ``uri`` only if it still is at ``version`` (a lease is released only by its holder)."""
+    if _scheme(uri) == "file":
+        path = _local(uri)
+        with _FolderGuard(path.parent):
+            current = read_versioned(uri)
+            if current is None or current[1] != version:
+                return False
+            path.unlink()
+        return True
+    current = read_versioned(uri)
+    if current is None or current[1] != version:
+        return False
+    delete(uri)
+    return True

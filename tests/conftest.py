@@ -61,3 +61,23 @@ def isolated_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EPS_CACHE", str(tmp_path_factory.getbasetemp() / "eps-cache"))
         yield
+
+
+@pytest.fixture(scope="session")
+def issue164_tiny_run(tmp_path_factory):
+    """One complete issue164 tiny run, made once per test session through the local engine.
+
+    Tests that only read it use it as is; tests that change or break things copy its store folder first
+    (``shutil.copytree``), which the stage contract treats as the same results in another place.
+    """
+    from shared import store
+    from workflows.__main__ import build_plan, parser
+    from workflows.engines.local import run_plan
+
+    root = store.from_path(tmp_path_factory.mktemp("issue164-tiny") / "store")
+    args = parser().parse_args(["run", "issue164", "--profile", "tiny", "--store", root, "--run-id", "e2e"])
+    plan = build_plan(args)
+    result = run_plan(plan, retries=0, live=False)
+    logs = {s.task.name: s.log_path.read_text()[-2000:] for s in result.failed() if s.log_path}
+    assert result.ok, f"failed tasks: {logs}"
+    return plan

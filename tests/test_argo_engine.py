@@ -52,6 +52,15 @@ def plan() -> Plan:
 
 
 @pytest.fixture()
+def s3_plan(s3_bucket) -> Plan:
+    """The same plan on a real (loopback) S3 store: submitting reads and writes the store."""
+    from workflows import issue164
+
+    params = issue164.Params.for_profile("tiny")
+    return issue164.build(params, profile="tiny", run_id="issue164-tiny-1a2b3c4d", store=f"{s3_bucket}/test")
+
+
+@pytest.fixture()
 def settings() -> ClusterSettings:
     return ClusterSettings(image_registry=REGISTRY, git_sha=SHA)
 
@@ -441,8 +450,8 @@ def argo_server(monkeypatch):
         yield server
 
 
-def test_submit_posts_the_compiled_workflow_with_the_bearer_token(plan, settings, argo_server):
-    name, url = argo.submit(plan, cluster=settings)
+def test_submit_posts_the_compiled_workflow_with_the_bearer_token(s3_plan, settings, argo_server):
+    name, url = argo.submit(s3_plan, cluster=settings)
     assert name == "issue164-tiny-1a2b3c4d"
     assert url == f"{argo_server.url}/workflows/eps/{name}"
     [req] = argo_server.requests
@@ -452,7 +461,8 @@ def test_submit_posts_the_compiled_workflow_with_the_bearer_token(plan, settings
     body = req["body"]
     assert body["namespace"] == "eps"
     sent = body["workflow"]
-    expected = yaml.safe_load(argo.to_yaml(plan, cluster=settings))
+    uris = {t.name: argo.config_uri(s3_plan, t.name, t.config) for t in s3_plan.tasks}
+    expected = yaml.safe_load(argo.to_yaml(s3_plan, cluster=settings, config_uris=uris))
     assert sent["metadata"]["name"] == expected["metadata"]["name"]
     assert [t["name"] for t in sent["spec"]["templates"]] == [t["name"] for t in expected["spec"]["templates"]]
     assert dag_tasks(sent) == dag_tasks(expected)
@@ -461,12 +471,12 @@ def test_submit_posts_the_compiled_workflow_with_the_bearer_token(plan, settings
         assert value not in json.dumps(body)
 
 
-def test_cluster_submit_is_the_same_call_and_keeps_an_explicit_bearer_prefix(plan, settings, argo_server):
-    name, _ = cluster.submit(plan, token="Bearer abc.def", cluster=settings)
+def test_cluster_submit_is_the_same_call_and_keeps_an_explicit_bearer_prefix(s3_plan, settings, argo_server):
+    name, _ = cluster.submit(s3_plan, token="Bearer abc.def", cluster=settings)
     assert argo_server.requests[-1]["headers"]["Authorization"] == "Bearer abc.def"
     # a second submit of the same run is refused with a pointer to retry
     with pytest.raises(ClusterError) as err:
-        cluster.submit(plan, cluster=settings)
+        cluster.submit(s3_plan, cluster=settings)
     text = str(err.value)
     assert "409" in text and "already exists" in text and "make retry" in text and "\n" not in text
 
@@ -493,17 +503,17 @@ def test_submit_refuses_a_local_store_and_a_missing_registry(plan, settings, arg
     assert argo_server.requests == []
 
 
-def test_submit_refuses_to_guess_the_image_tag(plan, argo_server, monkeypatch):
+def test_submit_refuses_to_guess_the_image_tag(s3_plan, argo_server, monkeypatch):
     monkeypatch.setattr(argo, "git_commit", lambda: "unknown")
     with pytest.raises(ClusterError, match="EPS_IMAGE_TAG"):
-        argo.submit(plan, cluster=ClusterSettings(image_registry=REGISTRY))
+        argo.submit(s3_plan, cluster=ClusterSettings(image_registry=REGISTRY))
     monkeypatch.setenv("EPS_IMAGE_TAG", "v1")
-    name, _ = argo.submit(plan, cluster=ClusterSettings(image_registry=REGISTRY))
+    name, _ = argo.submit(s3_plan, cluster=ClusterSettings(image_registry=REGISTRY))
     sent = argo_server.requests[-1]["body"]["workflow"]
     assert templates(sent)["generate"]["container"]["image"] == f"{REGISTRY}/eps-generate:v1"
 
 
-def test_an_unreachable_server_is_one_clear_line(plan, settings, monkeypatch):
+def test_an_unreachable_server_is_one_clear_line(s3_plan, settings, monkeypatch):
     import socket
 
     with socket.socket() as sock:  # a port nothing listens on
@@ -512,7 +522,7 @@ def test_an_unreachable_server_is_one_clear_line(plan, settings, monkeypatch):
     monkeypatch.setenv("ARGO_SERVER", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("ARGO_TOKEN", "t")
     with pytest.raises(ClusterError, match="cannot reach the Argo Server"):
-        argo.submit(plan, cluster=settings)
+        argo.submit(s3_plan, cluster=settings)
 
 
 def test_server_address_forms(monkeypatch):
@@ -549,8 +559,8 @@ def _with_status(server: FakeArgo, name: str, phase: str) -> None:
     }
 
 
-def test_status_and_retry_wrap_the_argo_server_api(plan, settings, argo_server):
-    name, _ = argo.submit(plan, cluster=settings)
+def test_status_and_retry_wrap_the_argo_server_api(s3_plan, settings, argo_server):
+    name, _ = argo.submit(s3_plan, cluster=settings)
     _with_status(argo_server, name, "Failed")
 
     st = cluster.status(name)
@@ -562,7 +572,7 @@ def test_status_and_retry_wrap_the_argo_server_api(plan, settings, argo_server):
     assert get["method"] == "GET" and get["path"] == f"/api/v1/workflows/eps/{name}"
     assert get["headers"]["Authorization"] == "Bearer tok-123"
 
-    result = cluster.retry(plan.run_id)  # the run id finds the workflow too
+    result = cluster.retry(s3_plan.run_id)  # the run id finds the workflow too
     put = argo_server.requests[-1]
     assert put["method"] == "PUT" and put["path"] == f"/api/v1/workflows/eps/{name}/retry"
     assert put["body"]["name"] == name and put["body"]["namespace"] == "eps"
@@ -603,10 +613,10 @@ def test_status_finds_a_resubmitted_run_by_its_run_id_label(plan, settings, argo
     assert listing["query"]["listOptions.labelSelector"] == [f"eps/run-id={plan.run_id}"]
 
 
-def test_a_rejected_token_is_one_line_that_names_argo_token(plan, settings, argo_server):
+def test_a_rejected_token_is_one_line_that_names_argo_token(s3_plan, settings, argo_server):
     argo_server.token = "the-right-one"
-    for call in (lambda: argo.submit(plan, cluster=settings), lambda: cluster.status(plan.run_id),
-                 lambda: cluster.retry(plan.run_id)):
+    for call in (lambda: argo.submit(s3_plan, cluster=settings), lambda: cluster.status(s3_plan.run_id),
+                 lambda: cluster.retry(s3_plan.run_id)):
         with pytest.raises(ClusterError) as err:
             call()
         text = str(err.value)
@@ -636,10 +646,10 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_make_submit_status_retry_on_the_command_line(argo_server, monkeypatch, capsys):
+def test_make_submit_status_retry_on_the_command_line(argo_server, s3_bucket, monkeypatch, capsys):
     monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
     run_id = "issue164-tiny-cli"
-    code, out, err = cli(["submit", "issue164", "--profile", "tiny", "--store", "s3://eps-artifacts/t",
+    code, out, err = cli(["submit", "issue164", "--profile", "tiny", "--store", f"{s3_bucket}/t",
                           "--run-id", run_id], capsys)
     assert code == 0, err
     url = f"{argo_server.url}/workflows/eps/{run_id}"
@@ -674,3 +684,87 @@ def test_missing_argo_server_and_token_is_one_error_line(argv, capsys):
 def test_status_and_retry_without_a_run_is_one_error_line(command, capsys):
     code, out, err = cli([command], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and f"make {command} RUN=" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cluster keeps up: configs by URI, complete tasks left out, each stage's own retry count
+
+
+def complete_in_store(task, rows=None) -> None:
+    """Make ``task`` complete in its store the way its stage would: outputs staged, then committed."""
+    import time
+
+    from shared import stage, store
+
+    cfg = task.parsed_config()
+    inputs = stage.input_hashes(cfg)
+    key = stage.cache_key(task.spec, cfg, inputs)
+    ctx = stage.Context(task.spec, cfg, stage.staging_prefix(cfg, task.stage, key))
+    store.write_jsonl(ctx.out("completions.jsonl"), rows or [{"text": f"made for {task.name}"}])
+    stage._commit(ctx, cfg, inputs, key, time.time(), {})
+
+
+def test_submit_passes_each_config_by_its_store_uri(s3_plan, settings, argo_server):
+    from shared import store
+
+    argo.submit(s3_plan, cluster=settings)
+    sent = argo_server.requests[-1]["body"]["workflow"]
+    for name, task in dag_tasks(sent).items():
+        uri = params_of(task)["config"]
+        assert uri.startswith(f"{s3_plan.store}/runs/{s3_plan.run_id}/_configs/{name}-")
+        assert store.read_json(uri) == json.loads(json.dumps(s3_plan.task(name).config))
+    inline = len(argo.to_yaml(s3_plan, cluster=settings))
+    assert len(json.dumps(sent)) < inline  # the configs' bulk stays in the store
+
+
+def test_submit_leaves_out_tasks_complete_in_the_store_and_their_edges(s3_plan, settings, argo_server, capsys):
+    from shared import store
+
+    em, base = s3_plan.task("gen-classifier-em"), s3_plan.task("gen-classifier-base")
+    complete_in_store(em)
+    complete_in_store(base)
+    done = argo.submit(s3_plan, cluster=settings)
+    assert done.left_out == {"gen-classifier-em": "cached", "gen-classifier-base": "cached"}
+    dag = dag_tasks(argo_server.requests[-1]["body"]["workflow"])
+    assert set(dag) == {t.name for t in s3_plan.tasks} - set(done.left_out)
+    assert "dependencies" not in dag["train-classifier"]  # what it waited for is already there
+
+    # an output edited after its manifest does not count as complete: that task is submitted again
+    store.write_jsonl(base.output_uri("completions.jsonl"), [{"text": "edited"}])
+    argo_server.workflows.clear()
+    again = argo.submit(s3_plan, cluster=settings)
+    assert again.left_out == {"gen-classifier-em": "cached"}
+    assert "no longer matches its manifest" in capsys.readouterr().err
+
+
+def test_a_run_whose_every_task_is_complete_submits_nothing(s3_plan, settings, argo_server, monkeypatch):
+    from shared.stage import Settled
+    from workflows import plan as plan_module
+
+    monkeypatch.setattr(plan_module.Task, "settle", lambda self, warn=None: Settled("cached", {}))
+    done = argo.submit(s3_plan, cluster=settings)
+    assert done.name is None and len(done.left_out) == len(s3_plan.tasks)
+    assert argo_server.requests == []
+
+
+def test_a_new_run_id_on_the_cluster_reuses_complete_results(s3_plan, settings, argo_server):
+    em = s3_plan.task("gen-classifier-em")
+    complete_in_store(em)
+    from workflows import issue164
+
+    other = issue164.build(issue164.Params.for_profile("tiny"), profile="tiny", run_id="another", store=s3_plan.store)
+    done = argo.submit(other, cluster=settings)
+    assert done.left_out == {"gen-classifier-em": "reused"}
+    assert other.task("gen-classifier-em").output_uri("completions.jsonl") != em.output_uri("completions.jsonl")
+    from shared import store
+
+    assert store.read_jsonl(other.task("gen-classifier-em").output_uri("completions.jsonl")) == [
+        {"text": "made for gen-classifier-em"}]
+
+
+def test_a_stage_with_its_own_retry_count_keeps_it_on_the_cluster(plan, settings, monkeypatch):
+    spec = all_stages()["judge"]
+    monkeypatch.setattr(spec, "resources", spec.resources.model_copy(update={"retries": 7}))
+    wf = yaml.safe_load(argo.to_yaml(plan, cluster=settings))
+    assert str(templates(wf)["judge"]["retryStrategy"]["limit"]) == "7"
+    assert str(templates(wf)["generate"]["retryStrategy"]["limit"]) == str(settings.retry.limit)

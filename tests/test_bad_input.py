@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from shared import store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +77,37 @@ def test_an_unknown_workflow_and_profile_from_make():
                               env=env, timeout=300)
         assert proc.returncode != 0
         assert message in proc.stderr
+
+
+BAD_RUNS = [  # (what is given, the file it names with its content or None, a phrase of the error line)
+    (["--set", "n_completions=-3"], None, "n_completions must be at least 1"),
+    (["--set", "temperature=-1"], None, "temperature must be at least 0"),
+    (["--set", "conditions_file={file}"], "", "is empty"),
+    (["--set", "conditions_file={file}"], "[]", "holds no records"),
+    (["--set", "conditions_file={file}"], '[{"name": "x"}]', "system: Field required"),
+    (["--set", "panel_file={file}"], b"\xff\xfe", "not UTF-8"),
+    (["--params", "{file}"], "{oops", "not valid JSON"),
+    (["--params", "{file}"], "[1]", "expected a JSON object"),
+    (["--store", "s3://"], None, "names no bucket"),
+    (["--store", "{file}/store"], "a file, not a folder", "not writable"),
+    (["--run-id", "../escape"], None, "bad run id"),
+]
+
+
+@pytest.mark.parametrize("args, content, message", BAD_RUNS)
+def test_bad_parameters_files_and_stores_are_one_line_and_exit_2_before_anything_runs(
+        args, content, message, tmp_path, monkeypatch, capsys):
+    from workflows.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    file = tmp_path / "given"
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    elif content is not None:
+        file.write_text(content)
+    args = [a.replace("{file}", str(file)) for a in args]
+    store_args = [] if "--store" in args else ["--store", str(tmp_path / "store")]
+    code = main(["run", "issue164", "--profile", "tiny", *store_args, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "store" / "runs").exists() and not (tmp_path / "s3:").exists()

@@ -8,21 +8,14 @@ import numpy as np
 import pytest
 
 from shared import store
-from workflows.__main__ import build_plan, parser
 from workflows.engines.local import CACHED, run_plan
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    root = store.from_path(tmp_path_factory.mktemp("e2e") / "store")
-    args = parser().parse_args(["run", "issue164", "--profile", "tiny", "--store", root, "--run-id", "e2e"])
-    plan = build_plan(args)
-    result = run_plan(plan, retries=0, live=False)
-    logs = {s.task.name: s.log_path.read_text()[-2000:] for s in result.failed() if s.log_path}
-    assert result.ok, f"failed tasks: {logs}"
-    return plan
+def finished_run(issue164_tiny_run):
+    return issue164_tiny_run  # made once per session (tests/conftest.py); the fault-injection suite copies it
 
 
 def read_scores(uri):

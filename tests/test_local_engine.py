@@ -1,11 +1,20 @@
-"""The local engine: dependency order, cached stages, failures block only their dependents, retries."""
+"""The local engine: dependency order, cached and reused stages, failures block only their dependents, retries,
+deadlines, and every task's process group stopped when the engine stops."""
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from shared import store
-from workflows.engines.local import BLOCKED, CACHED, DONE, FAILED, PENDING, LocalEngine, run_plan
+from workflows.engines.local import BLOCKED, CACHED, DONE, FAILED, PENDING, REUSED, LocalEngine, run_plan
 from workflows.plan import PlanBuilder
 
 QUESTIONS = [{"id": "q1", "text": "Hello there?"}]
@@ -37,12 +46,18 @@ def test_a_failed_task_blocks_its_dependents_and_the_rest_still_runs(builder):
     assert not store.exists(bad.output_uri("manifest.json"))
 
 
-def test_finished_tasks_are_cached_on_the_next_run(builder):
+def test_finished_tasks_are_cached_on_the_next_run_and_reused_by_a_new_run_id(builder, tmp_path):
     gen(builder, "gen-a")
     plan = builder.plan({})
     assert run_plan(plan, live=False).ok
     again = run_plan(plan, live=False)
     assert again.states["gen-a"].status == CACHED and again.states["gen-a"].attempts == 0
+    other = PlanBuilder("issue164", "tiny", "another-run", builder.store)
+    gen(other, "gen-a")
+    reused = run_plan(other.plan({}), live=False)
+    assert reused.states["gen-a"].status == REUSED and reused.states["gen-a"].attempts == 0
+    assert "another-run" in reused.states["gen-a"].task.output_prefix()
+    assert store.exists(reused.states["gen-a"].task.output_uri("completions.jsonl"))
 
 
 class FakeProcess:
@@ -51,6 +66,16 @@ class FakeProcess:
 
     def poll(self):
         return self.code
+
+
+def test_each_stage_gets_the_retry_count_both_engines_use(builder):
+    from shared.stage import DEFAULT_RETRIES
+    from workflows.engines.argo import RetrySettings
+
+    gen(builder, "gen-a")
+    engine = LocalEngine(builder.plan({}), live=False)
+    assert engine.retries_of(engine.states["gen-a"].task) == DEFAULT_RETRIES == RetrySettings().limit
+    assert LocalEngine(builder.plan({}), retries=0, live=False).retries_of(engine.states["gen-a"].task) == 0
 
 
 def test_a_crash_is_retried_until_the_retry_budget_is_spent(builder):
@@ -77,3 +102,79 @@ def test_gpu_tasks_get_one_visible_gpu_each(builder, monkeypatch):
                                                                setattr(state, "gpu", gpu)))
     engine.step()
     assert started == [("gen-a", "0"), ("gen-b", "1")]  # the third waits for a free GPU
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by someone else) counts as gone
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_task_past_its_deadline_is_stopped_and_retried_like_on_the_cluster(builder, monkeypatch):
+    task = gen(builder, "gen-slow")
+    spec = task.spec
+    monkeypatch.setattr(spec, "resources", spec.resources.model_copy(update={"timeout_s": 1, "retries": 1}))
+    result = run_plan(builder.plan({}), live=False)
+    state = result.states["gen-slow"]
+    assert state.status == FAILED and state.attempts == 2  # the first timeout was retried once
+    assert "timed out after 1s" in state.last_line
+    assert not store.exists(task.output_uri("manifest.json"))
+
+
+def test_an_engine_error_stops_every_running_task_group(builder, monkeypatch):
+    gen(builder, "gen-a")
+    engine = LocalEngine(builder.plan({}), live=False, poll_s=0.05)
+    real_step, started = engine.step, []
+
+    def step_then_fail():
+        real_step()
+        running = [s.process.pid for s in engine.states.values() if s.process]
+        if running:
+            started.extend(running)
+            time.sleep(0.5)  # the task is under way (importing) when the engine fails
+            raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr(engine, "step", step_then_fail)
+    with pytest.raises(RuntimeError, match="engine broke"):
+        engine.run()
+    assert started and not any(alive(pid) for pid in started)
+    assert engine.states["gen-a"].status == FAILED and engine.states["gen-a"].process is None
+
+
+def test_sigterm_to_the_engine_stops_its_tasks(builder):
+    gen(builder, "gen-a")
+    plan_file = Path(builder.store.removeprefix("file://")).parent / "plan.json"
+    plan_file.write_text(builder.plan({}).model_dump_json())
+    script = ("import sys; from workflows.plan import Plan; from workflows.engines.local import run_plan; "
+              f"run_plan(Plan.model_validate_json(open({str(plan_file)!r}).read()), live=False, poll_s=0.05)")
+    engine = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lease = Path(builder.store.removeprefix("file://")) / "runs" / "engine-test" / "gen-a" / "generate.lease.json"
+    deadline = time.time() + 120
+    while not lease.exists() and time.time() < deadline:  # the stage process holds its lease: it is running
+        time.sleep(0.1)
+    task_pid = json.loads(lease.read_text())["pid"]
+    engine.send_signal(signal.SIGTERM)
+    out, _ = engine.communicate(timeout=60)
+    assert engine.returncode != 0
+    assert not alive(task_pid), out
+    assert not lease.exists()  # the stage released its lease on the way out
+
+
+def test_the_progress_table_tells_reused_from_cached_and_shows_lines_as_written(builder):
+    from rich.console import Console
+
+    gen(builder, "gen-a")
+    gen(builder, "gen-b")
+    engine = LocalEngine(builder.plan({}), live=False)
+    engine.states["gen-a"].status, engine.states["gen-a"].last_line = REUSED, "from run r1 (link)"
+    engine.states["gen-b"].status, engine.states["gen-b"].last_line = CACHED, "[gen-b/generate] verified"
+    console = Console(width=160, record=True, force_terminal=False)
+    console.print(engine.table())
+    text = console.export_text()
+    assert "issue164 [tiny] run engine-test: 2/2 complete (1 cached, 1 reused)" in text
+    assert "reused" in text and "from run r1 (link)" in text and "[gen-b/generate] verified" in text

@@ -97,3 +97,121 @@ def test_unreachable_s3_endpoint_is_one_readable_error(monkeypatch):
 def test_unsupported_scheme_is_rejected():
     with pytest.raises(store.StoreError, match="unsupported"):
         store.read_bytes("gs://bucket/x")
+
+
+@pytest.mark.parametrize("root", ["s3://", "s3:", "s3:/x", "", "file://relative"])
+def test_a_store_root_without_a_bucket_or_path_is_one_readable_error(root):
+    with pytest.raises(store.StoreError) as err:
+        store.normalize_root(root)
+    assert "\n" not in str(err.value)
+
+
+def test_an_unwritable_store_is_said_before_anything_runs(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(store.StoreError, match="not writable") as err:
+        store.check_writable(store.from_path(tmp_path / "a-file" / "store"))  # unwritable even for root
+    assert "\n" not in str(err.value)
+    store.check_writable(store.from_path(tmp_path / "fine"))
+    assert [p.name for p in (tmp_path / "fine").iterdir()] == []  # the probe is gone
+
+
+def test_conditional_writes_create_once_and_replace_only_an_unchanged_version(root):
+    uri = store.join(root, "lease.json")
+    first = store.put_if_absent(uri, b"a")
+    assert first and store.put_if_absent(uri, b"b") is None
+    second = store.put_if_match(uri, b"c", first)
+    assert second and store.read_bytes(uri) == b"c"
+    assert store.put_if_match(uri, b"d", first) is None  # someone else's version: refused
+    assert not store.delete_if_match(uri, first) and store.exists(uri)
+    assert store.delete_if_match(uri, second) and not store.exists(uri)
+
+
+def test_copy_move_verify_and_delete_a_folder(root):
+    src = store.join(root, "a", "x.bin")
+    digest = store.write_bytes(src, b"payload")
+    how = store.copy(src, store.join(root, "b", "x.bin"))
+    assert how == ("link" if root.startswith("file://") else "copy")
+    assert store.verify(store.join(root, "b", "x.bin"), digest)
+    store.move(store.join(root, "b", "x.bin"), store.join(root, "c", "y.bin"))
+    assert not store.exists(store.join(root, "b", "x.bin")) and store.read_bytes(store.join(root, "c", "y.bin")) == b"payload"
+    store.write_bytes(store.join(root, "c", "y.bin"), b"edited")
+    assert not store.verify(store.join(root, "c", "y.bin"), digest)
+    assert store.verify(src, digest)  # a rewrite of the linked copy does not touch the original
+    assert not store.verify(store.join(root, "c", "missing.bin"), digest)
+    store.delete_prefix(store.join(root, "c"))
+    assert store.list_uris(store.join(root, "c")) == []
+
+
+def test_s3_writes_carry_a_sha256_checksum_that_s3_keeps(s3_bucket, tmp_path):
+    uri = store.join(s3_bucket, "x.json")
+    digest = store.write_bytes(uri, b"{}")
+    checksum = store.s3_checksum(uri)
+    assert checksum and store._hex_of_full_checksum(checksum) == digest
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(9 * 1024 * 1024))  # above boto3's multipart threshold
+    file_uri = store.join(s3_bucket, "big.bin")
+    file_digest = store.upload_file(big, file_uri)
+    assert store.s3_checksum(file_uri)  # composite for a multipart upload on real S3; moto gives one value
+    assert store.sha256(file_uri) == file_digest
+    assert store.verify(file_uri, file_digest, store.s3_checksum(file_uri))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# leases
+
+
+def test_a_lease_has_one_holder_until_released_or_expired(root, monkeypatch):
+    import time
+
+    from shared.lease import Lease
+
+    uri = store.join(root, "stage.lease.json")
+    first, second = Lease(uri, what="first", ttl_s=60), Lease(uri, what="second", ttl_s=60)
+    assert first.try_acquire() and not second.try_acquire()
+    assert first.holder()["owner"] == first.owner
+    first.release()
+    assert second.try_acquire()
+    second._stop.set()  # its holder hangs: no more renewals
+    record = second.holder()
+    store.write_json(uri, {**record, "host": "another-host", "expires_at": time.time() - 1})
+    third = Lease(uri, what="third", ttl_s=60)
+    assert third.try_acquire()  # expired: taken over
+    with pytest.raises(Exception, match="taken"):
+        second.renew()
+    third.release()
+
+
+def test_a_held_lease_is_renewed_by_its_holder(root):
+    import time
+
+    from shared.lease import Lease
+
+    lease = Lease(store.join(root, "renewed.lease.json"), ttl_s=0.8)
+    assert lease.try_acquire()
+    first = lease.holder()["expires_at"]
+    time.sleep(0.6)
+    assert lease.holder()["expires_at"] > first
+    assert not Lease(lease.uri, ttl_s=0.8).try_acquire()
+    lease.release()
+    assert lease.holder() is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the judge cache in the store
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xff not json", b"[1, 2]", b'{"key": "other", "score": 5}',
+                                     b'{"key": "KEY", "score": "high"}'])
+def test_a_corrupt_judge_cache_entry_is_a_miss_with_one_warning(root, garbage, capsys):
+    from shared.judge.cache import JudgeCache
+
+    cache = JudgeCache(store.join(root, "cache", "judge"), "tiny:qwen2")
+    key = "ab" * 32
+    cache.put(key, {"score": 71.5, "label": None})
+    assert cache.get(key)["score"] == 71.5
+    store.write_bytes(cache.uri_for(key), garbage.replace(b"KEY", key.encode()))
+    assert cache.get_many([key]) == {}
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and cache.uri_for(key) in warnings[0]
+    cache.put(key, {"score": 12.0, "label": None})  # judged again: the entry is rewritten
+    assert cache.get(key)["score"] == 12.0

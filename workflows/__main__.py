@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from shared import store
-from shared.config import ConfigError, parse_overrides
+from shared.config import ConfigError, check_run_id, parse_overrides, plan_errors
 from shared.stage import INPUT_ERRORS, git_commit
 
 
@@ -20,29 +20,51 @@ def default_run_id(workflow: str, profile: str, for_cluster: bool) -> str:
     return f"{workflow}-{profile}"
 
 
+def read_params_file(path_text: str) -> dict:
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"--params {path_text!r} not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--params {path_text}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--params {path_text}: cannot be read ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--params {path_text}: expected a JSON object of parameter names to values")
+    return data
+
+
 def build_plan(args, *, for_cluster: bool = False):
+    """The validated plan: parameters, every file the workflow reads, and every task config, before anything runs."""
     import workflows
 
     module = workflows.load(args.workflow)
     overrides = parse_overrides(args.set or [])
     if args.params:
-        path = Path(args.params)
-        if not path.is_file():
-            raise ConfigError(f"--params {args.params!r} not found")
-        overrides = {**json.loads(path.read_text()), **overrides}
+        overrides = {**read_params_file(args.params), **overrides}
     params = module.Params.for_profile(args.profile, overrides)
     default_store = "s3://eps-artifacts" if for_cluster else store.from_path("artifacts")
-    root = args.store or os.environ.get("EPS_STORE") or default_store
+    root = store.normalize_root(args.store or os.environ.get("EPS_STORE") or default_store)
     run_id = args.run_id or default_run_id(args.workflow, args.profile, for_cluster)
-    return module.build(params, profile=args.profile, run_id=run_id, store=store.normalize_root(root))
+    check_run_id(run_id)
+    with plan_errors(args.workflow):
+        return module.build(params, profile=args.profile, run_id=run_id, store=root)
 
 
 def cmd_run(args) -> int:
-    from workflows.engines.local import run_plan
+    from workflows.engines.local import run_folder, run_plan
 
     plan = build_plan(args)
+    store.check_writable(plan.store)
+    try:
+        run_folder(plan).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise store.StoreError(f"cannot create the run folder {run_folder(plan)}: {err.strerror or err}") from None
     result = run_plan(plan, retries=args.retries, cpu_parallel=args.parallel)
     print(f"run folder: {result.folder}")
+    for line in result.warnings():
+        print(f"warning: {line.replace('warning: ', '', 1)}", file=sys.stderr)
     if not result.ok:
         for state in result.failed():
             where = f" (log: {state.log_path})" if state.log_path else ""
@@ -56,7 +78,9 @@ def cmd_run(args) -> int:
 def cmd_yaml(args) -> int:
     from workflows.engines import argo
 
-    text = argo.to_yaml(build_plan(args, for_cluster=True))
+    plan = build_plan(args, for_cluster=True)
+    uris = argo.upload_configs(plan, plan.tasks) if args.configs_in_store else None
+    text = argo.to_yaml(plan, config_uris=uris)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
@@ -71,9 +95,17 @@ def cmd_submit(args) -> int:
     from workflows.engines import argo
 
     cluster.connect()  # no ARGO_SERVER / ARGO_TOKEN: say so before building a plan that may ask for files
-    name, url = argo.submit(build_plan(args, for_cluster=True))
-    print(f"submitted {name}")
-    print(f"Argo UI: {url}")
+    plan = build_plan(args, for_cluster=True)
+    done = argo.submit(plan)
+    if done.left_out:
+        kinds = ", ".join(f"{sum(v == k for v in done.left_out.values())} {k}" for k in ("cached", "reused")
+                          if k in done.left_out.values())
+        print(f"left out {len(done.left_out)} of {len(plan.tasks)} tasks, complete in the store ({kinds})")
+    if done.name is None:
+        print(f"nothing to submit: every task of run {plan.run_id} is complete in {plan.store}")
+        return 0
+    print(f"submitted {done.name}")
+    print(f"Argo UI: {done.url}")
     return 0
 
 
@@ -123,12 +155,15 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run a workflow here, resuming what is done")
     plan_args(sp)
-    sp.add_argument("--retries", type=int, default=1)
+    sp.add_argument("--retries", type=int, default=None,
+                    help="retries per task (default: each stage's own count, as on the cluster)")
     sp.add_argument("--parallel", type=int, default=None, help="CPU tasks at once")
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("yaml", help="compile to an Argo Workflow")
     plan_args(sp)
     sp.add_argument("-o", "--output")
+    sp.add_argument("--configs-in-store", action="store_true",
+                    help="put task configs in the store and pass URIs, as submit does (default: inline)")
     sp.set_defaults(fn=cmd_yaml)
     sp = sub.add_parser("submit", help="submit to the Argo Server at $ARGO_SERVER")
     plan_args(sp)
@@ -148,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        from workflows.engines.local import Terminated
+
+        how = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"error: {how}; every task was stopped; run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except Exception as err:
         name = type(err).__name__
         if name in ("ClusterError",):

@@ -156,8 +156,8 @@ def _server_message(err: Exception) -> str:
 
 def submit(
     plan: Plan, *, server: str | None = None, token: str | None = None, cluster: ClusterSettings | None = None
-) -> tuple[str, str]:
-    """Compile ``plan`` and create it on the Argo Server; returns (workflow name, Argo UI link)."""
+):
+    """Compile ``plan`` (less what is complete) and create it on the Argo Server; unpacks as (name, Argo UI link)."""
     from workflows.engines import argo
 
     return argo.submit(plan, server=server, token=token, cluster=cluster)

@@ -13,8 +13,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from jobs import registry
+from shared import stage as stage_contract
 from shared import store
 from shared.config import ConfigError, parse
+from shared.lease import Lease
 from shared.stage import output_prefix
 
 # Argo task names must be DNS-1123 labels; keep local names identical so both engines show the same thing.
@@ -45,6 +47,26 @@ class Task(BaseModel):
 
     def output_uri(self, *parts: str) -> str:
         return store.join(self.output_prefix(), *parts)
+
+    def settle(self, warn=lambda _m: None) -> stage_contract.Settled | None:
+        """This task's result if the store already holds it (cached here or reused from another run), verified.
+
+        Both engines ask before starting a task: the local engine so that finished tasks cost no process, the
+        Argo engine so that they are left out of the workflow. A task whose lease another process holds is left
+        to that process (it is working on it).
+        """
+        cfg = self.parsed_config()
+        try:
+            inputs = stage_contract.input_hashes(cfg)
+        except stage_contract.StageInputError:
+            return None  # the stage itself will say which input is missing
+        lease = Lease(stage_contract.lease_uri(cfg, self.stage), what=f"{cfg.run_id}/{cfg.cell}/{self.stage} (engine)")
+        if not lease.try_acquire():
+            return None
+        try:
+            return stage_contract.settle(self.spec, cfg, warn, inputs=inputs)
+        finally:
+            lease.release()
 
 
 class Plan(BaseModel):
@@ -86,6 +108,20 @@ class Plan(BaseModel):
 
     def stages(self) -> list[str]:
         return sorted({t.stage for t in self.tasks})
+
+    def order(self) -> list[Task]:
+        """The tasks in an order where every task comes after those it waits for."""
+        return [self.task(name) for name in TopologicalSorter(self.graph()).static_order()]
+
+    def settled(self, warn=lambda _m: None) -> dict[str, stage_contract.Settled]:
+        """Tasks whose results the store already holds, verified: a task counts only once all it waits for do."""
+        done: dict[str, stage_contract.Settled] = {}
+        for task in self.order():
+            if all(dep in done for dep in task.after):
+                found = task.settle(warn)
+                if found is not None:
+                    done[task.name] = found
+        return done
 
 
 class PlanBuilder:

@@ -2,7 +2,8 @@
 
 Layout: ``<cache_uri>/<model>/<key[:2]>/<key>.json``, one small JSON file per judgement (atomic per file, safe
 for concurrent writers, works the same on file:// and s3://). Only successful judgements (a score or a sentinel
-label) are written; errors are left out so the next run retries them.
+label) are written; errors are left out so the next run retries them. An entry that cannot be read (cut short,
+edited, not JSON) is a miss with one warning line: the item is judged again and the entry rewritten.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,10 @@ def content_hash(*, kind: str, model: str, template: JudgeTemplate, question: st
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _safe_segment(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
@@ -45,13 +51,21 @@ class JudgeCache:
 
     def get(self, key: str) -> dict | None:
         uri = self.uri_for(key)
-        if not store.exists(uri):
+        found = store.read_versioned(uri)
+        if found is None:
             return None
-        record = store.read_json(uri)
+        try:
+            record = json.loads(found[0])
+        except ValueError:
+            record = None
         usable = isinstance(record, dict) and record.get("key") == key and (
-            record.get("score") is not None or record.get("label") is not None
-        )
-        return record if usable else None
+            _is_number(record.get("score")) or isinstance(record.get("label"), str)
+        ) and (record.get("score") is None or _is_number(record.get("score")))
+        if not usable:
+            print(f"warning: judge cache entry {uri} is unreadable or not this item's: judging it again",
+                  file=sys.stderr, flush=True)
+            return None
+        return record
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         if not keys:
@@ -69,7 +83,17 @@ class JudgeCache:
 
     def get_batch_record(self, batch_key: str) -> dict | None:
         uri = self.batch_record_uri(batch_key)
-        return store.read_json(uri) if store.exists(uri) else None
+        found = store.read_versioned(uri)
+        if found is None:
+            return None
+        try:
+            record = json.loads(found[0])
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            print(f"warning: batch record {uri} is unreadable: ignored", file=sys.stderr, flush=True)
+            return None
+        return record
 
     def put_batch_record(self, batch_key: str, record: dict) -> None:
         store.write_json(self.batch_record_uri(batch_key), record)

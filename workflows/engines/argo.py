@@ -8,10 +8,14 @@ The plan is the single definition; this module only translates it:
 - GPU templates get ``nvidia.com/gpu``, the node selector and tolerations of their GPU class, and hold a slot of
   the GPU semaphore (a ConfigMap key per class) while they run; a slot is one pod, so with the semaphore on a GPU
   stage must use exactly one GPU (compiling refuses others) and the cap counts GPUs;
-- every template retries with exponential backoff (but not on exit code 2: bad input does not get better);
+- every template retries with exponential backoff (but not on exit code 2: bad input does not get better), as
+  many times as the stage's ``Resources.retries`` says (else the cluster default), like the local engine;
 - pods carry labels for experiment, run, cell, stage and git sha; pod GC, a TTL for succeeded workflows, a
   priority class, a non-root security context, caches in writable volumes;
 - an exit handler (``python -m workflows.exit_status``) writes ``<store>/runs/<run_id>/_status.json``.
+
+``submit`` leaves out the tasks whose results the store already holds (verified, as the stages would find them),
+and puts every task's config in the store (``runs/<run_id>/_configs/``) so a task receives a URI, not the config.
 
 Cluster specifics (namespace, registry, node pools, secret names ...) live in ``ClusterSettings``, read from the
 file at ``EPS_CLUSTER_CONFIG`` (the Helm chart renders it into the ``eps-cluster-config`` ConfigMap).
@@ -30,7 +34,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from shared.stage import StageSpec, git_commit
+from shared import store
+from shared.stage import DEFAULT_RETRIES, StageSpec, git_commit
 from workflows.cluster import ClusterError, connect, dns_label, workflow_name
 from workflows.plan import Plan
 
@@ -121,7 +126,7 @@ class Semaphore(_Settings):
 
 
 class RetrySettings(_Settings):
-    limit: int = Field(3, ge=0)
+    limit: int = Field(DEFAULT_RETRIES, ge=0)  # a stage's own Resources.retries wins
     policy: Literal["Always", "OnFailure", "OnError", "OnTransientError"] = "Always"
     backoff_duration: str = "1m"
     backoff_factor: int = Field(2, ge=1)
@@ -266,14 +271,14 @@ def _container_security(uid: int):
     )
 
 
-def _retry_strategy(settings: ClusterSettings):
+def _retry_strategy(settings: ClusterSettings, limit: int | None = None):
     from hera.workflows import RetryStrategy
     from hera.workflows import models as m
 
     r = settings.retry
     expression = " && ".join(f"lastRetry.exitCode != '{code}'" for code in r.no_retry_exit_codes) or None
     return RetryStrategy(
-        limit=r.limit, retry_policy=r.policy, expression=expression,
+        limit=r.limit if limit is None else limit, retry_policy=r.policy, expression=expression,
         backoff=m.Backoff(duration=r.backoff_duration, factor=r.backoff_factor, max_duration=r.backoff_max_duration),
     )
 
@@ -283,8 +288,11 @@ def _common_env(settings: ClusterSettings, plan: Plan, image: str) -> list:
     from hera.workflows import SecretEnv as HeraSecretEnv
 
     cache = settings.cache.mount_path
+    sha = settings.resolved_git_sha()
     env = [
-        Env(name="EPS_GIT_SHA", value=settings.resolved_git_sha()),
+        Env(name="EPS_GIT_SHA", value=sha),
+        # images are built by CI from the commit they are tagged with: their code is that commit, unmodified
+        *([Env(name="EPS_GIT_DIRTY", value="false")] if settings.resolved_tag() == sha else []),
         Env(name="EPS_IMAGE", value=image),
         Env(name="EPS_EXPERIMENT", value=plan.workflow),
         Env(name="EPS_RUN_ID", value=plan.run_id),
@@ -362,7 +370,7 @@ def _stage_template(spec: StageSpec, plan: Plan, settings: ClusterSettings):
         volumes=_volumes(settings, gpu=klass is not None),
         node_selector=dict(pool.node_selector) or None,
         tolerations=_tolerations(pool),
-        retry_strategy=_retry_strategy(settings),
+        retry_strategy=_retry_strategy(settings, res.retries),
         active_deadline_seconds=res.timeout_s,
         synchronization=sync,
         priority_class_name=settings.priority_class or None,
@@ -413,16 +421,41 @@ def _run_labels(plan: Plan, settings: ClusterSettings) -> dict[str, str]:
     }
 
 
-def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None):
-    """The Argo ``Workflow`` (a Hera object) that runs ``plan``: one DAG task per plan task, named as in the plan."""
+def config_uri(plan: Plan, name: str, config: dict[str, Any]) -> str:
+    """Where a task's config goes in the store; named by content, so a resubmit never rewrites a running one's."""
+    text = _config_json(config)
+    return store.join(plan.store, "runs", plan.run_id, "_configs", f"{name}-{store.sha256_bytes(text.encode())[:12]}.json")
+
+
+def upload_configs(plan: Plan, tasks: list) -> dict[str, str]:
+    """Write each task's config to the store; ``{task name: URI}`` for the workflow's arguments."""
+    uris = {}
+    for task in tasks:
+        uri = config_uri(plan, task.name, task.config)
+        if not store.exists(uri):
+            store.write_bytes(uri, _config_json(task.config).encode())
+        uris[task.name] = uri
+    return uris
+
+
+def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None, config_uris: dict[str, str] | None = None,
+                 leave_out: set[str] | frozenset[str] = frozenset()):
+    """The Argo ``Workflow`` (a Hera object) that runs ``plan``: one DAG task per plan task, named as in the plan.
+
+    ``config_uris`` (task name -> store URI) passes configs by URI instead of inline JSON; ``leave_out`` names
+    tasks whose results are already complete: they and the dependencies on them are left out.
+    """
     from hera.workflows import DAG, Task, Workflow
     from hera.workflows import models as m
 
     settings = cluster or ClusterSettings.load()
-    for task in plan.tasks:
-        if "{{" in _config_json(task.config):
+    tasks = [t for t in plan.tasks if t.name not in leave_out]
+    if not tasks:
+        raise ClusterError(f"run {plan.run_id}: every task is complete in the store; nothing to run")
+    for task in tasks:
+        if config_uris is None and "{{" in _config_json(task.config):
             raise ClusterError(f"task {task.name}: its config contains '{{{{', which Argo would read as a variable")
-    stages = {t.stage: t.spec for t in plan.tasks}
+    stages = {t.stage: t.spec for t in tasks}
     clash = sorted(s for s in stages if stage_template_name(s) in (ENTRY_TEMPLATE, EXIT_TEMPLATE))
     if clash:
         raise ClusterError(f"stage name {clash[0]!r} clashes with the workflow's own {stage_template_name(clash[0])!r} template")
@@ -433,7 +466,8 @@ def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None):
         labels=labels,
         annotations={
             "workflows.argoproj.io/description": (
-                f"{plan.workflow} ({plan.profile} profile), run {plan.run_id}: {len(plan.tasks)} tasks"
+                f"{plan.workflow} ({plan.profile} profile), run {plan.run_id}: {len(tasks)} tasks"
+                + (f" ({len(plan.tasks) - len(tasks)} complete ones left out)" if len(tasks) < len(plan.tasks) else "")
             ),
             f"{LABEL_PREFIX}/store": plan.store,
             f"{LABEL_PREFIX}/run-id": plan.run_id,
@@ -457,23 +491,28 @@ def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None):
         _exit_template(plan, settings)
         # fail_fast off: one failed cell does not stop the others; what depends on it does not run
         with DAG(name=ENTRY_TEMPLATE, fail_fast=False):
-            for task in plan.tasks:
+            for task in tasks:
+                config = config_uris[task.name] if config_uris is not None else _config_json(task.config)
                 Task(
                     name=task.name,
                     template=templates[task.stage],
-                    arguments={"config": _config_json(task.config), "cell": label_value(task.config.get("cell", task.name))},
-                    dependencies=list(task.after) or None,
+                    arguments={"config": config, "cell": label_value(task.config.get("cell", task.name))},
+                    dependencies=[d for d in task.after if d not in leave_out] or None,
                 )
     return wf
 
 
-def to_dict(plan: Plan, *, cluster: ClusterSettings | None = None) -> dict[str, Any]:
-    return compile_plan(plan, cluster=cluster).to_dict()
+def to_dict(plan: Plan, *, cluster: ClusterSettings | None = None, **kwargs) -> dict[str, Any]:
+    return compile_plan(plan, cluster=cluster, **kwargs).to_dict()
 
 
-def to_yaml(plan: Plan, *, cluster: ClusterSettings | None = None) -> str:
-    """The compiled workflow as YAML (``make workflow-yaml``); ``kubectl create -f`` or ``argo submit`` take it."""
-    return compile_plan(plan, cluster=cluster).to_yaml()
+def to_yaml(plan: Plan, *, cluster: ClusterSettings | None = None, **kwargs) -> str:
+    """The compiled workflow as YAML (``make workflow-yaml``); ``kubectl create -f`` or ``argo submit`` take it.
+
+    By default the configs are inline, so the file stands alone and nothing touches the store; ``submit``
+    (or ``--configs-in-store``) passes them by URI.
+    """
+    return compile_plan(plan, cluster=cluster, **kwargs).to_yaml()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,10 +536,22 @@ def _check_submittable(plan: Plan, settings: ClusterSettings) -> None:
         )
 
 
+class Submitted:
+    """What ``submit`` did: the workflow's name and UI link (None when nothing was left to run), and which tasks
+    it left out because the store already holds their results (``cached`` in this run, or ``reused``)."""
+
+    def __init__(self, name: str | None, url: str | None, left_out: dict[str, str]):
+        self.name, self.url, self.left_out = name, url, left_out
+
+    def __iter__(self):
+        return iter((self.name, self.url))
+
+
 def submit(
     plan: Plan, *, server: str | None = None, token: str | None = None, cluster: ClusterSettings | None = None
-) -> tuple[str, str]:
-    """Compile ``plan`` and create it on the Argo Server (``ARGO_SERVER``/``ARGO_TOKEN``); (workflow name, UI link)."""
+) -> Submitted:
+    """Leave out what is complete, put configs in the store, compile ``plan`` and create it on the Argo Server
+    (``ARGO_SERVER``/``ARGO_TOKEN``)."""
     from hera.workflows.models import WorkflowCreateRequest
 
     from workflows.cluster import _call
@@ -508,7 +559,13 @@ def submit(
     settings = cluster or ClusterSettings.load()
     conn = connect(server, token, settings.namespace)
     _check_submittable(plan, settings)
-    wf = compile_plan(plan, cluster=settings)
+    store.check_writable(plan.store)
+    settled = plan.settled(warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    left_out = {name: s.how for name, s in settled.items()}
+    if len(left_out) == len(plan.tasks):
+        return Submitted(None, None, left_out)
+    uris = upload_configs(plan, [t for t in plan.tasks if t.name not in left_out])
+    wf = compile_plan(plan, cluster=settings, config_uris=uris, leave_out=set(left_out))
     built = wf.build()
     size = len(built.json(exclude_none=True, by_alias=True))
     if size > MAX_WORKFLOW_BYTES:
@@ -525,7 +582,7 @@ def submit(
             WorkflowCreateRequest(workflow=built, namespace=conn.namespace), namespace=conn.namespace,
         )
     name = (created.metadata.name if created and created.metadata else None) or built.metadata.name
-    return name, conn.ui_url(name)
+    return Submitted(name, conn.ui_url(name), left_out)
 
 
 def _dirty_tree() -> bool:

@@ -1,8 +1,11 @@
 """The local engine: runs a plan as processes on this machine, with resume, retries and a live progress table.
 
-Each task runs as ``python -m jobs.<stage> --config <file>``, exactly the command its container runs on a cluster.
-GPU tasks get one visible GPU each while GPUs are free; with no GPU they run on the CPU. A task whose stage already
-has a complete manifest for the same config and inputs is shown as ``cached`` and not started again.
+Each task runs as ``python -m jobs.<stage> --config <file>``, exactly the command its container runs on a cluster,
+in its own process group, under the stage's deadline (``Resources.timeout_s``) and retry count (``Resources.retries``
+or the default both engines share). GPU tasks get one visible GPU each while GPUs are free; with no GPU they run on
+the CPU. Before a task starts, the engine settles it from the store when it can, as the stage itself would: a
+verified complete result of the same work in this run is shown as ``cached``, one from another run is brought over
+and shown as ``reused``. SIGINT, SIGTERM or an error in the engine stop every task's process group before it exits.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +26,13 @@ from shared import stage as stage_contract
 from shared import store
 from workflows.plan import Plan, Task
 
-PENDING, RUNNING, DONE, CACHED, FAILED, BLOCKED = "pending", "running", "done", "cached", "failed", "blocked"
-FINISHED = {DONE, CACHED, FAILED, BLOCKED}
-STYLE = {PENDING: "dim", RUNNING: "yellow", DONE: "green", CACHED: "cyan", FAILED: "bold red", BLOCKED: "red"}
+PENDING, RUNNING, DONE, CACHED, REUSED, FAILED, BLOCKED = (
+    "pending", "running", "done", "cached", "reused", "failed", "blocked")
+COMPLETE = {DONE, CACHED, REUSED}
+FINISHED = COMPLETE | {FAILED, BLOCKED}
+STYLE = {PENDING: "dim", RUNNING: "yellow", DONE: "green", CACHED: "cyan", REUSED: "blue", FAILED: "bold red",
+         BLOCKED: "red"}
+STOP_GRACE_S = 10.0  # after SIGTERM, how long a task may take to release its lease and copy its log
 
 
 def visible_gpus() -> list[str]:
@@ -44,7 +53,8 @@ def run_folder(plan: Plan) -> Path:
     root = store.normalize_root(plan.store)
     if root.startswith("file://"):
         return Path(unquote(urlparse(root).path)) / "runs" / plan.run_id / "_local"
-    return Path("artifacts") / "local-runs" / plan.run_id
+    # absolute: tasks run from the repository root, which need not be where the command was given
+    return (Path("artifacts") / "local-runs" / plan.run_id).resolve()
 
 
 @dataclass
@@ -53,12 +63,15 @@ class TaskState:
     status: str = PENDING
     attempts: int = 0
     started: float | None = None
+    attempt_started: float | None = None
     finished: float | None = None
     process: subprocess.Popen | None = None
     gpu: str | None = None
     last_line: str = ""
     log_path: Path | None = None
+    log_offset: int = 0  # where the current attempt's lines start in the log
     uses_gpu: bool = field(default=False)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def elapsed(self) -> str:
@@ -75,10 +88,23 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return all(s.status in (DONE, CACHED) for s in self.states.values())
+        return all(s.status in COMPLETE for s in self.states.values())
 
     def failed(self) -> list[TaskState]:
         return [s for s in self.states.values() if s.status in (FAILED, BLOCKED)]
+
+    def warnings(self) -> list[str]:
+        return [f"task {s.task.name}: {w}" for s in self.states.values() for w in s.warnings]
+
+
+def _attempt_lines(path: Path, offset: int) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
 
 
 def _last_line(path: Path) -> str:
@@ -92,20 +118,31 @@ def _last_line(path: Path) -> str:
         return ""
 
 
-def already_complete(task: Task) -> bool:
-    cfg = task.parsed_config()
+def _stop_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM a task's whole process group, then SIGKILL whatever is left after ``grace_s``."""
     try:
-        inputs = stage_contract.input_hashes(cfg)
-    except stage_contract.StageInputError:
-        return False
-    return stage_contract.complete_manifest(task.output_prefix(), cfg, inputs) is not None
+        os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.time() + grace_s
+    while time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers (workers the stage started) go too
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to the engine: unwind like Ctrl-C."""
 
 
 class LocalEngine:
-    def __init__(self, plan: Plan, *, retries: int = 1, cpu_parallel: int | None = None, live: bool | None = None,
-                 poll_s: float = 0.2):
+    def __init__(self, plan: Plan, *, retries: int | None = None, cpu_parallel: int | None = None,
+                 live: bool | None = None, poll_s: float = 0.2):
         self.plan = plan
-        self.retries = retries
+        self.retries = retries  # None: each stage's own count, as on the cluster
         self.gpus = visible_gpus()
         self.cpu_parallel = cpu_parallel or max(1, min(2, os.cpu_count() or 1))
         self.threads_per_cpu_task = max(1, (os.cpu_count() or 1) // self.cpu_parallel)
@@ -113,6 +150,12 @@ class LocalEngine:
         self.poll_s = poll_s
         self.folder = run_folder(plan)
         self.states = {t.name: TaskState(t, uses_gpu=t.spec.resources.uses_gpu) for t in plan.tasks}
+
+    def retries_of(self, task: Task) -> int:
+        if self.retries is not None:
+            return self.retries
+        own = task.spec.resources.retries
+        return stage_contract.DEFAULT_RETRIES if own is None else own
 
     # -- scheduling ---------------------------------------------------------------------------------------------
 
@@ -124,7 +167,7 @@ class LocalEngine:
             deps = [self.states[d].status for d in state.task.after]
             if any(d in (FAILED, BLOCKED) for d in deps):
                 state.status, state.last_line = BLOCKED, "an upstream task failed"
-            elif all(d in (DONE, CACHED) for d in deps):
+            elif all(d in COMPLETE for d in deps):
                 ready.append(state)
         return ready
 
@@ -136,6 +179,16 @@ class LocalEngine:
         running = [s for s in self.states.values() if s.status == RUNNING and s.gpu is None]
         return self.cpu_parallel - len(running)
 
+    def _env(self, gpu: str | None) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
+        if gpu is None and "OMP_NUM_THREADS" not in os.environ:
+            # CPU tasks share the cores: more threads than cores makes every parallel task slower
+            env["OMP_NUM_THREADS"] = str(self.threads_per_cpu_task)
+        if store.normalize_root(self.plan.store).startswith("file://"):
+            env["EPS_LOG_COPY"] = "0"  # the task's log is already in the store, under the run's _local folder
+        return env
+
     def _start(self, state: TaskState, gpu: str | None) -> None:
         task = state.task
         config_path = self.folder / "configs" / f"{task.name}.json"
@@ -143,46 +196,70 @@ class LocalEngine:
         config_path.write_text(json.dumps(task.config, indent=2, sort_keys=True))
         state.log_path = self.folder / "logs" / f"{task.name}.log"
         state.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
-        if gpu is None and "OMP_NUM_THREADS" not in os.environ:
-            # CPU tasks share the cores: more threads than cores makes every parallel task slower
-            env["OMP_NUM_THREADS"] = str(self.threads_per_cpu_task)
         state.attempts += 1
         state.gpu = gpu
         state.started = state.started or time.time()
+        state.attempt_started = time.time()
         state.status = RUNNING
-        log = open(state.log_path, "a")
-        log.write(f"\n=== attempt {state.attempts} of {task.name} ({task.stage}) ===\n")
-        log.flush()
-        state.process = subprocess.Popen(
-            [sys.executable, "-m", task.spec.module, "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2],
-        )
-        log.close()
+        with open(state.log_path, "a") as log:
+            log.write(f"\n=== attempt {state.attempts} of {task.name} ({task.stage}) ===\n")
+            log.flush()
+            state.log_offset = log.tell()
+            state.process = subprocess.Popen(
+                [sys.executable, "-m", task.spec.module, "--config", str(config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=self._env(gpu), cwd=Path(__file__).resolve().parents[2],
+                start_new_session=True,  # its own process group: stopped as a whole, never orphaned
+            )
+
+    def _finish_attempt(self, state: TaskState, code: int | None, timed_out: bool = False) -> None:
+        lines = _attempt_lines(state.log_path, state.log_offset) if state.log_path else []
+        state.warnings += [ln for ln in lines if ln.startswith("warning:")]
+        errors = [ln for ln in lines if ln.startswith("error:")]
+        state.process, state.gpu = None, None
+        if timed_out:
+            state.last_line = f"timed out after {state.task.spec.resources.timeout_s}s (the stage's timeout_s)"
+        elif errors:
+            state.last_line = errors[-1][:300]
+        if code == 0 and not timed_out:
+            state.status, state.finished = DONE, time.time()
+            # the stage may have settled itself (another run finished it while this one waited for its lease)
+            if any("reused (" in ln for ln in lines):
+                state.status = REUSED
+            elif any("skipping (cached)" in ln for ln in lines):
+                state.status = CACHED
+        elif code == 2 or state.attempts > self.retries_of(state.task):
+            # exit 2 is bad input: retrying cannot help
+            state.status, state.finished = FAILED, time.time()
+        else:
+            state.status = PENDING  # retried on the next tick
 
     def _poll(self, state: TaskState) -> None:
         state.last_line = _last_line(state.log_path) if state.log_path else ""
         code = state.process.poll() if state.process else None
         if code is None:
+            timeout = state.task.spec.resources.timeout_s
+            if state.process and state.attempt_started and time.time() - state.attempt_started > timeout:
+                _stop_group(state.process)
+                self._finish_attempt(state, None, timed_out=True)
             return
-        state.process = None
-        if code == 0:
-            state.status, state.finished = DONE, time.time()
-        elif code == 2 or state.attempts > self.retries:
-            # exit 2 is bad input: retrying cannot help
-            state.status, state.finished = FAILED, time.time()
-        else:
-            state.status = PENDING  # retried on the next tick
-        state.gpu = None
+        self._finish_attempt(state, code)
+
+    def _settle(self, state: TaskState) -> bool:
+        settled = state.task.settle()
+        if settled is None:
+            return False
+        state.status = CACHED if settled.how == stage_contract.CACHED else REUSED
+        source = settled.manifest.get("reused_from") or {}
+        state.last_line = ("complete result verified" if state.status == CACHED else
+                           f"from run {source.get('run_id')} ({source.get('mode')})")
+        return True
 
     def step(self) -> None:
         for state in self.states.values():
             if state.status == RUNNING:
                 self._poll(state)
         for state in self._ready():
-            if state.attempts == 0 and already_complete(state.task):
-                state.status, state.last_line = CACHED, "complete manifest found"
+            if state.attempts == 0 and self._settle(state):
                 continue
             if state.uses_gpu and self.gpus:
                 gpu = self._free_gpu()
@@ -194,47 +271,67 @@ class LocalEngine:
     def finished(self) -> bool:
         return all(s.status in FINISHED for s in self.states.values())
 
+    def stop_all(self) -> None:
+        """Stop every running task's process group (SIGTERM, then SIGKILL after a grace period)."""
+        for state in self.states.values():
+            if state.process is not None:
+                _stop_group(state.process)
+                state.process = None
+                if state.status == RUNNING:
+                    state.status, state.last_line = FAILED, "stopped"
+
     # -- display ------------------------------------------------------------------------------------------------
 
     def table(self):
+        from rich.markup import escape
         from rich.table import Table
 
-        done = sum(s.status in (DONE, CACHED) for s in self.states.values())
-        table = Table(title=f"{self.plan.workflow} [{self.plan.profile}] run {self.plan.run_id}: "
-                            f"{done}/{len(self.states)} done", expand=False)
+        counts = {k: sum(s.status == k for s in self.states.values()) for k in (DONE, CACHED, REUSED)}
+        detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+        title = (f"{self.plan.workflow} [{self.plan.profile}] run {self.plan.run_id}: "
+                 f"{sum(counts.values())}/{len(self.states)} complete" + (f" ({detail})" if detail else ""))
+        table = Table(title=escape(title), expand=False)
         for col in ("task", "stage", "status", "try", "time", "last output"):
             table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=70 if col == "last output" else None)
         for s in self.states.values():
             table.add_row(s.task.name, s.task.stage, f"[{STYLE[s.status]}]{s.status}[/]", str(s.attempts or ""),
-                          s.elapsed, s.last_line if s.status != DONE else "")
+                          s.elapsed, escape(s.last_line) if s.status != DONE else "")
         return table
+
+    def _loop(self) -> None:
+        if self.live:
+            from rich.live import Live
+
+            with Live(self.table(), refresh_per_second=4) as live:
+                while not self.finished():
+                    self.step()
+                    live.update(self.table())
+                    time.sleep(self.poll_s)
+            return
+        seen: dict[str, str] = {}
+        while not self.finished():
+            self.step()
+            for name, s in self.states.items():
+                if seen.get(name) != s.status:
+                    seen[name] = s.status
+                    print(f"{time.strftime('%H:%M:%S')} {name:<40} {s.status:<8} {s.elapsed}", flush=True)
+            time.sleep(self.poll_s)
 
     def run(self) -> RunResult:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "plan.json").write_text(self.plan.model_dump_json(indent=2))
-        try:
-            if self.live:
-                from rich.live import Live
 
-                with Live(self.table(), refresh_per_second=4) as live:
-                    while not self.finished():
-                        self.step()
-                        live.update(self.table())
-                        time.sleep(self.poll_s)
-            else:
-                seen: dict[str, str] = {}
-                while not self.finished():
-                    self.step()
-                    for name, s in self.states.items():
-                        if seen.get(name) != s.status:
-                            seen[name] = s.status
-                            print(f"{time.strftime('%H:%M:%S')} {name:<40} {s.status:<8} {s.elapsed}", flush=True)
-                    time.sleep(self.poll_s)
-        except KeyboardInterrupt:
-            for s in self.states.values():
-                if s.process:
-                    s.process.terminate()
-            raise
+        def on_sigterm(_signum, _frame):
+            raise Terminated()
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+        try:
+            self._loop()
+        finally:
+            self.stop_all()  # on success nothing runs; on Ctrl-C, SIGTERM or an engine error every task stops
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
         return RunResult(self.plan, self.states, self.folder)
 
 
