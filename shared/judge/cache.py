@@ -32,6 +32,11 @@ def content_hash(*, kind: str, model: str, template: JudgeTemplate, question: st
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
+def run_store_cache_uri(store_root: str) -> str:
+    """Where judge stages keep their cache by default: ``<store root>/cache/judge``, shared by every run."""
+    return store.join(store.normalize_root(store_root), "cache", "judge")
+
+
 def _safe_segment(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
