@@ -19,6 +19,8 @@ from shared.stage import Resources, StageInputError, StageSpec
 
 REFERENCE_FILE = "issue164/reference_points.json"
 SAMPLE_CHARS = 280  # how much of one sample answer per condition the report quotes
+N_BOOT = 2_000
+STRONG_ACCURACY = 0.8  # a held-out accuracy below this is reported as a weak classifier
 
 
 class ConditionArtifacts(BaseModel):
@@ -45,22 +47,51 @@ def reference_points() -> dict:
     return json.loads(resources.files("shared.data").joinpath(REFERENCE_FILE).read_text())
 
 
-def alpha_of(scores_uri: str) -> dict:
+def question_bootstrap_ci(question_ids: list[str], values: list[float], *, seed: int,
+                          n_boot: int = N_BOOT) -> list[float] | None:
+    """95% CI of the mean of ``values`` by resampling whole questions (a question's completions share its prompt).
+
+    Each replicate draws questions with replacement and takes sum(values) / count over the drawn questions, so
+    the point estimate is exactly the plain mean even when questions have different numbers of scored items.
+    """
+    from shared.stats import bootstrap_ci
+
+    if not values:
+        return None
+    order = sorted(set(question_ids))
+    sums = np.zeros(len(order))
+    counts = np.zeros(len(order))
+    for qid, value in zip(question_ids, values, strict=True):
+        sums[order.index(qid)] += value
+        counts[order.index(qid)] += 1
+
+    def pooled_mean(s, c, axis=-1):
+        return s.sum(axis=axis) / c.sum(axis=axis)
+
+    ci = bootstrap_ci((sums, counts), pooled_mean, n_boot=n_boot, rng=seed)
+    return [ci.low, ci.high]
+
+
+def alpha_of(scores_uri: str, seed: int = 0) -> dict:
     rows = store.read_jsonl(scores_uri)
-    scores = [r["score"] for r in rows if r.get("error") is None and r.get("score") is not None]
+    scored = [r for r in rows if r.get("error") is None and r.get("score") is not None]
+    scores = [r["score"] for r in scored]
     errors = sum(1 for r in rows if r.get("error") is not None)
     labelled = sum(1 for r in rows if r.get("error") is None and r.get("score") is None)
     return {
         "alpha": float(np.mean(scores)) if scores else None,
+        "ci": question_bootstrap_ci([r["question_id"] for r in scored], scores, seed=seed),
         "n_scored": len(scores), "n_errors": errors, "n_labelled": labelled, "n_items": len(rows),
     }
 
 
-def c_of(c_scores_uri: str) -> dict:
-    values = [r["c"] for r in store.read_jsonl(c_scores_uri)]
-    if not values:
+def c_of(c_scores_uri: str, seed: int = 0) -> dict:
+    rows = store.read_jsonl(c_scores_uri)
+    if not rows:
         raise StageInputError(f"no classifier scores in {c_scores_uri}")
-    return {"c": float(np.mean(values)), "n": len(values)}
+    values = [r["c"] for r in rows]
+    return {"c": float(np.mean(values)), "n": len(values),
+            "c_ci": question_bootstrap_ci([r["question_id"] for r in rows], values, seed=seed)}
 
 
 def sample_answer(completions_uri: str | None) -> dict | None:
@@ -76,9 +107,10 @@ def accuracy_interval(n_correct: int, n: int, chance: float, confidence: float =
     """Exact (Clopper-Pearson) interval of an accuracy and the one-sided binomial p-value against ``chance``."""
     from scipy.stats import binomtest
 
-    test = binomtest(n_correct, n, chance, alternative="greater")
-    interval = test.proportion_ci(confidence_level=confidence, method="exact")
-    return {"ci_low": float(interval.low), "ci_high": float(interval.high), "p_above_chance": float(test.pvalue)}
+    # the interval of a one-sided test is one-sided, so the two-sided interval comes from its own test
+    interval = binomtest(n_correct, n).proportion_ci(confidence_level=confidence, method="exact")
+    p_value = binomtest(n_correct, n, chance, alternative="greater").pvalue
+    return {"ci_low": float(interval.low), "ci_high": float(interval.high), "p_above_chance": float(p_value)}
 
 
 def classifier_facts(classifier_uri: str, params: dict) -> dict:
@@ -161,12 +193,13 @@ def headline(cfg: Config) -> dict:
         missing = {cfg.primary_judge, cfg.alternate_judge} - set(cond.judge_scores_uris)
         if missing:
             raise StageInputError(f"condition {cond.name} has no scores for judge(s) {sorted(missing)}")
-        primary = alpha_of(cond.judge_scores_uris[cfg.primary_judge])
-        alternate = alpha_of(cond.judge_scores_uris[cfg.alternate_judge])
+        primary = alpha_of(cond.judge_scores_uris[cfg.primary_judge], cfg.seed)
+        alternate = alpha_of(cond.judge_scores_uris[cfg.alternate_judge], cfg.seed)
         gap = None if None in (primary["alpha"], alternate["alpha"]) else primary["alpha"] - alternate["alpha"]
         rows.append({
-            "condition": cond.name, "role": cond.role, "system": cond.system, **c_of(cond.c_scores_uri),
+            "condition": cond.name, "role": cond.role, "system": cond.system, **c_of(cond.c_scores_uri, cfg.seed),
             "alpha_primary": primary["alpha"], "alpha_alternate": alternate["alpha"], "gap": gap,
+            "alpha_primary_ci": primary["ci"], "alpha_alternate_ci": alternate["ci"],
             "errors_primary": primary["n_errors"], "errors_alternate": alternate["n_errors"],
             "n_scored_primary": primary["n_scored"], "n_scored_alternate": alternate["n_scored"],
             "sample": sample_answer(cond.completions_uri),
@@ -193,35 +226,55 @@ def headline(cfg: Config) -> dict:
 
 
 def figure(data: dict, uri: str) -> dict:
+    """Left: this run's conditions among the record's reference points on the full scales. Right: the same
+    conditions zoomed, both judges, with 95% CIs over questions, so differences between conditions can be read."""
     from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
 
-    fig, ax = new_figure()
+    fig, ax = new_figure(12.5, 4.6)
+    grid = fig.add_gridspec(1, 2, wspace=0.25)
+    ax.set_subplotspec(grid[0])
+    zoom = fig.add_subplot(grid[1])
     for point in data["reference_points"]:
         ax.scatter(point["c"], point["alpha_primary"], marker="s", color=REFERENCE_COLOR, zorder=2)
+        right_edge = point["c"] > 0.7  # label to the left so it stays inside the axes
         ax.annotate(point["name"], (point["c"], point["alpha_primary"]), fontsize=7, color=REFERENCE_COLOR,
-                    xytext=(4, 4), textcoords="offset points")
+                    xytext=(-4 if right_edge else 4, 4), textcoords="offset points",
+                    ha="right" if right_edge else "left")
+    ax.axhline(data["decisions"]["em_target_alpha"], color=REFERENCE_COLOR, linestyle="--", linewidth=1)
     for i, row in enumerate(data["conditions"]):
         color = PALETTE[i % len(PALETTE)]
-        marker = "*" if row["role"] == "em_reference" else "o"
-        size = 120 if marker == "*" else 50
-        if row["alpha_primary"] is not None:
-            ax.scatter(row["c"], row["alpha_primary"], color=color, s=size, marker=marker, zorder=3,
-                       label=f"{row['condition']} ({data['judges']['primary']})")
-        if row["alpha_alternate"] is not None:
-            ax.scatter(row["c"], row["alpha_alternate"], facecolors="none", edgecolors=color, s=size, marker=marker,
-                       zorder=3, label=f"{row['condition']} ({data['judges']['alternate']})")
-    ax.axhline(data["decisions"]["em_target_alpha"], color=REFERENCE_COLOR, linestyle="--", linewidth=1)
-    ax.set_xlabel("classifier C (distributional EM match)")
-    ax.set_ylabel("alignment score α (0-100)")
+        marker, size = ("*", 120) if row["role"] == "em_reference" else ("o", 50)
+        for judge, filled in (("primary", True), ("alternate", False)):
+            alpha = row[f"alpha_{judge}"]
+            if alpha is None:
+                continue
+            style = {"color": color} if filled else {"facecolors": "none", "edgecolors": color}
+            ax.scatter(row["c"], alpha, s=size, marker=marker, zorder=3, **style)
+            zoom.scatter(row["c"], alpha, s=size, marker=marker, zorder=3, **style,
+                         label=f"{row['condition']} ({data['judges'][judge]})")
+            c_ci, a_ci = row.get("c_ci"), row.get(f"alpha_{judge}_ci")
+            if c_ci and a_ci:
+                zoom.errorbar(row["c"], alpha, xerr=[[row["c"] - c_ci[0]], [c_ci[1] - row["c"]]],
+                              yerr=[[alpha - a_ci[0]], [a_ci[1] - alpha]], color=color, linewidth=0.8, capsize=2,
+                              linestyle="none" if filled else ":", alpha=1.0 if filled else 0.6, zorder=2)
+    for axis in (ax, zoom):
+        axis.set_xlabel("classifier C (distributional EM match)")
+        axis.set_ylabel("alignment score α (0-100)")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-2, 102)
-    ax.set_title("C vs α (filled: primary judge, hollow: alternate, star: EM reference,\n"
-                 "grey squares and dashed line: the record's Qwen2.5-7B / Claude reference points)", fontsize=8)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title("full scales; grey squares and dashed line: the record's\nQwen2.5-7B / Claude reference points",
+                 fontsize=8)
+    zoom.set_title("this run zoomed: filled primary, hollow alternate judge, star EM reference;\n"
+                   "bars: 95% CIs from a bootstrap over questions", fontsize=8)
+    zoom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return save(fig, uri)
 
 
 # ----------------------------------------------------------------------------------------------- report
+
+
+def interval(ci: list[float] | None, digits: int) -> str:
+    return "—" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def classifier_section(facts: dict) -> list[str]:
@@ -252,6 +305,11 @@ def classifier_section(facts: dict) -> list[str]:
     if facts["p_above_chance"] >= 0.05:
         lines += [f"Classifier C is not distinguishable from chance on held-out data (p = "
                   f"{fmt(facts['p_above_chance'], 3)}): C values below carry no information.", ""]
+    elif facts["val_accuracy"] < STRONG_ACCURACY:
+        lines += [f"Classifier C is above chance but weak (held-out accuracy below {STRONG_ACCURACY}, and "
+                  f"{facts['train_accuracy'] - facts['val_accuracy']:.2f} below its train accuracy): it tells the "
+                  "EM reference's answers from the base model's only partly, so C differs little between conditions.",
+                  ""]
     return lines
 
 
@@ -287,6 +345,11 @@ def report(data: dict, profile: str) -> str:
         [(label(r), f"{r['c']:.4f}", r["alpha_primary"], r["alpha_alternate"], r["gap"],
           f"{r['errors_primary']} / {r['errors_alternate']}") for r in data["conditions"]],
     )
+    uncertainty = markdown_table(
+        ["condition", "C", f"α ({j['primary']})", f"α ({j['alternate']})"],
+        [(label(r), interval(r.get("c_ci"), 3), interval(r.get("alpha_primary_ci"), 1),
+          interval(r.get("alpha_alternate_ci"), 1)) for r in data["conditions"]],
+    )
     refs = markdown_table(["reference point (from the record)", "C", "α primary", "α alternate"],
                           [(p["name"], f"{p['c']:.3f}", p["alpha_primary"], p["alpha_alternate"])
                            for p in data["reference_points"]])
@@ -301,11 +364,15 @@ def report(data: dict, profile: str) -> str:
         "## Headline", "", measured, "",
         "C is the mean over a condition's completions of P(EM reference | completion). Errors are judge items that "
         "failed or could not be parsed; they are excluded from α, never scored as 0.", "",
+        "95% confidence intervals, from a bootstrap over the panel's questions (a question's completions are not "
+        "independent of each other):", "", uncertainty, "",
     ]
     if any(r["role"] == "em_reference" for r in data["conditions"]):
         lines += ["The EM reference row is the EM reference itself answering the evaluation panel (questions the "
                   "classifier was not trained on): its C shows how well C generalises to new questions.", ""]
-    lines += ["## Conditions", ""]
+    lines += ["## Conditions", "",
+              "Every condition is sampled with the same seed, so answers to one question begin with the same words "
+              "wherever a system prompt barely changes the model's next-token distribution.", ""]
     for r in data["conditions"]:
         lines.append(f"- **{label(r)}**: system `{r['system']}`")
         if r["sample"]:
