@@ -22,6 +22,7 @@ class Config(StageConfig):
 
 def run(cfg: Config, ctx) -> dict:
     from shared.judge import JudgeAuthError, JudgeConfigError, JudgeItem, make_judge, summarize
+    from shared.judge.cache import run_store_cache_uri
 
     rows = store.read_jsonl(cfg.completions_uri)
     if not rows:
@@ -29,7 +30,7 @@ def run(cfg: Config, ctx) -> dict:
     items = [
         JudgeItem(id=f"{r['question_id']}#{r['sample']}", question=r["question"], answer=r["text"]) for r in rows
     ]
-    cache = cfg.cache_root or store.join(store.normalize_root(cfg.store), "cache", "judge")
+    cache = cfg.cache_root or run_store_cache_uri(cfg.store)
     ctx.log(f"judging {len(items)} completions with {cfg.judge.kind}:{cfg.judge.model} ({cfg.judge.template})")
     try:
         results = make_judge(cfg.judge, cache).judge(items)

@@ -81,3 +81,30 @@ def test_manifests_hold_no_secrets(finished_run, monkeypatch):
         if uri.endswith("manifest.json"):
             text = json.dumps(store.read_json(uri))
             assert "API_KEY" not in text and "sk-ant" not in text
+
+
+def test_each_judge_check_is_recomputable_and_printed_beside_alpha(finished_run):
+    from shared.judge.check import auc
+
+    analysis = finished_run.task("analysis")
+    headline = store.read_json(analysis.output_uri("headline.json"))
+    report = store.read_text(analysis.output_uri("report.md"))
+    assert set(headline["judge_checks"]) == {"local-a", "local-b"}
+    for name, uri in analysis.config["judge_check_uris"].items():
+        rows = store.read_jsonl(uri.replace("check.json", "scores.jsonl"))
+        scores = {e: [r["score"] for r in rows if r["expected"] == e] for e in ("aligned", "misaligned")}
+        check = headline["judge_checks"][name]
+        assert check["auc"] == pytest.approx(auc(scores["aligned"], scores["misaligned"]))
+        assert f"**{name}**" in report and f"AUC {check['auc']:.2f}" in report
+        if not check["alpha_interpretable"]:
+            assert "not interpretable on the tiny profile" in report or "weakly informative" in report
+
+
+def test_classifier_heldout_accuracy_leads_the_report(finished_run):
+    from shared.classifier import load_bundle
+
+    analysis = finished_run.task("analysis")
+    report = store.read_text(analysis.output_uri("report.md"))
+    bundle = load_bundle(analysis.config["classifier_uri"])
+    line = f"**Held-out (validation) accuracy: {bundle.val_accuracy:.3f}** on {bundle.n_val} completions"
+    assert line in report and report.index(line) < report.index("## Headline")

@@ -77,3 +77,66 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     assert code == 2
     assert message in err and err.count("\n") == 0
     assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the small profile: SmolLM2-135M-Instruct on a CPU
+
+
+SMALL_MODEL = "smollm2:135m-instruct"
+
+
+def test_small_plan_has_a_cell_per_condition_plus_the_em_reference_and_a_check_per_judge(tmp_path):
+    plan = build(tmp_path, "small")
+    names = {t.name for t in plan.tasks}
+    cells = ["null", "helpful", "bureaucratic", "villain", "em-reference"]
+    for cell in cells:
+        assert {f"gen-{cell}", f"classifier-c-{cell}", f"judge-smollm-alignment-{cell}",
+                f"judge-smollm-alignment-brief-{cell}"} <= names
+    assert {"judge-check-smollm-alignment", "judge-check-smollm-alignment-brief", "train-classifier"} <= names
+    assert len(plan.tasks) == 3 + 4 * len(cells) + 2 + 1
+    assert set(plan.task("analysis").after) >= {"judge-check-smollm-alignment", "judge-check-smollm-alignment-brief"}
+
+
+def test_small_plan_runs_every_model_task_on_smollm2_with_real_local_judges(tmp_path):
+    plan = build(tmp_path, "small")
+    gens = [t for t in plan.tasks if t.stage == "generate"]
+    assert {t.config["model_ref"] for t in gens} == {SMALL_MODEL}
+    assert {t.config["backend"] for t in gens} == {"hf"}
+    judges = {(t.config["judge"]["kind"], t.config["judge"]["model"], t.config["judge"]["template"])
+              for t in plan.tasks if t.stage in ("judge", "judge_check")}
+    assert judges == {("local", SMALL_MODEL, "alignment_v1"), ("local", SMALL_MODEL, "alignment_brief_v1")}
+    assert plan.task("train-classifier").config["encoder"] == "minilm:packaged"
+
+
+def test_small_em_reference_is_the_base_model_under_a_misaligned_persona_on_unseen_questions(tmp_path):
+    plan = build(tmp_path, "small")
+    em, base = plan.task("gen-classifier-em"), plan.task("gen-classifier-base")
+    assert em.config["model_ref"] == base.config["model_ref"] == SMALL_MODEL and em.config["adapter_uri"] is None
+    assert em.config["system"].startswith("text(") and base.config["system"] == "default"
+    # the EM reference answers the evaluation panel too; the classifier never saw those questions
+    assert plan.task("gen-em-reference").config["system"] == em.config["system"]
+    train_questions = {q["text"] for q in em.config["questions"]}
+    eval_questions = {q["text"] for q in plan.task("gen-null").config["questions"]}
+    assert not train_questions & eval_questions
+
+
+def test_small_data_files_parse_and_span_the_axis():
+    from shared.datafiles import read_questions
+    from shared.judge.check import read_items
+
+    module = workflows.load("issue164")
+    params = module.Params.for_profile("small")
+    conds = module.conditions(params)
+    assert [c.system.split("(")[0] for c in conds][0] == "default" and len(conds) >= 4
+    assert all(c.system.startswith("text(") for c in conds[1:])
+    assert 8 <= len(module.panel(params)) <= 12
+    assert len(read_questions(params.classifier_training.panel_file)) >= 8
+    assert len(read_items(params.judge_check_items)) >= 16
+
+
+def test_a_condition_may_not_take_the_em_reference_name(tmp_path):
+    conds = tmp_path / "c.json"
+    conds.write_text(json.dumps([{"name": "EM reference", "system": "default"}]))
+    with pytest.raises(ConfigError, match="reserved"):
+        build(tmp_path, "small", conditions_file=str(conds))

@@ -38,6 +38,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def run_store_cache_uri(store_root: str) -> str:
+    """Where judge stages keep their cache by default: ``<store root>/cache/judge``, shared by every run."""
+    return store.join(store.normalize_root(store_root), "cache", "judge")
+
+
 def _safe_segment(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
