@@ -42,7 +42,7 @@ def run(cfg: Config, ctx) -> dict:
         result = by_id[item.id]
         scored.append({
             "condition": row["condition"], "question_id": row["question_id"], "sample": row["sample"],
-            "score": result.score, "label": result.label, "error": result.error, "cached": result.cached,
+            "score": result.score, "label": result.label, "error": result.error,
         })
     store.write_jsonl(ctx.out("scores.jsonl"), scored)
     summary = summarize(results)

@@ -62,7 +62,7 @@ def run(cfg: Config, ctx) -> dict:
     except (JudgeAuthError, JudgeConfigError) as err:
         raise StageInputError(str(err)) from None
     rows = [{"id": item.id, "expected": item.expected, "score": result.score, "label": result.label,
-             "error": result.error, "cached": result.cached} for item, result in zip(items, results, strict=True)]
+             "error": result.error} for item, result in zip(items, results, strict=True)]
     summary = summarize_check([r["expected"] for r in rows], [r["score"] for r in rows], seed=cfg.seed)
     errors: dict[str, int] = {}
     for row in rows:
