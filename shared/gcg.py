@@ -281,13 +281,14 @@ def with_suffix(prompt: LearnedPrompt, examples: Sequence[chat.PromptIds], suffi
 def gcg_step(model, examples: Sequence[chat.PromptIds], suffix_ids: Sequence[int], allowed_mask: torch.Tensor, *,
              pad_id: int, search_width: int, topk: int, generator: torch.Generator, step: int = 0,
              teacher_s: float = 0.0, max_tokens_per_forward: int = 65536,
-             micro_batch_tokens: int = 8192, screen: ScreenSettings | None = None) -> tuple[list[int], GcgStepStats]:
+             micro_batch_tokens: int = 8192, screen: ScreenSettings | None = None,
+             by_length: bool = True) -> tuple[list[int], GcgStepStats]:
     """One GCG step on pairs already sampled; returns the kept suffix and the step's timings. ``screen`` (default:
     none) scores all candidates on a few pairs first and only the best few on all pairs."""
     device = model.get_input_embeddings().weight.device
     _sync(device)
     started = time.perf_counter()
-    grad = token_gradients(model, examples, suffix_ids, pad_id, micro_batch_tokens)
+    grad = token_gradients(model, examples, suffix_ids, pad_id, micro_batch_tokens, by_length=by_length)
     _sync(device)
     graded = time.perf_counter()
     candidates = sample_candidates(suffix_ids, grad, allowed_mask, search_width=search_width, topk=topk,
@@ -401,7 +402,7 @@ class GcgSearch:
             return gcg_step(model, examples, suffix, self.allowed_mask, pad_id=self.pad_id,
                             search_width=s.search_width, topk=s.topk, generator=generator, step=step,
                             teacher_s=teacher_s, max_tokens_per_forward=s.max_tokens_per_forward,
-                            micro_batch_tokens=s.micro_batch_tokens, screen=screen)
+                            micro_batch_tokens=s.micro_batch_tokens, screen=screen, by_length=s.bucket_by_length)
 
     def new_state(self) -> GcgState:
         return GcgState(step=0, suffix=list(self.prompt.ids), best_suffix=list(self.prompt.ids))

@@ -437,3 +437,66 @@ def _configured_eos(model_dir: str) -> int | list[int] | None:
         return GenerationConfig.from_pretrained(model_dir).eos_token_id
     except OSError:  # no generation_config.json
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# soft prefixes: vLLM's prompt-embeddings input where it works, else the fast HF path
+
+VLLM_PROBE_TIMEOUT_S = 300.0  # the record's vLLM 0.11 hung on prompt embeddings for minutes
+
+_PROBE = """
+import sys
+import torch, vllm
+from transformers import AutoConfig
+path, dtype = sys.argv[1], sys.argv[2]
+config = AutoConfig.from_pretrained(path)
+llm = vllm.LLM(model=path, tokenizer=path, dtype=dtype, enable_prompt_embeds=True, enforce_eager=True,
+               gpu_memory_utilization=0.3, max_model_len=256)
+embeds = torch.zeros(4, config.hidden_size, dtype=getattr(torch, dtype) if dtype != "auto" else torch.bfloat16)
+out = llm.generate([{"prompt_embeds": embeds}], vllm.SamplingParams(max_tokens=2), use_tqdm=False)
+assert len(out[0].outputs[0].token_ids) >= 1
+"""
+
+
+def vllm_prompt_embeds_probe(model_ref: str | models.ModelRef, *, dtype: str | None = None,
+                             timeout_s: float = VLLM_PROBE_TIMEOUT_S) -> str | None:
+    """None when the installed vLLM generates from prompt embeddings for ``model_ref`` within ``timeout_s``, else
+    why not. Runs in a child process, so a hang ends with it and leaves no GPU memory behind."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed"
+    command = [sys.executable, "-c", _PROBE, models.local_path(model_ref), dtype or "auto"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"vLLM did not generate from prompt embeddings within {timeout_s:.0f} s"
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return f"vLLM failed on prompt embeddings: {lines[-1] if lines else f'exit code {done.returncode}'}"
+    return None
+
+
+def soft_prompt_generator(
+    backend: Literal["hf", "vllm"],
+    model_ref: str | models.ModelRef,
+    *,
+    dtype: str | None = None,
+    batch_size: int = 1024,
+    probe_timeout_s: float = VLLM_PROBE_TIMEOUT_S,
+    progress: bool = False,
+) -> Generator:
+    """A generator that takes soft prefixes (``prompt_embeds``): vLLM when asked for and its prompt-embeddings input
+    passes ``vllm_prompt_embeds_probe`` here, otherwise ``HFGenerator`` with the fast decoder."""
+    import warnings
+
+    if backend == "vllm":
+        reason = vllm_prompt_embeds_probe(model_ref, dtype=dtype, timeout_s=probe_timeout_s)
+        if reason is None:
+            return VLLMGenerator(model_ref, dtype=dtype, enable_prompt_embeds=True, progress=progress)
+        warnings.warn(f"soft prefixes generate with the HF backend: {reason}", stacklevel=2)
+    elif backend != "hf":
+        raise ValueError(f"unknown generation backend {backend!r}: expected 'hf' or 'vllm'")
+    return HFGenerator.from_ref(model_ref, dtype=dtype, batch_size=batch_size, progress=progress)
