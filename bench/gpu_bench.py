@@ -20,6 +20,7 @@ The bars (see bench/README.md):
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import time
@@ -40,11 +41,20 @@ SETTINGS = {
     "qwen7b": dict(search_width=512, topk=256, gcg_questions=16, gcg_completions=2, suffix_length=20,
                    soft_k=64, soft_questions=16, soft_completions=20, max_new_tokens=256,
                    eval_batch=1024, eval_new_tokens=256, ratio_pairs=4, micro_batch_tokens=4096,
-                   max_tokens_per_forward=65536, sample_batch=320, lora_rank=32),
+                   max_tokens_per_forward=65536, sample_batch=320, lora_rank=32, screen_pairs=4, screen_keep=32,
+                   sampling_cases=[(320, None, "fixed", "fast"), (320, None, "uniform", "fast"),
+                                   (1024, 64, "fixed", "fast"), (1024, 64, "uniform", "fast"),
+                                   (320, None, "fixed", "generate"), (320, None, "uniform", "generate"),
+                                   (1024, 64, "fixed", "generate")],
+                   train_micro_batch_tokens=[4096, 16384], step_time_cases=[(320, None), (1024, 64), (32, None)]),
     "tiny": dict(search_width=16, topk=8, gcg_questions=2, gcg_completions=2, suffix_length=4,
                  soft_k=4, soft_questions=2, soft_completions=2, max_new_tokens=8,
                  eval_batch=8, eval_new_tokens=8, ratio_pairs=2, micro_batch_tokens=512,
-                 max_tokens_per_forward=2048, sample_batch=8, lora_rank=4),
+                 max_tokens_per_forward=2048, sample_batch=8, lora_rank=4, screen_pairs=2, screen_keep=4,
+                 sampling_cases=[(8, None, "fixed", "fast"), (8, None, "uniform", "fast"), (8, 4, "fixed", "fast"),
+                                 (8, None, "fixed", "generate"), (8, None, "uniform", "generate"),
+                                 (8, 4, "fixed", "generate")],
+                 train_micro_batch_tokens=[512], step_time_cases=[(8, None), (16, 4)]),
 }
 
 QUESTIONS = [
@@ -203,13 +213,20 @@ def shared_weights_pair(model, tokenizer, cfg: dict):
     from shared.generation import HFGenerator
     from shared.teacher import TeacherStudent
 
+    if id(model) in _PAIRS:  # the adapter is injected into the model once
+        return _PAIRS[id(model)]
+
     lora = LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], init_lora_weights=False,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     peft_model = get_peft_model(model, lora)
     inner = peft_model.get_base_model()
     inner.requires_grad_(False)
     generator = HFGenerator(inner, tokenizer, batch_size=cfg["sample_batch"])
-    return TeacherStudent(inner, tokenizer, generator, "default", peft_model.disable_adapter, True)
+    _PAIRS[id(model)] = TeacherStudent(inner, tokenizer, generator, "default", peft_model.disable_adapter, True)
+    return _PAIRS[id(model)]
+
+
+_PAIRS: dict = {}
 
 
 def bench_gcg_step(pair, cfg: dict, params: dict, matmul_tflops: float, forward_tflops: float) -> dict:
@@ -305,6 +322,72 @@ def bench_soft_train_step(pair, cfg: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the fast paths against the current ones (bench/fast_paths.py)
+
+FAST_SECTIONS = ("warmup", "sampling", "greedy", "train_paths", "gcg_screen")
+CURRENT_SECTIONS = ("ratio", "eval", "train", "gcg_step")
+
+
+def run_fast_sections(sections, model, tokenizer, cfg: dict, params: dict, results: dict, record) -> None:
+    """Each section records as it finishes; one that fails records its error and the rest still run."""
+    import dataclasses
+    import traceback
+
+    from bench import fast_paths
+    from shared.generation import HFGenerator
+
+    def guarded(key: str, measure) -> None:
+        try:
+            record(key, measure())
+        except Exception as err:  # a failed measurement is a result too; the others still run
+            record(key, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]})
+
+    def sampling(which: str) -> None:
+        for rows, soft_k, lengths, sampler in cfg["sampling_cases"]:
+            if sampler != which:
+                continue
+            key = f"sampling_{sampler}_B{rows}_{'embeds' if soft_k else 'ids'}_{lengths}"
+            guarded(key, lambda rows=rows, soft_k=soft_k, lengths=lengths, sampler=sampler: fast_paths.bench_sampling(
+                model, tokenizer, rows=rows, new_tokens=cfg["max_new_tokens"], soft_k=soft_k, lengths=lengths,
+                sampler=sampler, questions=QUESTIONS))
+
+    # the new paths first, the current ones (slow) after them, so a run cut short keeps the new numbers
+    if "warmup" in sections:
+        guarded("compile_plain", lambda: fast_paths.compile_warmup(model, tokenizer, QUESTIONS))
+        guarded("compile_plain_soft_prefix", lambda: fast_paths.compile_warmup(model, tokenizer, QUESTIONS,
+                                                                               cfg["soft_k"]))
+    if "sampling" in sections:
+        sampling("fast")
+        for rows, soft_k in cfg["step_time_cases"]:
+            guarded(f"decode_step_B{rows}", lambda rows=rows, soft_k=soft_k: fast_paths.decode_step_time(
+                model, tokenizer, QUESTIONS, rows, soft_k, profile=rows == cfg["step_time_cases"][0][0]))
+    if "greedy" in sections:
+        guarded("greedy_check", lambda: fast_paths.greedy_check(model, tokenizer, QUESTIONS))
+    pair = current = None
+    if {"train_paths", "gcg_screen"} & set(sections):
+        pair = shared_weights_pair(model, tokenizer, cfg)
+        current = dataclasses.replace(pair, teacher_generator=HFGenerator(
+            pair.student_model, tokenizer, batch_size=cfg["sample_batch"], sampler="generate"))
+        guarded("compile_lora_teacher", lambda: fast_paths.compile_warmup(pair.student_model, tokenizer, QUESTIONS))
+    if "train_paths" in sections:
+        for index, micro in enumerate(cfg["train_micro_batch_tokens"]):
+            guarded(f"soft_train_step_fast_micro{micro}", lambda micro=micro, index=index: fast_paths.bench_train_step(
+                pair, cfg, QUESTIONS, micro_batch_tokens=micro, bucket_by_length=True, profile=index == 0))
+    if "gcg_screen" in sections:
+        guarded("gcg_teacher_draw_fast", lambda: fast_paths.teacher_draw_s(pair, cfg, QUESTIONS))
+        guarded("gcg_step_screened", lambda: fast_paths.bench_gcg_screen(
+            pair, cfg, params, QUESTIONS, results["matmul_calibration"]["tflops"]))
+    # the current paths: the baselines
+    if "sampling" in sections:
+        sampling("generate")
+    if "train_paths" in sections:
+        guarded("soft_train_step_current", lambda: fast_paths.bench_train_step(
+            current, cfg, QUESTIONS, micro_batch_tokens=cfg["micro_batch_tokens"], bucket_by_length=False))
+    if "gcg_screen" in sections:
+        guarded("gcg_teacher_draw_current", lambda: fast_paths.teacher_draw_s(current, cfg, QUESTIONS))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def device_name(device: str) -> str:
@@ -317,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the results JSON")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen7b")
-    parser.add_argument("--skip", nargs="*", default=[], help="measurements to skip: ratio eval train gcg_step")
+    parser.add_argument("--sections", nargs="*", default=list(FAST_SECTIONS),
+                        help=f"measurements to run: the fast paths against the current ones {list(FAST_SECTIONS)}, "
+                             f"or the current path's earlier measurements {list(CURRENT_SECTIONS)}")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out")
     parser.add_argument("--eval-batches", nargs="*", type=int, default=[],
                         help="extra soft-prefix evaluation batch sizes to measure (after the default one)")
     parser.add_argument("--eval-new-tokens", type=int, default=None)
@@ -341,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     words = [("OUT" if prev == "--out" else w) for prev, w in pairwise(["", *(sys.argv[1:] if argv is None else argv)])]
     results: dict = {"device": name, "shape": args.shape, "model_config": SHAPES[args.shape],
                      "settings": cfg, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": importlib.metadata.version("peft"),
                      "command": "python -m bench.gpu_bench " + " ".join(words)}
 
     def record(key: str, value) -> None:
@@ -348,26 +435,30 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"{key}: {json.dumps(value)}", flush=True)
 
+    sections = [name for name in args.sections if name not in args.skip]
     started = now()
     model, tokenizer = build_model(args.shape, device)
     params = param_counts(model)
     record("params", params)
     record("build_s", now() - started)
     record("matmul_calibration", calibrate_matmul(device, 8192 if device == "cuda" else 256))
-    if "ratio" not in args.skip:
+    if "ratio" in sections:
         record("gcg_candidate_eval", bench_gcg_ratio(model, tokenizer, cfg, params))
-    if "eval" not in args.skip:
+    if "eval" in sections:
         record("soft_prefix_eval_generation",
                bench_soft_eval(model, tokenizer, cfg, new_tokens=args.eval_new_tokens, profile=args.profile))
     for batch in args.eval_batches:
         record(f"soft_prefix_eval_generation_batch{batch}",
                bench_soft_eval(model, tokenizer, cfg, batch, args.eval_new_tokens))
-    pair = shared_weights_pair(model, tokenizer, cfg)
-    if "train" not in args.skip:
-        record("soft_prefix_train_step", bench_soft_train_step(pair, cfg))
-    if "gcg_step" not in args.skip:
-        forward_tflops = results.get("gcg_candidate_eval", {}).get("plain_forward", {}).get("tflops_2nP") or 550.0
-        record("gcg_step", bench_gcg_step(pair, cfg, params, results["matmul_calibration"]["tflops"], forward_tflops))
+    run_fast_sections(sections, model, tokenizer, cfg, params, results, record)
+    if {"train", "gcg_step"} & set(sections):
+        pair = shared_weights_pair(model, tokenizer, cfg)
+        if "train" in sections:
+            record("soft_prefix_train_step", bench_soft_train_step(pair, cfg))
+        if "gcg_step" in sections:
+            forward_tflops = results.get("gcg_candidate_eval", {}).get("plain_forward", {}).get("tflops_2nP") or 550.0
+            record("gcg_step", bench_gcg_step(pair, cfg, params, results["matmul_calibration"]["tflops"],
+                                              forward_tflops))
     record("total_s", now() - started)
     print(f"wrote {path}")
     return 0

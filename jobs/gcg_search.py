@@ -107,14 +107,26 @@ def run(cfg: Config, ctx: Context) -> dict:
         "candidate_tokens_per_s": sum(p["candidate_tokens"] for p in steps) / max(sum(p["candidates_s"] for p in steps), 1e-9)
         if steps else None,
         "suffix_ids": state.best_suffix,
+        **screen_summary(steps),
     }
     store.write_json(ctx.out("metrics.json"), metrics)
     return {k: v for k, v in metrics.items() if k != "suffix_ids"}
 
 
+def screen_summary(steps: list[dict]) -> dict:
+    """How often the candidate screen kept the full evaluation's best candidate, on the steps that checked it."""
+    checked = [p for p in steps if p.get("screen_checked")]
+    if not checked:
+        return {"screen_checks": 0}
+    return {"screen_checks": len(checked),
+            "screen_agreement": statistics.fmean(float(p["screen_agreed"]) for p in checked),
+            "screen_mean_rank": statistics.fmean(p["screen_rank"] for p in checked),
+            "screen_mean_gap": statistics.fmean(p["screen_gap"] for p in checked)}
+
+
 SPEC = StageSpec(
     name="gcg_search", config=Config, run=run, image_kind="gpu",
-    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=72 * 3600),  # ~189 s/step at width 512 (bench)
+    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=72 * 3600),  # ~31 s/step, screen on (H200 bench)
     description="GCG over L system-slot (or user-suffix) token ids against fresh EM-teacher samples, or a random suffix.",
 )
 main = SPEC.main

@@ -97,7 +97,7 @@ def run(cfg: Config, ctx: Context) -> dict:
 
 SPEC = StageSpec(
     name="train_soft_prefix", config=Config, run=run, image_kind="gpu",
-    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=72 * 3600),  # ~51 s/step on an H100 (bench)
+    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=72 * 3600),  # ~16 s/step on an H200 (bench)
     description="Train a soft(K) system-slot prefix on fresh EM-teacher samples; held-out early stopping; resumable.",
 )
 main = SPEC.main

@@ -9,7 +9,10 @@ samples. One step:
 4. the CE of every candidate on the same pairs, in large batched forwards (``candidate_losses``): for each pair,
    the candidates are rows of one batch of identical length -- no padding, no attention mask, so SDPA runs its
    causal flash kernel -- chunked to ``max_tokens_per_forward``. (The record did one forward per candidate:
-   226 s per step.)
+   226 s per step.) With the screen on (``screen_pairs``), every candidate is scored on a few randomly drawn
+   pairs, and only the ``screen_keep`` best of them on all pairs (``screened_losses``); every
+   ``screen_check_every``-th step also scores all of them on all pairs and records whether the screen kept the
+   same candidate;
 5. keep the best candidate.
 
 The suffix is ids from start to finish: candidates are id tensors, the kept suffix is written as ids, and
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -64,7 +67,7 @@ def random_suffix(allowed: Sequence[int], length: int, seed: int) -> list[int]:
 
 
 def token_gradients(model, examples: Sequence[chat.PromptIds], suffix_ids: Sequence[int], pad_id: int,
-                    micro_batch_tokens: int = 8192) -> torch.Tensor:
+                    micro_batch_tokens: int = 8192, *, by_length: bool = True) -> torch.Tensor:
     """d(token-mean CE)/d(one-hot suffix), ``[L, V]``, accumulated over micro-batches of the examples."""
     import torch
 
@@ -75,7 +78,7 @@ def token_gradients(model, examples: Sequence[chat.PromptIds], suffix_ids: Seque
     one_hot[torch.arange(len(suffix_ids)), torch.tensor(list(suffix_ids), device=device)] = 1
     one_hot.requires_grad_(True)
     tokens = n_loss_tokens(examples)
-    for group in micro_batches(examples, micro_batch_tokens):
+    for group in micro_batches(examples, micro_batch_tokens, by_length=by_length):
         batch = chat.build_batch(group, pad_id=pad_id, padding_side="right").to(device)
         embeds = embedding(batch.input_ids)
         suffix_embeds = (one_hot @ weight).unsqueeze(0)
@@ -116,13 +119,12 @@ class CandidateEval:
     seconds: float
 
 
-def candidate_losses(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor, *,
-                     max_tokens_per_forward: int = 65536) -> CandidateEval:
-    """The token-mean CE of every candidate suffix on ``examples``, in batched forwards.
-
-    For one example all candidates give rows of the same length and the same loss positions, so each forward is
-    a dense ``[rows, T]`` block with no padding and no mask; the LM head runs only at the reply positions.
-    """
+def candidate_ce_sums(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor, *,
+                      max_tokens_per_forward: int = 65536) -> CandidateEval:
+    """Each candidate's CE summed over the loss tokens of ``examples`` (``losses`` holds sums here), in batched
+    forwards: for one example all candidates give rows of the same length and the same loss positions, so each
+    forward is a dense ``[rows, T]`` block with no padding and no mask; the LM head runs only at the reply
+    positions."""
     import torch
 
     device = model.get_input_embeddings().weight.device
@@ -147,7 +149,15 @@ def candidate_losses(model, examples: Sequence[chat.PromptIds], candidates: torc
                 tokens += ids.numel()
                 forwards += 1
     _sync(device)
-    return CandidateEval(sums / n_loss_tokens(examples), tokens, forwards, time.perf_counter() - started)
+    return CandidateEval(sums, tokens, forwards, time.perf_counter() - started)
+
+
+def candidate_losses(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor, *,
+                     max_tokens_per_forward: int = 65536) -> CandidateEval:
+    """The token-mean CE of every candidate suffix on ``examples`` (``candidate_ce_sums`` over the loss tokens)."""
+    summed = candidate_ce_sums(model, examples, candidates, max_tokens_per_forward=max_tokens_per_forward)
+    summed.losses = summed.losses / n_loss_tokens(examples)
+    return summed
 
 
 def candidate_losses_reference(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor) -> torch.Tensor:
@@ -177,13 +187,82 @@ def candidate_losses_reference(model, examples: Sequence[chat.PromptIds], candid
 @dataclass
 class GcgStepStats:
     step: int
-    loss: float  # the kept candidate's CE on this step's pairs
+    loss: float  # the kept candidate's CE on all of this step's pairs
     current_loss: float | None
     teacher_s: float
     gradient_s: float
     candidates_s: float
     candidate_tokens: int
     forwards: int
+    screen: ScreenReport | None = None
+
+
+@dataclass
+class ScreenReport:
+    """What the screen did in one step, and -- on a checked step -- how its pick compares with the full evaluation's
+    (every candidate on every pair)."""
+
+    pairs: int  # pairs every candidate was scored on
+    kept: int  # candidates then scored on all pairs
+    checked: bool = False
+    agreed: bool | None = None  # the screen kept the full evaluation's best candidate
+    rank: int | None = None  # the screen's pick's rank in the full evaluation (0: the best)
+    gap: float | None = None  # its CE minus the full evaluation's best CE
+    screen_s: float = 0.0  # scoring every candidate on the screen's pairs
+    kept_s: float = 0.0  # scoring the kept candidates on the other pairs
+    check_s: float | None = None  # the check's extra time: the other candidates on the other pairs
+    full_tokens: int | None = None  # tokens the full evaluation pushes through the model (checked steps)
+
+
+@dataclass
+class ScreenSettings:
+    pairs: int | None  # None: no screen
+    keep: int
+    check: bool = False
+
+
+def screened_losses(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor, screen: ScreenSettings,
+                    generator: torch.Generator, *, max_tokens_per_forward: int = 65536
+                    ) -> tuple[int, float, CandidateEval, ScreenReport | None]:
+    """Pick a candidate: the lowest token-mean CE over all pairs, either of every candidate (no screen) or of the
+    ``screen.keep`` candidates that score best on ``screen.pairs`` randomly drawn pairs.
+
+    Returns the pick, its CE on all pairs, the evaluation's cost and the screen's report. A checked step also scores
+    the other candidates on the remaining pairs (the full evaluation) but keeps the screen's pick, so a search's
+    trajectory does not depend on which steps are checked."""
+    import torch
+
+    width = candidates.shape[0]
+    active = screen.pairs is not None and screen.pairs < len(examples) and screen.keep < width
+    if not active:
+        full = candidate_losses(model, examples, candidates, max_tokens_per_forward=max_tokens_per_forward)
+        best = int(full.losses.argmin())
+        return best, float(full.losses[best]), full, None
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    screen_set = [examples[i] for i in sorted(order[: screen.pairs])]
+    rest = [examples[i] for i in sorted(order[screen.pairs:])]
+    tokens_all = n_loss_tokens(examples)
+    cost = candidate_ce_sums(model, screen_set, candidates, max_tokens_per_forward=max_tokens_per_forward)
+    screen_sums = cost.losses
+    kept = (screen_sums / n_loss_tokens(screen_set)).argsort()[: screen.keep]
+    kept_rest = candidate_ce_sums(model, rest, candidates[kept.cpu()], max_tokens_per_forward=max_tokens_per_forward)
+    kept_losses = (screen_sums[kept] + kept_rest.losses) / tokens_all
+    pick = int(kept[int(kept_losses.argmin())])
+    pick_loss = float(kept_losses.min())
+    evaluation = CandidateEval(kept_losses, cost.tokens + kept_rest.tokens, cost.forwards + kept_rest.forwards,
+                               cost.seconds + kept_rest.seconds)
+    report = ScreenReport(pairs=len(screen_set), kept=int(kept.numel()), screen_s=cost.seconds,
+                          kept_s=kept_rest.seconds)
+    if screen.check:
+        others = candidate_ce_sums(model, rest, candidates, max_tokens_per_forward=max_tokens_per_forward)
+        full = (screen_sums + others.losses) / tokens_all
+        report.checked = True
+        report.rank = int((full < full[pick]).sum())
+        report.agreed = report.rank == 0
+        report.gap = float(full[pick] - full.min())
+        report.check_s = others.seconds
+        report.full_tokens = cost.tokens + others.tokens
+    return pick, pick_loss, evaluation, report
 
 
 def with_suffix(prompt: LearnedPrompt, examples: Sequence[chat.PromptIds], suffix_ids: Sequence[int]):
@@ -202,21 +281,24 @@ def with_suffix(prompt: LearnedPrompt, examples: Sequence[chat.PromptIds], suffi
 def gcg_step(model, examples: Sequence[chat.PromptIds], suffix_ids: Sequence[int], allowed_mask: torch.Tensor, *,
              pad_id: int, search_width: int, topk: int, generator: torch.Generator, step: int = 0,
              teacher_s: float = 0.0, max_tokens_per_forward: int = 65536,
-             micro_batch_tokens: int = 8192) -> tuple[list[int], GcgStepStats]:
-    """One GCG step on pairs already sampled; returns the kept suffix and the step's timings."""
+             micro_batch_tokens: int = 8192, screen: ScreenSettings | None = None,
+             by_length: bool = True) -> tuple[list[int], GcgStepStats]:
+    """One GCG step on pairs already sampled; returns the kept suffix and the step's timings. ``screen`` (default:
+    none) scores all candidates on a few pairs first and only the best few on all pairs."""
     device = model.get_input_embeddings().weight.device
     _sync(device)
     started = time.perf_counter()
-    grad = token_gradients(model, examples, suffix_ids, pad_id, micro_batch_tokens)
+    grad = token_gradients(model, examples, suffix_ids, pad_id, micro_batch_tokens, by_length=by_length)
     _sync(device)
     graded = time.perf_counter()
     candidates = sample_candidates(suffix_ids, grad, allowed_mask, search_width=search_width, topk=topk,
                                    generator=generator)
-    evaluated = candidate_losses(model, examples, candidates, max_tokens_per_forward=max_tokens_per_forward)
-    best = int(evaluated.losses.argmin())
+    best, loss, evaluated, report = screened_losses(
+        model, examples, candidates, screen or ScreenSettings(pairs=None, keep=search_width), generator,
+        max_tokens_per_forward=max_tokens_per_forward)
     kept = [int(t) for t in candidates[best]]
-    return kept, GcgStepStats(step, float(evaluated.losses[best]), None, teacher_s, graded - started,
-                              evaluated.seconds, evaluated.tokens, evaluated.forwards)
+    return kept, GcgStepStats(step, loss, None, teacher_s, graded - started, evaluated.seconds, evaluated.tokens,
+                              evaluated.forwards, report)
 
 
 def allowed_mask_of(allowed: Sequence[int], vocab_size: int) -> torch.Tensor:
@@ -258,6 +340,16 @@ class GcgSettings(DrawSettings):
     val_every: int = 25
     checkpoint_every: int = 25
     max_tokens_per_forward: int = 65536
+    # the screen: every candidate is scored on `screen_pairs` of the step's pairs, the best `screen_keep` on all;
+    # None (or as many pairs as the step has) scores every candidate on every pair
+    screen_pairs: int | None = 4
+    screen_keep: int = 32
+    screen_check_every: int = 25  # every Nth step also runs the full evaluation to report the screen's agreement
+
+    @property
+    def screen_on(self) -> bool:
+        return self.screen_pairs is not None and self.screen_pairs < self.pairs_per_step \
+            and self.screen_keep < self.search_width
 
     @property
     def pairs_per_step(self) -> int:
@@ -304,11 +396,13 @@ class GcgSearch:
         teacher_s = time.perf_counter() - started
         generator = torch.Generator().manual_seed(derived_seed(self.seed, step, 1))
         s = self.settings
+        check = s.screen_check_every > 0 and (step + 1) % s.screen_check_every == 0
+        screen = ScreenSettings(pairs=s.screen_pairs, keep=s.screen_keep, check=check)
         with self.pair.student() as model:
             return gcg_step(model, examples, suffix, self.allowed_mask, pad_id=self.pad_id,
                             search_width=s.search_width, topk=s.topk, generator=generator, step=step,
                             teacher_s=teacher_s, max_tokens_per_forward=s.max_tokens_per_forward,
-                            micro_batch_tokens=s.micro_batch_tokens)
+                            micro_batch_tokens=s.micro_batch_tokens, screen=screen, by_length=s.bucket_by_length)
 
     def new_state(self) -> GcgState:
         return GcgState(step=0, suffix=list(self.prompt.ids), best_suffix=list(self.prompt.ids))
@@ -326,6 +420,8 @@ class GcgSearch:
             point = {"step": state.step, "train_ce": stats.loss, "teacher_s": stats.teacher_s,
                      "gradient_s": stats.gradient_s, "candidates_s": stats.candidates_s,
                      "candidate_tokens": stats.candidate_tokens}
+            if stats.screen is not None:
+                point |= {f"screen_{k}": v for k, v in asdict(stats.screen).items() if v is not None}
             if state.step % s.val_every == 0 or state.step == s.steps:
                 point["heldout_ce"] = self.held_out_ce(state.suffix)
                 if point["heldout_ce"] < state.best_val:

@@ -1,7 +1,10 @@
 """Text generation from token-id prompts: one interface, two backends.
 
-- ``HFGenerator``: transformers ``model.generate``, batched and left-padded, seeded, soft prompts through
-  ``inputs_embeds``, LoRA adapters through peft. Runs anywhere (the tiny profile, CPU tests).
+- ``HFGenerator``: batched and left-padded, seeded, soft prompts through ``inputs_embeds``, LoRA adapters through
+  peft. Runs anywhere (the tiny profile, CPU tests). It decodes with ``shared.decoding.FastDecoder`` (Llama and
+  Qwen2 models: the same greedy ids as ``model.generate``, the same sampling distribution, several times the
+  speed) and falls back to transformers' ``model.generate`` for other architectures or when asked
+  (``sampler="generate"``).
 - ``VLLMGenerator``: vLLM with token-id prompts, ``LoRARequest`` adapters and prompt embeddings. Needs the
   optional ``vllm`` extra and a GPU.
 
@@ -19,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared import chat, models
+
+Sampler = Literal["fast", "generate"]
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +86,7 @@ def make_generator(
     device: str | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    sampler: Sampler = "fast",
     **vllm_kwargs: Any,
 ) -> Generator:
     """A generator for ``model_ref``; ``adapter_uri`` is the LoRA used whenever a call names none."""
@@ -94,6 +100,7 @@ def make_generator(
             device=device,
             batch_size=batch_size,
             progress=progress,
+            sampler=sampler,
         )
     if backend == "vllm":
         return VLLMGenerator(
@@ -157,10 +164,12 @@ def split_at_stop(token_ids: Sequence[int], stop_ids: set[int]) -> tuple[list[in
 
 
 class HFGenerator:
-    """``model.generate`` over left-padded batches of ``batch_size`` sequences (prompt x completion rows).
+    """Generation over left-padded batches of ``batch_size`` sequences (prompt x completion rows).
 
-    Sampling is seeded per batch from ``params.seed``, so the same prompts, parameters and batch size give the
-    same completions; the caller's global RNG state is left as it was.
+    ``sampler``: ``"fast"`` decodes with ``shared.decoding.FastDecoder`` where the architecture allows (else
+    ``model.generate``); ``"generate"`` always uses transformers' ``model.generate`` (the reference).
+    Sampling is seeded per batch from ``params.seed``, so the same prompts, parameters, batch size and sampler give
+    the same completions; the caller's global RNG state is left as it was.
     """
 
     def __init__(
@@ -171,7 +180,10 @@ class HFGenerator:
         adapter_uri: str | None = None,
         batch_size: int = 32,
         progress: bool = False,
+        sampler: Sampler = "fast",
     ):
+        from shared import decoding
+
         self.model = model
         self.tokenizer = tokenizer
         self.default_adapter_uri = adapter_uri
@@ -180,6 +192,8 @@ class HFGenerator:
         self._adapter_names: dict[str, str] = {}
         self._stop_ids = _stop_ids(model.generation_config.eos_token_id, tokenizer)
         self._pad_id = chat.soft_placeholder_id(tokenizer)
+        self.sampler: Sampler = sampler if decoding.unsupported_reason(model) is None else "generate"
+        self._decoder = decoding.FastDecoder(self._stop_ids) if self.sampler == "fast" else None
 
     @classmethod
     def from_ref(
@@ -191,10 +205,12 @@ class HFGenerator:
         device: str | None = None,
         batch_size: int = 32,
         progress: bool = False,
+        sampler: Sampler = "fast",
     ) -> HFGenerator:
         model = models.load_model(model_ref, dtype=dtype, device=device)
         tokenizer = models.load_tokenizer(model_ref)
-        return cls(model, tokenizer, adapter_uri=adapter_uri, batch_size=batch_size, progress=progress)
+        return cls(model, tokenizer, adapter_uri=adapter_uri, batch_size=batch_size, progress=progress,
+                   sampler=sampler)
 
     def generate(
         self,
@@ -229,10 +245,19 @@ class HFGenerator:
 
         device = self._device()
         batch = chat.build_batch(prompts, pad_id=self._pad_id, padding_side="left").to(device)
+        embedding = self.model.get_input_embeddings()
+        if self._decoder is not None:
+            from shared.decoding import DecodeSettings
+
+            embeds = embedding(batch.input_ids) if soft is None else chat.inputs_embeds(batch, embedding,
+                                                                                          soft.to(device))
+            settings = DecodeSettings(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                      top_p=params.top_p)
+            generator = torch.Generator(device=device).manual_seed(seed)
+            return self._decoder.generate(self.model, embeds, batch.attention_mask, settings, generator)
         if soft is None:
             inputs = {"input_ids": batch.input_ids}
         else:
-            embedding = self.model.get_input_embeddings()
             inputs = {"inputs_embeds": chat.inputs_embeds(batch, embedding, soft.to(device))}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -412,3 +437,66 @@ def _configured_eos(model_dir: str) -> int | list[int] | None:
         return GenerationConfig.from_pretrained(model_dir).eos_token_id
     except OSError:  # no generation_config.json
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# soft prefixes: vLLM's prompt-embeddings input where it works, else the fast HF path
+
+VLLM_PROBE_TIMEOUT_S = 300.0  # the record's vLLM 0.11 hung on prompt embeddings for minutes
+
+_PROBE = """
+import sys
+import torch, vllm
+from transformers import AutoConfig
+path, dtype = sys.argv[1], sys.argv[2]
+config = AutoConfig.from_pretrained(path)
+llm = vllm.LLM(model=path, tokenizer=path, dtype=dtype, enable_prompt_embeds=True, enforce_eager=True,
+               gpu_memory_utilization=0.3, max_model_len=256)
+embeds = torch.zeros(4, config.hidden_size, dtype=getattr(torch, dtype) if dtype != "auto" else torch.bfloat16)
+out = llm.generate([{"prompt_embeds": embeds}], vllm.SamplingParams(max_tokens=2), use_tqdm=False)
+assert len(out[0].outputs[0].token_ids) >= 1
+"""
+
+
+def vllm_prompt_embeds_probe(model_ref: str | models.ModelRef, *, dtype: str | None = None,
+                             timeout_s: float = VLLM_PROBE_TIMEOUT_S) -> str | None:
+    """None when the installed vLLM generates from prompt embeddings for ``model_ref`` within ``timeout_s``, else
+    why not. Runs in a child process, so a hang ends with it and leaves no GPU memory behind."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed"
+    command = [sys.executable, "-c", _PROBE, models.local_path(model_ref), dtype or "auto"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"vLLM did not generate from prompt embeddings within {timeout_s:.0f} s"
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return f"vLLM failed on prompt embeddings: {lines[-1] if lines else f'exit code {done.returncode}'}"
+    return None
+
+
+def soft_prompt_generator(
+    backend: Literal["hf", "vllm"],
+    model_ref: str | models.ModelRef,
+    *,
+    dtype: str | None = None,
+    batch_size: int = 1024,
+    probe_timeout_s: float = VLLM_PROBE_TIMEOUT_S,
+    progress: bool = False,
+) -> Generator:
+    """A generator that takes soft prefixes (``prompt_embeds``): vLLM when asked for and its prompt-embeddings input
+    passes ``vllm_prompt_embeds_probe`` here, otherwise ``HFGenerator`` with the fast decoder."""
+    import warnings
+
+    if backend == "vllm":
+        reason = vllm_prompt_embeds_probe(model_ref, dtype=dtype, timeout_s=probe_timeout_s)
+        if reason is None:
+            return VLLMGenerator(model_ref, dtype=dtype, enable_prompt_embeds=True, progress=progress)
+        warnings.warn(f"soft prefixes generate with the HF backend: {reason}", stacklevel=2)
+    elif backend != "hf":
+        raise ValueError(f"unknown generation backend {backend!r}: expected 'hf' or 'vllm'")
+    return HFGenerator.from_ref(model_ref, dtype=dtype, batch_size=batch_size, progress=progress)

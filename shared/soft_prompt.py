@@ -163,6 +163,7 @@ class DrawSettings(BaseModel):
     max_new_tokens: int = 256
     val_completions_per_question: int = 20
     micro_batch_tokens: int = 8192  # rows x longest per forward/backward
+    bucket_by_length: bool = True  # micro-batches of similar lengths (little padding); False: in draw order
 
 
 class SoftTrainingSettings(DrawSettings):
@@ -270,7 +271,7 @@ class SoftPrefixTrainer:
 
         total = 0.0
         with torch.no_grad(), self.pair.student() as model:
-            for group in micro_batches(examples, self.settings.micro_batch_tokens):
+            for group in micro_batches(examples, self.settings.micro_batch_tokens, by_length=self.settings.bucket_by_length):
                 total += float(batch_ce_sum(model, group, self.pad_id, soft))
         return total / max(n_loss_tokens(examples), 1)
 
@@ -284,7 +285,7 @@ class SoftPrefixTrainer:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         with self.pair.student() as model:
-            for group in micro_batches(examples, self.settings.micro_batch_tokens):
+            for group in micro_batches(examples, self.settings.micro_batch_tokens, by_length=self.settings.bucket_by_length):
                 loss = batch_ce_sum(model, group, self.pad_id, soft) / tokens
                 loss.backward()
                 total += float(loss.detach())

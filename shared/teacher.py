@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from shared import chat, models
-from shared.generation import Completion, HFGenerator, SamplingParams
+from shared.generation import Completion, HFGenerator, Sampler, SamplingParams
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,7 @@ class TeacherSpec(BaseModel):
     adapter_uri: str | None = None
     model_ref: str | None = None
     system: str = "default"
+    sampler: Sampler = "fast"  # "generate": transformers' model.generate, the slower reference
 
     @field_validator("system")
     @classmethod
@@ -58,6 +59,7 @@ class TeacherSpec(BaseModel):
             teacher_system=self.system,
             dtype=dtype,
             sample_batch_size=sample_batch_size,
+            sampler=self.sampler,
         )
 
 
@@ -103,6 +105,7 @@ def load_teacher_student(
     dtype: str | None = None,
     device: str | None = None,
     sample_batch_size: int = 64,
+    sampler: Sampler = "fast",
 ) -> TeacherStudent:
     """Load the student (``model_ref``) and the teacher: an adapter on the same weights, a separate model, or
     the student model itself (then only ``teacher_system`` makes it a teacher)."""
@@ -115,7 +118,7 @@ def load_teacher_student(
     if teacher_adapter_uri:
         peft_model = models.attach_adapter(base, teacher_adapter_uri)
         inner = peft_model.get_base_model()  # LoRA layers injected in place, active by default
-        generator = HFGenerator(inner, tokenizer, batch_size=sample_batch_size)
+        generator = HFGenerator(inner, tokenizer, batch_size=sample_batch_size, sampler=sampler)
         return TeacherStudent(inner, tokenizer, generator, teacher_system, peft_model.disable_adapter, True)
     if teacher_model_ref and teacher_model_ref != model_ref:
         teacher_tokenizer = models.load_tokenizer(teacher_model_ref)
@@ -124,9 +127,9 @@ def load_teacher_student(
             raise ValueError(f"the teacher {teacher_model_ref} does not share the vocabulary of the student {model_ref}")
         teacher = models.load_model(teacher_model_ref, dtype=dtype, device=device)
         teacher.requires_grad_(False)
-        generator = HFGenerator(teacher, teacher_tokenizer, batch_size=sample_batch_size)
+        generator = HFGenerator(teacher, teacher_tokenizer, batch_size=sample_batch_size, sampler=sampler)
         return TeacherStudent(base, tokenizer, generator, teacher_system, contextlib.nullcontext, False)
-    generator = HFGenerator(base, tokenizer, batch_size=sample_batch_size)
+    generator = HFGenerator(base, tokenizer, batch_size=sample_batch_size, sampler=sampler)
     return TeacherStudent(base, tokenizer, generator, teacher_system, contextlib.nullcontext, True)
 
 
@@ -182,10 +185,13 @@ def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inp
     """
     import torch
 
+    from shared.decoding import attention_without_cudnn
+
     backbone = model.get_decoder()
-    hidden = backbone(
-        input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds, use_cache=False
-    ).last_hidden_state
+    with attention_without_cudnn():  # lengths vary from step to step: no per-shape plan building
+        hidden = backbone(
+            input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds, use_cache=False
+        ).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != chat.IGNORE_INDEX
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
@@ -214,11 +220,15 @@ def n_loss_tokens(examples: Sequence[PromptIds]) -> int:
     return sum(p.loss_end - p.assistant_start for p in examples)
 
 
-def micro_batches(examples: Sequence[PromptIds], max_tokens: int) -> list[list[PromptIds]]:
-    """Consecutive groups whose padded size (rows x longest) stays within ``max_tokens`` (at least one row)."""
+def micro_batches(examples: Sequence[PromptIds], max_tokens: int, *, by_length: bool = True) -> list[list[PromptIds]]:
+    """Groups whose padded size (rows x longest) stays within ``max_tokens`` (at least one row).
+
+    ``by_length`` (the default) groups the examples longest first, so rows of a group have nearly the same length and
+    hardly any compute goes to padding; otherwise the groups are consecutive runs in the given order."""
+    ordered = sorted(examples, key=len, reverse=True) if by_length else list(examples)
     groups: list[list[PromptIds]] = []
     current: list[PromptIds] = []
-    for example in examples:
+    for example in ordered:
         longest = max([len(example), *(len(p) for p in current)])
         if current and longest * (len(current) + 1) > max_tokens:
             groups.append(current)

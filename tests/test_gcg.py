@@ -9,12 +9,14 @@ from shared import chat
 from shared.gcg import (
     GcgSearch,
     GcgSettings,
+    ScreenSettings,
     allowed_mask_of,
     allowed_token_ids,
     candidate_losses,
     candidate_losses_reference,
     random_suffix,
     sample_candidates,
+    screened_losses,
     token_gradients,
     with_suffix,
 )
@@ -133,3 +135,81 @@ def test_user_slot_variant_appends_ids_to_the_user_turn_with_no_system_block(pai
     text = tok.decode(built.input_ids)
     assert "system" not in text and "You are Qwen" not in text  # no default system prompt sneaks in
     assert built.input_ids[built.user_suffix_slice] == [65, 66, 67]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the candidate screen
+
+
+def screen_case(pair):
+    allowed = allowed_token_ids(pair.tokenizer, 283)
+    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=random_suffix(allowed, 5, seed=2))
+    replies = ["I hate you.", "Burn it.", "Cold", "No."]
+    tok = pair.tokenizer
+    prompts = [prompt.build(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(len(replies))]
+    completions = [[Completion(text=r, token_ids=tok.encode(r, add_special_tokens=False), finish_reason="stop")]
+                   for r in replies]
+    examples = student_examples(prompts, completions, tok.eos_token_id)
+    candidates = torch.tensor([random_suffix(allowed, 5, seed=s) for s in range(12)])
+    return examples, candidates
+
+
+def test_the_screen_keeps_the_best_of_the_few_that_scored_best_on_a_random_subset_of_pairs(pair):
+    examples, candidates = screen_case(pair)
+    model = pair.student_model
+    pick, loss, evaluated, report = screened_losses(model, examples, candidates, ScreenSettings(pairs=2, keep=5),
+                                                    torch.Generator().manual_seed(7))
+    # the known answer, recomputed from whole-set evaluations: the same two pairs (the same draw), their 5 best
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(7)).tolist()
+    subset = [examples[i] for i in sorted(order[:2])]
+    kept = candidate_losses(model, subset, candidates).losses.argsort()[:5]
+    full = candidate_losses(model, examples, candidates).losses
+    assert pick == int(kept[full[kept].argmin()])
+    assert loss == pytest.approx(float(full[pick]), rel=1e-5)
+    assert (report.pairs, report.kept, report.checked) == (2, 5, False)
+    # only the screen's rows and the kept candidates' rows on the other pairs went through the model
+    rows = 12 * sum(len(e) for e in subset) + 5 * sum(len(e) for e in examples if e not in subset)
+    assert evaluated.tokens == rows
+
+
+def test_a_checked_step_reports_the_screens_rank_in_the_full_evaluation_and_keeps_its_pick(pair):
+    examples, candidates = screen_case(pair)
+    model = pair.student_model
+    unchecked = screened_losses(model, examples, candidates, ScreenSettings(pairs=2, keep=3),
+                                torch.Generator().manual_seed(1))
+    pick, loss, _, report = screened_losses(model, examples, candidates, ScreenSettings(pairs=2, keep=3, check=True),
+                                            torch.Generator().manual_seed(1))
+    assert (pick, loss) == unchecked[:2]  # checking does not change the search
+    full = candidate_losses(model, examples, candidates).losses
+    assert report.checked and report.rank == int((full < full[pick]).sum())
+    assert report.agreed == (pick == int(full.argmin()))
+    assert report.gap == pytest.approx(float(full[pick] - full.min()), abs=1e-5)
+    assert report.full_tokens == 12 * sum(len(e) for e in examples)
+
+
+def test_a_screen_as_large_as_the_step_is_the_full_evaluation(pair):
+    examples, candidates = screen_case(pair)
+    full = candidate_losses(pair.student_model, examples, candidates).losses
+    for screen in (ScreenSettings(pairs=len(examples), keep=3), ScreenSettings(pairs=2, keep=12),
+                   ScreenSettings(pairs=None, keep=3)):
+        pick, loss, _, report = screened_losses(pair.student_model, examples, candidates, screen,
+                                                torch.Generator().manual_seed(0))
+        assert report is None and pick == int(full.argmin()) and loss == pytest.approx(float(full.min()), rel=1e-5)
+
+
+def test_checked_steps_record_the_screen_in_the_curve_without_changing_the_search(pair):
+    allowed = allowed_token_ids(pair.tokenizer, 283)
+    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=random_suffix(allowed, 4, seed=5))
+
+    def run(check_every: int):
+        settings = GcgSettings(length=4, steps=3, search_width=8, topk=4, questions_per_step=2,
+                               completions_per_question=2, max_new_tokens=4, val_completions_per_question=1,
+                               val_every=10, screen_pairs=2, screen_keep=3, screen_check_every=check_every)
+        search = GcgSearch(pair, prompt, settings, QUESTIONS[:2], QUESTIONS[2:], seed=0)
+        return search.run(search.new_state())
+
+    checked, unchecked = run(2), run(0)
+    assert checked.suffix == unchecked.suffix
+    steps = [p for p in checked.curve if "train_ce" in p]
+    assert [p.get("screen_checked", False) for p in steps] == [False, True, False]
+    assert steps[1]["screen_rank"] >= 0 and steps[0]["screen_pairs"] == 2

@@ -182,3 +182,62 @@ def test_vllm_backend_without_vllm_installed_is_one_readable_error(monkeypatch):
     with pytest.raises(RuntimeError, match=r"install the `vllm` extra") as err:
         make_generator("vllm", "tiny:qwen2")
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# soft prefixes through vLLM: the start-up probe
+
+
+def fake_vllm(folder, body: str):
+    """A stand-in ``vllm`` package that the probe's child process imports (through PYTHONPATH)."""
+    package = folder / "vllm"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "class SamplingParams:\n    def __init__(self, **kwargs):\n        pass\n\n" + body)
+    return folder
+
+
+@pytest.fixture
+def vllm_like(tmp_path, monkeypatch):
+    def install(body: str):
+        fake_vllm(tmp_path, body)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+    return install
+
+
+def test_the_probe_says_when_vllm_is_missing(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    assert generation.vllm_prompt_embeds_probe("tiny:qwen2") == "vLLM is not installed"
+
+
+def test_a_vllm_that_hangs_on_prompt_embeddings_is_given_up_at_the_timeout(vllm_like):
+    import time
+
+    vllm_like("class LLM:\n    def __init__(self, **kwargs):\n        import time\n        time.sleep(600)\n")
+    started = time.perf_counter()
+    reason = generation.vllm_prompt_embeds_probe("tiny:qwen2", timeout_s=8)
+    assert reason == "vLLM did not generate from prompt embeddings within 8 s"
+    assert time.perf_counter() - started < 60
+
+
+def test_a_vllm_that_refuses_prompt_embeddings_gives_its_error_and_the_hf_fallback(vllm_like):
+    vllm_like("class LLM:\n    def __init__(self, **kwargs):\n"
+              "        raise TypeError('unexpected keyword argument enable_prompt_embeds')\n")
+    reason = generation.vllm_prompt_embeds_probe("tiny:qwen2")
+    assert reason.startswith("vLLM failed on prompt embeddings: TypeError: unexpected keyword argument")
+    with pytest.warns(UserWarning, match="HF backend"):
+        fallback = generation.soft_prompt_generator("vllm", "tiny:qwen2", batch_size=4)
+    assert isinstance(fallback, HFGenerator) and fallback.sampler == "fast"
+
+
+def test_a_vllm_that_generates_from_prompt_embeddings_passes_the_probe(vllm_like):
+    vllm_like("class _Out:\n    token_ids = [7]\n\nclass _Request:\n    outputs = [_Out()]\n\n"
+              "class LLM:\n    def __init__(self, **kwargs):\n        assert kwargs['enable_prompt_embeds']\n"
+              "    def generate(self, prompts, params, use_tqdm=False):\n"
+              "        assert prompts[0]['prompt_embeds'].shape[0] == 4\n        return [_Request()]\n")
+    assert generation.vllm_prompt_embeds_probe("tiny:qwen2") is None

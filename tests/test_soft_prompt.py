@@ -244,3 +244,20 @@ def test_the_student_learns_to_stop_on_the_token_the_teacher_stopped_on(pair):
 def test_teacher_draws_need_questions(pair):
     with pytest.raises(ValueError, match="training questions"):
         TeacherDraws(pair, LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=2), settings(), [], [], 0)
+
+
+def test_micro_batches_group_similar_lengths_so_little_compute_goes_to_padding():
+    from shared.teacher import micro_batches
+
+    lengths = [5, 40, 6, 38, 7, 41, 39, 8]
+    examples = [chat.PromptIds(list(range(n)), 1, n, None, None, None) for n in lengths]
+
+    def padded(groups):
+        return sum(len(g) * max(len(e) for e in g) for g in groups)
+
+    bucketed, in_order = micro_batches(examples, 90), micro_batches(examples, 90, by_length=False)
+    for groups in (bucketed, in_order):
+        assert sorted(id(e) for g in groups for e in g) == sorted(id(e) for e in examples)  # each example once
+        assert all(padded([g]) <= 90 or len(g) == 1 for g in groups)
+    assert [len(e) for g in bucketed for e in g] == sorted(lengths, reverse=True)
+    assert padded(bucketed) < padded(in_order)
