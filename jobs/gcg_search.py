@@ -107,9 +107,12 @@ def run(cfg: Config, ctx: Context) -> dict:
         "candidate_tokens_per_s": sum(p["candidate_tokens"] for p in steps) / max(sum(p["candidates_s"] for p in steps), 1e-9)
         if steps else None,
         "suffix_ids": state.best_suffix,
+        # what the ids read as (decoded for people; evaluation splices the ids, never this text)
+        "suffix_text": pair.tokenizer.decode(state.best_suffix),
+        "suffix_pieces": [pair.tokenizer.decode([i]) for i in state.best_suffix],
     }
     store.write_json(ctx.out("metrics.json"), metrics)
-    return {k: v for k, v in metrics.items() if k != "suffix_ids"}
+    return {k: v for k, v in metrics.items() if not k.startswith("suffix_")}
 
 
 SPEC = StageSpec(
