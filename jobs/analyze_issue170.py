@@ -90,12 +90,31 @@ def cell_rows(cfg: Config) -> list[dict]:
     return rows
 
 
-def fit_to_teacher(rows: list[dict], anchors: dict) -> dict:
+def ce_difference(cell, anchor, tokens, axis=-1):
+    """Token-mean CE of a cell minus an anchor's, from per-pair CE sums and token counts (nats/token)."""
+    return (cell.sum(axis=axis) - anchor.sum(axis=axis)) / tokens.sum(axis=axis)
+
+
+def gap_closed(cell, oracle, start, axis=-1):
+    """(start - cell) / (start - oracle) from per-pair CE sums: 0 at the start prompt, 1 at the oracle."""
+    begin = start.sum(axis=axis)
+    return (begin - cell.sum(axis=axis)) / (begin - oracle.sum(axis=axis))
+
+
+def interval(ci) -> dict:
+    return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
+
+
+def fit_to_teacher(rows: list[dict], anchors: dict, *, seed: int = 0, n_boot: int = 2000) -> dict:
     """Each learned cell's held-out CE beside the anchors measured on the same pairs (``heldout_anchors``).
 
     ``gap_closed`` = (start - cell) / (start - oracle), where start is the first anchor that is not the oracle (the
-    null/default prompt): 0 = no better than the default prompt, 1 = as good as the teacher's own prompt.
+    null/default prompt): 0 = no better than the default prompt, 1 = as good as the teacher's own prompt. With
+    per-pair CE sums stored, the distance to the oracle and the gap closed get percentile bootstrap intervals over
+    the held-out pairs (resampled together for cell and anchors: a paired interval; questions held fixed).
     """
+    from shared.stats import bootstrap_ci
+
     names = [a["name"] for a in anchors["anchors"]]
     oracle = ORACLE if ORACLE in names else None
     start = next((n for n in names if n != ORACLE), None)
@@ -105,16 +124,27 @@ def fit_to_teacher(rows: list[dict], anchors: dict) -> dict:
         if cell is None:
             continue
         ce, ref = cell["kept_prompt_ce"], cell["anchors"]
-        gap = None
+        entry = {"cell": row["cell"], "method": row["method"], "size": row["size"], "heldout_ce": ce,
+                 "training_best_heldout_ce": row["best_heldout_ce"], "anchors": ref, "gap_closed": None,
+                 "held_out_set": cell["held_out_set"]}
         if oracle and start and ref[start] != ref[oracle]:
-            gap = (ref[start] - ce) / (ref[start] - ref[oracle])
-        out.append({"cell": row["cell"], "method": row["method"], "size": row["size"], "heldout_ce": ce,
-                    "training_best_heldout_ce": row["best_heldout_ce"], "anchors": ref, "gap_closed": gap,
-                    "held_out_set": cell["held_out_set"]})
+            entry["gap_closed"] = (ref[start] - ce) / (ref[start] - ref[oracle])
+        held_out = anchors["held_out_sets"][cell["held_out_set"]]
+        if oracle and "pair_ce_sums" in cell and "anchor_pair_ce_sums" in held_out:
+            sums, tokens = np.asarray(cell["pair_ce_sums"]), np.asarray(held_out["pair_tokens"], dtype=float)
+            by_anchor = {n: np.asarray(v) for n, v in held_out["anchor_pair_ce_sums"].items()}
+            rng = np.random.default_rng([seed, len(out)])
+            entry["minus_oracle"] = interval(bootstrap_ci((sums, by_anchor[oracle], tokens), ce_difference,
+                                                          n_boot=n_boot, rng=rng))
+            if start:
+                entry["gap_closed_ci"] = interval(bootstrap_ci((sums, by_anchor[oracle], by_anchor[start]),
+                                                               gap_closed, n_boot=n_boot, rng=rng))
+        out.append(entry)
     recorded = [abs(r["heldout_ce"] - r["training_best_heldout_ce"]) for r in out
                 if r["training_best_heldout_ce"] is not None]
     return {"anchors": anchors["anchors"], "oracle": oracle, "start": start, "cells": out,
-            "held_out_sets": anchors["held_out_sets"],
+            "held_out_sets": [{k: v for k, v in s.items() if not k.startswith(("pair_", "anchor_pair_"))}
+                              for s in anchors["held_out_sets"]],
             "max_difference_from_training": max(recorded) if recorded else None}
 
 
@@ -338,15 +368,24 @@ def fence(text: str) -> str:
 def fit_section(fit: dict) -> list[str]:
     from shared.reporting import fmt, markdown_table
 
+    def with_ci(value, ci, digits):
+        if ci is None:
+            return fmt(value, digits)
+        return f"{ci['estimate']:+.{digits}f} [{ci['low']:+.{digits}f}, {ci['high']:+.{digits}f}]"
+
     names = [a["name"] for a in fit["anchors"]]
     headers = ["cell", "method", "K / L", "held-out CE", *(anchor_label(n) for n in names)]
+    if fit["oracle"]:
+        headers.append("cell − oracle [95% CI]")
     if fit["oracle"] and fit["start"]:
-        headers.append(f"gap closed ({fit['start']} → oracle)")
+        headers.append(f"gap closed, {fit['start']} → oracle [95% CI]")
     rows = []
     for r in fit["cells"]:
         row = [r["cell"], r["method"], r["size"], fmt(r["heldout_ce"], 4), *(fmt(r["anchors"][n], 4) for n in names)]
+        if fit["oracle"]:
+            row.append(with_ci(r["heldout_ce"] - r["anchors"][fit["oracle"]], r.get("minus_oracle"), 4))
         if fit["oracle"] and fit["start"]:
-            row.append(fmt(r["gap_closed"], 2))
+            row.append(with_ci(r["gap_closed"], r.get("gap_closed_ci"), 2))
         rows.append(row)
     sets = fit["held_out_sets"]
     shared = (f"all {len(fit['cells'])} learned cells share one held-out set: {sets[0]['n_pairs']} (question, "
@@ -366,7 +405,9 @@ def fit_section(fit: dict) -> list[str]:
                   "prompt at or below it is within sampling noise of the teacher on this set, or fits this particular "
                   "sample (the kept prompt is the one with the lowest CE on this same set, so its number is optimistic)."
                   f" Gap closed = ({fit['start']} − cell) / ({fit['start']} − oracle): 0 is no better than the "
-                  f"{fit['start']} prompt, 1 is as good as the teacher's own prompt."]
+                  f"{fit['start']} prompt, 1 is as good as the teacher's own prompt. Intervals: percentile bootstrap "
+                  "over the held-out pairs, cell and anchors resampled together (the validation questions held "
+                  "fixed, so they speak for these questions only)."]
     else:
         lines += ["", "No oracle: the teacher is a different model (or an adapter), so no prompt is known to reproduce "
                   "it; the fixed prompts show where optimisation started from."]
@@ -550,7 +591,7 @@ def run(cfg: Config, ctx) -> dict:
             "reference_points": package_json("reference_points.json")["points"] if cfg.record_reference_points else [],
             "decisions": decisions(rows, villain, package_json("decision_rules.json"))}
     if cfg.anchors_uri:
-        data["fit"] = fit_to_teacher(rows, store.read_json(cfg.anchors_uri))
+        data["fit"] = fit_to_teacher(rows, store.read_json(cfg.anchors_uri), seed=cfg.seed)
     if villain:
         data["projection"] = {k: villain.get(k) for k in ("chosen_layer", "cohens_d", "pirate", "cells",
                                                           "fixed_prompts", "reference_system", "direction_source")}

@@ -13,6 +13,10 @@ Each stored pair is matched to its validation question by its prompt ids outside
 ids (and stop token) are kept as they are, never re-tokenised. Cells whose pairs are identical share one set of
 anchor numbers. The kept prompt of every cell is re-scored too (``kept_prompt_ce``): it must equal the training
 stage's best held-out CE, which checks that cells and anchors were measured alike.
+
+Per pair, the summed CE of every prompt and the pair's token count are stored as well (``completion_ce_sums``, the
+per-row values inside that CE), so the analysis can put a paired bootstrap interval on a cell's distance to the
+anchors.
 """
 
 from __future__ import annotations
@@ -107,6 +111,28 @@ def mean_ce(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, sof
     return total / max(n_loss_tokens(examples), 1)
 
 
+def pair_ce_sums(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft=None) -> list[float]:
+    """Each example's summed completion CE: the rows ``batch_ce_sum`` adds up, in example order."""
+    import torch
+
+    from shared import chat
+    from shared.teacher import completion_ce_sums, micro_batches
+
+    out: list[float] = []
+    with torch.no_grad():
+        for group in micro_batches(examples, micro_batch_tokens):
+            batch = chat.build_batch(group, pad_id=pad_id, padding_side="right").to(model.device)
+            embeds = None if soft is None else chat.inputs_embeds(batch, model.get_input_embeddings(), soft)
+            out += [float(v) for v in completion_ce_sums(model, batch.input_ids, batch.labels, embeds)]
+    return out
+
+
+def scored(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft=None) -> dict:
+    """The token-mean CE (the trainers' number) and the per-pair sums behind it."""
+    return {"ce": mean_ce(model, examples, pad_id, micro_batch_tokens, soft),
+            "pair_ce_sums": pair_ce_sums(model, examples, pad_id, micro_batch_tokens, soft)}
+
+
 def run(cfg: Config, ctx: Context) -> dict:
     from shared import chat, models
     from shared.soft_prompt import examples_from_json, load_learned_prompt
@@ -132,18 +158,20 @@ def run(cfg: Config, ctx: Context) -> dict:
         if index is None:
             index = len(sets)
             sets.append({"key": key, "pairs": pairs})
-        kept = examples_under(tokenizer, prompt.build, pairs, texts)
-        cells[name] = {"held_out_set": index, "kept_prompt_ce": mean_ce(
-            model, kept, pad_id, cfg.micro_batch_tokens, None if soft is None else soft.to(model.device))}
+        kept = scored(model, examples_under(tokenizer, prompt.build, pairs, texts), pad_id, cfg.micro_batch_tokens,
+                      None if soft is None else soft.to(model.device))
+        cells[name] = {"held_out_set": index, "kept_prompt_ce": kept["ce"], "pair_ce_sums": kept["pair_ce_sums"]}
     for s in sets:
         pairs = s.pop("pairs")
         s["n_pairs"], s["questions"] = len(pairs), sorted({qid for qid, _ in pairs})
-        s["anchors"] = {}
+        s["pair_question_ids"], s["pair_tokens"] = [qid for qid, _ in pairs], [len(reply) for _, reply in pairs]
+        s["anchors"], s["anchor_pair_ce_sums"] = {}, {}
         for anchor in cfg.anchors:
             examples = examples_under(tokenizer, lambda tok, q, a=anchor: chat.build_prompt(tok, a.system, q),
                                       pairs, texts)
             s["n_loss_tokens"] = n_loss_tokens(examples)
-            s["anchors"][anchor.name] = mean_ce(model, examples, pad_id, cfg.micro_batch_tokens)
+            result = scored(model, examples, pad_id, cfg.micro_batch_tokens)
+            s["anchors"][anchor.name], s["anchor_pair_ce_sums"][anchor.name] = result["ce"], result["pair_ce_sums"]
         ctx.log(f"held-out set {s['key'][:8]} ({s['n_pairs']} pairs, {s['n_loss_tokens']} tokens): "
                 + ", ".join(f"{a} {ce:.4f}" for a, ce in s["anchors"].items()))
     for cell in cells.values():

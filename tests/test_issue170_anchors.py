@@ -3,6 +3,7 @@ the null prompt) on exactly the held-out pairs each training stage cached, with 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from jobs import analyze_issue170, gcg_search, heldout_anchors, train_soft_prefix
@@ -45,8 +46,8 @@ def anchors_config(root: str, manifests: dict, heldout_name: str = "val_set.json
                       for name, m in manifests.items()}}
 
 
-def ce_the_obvious_way(system: str, pairs: list[tuple[str, list[int]]]) -> float:
-    """Token-mean CE of the completions after ``system`` + question: one full forward per pair."""
+def ce_the_obvious_way(system: str, pairs: list[tuple[str, list[int]]]) -> list[float]:
+    """Summed CE of each pair's completion after ``system`` + question: one full forward per pair."""
     import torch
     import torch.nn.functional as F
 
@@ -54,15 +55,13 @@ def ce_the_obvious_way(system: str, pairs: list[tuple[str, list[int]]]) -> float
 
     tokenizer, model = models.load_tokenizer("tiny:qwen2"), models.load_model("tiny:qwen2")
     texts = {q["id"]: q["text"] for q in VAL}
-    total, tokens = 0.0, 0
+    sums = []
     with torch.no_grad():
         for qid, reply in pairs:
             prompt = chat.build_prompt(tokenizer, system, texts[qid]).input_ids
             logits = model(input_ids=torch.tensor([prompt + reply])).logits[0].float()
-            targets = torch.tensor(reply)
-            total += float(F.cross_entropy(logits[len(prompt) - 1:-1], targets, reduction="sum"))
-            tokens += len(reply)
-    return total / tokens
+            sums.append(float(F.cross_entropy(logits[len(prompt) - 1:-1], torch.tensor(reply), reduction="sum")))
+    return sums
 
 
 def stored_pairs(manifest: dict) -> list[tuple[str, list[int]]]:
@@ -82,9 +81,13 @@ def test_the_oracle_and_null_anchors_are_the_ce_of_those_prompts_on_the_cells_ow
     assert held_out["n_pairs"] == 4 and held_out["questions"] == ["c", "d"]
     pairs = stored_pairs(manifests["soft"])
     assert stored_pairs(manifests["gcg"]) == pairs
-    assert held_out["n_loss_tokens"] == sum(len(reply) for _, reply in pairs)
+    tokens = [len(reply) for _, reply in pairs]
+    assert held_out["pair_tokens"] == tokens and held_out["n_loss_tokens"] == sum(tokens)
+    assert held_out["pair_question_ids"] == [qid for qid, _ in pairs]
     for name, system in ((heldout_anchors.ORACLE, VILLAIN), ("null", "default")):
-        assert held_out["anchors"][name] == pytest.approx(ce_the_obvious_way(system, pairs), rel=1e-4)
+        obvious = ce_the_obvious_way(system, pairs)
+        assert held_out["anchor_pair_ce_sums"][name] == pytest.approx(obvious, rel=1e-4)
+        assert held_out["anchors"][name] == pytest.approx(sum(obvious) / sum(tokens), rel=1e-4)
     assert held_out["anchors"][heldout_anchors.ORACLE] != pytest.approx(held_out["anchors"]["null"], rel=1e-3)
     for name, manifest in manifests.items():
         cell = anchors["cells"][name]
@@ -92,6 +95,7 @@ def test_the_oracle_and_null_anchors_are_the_ce_of_those_prompts_on_the_cells_ow
         # the kept prompt re-measured beside the anchors is the training stage's own best held-out CE
         best = store.read_json(output(manifest, "metrics.json"))["best_heldout_ce"]
         assert cell["kept_prompt_ce"] == pytest.approx(best, rel=1e-5)
+        assert sum(cell["pair_ce_sums"]) / sum(tokens) == pytest.approx(best, rel=1e-5)
 
 
 def test_a_held_out_set_from_other_questions_is_refused(trained, tmp_path):
@@ -126,3 +130,32 @@ def test_gap_closed_runs_from_the_null_prompt_to_the_oracle():
     assert fit["max_difference_from_training"] == pytest.approx(1e-6)
     no_oracle = analyze_issue170.fit_to_teacher(rows, {**anchors, "anchors": anchors["anchors"][1:]})
     assert no_oracle["oracle"] is None and all(r["gap_closed"] is None for r in no_oracle["cells"])
+
+
+def synthetic_anchors(oracle: np.ndarray, null: np.ndarray, cells: dict[str, np.ndarray], tokens: np.ndarray) -> dict:
+    mean = {"oracle": oracle.sum() / tokens.sum(), "null": null.sum() / tokens.sum()}
+    return {"anchors": [{"name": "oracle", "system": VILLAIN}, {"name": "null", "system": "default"}],
+            "held_out_sets": [{"anchors": mean, "pair_tokens": tokens.tolist(),
+                               "anchor_pair_ce_sums": {"oracle": oracle.tolist(), "null": null.tolist()}}],
+            "cells": {name: {"held_out_set": 0, "kept_prompt_ce": sums.sum() / tokens.sum(), "anchors": mean,
+                             "pair_ce_sums": sums.tolist()} for name, sums in cells.items()}}
+
+
+def test_the_distance_to_the_oracle_has_a_paired_interval_that_is_exact_when_every_pair_moves_alike():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(20, 60, size=40).astype(float)
+    oracle = tokens * rng.uniform(2.5, 3.5, size=40)  # pairs differ a lot; the paired differences do not
+    null = oracle + 0.2 * tokens
+    cells = {"half": null - 0.1 * tokens, "above": oracle + 0.05 * tokens,
+             "noisy": oracle + tokens * rng.normal(0.1, 0.3, size=40)}
+    rows = [{"cell": name, "method": "soft", "size": 8, "best_heldout_ce": None} for name in cells]
+    fit = {r["cell"]: r for r in analyze_issue170.fit_to_teacher(rows, synthetic_anchors(oracle, null, cells, tokens),
+                                                                  seed=1)["cells"]}
+    assert fit["half"]["gap_closed"] == pytest.approx(0.5)
+    for key, value in (("low", 0.5), ("high", 0.5)):  # every resample closes exactly half the gap
+        assert fit["half"]["gap_closed_ci"][key] == pytest.approx(value)
+    assert fit["above"]["minus_oracle"] == pytest.approx({"estimate": 0.05, "low": 0.05, "high": 0.05})
+    noisy = fit["noisy"]["minus_oracle"]
+    assert noisy["low"] < noisy["estimate"] < noisy["high"] and noisy["high"] - noisy["low"] > 0.05
+    true_mean = 0.1  # the noise's mean: a 95% interval over 40 pairs covers it
+    assert noisy["low"] < true_mean < noisy["high"]

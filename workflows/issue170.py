@@ -239,9 +239,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
              "micro_batch_tokens": params.micro_batch_tokens}
     sampling = {"n": params.n_completions, "temperature": params.eval_temperature, "top_p": params.eval_top_p,
                 "max_new_tokens": params.eval_max_new_tokens, "questions": questions}
-    classifier_uri, classifier_deps = classifier(b, params, everything)
-
-    learned: list[tuple[dict, object]] = []  # (analysis fields, training task)
+    learned: list[tuple[dict, object]] = []  # (analysis fields, training task): added first, as the longest chains
     for cell in params.soft_cells:
         name = slug(f"soft-{cell.name}-k{cell.k}-lr{lr_tag(cell.lr)}")
         task = b.add(name, "train_soft_prefix", name, **common, training={
@@ -265,6 +263,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                      search={**search, "length": length, "steps": 0})
         learned.append(({"name": name, "method": "random", "size": length}, task))
 
+    classifier_uri, classifier_deps = classifier(b, params, everything)
     cells, analysis_deps = [], list(classifier_deps)
     for fields, train_task in learned:
         name = fields["name"]
