@@ -255,6 +255,35 @@ def capacity_series(row: dict) -> str:
     return f"soft lr={row['lr']:g}" + ("" if init in (None, DEFAULT_INIT) else f", init {init!r}")
 
 
+def curve_figure(data: dict, curves: dict[str, list[dict]], uri: str) -> None:
+    """Held-out CE against training step for every trained cell, with the oracle and the fixed prompts as lines."""
+    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
+
+    fig, ax = new_figure(7.2, 4.4)
+    for i, (cell, curve) in enumerate(curves.items()):
+        points = [(p["step"], p["heldout_ce"]) for p in curve if "heldout_ce" in p]
+        if len(points) > 1:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, color=PALETTE[i % len(PALETTE)], label=cell)
+    fit = data.get("fit")
+    if fit and fit["cells"]:
+        for name, ce in fit["held_out_sets"][0]["anchors"].items():
+            ax.axhline(ce, color=REFERENCE_COLOR, linestyle="--" if name == fit["oracle"] else ":", linewidth=1)
+            ax.annotate(anchor_label(name), (1.0, ce), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                        textcoords="offset points", ha="right", fontsize=7, color=REFERENCE_COLOR)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out CE (nats/token)")
+    ax.set_title("held-out CE during training (dashed: oracle; dotted: fixed prompts)", fontsize=9)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=7, frameon=False)
+    save(fig, uri)
+
+
+def training_curves(cfg: Config) -> dict[str, list[dict]]:
+    """Each trained cell's curve.jsonl, written beside its metrics.json by the training stage."""
+    return {c.name: store.read_jsonl(store.join(c.train_metrics_uri.rsplit("/", 1)[0], "curve.jsonl"))
+            for c in cfg.cells if c.train_metrics_uri and c.method != "random"}
+
+
 def capacity_figure(data: dict, uri: str) -> None:
     """α and the best held-out CE against prompt length, one line per method (and per lr for soft prefixes);
     the reference conditions' α (same pipeline) and the H2 gate as horizontal lines."""
@@ -494,6 +523,7 @@ def report(data: dict) -> str:
     if data.get("fit"):
         lines += [*fit_section(data["fit"]), ""]
     lines += [
+        "![Held-out CE during training](heldout_curve.png)", "",
         "![Pareto](pareto.png)", "", "![Capacity curve](capacity_curve.png)", "",
         *suffix_section(data["cells"]),
         "## Training", "", training, "",
@@ -598,6 +628,7 @@ def run(cfg: Config, ctx) -> dict:
     store.write_json(ctx.out("headline.json"), data)
     pareto_figure(data, ctx.out("pareto"))
     capacity_figure(data, ctx.out("capacity_curve"))
+    curve_figure(data, training_curves(cfg), ctx.out("heldout_curve"))
     store.write_text(ctx.out("report.md"), report(data))
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#170", cfg.params, upstream_manifests(cfg)))
     fit = {r["cell"]: {"heldout_ce": r["heldout_ce"], "gap_closed": r["gap_closed"]}
