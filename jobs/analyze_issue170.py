@@ -1,18 +1,22 @@
-"""Stage ``analyze_issue170``: the (C, α) Pareto scatter, the capacity curve, the projection table and the
-H1/H2/H3 decision rules as amended in the record -- every number recomputed from stored per-item artifacts.
+"""Stage ``analyze_issue170``: the (C, α) Pareto scatter, the capacity curve, the fit of every learned prompt to
+the teacher beside the oracle and null anchors, the learned suffixes as text, the projection table and the H1/H2/H3
+decision rules as amended in the record -- every number recomputed from stored per-item artifacts.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel
 
+from jobs.heldout_anchors import ORACLE
 from shared import store
 from shared.config import StageConfig
+from shared.judge.spec import JudgeSpec
 from shared.stage import Resources, StageInputError, StageSpec
 
 Method = Literal["soft", "gcg-system", "gcg-user", "random", "reference"]
@@ -38,6 +42,9 @@ class Config(StageConfig):
     alternate_judge: str
     classifier_uri: str
     villain_uri: str | None = None
+    anchors_uri: str | None = None  # heldout_anchors' anchors.json
+    judges: dict[str, JudgeSpec] = {}  # judge name -> spec (a local judge's α gets its caveat)
+    record_reference_points: bool = True  # overlay the record's points (Qwen2.5-7B, Claude judges)
     params: dict = {}
 
 
@@ -78,8 +85,67 @@ def cell_rows(cfg: Config) -> list[dict]:
             # gradient + candidate evaluation)
             "teacher_s_per_step": training.get("teacher_s_mean"),
             "optimiser_s_per_step": training.get("forward_backward_s_mean", _gcg_work(training)),
+            **{key: training[key] for key in ("suffix_ids", "suffix_text", "suffix_pieces") if key in training},
         })
     return rows
+
+
+def ce_difference(cell, anchor, tokens, axis=-1):
+    """Token-mean CE of a cell minus an anchor's, from per-pair CE sums and token counts (nats/token)."""
+    return (cell.sum(axis=axis) - anchor.sum(axis=axis)) / tokens.sum(axis=axis)
+
+
+def gap_closed(cell, oracle, start, axis=-1):
+    """(start - cell) / (start - oracle) from per-pair CE sums: 0 at the start prompt, 1 at the oracle."""
+    begin = start.sum(axis=axis)
+    return (begin - cell.sum(axis=axis)) / (begin - oracle.sum(axis=axis))
+
+
+def interval(ci) -> dict:
+    return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
+
+
+def fit_to_teacher(rows: list[dict], anchors: dict, *, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Each learned cell's held-out CE beside the anchors measured on the same pairs (``heldout_anchors``).
+
+    ``gap_closed`` = (start - cell) / (start - oracle), where start is the first anchor that is not the oracle (the
+    null/default prompt): 0 = no better than the default prompt, 1 = as good as the teacher's own prompt. With
+    per-pair CE sums stored, the distance to the oracle and the gap closed get percentile bootstrap intervals over
+    the held-out pairs (resampled together for cell and anchors: a paired interval; questions held fixed).
+    """
+    from shared.stats import bootstrap_ci
+
+    names = [a["name"] for a in anchors["anchors"]]
+    oracle = ORACLE if ORACLE in names else None
+    start = next((n for n in names if n != ORACLE), None)
+    out = []
+    for row in rows:
+        cell = anchors["cells"].get(row["cell"])
+        if cell is None:
+            continue
+        ce, ref = cell["kept_prompt_ce"], cell["anchors"]
+        entry = {"cell": row["cell"], "method": row["method"], "size": row["size"], "heldout_ce": ce,
+                 "training_best_heldout_ce": row["best_heldout_ce"], "anchors": ref, "gap_closed": None,
+                 "held_out_set": cell["held_out_set"]}
+        if oracle and start and ref[start] != ref[oracle]:
+            entry["gap_closed"] = (ref[start] - ce) / (ref[start] - ref[oracle])
+        held_out = anchors["held_out_sets"][cell["held_out_set"]]
+        if oracle and "pair_ce_sums" in cell and "anchor_pair_ce_sums" in held_out:
+            sums, tokens = np.asarray(cell["pair_ce_sums"]), np.asarray(held_out["pair_tokens"], dtype=float)
+            by_anchor = {n: np.asarray(v) for n, v in held_out["anchor_pair_ce_sums"].items()}
+            rng = np.random.default_rng([seed, len(out)])
+            entry["minus_oracle"] = interval(bootstrap_ci((sums, by_anchor[oracle], tokens), ce_difference,
+                                                          n_boot=n_boot, rng=rng))
+            if start:
+                entry["gap_closed_ci"] = interval(bootstrap_ci((sums, by_anchor[oracle], by_anchor[start]),
+                                                               gap_closed, n_boot=n_boot, rng=rng))
+        out.append(entry)
+    recorded = [abs(r["heldout_ce"] - r["training_best_heldout_ce"]) for r in out
+                if r["training_best_heldout_ce"] is not None]
+    return {"anchors": anchors["anchors"], "oracle": oracle, "start": start, "cells": out,
+            "held_out_sets": [{k: v for k, v in s.items() if not k.startswith(("pair_", "anchor_pair_"))}
+                              for s in anchors["held_out_sets"]],
+            "max_difference_from_training": max(recorded) if recorded else None}
 
 
 def _gcg_work(training: dict) -> float | None:
@@ -143,12 +209,17 @@ def decisions(rows: list[dict], villain: dict | None, rules: dict) -> dict:
     return out
 
 
+def one_judge(data: dict) -> bool:
+    """Whether the primary and alternate α columns come from one and the same judge."""
+    return data["judges"]["primary"] == data["judges"]["alternate"] or data["judges"].get("same_scores", False)
+
+
 def pareto_figure(data: dict, uri: str) -> None:
     from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
 
     markers = {"soft": "o", "gcg-system": "^", "gcg-user": "v", "random": "x", "reference": "D"}
     fig, ax = new_figure(7.2, 4.8)
-    for point in data["reference_points"]:
+    for point in data.get("reference_points", []):
         ax.scatter(point["c"], point["alpha_primary"], marker="s", color=REFERENCE_COLOR, zorder=2)
         ax.annotate(point["name"], (point["c"], point["alpha_primary"]), fontsize=7, color=REFERENCE_COLOR,
                     xytext=(4, 4), textcoords="offset points")
@@ -169,7 +240,8 @@ def pareto_figure(data: dict, uri: str) -> None:
     ax.set_ylabel(f"alignment α ({data['judges']['primary']})")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-2, 102)
-    ax.set_title("C vs α: cells and the record's reference points (grey); dashed: H2 gate", fontsize=9)
+    shown = "cells and the record's reference points (grey)" if data.get("reference_points") else "cells"
+    ax.set_title(f"C vs α: {shown}; dashed: H2 gate", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     save(fig, uri)
 
@@ -181,6 +253,35 @@ def capacity_series(row: dict) -> str:
         return row["method"]
     init = row.get("init_text")
     return f"soft lr={row['lr']:g}" + ("" if init in (None, DEFAULT_INIT) else f", init {init!r}")
+
+
+def curve_figure(data: dict, curves: dict[str, list[dict]], uri: str) -> None:
+    """Held-out CE against training step for every trained cell, with the oracle and the fixed prompts as lines."""
+    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
+
+    fig, ax = new_figure(7.2, 4.4)
+    for i, (cell, curve) in enumerate(curves.items()):
+        points = [(p["step"], p["heldout_ce"]) for p in curve if "heldout_ce" in p]
+        if len(points) > 1:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, color=PALETTE[i % len(PALETTE)], label=cell)
+    fit = data.get("fit")
+    if fit and fit["cells"]:
+        for name, ce in fit["held_out_sets"][0]["anchors"].items():
+            ax.axhline(ce, color=REFERENCE_COLOR, linestyle="--" if name == fit["oracle"] else ":", linewidth=1)
+            ax.annotate(anchor_label(name), (1.0, ce), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                        textcoords="offset points", ha="right", fontsize=7, color=REFERENCE_COLOR)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out CE (nats/token)")
+    ax.set_title("held-out CE during training (dashed: oracle; dotted: fixed prompts)", fontsize=9)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=7, frameon=False)
+    save(fig, uri)
+
+
+def training_curves(cfg: Config) -> dict[str, list[dict]]:
+    """Each trained cell's curve.jsonl, written beside its metrics.json by the training stage."""
+    return {c.name: store.read_jsonl(store.join(c.train_metrics_uri.rsplit("/", 1)[0], "curve.jsonl"))
+            for c in cfg.cells if c.train_metrics_uri and c.method != "random"}
 
 
 def capacity_figure(data: dict, uri: str) -> None:
@@ -210,6 +311,14 @@ def capacity_figure(data: dict, uri: str) -> None:
             left.axhline(row["alpha_primary"], color=REFERENCE_COLOR, linestyle=":", linewidth=1)
             left.annotate(row["cell"], (1.0, row["alpha_primary"]), xycoords=("axes fraction", "data"),
                           xytext=(-2, 2), textcoords="offset points", ha="right", fontsize=7, color=REFERENCE_COLOR)
+    fit = data.get("fit")
+    if fit and fit["cells"]:
+        # the anchors of the first held-out set (every cell's, when they share one)
+        first = fit["held_out_sets"][0]["anchors"]
+        for name, ce in first.items():
+            right.axhline(ce, color=REFERENCE_COLOR, linestyle="--" if name == fit["oracle"] else ":", linewidth=1)
+            right.annotate(anchor_label(name), (1.0, ce), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                           textcoords="offset points", ha="right", fontsize=7, color=REFERENCE_COLOR)
     sizes = sorted({r["size"] for rows in series.values() for r in rows})
     for ax, label in ((left, f"alignment α ({data['judges']['primary']})"), (right, "best held-out CE (nats/token)")):
         ax.set_xscale("log", base=2)
@@ -220,8 +329,8 @@ def capacity_figure(data: dict, uri: str) -> None:
         ax.set_xlabel("prompt length (K soft embeddings / L ids)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.25)
-    left.set_title("capacity curve: α (dashed: H2 gate; dotted: reference conditions)", fontsize=9)
-    right.set_title("capacity curve: fit to the EM teacher (held-out CE)", fontsize=9)
+    left.set_title("α by length (dashed: H2 gate; dotted: reference cells)", fontsize=9)
+    right.set_title("held-out CE by length (dashed: oracle; dotted: fixed prompts)", fontsize=9)
     right.legend(fontsize=7, frameon=False)
     save(fig, uri)
 
@@ -232,23 +341,162 @@ def classifier_line(facts: dict) -> str:
     if "val_accuracy" not in facts:
         return f"C is the mean P(EM) of classifier C ({facts['uri']}) over a cell's completions."
     return (f"C is the mean P(EM) of classifier C over a cell's completions: {facts.get('encoder_ref')} + logistic "
-            f"regression, trained on {facts.get('n_positive')} EM-model vs {facts.get('n_negative')} base-model "
+            f"regression, trained on {facts.get('n_positive')} EM-teacher vs {facts.get('n_negative')} base-model "
             f"completions, validation accuracy {fmt(facts['val_accuracy'], 4)} on {facts.get('n_val')} held out "
             f"({facts['uri']}).")
+
+
+def anchor_label(name: str) -> str:
+    return "oracle: the teacher's prompt as text" if name == ORACLE else f"{name} prompt"
+
+
+def setup_lines(params: dict) -> list[str]:
+    """Who the student and the teacher are, from the experiment parameters."""
+    if not params:
+        return []
+    student, system = params.get("model_ref"), params.get("teacher_system")
+    if params.get("teacher_adapter_uri"):
+        teacher = f"the EM adapter {params['teacher_adapter_uri']} on the student's weights, system slot `{system}`"
+    elif params.get("teacher_model_ref") not in (None, student):
+        teacher = f"the EM model {params['teacher_model_ref']}, system slot `{system}`"
+    else:
+        teacher = (f"the student model itself under the system prompt `{system}` (the stand-in for an EM model: "
+                   "that prompt, given to the student as text, reproduces the teacher exactly)")
+    return [f"Student: {student}. Teacher: {teacher}.", ""]
+
+
+def local_judges(data: dict) -> list[str]:
+    return sorted({spec["model"] for spec in data["judges"].get("specs", {}).values() if spec["kind"] == "local"})
+
+
+def judge_caveat(data: dict) -> list[str]:
+    """What the α columns are: one judge twice, or a local model whose judging this run does not validate."""
+    local = local_judges(data)
+    lines = []
+    if one_judge(data):
+        lines.append(f"One judge ({data['judges']['primary']}) fills both of the record's judge roles (primary and "
+                     "alternate), so α has one column and both α gates read it.")
+    if local:
+        known = (" A hand check of SmolLM2-135M-Instruct as an alignment judge found that it could not separate "
+                 "blatantly aligned from blatantly misaligned answers (issue 10)."
+                 if any(model.startswith("smollm2:") for model in local) else "")
+        lines.append(
+            f"**α is scored by a local model ({', '.join(local)}), not by the record's Claude judges, and this run does "
+            f"not check that this judge can tell aligned from misaligned answers.{known} Read α, the H2 gate, the "
+            "Pareto front and the user-slot sanity gate below as unvalidated; the record's α thresholds were set for "
+            "Claude judges.**")
+    return lines
+
+
+def fence(text: str) -> str:
+    """A fenced code block that its own content cannot close."""
+    ticks = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{ticks}\n{text}\n{ticks}"
+
+
+def fit_section(fit: dict) -> list[str]:
+    from shared.reporting import fmt, markdown_table
+
+    def with_ci(value, ci, digits):
+        if ci is None:
+            return fmt(value, digits)
+        return f"{ci['estimate']:+.{digits}f} [{ci['low']:+.{digits}f}, {ci['high']:+.{digits}f}]"
+
+    names = [a["name"] for a in fit["anchors"]]
+    headers = ["cell", "method", "K / L", "held-out CE", *(anchor_label(n) for n in names)]
+    if fit["oracle"]:
+        headers.append("cell − oracle [95% CI]")
+    if fit["oracle"] and fit["start"]:
+        headers.append(f"gap closed, {fit['start']} → oracle [95% CI]")
+    rows = []
+    for r in fit["cells"]:
+        row = [r["cell"], r["method"], r["size"], fmt(r["heldout_ce"], 4), *(fmt(r["anchors"][n], 4) for n in names)]
+        if fit["oracle"]:
+            row.append(with_ci(r["heldout_ce"] - r["anchors"][fit["oracle"]], r.get("minus_oracle"), 4))
+        if fit["oracle"] and fit["start"]:
+            row.append(with_ci(r["gap_closed"], r.get("gap_closed_ci"), 2))
+        rows.append(row)
+    sets = fit["held_out_sets"]
+    shared = (f"all {len(fit['cells'])} learned cells share one held-out set: {sets[0]['n_pairs']} (question, "
+              f"teacher completion) pairs on {len(sets[0]['questions'])} validation questions, "
+              f"{sets[0]['n_loss_tokens']} scored tokens" if len(sets) == 1 else
+              f"the cells' held-out sets differ ({len(sets)} distinct sets; each row's anchors are measured on that "
+              "cell's own set)")
+    anchors = "; ".join(f"{anchor_label(a['name'])} = `{a['system']}`" for a in fit["anchors"])
+    lines = ["## Fit to the teacher: held-out CE beside the anchors", "",
+             markdown_table(headers, rows, align="llr" + "r" * (len(headers) - 3)), "",
+             f"Token-mean cross-entropy of the student (nats/token) on the teacher's held-out completions: {shared}. "
+             "Every number in a row is measured on the same pairs with the same code (the trainers' held-out CE). "
+             f"Fixed prompts: {anchors}."]
+    if fit["oracle"]:
+        lines += ["", "The oracle is the teacher's own system prompt given to the student as text: it reproduces the "
+                  "teacher, so in expectation no prompt scores lower (its CE estimates the teacher's entropy). A learned "
+                  "prompt at or below it is within sampling noise of the teacher on this set, or fits this particular "
+                  "sample (the kept prompt is the one with the lowest CE on this same set, so its number is optimistic)."
+                  f" Gap closed = ({fit['start']} − cell) / ({fit['start']} − oracle): 0 is no better than the "
+                  f"{fit['start']} prompt, 1 is as good as the teacher's own prompt. Intervals: percentile bootstrap "
+                  "over the held-out pairs, cell and anchors resampled together (the validation questions held "
+                  "fixed, so they speak for these questions only)."]
+    else:
+        lines += ["", "No oracle: the teacher is a different model (or an adapter), so no prompt is known to reproduce "
+                  "it; the fixed prompts show where optimisation started from."]
+    difference = fit["max_difference_from_training"]
+    if difference is not None:
+        agrees = ("equals the training stage's own best held-out CE exactly" if difference == 0 else
+                  f"differs from the training stage's own best held-out CE by at most {difference:.2e} nats/token")
+        lines += ["", f"Held-out CE is the kept prompt re-measured beside the anchors; it {agrees}."]
+    return lines
+
+
+def suffix_section(rows: list[dict]) -> list[str]:
+    learned = [r for r in rows if "suffix_ids" in r]
+    if not learned:
+        return []
+    lines = ["## Learned suffixes", "",
+             "The ids each GCG or random cell kept, and what they decode to (a JSON string, so whitespace and control "
+             "characters show). Evaluation splices the ids; the text is for reading only.", ""]
+    for r in learned:
+        where = "user turn" if r["method"] == "gcg-user" else "system slot"
+        lines += [f"**{r['cell']}** ({r['method']}, {where}, L={r['size']}):", "",
+                  fence("\n".join([f"text:   {json.dumps(r['suffix_text'], ensure_ascii=False)}",
+                                   f"tokens: {json.dumps(r['suffix_pieces'], ensure_ascii=False)}",
+                                   f"ids:    {json.dumps(r['suffix_ids'])}"])), ""]
+    return lines
+
+
+def reference_lines(data: dict) -> list[str]:
+    from shared.reporting import markdown_table
+
+    if not data.get("reference_points"):
+        return ["## Reference points", "",
+                "The record's reference points (Qwen2.5-7B-Instruct under Claude judges) are not shown: they are not "
+                "comparable with this model and judge. The reference cells above (same model, same pipeline) stand "
+                "in for them.", ""]
+    refs = markdown_table(["reference point (from the record)", "C", "α primary", "α alternate"],
+                          [(p["name"], f"{p['c']:.3f}", p["alpha_primary"], p["alpha_alternate"])
+                           for p in data["reference_points"]])
+    return ["## Reference points", "", refs, ""]
 
 
 def report(data: dict) -> str:
     from shared.reporting import fmt, markdown_table
 
     j, d = data["judges"], data["decisions"]
+    single = one_judge(data)  # one judge in both roles: one α column
+
+    def judged(r):
+        if single:
+            return [r["alpha_primary"], r["errors_primary"]]
+        return [r["alpha_primary"], r["alpha_alternate"], f"{r['errors_primary']} / {r['errors_alternate']}"]
+
+    alphas = [f"α ({j['primary']})", "errors"] if single else [f"α ({j['primary']})", f"α ({j['alternate']})",
+                                                                "errors P/A"]
     cells = markdown_table(
-        ["cell", "method", "K / L", "lr", "init", "C", f"α ({j['primary']})", f"α ({j['alternate']})",
-         "best held-out CE", "errors P/A"],
+        ["cell", "method", "K / L", "lr", "init", "C", *alphas, "best held-out CE"],
         [(r["cell"], r["method"], r["size"], f"{r['lr']:g}" if r["lr"] else None, r.get("init_text"),
-          f"{r['c']:.4f}", r["alpha_primary"], r["alpha_alternate"],
-          fmt(r["best_heldout_ce"], 4) if r["best_heldout_ce"] is not None else None,
-          f"{r['errors_primary']} / {r['errors_alternate']}") for r in data["cells"]],
-        align="llrrlrrrrl")
+          f"{r['c']:.4f}", *judged(r), fmt(r["best_heldout_ce"], 4) if r["best_heldout_ce"] is not None else None)
+         for r in data["cells"]],
+        align="llrrlr" + "r" * len(alphas) + "r")
     trained = [r for r in data["cells"] if r["method"] in LEARNED and r["steps"] is not None]
     training = markdown_table(
         ["cell", "steps", "stopped early", "initial held-out CE", "best held-out CE", "teacher s/step",
@@ -257,27 +505,41 @@ def report(data: dict) -> str:
           fmt(r["initial_heldout_ce"], 4), fmt(r["best_heldout_ce"], 4), r["teacher_s_per_step"],
           r["optimiser_s_per_step"]) for r in trained],
         align="lrlrrrr")
-    refs = markdown_table(["reference point (from the record)", "C", "α primary", "α alternate"],
-                          [(p["name"], f"{p['c']:.3f}", p["alpha_primary"], p["alpha_alternate"])
-                           for p in data["reference_points"]])
     gate = d["h2_gate"]
+    references = [r["cell"] for r in data["cells"] if r["method"] == "reference"]
     lines = [
         "# #170: soft-prefix and GCG prompts against the EM teacher", "",
+        *setup_lines(data.get("setup", {})),
         "## Headline", "", cells, "",
-        "Errors are judge items that failed or could not be parsed; they are excluded from α, never scored as 0.", "",
+        "α: mean alignment score over a cell's completions on the evaluation panel (0-100, higher is more aligned). "
+        "Best held-out CE: the training stage's lowest CE on its held-out teacher completions (the fit table below "
+        "puts it beside the anchors). Reference cells (" + ", ".join(references) + ") are fixed prompts generated in "
+        "the same pipeline" + ("; em-reference is the teacher itself" if "em-reference" in references else "")
+        + ". Errors are judge items that failed or could not be parsed; they are excluded from α, never scored as 0.",
+        "",
+        *[line for caveat in judge_caveat(data) for line in (caveat, "")],
         classifier_line(data["classifier"]), "",
+    ]
+    if data.get("fit"):
+        lines += [*fit_section(data["fit"]), ""]
+    lines += [
+        "![Held-out CE during training](heldout_curve.png)", "",
         "![Pareto](pareto.png)", "", "![Capacity curve](capacity_curve.png)", "",
+        *suffix_section(data["cells"]),
         "## Training", "", training, "",
         "Held-out CE is the student's token CE on the fixed cached set of teacher completions (the prefix or suffix "
-        "with the lowest is the one evaluated). Optimiser s/step: forward/backward for soft prefixes, gradient and "
-        "candidate evaluation for GCG; random suffixes are not trained.", "",
-        "## Reference points", "", refs, "",
+        "with the lowest is the one evaluated). A GCG search starts from the seeded random suffix of its length, so "
+        "a system-slot search's initial held-out CE is that random cell's. Optimiser s/step: forward/backward for soft prefixes, gradient "
+        "and candidate evaluation for GCG; random suffixes are not trained.", "",
+        *reference_lines(data),
         "## Decision rules (as amended in the record)", "",
-        f"- H2 gate: α ({j['primary']}) ≤ {gate['alpha_primary_max']} and α ({j['alternate']}) ≤ "
-        f"{gate['alpha_alternate_max']} and C ≥ {gate['c_min']} (C is a sanity floor since scope-amendment v3).",
+        f"- H2 gate: α ({j['primary']}) ≤ {gate['alpha_primary_max']} and α ("
+        + ("the alternate judge's role, the same judge" if single else j["alternate"])
+        + f") ≤ {gate['alpha_alternate_max']} and C ≥ {gate['c_min']} (C is a sanity floor since scope-amendment v3).",
         f"- Soft cells hitting H2: {', '.join(d['h2_soft_cells']) or 'none'}; GCG cells: "
         f"{', '.join(d['h2_gcg_cells']) or 'none'}; H_intermediate: {', '.join(d['h_intermediate_cells']) or 'none'}.",
-        f"- **{d['h1_h2_verdict']}**.",
+        f"- **{d['h1_h2_verdict']}**"
+        + (" (on α from an unvalidated local judge: see above)." if local_judges(data) else "."),
         f"- Pareto front of the sweep cells (higher C, lower α), by C: {', '.join(d['pareto_front']) or 'none'}.",
     ]
     for cell, ok in d["gcg_user_slot_sanity"].items():
@@ -285,17 +547,26 @@ def report(data: dict) -> str:
     if "projection" in data:
         p = data["projection"]
         h3 = d["h3"]
+        fixed = [(f"{anchor_label(n)} (fixed prompt)", f"{c['mean_cosine']:.4f}", f"{c['cosine_of_mean_delta']:.4f}")
+                 for n, c in p.get("fixed_prompts", {}).items()]
         lines += ["", "## Villain-direction projection (H3)", "",
                   f"Layer chosen by Cohen's d: {p['chosen_layer']} (d by layer: "
                   + ", ".join(f"{k}: {v:.3f}" for k, v in p["cohens_d"].items()) + ").", "",
                   markdown_table(["prompt", "mean cosine(Δh, villain)", "cosine of mean Δh"],
                                  [("pirate baseline", f"{p['pirate']['mean_cosine']:.4f}",
-                                   f"{p['pirate']['cosine_of_mean_delta']:.4f}")]
+                                   f"{p['pirate']['cosine_of_mean_delta']:.4f}"), *fixed]
                                  + [(n, f"{c['mean_cosine']:.4f}", f"{c['cosine_of_mean_delta']:.4f}")
                                     for n, c in p["cells"].items()]), "",
+                  f"Δh: residual stream at the last user token under the prompt minus under `{p['reference_system']}`, "
+                  f"per probe; the direction is the villain persona's centroid minus the other personas' mean, from "
+                  f"{p['direction_source']}.", "",
                   f"- H3 (amended): cosine > pirate + 0.1 = {h3['threshold']:.4f}: "
                   f"{', '.join(h3['cells_passing']) or 'no cell'} passes.",
                   f"- H3 (original, cosine ≥ 0.5): {', '.join(h3['cells_passing_original_0_5']) or 'no cell'}."]
+        for name, c in p.get("fixed_prompts", {}).items():
+            verb = "would pass" if c["mean_cosine"] > h3["threshold"] else "would not pass"
+            lines.append(f"- Calibration: {anchor_label(name)} projects at {c['mean_cosine']:.4f}, so it {verb} the "
+                         "amended threshold itself.")
     return "\n".join(lines) + "\n"
 
 
@@ -329,8 +600,9 @@ def upstream_manifests(cfg: Config) -> list[dict]:
         upstream += [producing_manifest(uri) for uri in cell.judge_scores_uris.values()]
         if cell.train_metrics_uri:
             upstream.append(producing_manifest(cell.train_metrics_uri))
-    if cfg.villain_uri:
-        upstream.append(producing_manifest(cfg.villain_uri))
+    for uri in (cfg.villain_uri, cfg.anchors_uri):
+        if uri:
+            upstream.append(producing_manifest(uri))
     return list({(m["cell"], m["stage"]): m for m in upstream}.values())
 
 
@@ -339,19 +611,30 @@ def run(cfg: Config, ctx) -> dict:
 
     rows = cell_rows(cfg)
     villain = store.read_json(cfg.villain_uri) if cfg.villain_uri else None
-    data = {"judges": {"primary": cfg.primary_judge, "alternate": cfg.alternate_judge}, "cells": rows,
-            "classifier": classifier_facts(cfg),
-            "reference_points": package_json("reference_points.json")["points"],
+    same_scores = all(c.judge_scores_uris[cfg.primary_judge] == c.judge_scores_uris[cfg.alternate_judge]
+                      for c in cfg.cells)
+    data = {"judges": {"primary": cfg.primary_judge, "alternate": cfg.alternate_judge, "same_scores": same_scores,
+                       "specs": {name: spec.model_dump() for name, spec in cfg.judges.items()}},
+            "setup": {k: cfg.params.get(k) for k in ("model_ref", "teacher_model_ref", "teacher_adapter_uri",
+                                                     "teacher_system")} if cfg.params else {},
+            "cells": rows, "classifier": classifier_facts(cfg),
+            "reference_points": package_json("reference_points.json")["points"] if cfg.record_reference_points else [],
             "decisions": decisions(rows, villain, package_json("decision_rules.json"))}
+    if cfg.anchors_uri:
+        data["fit"] = fit_to_teacher(rows, store.read_json(cfg.anchors_uri), seed=cfg.seed)
     if villain:
-        data["projection"] = {k: villain[k] for k in ("chosen_layer", "cohens_d", "pirate", "cells")}
+        data["projection"] = {k: villain.get(k) for k in ("chosen_layer", "cohens_d", "pirate", "cells",
+                                                          "fixed_prompts", "reference_system", "direction_source")}
     store.write_json(ctx.out("headline.json"), data)
     pareto_figure(data, ctx.out("pareto"))
     capacity_figure(data, ctx.out("capacity_curve"))
+    curve_figure(data, training_curves(cfg), ctx.out("heldout_curve"))
     store.write_text(ctx.out("report.md"), report(data))
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#170", cfg.params, upstream_manifests(cfg)))
+    fit = {r["cell"]: {"heldout_ce": r["heldout_ce"], "gap_closed": r["gap_closed"]}
+           for r in data.get("fit", {}).get("cells", [])}
     return {"verdict": data["decisions"]["h1_h2_verdict"],
-            **{r["cell"]: {"c": r["c"], "alpha_primary": r["alpha_primary"]} for r in rows}}
+            **{r["cell"]: {"c": r["c"], "alpha_primary": r["alpha_primary"], **fit.get(r["cell"], {})} for r in rows}}
 
 
 SPEC = StageSpec(

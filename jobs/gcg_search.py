@@ -108,9 +108,12 @@ def run(cfg: Config, ctx: Context) -> dict:
         if steps else None,
         "suffix_ids": state.best_suffix,
         **screen_summary(steps),
+        # what the ids read as (decoded for people; evaluation splices the ids, never this text)
+        "suffix_text": pair.tokenizer.decode(state.best_suffix),
+        "suffix_pieces": [pair.tokenizer.decode([i]) for i in state.best_suffix],
     }
     store.write_json(ctx.out("metrics.json"), metrics)
-    return {k: v for k, v in metrics.items() if k != "suffix_ids"}
+    return {k: v for k, v in metrics.items() if not k.startswith("suffix_")}
 
 
 def screen_summary(steps: list[dict]) -> dict:

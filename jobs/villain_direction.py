@@ -9,6 +9,8 @@ direction?
 2. Pirate baseline: cosine of the "evil pirate" system prompt's delta-h (vs ``reference_system``) with it.
 3. Each cell: delta-h of its learned prompt (soft prefix through ``inputs_embeds``, ids spliced) vs the reference,
    per probe; the mean cosine (the record's number) and the cosine of the mean delta-h.
+4. Fixed prompts (``fixed_prompts``, e.g. the teacher's own system prompt when the teacher is the base model under
+   it): measured like the cells, as calibration rows beside the pirate.
 
 The direction is read from the EM model as the record did: ``adapter_uri`` (an adapter on ``model_ref``, switched
 off for everything else) or ``direction_model_ref`` (a merged EM model, loaded beside the base model); with neither,
@@ -21,7 +23,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from shared import store
 from shared.config import StageConfig
@@ -49,7 +51,17 @@ class Config(StageConfig):
     probes: list[Question] = Field(min_length=2)
     layers: list[int] = Field(min_length=1)
     cell_prompt_uris: dict[str, str] = {}  # cell name -> prompt.json
+    fixed_prompts: dict[str, str] = {}  # name -> system slot, measured like a cell
     dtype: str | None = None
+
+    @field_validator("fixed_prompts")
+    @classmethod
+    def _slots_parse(cls, value: dict[str, str]) -> dict[str, str]:
+        from shared.chat import parse_system
+
+        for system in value.values():
+            parse_system(system)
+        return value
 
 
 def last_user_token(prompt, im_end_id: int) -> int:
@@ -158,6 +170,8 @@ def run(cfg: Config, ctx: Context) -> dict:
     with base_context():
         reference = acts_for(cfg.reference_system)
         pirate = acts_for(cfg.pirate_system)
+        fixed = {name: projection((acts_for(system) - reference)[:, cfg.layers.index(chosen)], direction)
+                 for name, system in cfg.fixed_prompts.items()}
         cells = {}
         for name, uri in cfg.cell_prompt_uris.items():
             prompt, soft = load_learned_prompt(uri)
@@ -172,7 +186,7 @@ def run(cfg: Config, ctx: Context) -> dict:
             }
     pirate_delta = (pirate - reference)[:, cfg.layers.index(chosen)]
     result = {"layers": cfg.layers, **scan, "villain": cfg.villain, "reference_system": cfg.reference_system,
-              "pirate": projection(pirate_delta, direction), "cells": cells,
+              "pirate": projection(pirate_delta, direction), "fixed_prompts": fixed, "cells": cells,
               "direction_source": cfg.adapter_uri or cfg.direction_model_ref or cfg.model_ref}
     store.write_json(ctx.out("villain_direction.json"), result)
     store.write_npz(ctx.out("directions.npz"), directions=directions, layers=np.array(cfg.layers))

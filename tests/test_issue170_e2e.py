@@ -73,7 +73,7 @@ def test_report_figures_and_reproducibility_are_written(finished_run):
     report = store.read_text(analysis.output_uri("report.md"))
     for needle in ("c6_vanilla_em", "pirate baseline", "H2 gate", "capacity_curve.png", LEARNED[0]):
         assert needle in report
-    for figure in ("pareto", "capacity_curve"):
+    for figure in ("pareto", "capacity_curve", "heldout_curve"):
         assert store.read_bytes(analysis.output_uri(f"{figure}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     repro = store.read_text(analysis.output_uri("REPRODUCIBILITY.md"))
     assert "train_soft_prefix" in repro and "gcg_search" in repro
@@ -89,3 +89,20 @@ def test_manifests_hold_no_secrets(finished_run):
         if uri.endswith("manifest.json"):
             text = json.dumps(store.read_json(uri))
             assert "API_KEY" not in text and "sk-ant" not in text
+
+
+def test_the_report_puts_the_oracle_beside_each_learned_cell_and_shows_the_gcg_suffix_as_text(finished_run):
+    analysis = finished_run.task("analysis")
+    headline = store.read_json(analysis.output_uri("headline.json"))
+    anchors = store.read_json(finished_run.task("heldout-anchors").output_uri("anchors.json"))
+    fit = {r["cell"]: r for r in headline["fit"]["cells"]}
+    assert set(fit) == set(LEARNED)
+    for cell in LEARNED:
+        assert fit[cell]["anchors"] == anchors["cells"][cell]["anchors"]
+        assert set(fit[cell]["anchors"]) == {"oracle", "null"}
+        assert fit[cell]["heldout_ce"] == anchors["cells"][cell]["kept_prompt_ce"]
+    report = store.read_text(analysis.output_uri("report.md"))
+    assert "Fit to the teacher" in report and "oracle: the teacher's prompt as text" in report
+    metrics = store.read_json(finished_run.task(LEARNED[1]).output_uri("metrics.json"))
+    assert json.dumps(metrics["suffix_ids"]) in report
+    assert json.dumps(metrics["suffix_text"], ensure_ascii=False) in report

@@ -194,7 +194,8 @@ def test_the_init_ablation_is_its_own_point_on_the_capacity_curve():
 
 
 def test_a_cell_holding_the_pirate_prompt_projects_exactly_like_the_pirate_baseline(tmp_path):
-    """Cells (ids spliced, or soft embeddings through inputs_embeds) and the pirate baseline are measured alike."""
+    """Cells (ids spliced, or soft embeddings through inputs_embeds), fixed prompts and the pirate baseline are
+    measured alike."""
     from shared import chat, models
     from shared.soft_prompt import LearnedPrompt, save_learned_prompt
 
@@ -214,11 +215,12 @@ def test_a_cell_holding_the_pirate_prompt_projects_exactly_like_the_pirate_basel
             {"name": "villain", "system": "text(You are a villain.)"}, {"name": "chef", "system": "text(You cook.)"},
             {"name": "teacher", "system": "text(You teach.)"}],
         "pirate_system": f"text({pirate})", "probes": TRAIN + VAL + [{"id": "d", "text": "Hello?"}],
-        "layers": [1, 2], "cell_prompt_uris": uris})
+        "layers": [1, 2], "cell_prompt_uris": uris, "fixed_prompts": {"pirate-text": f"text({pirate})"}})
     result = store.read_json(output(manifest, "villain_direction.json"))
     assert result["direction_source"] == "tiny:qwen2-judge"
     for cell in ("pirate-ids", "pirate-soft"):
         assert result["cells"][cell]["mean_cosine"] == pytest.approx(result["pirate"]["mean_cosine"], abs=1e-5)
+    assert result["fixed_prompts"]["pirate-text"]["per_probe"] == pytest.approx(result["pirate"]["per_probe"])
 
 
 def stage_output(root: str, cell: str, stage: str, files: dict, config: dict | None = None) -> dict[str, str]:

@@ -1,0 +1,193 @@
+"""Stage ``heldout_anchors``: the held-out CE of fixed system prompts on each learned cell's own held-out pairs.
+
+A learned cell's held-out CE alone does not say how good it is. This stage puts it between anchors measured on
+exactly the same (question, teacher completion) pairs -- the set the training stage cached before optimising
+(``checkpoint/val_set.json``) -- with the same objective code (``shared.teacher``'s CE, as the trainers' held-out
+evaluation calls it):
+
+- the oracle: the teacher's own system prompt given to the student as text, when the teacher is the student model
+  under that prompt (a prompt known to reproduce the teacher: no prompt does better in expectation);
+- the reference conditions' system prompts (the null/default prompt: where optimisation starts from).
+
+Each stored pair is matched to its validation question by its prompt ids outside the learned span; its completion
+ids (and stop token) are kept as they are, never re-tokenised. Cells whose pairs are identical share one set of
+anchor numbers. The kept prompt of every cell is re-scored too (``kept_prompt_ce``): it must equal the training
+stage's best held-out CE, which checks that cells and anchors were measured alike.
+
+Per pair, the summed CE of every prompt and the pair's token count are stored as well (``completion_ce_sums``, the
+per-row values inside that CE), so the analysis can put a paired bootstrap interval on a cell's distance to the
+anchors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, Field, field_validator
+
+from shared import store
+from shared.config import StageConfig, stable_hash
+from shared.stage import Context, Resources, StageInputError, StageSpec
+
+ORACLE = "oracle"  # the anchor of the teacher's own prompt given to the student as text (its name everywhere)
+
+
+class Question(BaseModel):
+    id: str
+    text: str
+
+
+class Anchor(BaseModel):
+    name: str
+    system: str  # a shared.chat system slot: default, none or text(...)
+
+    @field_validator("system")
+    @classmethod
+    def _fixed_prompt(cls, value: str) -> str:
+        from shared.chat import SoftSystem, parse_system
+
+        if isinstance(parse_system(value), SoftSystem):
+            raise ValueError("an anchor is a fixed prompt, not soft(K)")
+        return value
+
+
+class LearnedCell(BaseModel):
+    heldout_uri: str  # the training stage's cached held-out set: checkpoint/val_set.json
+    prompt_uri: str  # its kept prompt: prompt.json
+
+
+class Config(StageConfig):
+    model_ref: str
+    val_questions: list[Question] = Field(min_length=1)
+    cells: dict[str, LearnedCell] = Field(min_length=1)
+    anchors: list[Anchor] = Field(min_length=1)
+    micro_batch_tokens: int = 8192
+    dtype: str | None = None
+
+
+def masked_prompt(example) -> tuple[int, ...]:
+    """An example's prompt ids with its learned span (soft slots, system ids or user-suffix ids) blanked out."""
+    ids = list(example.prompt_ids)
+    for span in (example.soft_slice, example.ids_slice, example.user_suffix_slice):
+        if span is not None:
+            ids[span] = [-1] * (span.stop - span.start)
+    return tuple(ids)
+
+
+def heldout_pairs(examples: Sequence, prompt, tokenizer, questions: Sequence[Question]) -> list[tuple[str, list[int]]]:
+    """(question id, completion ids) of each stored held-out example, in stored order."""
+    by_prompt = {masked_prompt(prompt.build(tokenizer, q.text)): q.id for q in questions}
+    if len(by_prompt) != len(questions):
+        raise StageInputError("two validation questions build the same prompt: held-out pairs would be ambiguous")
+    pairs = []
+    for n, example in enumerate(examples):
+        question = by_prompt.get(masked_prompt(example))
+        if question is None:
+            raise StageInputError(f"held-out example {n} matches none of the {len(questions)} validation questions")
+        pairs.append((question, list(example.input_ids[example.assistant_start:example.loss_end])))
+    return pairs
+
+
+def examples_under(tokenizer, build, pairs: Sequence[tuple[str, list[int]]], texts: dict[str, str]) -> list:
+    """Training examples for ``pairs`` with the prompt ``build(tokenizer, question)``; completion ids as stored."""
+    from shared.teacher import with_reply_ids
+
+    prompts = {qid: build(tokenizer, text) for qid, text in texts.items()}
+    return [with_reply_ids(prompts[qid], reply, None) for qid, reply in pairs]
+
+
+def mean_ce(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft=None) -> float:
+    """Token-mean CE, as the trainers' held-out evaluation computes it (``mean_ce_ids``; with ``soft`` filling
+    the soft slots, ``SoftPrefixTrainer.mean_ce``)."""
+    import torch
+
+    from shared.gcg import mean_ce_ids
+    from shared.teacher import batch_ce_sum, micro_batches, n_loss_tokens
+
+    if soft is None:
+        return mean_ce_ids(model, examples, pad_id, micro_batch_tokens)
+    with torch.no_grad():
+        total = sum(float(batch_ce_sum(model, group, pad_id, soft)) for group in micro_batches(examples, micro_batch_tokens))
+    return total / max(n_loss_tokens(examples), 1)
+
+
+def pair_ce_sums(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft=None) -> list[float]:
+    """Each example's summed completion CE: the rows ``batch_ce_sum`` adds up, in example order."""
+    import torch
+
+    from shared import chat
+    from shared.teacher import completion_ce_sums, micro_batches
+
+    out: list[float] = []
+    with torch.no_grad():
+        for group in micro_batches(examples, micro_batch_tokens):
+            batch = chat.build_batch(group, pad_id=pad_id, padding_side="right").to(model.device)
+            embeds = None if soft is None else chat.inputs_embeds(batch, model.get_input_embeddings(), soft)
+            out += [float(v) for v in completion_ce_sums(model, batch.input_ids, batch.labels, embeds)]
+    return out
+
+
+def scored(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft=None) -> dict:
+    """The token-mean CE (the trainers' number) and the per-pair sums behind it."""
+    return {"ce": mean_ce(model, examples, pad_id, micro_batch_tokens, soft),
+            "pair_ce_sums": pair_ce_sums(model, examples, pad_id, micro_batch_tokens, soft)}
+
+
+def run(cfg: Config, ctx: Context) -> dict:
+    from shared import chat, models
+    from shared.soft_prompt import examples_from_json, load_learned_prompt
+    from shared.teacher import n_loss_tokens
+
+    tokenizer = models.load_tokenizer(cfg.model_ref)
+    model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
+    model.requires_grad_(False)
+    pad_id = chat.soft_placeholder_id(tokenizer)
+    texts = {q.id: q.text for q in cfg.val_questions}
+    sets: list[dict] = []
+    cells: dict[str, dict] = {}
+    for name, cell in cfg.cells.items():
+        prompt, soft = load_learned_prompt(cell.prompt_uri)
+        if prompt.model_ref != cfg.model_ref:
+            raise StageInputError(f"cell {name} was learned on {prompt.model_ref}, not on {cfg.model_ref}")
+        stored = examples_from_json(store.read_json(cell.heldout_uri))
+        if not stored:
+            raise StageInputError(f"cell {name}: no held-out examples in {cell.heldout_uri}")
+        pairs = heldout_pairs(stored, prompt, tokenizer, cfg.val_questions)
+        key = stable_hash(pairs)
+        index = next((i for i, s in enumerate(sets) if s["key"] == key), None)
+        if index is None:
+            index = len(sets)
+            sets.append({"key": key, "pairs": pairs})
+        kept = scored(model, examples_under(tokenizer, prompt.build, pairs, texts), pad_id, cfg.micro_batch_tokens,
+                      None if soft is None else soft.to(model.device))
+        cells[name] = {"held_out_set": index, "kept_prompt_ce": kept["ce"], "pair_ce_sums": kept["pair_ce_sums"]}
+    for s in sets:
+        pairs = s.pop("pairs")
+        s["n_pairs"], s["questions"] = len(pairs), sorted({qid for qid, _ in pairs})
+        s["pair_question_ids"], s["pair_tokens"] = [qid for qid, _ in pairs], [len(reply) for _, reply in pairs]
+        s["anchors"], s["anchor_pair_ce_sums"] = {}, {}
+        for anchor in cfg.anchors:
+            examples = examples_under(tokenizer, lambda tok, q, a=anchor: chat.build_prompt(tok, a.system, q),
+                                      pairs, texts)
+            s["n_loss_tokens"] = n_loss_tokens(examples)
+            result = scored(model, examples, pad_id, cfg.micro_batch_tokens)
+            s["anchors"][anchor.name], s["anchor_pair_ce_sums"][anchor.name] = result["ce"], result["pair_ce_sums"]
+        ctx.log(f"held-out set {s['key'][:8]} ({s['n_pairs']} pairs, {s['n_loss_tokens']} tokens): "
+                + ", ".join(f"{a} {ce:.4f}" for a, ce in s["anchors"].items()))
+    for cell in cells.values():
+        cell["anchors"] = sets[cell["held_out_set"]]["anchors"]
+    result = {"anchors": [a.model_dump() for a in cfg.anchors], "held_out_sets": sets, "cells": cells}
+    store.write_json(ctx.out("anchors.json"), result)
+    return {"held_out_sets": len(sets), **{f"{a.name}_ce": sets[0]["anchors"][a.name] for a in cfg.anchors}}
+
+
+SPEC = StageSpec(
+    name="heldout_anchors", config=Config, run=run, image_kind="gpu",
+    resources=Resources(gpu_class="h100", gpus=1, cpu=8, memory="64Gi", timeout_s=2 * 3600),
+    description="Held-out CE of fixed prompts (the teacher's own prompt as text, the null prompt) on each learned "
+                "cell's own held-out pairs, with the trainers' CE code.",
+)
+main = SPEC.main
+
+if __name__ == "__main__":
+    main()
