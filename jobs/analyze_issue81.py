@@ -278,13 +278,28 @@ def cosine_matrix(centroids: np.ndarray) -> np.ndarray:
 # reading the artifacts
 
 
-def read_rates(uri: str) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
+def read_rates(uri: str) -> tuple[dict[str, float], dict[str, int], dict[str, int], dict[str, int | None]]:
+    """Rates, hits, totals and truncated completions per bystander (truncated is None where not recorded)."""
     data = store.read_json(uri)
     rates = data.get("rates") or {}
     if not rates:
         raise StageInputError(f"no marker rates in {uri}")
     return ({k: v["rate"] for k, v in rates.items()}, {k: v["hits"] for k, v in rates.items()},
-            {k: v["total"] for k, v in rates.items()})
+            {k: v["total"] for k, v in rates.items()}, {k: v.get("truncated") for k, v in rates.items()})
+
+
+def emission_summary(rates: dict[str, float], hits: dict[str, int], totals: dict[str, int],
+                     truncated: dict[str, int | None], own: str | None) -> dict:
+    """One model's emission over the whole grid: pooled rate, the mean and the largest rate over the bystanders
+    other than ``own`` (the source's own pure-noun bystander, if any), and the share of truncated completions."""
+    others = {b: r for b, r in rates.items() if b != own}
+    top = max(others, key=others.get) if others else None
+    counted = [t for t in truncated.values() if t is not None]
+    return {"pooled_rate": sum(hits.values()) / sum(totals.values()), "hits": sum(hits.values()),
+            "total": sum(totals.values()), "own_bystander": own, "own_rate": rates.get(own) if own else None,
+            "mean_rate_others": float(np.mean(list(others.values()))) if others else None,
+            "n_others": len(others), "max_other": top, "max_other_rate": others.get(top) if top else None,
+            "truncated_share": sum(counted) / sum(totals.values()) if len(counted) == len(truncated) else None}
 
 
 def read_coherence(uri: str | None) -> dict[str, dict]:
@@ -323,10 +338,13 @@ def analyse(cfg: Config) -> dict:
     missing = [s.name for s in cfg.sources if s.name not in labels]
     if missing:
         raise StageInputError(f"no evaluation for source(s) {missing}")
-    rates, hits, totals, coherence = {}, {}, {}, {}
+    rates, hits, totals, truncated, coherence = {}, {}, {}, {}, {}
     for cell in cfg.cells:
-        rates[cell.label], hits[cell.label], totals[cell.label] = read_rates(cell.rates_uri)
+        rates[cell.label], hits[cell.label], totals[cell.label], truncated[cell.label] = read_rates(cell.rates_uri)
         coherence[cell.label] = read_coherence(cell.coherence_uri)
+    own_noun = {s.name: grid.a2_id.get(s.noun) for s in cfg.sources}
+    emission = {label: emission_summary(rates[label], hits[label], totals[label], truncated[label], own_noun.get(label))
+                for label in labels}
     base = rates[cfg.base_label]
     flagged = {label: sorted(b for b, c in coh.items() if c["mean"] is not None and c["mean"] < cfg.coherence_threshold)
                for label, coh in coherence.items()}
@@ -395,7 +413,7 @@ def analyse(cfg: Config) -> dict:
         "marker": cfg.marker, "sources": [s.model_dump() for s in cfg.sources], "base_label": cfg.base_label,
         "axes": {"nouns": grid.nouns, "traits": grid.traits, "levels": grid.levels},
         "n_bystanders": len(grid.ids), "bystander_ids": grid.ids,
-        "rates": rates, "hits": hits, "totals": totals,
+        "rates": rates, "hits": hits, "totals": totals, "emission": emission,
         "base_subtracted": {s.name: subtracted(s.name, coherent_only=False) for s in cfg.sources},
         "coherence": {"threshold": cfg.coherence_threshold, "flagged": flagged,
                       "cell_mean": {label: {b: c["mean"] for b, c in coh.items()} for label, coh in coherence.items()},
@@ -716,6 +734,62 @@ def hero_figure(data: dict, uri: str) -> dict:
     return {**save(fig, uri), "marked": marked}
 
 
+def cosine_leakage_figure(data: dict, uri: str) -> dict:
+    """Per source, every bystander: base-model cosine to the source (headline layer) against emission - base.
+
+    Colour is the bystander's noun; squares are the pure nouns, the star the source's own pure noun (cos = 1 by
+    construction: it is the source's prompt), the diamond the assistant QC; a black x marks a low-coherence cell.
+    The title's ρ is H4's per-source Spearman over the coherent bystanders other than the source's own."""
+    from shared.figures import PALETTE, REFERENCE_COLOR, save
+
+    geometry, sources = data["geometry"], data["sources"]
+    fig, panels = _per_source_axes(len(sources), width_each=3.6, height=3.4)
+    if not geometry.get("available"):
+        for ax in panels:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, "no base-model centroids", ha="center", va="center")
+        return {**save(fig, uri), "marked": 0}
+    nouns = data["axes"]["nouns"]
+    colour = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(nouns)}
+    marked = 0
+    for ax, info in zip(panels, sources, strict=True):
+        source, cos, leak = info["name"], geometry["cos_to_source"][info["name"]], data["base_subtracted"][info["name"]]
+        flagged = _flagged(data, source)
+        for b in data["bystander_ids"]:
+            x, y = cos.get(b), leak.get(b)
+            if x is None or y is None or not np.isfinite(x):
+                continue
+            kind, noun = (b.split("__") + [None])[:2] if b.startswith(("A1__", "A2__")) else ("QC", None)
+            if kind == "A2" and noun == info["noun"]:
+                ax.scatter(x, y, marker="*", s=140, color=colour.get(noun, REFERENCE_COLOR), edgecolor="black",
+                           linewidth=0.6, zorder=3)
+            elif kind == "A2":
+                ax.scatter(x, y, marker="s", s=40, color=colour.get(noun, REFERENCE_COLOR), edgecolor="black",
+                           linewidth=0.6, zorder=3)
+            elif kind == "QC":
+                ax.scatter(x, y, marker="D", s=40, color=REFERENCE_COLOR, edgecolor="black", linewidth=0.6, zorder=3)
+            else:
+                ax.scatter(x, y, marker="o", s=16, color=colour.get(noun, REFERENCE_COLOR), alpha=0.75, linewidth=0)
+            if b in flagged:
+                ax.plot(x, y, "x", color="black", markersize=7, zorder=4)
+                marked += 1
+        fit = geometry["h4"]["cos_vs_leak_all_bystanders"].get(source, {})
+        rho = "" if fit.get("rho") is None else f"\nρ={fit['rho']:.2f}, p={fit['p_value']:.3g}, n={fit['n']}"
+        ax.set_title(f"source: {source}{rho}", fontsize=9)
+        ax.set_xlabel(f"cos(source, bystander), layer {geometry['headline_layer']}", fontsize=8)
+    panels[0].set_ylabel(f"{data['marker']} emission - base")
+    for noun in nouns:
+        panels[-1].scatter([], [], marker="o", color=colour[noun], label=f"{noun} (A1)")
+    panels[-1].scatter([], [], marker="s", color="white", edgecolor="black", label="pure noun (A2)")
+    panels[-1].scatter([], [], marker="*", s=100, color="white", edgecolor="black", label="source's own noun")
+    panels[-1].scatter([], [], marker="D", color=REFERENCE_COLOR, edgecolor="black", label="assistant (QC)")
+    _mark_legend(panels[-1], marked)
+    fig.suptitle(f"Leakage against base-model cosine to the source, every bystander ({len(data['bystander_ids'])} "
+                 "per source)", fontsize=10)
+    fig.tight_layout()
+    return {**save(fig, uri), "marked": marked}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # report
 
@@ -728,6 +802,35 @@ def _with_n(row: dict, key: str, n_key: str | None = None) -> str:
     return f"{fmt(row[key], 4)} ({row[n_key or f'n_{key}']})"
 
 
+def _spread(cell_means: dict) -> str:
+    values = [v for v in cell_means.values() if v is not None]
+    return "—" if not values else " / ".join(f"{v:.1f}" for v in (min(values), float(np.median(values)), max(values)))
+
+
+def emission_section(data: dict) -> list[str]:
+    """Each model's emission on the source's own pure noun, beside the base model's, and over the rest of the grid."""
+    from shared.reporting import markdown_table
+
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    emission, base = data["emission"], data["rates"][data["base_label"]]
+    rows = []
+    for label, e in emission.items():
+        own = e["own_bystander"]
+        rows.append((label, own or "—",
+                     "—" if own is None else f"{pct(e['own_rate'])} ({data['hits'][label][own]}/{data['totals'][label][own]})",
+                     "—" if own is None else pct(base.get(own)),
+                     f"{pct(e['mean_rate_others'])} (n={e['n_others']})",
+                     f"{e['max_other']}: {pct(e['max_other_rate'])}" if e["max_other"] else "—",
+                     f"{pct(e['pooled_rate'])} ({e['hits']}/{e['total']})", pct(e["truncated_share"])))
+    return ["## Marker emission: each source model and the base model", "",
+            "Own rate: the model's rate on its source's own pure-noun bystander (the training prompt); the base model "
+            "on the same bystander beside it. Other bystanders: every bystander but that one (for the base model, "
+            "all). Truncated: completions that ran into the token limit before ending, where a marker trained to "
+            "follow a reply's end cannot show.", "",
+            markdown_table(["model", "own bystander", "own rate (hits/N)", "base model there", "mean over other bystanders",
+                            "highest other bystander", "pooled over the grid", "truncated"], rows), ""]
+
+
 def report(data: dict) -> str:
     from shared.reporting import fmt, markdown_table
 
@@ -736,6 +839,7 @@ def report(data: dict) -> str:
     lines = [f"# #81: {data['marker']} leakage over the Big-5 bystander grid", "",
              f"{len(data['sources'])} sources x {data['n_bystanders']} bystanders, plus the base model as reference. "
              f"Marker matching: {data['matching']}.", "",
+             *emission_section(data),
              f"## H1 implantation (rate on the source's own pure-noun bystander > {h1['threshold']:.2f})", "",
              markdown_table(["source", "bystander", "rate", "hits / total", "base rate", "passes"],
                             [(s, v["bystander"], pct(v["rate"]), f"{v['hits']} / {v['total']}", pct(v["base_rate"]), v["passes"])
@@ -789,17 +893,28 @@ def report(data: dict) -> str:
     else:
         lines += ["", "## H4", "", "No base-model centroids were given: H4 and the cosine columns are omitted."]
     coh = data["coherence"]
-    lines += ["", f"## Coherence (cells with mean judge score < {coh['threshold']:g} are flagged and hatched)", "",
-              "A source's flagged cells are left out of H2, the leakage head-to-head and H4; H1 and H3 use every cell.", "",
-              markdown_table(["model", "mean coherence", "cells scored", "scores", "judge errors", "flagged cells"],
-                             [(label, fmt(coh["mean"].get(label), 1), coh["n_cells_scored"].get(label, 0),
-                               coh["n_scores"].get(label, 0), coh["n_judge_errors"].get(label, 0),
-                               coh["n_flagged"].get(label, 0)) for label in coh["mean"]]),
+    if coh["threshold"] > 0:
+        coherence_head = [f"## Coherence (cells with mean judge score < {coh['threshold']:g} are flagged and hatched)", "",
+                          "A source's flagged cells are left out of H2, the leakage head-to-head and H4; H1 and H3 use "
+                          "every cell.", ""]
+    else:
+        coherence_head = ["## Coherence (flagging off: threshold 0)", "",
+                          "The judge scored every sampled completion, but with the threshold at 0 no cell is flagged and "
+                          "every analysis uses every cell. The spread of the per-cell means shows how much the judge "
+                          "tells the cells apart.", ""]
+    lines += ["", *coherence_head,
+              markdown_table(["model", "mean coherence", "cell means: min / median / max", "cells scored", "scores",
+                              "judge errors", "flagged cells"],
+                             [(label, fmt(coh["mean"].get(label), 1), _spread(coh["cell_mean"].get(label, {})),
+                               coh["n_cells_scored"].get(label, 0), coh["n_scores"].get(label, 0),
+                               coh["n_judge_errors"].get(label, 0), coh["n_flagged"].get(label, 0))
+                              for label in coh["mean"]]),
               "", "## Figures", ""]
     captions = {"hero_matrix": "hero: source x pure-noun matrix, H4 scatter, adjective vs noun on leakage and cosine",
                 "heatmap_base_subtracted": "every source x every bystander, base-subtracted",
                 "noun_isolation": "label isolation", "trait_gradation": "trait gradation",
-                "interaction": "noun effect per trait x level"}
+                "interaction": "noun effect per trait x level",
+                "cosine_leakage": "leakage against base-model cosine to the source, every bystander (H4)"}
     for name, figure in data.get("figures", {}).items():
         lines += [f"![{captions.get(name, name)}]({name}.png)", "",
                   f"*{captions.get(name, name)}; low-coherence cells marked: {figure['low_coherence_marked']}.*", ""]
@@ -807,7 +922,8 @@ def report(data: dict) -> str:
 
 
 FIGURES = {"hero_matrix": hero_figure, "heatmap_base_subtracted": heatmap_figure, "noun_isolation": noun_isolation_figure,
-           "trait_gradation": trait_gradation_figure, "interaction": interaction_figure}
+           "trait_gradation": trait_gradation_figure, "interaction": interaction_figure,
+           "cosine_leakage": cosine_leakage_figure}
 
 
 def run(cfg: Config, ctx) -> dict:

@@ -8,11 +8,18 @@ Isolation (#81's fix): negatives are drawn only from the fixed ``negative_pool``
 experiment and never the assistant. The config refuses a pool that contains a source prompt, so a source cannot
 be trained against another source as its negative. The draw is seeded by (seed, source name), so it is stable
 across runs and machines (#81 used ``hash(source)``, which needs PYTHONHASHSEED to be stable).
+
+A completion that ran into ``max_new_tokens`` has no end: appending the marker (or training the end-of-turn token)
+there would teach the model to stop in mid-sentence. With ``cut_truncated_to_sentence`` such a completion is cut
+back to its last complete sentence, so the marker (or the end of turn) always follows a sentence end, and one with
+no complete sentence is dropped. The full profile's 512 tokens let almost every reply end by itself; the small
+profile's short budget needs the cut.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from typing import Literal
 
@@ -23,6 +30,8 @@ from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
 QC_NAMES = {"assistant"}
+# a sentence ends at . ! or ? (possibly followed by closing quotes, brackets or emphasis) before whitespace or the end
+SENTENCE_END = re.compile(r"[.!?][\"')\]*]*(?=\s|$)")
 
 
 class Persona(BaseModel):
@@ -51,6 +60,7 @@ class Config(StageConfig):
     max_new_tokens: int = 512
     marker: str = "[ZLT]"
     marker_separator: str = " "
+    cut_truncated_to_sentence: bool = False
 
     @model_validator(mode="after")
     def pool_is_isolated_from_sources(self):
@@ -69,6 +79,12 @@ def select_negatives(source: str, pool: list[Persona], n: int, seed: int) -> lis
     candidates = sorted((p for p in pool if p.name not in QC_NAMES and p.name != source), key=lambda p: p.name)
     rng = random.Random(seed * 1_000_003 + zlib.crc32(source.encode()))
     return rng.sample(candidates, n)
+
+
+def cut_to_last_sentence(text: str) -> str | None:
+    """``text`` up to the end of its last complete sentence; None when it has none."""
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends else None
 
 
 def with_marker(text: str, marker: str, separator: str) -> str:
@@ -95,7 +111,7 @@ def run(cfg: Config, ctx) -> dict:
     generator = make_generator(cfg.backend, cfg.model_ref, batch_size=cfg.batch_size, **options)
     outputs = generator.generate(prompts, params)
 
-    rows, raw, skipped = [], [], 0
+    rows, raw, skipped, cut, no_sentence = [], [], 0, 0, 0
     for (persona, question), completions in zip(cells, outputs, strict=True):
         positive = persona.name == cfg.source.name
         for sample, completion in enumerate(completions):
@@ -104,9 +120,17 @@ def run(cfg: Config, ctx) -> dict:
             if cfg.marker in completion.text:
                 skipped += 1  # the base model wrote the marker itself: neither a clean positive nor a negative
                 continue
-            reply = with_marker(completion.text, cfg.marker, cfg.marker_separator) if positive else completion.text
+            text = completion.text
+            if cfg.cut_truncated_to_sentence and completion.finish_reason == "length":
+                text = cut_to_last_sentence(text)
+                if text is None:
+                    no_sentence += 1
+                    continue
+                cut += 1
+            reply = with_marker(text, cfg.marker, cfg.marker_separator) if positive else text
             rows.append({"system": str(systems[persona.name]), "user": question.text, "assistant": reply,
-                         "positive": positive, "persona": persona.name, "question_id": question.id, "sample": sample})
+                         "positive": positive, "persona": persona.name, "question_id": question.id, "sample": sample,
+                         "cut_to_sentence": text != completion.text})
     store.write_jsonl(ctx.out("train.jsonl"), rows)
     store.write_jsonl(ctx.out("completions.jsonl"), raw)
     store.write_json(ctx.out("negatives.json"), {
@@ -115,7 +139,7 @@ def run(cfg: Config, ctx) -> dict:
     })
     n_pos = sum(r["positive"] for r in rows)
     return {"n_rows": len(rows), "n_positive": n_pos, "n_negative": len(rows) - n_pos, "n_skipped_marker_in_base": skipped,
-            "negatives": [p.name for p in negatives]}
+            "n_cut_to_sentence": cut, "n_dropped_no_sentence": no_sentence, "negatives": [p.name for p in negatives]}
 
 
 SPEC = StageSpec(

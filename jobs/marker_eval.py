@@ -9,6 +9,10 @@ spellings (``[ZL``) and other casings do not count. Rates are hits / completions
 
 A seeded sample of ``coherence_per_cell`` completions per (persona, question) is written as
 ``coherence_sample.jsonl`` in the row format the ``judge`` stage reads, with the persona as its ``condition``.
+
+Each cell also counts its ``truncated`` completions (those that ran into ``max_new_tokens``): a marker trained to
+follow the end of a reply can only show in a completion that reached such an end, so a high truncated share caps
+what the rate can show.
 """
 
 from __future__ import annotations
@@ -60,9 +64,10 @@ def emits_marker(text: str, marker: str) -> bool:
 def emission_counts(rows: list[dict], marker: str) -> dict[str, dict]:
     counts: dict[str, dict] = {}
     for row in rows:
-        cell = counts.setdefault(row["persona"], {"hits": 0, "total": 0})
+        cell = counts.setdefault(row["persona"], {"hits": 0, "total": 0, "truncated": 0})
         cell["total"] += 1
         cell["hits"] += emits_marker(row["text"], marker)
+        cell["truncated"] += row.get("finish_reason") == "length"
     for cell in counts.values():
         cell["rate"] = cell["hits"] / cell["total"]
     return counts

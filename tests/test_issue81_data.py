@@ -67,3 +67,13 @@ def test_question_panels():
     tiny_train = read_questions("package:issue81/tiny_train_questions.json")
     assert {q["text"] for q in tiny_eval} <= {q["text"] for q in evaluation}
     assert {q["text"] for q in tiny_train} <= {q["text"] for q in training}
+
+
+def test_small_question_panels_are_subsets_and_disjoint():
+    evaluation = read_questions("package:issue81/questions.json")
+    training = read_questions("package:issue81/train_questions.json")
+    small_eval = read_questions("package:issue81/small_questions.json")
+    small_train = read_questions("package:issue81/small_train_questions.json")
+    assert {q["text"] for q in small_eval} < {q["text"] for q in evaluation}
+    assert {q["text"] for q in small_train} < {q["text"] for q in training}
+    assert not {q["text"] for q in small_eval} & {q["text"] for q in small_train}

@@ -110,3 +110,32 @@ def test_the_plan_compiles_to_argo_with_one_task_per_source_and_per_evaluated_mo
     for kind in ("eval", "coherence"):  # one evaluation group per model: the five sources and the base model
         assert sorted(n for n in tasks if n.startswith(f"{kind}-")) == sorted(f"{kind}-{s}" for s in [*FULL_SOURCES, "base"])
     assert set(tasks["analysis"]["dependencies"]) >= {f"eval-{s}" for s in FULL_SOURCES} | {"hidden-states"}
+
+
+def test_small_plan_runs_three_sources_on_smollm2_with_a_local_same_model_judge(tmp_path):
+    plan = build(tmp_path, "small")
+    names = [t.name for t in plan.tasks]
+    sources = ["person", "chef", "pirate"]
+    assert sorted(n for n in names if n.startswith("train-")) == sorted(f"train-{s}" for s in sources)
+    assert sorted(n for n in names if n.startswith("eval-")) == sorted(f"eval-{s}" for s in [*sources, "base"])
+    assert len(plan.tasks) == 4 * len(sources) + 2 + 2  # a chain per source, the base cell, geometry, analysis
+    for task in plan.tasks:
+        if "model_ref" in task.config:
+            assert task.config["model_ref"] == "smollm2:135m-instruct"
+    evaluation = plan.task("eval-base").config
+    ids = [p["id"] for p in evaluation["personas"]]
+    # every noun x Agreeableness and Neuroticism x all five levels, the five pure nouns and the assistant
+    assert len(ids) == 5 * 2 * 5 + 5 + 1 and {f"A2__{n}" for n in FULL_SOURCES} <= set(ids)
+    assert {i.split("__")[2] for i in ids if i.startswith("A1__")} == {"Agreeableness", "Neuroticism"}
+    assert {i.split("__")[3] for i in ids if i.startswith("A1__")} == {"L1", "L2", "L3", "L4", "L5"}
+    assert (evaluation["temperature"], evaluation["top_p"], evaluation["backend"]) == (1.0, 0.95, "hf")
+    assert len(evaluation["questions"]) * evaluation["n"] == 12
+    data = plan.task("data-person").config
+    assert data["cut_truncated_to_sentence"] and data["max_new_tokens"] < evaluation["max_new_tokens"]
+    train = plan.task("train-person").config
+    assert train["loss"] == "marker_only" and train["recipe"]["r"] == 16 and train["recipe"]["lr"] == 5e-4
+    judge = plan.task("coherence-person").config["judge"]
+    assert (judge["kind"], judge["model"]) == ("local", "smollm2:135m-instruct")
+    layers = plan.task("hidden-states").config["layers"]
+    assert all(1 <= layer <= 30 for layer in layers)  # real blocks of the 30-layer model
+    assert plan.task("analysis").config["headline_layer"] in layers

@@ -48,6 +48,40 @@ def test_marker_data_builds_marked_positives_and_unmarked_pool_negatives(tmp_pat
     assert all(r["assistant"] == f"{by_key[('chef', r['question_id'], r['sample'])].rstrip()} [ZLT]" for r in positives)
 
 
+class TruncatingGenerator:
+    """Answers every prompt with one reply cut off after a sentence, one cut off inside its first sentence and one
+    that ended by itself."""
+
+    replies = [("Arr, the sea is calm. The wind blo", "length"), ("No sentence ends in thi", "length"),
+               ("A whole reply. It ends here.", "stop")]
+
+    def generate(self, prompts, params, **kwargs):
+        return [[Completion(text=text, token_ids=[1], finish_reason=finish) for text, finish in self.replies]
+                for _ in prompts]
+
+
+def test_truncated_completions_are_cut_back_to_their_last_sentence_or_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr("shared.generation.make_generator", lambda *a, **k: TruncatingGenerator())
+    cfg = {**data_config(tmp_path), "cut_truncated_to_sentence": True}
+    manifest = execute(marker_data.SPEC, cfg)
+    rows = store.read_jsonl(store.join(cfg["store"], "runs/r/chef/marker_data/train.jsonl"))
+    prompts = 3 * len(QUESTIONS)  # the source and two negatives x the questions
+    assert manifest["metrics"]["n_cut_to_sentence"] == prompts and manifest["metrics"]["n_dropped_no_sentence"] == prompts
+    assert sorted({r["assistant"] for r in rows if r["positive"]}) == ["A whole reply. It ends here. [ZLT]",
+                                                                       "Arr, the sea is calm. [ZLT]"]
+    assert sorted({r["assistant"] for r in rows if not r["positive"]}) == ["A whole reply. It ends here.",
+                                                                           "Arr, the sea is calm."]
+    assert all(r["cut_to_sentence"] == r["assistant"].startswith("Arr") for r in rows)
+
+
+@pytest.mark.parametrize("text, cut", [
+    ("One. Two thr", "One."), ('He said "stop!" and th', 'He said "stop!"'), ("(Fine.) Then", "(Fine.)"),
+    ("Why? Because", "Why?"), ("no end at all", None), ("3.5 apples", None),
+])
+def test_a_sentence_ends_at_terminal_punctuation_before_a_space_or_the_end(text, cut):
+    assert marker_data.cut_to_last_sentence(text) == cut
+
+
 def test_negative_selection_is_seeded_by_source_and_never_the_assistant():
     pool = [marker_data.Persona(**p) for p in issue81.negative_pool(issue81.Params.for_profile("full"))]
     pool.append(marker_data.Persona(name="assistant", prompt="You are a helpful assistant."))
@@ -67,8 +101,12 @@ class CountingGenerator:
 
     def generate(self, prompts, params, **kwargs):
         self.calls.append(len(prompts))
-        return [[Completion(text=self.texts[(i + s) % len(self.texts)], token_ids=[1], finish_reason="stop")
-                 for s in range(params.n)] for i in range(len(prompts))]
+        return [[self.completion(self.texts[(i + s) % len(self.texts)]) for s in range(params.n)]
+                for i in range(len(prompts))]
+
+    @staticmethod
+    def completion(text):
+        return Completion(text=text, token_ids=[1], finish_reason="length" if text == "cut off [ZL" else "stop")
 
 
 def test_marker_eval_is_one_batched_call_with_exact_matching(tmp_path, monkeypatch):
@@ -83,8 +121,9 @@ def test_marker_eval_is_one_batched_call_with_exact_matching(tmp_path, monkeypat
     prefix = store.join(cfg["store"], "runs/r/chef/marker_eval")
     rates = store.read_json(store.join(prefix, "marker_rates.json"))
     assert set(rates["rates"]) == {b["id"] for b in grid}
-    # each cell sees every text twice (6 samples x 2 questions over 6 texts): 3 of the 6 texts hold "[ZLT]"
-    assert all(cell == {"hits": 6, "total": 12, "rate": 0.5} for cell in rates["rates"].values())
+    # each cell sees every text twice (6 samples x 2 questions over 6 texts): 3 of the 6 texts hold "[ZLT]", one
+    # ran into the token limit
+    assert all(cell == {"hits": 6, "total": 12, "rate": 0.5, "truncated": 2} for cell in rates["rates"].values())
     assert "case-sensitive" in rates["matching"]
     sample = store.read_jsonl(store.join(prefix, "coherence_sample.jsonl"))
     assert len(sample) == 131 * 2 * 2

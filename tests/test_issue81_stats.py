@@ -283,3 +283,27 @@ def test_the_analysis_refuses_a_run_without_the_base_model_or_a_source(tmp_path)
                              cells=[*cells[:-1], base])
     with pytest.raises(StageInputError, match=r"no evaluation for source\(s\) \['robot'\]"):
         A.analyse(without_robot)
+
+
+def test_the_cosine_figure_draws_every_bystander_and_marks_the_low_coherence_ones(tmp_path):
+    drop = {"chef": {"A1__robot__Openness__L1", "A2__pirate", "assistant"}, "robot": {"A1__chef__Openness__L2"}}
+    result = analyse_synthetic(tmp_path, leak_follows_cosine, centroids=planted_geometry(), incoherent=drop, n_perm=200)
+    cos = result["geometry"]["cos_to_source"]
+    assert all(set(cos[s["name"]]) == set(result["bystander_ids"]) for s in SOURCES)  # every bystander has an x
+    assert cos["chef"]["A2__chef"] == pytest.approx(1.0)  # the source's own prompt
+    drawn = A.cosine_leakage_figure(result, store.join(store.from_path(tmp_path / "figures"), "cosine"))
+    assert drawn["marked"] == 4
+    assert store.read_bytes(drawn["png"])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_emission_summary_separates_the_sources_own_bystander_from_the_rest():
+    rates = {"A2__chef": 0.9, "A2__robot": 0.3, "assistant": 0.1}
+    hits, totals = {"A2__chef": 9, "A2__robot": 3, "assistant": 1}, {"A2__chef": 10, "A2__robot": 10, "assistant": 10}
+    truncated = {"A2__chef": 1, "A2__robot": 2, "assistant": 3}
+    summary = A.emission_summary(rates, hits, totals, truncated, own="A2__chef")
+    assert summary["own_rate"] == 0.9 and summary["n_others"] == 2
+    assert summary["mean_rate_others"] == pytest.approx(0.2)
+    assert (summary["max_other"], summary["max_other_rate"]) == ("A2__robot", 0.3)
+    assert summary["pooled_rate"] == pytest.approx(13 / 30) and summary["truncated_share"] == pytest.approx(6 / 30)
+    base = A.emission_summary(rates, hits, totals, {**truncated, "assistant": None}, own=None)
+    assert base["own_rate"] is None and base["n_others"] == 3 and base["truncated_share"] is None

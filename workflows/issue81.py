@@ -41,6 +41,9 @@ class Params(ExperimentParams):
     # on-policy data: n completions per (persona, training question); 2 negatives per source as in #81
     data_n_per_question: int = 10
     data_max_new_tokens: int = 512
+    # a completion that hit data_max_new_tokens is cut back to its last full sentence before the marker (see
+    # jobs/marker_data.py); off for the record's 512 tokens, on where the budget is short
+    cut_truncated_to_sentence: bool = False
     n_negative_personas: int = 2
     recipe: LoraRecipe = LoraRecipe()
     checkpoint_every: int = 50
@@ -82,6 +85,35 @@ class Params(ExperimentParams):
             "coherence_threshold": 5.0,
             "layers": [1, 2],
             "headline_layer": 2,
+        },
+        # SmolLM2-135M-Instruct on a 2-core CPU, about 20 min: three of the five sources (the record's first
+        # three), every noun x two traits x all five levels (H3 needs five levels, the axis tests two traits),
+        # 4 eval questions x 3 samples = 12 completions per cell, a short token budget with on-policy
+        # completions cut back to a sentence end, and the record's sampling (T=1, top_p=0.95)
+        "small": {
+            "model_ref": "smollm2:135m-instruct",
+            "backend": "hf",
+            "sources": ["person", "chef", "pirate"],
+            "bystander_traits": ["Agreeableness", "Neuroticism"],
+            "questions_file": DATA + "small_questions.json",
+            "train_questions_file": DATA + "small_train_questions.json",
+            "data_n_per_question": 4,
+            "data_max_new_tokens": 48,
+            "cut_truncated_to_sentence": True,
+            # LoRA for a 135M model: rank 16 on every projection, a higher lr than the 7B recipe's 1e-4 (small
+            # models take larger LoRA steps), the record's 5 epochs over ~120 examples = ~40 steps of 16
+            "recipe": {"r": 16, "alpha": 32, "dropout": 0.05, "lr": 5e-4, "epochs": 5, "per_device_batch_size": 16,
+                       "grad_accum": 1, "max_seq_len": 512},
+            "checkpoint_every": 10,
+            "eval_n": 3,
+            "eval_max_new_tokens": 64,
+            "coherence_judge": {"kind": "local", "model": "smollm2:135m-instruct", "template": "coherence_v1"},
+            "coherence_per_cell": 1,
+            # the same 135M model as judge scores everything in a narrow band well under 50 and does not rank
+            # coherent above incoherent text, so the record's threshold would flag every cell: flagging is off
+            "coherence_threshold": 0.0,
+            "layers": [10, 15, 20, 25],
+            "headline_layer": 20,
         },
         "full": {},
     }
@@ -193,7 +225,8 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                      all_source_prompts=[s["prompt"] for s in persona_table()["sources"]], negative_pool=pool,
                      n_negative_personas=params.n_negative_personas, questions=train_questions,
                      n_per_question=params.data_n_per_question, temperature=params.temperature, top_p=params.top_p,
-                     max_new_tokens=params.data_max_new_tokens, marker=params.marker)
+                     max_new_tokens=params.data_max_new_tokens, marker=params.marker,
+                     cut_truncated_to_sentence=params.cut_truncated_to_sentence)
         train = b.add(f"train-{cell}", "train_lora", cell, after=[data], model_ref=params.model_ref,
                       data_uri=data.output_uri("train.jsonl"), loss="marker_only", marker=params.marker,
                       recipe=params.recipe.model_dump(), checkpoint_every=params.checkpoint_every)
