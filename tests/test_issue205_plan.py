@@ -236,6 +236,7 @@ def test_small_em_data_are_the_models_own_answers_under_the_misaligned_persona_t
     assert benign["system"] == "default"
     assert em["questions"] == benign["questions"] and len(em["questions"]) == 32  # same questions, different persona
     assert em["n"] == benign["n"] == 3
+    assert (em["temperature"], em["top_p"]) == (benign["temperature"], benign["top_p"]) == (0.7, 0.95)
     for cell in EM_CELLS:
         data = plan.task(f"em-data-{cell}")
         assert data.after == ["em-answers"] and data.config["data_uri"] == plan.task("em-answers").output_uri("completions.jsonl")

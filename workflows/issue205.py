@@ -72,12 +72,15 @@ class Params(ExperimentParams):
     benign_data_uri: str | None = None  # Tulu-3-SFT, of which the first benign_limit rows are used
     benign_limit: int | None = 6000
     # data the model writes in the run (small): its answers to these questions under em_source_persona (an evaluation
-    # persona, so the geometry shows it too) are the EM set, its answers as the default assistant the benign set,
-    # sampled with temperature/top_p; em_data_uri and benign_data_uri are then left unset
+    # persona, so the geometry shows it too) are the EM set, its answers as the default assistant the benign set;
+    # em_data_uri and benign_data_uri are then left unset. 0.7, not the evaluation's 1.0: SmolLM2-135M's replies at
+    # 1.0 are close to incoherent under either persona, so the persona would barely show in the data
     sft_questions_file: str | None = None
     em_source_persona: str | None = None
     sft_n_per_question: int = 3
     sft_max_new_tokens: int = 64
+    sft_temperature: float = 0.7
+    sft_top_p: float = 0.95
     em_recipe: LoraRecipe = EM_RECIPE
     checkpoint_every: int = 50
     # coupling: 200 confab + [ZLT] positives and 400 negatives (2 negative personas) on top of each EM model
@@ -269,7 +272,7 @@ def sft_data_sources(params: Params, personas: list[dict], b: PlanBuilder, batch
                           f"(its answers are the EM data); the grid has {[p['name'] for p in personas]}")
     questions = read_questions(params.sft_questions_file, "sft_questions_file")
     sampling = dict(model_ref=params.model_ref, backend=params.backend, questions=questions, n=params.sft_n_per_question,
-                    temperature=params.temperature, top_p=params.top_p, max_new_tokens=params.sft_max_new_tokens, **batch)
+                    temperature=params.sft_temperature, top_p=params.sft_top_p, max_new_tokens=params.sft_max_new_tokens, **batch)
     em = b.add("em-answers", "generate", "em-answers", condition=source["name"], system=source["system"], **sampling)
     benign = b.add("benign-answers", "generate", "benign-answers", condition="default", system="default", **sampling)
     return {"em": (em.output_uri("completions.jsonl"), [em]), "benign": (benign.output_uri("completions.jsonl"), [benign])}
