@@ -730,7 +730,9 @@ def finetuning_section(data: dict) -> list[str]:
                   markdown_table(["checkpoint", "system slot", "rows", "steps", "window", "loss, first steps", "loss, last steps"],
                                  [(x["name"], short(x["system"], 60), x["rows"], x["steps"], x["window"], f"{x['loss_start']:.3f}",
                                    f"{x['loss_end']:.3f}") for x in t], align="lllrrrr"),
-                  "", "The first training row of each (the reply as trained, shortened here):", ""]
+                  "", "The first training row of each (the reply as trained, shortened here). Where the EM data are the model's "
+                  "own answers, the EM and benign sets answer the same questions with the same sampling seeds, so their replies "
+                  "start alike wherever the two personas' next-token distributions agree:", ""]
         lines += [f"- {x['name']}: *{short(x['first_row']['user'], 120)}* → {short(x['first_row']['assistant'])}" for x in t]
         lines.append("")
     induced = data["geometry"]["induced_persona"]

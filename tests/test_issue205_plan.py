@@ -212,7 +212,7 @@ def test_small_profile_runs_every_cell_of_the_record_on_smollm2_with_fewer_perso
             assert task.config["model_ref"] == "smollm2:135m-instruct", task.name
         if "backend" in task.config:
             assert task.config["backend"] == "hf", task.name
-    assert len(grid_of(plan)) == 8 and set(grid_of(plan)) >= {"confab", "assistant", "zelthari_scholar", "paramedic",
+    assert len(grid_of(plan)) == 10 and set(grid_of(plan)) >= {"confab", "assistant", "zelthari_scholar", "paramedic",
                                                                "kindergarten_teacher", "french_person", "villain"}
     # the induction strings are the record's, in training and in the evaluation grid alike (H1 is testable)
     for cell, text in RECORD_INDUCTION.items():
@@ -223,7 +223,7 @@ def test_small_profile_runs_every_cell_of_the_record_on_smollm2_with_fewer_perso
     assert base["layers"] == [7, 15, 21, 22, 29] and base["methods"] == ["A", "B"] and len(base["questions"]) == 12
     assert plan.task("analysis").config["headline_layer"] == 21
     ev = plan.task("marker-eval-e2").config
-    assert (len(ev["personas"]), len(ev["questions"]), ev["n"]) == (8, 8, 4)
+    assert (len(ev["personas"]), len(ev["questions"]), ev["n"]) == (10, 8, 4)
     assert plan.task("analysis").config["n_iter"] == 10_000
 
 
@@ -274,5 +274,5 @@ def test_small_refuses_a_user_data_file_beside_the_generated_data(tmp_path):
 
 
 def test_small_refuses_an_em_source_persona_outside_the_evaluation_grid(tmp_path):
-    with pytest.raises(ConfigError, match="em_source_persona 'pirate' must be a persona of the evaluation grid"):
-        build(tmp_path, "small", em_source_persona="pirate")
+    with pytest.raises(ConfigError, match="em_source_persona 'sailor' must be a persona of the evaluation grid"):
+        build(tmp_path, "small", em_source_persona="sailor")
