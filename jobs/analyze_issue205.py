@@ -500,7 +500,7 @@ def outcome(geo: dict, beh: dict | None) -> dict:
 
 
 GEOMETRY_PANELS = {
-    "M1": "M1 mean off-diagonal cosine",
+    "M1": "M1 mean off-diagonal raw cosine",
     "M2": "M2 mean abs cos to the E0 EM axis (non-assistant personas)",
     "M3": "M3 held-out LDA accuracy",
 }
@@ -528,7 +528,8 @@ def hero_figure(data: dict, uri: str) -> dict:
         ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
         if metric != "M3":  # cosines of persona vectors sit close together: zoom onto their range
             shown = [v for m in data["methods"] for v in geo["values"][f"{m}/L{layer}"][metric].values()]
-            ax.set_ylim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.02))
+            spread = max(max(shown) - min(shown), 1e-4)
+            ax.set_ylim(max(0.0, min(shown) - 0.5 * spread), min(1.0, max(shown) + 0.3 * spread))
     chance = geo["m3_base"][f"{data['methods'][0]}/L{layer}"]["chance"]
     grid[0, 2].axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
     grid[0, 2].legend(fontsize=7, loc="lower right", framealpha=0.9)
@@ -573,11 +574,14 @@ def m1_bars_figure(data: dict, uri: str) -> dict:
         for li, layer in enumerate(layers):
             ax = grid[mi, li]
             values = [geo["values"][f"{method}/L{layer}"]["M1"][c] for c in ckpts]
-            ax.bar(range(len(ckpts)), values, color=[PALETTE[i % len(PALETTE)] for i in range(len(ckpts))])
+            bars = ax.bar(range(len(ckpts)), values, color=[PALETTE[i % len(PALETTE)] for i in range(len(ckpts))])
+            ax.bar_label(bars, [f"{v:.4f}" for v in values], rotation=90, fontsize=6, padding=2)
             ax.set_xticks(range(len(ckpts)), ckpts, rotation=45, fontsize=7)
-            ax.set_ylim(max(-1.0, min(values) - 0.05), 1.0)
+            # raw cosines of a real model sit within a few thousandths of 1: zoom onto their range (labels give values)
+            spread = max(max(values) - min(values), 1e-4)
+            ax.set_ylim(max(-1.0, min(values) - 0.5 * spread), min(1.0, max(values) + 1.5 * spread))
             ax.set_title(f"Method {method}, L{layer}", fontsize=8)
-    fig.suptitle("M1: mean off-diagonal persona cosine per checkpoint", fontsize=10)
+    fig.suptitle("M1: mean off-diagonal raw persona cosine per checkpoint (y axis zoomed)", fontsize=10)
     fig.tight_layout()
     return save(fig, uri)
 
