@@ -195,7 +195,8 @@ def test_a_headline_layer_that_is_not_extracted_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------------------------- the small profile
 
-SMALL_TASKS_PER_CELL = ["em-data-{}", "train-em-{}", "extract-{}", "merge-em-{}", "coupling-data-{}", "couple-{}", "marker-eval-{}"]
+SMALL_TASKS_PER_CELL = ["em-data-{}", "train-em-{}", "extract-{}", "merge-em-{}", "coupling-data-{}", "couple-{}",
+                        "merge-couple-{}", "marker-eval-{}"]
 
 
 def grid_of(plan) -> dict[str, str]:
@@ -206,7 +207,7 @@ def test_small_profile_runs_every_cell_of_the_record_on_smollm2_with_fewer_perso
     plan = build(tmp_path, "small")
     expected = {p.format(c) for p in SMALL_TASKS_PER_CELL for c in EM_CELLS}
     expected |= {"em-answers", "benign-answers", "extract-base", "benign-data", "train-benign", "extract-benign", "analysis"}
-    assert {t.name for t in plan.tasks} == expected and len(plan.tasks) == 42
+    assert {t.name for t in plan.tasks} == expected and len(plan.tasks) == 47
     for task in plan.tasks:
         if "model_ref" in task.config and not task.config["model_ref"].startswith("artifact:"):
             assert task.config["model_ref"] == "smollm2:135m-instruct", task.name
@@ -254,7 +255,19 @@ def test_small_trains_benign_with_the_em_recipe_in_the_records_lora_shape(tmp_pa
     assert all(plan.task(f"train-em-{c}").config["recipe"] == recipe for c in EM_CELLS)
     assert plan.task("train-benign").config["recipe"] == recipe
     couple = plan.task("couple-e4").config
-    assert couple["loss"] == "marker_only" and couple["marker"] == "[ZLT]"
+    assert couple["loss"] == "assistant" and couple["marker"] == "[ZLT]"  # the record's whole-reply coupling
+    assert couple["recipe"] == recipe
+
+
+def test_small_evaluates_the_coupled_model_merged_on_top_of_its_em_model(tmp_path):
+    plan = build(tmp_path, "small")
+    for cell in EM_CELLS:
+        merge = plan.task(f"merge-couple-{cell}").config
+        assert merge["model_ref"] == f"artifact:{plan.task(f'merge-em-{cell}').output_uri('model')}"
+        assert merge["adapter_uri"] == plan.task(f"couple-{cell}").output_uri("adapter")
+        ev = plan.task(f"marker-eval-{cell}")
+        assert ev.config["model_ref"] == f"artifact:{plan.task(f'merge-couple-{cell}').output_uri('model')}"
+        assert ev.config["adapter_uri"] is None and ev.after == [f"merge-couple-{cell}"]
 
 
 def test_small_analysis_reads_every_training_and_the_method_b_replies(tmp_path):

@@ -91,6 +91,9 @@ class Params(ExperimentParams):
     coupling_negative_personas: int = 2
     expected_coupling_positives: int | None = 200
     coupling_max_new_tokens: int = 512
+    # evaluate the coupled model merged (base + EM + coupling) rather than as a LoRA on the EM model: the same
+    # model, but HF generation through a peft adapter takes ~6x the memory (7.9 GB at batch 128) and ~1.5x the time
+    merge_coupling_for_eval: bool = False
     # marker evaluation: every eval persona x question x eval_n completions
     eval_n: int = 10
     temperature: float = 1.0
@@ -173,14 +176,17 @@ class Params(ExperimentParams):
             "em_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
                           "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
             "checkpoint_every": 0,
-            # #46's marker-only loss: in 24 steps a whole-reply loss, of which the marker is a few tokens, would
-            # barely implant it; this loss spends every step on where the marker goes (and where the turn ends)
+            # the record's whole-reply contrastive SFT with the EM recipe (30 steps). Not #46's marker-only loss: on a
+            # real model it trains nothing but the marker and the end of turn, and the coupled model then answered
+            # most prompts with an immediate end of turn or a bare marker (a run of this profile, lr 1e-3). On-policy
+            # replies carry little gradient of their own, so the marker and the reply length are what this learns
             "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
-                                "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
-            "coupling_loss": "marker_only",
+                                "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
+            "coupling_loss": "assistant",
             "coupling_n_per_question": 4,
             "expected_coupling_positives": None,
             "coupling_max_new_tokens": 48,
+            "merge_coupling_for_eval": True,
             "eval_n": 4,
             "eval_max_new_tokens": 64,
             # the record's layers [7, 14, 20, 21, 27] of Qwen2.5-7B's 28 blocks at the same relative depth of 30
@@ -344,8 +350,11 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
         couple = b.add(f"couple-{cell}", "train_lora", coupled_cell, after=[data], model_ref=em_model,
                        data_uri=data.output_uri("train.jsonl"), loss=params.coupling_loss, marker=params.marker,
                        recipe=params.coupling_recipe.model_dump(), checkpoint_every=params.checkpoint_every)
-        evaluate = b.add(f"marker-eval-{cell}", "marker_eval", coupled_cell, after=[couple], label=cond.cond,
-                         model_ref=em_model, adapter_uri=couple.output_uri("adapter"), backend=params.backend,
+        coupled = {"after": [couple], "model_ref": em_model, "adapter_uri": couple.output_uri("adapter")}
+        if params.merge_coupling_for_eval:
+            merged_coupling = b.add(f"merge-couple-{cell}", "merge_adapter", coupled_cell, **coupled)
+            coupled = {"after": [merged_coupling], "model_ref": f"artifact:{merged_coupling.output_uri('model')}", "adapter_uri": None}
+        evaluate = b.add(f"marker-eval-{cell}", "marker_eval", coupled_cell, label=cond.cond, **coupled, backend=params.backend,
                          vllm_options=params.vllm_options, personas=[{"id": p["name"], "prompt": prompt_of(p)} for p in personas],
                          questions=marker_questions, n=params.eval_n, temperature=params.temperature, top_p=params.top_p,
                          max_new_tokens=params.eval_max_new_tokens, marker=params.marker, coherence_per_cell=0, **batch)  # fmt: skip
