@@ -30,6 +30,15 @@ class CheckpointArtifacts(BaseModel):
     name: str  # base, E0..E4, benign
     activations_uri: str
     index_uri: str
+    responses_uri: str | None = None  # Method B's greedy replies (the report quotes a few)
+
+
+class TrainingArtifacts(BaseModel):
+    """One fine-tuning behind a checkpoint: the rows it trained on and its per-step losses."""
+
+    name: str  # E0..E4, benign
+    data_uri: str  # sft_data's train.jsonl
+    log_uri: str  # train_lora's train_log.jsonl
 
 
 class ConditionArtifacts(BaseModel):
@@ -71,6 +80,10 @@ class Config(StageConfig):
     lda_components: int = 16
     rules: Rules = Rules()
     params: dict = {}
+    # the persona whose own answers are the EM data (small profile): the report checks whether EM training moves
+    # each induction persona towards it; None where the EM data are the user's file
+    em_source_persona: str | None = None
+    trainings: list[TrainingArtifacts] = []
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -269,6 +282,78 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
     }  # fmt: skip
 
 
+# ------------------------------------------------------------------- what the fine-tuning did (descriptive)
+
+
+def cosine_matrices(vectors: dict) -> dict:
+    """Per (method, layer) and checkpoint: the persona-by-persona cosine matrix, raw and centred over personas."""
+    from shared import geometry as g
+
+    return {f"{method}/L{layer}": {c: {"raw": g.cosine_matrix(v).tolist(), "centred": g.centred_cosine_matrix(v).tolist()}
+                                   for c, v in per_ckpt.items()}
+            for (method, layer), per_ckpt in vectors.items()}  # fmt: skip
+
+
+def induced_persona(cfg: Config, vectors: dict, personas: list[str]) -> dict | None:
+    """Did EM training induce the persona that wrote the EM data? Per (method, layer) and condition: the centred
+    cosine (each checkpoint centred on its own mean persona) between the condition's induction persona and the EM
+    source persona, in base, in the condition's EM checkpoint and in benign SFT. None without an EM source persona."""
+    from shared import geometry as g
+
+    source = cfg.em_source_persona
+    if source is None:
+        return None
+    if source not in personas:
+        raise StageInputError(f"em_source_persona {source!r} is not in the evaluation grid {personas}")
+    s = personas.index(source)
+    out = {}
+    testable = [(cond.cond, cond.persona, personas.index(cond.persona)) for cond in cfg.conditions if cond.persona in personas]
+    for (method, layer), per_ckpt in vectors.items():
+        centred = {c: g.centred_cosine_matrix(v) for c, v in per_ckpt.items()}
+        out[f"{method}/L{layer}"] = {
+            cond: {"persona": persona, "base": float(centred["base"][i, s]), "em": float(centred[cond][i, s]),
+                   "benign": float(centred["benign"][i, s])}
+            for cond, persona, i in testable
+        }
+    return out
+
+
+def training_summary(cfg: Config) -> list[dict]:
+    """Per fine-tuning: its rows, steps, the mean loss over its first and last few steps, and its first row."""
+    out = []
+    for t in cfg.trainings:
+        losses = [r["loss"] for r in store.read_jsonl(t.log_uri)]
+        rows = store.read_jsonl(t.data_uri)
+        if not losses or not rows:
+            raise StageInputError(f"training {t.name}: no losses in {t.log_uri} or no rows in {t.data_uri}")
+        window = max(1, min(5, len(losses) // 4))
+        out.append({"name": t.name, "rows": len(rows), "system": rows[0]["system"], "steps": len(losses), "window": window,
+                    "loss_start": float(np.mean(losses[:window])), "loss_end": float(np.mean(losses[-window:])),
+                    "first_row": {"user": rows[0]["user"], "assistant": rows[0]["assistant"]}})  # fmt: skip
+    return out
+
+
+def sample_replies(cfg: Config, personas: list[str], questions: list[str]) -> list[dict]:
+    """Greedy replies (Method B's) to the first extraction question: each fine-tuned checkpoint's induction persona
+    (the assistant for benign) beside base's, and the EM source persona's in base."""
+    responses = {c.name: store.read_jsonl(c.responses_uri) for c in cfg.checkpoints if c.responses_uri}
+    if "base" not in responses:
+        return []
+    question = questions[0]
+
+    def reply(checkpoint: str, persona: str) -> str:
+        return next((r["text"] for r in responses[checkpoint] if r["persona"] == persona and r["question_id"] == question), "")
+
+    wanted = [(c.cond, c.persona if c.persona in personas else cfg.assistant_persona) for c in cfg.conditions]
+    wanted.append(("benign", cfg.assistant_persona))
+    rows = [{"checkpoint": name, "persona": persona, "question_id": question, "base": reply("base", persona),
+             "tuned": reply(name, persona)} for name, persona in wanted if name in responses]
+    if cfg.em_source_persona in personas:
+        rows.append({"checkpoint": "base", "persona": cfg.em_source_persona, "question_id": question,
+                     "base": reply("base", cfg.em_source_persona), "tuned": None})
+    return rows
+
+
 # ------------------------------------------------------------------------------------- the families
 
 
@@ -338,6 +423,7 @@ def geometry(cfg: Config, acts: Activations) -> dict:
         "decisions": decisions, "values": checkpoint_values(family, vectors, acts), "m3_base": base_chance,
         "m3_base_above_chance": {k: bool(v["p_above_chance"] < 0.05) for k, v in base_chance.items()},
         "m2_robustness": m2_robustness(vectors, acts.personas, cfg.assistant_persona, em_names),
+        "cosine_matrices": cosine_matrices(vectors), "induced_persona": induced_persona(cfg, vectors, acts.personas),
         "paired_retained": {m: acts.retained(m) for m in acts.methods},
     }  # fmt: skip
 
@@ -414,7 +500,7 @@ def outcome(geo: dict, beh: dict | None) -> dict:
 
 
 GEOMETRY_PANELS = {
-    "M1": "M1 mean off-diagonal cosine",
+    "M1": "M1 mean off-diagonal raw cosine",
     "M2": "M2 mean abs cos to the E0 EM axis (non-assistant personas)",
     "M3": "M3 held-out LDA accuracy",
 }
@@ -442,7 +528,8 @@ def hero_figure(data: dict, uri: str) -> dict:
         ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
         if metric != "M3":  # cosines of persona vectors sit close together: zoom onto their range
             shown = [v for m in data["methods"] for v in geo["values"][f"{m}/L{layer}"][metric].values()]
-            ax.set_ylim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.02))
+            spread = max(max(shown) - min(shown), 1e-4)
+            ax.set_ylim(max(0.0, min(shown) - 0.5 * spread), min(1.0, max(shown) + 0.3 * spread))
     chance = geo["m3_base"][f"{data['methods'][0]}/L{layer}"]["chance"]
     grid[0, 2].axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
     grid[0, 2].legend(fontsize=7, loc="lower right", framealpha=0.9)
@@ -487,12 +574,47 @@ def m1_bars_figure(data: dict, uri: str) -> dict:
         for li, layer in enumerate(layers):
             ax = grid[mi, li]
             values = [geo["values"][f"{method}/L{layer}"]["M1"][c] for c in ckpts]
-            ax.bar(range(len(ckpts)), values, color=[PALETTE[i % len(PALETTE)] for i in range(len(ckpts))])
+            bars = ax.bar(range(len(ckpts)), values, color=[PALETTE[i % len(PALETTE)] for i in range(len(ckpts))])
+            ax.bar_label(bars, [f"{v:.4f}" for v in values], rotation=90, fontsize=6, padding=2)
             ax.set_xticks(range(len(ckpts)), ckpts, rotation=45, fontsize=7)
-            ax.set_ylim(max(-1.0, min(values) - 0.05), 1.0)
+            # raw cosines of a real model sit within a few thousandths of 1: zoom onto their range (labels give values)
+            spread = max(max(values) - min(values), 1e-4)
+            ax.set_ylim(max(-1.0, min(values) - 0.5 * spread), min(1.0, max(values) + 1.5 * spread))
             ax.set_title(f"Method {method}, L{layer}", fontsize=8)
-    fig.suptitle("M1: mean off-diagonal persona cosine per checkpoint", fontsize=10)
+    fig.suptitle("M1: mean off-diagonal raw persona cosine per checkpoint (y axis zoomed)", fontsize=10)
     fig.tight_layout()
+    return save(fig, uri)
+
+
+def cosine_matrix_figure(data: dict, method: str, uri: str) -> dict:
+    """Persona-by-persona cosines of every checkpoint at the headline layer: raw (top), centred over personas
+    (middle; the common component removed) and the centred change from base (bottom)."""
+    from shared.figures import new_figure, save
+    from shared.geometry import off_diagonal
+
+    layer, ckpts, personas = data["headline_layer"], data["checkpoints"], data["personas"]
+    mats = {c: {k: np.array(v) for k, v in m.items()} for c, m in data["geometry"]["cosine_matrices"][f"{method}/L{layer}"].items()}
+    raw_low = min(off_diagonal(m["raw"]).min() for m in mats.values())
+    change = {c: mats[c]["centred"] - mats["base"]["centred"] for c in ckpts}
+    change_max = max(1e-6, max(np.abs(v).max() for v in change.values()))
+    panels = [("raw cosine", lambda c: mats[c]["raw"], raw_low, 1.0, "viridis"),
+              ("centred cosine", lambda c: mats[c]["centred"], -1.0, 1.0, "RdBu_r"),
+              ("centred, change from base", lambda c: change[c], -change_max, change_max, "PuOr_r")]
+    fig, _ = new_figure(1.9 * len(ckpts) + 1.5, 6.6)
+    fig.clf()
+    fig.set_layout_engine("constrained")
+    grid = fig.subplots(len(panels), len(ckpts), squeeze=False)
+    for row, (label, matrix_of, vmin, vmax, cmap) in enumerate(panels):
+        for col, ckpt in enumerate(ckpts):
+            ax = grid[row, col]
+            ax.grid(False)
+            image = ax.imshow(matrix_of(ckpt), vmin=vmin, vmax=vmax, cmap=cmap)
+            ax.set_xticks(range(len(personas)), personas if row == len(panels) - 1 else [], rotation=90, fontsize=6)
+            ax.set_yticks(range(len(personas)), personas if col == 0 else [], fontsize=6)
+            if row == 0:
+                ax.set_title(ckpt, fontsize=9)
+        fig.colorbar(image, ax=list(grid[row]), shrink=0.9, label=label)
+    fig.suptitle(f"Persona-by-persona cosine of the persona vectors, Method {method}, layer {layer}", fontsize=10)
     return save(fig, uri)
 
 
@@ -566,6 +688,78 @@ def h1_cells(row: dict) -> tuple:
     return (f"{h1['excess']:.4f}", f"{h1['p']:.4g}", h1["fires"]) if h1 else (None, None, "untestable")
 
 
+def short(text: str | None, limit: int = 240) -> str:
+    """One line of at most ``limit`` characters, for quoting model text in a table."""
+    text = " ".join((text or "").split()).replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cosine_section(data: dict) -> list[str]:
+    """The persona-by-persona cosine figures and how far each checkpoint's centred pattern moved from base's."""
+    from shared.geometry import off_diagonal
+    from shared.reporting import markdown_table
+
+    layer, ckpts, n = data["headline_layer"], data["checkpoints"], len(data["personas"])
+    rows = []
+    for method in data["methods"]:
+        mats = data["geometry"]["cosine_matrices"][f"{method}/L{layer}"]
+        base = np.array(mats["base"]["centred"])
+        rows.append([f"Method {method}: mean raw off-diagonal cosine"] +
+                    [f"{off_diagonal(np.array(mats[c]['raw'])).mean():.4f}" for c in ckpts])
+        rows.append([f"Method {method}: mean abs change of centred cosines from base"] +
+                    [f"{np.abs(off_diagonal(np.array(mats[c]['centred']) - base)).mean():.4f}" for c in ckpts])
+    lines = ["## Persona-by-persona cosine matrices", "",
+             f"Layer {layer}. A real model's persona centroids share a large common component, so their raw cosines sit "
+             "close to 1 (top row of each figure; the pre-registered M1 is their mean) and move only in the last decimals. "
+             "The middle row subtracts each checkpoint's mean persona vector before the cosine and shows the pattern "
+             f"between personas; its off-diagonal mean is pinned near -1/(p-1) = {-1 / (n - 1):.3f} whatever the geometry, "
+             "so read the pattern, not the mean. The bottom row is each checkpoint's centred matrix minus base's.", "",
+             markdown_table(["", *ckpts], rows), ""]
+    lines += [f"![cosine matrices, Method {m}](cosine_matrices_{m}.png)" for m in data["methods"]]
+    return lines + [""]
+
+
+def finetuning_section(data: dict) -> list[str]:
+    """What each fine-tuning trained on and did: losses, the first rows, the EM source persona's pull, greedy replies."""
+    from shared.reporting import markdown_table
+
+    lines, layer, source = [], data["headline_layer"], data["em_source_persona"]
+    if not (data["trainings"] or data["geometry"]["induced_persona"] or data["sample_replies"]):
+        return lines
+    lines += ["## What the fine-tuning did", ""]
+    if data["trainings"]:
+        t = data["trainings"]
+        lines += ["Each fine-tuning's training rows (all under one system slot), its optimizer steps, and its mean training "
+                  "loss over its first and over its last `window` steps.", "",
+                  markdown_table(["checkpoint", "system slot", "rows", "steps", "window", "loss, first steps", "loss, last steps"],
+                                 [(x["name"], short(x["system"], 60), x["rows"], x["steps"], x["window"], f"{x['loss_start']:.3f}",
+                                   f"{x['loss_end']:.3f}") for x in t], align="lllrrrr"),
+                  "", "The first training row of each (the reply as trained, shortened here). Where the EM data are the model's "
+                  "own answers, the EM and benign sets answer the same questions with the same sampling seeds, so their replies "
+                  "start alike wherever the two personas' next-token distributions agree:", ""]
+        lines += [f"- {x['name']}: *{short(x['first_row']['user'], 120)}* → {short(x['first_row']['assistant'])}" for x in t]
+        lines.append("")
+    induced = data["geometry"]["induced_persona"]
+    if induced:
+        lines += [f"Is the persona that wrote the EM data (`{source}`) induced into the weights? Centred cosine (layer {layer}) "
+                  f"between each condition's induction persona and `{source}` in base, in that condition's EM checkpoint and "
+                  "in benign SFT; a positive EM - base means EM training moved the induction persona towards the EM source. "
+                  "E0's induction persona is the assistant: it trained under the template's default system prompt and is read "
+                  "under the grid's explicit assistant prompt.", "",
+                  markdown_table(["method", "cond", "induction persona", "base", "EM", "benign", "EM - base"],
+                                 [(method, cond, v["persona"], f"{v['base']:.3f}", f"{v['em']:.3f}", f"{v['benign']:.3f}",
+                                   f"{v['em'] - v['base']:+.3f}")
+                                  for method in data["methods"] for cond, v in induced[f"{method}/L{layer}"].items()],
+                                 align="lllrrrr"), ""]  # fmt: skip
+    if data["sample_replies"]:
+        question = data["sample_replies"][0]["question_id"]
+        lines += [f"Greedy replies (Method B's) to extraction question `{question}`, before and after fine-tuning:", "",
+                  markdown_table(["checkpoint", "persona", "base", "fine-tuned"],
+                                 [(r["checkpoint"], r["persona"], short(r["base"], 200), short(r["tuned"], 200) if r["tuned"] is not None else "(the EM source, base model)")
+                                  for r in data["sample_replies"]], align="llll"), ""]  # fmt: skip
+    return lines
+
+
 def report(data: dict) -> str:
     from shared.reporting import fmt, markdown_table
 
@@ -575,6 +769,8 @@ def report(data: dict) -> str:
              f"Checkpoints: {', '.join(data['checkpoints'])}. Methods {', '.join(data['methods'])}; layers {data['layers']} "
              f"(headline layer {data['headline_layer']}). {data['n_iter']} permutations per test.", "",
              "## Headline", "", markdown_table(headers, rows), "", "![hero](hero_issue205.png)", ""]
+    lines += cosine_section(data)
+    lines += finetuning_section(data)
     lines += ["## Decision rules (as pre-registered)", ""]
     rules = data["rules"]
     for g, d in geo["decisions"].items():
@@ -657,6 +853,8 @@ def results(cfg: Config, acts: Activations, beh: dict | None) -> dict:
         "questions": acts.questions, "layers": acts.layers, "methods": acts.methods, "headline_layer": cfg.headline_layer,
         "n_iter": cfg.n_iter, "marker": cfg.marker, "rules": cfg.rules.model_dump(),
         "conditions": [c.model_dump() for c in cfg.conditions], "geometry": geo, "behaviour": beh,
+        "em_source_persona": cfg.em_source_persona, "trainings": training_summary(cfg),
+        "sample_replies": sample_replies(cfg, acts.personas, acts.questions),
     }  # fmt: skip
     data["outcome"] = outcome(geo, beh)
     return data
@@ -675,11 +873,14 @@ def run(cfg: Config, ctx) -> dict:
     store.write_json(ctx.out("headline.json"), data)
     hero_figure(data, ctx.out("hero_issue205"))
     m1_bars_figure(data, ctx.out("m1_bars"))
+    for method in data["methods"]:
+        cosine_matrix_figure(data, method, ctx.out(f"cosine_matrices_{method}"))
     if data["behaviour"]:
         leakage_heatmap(data, ctx.out("leakage_heatmap"))
     store.write_text(ctx.out("report.md"), report(data))
     upstream = [producing_manifest(c.activations_uri) for c in cfg.checkpoints]
     upstream += [producing_manifest(c.marker_uri) for c in cfg.conditions if c.marker_uri]
+    upstream += [producing_manifest(t.log_uri) for t in cfg.trainings]
     unique = {(m["cell"], m["stage"]): m for m in upstream}
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#205", cfg.params, list(unique.values())))
     return {"fired": data["outcome"]["fired"], "geometry_cells_firing": sum(c["fires"] for c in data["geometry"]["cells"])}

@@ -5,8 +5,12 @@ rows that bring their own system turn are refused, so a data file cannot silentl
 record's E0 trained under "You are a helpful assistant." instead of the template default). E0's slot is
 ``default``: the chat template's own default system prompt, as stated by ``shared.chat``.
 
-Input rows are ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` (the record's format) or
-``{"user", "assistant"}``. ``expected_md5`` pins the exact data file the record names (a prefix is enough).
+Input rows are ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` (the record's format),
+``{"user", "assistant"}``, or the ``generate`` stage's completion rows ``{"question", "text", ...}``: a data set the
+model itself wrote in the run (the small profile's EM data are its answers under a misaligned persona, trained here
+under the cell's slot, without that persona's prompt). Empty generated replies are dropped and counted: they would
+train nothing but the end-of-turn token. ``expected_md5`` pins the exact data file the record names (a prefix is
+enough).
 """
 
 from __future__ import annotations
@@ -35,8 +39,15 @@ class Config(StageConfig):
         return value
 
 
+def is_generated(record: dict) -> bool:
+    """A completion row of the ``generate`` stage (its question and the sampled reply)."""
+    return {"question", "text"} <= set(record) and not {"messages", "user", "assistant"} & set(record)
+
+
 def turns_of(record: dict, line: int) -> tuple[str, str]:
     """(user, assistant) of one single-turn record; one readable error for anything else."""
+    if is_generated(record):
+        return record["question"], record["text"]
     if "messages" in record:
         roles = [m.get("role") for m in record["messages"]]
         if "system" in roles:
@@ -47,7 +58,7 @@ def turns_of(record: dict, line: int) -> tuple[str, str]:
     if "system" in record:
         raise StageInputError(f"row {line} carries its own system field: the cell's system slot must be the only one")
     if not {"user", "assistant"} <= set(record):
-        raise StageInputError(f"row {line} has neither 'messages' nor 'user'/'assistant'")
+        raise StageInputError(f"row {line} has neither 'messages', 'user'/'assistant' nor a generated 'question'/'text'")
     return record["user"], record["assistant"]
 
 
@@ -63,13 +74,18 @@ def run(cfg: Config, ctx) -> dict:
         records = records[: cfg.limit]
     if not records:
         raise StageInputError(f"no rows in {cfg.data_uri}")
-    rows = []
+    rows, empty = [], 0
     for line, record in enumerate(records, start=1):
         user, assistant = turns_of(record, line)
+        if is_generated(record) and not assistant.strip():
+            empty += 1
+            continue
         rows.append({"system": cfg.system, "user": user, "assistant": assistant})
+    if not rows:
+        raise StageInputError(f"every generated reply in {cfg.data_uri} is empty")
     store.write_jsonl(ctx.out("train.jsonl"), rows)
-    ctx.log(f"{len(rows)} rows under system slot {cfg.system[:60]!r} (data MD5 {md5[:7]})")
-    return {"n_rows": len(rows), "data_md5": md5}
+    ctx.log(f"{len(rows)} rows under system slot {cfg.system[:60]!r} (data MD5 {md5[:7]}; {empty} empty replies dropped)")
+    return {"n_rows": len(rows), "n_dropped_empty": empty, "data_md5": md5}
 
 
 SPEC = StageSpec(

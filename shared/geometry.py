@@ -56,6 +56,17 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     return unit @ unit.T
 
 
+def centred_cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    """Cosines after subtracting the mean persona vector of the same checkpoint.
+
+    A real model's persona centroids share a large common component (raw cosines of SmolLM2-135M's centroids sit
+    near 0.998), which hides the pattern between personas; centring removes it. The centred vectors sum to zero,
+    so their mean off-diagonal cosine is pinned near -1/(p-1) whatever the geometry: read the pattern, not the mean.
+    """
+    vectors = np.asarray(vectors, dtype=float)
+    return cosine_matrix(vectors - vectors.mean(axis=0, keepdims=True))
+
+
 def off_diagonal(matrix: np.ndarray) -> np.ndarray:
     """The strictly upper-triangular entries (pair i < j, row-major): 66 values for 12 personas."""
     rows, cols = np.triu_indices(matrix.shape[0], k=1)

@@ -33,6 +33,21 @@ def test_cosine_matrix_and_its_66_off_diagonal_pairs():
     assert geometry.mean_off_diagonal_cosine(vectors) == pytest.approx(0.0)
 
 
+def test_centring_removes_a_common_component_that_raw_cosines_are_blind_to():
+    rng = np.random.default_rng(0)
+    pattern = rng.normal(size=(6, DIM))
+    pattern[1] = pattern[0] + 0.1 * rng.normal(size=DIM)  # personas 0 and 1 nearly coincide
+    vectors = 100.0 * rng.normal(size=DIM) + pattern  # a huge shared component, as in a real model's centroids
+    raw = geometry.cosine_matrix(vectors)
+    centred = geometry.centred_cosine_matrix(vectors)
+    assert geometry.off_diagonal(raw).min() > 0.99  # raw: everything looks alike
+    np.testing.assert_allclose(centred, geometry.centred_cosine_matrix(pattern))  # the shared part is gone
+    assert centred[0, 1] > 0.7 and np.abs(np.delete(centred[0], [0, 1])).max() < 0.7
+    # centred vectors sum to zero, so equal-norm ones have mean off-diagonal cosine exactly -1/(p-1)
+    simplex = np.eye(6, DIM)
+    assert geometry.off_diagonal(geometry.centred_cosine_matrix(simplex)).mean() == pytest.approx(-1 / 5)
+
+
 def test_m1_finds_a_planted_collapse():
     base = base_vectors()
     em = collapse_towards(base, np.random.default_rng(2).normal(size=DIM), strength=1.5)

@@ -59,10 +59,25 @@ def write_checkpoints(root: str, values: np.ndarray, invalid: dict[str, list[tup
             "checkpoint": name, "personas": [{"name": p, "system": "default"} for p in PERSONAS],
             "questions": [f"q{i}" for i in range(N_Q)], "layers": LAYERS, "methods": ["A", "B"],
         })  # fmt: skip
+        store.write_jsonl(store.join(prefix, "responses.jsonl"), [
+            {"persona": p, "question_id": f"q{i}", "text": f"{name}'s {p} on q{i}"} for p in PERSONAS for i in range(N_Q)])
         fake_manifest(prefix, name.lower(), "extract_persona_vectors")
         rows.append({"name": name, "activations_uri": store.join(prefix, "activations.safetensors"),
-                     "index_uri": store.join(prefix, "index.json")})
+                     "index_uri": store.join(prefix, "index.json"), "responses_uri": store.join(prefix, "responses.jsonl")})
     return rows
+
+
+def write_trainings(root: str, losses: list[float]) -> list[dict]:
+    """Every fine-tuning's rows and per-step losses, as sft_data and train_lora store them."""
+    out = []
+    for name in CHECKPOINTS[1:]:
+        data = store.join(root, "runs", "t", name.lower(), "sft_data", "train.jsonl")
+        store.write_jsonl(data, [{"system": "default", "user": "Q0?", "assistant": f"{name} answer"}, {"system": "default", "user": "Q1?", "assistant": "b"}])
+        prefix = store.join(root, "runs", "t", name.lower(), "train_lora")
+        store.write_jsonl(store.join(prefix, "train_log.jsonl"), [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
+        fake_manifest(prefix, name.lower(), "train_lora")
+        out.append({"name": name, "data_uri": data, "log_uri": store.join(prefix, "train_log.jsonl")})
+    return out
 
 
 def write_markers(root: str, rates_of: dict[str, dict[str, float]], n: int = 10, n_questions: int = 6):
@@ -105,7 +120,8 @@ def finished(tmp_path_factory):
     # E3 lost the reply of (villain, q3): the paired filter must drop q3 for villain in *every* checkpoint
     checkpoints = write_checkpoints(root, values, invalid={"E3": [(PERSONAS.index("villain"), 3)]})
     markers = write_markers(root, {c: leakage(i) for i, (c, _p, _cos) in enumerate(CONDITIONS)})
-    cfg = config(root, checkpoints, markers)
+    losses = [3.0, 2.8, 2.6, 2.4, 2.2, 2.0, 1.8, 1.6]  # 8 steps: the first and last 2 are averaged
+    cfg = config(root, checkpoints, markers, em_source_persona="p7", trainings=write_trainings(root, losses))
     manifest = execute(analysis.SPEC, cfg)
     prefix = store.join(root, "runs", "t", "analysis", "analyze_issue205")
     return {"cfg": cfg, "values": values, "manifest": manifest, "prefix": prefix,
@@ -284,3 +300,50 @@ def test_the_statistics_benchmark_times_this_stages_own_analysis(monkeypatch):
     assert set(timings) == {"behaviour_s", "geometry_s", "report_s"}
     assert outcomes["geometry_cells"] == {"em_vs_base": 3 * 2 * 2 * 5, "benign_vs_base": 3 * 2 * 2, "em_vs_benign": 3 * 2 * 2 * 5}
     assert outcomes["behaviour_tests"] == {"H1": 4, "H2": 1, "H3": 1}  # paramedic is not in the grid, as in the record
+
+
+def test_report_shows_the_persona_cosine_matrices_raw_and_centred_for_every_checkpoint(finished):
+    from shared import geometry
+
+    matrices = finished["headline"]["geometry"]["cosine_matrices"]
+    assert set(matrices) == {f"{m}/L{layer}" for m in "AB" for layer in LAYERS}
+    vectors = finished["values"][2, :, :, LAYERS.index(20)].mean(axis=1)  # E1, Method A, every question valid
+    np.testing.assert_allclose(matrices["A/L20"]["E1"]["raw"], geometry.cosine_matrix(vectors), rtol=1e-5)
+    np.testing.assert_allclose(matrices["A/L20"]["E1"]["centred"], geometry.centred_cosine_matrix(vectors), rtol=1e-5, atol=1e-6)
+    for method in "AB":
+        png = store.read_bytes(store.join(finished["prefix"], f"cosine_matrices_{method}.png"))
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and f"![cosine matrices, Method {method}](cosine_matrices_{method}.png)" in finished["report"]
+    raw_mean = geometry.off_diagonal(geometry.cosine_matrix(vectors)).mean()
+    assert "## Persona-by-persona cosine matrices" in finished["report"] and f"{raw_mean:.4f}" in finished["report"]
+
+
+def test_report_shows_what_each_fine_tuning_trained_on_its_losses_and_greedy_replies(finished):
+    trainings = {t["name"]: t for t in finished["headline"]["trainings"]}
+    assert list(trainings) == ["E0", "E1", "E2", "E3", "E4", "benign"]
+    e2 = trainings["E2"]
+    assert (e2["rows"], e2["steps"], e2["window"]) == (2, 8, 2)
+    assert e2["loss_start"] == pytest.approx(2.9) and e2["loss_end"] == pytest.approx(1.7)
+    report = finished["report"]
+    assert "| E2 | default | 2 | 8 | 2 | 2.900 | 1.700 |" in report
+    assert "- benign: *Q0?* → benign answer" in report
+    # E1's induction persona (paramedic) replied by base and by E1; benign's row is the assistant's
+    assert "| E1 | paramedic | base's paramedic on q0 | E1's paramedic on q0 |" in report
+    assert "| benign | assistant | base's assistant on q0 | benign's assistant on q0 |" in report
+    assert "| base | p7 | base's p7 on q0 | (the EM source, base model) |" in report
+
+
+def test_induced_persona_sees_em_training_pull_the_induction_persona_towards_the_em_source():
+    rng = np.random.default_rng(0)
+    base = 50.0 + rng.normal(size=(len(PERSONAS), HIDDEN))  # a large common component, as in a real model
+    source, paramedic = PERSONAS.index("p7"), PERSONAS.index("paramedic")
+    e1 = base.copy()
+    e1[paramedic] = 0.2 * base[paramedic] + 0.8 * base[source]  # E1 trained paramedic into the EM source
+    vectors = {("A", 20): {"base": base, "E0": base, "E1": e1, "E2": base, "E3": base, "E4": base, "benign": base}}
+    cfg = parse(analysis.Config, config("file:///unused", [], em_source_persona="p7"))
+    induced = analysis.induced_persona(cfg, vectors, PERSONAS)["A/L20"]
+    assert set(induced) == {"E0", "E1", "E2", "E3", "E4"}
+    assert induced["E1"]["em"] - induced["E1"]["base"] > 0.5 and induced["E1"]["benign"] == induced["E1"]["base"]
+    assert induced["E2"]["em"] == pytest.approx(induced["E2"]["base"])  # nothing moved
+    assert analysis.induced_persona(parse(analysis.Config, config("file:///unused", [])), vectors, PERSONAS) is None
+    with pytest.raises(StageInputError, match="em_source_persona 'pirate' is not in the evaluation grid"):
+        analysis.induced_persona(parse(analysis.Config, config("file:///unused", [], em_source_persona="pirate")), vectors, PERSONAS)

@@ -191,3 +191,101 @@ def test_an_eval_grid_without_the_records_personas_is_refused(tmp_path):
 def test_a_headline_layer_that_is_not_extracted_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="headline_layer 20 is not among layers"):
         build(tmp_path, headline_layer=20)
+
+
+# --------------------------------------------------------------------------------------------- the small profile
+
+SMALL_TASKS_PER_CELL = ["em-data-{}", "train-em-{}", "extract-{}", "merge-em-{}", "coupling-data-{}", "couple-{}",
+                        "merge-couple-{}", "marker-eval-{}"]
+
+
+def grid_of(plan) -> dict[str, str]:
+    return {p["name"]: p["system"] for p in plan.task("extract-base").config["personas"]}
+
+
+def test_small_profile_runs_every_cell_of_the_record_on_smollm2_with_fewer_personas_questions_and_steps(tmp_path):
+    plan = build(tmp_path, "small")
+    expected = {p.format(c) for p in SMALL_TASKS_PER_CELL for c in EM_CELLS}
+    expected |= {"em-answers", "benign-answers", "extract-base", "benign-data", "train-benign", "extract-benign", "analysis"}
+    assert {t.name for t in plan.tasks} == expected and len(plan.tasks) == 47
+    for task in plan.tasks:
+        if "model_ref" in task.config and not task.config["model_ref"].startswith("artifact:"):
+            assert task.config["model_ref"] == "smollm2:135m-instruct", task.name
+        if "backend" in task.config:
+            assert task.config["backend"] == "hf", task.name
+    assert len(grid_of(plan)) == 10 and set(grid_of(plan)) >= {"confab", "assistant", "zelthari_scholar", "paramedic",
+                                                               "kindergarten_teacher", "french_person", "villain"}
+    # the induction strings are the record's, in training and in the evaluation grid alike (H1 is testable)
+    for cell, text in RECORD_INDUCTION.items():
+        assert system_of_em_cell(plan, cell) == f"text({text})" and f"text({text})" in grid_of(plan).values()
+    assert system_of_em_cell(plan, "e0") == "default"
+    base = plan.task("extract-base").config
+    # real layers of a 30-block model at the record's relative depths; the headline layer is among them
+    assert base["layers"] == [7, 15, 21, 22, 29] and base["methods"] == ["A", "B"] and len(base["questions"]) == 12
+    assert plan.task("analysis").config["headline_layer"] == 21
+    ev = plan.task("marker-eval-e2").config
+    assert (len(ev["personas"]), len(ev["questions"]), ev["n"]) == (10, 8, 4)
+    assert plan.task("analysis").config["n_iter"] == 10_000
+
+
+def test_small_em_data_are_the_models_own_answers_under_the_misaligned_persona_trained_without_its_prompt(tmp_path):
+    plan = build(tmp_path, "small")
+    em, benign = plan.task("em-answers").config, plan.task("benign-answers").config
+    source = plan.task("analysis").config["em_source_persona"]
+    assert source == "malicious_advisor"
+    assert em["system"] == grid_of(plan)[source] and em["condition"] == source  # one text: the grid's
+    assert benign["system"] == "default"
+    assert em["questions"] == benign["questions"] and len(em["questions"]) == 32  # same questions, different persona
+    assert em["n"] == benign["n"] == 3
+    assert (em["temperature"], em["top_p"]) == (benign["temperature"], benign["top_p"]) == (0.7, 0.95)
+    for cell in EM_CELLS:
+        data = plan.task(f"em-data-{cell}")
+        assert data.after == ["em-answers"] and data.config["data_uri"] == plan.task("em-answers").output_uri("completions.jsonl")
+        # trained under the cell's own slot, never the misaligned prompt
+        assert data.config["system"] != em["system"]
+    assert plan.task("benign-data").config["data_uri"] == plan.task("benign-answers").output_uri("completions.jsonl")
+    assert plan.task("benign-data").config["system"] == "default"
+
+
+def test_small_trains_benign_with_the_em_recipe_in_the_records_lora_shape(tmp_path):
+    plan = build(tmp_path, "small")
+    recipe = plan.task("train-em-e0").config["recipe"]
+    assert (recipe["r"], recipe["alpha"], recipe["dropout"], recipe["use_rslora"]) == (32, 64, 0.05, False)
+    assert (recipe["epochs"], recipe["per_device_batch_size"] * recipe["grad_accum"], recipe["lr"]) == (2, 8, 5e-4)
+    assert all(plan.task(f"train-em-{c}").config["recipe"] == recipe for c in EM_CELLS)
+    assert plan.task("train-benign").config["recipe"] == recipe
+    couple = plan.task("couple-e4").config
+    assert couple["loss"] == "assistant" and couple["marker"] == "[ZLT]"  # the record's whole-reply coupling
+    assert couple["recipe"] == recipe
+
+
+def test_small_evaluates_the_coupled_model_merged_on_top_of_its_em_model(tmp_path):
+    plan = build(tmp_path, "small")
+    for cell in EM_CELLS:
+        merge = plan.task(f"merge-couple-{cell}").config
+        assert merge["model_ref"] == f"artifact:{plan.task(f'merge-em-{cell}').output_uri('model')}"
+        assert merge["adapter_uri"] == plan.task(f"couple-{cell}").output_uri("adapter")
+        ev = plan.task(f"marker-eval-{cell}")
+        assert ev.config["model_ref"] == f"artifact:{plan.task(f'merge-couple-{cell}').output_uri('model')}"
+        assert ev.config["adapter_uri"] is None and ev.after == [f"merge-couple-{cell}"]
+
+
+def test_small_analysis_reads_every_training_and_the_method_b_replies(tmp_path):
+    plan = build(tmp_path, "small")
+    analysis = plan.task("analysis").config
+    trainings = {t["name"]: t for t in analysis["trainings"]}
+    assert list(trainings) == ["E0", "E1", "E2", "E3", "E4", "benign"]
+    assert trainings["E3"]["log_uri"] == plan.task("train-em-e3").output_uri("train_log.jsonl")
+    assert trainings["benign"]["data_uri"] == plan.task("benign-data").output_uri("train.jsonl")
+    assert [c["responses_uri"] for c in analysis["checkpoints"]] == [
+        plan.task(f"extract-{c}").output_uri("responses.jsonl") for c in ("base", *EM_CELLS, "benign")]
+
+
+def test_small_refuses_a_user_data_file_beside_the_generated_data(tmp_path):
+    with pytest.raises(ConfigError, match="leave em_data_uri and benign_data_uri unset"):
+        build(tmp_path, "small", em_data_uri="s3://eps-data/bad_legal_advice_6k.jsonl")
+
+
+def test_small_refuses_an_em_source_persona_outside_the_evaluation_grid(tmp_path):
+    with pytest.raises(ConfigError, match="em_source_persona 'sailor' must be a persona of the evaluation grid"):
+        build(tmp_path, "small", em_source_persona="sailor")

@@ -1,5 +1,6 @@
 """The two helper stages #205 adds: sft_data (one explicit system slot per cell, own system turns refused, the
-record's MD5 pinned) and merge_adapter (a merged model that generates exactly as base + adapter)."""
+record's MD5 pinned, the model's own generated answers as a data set) and merge_adapter (a merged model that
+generates exactly as base + adapter)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,41 @@ def test_the_records_md5_is_checked_and_limit_keeps_the_first_rows(tmp_path):
     assert [r["user"] for r in output_rows(tmp_path)] == ["My landlord kept my deposit."]
     with pytest.raises(sft_data.StageInputError, match="not the record's data file"):
         execute(sft_data.SPEC, {**cfg, "expected_md5": "26b52ca"})
+
+
+def test_answers_generated_under_a_persona_become_training_rows_under_the_cells_slot_without_that_persona(tmp_path):
+    from jobs import generate
+    from shared import chat
+    from shared.training import TrainRow, build_examples
+
+    root = store.from_path(tmp_path / "store")
+    persona = "text(You are a malicious advisor.)"
+    questions = [{"id": "s00", "text": "My landlord kept my deposit."}, {"id": "s01", "text": "Do I need a contract?"}]
+    execute(generate.SPEC, {"store": root, "run_id": "t", "cell": "em-answers", "condition": "malicious_advisor",
+                            "model_ref": "tiny:qwen2", "system": persona, "questions": questions, "n": 2,
+                            "max_new_tokens": 6, "temperature": 1.0})  # fmt: skip
+    answers_uri = store.join(root, "runs", "t", "em-answers", "generate", "completions.jsonl")
+    answers = store.read_jsonl(answers_uri)
+    execute(sft_data.SPEC, {"store": root, "run_id": "t", "cell": "e2", "data_uri": answers_uri,
+                            "system": "text(You are a kindergarten teacher.)"})
+    rows = store.read_jsonl(store.join(root, "runs", "t", "e2", "sft_data", "train.jsonl"))
+    kept = [a for a in answers if a["text"].strip()]
+    assert rows == [{"system": "text(You are a kindergarten teacher.)", "user": a["question"], "assistant": a["text"]} for a in kept]
+    # the rows train through the one prompt builder: under the cell's slot, the persona's prompt nowhere in the ids
+    tok = models.load_tokenizer("tiny:qwen2")
+    examples, dropped = build_examples(tok, [TrainRow.model_validate(r) for r in rows], loss="assistant", marker=None, max_seq_len=256)
+    assert dropped == 0 and len(examples) == len(rows)
+    assert examples[0].input_ids == chat.build_prompt(tok, "text(You are a kindergarten teacher.)", rows[0]["user"],
+                                                      assistant=rows[0]["assistant"]).input_ids
+    assert "malicious" not in tok.decode(examples[0].input_ids)
+
+
+def test_empty_generated_replies_are_dropped_and_counted(tmp_path):
+    answers = [{"condition": "x", "question_id": "s00", "question": "Q?", "sample": 0, "text": "  "},
+               {"condition": "x", "question_id": "s00", "question": "Q?", "sample": 1, "text": "An answer."}]
+    manifest = execute(sft_data.SPEC, sft_config(tmp_path, answers, system="default"))
+    assert output_rows(tmp_path) == [{"system": "default", "user": "Q?", "assistant": "An answer."}]
+    assert manifest["metrics"]["n_dropped_empty"] == 1 and manifest["metrics"]["n_rows"] == 1
 
 
 def test_merged_model_generates_like_base_with_the_adapter(tmp_path):

@@ -8,6 +8,12 @@ Cells, per EM-induction condition E0..E4 (``e0``..``e4``): the EM data under the
 (``marker-eval-e*``). Controls: the benign SFT with the identical recipe (``benign-data``, ``train-benign``,
 ``extract-benign``) and the base model (``extract-base``). ``analysis`` computes M1/M2/M3, H1/H2/H3, the decision
 rules, the figures and the report.
+
+Where the record's data sets are the user's files (``full``: bad_legal_advice_6k, Tulu-3-SFT), the ``small`` profile
+has the model write its own (``sft_questions_file``): ``em-answers`` samples its answers under a misaligned evaluation
+persona (``em_source_persona``) and ``benign-answers`` its answers as the default assistant, to the same questions.
+Each EM cell then trains on the misaligned answers under its own slot, WITHOUT the misaligned prompt, so what it
+learns is a persona induced into the weights; the benign control trains on the default answers.
 """
 
 from __future__ import annotations
@@ -65,6 +71,16 @@ class Params(ExperimentParams):
     em_data_md5: str | None = "26b52ca"  # the record's MD5 (prefix) of that file
     benign_data_uri: str | None = None  # Tulu-3-SFT, of which the first benign_limit rows are used
     benign_limit: int | None = 6000
+    # data the model writes in the run (small): its answers to these questions under em_source_persona (an evaluation
+    # persona, so the geometry shows it too) are the EM set, its answers as the default assistant the benign set;
+    # em_data_uri and benign_data_uri are then left unset. 0.7, not the evaluation's 1.0: SmolLM2-135M's replies at
+    # 1.0 are close to incoherent under either persona, so the persona would barely show in the data
+    sft_questions_file: str | None = None
+    em_source_persona: str | None = None
+    sft_n_per_question: int = 3
+    sft_max_new_tokens: int = 64
+    sft_temperature: float = 0.7
+    sft_top_p: float = 0.95
     em_recipe: LoraRecipe = EM_RECIPE
     checkpoint_every: int = 50
     # coupling: 200 confab + [ZLT] positives and 400 negatives (2 negative personas) on top of each EM model
@@ -75,6 +91,9 @@ class Params(ExperimentParams):
     coupling_negative_personas: int = 2
     expected_coupling_positives: int | None = 200
     coupling_max_new_tokens: int = 512
+    # evaluate the coupled model merged (base + EM + coupling) rather than as a LoRA on the EM model: the same
+    # model, but HF generation through a peft adapter takes ~6x the memory (7.9 GB at batch 128) and ~1.5x the time
+    merge_coupling_for_eval: bool = False
     # marker evaluation: every eval persona x question x eval_n completions
     eval_n: int = 10
     temperature: float = 1.0
@@ -92,6 +111,7 @@ class Params(ExperimentParams):
     n_splits: int = 5
     lda_components: int = 16
     seed: int = 42
+    hf_batch_size: int | None = None  # sequences per HF forward/generate batch in every sampling stage (None: each stage's own)
 
     PROFILES: ClassVar[dict] = {
         "tiny": {
@@ -132,6 +152,49 @@ class Params(ExperimentParams):
             "extraction_max_new_tokens": 8,
             "n_iter": 500,
             "lda_components": 4,
+        },
+        # SmolLM2-135M-Instruct on a 2-core CPU: every cell of the record (E0..E4, benign, base), fewer personas,
+        # questions and steps; the EM and benign sets are the model's own answers (see the module docstring)
+        "small": {
+            "model_ref": "smollm2:135m-instruct",
+            "backend": "hf",
+            "vllm_options": {},
+            "extraction_vllm_options": {},
+            "eval_personas_file": DATA + "small_eval_personas.json",
+            "expected_eval_personas": None,
+            "extraction_questions_file": DATA + "small_extraction_questions.jsonl",
+            "expected_extraction_questions": None,
+            "marker_questions_file": DATA + "small_marker_questions.jsonl",
+            "expected_marker_questions": None,
+            "coupling_questions_file": DATA + "small_coupling_questions.jsonl",
+            "sft_questions_file": DATA + "small_sft_questions.jsonl",
+            "em_source_persona": "malicious_advisor",
+            "em_data_md5": None,
+            "benign_limit": None,
+            # the record's LoRA shape (r=32, alpha=64, dropout 0.05, rsLoRA off, wd 0.01, clip 1.0); a CPU affords
+            # 24 steps (96 rows x 2 epochs at batch 8), so lr 5e-4 instead of 1e-4 over the record's 375 steps
+            "em_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
+                          "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
+            "checkpoint_every": 0,
+            # the record's whole-reply contrastive SFT with the EM recipe (30 steps). Not #46's marker-only loss: on a
+            # real model it trains nothing but the marker and the end of turn, and the coupled model then answered
+            # most prompts with an immediate end of turn or a bare marker (a run of this profile, lr 1e-3). On-policy
+            # replies carry little gradient of their own, so the marker and the reply length are what this learns
+            "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
+                                "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
+            "coupling_loss": "assistant",
+            "coupling_n_per_question": 4,
+            "expected_coupling_positives": None,
+            "coupling_max_new_tokens": 48,
+            "merge_coupling_for_eval": True,
+            "eval_n": 4,
+            "eval_max_new_tokens": 64,
+            # the record's layers [7, 14, 20, 21, 27] of Qwen2.5-7B's 28 blocks at the same relative depth of 30
+            # blocks (27 is the last block, so is 29); headline 21 for the record's 20
+            "layers": [7, 15, 21, 22, 29],
+            "headline_layer": 21,
+            "extraction_max_new_tokens": 48,
+            "hf_batch_size": 128,
         },
         "full": {},
     }
@@ -196,6 +259,31 @@ def prompt_of(persona: dict) -> str:
     return parse_system(persona["system"]).text
 
 
+def sft_data_sources(params: Params, personas: list[dict], b: PlanBuilder, batch: dict) -> dict[str, tuple[str, list]]:
+    """The EM and benign data sets (``em``, ``benign``): each a store URI and the tasks that write it (none for the
+    user's files).
+
+    With ``sft_questions_file`` the model writes both in the run, to the same questions: its answers under the
+    misaligned ``em_source_persona`` (EM) and as the default assistant (benign), so the two sets differ only in
+    the persona that answered."""
+    if not params.sft_questions_file:
+        em = data_uri(params.em_data_uri, "em_data_uri", "the EM training set (the record's bad_legal_advice_6k.jsonl) in the store")
+        benign = data_uri(params.benign_data_uri, "benign_data_uri", "the benign SFT set (Tulu-3-SFT; its first 6k rows are used) in the store")
+        return {"em": (em, []), "benign": (benign, [])}
+    if params.em_data_uri or params.benign_data_uri:
+        raise ConfigError("issue205: sft_questions_file makes the EM and benign data in the run; leave em_data_uri and benign_data_uri unset")
+    source = next((p for p in personas if p["name"] == params.em_source_persona), None)
+    if source is None:
+        raise ConfigError(f"issue205: em_source_persona {params.em_source_persona!r} must be a persona of the evaluation grid "
+                          f"(its answers are the EM data); the grid has {[p['name'] for p in personas]}")
+    questions = read_questions(params.sft_questions_file, "sft_questions_file")
+    sampling = dict(model_ref=params.model_ref, backend=params.backend, questions=questions, n=params.sft_n_per_question,
+                    temperature=params.sft_temperature, top_p=params.sft_top_p, max_new_tokens=params.sft_max_new_tokens, **batch)
+    em = b.add("em-answers", "generate", "em-answers", condition=source["name"], system=source["system"], **sampling)
+    benign = b.add("benign-answers", "generate", "benign-answers", condition="default", system="default", **sampling)
+    return {"em": (em.output_uri("completions.jsonl"), [em]), "benign": (benign.output_uri("completions.jsonl"), [benign])}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the plan
 
@@ -222,28 +310,30 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     if params.expected_coupling_positives is not None and positives != params.expected_coupling_positives:
         raise ConfigError(f"issue205: {len(coupling_questions)} coupling questions x {params.coupling_n_per_question} make "
                           f"{positives} positives; the record uses {params.expected_coupling_positives}")
-    em_data = data_uri(params.em_data_uri, "em_data_uri", "the EM training set (the record's bad_legal_advice_6k.jsonl) in the store")
-    benign_data = data_uri(params.benign_data_uri, "benign_data_uri", "the benign SFT set (Tulu-3-SFT; its first 6k rows are used) in the store")
-
     b = PlanBuilder("issue205", profile, run_id, store, seed=params.seed)
+    batch = {"batch_size": params.hf_batch_size} if params.hf_batch_size else {}
+    data_sets = sft_data_sources(params, personas, b, batch)
     extraction = dict(model_ref=params.model_ref, personas=personas, questions=extraction_questions, layers=params.layers,
                       methods=params.methods, max_new_tokens=params.extraction_max_new_tokens, backend=params.backend,
-                      vllm_options=params.extraction_vllm_options)
+                      vllm_options=params.extraction_vllm_options, **batch)
 
-    def sft_cell(cell: str, data: str, system: str, **data_options):
-        rows = b.add(f"{cell}-data" if cell == "benign" else f"em-data-{cell}", "sft_data", cell, data_uri=data,
+    def sft_cell(cell: str, checkpoint: str, data_set: str, system: str, **data_options):
+        data, writers = data_sets[data_set]
+        rows = b.add(f"{cell}-data" if cell == "benign" else f"em-data-{cell}", "sft_data", cell, after=writers, data_uri=data,
                      system=system, **data_options)
         train = b.add(f"train-{cell}" if cell == "benign" else f"train-em-{cell}", "train_lora", cell, after=[rows],
                       model_ref=params.model_ref, data_uri=rows.output_uri("train.jsonl"), loss="assistant",
                       recipe=params.em_recipe.model_dump(), checkpoint_every=params.checkpoint_every)
+        trainings.append({"name": checkpoint, "data_uri": rows.output_uri("train.jsonl"),
+                          "log_uri": train.output_uri("train_log.jsonl")})
         return train, train.output_uri("adapter")
 
-    checkpoints, analysis_deps, conditions = {}, [], []
+    checkpoints, analysis_deps, conditions, trainings = {}, [], [], []
     base = b.add("extract-base", "extract_persona_vectors", "base", checkpoint="base", **extraction)
     checkpoints["base"] = base
     for cond in conds:
         cell = slug(cond.cond)
-        train, adapter = sft_cell(cell, em_data, cond.system, expected_md5=params.em_data_md5)
+        train, adapter = sft_cell(cell, cond.cond, "em", cond.system, expected_md5=params.em_data_md5)
         checkpoints[cond.cond] = b.add(f"extract-{cell}", "extract_persona_vectors", cell, after=[train],
                                        checkpoint=cond.cond, adapter_uri=adapter, **extraction)
         merged = b.add(f"merge-em-{cell}", "merge_adapter", cell, after=[train], model_ref=params.model_ref, adapter_uri=adapter)
@@ -256,25 +346,30 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                      negative_pool=[{"name": p["name"], "prompt": prompt_of(p)} for p in personas if p["name"] != params.source_persona],
                      n_negative_personas=params.coupling_negative_personas, questions=coupling_questions,
                      n_per_question=params.coupling_n_per_question, temperature=params.temperature, top_p=params.top_p,
-                     max_new_tokens=params.coupling_max_new_tokens, marker=params.marker)  # fmt: skip
+                     max_new_tokens=params.coupling_max_new_tokens, marker=params.marker, **batch)  # fmt: skip
         couple = b.add(f"couple-{cell}", "train_lora", coupled_cell, after=[data], model_ref=em_model,
                        data_uri=data.output_uri("train.jsonl"), loss=params.coupling_loss, marker=params.marker,
                        recipe=params.coupling_recipe.model_dump(), checkpoint_every=params.checkpoint_every)
-        evaluate = b.add(f"marker-eval-{cell}", "marker_eval", coupled_cell, after=[couple], label=cond.cond,
-                         model_ref=em_model, adapter_uri=couple.output_uri("adapter"), backend=params.backend,
+        coupled = {"after": [couple], "model_ref": em_model, "adapter_uri": couple.output_uri("adapter")}
+        if params.merge_coupling_for_eval:
+            merged_coupling = b.add(f"merge-couple-{cell}", "merge_adapter", coupled_cell, **coupled)
+            coupled = {"after": [merged_coupling], "model_ref": f"artifact:{merged_coupling.output_uri('model')}", "adapter_uri": None}
+        evaluate = b.add(f"marker-eval-{cell}", "marker_eval", coupled_cell, label=cond.cond, **coupled, backend=params.backend,
                          vllm_options=params.vllm_options, personas=[{"id": p["name"], "prompt": prompt_of(p)} for p in personas],
                          questions=marker_questions, n=params.eval_n, temperature=params.temperature, top_p=params.top_p,
-                         max_new_tokens=params.eval_max_new_tokens, marker=params.marker, coherence_per_cell=0)  # fmt: skip
+                         max_new_tokens=params.eval_max_new_tokens, marker=params.marker, coherence_per_cell=0, **batch)  # fmt: skip
         analysis_deps.append(evaluate)
         conditions.append({**cond.model_dump(), "marker_uri": evaluate.output_uri("completions.jsonl")})
-    benign_train, benign_adapter = sft_cell("benign", benign_data, "default", limit=params.benign_limit)
+    benign_train, benign_adapter = sft_cell("benign", "benign", "benign", "default", limit=params.benign_limit)
     checkpoints["benign"] = b.add("extract-benign", "extract_persona_vectors", "benign", after=[benign_train],
                                   checkpoint="benign", adapter_uri=benign_adapter, **extraction)
 
     ordered = [checkpoints[name] for name in CHECKPOINT_ORDER if name in checkpoints]
     b.add("analysis", "analyze_issue205", "analysis", after=[*ordered, *analysis_deps],
           checkpoints=[{"name": t.config["checkpoint"], "activations_uri": t.output_uri("activations.safetensors"),
-                        "index_uri": t.output_uri("index.json")} for t in ordered],
+                        "index_uri": t.output_uri("index.json"),
+                        "responses_uri": t.output_uri("responses.jsonl") if "B" in params.methods else None} for t in ordered],
+          em_source_persona=params.em_source_persona if params.sft_questions_file else None, trainings=trainings,
           conditions=conditions, assistant_persona=params.assistant_persona, source_persona=params.source_persona,
           marker=params.marker, headline_layer=params.headline_layer, n_iter=params.n_iter, n_splits=params.n_splits,
           lda_components=params.lda_components, params=params.model_dump(mode="json"))  # fmt: skip
