@@ -108,3 +108,15 @@ def test_classifier_heldout_accuracy_leads_the_report(finished_run):
     bundle = load_bundle(analysis.config["classifier_uri"])
     line = f"**Held-out (validation) accuracy: {bundle.val_accuracy:.3f}** on {bundle.n_val} completions"
     assert line in report and report.index(line) < report.index("## Headline")
+
+
+def test_the_budget_table_reads_wall_times_from_the_manifests(finished_run):
+    from bench.small_runs import markdown, run_summary
+
+    summary = run_summary(finished_run.store, "e2e")
+    walls = [store.read_json(t.output_uri("manifest.json"))["wall_time_s"] for t in finished_run.tasks]
+    assert summary["tasks"] == summary["computed"] == len(finished_run.tasks) and summary["reused"] == 0
+    assert summary["task_seconds"] == pytest.approx(sum(walls))
+    # tasks overlap, no task outlasts the run, and between tasks only process start-ups pass
+    assert max(walls) <= summary["span_s"] <= summary["task_seconds"] + 10 * len(walls)
+    assert "| issue164 | tiny |" in markdown([summary])
