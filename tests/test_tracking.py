@@ -272,3 +272,59 @@ def test_a_tally_logs_running_counts_now_and_then_and_on_flush():
     every_time.add({"judged": 1})
     every_time.add({"judged": 1})
     assert logged[-2:] == [("judge", {"judged": 1}), ("judge", {"judged": 2})]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# from the command line to the stage processes
+
+
+def _plan(tmp_path, *extra: str):
+    from workflows.__main__ import build_plan, parser
+
+    args = parser().parse_args(["run", "issue164", "--profile", "tiny", "--store", str(tmp_path / "store"),
+                                "--run-id", "t", *extra])
+    return build_plan(args)
+
+
+def test_set_tracking_is_a_run_setting_that_no_task_config_sees(tmp_path):
+    plain, tracked = _plan(tmp_path), _plan(tmp_path, "--set", "tracking=wandb")
+    assert (plain.tracking, tracked.tracking) == (None, "wandb")
+    assert [t.config for t in tracked.tasks] == [t.config for t in plain.tasks]
+    assert tracked.params == plain.params
+
+
+def test_a_bad_tracking_value_is_one_error_line(tmp_path, capsys):
+    from workflows.__main__ import main
+
+    code = main(["run", "issue164", "--profile", "tiny", "--store", str(tmp_path / "s"), "--set", "tracking=mlflow"])
+    assert code == 2 and capsys.readouterr().err.strip() == "error: bad --set tracking=mlflow: use one of off, wandb"
+
+
+def test_the_local_engine_tells_each_task_the_run_and_where_offline_runs_go(tmp_path, monkeypatch):
+    from workflows.engines.local import LocalEngine
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    engine = LocalEngine(_plan(tmp_path, "--set", "tracking=wandb"), live=False)
+    env = engine._env(None)
+    assert env["EPS_TRACKING"] == "wandb" and env["WANDB_DIR"] == str(engine.folder)
+    assert (env["EPS_EXPERIMENT"], env["EPS_PROFILE"], env["EPS_RUN_ID"]) == ("issue164", "tiny", "t")
+
+
+def test_the_argo_pods_get_the_project_and_the_task_outputs_the_run_url(tmp_path, monkeypatch):
+    import yaml
+
+    from workflows.engines import argo
+
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-THIS-MUST-NOT-LEAK")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    settings = argo.ClusterSettings(image_registry="registry.invalid/lab", git_sha="0" * 40)
+    text = argo.to_yaml(_plan(tmp_path, "--set", "tracking=wandb"), cluster=settings)
+    generate = next(t for t in yaml.safe_load(text)["spec"]["templates"] if t["name"] == "generate")
+    env = {e["name"]: e for e in generate["container"]["env"]}
+    assert env["EPS_TRACKING"]["value"] == "wandb" and env["WANDB_PROJECT"]["value"] == tracking.DEFAULT_PROJECT
+    assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "WANDB_API_KEY" and "THIS-MUST-NOT" not in text
+    (output,) = generate["outputs"]["parameters"]
+    assert output == {"name": "tracking-url", "valueFrom": {"path": env[tracking.URL_FILE_ENV]["value"], "default": ""}}
+    untracked = yaml.safe_load(argo.to_yaml(_plan(tmp_path), cluster=settings))
+    generate = next(t for t in untracked["spec"]["templates"] if t["name"] == "generate")
+    assert "outputs" not in generate and "EPS_TRACKING" not in {e["name"] for e in generate["container"]["env"]}
