@@ -66,6 +66,10 @@ def config(tmp_path):
 @pytest.fixture
 def offline(tmp_path, monkeypatch) -> Path:
     """W&B on, offline, everything it writes under tmp: no network, no home directory."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pytest.fail("wandb is not installed: `pip install -e '.[tracking]'` (make setup installs it)")
     folder = tmp_path / "wandb-dir"
     folder.mkdir()
     for name, value in {"EPS_TRACKING": "wandb", "WANDB_MODE": "offline", "WANDB_DIR": str(folder),
