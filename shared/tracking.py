@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 TRACKING_ENV = "EPS_TRACKING"
@@ -101,7 +101,7 @@ class Tally:
 
     def add(self, counts: Mapping[str, int]) -> None:
         with self._lock:
-            self.counts.update({k: v for k, v in counts.items() if v})
+            self.counts.update(counts)
             due = time.monotonic() - self._last >= self.every_s
             if due:
                 self._last = time.monotonic()
@@ -124,8 +124,15 @@ class Tracker:
         """Per-step metrics under ``prefix/``; ``step`` is the stage's own step counter (increasing), so a curve
         point such as ``{"step": 3, "loss": 0.4}`` can be passed as it is stored (its ``step`` is not a metric)."""
 
+    def log_curve(self, points: Sequence[Mapping[str, Any]], *, since: int = 0) -> int:
+        """Log the curve points from index ``since`` on, each at its own ``step``; returns how many are logged
+        (call it after every step with the stage's growing curve, as stored in ``curve.jsonl``)."""
+        for point in points[since:]:
+            self.log(point, step=point.get("step"))
+        return len(points)
+
     def summary(self, values: Mapping[str, Any]) -> None:
-        """Values that describe the whole stage (the run's summary)."""
+        """Values that describe the whole stage (the run's summary; nested mappings as ``a/b`` keys)."""
 
     def tally(self, prefix: str, every_s: float = 15.0) -> Tally:
         return Tally(self, prefix, every_s)
@@ -171,7 +178,9 @@ class WandbTracker(Tracker):
             self._guard("log", lambda: self.run.log(values, step=step))
 
     def summary(self, values: Mapping[str, Any]) -> None:
-        self._guard("summary", lambda: self.run.summary.update(dict(values)))
+        flat = scalars(values)
+        if flat:
+            self._guard("summary", lambda: self.run.summary.update(flat))
 
     def record(self) -> dict[str, Any] | None:
         def read() -> dict[str, Any]:
@@ -190,8 +199,7 @@ class WandbTracker(Tracker):
         summary: dict[str, Any] = {"status": "failed" if failed else "complete"}
         if wall_time_s is not None:
             summary["wall_time_s"] = wall_time_s
-        summary |= scalars(metrics or {})
-        self.summary(summary)
+        self.summary({**(metrics or {}), **summary})
         if outputs_prefix and not failed:
             self._guard("logging the stage's figures and tables", lambda: self._log_outputs(outputs_prefix))
         self._guard("finishing", lambda: self.run.finish(exit_code=1 if failed else 0))
