@@ -1,9 +1,9 @@
 """Experiment tracking: one Weights & Biases run per stage task, optional and off unless configured.
 
 On when ``EPS_TRACKING=wandb`` (the engines set it from ``--set tracking=wandb`` or the chart's ``tracking.backend``)
-or, with ``EPS_TRACKING`` unset, when ``WANDB_PROJECT`` is set; ``EPS_TRACKING=off`` turns it off. The rest is the
-W&B SDK's own environment: ``WANDB_API_KEY`` (read by the SDK, never by this module, so never logged or written),
-``WANDB_ENTITY``, ``WANDB_MODE=offline``, ``WANDB_DIR``, ``WANDB_BASE_URL``.
+or, with ``EPS_TRACKING`` unset, when ``WANDB_PROJECT`` is set; ``EPS_TRACKING=off`` or ``WANDB_MODE=disabled``
+turns it off. The rest is the W&B SDK's own environment: ``WANDB_API_KEY`` (read by the SDK, never by this module,
+so never logged or written), ``WANDB_ENTITY``, ``WANDB_MODE=offline``, ``WANDB_DIR``, ``WANDB_BASE_URL``.
 
 The stage contract (``shared.stage.execute``) starts the run when a stage computes -- a cached or reused result
 starts none; its manifest keeps the link to the run that computed it -- and finishes it with the headline metrics,
@@ -13,7 +13,8 @@ tagged with workflow, profile and commit, the stage config as the W&B config.
 
 No dependency on the service: with tracking off ``wandb`` is never imported, and the first failure of any W&B call
 is one warning line, after which the stage goes on untracked. Tracking reads nothing into and writes nothing into a
-stage's config or outputs, so the cache key and the stored result are the same with it on or off.
+stage's config or outputs, so the cache key and the stored result are the same with it on or off (the manifest
+only gains a ``tracking`` block naming the run).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def backend(environ: Mapping[str, str] | None = None) -> str:
     """``wandb`` or ``off``, from the environment (see the module docstring)."""
     env = os.environ if environ is None else environ
     chosen = env.get(TRACKING_ENV, "").strip().lower()
+    if env.get("WANDB_MODE", "").strip().lower() == "disabled":  # the SDK's own off switch
+        return "off"
     if chosen:
         if chosen not in BACKENDS:
             raise ValueError(f"{TRACKING_ENV}={chosen!r}: use one of {', '.join(BACKENDS)}")
@@ -57,7 +60,7 @@ def scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float | in
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out |= scalars(value, f"{name}/")
-        elif isinstance(value, bool) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        elif isinstance(value, (bool, int, float)):
             out[name] = value
         elif isinstance(value, str) and len(value) <= 200:
             out[name] = value
@@ -100,25 +103,19 @@ class Tally:
         self._last = time.monotonic()
 
     def add(self, counts: Mapping[str, int]) -> None:
-        with self._lock:
+        with self._lock:  # held while logging too: the logged totals only ever grow
             self.counts.update(counts)
-            due = time.monotonic() - self._last >= self.every_s
-            if due:
+            if time.monotonic() - self._last >= self.every_s:
                 self._last = time.monotonic()
-                snapshot = dict(self.counts)
-        if due:
-            self.tracker.log(snapshot, prefix=self.prefix)
+                self.tracker.log(dict(self.counts), prefix=self.prefix)
 
     def flush(self) -> None:
         with self._lock:
-            snapshot = dict(self.counts)
-        self.tracker.log(snapshot, prefix=self.prefix)
+            self.tracker.log(dict(self.counts), prefix=self.prefix)
 
 
 class Tracker:
     """Tracking off: every call is accepted and does nothing, so stages call ``ctx.track`` unconditionally."""
-
-    enabled = False
 
     def log(self, metrics: Mapping[str, Any], *, step: int | None = None, prefix: str = "") -> None:
         """Per-step metrics under ``prefix/``; ``step`` is the stage's own step counter (increasing), so a curve
@@ -149,42 +146,40 @@ class Tracker:
 class WandbTracker(Tracker):
     """One W&B run. The first exception from any W&B call is one warning line; after it, nothing is tracked."""
 
-    enabled = True
-
     def __init__(self, run, warn: Warn):
         self.run, self.warn = run, warn
+        self._lock = threading.Lock()  # judges log from worker threads
 
-    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
-        if self.run is None:
+    def _guard(self, what: str, call: Callable[[Any], Any]) -> Any:
+        run = self.run
+        if run is None:
             return None
         try:
-            return call()
+            return call(run)
         except Exception as err:  # the service, the disk, the SDK: never the stage's problem
-            self.warn(f"tracking: {what} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                      "the stage goes on untracked")
-            self._abandon()
+            with self._lock:
+                first, self.run = self.run is not None, None
+            if first:
+                self.warn(f"tracking: {what} failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); the stage goes on untracked")
+                try:
+                    run.finish(exit_code=1)
+                except Exception:
+                    pass
             return None
-
-    def _abandon(self) -> None:
-        run, self.run = self.run, None
-        try:
-            run.finish(exit_code=1, quiet=True)
-        except Exception:
-            pass
 
     def log(self, metrics: Mapping[str, Any], *, step: int | None = None, prefix: str = "") -> None:
         values = scalars({k: v for k, v in metrics.items() if k != "step"}, f"{prefix}/" if prefix else "")
         if values:
-            self._guard("log", lambda: self.run.log(values, step=step))
+            self._guard("log", lambda run: run.log(values, step=step))
 
     def summary(self, values: Mapping[str, Any]) -> None:
         flat = scalars(values)
         if flat:
-            self._guard("summary", lambda: self.run.summary.update(flat))
+            self._guard("summary", lambda run: run.summary.update(flat))
 
     def record(self) -> dict[str, Any] | None:
-        def read() -> dict[str, Any]:
-            run = self.run
+        def read(run) -> dict[str, Any]:
             offline = run.settings.mode in ("offline", "dryrun")
             return {"backend": "wandb", "project": run.project, "entity": run.entity or None, "run_id": run.id,
                     "group": run.group, "url": None if offline else run.url, "mode": "offline" if offline else "online",
@@ -201,11 +196,11 @@ class WandbTracker(Tracker):
             summary["wall_time_s"] = wall_time_s
         self.summary({**(metrics or {}), **summary})
         if outputs_prefix and not failed:
-            self._guard("logging the stage's figures and tables", lambda: self._log_outputs(outputs_prefix))
-        self._guard("finishing", lambda: self.run.finish(exit_code=1 if failed else 0))
+            self._guard("logging the stage's figures and tables", lambda run: self._log_outputs(run, outputs_prefix))
+        self._guard("finishing", lambda run: run.finish(exit_code=1 if failed else 0))
         self.run = None
 
-    def _log_outputs(self, prefix: str) -> None:
+    def _log_outputs(self, run, prefix: str) -> None:
         """The figures (PNG) and the tables of ``headline.json`` an analysis stage wrote; the report as a file."""
         import wandb
 
@@ -226,11 +221,11 @@ class WandbTracker(Tracker):
                 for path, (columns, rows) in row_tables(store.read_json(headline)).items():
                     media[f"tables/{path}"] = wandb.Table(columns=columns, data=rows)
             if media:
-                self.run.log(media)
+                run.log(media)
             if report:
-                local = os.path.join(self.run.dir, "report.md")
+                local = os.path.join(run.dir, "report.md")
                 store.download_file(report, local)
-                self.run.save(local, base_path=self.run.dir, policy="now")
+                run.save(local, base_path=run.dir, policy="now")
 
 
 def _tags(environ: Mapping[str, str], commit: str) -> list[str]:

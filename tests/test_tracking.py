@@ -91,6 +91,7 @@ def offline(tmp_path, monkeypatch) -> Path:
     ({"EPS_TRACKING": "wandb"}, "wandb"),
     ({"EPS_TRACKING": "off", "WANDB_PROJECT": "p"}, "off"),
     ({"EPS_TRACKING": " WandB "}, "wandb"),
+    ({"EPS_TRACKING": "wandb", "WANDB_MODE": "disabled"}, "off"),
 ])
 def test_tracking_is_off_unless_asked_for(env, expected):
     assert tracking.backend(env) == expected
