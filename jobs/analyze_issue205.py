@@ -881,7 +881,7 @@ def run(cfg: Config, ctx) -> dict:
         leakage_heatmap(data, ctx.out("leakage_heatmap"))
     if cfg.trainings:
         training_loss_figure({t.name: store.read_jsonl(t.log_uri) for t in cfg.trainings}, ctx.out("lora_loss"),
-                             title="LoRA training loss per fine-tuning (faint: per step; line: trailing mean)")
+                             title="LoRA training loss per fine-tuning")
     store.write_text(ctx.out("report.md"), report(data))
     upstream = [producing_manifest(c.activations_uri) for c in cfg.checkpoints]
     upstream += [producing_manifest(c.marker_uri) for c in cfg.conditions if c.marker_uri]

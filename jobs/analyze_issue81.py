@@ -968,8 +968,7 @@ def run(cfg: Config, ctx) -> dict:
     data["training"] = training_summary(cfg)
     if data["training"]:
         training_loss_figure({c.label: store.read_jsonl(c.train_log_uri) for c in cfg.cells if c.train_log_uri},
-                             ctx.out("lora_loss"), title="marker-only LoRA training loss per source "
-                             "(faint: per step; line: trailing mean)")
+                             ctx.out("lora_loss"), title="marker-only LoRA training loss per source")
     store.write_json(ctx.out("headline.json"), data)
     store.write_text(ctx.out("report.md"), report(data))
     upstream = []

@@ -54,6 +54,7 @@ def step_curves(ax, curves, key: str, *, colors: dict[str, str] | None = None, s
     """One line per name in ``curves`` ({name: [{"step": .., key: ..}, ...]}): ``key`` against ``step`` over the
     points that have it. Long noisy curves (per-step training losses) are drawn faint with a trailing average of
     1/20 of their length on top; short ones plainly."""
+    smoothed = []
     for i, (name, points) in enumerate(curves.items()):
         xy = [(p["step"], p[key]) for p in points if p.get(key) is not None]
         if not xy:
@@ -64,9 +65,14 @@ def step_curves(ax, curves, key: str, *, colors: dict[str, str] | None = None, s
         if smooth and window > 1:
             ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(steps, moving_average(list(values), window), color=color, linewidth=1.5, label=name)
+            smoothed.append(window)
         else:
             ax.plot(steps, values, color=color, linewidth=1.2, marker="o" if len(values) <= 30 else None, markersize=3,
                     label=name)
+    if smoothed:
+        span = f"{min(smoothed)}" if min(smoothed) == max(smoothed) else f"{min(smoothed)}-{max(smoothed)}"
+        ax.text(0.99, 0.99, f"faint: each step; line: mean of the last {span} steps", transform=ax.transAxes,
+                ha="right", va="top", fontsize=7, color=REFERENCE_COLOR)
 
 
 def training_loss_figure(curves, uri: str, *, title: str) -> dict[str, str]:

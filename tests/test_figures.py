@@ -24,6 +24,7 @@ def test_step_curves_draws_each_curve_over_the_points_that_have_the_key():
     # 40 points: a faint raw line and a trailing mean over 2 steps carrying the label
     assert len(ax.get_lines()) == 3
     assert list(lines["long"].get_ydata())[-1] == pytest.approx((6.0 + 6.1) / 2)
+    assert [t.get_text() for t in ax.texts] == ["faint: each step; line: mean of the last 2 steps"]
 
 
 def test_the_training_loss_figure_is_written_as_png_and_pdf(tmp_path):
