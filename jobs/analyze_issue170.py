@@ -256,25 +256,27 @@ def capacity_series(row: dict) -> str:
 
 
 def curve_figure(data: dict, curves: dict[str, list[dict]], uri: str) -> None:
-    """Held-out CE against training step for every trained cell, with the oracle and the fixed prompts as lines."""
-    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
+    """Per trained cell, against the training step: the train CE on each step's fresh teacher samples (left) and
+    the held-out CE with the oracle and the fixed prompts as lines (right)."""
+    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save, step_curves
 
-    fig, ax = new_figure(7.2, 4.4)
-    for i, (cell, curve) in enumerate(curves.items()):
-        points = [(p["step"], p["heldout_ce"]) for p in curve if "heldout_ce" in p]
-        if len(points) > 1:
-            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, color=PALETTE[i % len(PALETTE)], label=cell)
+    fig, (train_ax, held_ax) = new_figure(11.0, 4.4, ncols=2)
+    colors = {cell: PALETTE[i % len(PALETTE)] for i, cell in enumerate(curves)}
+    step_curves(train_ax, curves, "train_ce", colors=colors)
+    step_curves(held_ax, curves, "heldout_ce", colors=colors, smooth=False)
     fit = data.get("fit")
     if fit and fit["cells"]:
         for name, ce in fit["held_out_sets"][0]["anchors"].items():
-            ax.axhline(ce, color=REFERENCE_COLOR, linestyle="--" if name == fit["oracle"] else ":", linewidth=1)
-            ax.annotate(anchor_label(name), (1.0, ce), xycoords=("axes fraction", "data"), xytext=(-2, 2),
-                        textcoords="offset points", ha="right", fontsize=7, color=REFERENCE_COLOR)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out CE (nats/token)")
-    ax.set_title("held-out CE during training (dashed: oracle; dotted: fixed prompts)", fontsize=9)
-    ax.grid(alpha=0.25)
-    ax.legend(fontsize=7, frameon=False)
+            held_ax.axhline(ce, color=REFERENCE_COLOR, linestyle="--" if name == fit["oracle"] else ":", linewidth=1)
+            held_ax.annotate(anchor_label(name), (1.0, ce), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                             textcoords="offset points", ha="right", fontsize=7, color=REFERENCE_COLOR)
+    train_ax.set_title("train CE on each step's fresh teacher samples\n(GCG: the kept candidate's)", fontsize=9)
+    held_ax.set_title("held-out CE (dashed: oracle; dotted: fixed prompts)", fontsize=9)
+    for ax in (train_ax, held_ax):
+        ax.set_xlabel("training step")
+        ax.set_ylabel("CE (nats/token)")
+        ax.grid(alpha=0.25)
+    held_ax.legend(fontsize=7, frameon=False)
     save(fig, uri)
 
 
@@ -523,7 +525,7 @@ def report(data: dict) -> str:
     if data.get("fit"):
         lines += [*fit_section(data["fit"]), ""]
     lines += [
-        "![Held-out CE during training](heldout_curve.png)", "",
+        "![Train and held-out CE during training](training_curves.png)", "",
         "![Pareto](pareto.png)", "", "![Capacity curve](capacity_curve.png)", "",
         *suffix_section(data["cells"]),
         "## Training", "", training, "",
@@ -628,7 +630,7 @@ def run(cfg: Config, ctx) -> dict:
     store.write_json(ctx.out("headline.json"), data)
     pareto_figure(data, ctx.out("pareto"))
     capacity_figure(data, ctx.out("capacity_curve"))
-    curve_figure(data, training_curves(cfg), ctx.out("heldout_curve"))
+    curve_figure(data, training_curves(cfg), ctx.out("training_curves"))
     store.write_text(ctx.out("report.md"), report(data))
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#170", cfg.params, upstream_manifests(cfg)))
     fit = {r["cell"]: {"heldout_ce": r["heldout_ce"], "gap_closed": r["gap_closed"]}

@@ -738,6 +738,7 @@ def finetuning_section(data: dict) -> list[str]:
                   "own answers, the EM and benign sets answer the same questions with the same sampling seeds, so their replies "
                   "start alike wherever the two personas' next-token distributions agree:", ""]
         lines += [f"- {x['name']}: *{short(x['first_row']['user'], 120)}* → {short(x['first_row']['assistant'])}" for x in t]
+        lines += ["", "![LoRA training loss per fine-tuning](lora_loss.png)"]
         lines.append("")
     induced = data["geometry"]["induced_persona"]
     if induced:
@@ -861,6 +862,7 @@ def results(cfg: Config, acts: Activations, beh: dict | None) -> dict:
 
 
 def run(cfg: Config, ctx) -> dict:
+    from shared.figures import training_loss_figure
     from shared.reporting import producing_manifest, reproducibility
 
     acts = Activations.load(cfg)
@@ -877,6 +879,9 @@ def run(cfg: Config, ctx) -> dict:
         cosine_matrix_figure(data, method, ctx.out(f"cosine_matrices_{method}"))
     if data["behaviour"]:
         leakage_heatmap(data, ctx.out("leakage_heatmap"))
+    if cfg.trainings:
+        training_loss_figure({t.name: store.read_jsonl(t.log_uri) for t in cfg.trainings}, ctx.out("lora_loss"),
+                             title="LoRA training loss per fine-tuning")
     store.write_text(ctx.out("report.md"), report(data))
     upstream = [producing_manifest(c.activations_uri) for c in cfg.checkpoints]
     upstream += [producing_manifest(c.marker_uri) for c in cfg.conditions if c.marker_uri]

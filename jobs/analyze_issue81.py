@@ -52,6 +52,7 @@ class CellArtifacts(BaseModel):
     label: str
     rates_uri: str
     coherence_uri: str | None = None
+    train_log_uri: str | None = None  # train_lora's per-step losses, for a fine-tuned cell
 
 
 class Config(StageConfig):
@@ -918,7 +919,36 @@ def report(data: dict) -> str:
     for name, figure in data.get("figures", {}).items():
         lines += [f"![{captions.get(name, name)}]({name}.png)", "",
                   f"*{captions.get(name, name)}; low-coherence cells marked: {figure['low_coherence_marked']}.*", ""]
+    lines += training_section(data.get("training", {}))
     return "\n".join(lines)
+
+
+def training_summary(cfg: Config) -> dict[str, dict]:
+    """Per fine-tuned cell: its optimizer steps and its mean marker-only loss over its first and last few steps."""
+    out = {}
+    for cell in cfg.cells:
+        if cell.train_log_uri:
+            losses = [r["loss"] for r in store.read_jsonl(cell.train_log_uri)]
+            if not losses:
+                raise StageInputError(f"cell {cell.label}: no losses in {cell.train_log_uri}")
+            window = max(1, min(5, len(losses) // 4))
+            out[cell.label] = {"steps": len(losses), "window": window, "loss_start": float(np.mean(losses[:window])),
+                               "loss_end": float(np.mean(losses[-window:]))}
+    return out
+
+
+def training_section(training: dict[str, dict]) -> list[str]:
+    from shared.reporting import markdown_table
+
+    if not training:
+        return []
+    return ["## LoRA training", "",
+            "Each source's marker-only LoRA: its optimizer steps and its mean training loss (the marker tokens and, "
+            "on negatives, the end-of-turn token) over its first and over its last `window` steps.", "",
+            markdown_table(["source", "steps", "window", "loss, first steps", "loss, last steps"],
+                           [(label, t["steps"], t["window"], f"{t['loss_start']:.3f}", f"{t['loss_end']:.3f}")
+                            for label, t in training.items()]), "",
+            "![LoRA training loss per source](lora_loss.png)", ""]
 
 
 FIGURES = {"hero_matrix": hero_figure, "heatmap_base_subtracted": heatmap_figure, "noun_isolation": noun_isolation_figure,
@@ -927,6 +957,7 @@ FIGURES = {"hero_matrix": hero_figure, "heatmap_base_subtracted": heatmap_figure
 
 
 def run(cfg: Config, ctx) -> dict:
+    from shared.figures import training_loss_figure
     from shared.reporting import producing_manifest, reproducibility
 
     data = analyse(cfg)
@@ -934,6 +965,10 @@ def run(cfg: Config, ctx) -> dict:
     figures = {name: draw(data, ctx.out(name)) for name, draw in FIGURES.items()}
     data["figures"] = {name: {"png": f["png"], "pdf": f["pdf"], "low_coherence_marked": f["marked"]}
                        for name, f in figures.items()}
+    data["training"] = training_summary(cfg)
+    if data["training"]:
+        training_loss_figure({c.label: store.read_jsonl(c.train_log_uri) for c in cfg.cells if c.train_log_uri},
+                             ctx.out("lora_loss"), title="marker-only LoRA training loss per source")
     store.write_json(ctx.out("headline.json"), data)
     store.write_text(ctx.out("report.md"), report(data))
     upstream = []

@@ -74,7 +74,11 @@ def run(cfg: Config, ctx: Context) -> dict:
 
     every = max(1, cfg.search.steps // 20)
 
+    tracked = 0  # curve points sent to the tracker (a resumed run sends the checkpoint's too)
+
     def on_step(stats) -> None:
+        nonlocal tracked
+        tracked = ctx.track.log_curve(state.curve, since=tracked)
         if stats.step % every == 0 or stats.step + 1 == cfg.search.steps:
             ctx.log(f"step {stats.step + 1}/{cfg.search.steps} CE {stats.loss:.4f} (teacher {stats.teacher_s:.1f}s, "
                     f"gradient {stats.gradient_s:.1f}s, {cfg.search.search_width} candidates {stats.candidates_s:.1f}s)")

@@ -32,10 +32,16 @@ def run(cfg: Config, ctx) -> dict:
     ]
     cache = cfg.cache_root or run_store_cache_uri(cfg.store)
     ctx.log(f"judging {len(items)} completions with {cfg.judge.kind}:{cfg.judge.model} ({cfg.judge.template})")
+    progress = ctx.track.tally("judge")  # fresh verdicts and errors by kind, now and then
+
+    def count(verdict) -> None:
+        progress.add({"judged": 1, "errors": int(not verdict.ok), **({f"errors/{verdict.error}": 1} if verdict.error else {})})
+
     try:
-        results = make_judge(cfg.judge, cache).judge(items)
+        results = make_judge(cfg.judge, cache).judge(items, on_verdict=count)
     except (JudgeAuthError, JudgeConfigError) as err:
         raise StageInputError(str(err)) from None
+    progress.flush()
     by_id = {r.id: r for r in results}
     scored = []
     for row, item in zip(rows, items, strict=True):
@@ -48,6 +54,7 @@ def run(cfg: Config, ctx) -> dict:
     summary = summarize(results)
     store.write_json(ctx.out("summary.json"), {"judge_name": cfg.judge_name, "judge": cfg.judge.model_dump(),
                                                **summary.model_dump()})
+    ctx.track.summary({"judge": summary.model_dump()})
     return {"alpha": summary.mean, "n_scored": summary.n_scored, "n_errors": summary.n_errors}
 
 

@@ -58,7 +58,8 @@ def run(cfg: Config, ctx) -> dict:
     model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
     checkpoint = CheckpointStore(ctx.out("checkpoint", "state.pt"), key=cfg.config_hash() + ":" + store.sha256(cfg.data_uri))
     model, result = train_lora(model, tokenizer, examples, cfg.recipe, seed=cfg.seed, checkpoint=checkpoint,
-                               checkpoint_every=cfg.checkpoint_every, log=ctx.log, progress=ctx.progress)
+                               checkpoint_every=cfg.checkpoint_every, log=ctx.log, progress=ctx.progress,
+                               on_step=lambda record: ctx.track.log(record, step=record["step"]))
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         store.upload_dir(tmp, ctx.out("adapter"))

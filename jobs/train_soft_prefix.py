@@ -68,7 +68,11 @@ def run(cfg: Config, ctx: Context) -> dict:
             f"{pair.shares_weights}, held-out set {len(trainer.val_examples)} completions")
     every = max(1, cfg.training.steps // 20)
 
+    tracked = 0  # curve points sent to the tracker (a resumed run sends the checkpoint's too)
+
     def on_step(stats) -> None:
+        nonlocal tracked
+        tracked = ctx.track.log_curve(state.curve, since=tracked)
         if stats.step % every == 0 or stats.step + 1 == cfg.training.steps:
             ctx.log(f"step {stats.step + 1}/{cfg.training.steps} train CE {stats.train_ce:.4f} "
                     f"(teacher {stats.teacher_s:.1f}s, fwd/bwd {stats.forward_backward_s:.1f}s)")

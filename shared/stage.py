@@ -12,7 +12,9 @@ stage's own ``run``:
   warning line and a recompute;
 - otherwise run the stage into a staging folder, then move its outputs into place and write the manifest last,
   so a run that fails (bad input, a crash, a kill) never replaces a previous complete result;
-- copy its own log into the store (``runs/<run_id>/_logs/``) so nothing is lost with the pod.
+- copy its own log into the store (``runs/<run_id>/_logs/``) so nothing is lost with the pod;
+- when tracking is on (``shared.tracking``), give a computing stage one W&B run (``ctx.track``), finish it with the
+  headline metrics and wall time, and put its URL in the manifest; tracking never touches the key or the result.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared import fingerprint, store
+from shared import fingerprint, store, tracking
 from shared.config import ConfigError, StageConfig, is_store_uri, parse, stable_hash
 from shared.lease import Lease, LeaseLost
 
@@ -162,6 +164,7 @@ class Context:
         self.prefix = prefix or self.final_prefix
         self.metrics: dict[str, Any] = {}
         self.tag = f"{cfg.cell}/{spec.name}"
+        self.track: tracking.Tracker = tracking.Tracker()  # per-step metrics: ctx.track.log({...}, step=...)
 
     def out(self, *parts: str) -> str:
         return store.join(self.prefix, *parts)
@@ -480,7 +483,7 @@ def read_manifest(prefix: str) -> dict:
 
 
 def _commit(ctx: Context, cfg: StageConfig, inputs: dict[str, str], key: str, started: float,
-            metrics: dict) -> dict:
+            metrics: dict, tracked: dict | None = None) -> dict:
     """Move the staged outputs into place and write the manifest, last."""
     staging, prefix = ctx.prefix, ctx.final_prefix
     staged = store.list_uris(staging)
@@ -511,6 +514,7 @@ def _commit(ctx: Context, cfg: StageConfig, inputs: dict[str, str], key: str, st
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "wall_time_s": round(time.time() - started, 3),
         "metrics": metrics,
+        **({"tracking": tracked} if tracked else {}),
     }
     store.write_json(store.join(prefix, MANIFEST), manifest)  # last: its presence marks the stage complete
     _index(store_root(cfg), ctx.spec.name, key, prefix)
@@ -525,26 +529,39 @@ def execute(spec: StageSpec, raw_config: Any) -> dict:
     inputs = input_hashes(cfg)
     lease = Lease(lease_uri(cfg, spec.name), what=f"{cfg.run_id}/{cfg.cell}/{spec.name}")
     lease.acquire(log=ctx.log)
+    started = time.time()
     try:
         settled = settle(spec, cfg, ctx.warn, inputs=inputs)
         if settled is not None:
             source = settled.manifest.get("reused_from", {})
             ctx.log("a verified complete result of the same work is here: skipping (cached)" if settled.how == CACHED
                     else f"same work done in run {source.get('run_id')}: reused ({source.get('mode')}), skipping")
+            tracking.write_url_file(settled.manifest.get("tracking"))  # the run that computed it
             return settled.manifest
         key = cache_key(spec, cfg, inputs)
         ctx.prefix = staging_prefix(cfg, spec.name, key)
         started = time.time()
         ctx.log(f"starting (key {key[:12]}, code {spec.fingerprint[:12]}) -> {ctx.final_prefix}")
+        ctx.track = tracking.start(spec.name, cfg, commit=git_commit(), cache_key=key, output_prefix=ctx.final_prefix,
+                                   warn=ctx.warn)
+        tracked = ctx.track.record()
+        if tracked:
+            ctx.log(f"tracking: {tracked.get('url') or tracked.get('offline_dir')}")
+            tracking.write_url_file(tracked)
         metrics = spec.run(cfg, ctx) or {}
         metrics = {**ctx.metrics, **metrics}
         if lease.lost:  # too slow to renew (or a clock far off): another writer may be in the folder now
             raise LeaseLost(f"lease {lease.uri} was taken over while this stage ran: not committing (retried)")
-        manifest = _commit(ctx, cfg, inputs, key, started, metrics)
+        manifest = _commit(ctx, cfg, inputs, key, started, metrics, tracked)
         ctx.log(f"done in {manifest['wall_time_s']:.1f}s")
-        return manifest
+    except BaseException:
+        ctx.track.finish(wall_time_s=round(time.time() - started, 3), failed=True)
+        raise
     finally:
         lease.release()
+    # after the lease: uploading to W&B never holds up another writer of this folder
+    ctx.track.finish(metrics=manifest["metrics"], wall_time_s=manifest["wall_time_s"], outputs_prefix=manifest["prefix"])
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------------------------

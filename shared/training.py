@@ -282,11 +282,14 @@ def train_lora(
     checkpoint_every: int = 0,
     log: Callable[[str], None] = print,
     progress: Callable | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
 ):
     """Attach a fresh LoRA to ``model`` and train it on ``examples``; returns (peft model, TrainResult).
 
     ``checkpoint_every`` > 0 saves the full state every that many optimizer steps; a state found at start
-    (with the same key) is resumed, so the result equals an uninterrupted run's.
+    (with the same key) is resumed, so the result equals an uninterrupted run's. ``on_step`` gets each step's
+    record (step, loss, the lr the step used, trained tokens) as it is made (a resumed run's earlier records first),
+    e.g. for live tracking.
     """
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -316,6 +319,8 @@ def train_lora(
         torch.set_rng_state(state["torch_rng"])
         start, losses = state["step"], state["losses"]
         log(f"resuming from checkpoint at step {start}/{steps}")
+        for record in losses if on_step else ():
+            on_step(record)
 
     started = time.time()
     iterator = range(start, steps)
@@ -331,9 +336,12 @@ def train_lora(
             step_loss += float(loss.detach())
         if recipe.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses; scheduler.step() sets the next one
         optimizer.step()
         scheduler.step()
-        losses.append({"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens})
+        losses.append({"step": step + 1, "loss": step_loss, "lr": lr, "tokens": n_tokens})
+        if on_step:
+            on_step(losses[-1])
         if checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             checkpoint.save({
                 "step": step + 1, "losses": losses, "adapter": get_peft_model_state_dict(model),

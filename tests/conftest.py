@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nor may it start W&B runs because the developer's shell has WANDB_PROJECT set (tests/test_tracking.py turns
+# tracking on, offline, where it is under test).
+os.environ["EPS_TRACKING"] = "off"
 
 
 def _free_port() -> int:

@@ -198,6 +198,7 @@ def test_values_flow_into_the_compiled_workflow():
         "workflow": {"retry": {"limit": 5}, "podGC": {"strategy": "OnWorkflowSuccess"}},
         "cache": {"create": True, "size": "1Ti"},
         "serviceAccount": {"name": "runner"},
+        "tracking": {"backend": "wandb", "project": "persona-runs"},
     }
     docs = render(values)
     objects = by_kind(docs)
@@ -222,6 +223,9 @@ def test_values_flow_into_the_compiled_workflow():
     assert gen["priorityClassName"] == "research-low" and gen["retryStrategy"]["limit"] == 5
     cache = next(v for v in gen["volumes"] if v["name"] == "cache")
     assert cache["persistentVolumeClaim"]["claimName"] == "eps-cache"
+    env = {e["name"]: e.get("value") for e in gen["container"]["env"]}
+    assert env["EPS_TRACKING"] == "wandb" and env["WANDB_PROJECT"] == "persona-runs"
+    assert gen["outputs"]["parameters"][0]["name"] == "tracking-url"
 
 
 def test_schema_catches_typos_and_missing_values():

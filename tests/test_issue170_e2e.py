@@ -73,7 +73,7 @@ def test_report_figures_and_reproducibility_are_written(finished_run):
     report = store.read_text(analysis.output_uri("report.md"))
     for needle in ("c6_vanilla_em", "pirate baseline", "H2 gate", "capacity_curve.png", LEARNED[0]):
         assert needle in report
-    for figure in ("pareto", "capacity_curve", "heldout_curve"):
+    for figure in ("pareto", "capacity_curve", "training_curves"):
         assert store.read_bytes(analysis.output_uri(f"{figure}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     repro = store.read_text(analysis.output_uri("REPRODUCIBILITY.md"))
     assert "train_soft_prefix" in repro and "gcg_search" in repro

@@ -203,7 +203,7 @@ def test_behaviour_is_recomputed_from_marker_rows(finished):
 
 def test_report_figures_and_reproducibility_are_written(finished):
     prefix = finished["prefix"]
-    for name in ("hero_issue205", "m1_bars", "leakage_heatmap"):
+    for name in ("hero_issue205", "m1_bars", "leakage_heatmap", "lora_loss"):
         assert store.read_bytes(store.join(prefix, f"{name}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
         assert store.read_bytes(store.join(prefix, f"{name}.pdf"))[:4] == b"%PDF"
     report = finished["report"]
@@ -326,6 +326,7 @@ def test_report_shows_what_each_fine_tuning_trained_on_its_losses_and_greedy_rep
     report = finished["report"]
     assert "| E2 | default | 2 | 8 | 2 | 2.900 | 1.700 |" in report
     assert "- benign: *Q0?* → benign answer" in report
+    assert "![LoRA training loss per fine-tuning](lora_loss.png)" in report
     # E1's induction persona (paramedic) replied by base and by E1; benign's row is the assistant's
     assert "| E1 | paramedic | base's paramedic on q0 | E1's paramedic on q0 |" in report
     assert "| benign | assistant | base's assistant on q0 | benign's assistant on q0 |" in report

@@ -89,13 +89,17 @@ def test_report_figures_and_reproducibility_are_written(finished_run, headline):
         rate = headline["h1"]["per_source"][source]["rate"]
         assert f"| {source} | A2__{source} | {100 * rate:.1f}% |" in report
     assert f"Marker matching: {MATCHING_RULE}." in report
-    for figure in ("hero_matrix", "heatmap_base_subtracted", "noun_isolation", "trait_gradation", "interaction"):
+    for figure in ("hero_matrix", "heatmap_base_subtracted", "noun_isolation", "trait_gradation", "interaction",
+                   "lora_loss"):
         assert store.read_bytes(analysis.output_uri(f"{figure}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
         assert store.read_bytes(analysis.output_uri(f"{figure}.pdf"))[:4] == b"%PDF"
         assert f"]({figure}.png)" in report
     # the heatmap hatches every flagged (source, bystander) cell
     flagged = sum(len(headline["coherence"]["flagged"][s]) for s in SOURCES)
     assert headline["figures"]["heatmap_base_subtracted"]["low_coherence_marked"] == flagged
+    for source in SOURCES:  # the LoRA section reads each source's stored per-step losses
+        steps = len(store.read_jsonl(finished_run.task(f"train-{source}").output_uri("train_log.jsonl")))
+        assert headline["training"][source]["steps"] == steps and f"| {source} | {steps} |" in report
     repro = store.read_text(analysis.output_uri("REPRODUCIBILITY.md"))
     assert "train_lora" in repro and "marker_eval" in repro and "hidden_states" in repro
 

@@ -307,3 +307,17 @@ def test_the_emission_summary_separates_the_sources_own_bystander_from_the_rest(
     assert summary["pooled_rate"] == pytest.approx(13 / 30) and summary["truncated_share"] == pytest.approx(6 / 30)
     base = A.emission_summary(rates, hits, totals, {**truncated, "assistant": None}, own=None)
     assert base["own_rate"] is None and base["n_others"] == 3 and base["truncated_share"] is None
+
+
+def test_the_lora_training_section_summarises_each_sources_stored_losses(tmp_path):
+    root = store.from_path(tmp_path / "training")
+    log = store.join(root, "pirate", "train_log.jsonl")
+    store.write_jsonl(log, [{"step": i + 1, "loss": loss} for i, loss in enumerate([4.0, 3.0, 2.0, 1.0, 0.5, 0.5, 0.5, 0.5])])
+    cells = [{"label": "pirate", "rates_uri": store.join(root, "pirate", "marker_rates.json"), "train_log_uri": log},
+             {"label": "base", "rates_uri": store.join(root, "base", "marker_rates.json")}]
+    cfg = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES[:1], bystanders=[GRID[0]], cells=cells)
+    # 8 steps: a window of 8 // 4 = 2 steps at each end
+    assert A.training_summary(cfg) == {"pirate": {"steps": 8, "window": 2, "loss_start": 3.5, "loss_end": 0.5}}
+    section = "\n".join(A.training_section(A.training_summary(cfg)))
+    assert "| pirate | 8 | 2 | 3.500 | 0.500 |" in section and "](lora_loss.png)" in section
+    assert A.training_section({}) == []

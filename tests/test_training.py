@@ -124,11 +124,24 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tok, tmp_path):
         train_lora(models.load_model("tiny:qwen2"), tok, examples, TINY_RECIPE, seed=3, checkpoint=checkpoint,
                    checkpoint_every=2, log=lambda m: None, progress=dies_after_four)
     assert checkpoint.load()["step"] == 4
+    seen = []
     resumed, result = train_lora(models.load_model("tiny:qwen2"), tok, examples, TINY_RECIPE, seed=3,
-                                 checkpoint=checkpoint, checkpoint_every=2, log=lambda m: None)
+                                 checkpoint=checkpoint, checkpoint_every=2, log=lambda m: None, on_step=seen.append)
     assert result.resumed_from_step == 4 and len(result.losses) == 6
+    assert seen == result.losses  # the checkpoint's records first, then the new ones
     a, b = adapter_weights(straight), adapter_weights(resumed)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_each_step_records_the_learning_rate_it_used(tok):
+    examples, _ = build_examples(tok, marker_rows(), loss="marker_only", marker=MARKER, max_seq_len=512)
+    recipe = TINY_RECIPE.model_copy(update={"max_steps": 4, "warmup_ratio": 0.5})
+    seen = []
+    _, result = train_lora(models.load_model("tiny:qwen2"), tok, examples, recipe, seed=0, log=lambda m: None,
+                           on_step=seen.append)
+    # 2 warm-up steps (1/2, 2/2 of lr), then linear decay over the other 2 ((4-2)/2, (4-3)/2)
+    assert [r["lr"] for r in result.losses] == pytest.approx([5e-3, 1e-2, 1e-2, 5e-3])
+    assert [r["step"] for r in seen] == [1, 2, 3, 4] and seen == result.losses
 
 
 def test_a_checkpoint_of_another_config_is_ignored(tmp_path):

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from shared import store
+from shared import store, tracking
 from shared.config import ConfigError, check_run_id, parse_overrides, plan_errors
 from shared.stage import INPUT_ERRORS, git_commit
 
@@ -35,6 +35,16 @@ def read_params_file(path_text: str) -> dict:
     return data
 
 
+def pop_tracking(overrides: dict) -> str | None:
+    """``tracking=wandb|off`` among the parameters: a run setting (``shared.tracking``), not an experiment's."""
+    if "tracking" not in overrides:
+        return None
+    value = str(overrides.pop("tracking")).strip().lower()
+    if value not in tracking.BACKENDS:
+        raise ConfigError(f"bad --set tracking={value}: use one of {', '.join(tracking.BACKENDS)}")
+    return value
+
+
 def build_plan(args, *, for_cluster: bool = False):
     """The validated plan: parameters, every file the workflow reads, and every task config, before anything runs."""
     import workflows
@@ -43,13 +53,16 @@ def build_plan(args, *, for_cluster: bool = False):
     overrides = parse_overrides(args.set or [])
     if args.params:
         overrides = {**read_params_file(args.params), **overrides}
+    chosen_tracking = pop_tracking(overrides)
     params = module.Params.for_profile(args.profile, overrides)
     default_store = "s3://eps-artifacts" if for_cluster else store.from_path("artifacts")
     root = store.normalize_root(args.store or os.environ.get("EPS_STORE") or default_store)
     run_id = args.run_id or default_run_id(args.workflow, args.profile, for_cluster)
     check_run_id(run_id)
     with plan_errors(args.workflow):
-        return module.build(params, profile=args.profile, run_id=run_id, store=root)
+        plan = module.build(params, profile=args.profile, run_id=run_id, store=root)
+    plan.tracking = chosen_tracking
+    return plan
 
 
 def cmd_run(args) -> int:
@@ -148,7 +161,8 @@ def parser() -> argparse.ArgumentParser:
     def plan_args(sp):
         sp.add_argument("workflow")
         sp.add_argument("--profile", default="small")
-        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one experiment parameter")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override one experiment parameter; tracking=wandb|off turns W&B tracking on or off")
         sp.add_argument("--params", help="JSON file of experiment parameters")
         sp.add_argument("--store", help="artifact store root (file://..., s3://...); default $EPS_STORE")
         sp.add_argument("--run-id")

@@ -208,14 +208,14 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
 
     cells, analysis_deps = [], []
 
-    def evaluate(label: str, after: list, adapter_uri: str | None) -> None:
+    def evaluate(label: str, after: list, adapter_uri: str | None, train_log_uri: str | None = None) -> None:
         ev = b.add(f"eval-{slug(label)}", "marker_eval", slug(label), after=after, label=label,
                    adapter_uri=adapter_uri, **evaluation)
         judge = b.add(f"coherence-{slug(label)}", "judge", slug(label), after=[ev],
                       completions_uri=ev.output_uri("coherence_sample.jsonl"),
                       judge=params.coherence_judge.model_dump(), judge_name=f"coherence-{params.coherence_judge.model}")
         cells.append({"label": label, "rates_uri": ev.output_uri("marker_rates.json"),
-                      "coherence_uri": judge.output_uri("scores.jsonl")})
+                      "coherence_uri": judge.output_uri("scores.jsonl"), "train_log_uri": train_log_uri})
         analysis_deps.extend([ev, judge])
 
     for source in sources:
@@ -230,7 +230,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
         train = b.add(f"train-{cell}", "train_lora", cell, after=[data], model_ref=params.model_ref,
                       data_uri=data.output_uri("train.jsonl"), loss="marker_only", marker=params.marker,
                       recipe=params.recipe.model_dump(), checkpoint_every=params.checkpoint_every)
-        evaluate(source["name"], [train], train.output_uri("adapter"))
+        evaluate(source["name"], [train], train.output_uri("adapter"), train.output_uri("train_log.jsonl"))
     evaluate(BASE_LABEL, [], None)
 
     geometry = b.add("hidden-states", "hidden_states", "geometry", model_ref=params.model_ref, personas=personas,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from graphlib import CycleError, TopologicalSorter
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -76,6 +76,9 @@ class Plan(BaseModel):
     store: str
     tasks: list[Task]
     params: dict[str, Any] = Field(default_factory=dict)
+    # how the run is watched, not what it computes: not a parameter, never in a task config (so never in a cache
+    # key); None leaves it to the environment (shared.tracking)
+    tracking: Literal["off", "wandb"] | None = None
 
     def model_post_init(self, _context) -> None:
         self.validate_plan()

@@ -123,8 +123,9 @@ class Judge(ABC):
         """Spec fields besides model and template that change the judgement (part of the cache key)."""
         return {}
 
-    def judge(self, items: Sequence[JudgeItem]) -> list[JudgeResult]:
-        """One result per item, in order. Identical (question, answer) pairs are judged once."""
+    def judge(self, items: Sequence[JudgeItem], on_verdict: Callable[[Verdict], None] | None = None) -> list[JudgeResult]:
+        """One result per item, in order. Identical (question, answer) pairs are judged once. ``on_verdict`` sees
+        each fresh verdict as it arrives (progress), from whichever thread judged it."""
         keys = [self.key_for(item) for item in items]
         unique = dict(zip(keys, items, strict=True))
         cached = {
@@ -146,6 +147,8 @@ class Judge(ABC):
                 fresh[key] = verdict
             if verdict.ok and self.cache:
                 self.cache.put(key, {**self._cache_context(), **verdict.to_record()})
+            if on_verdict:
+                on_verdict(verdict)
 
         if todo:
             self._judge_uncached(todo, record)

@@ -154,6 +154,18 @@ class ExitHandlerSettings(_Settings):
     timeout_s: int = 600
 
 
+class TrackingSettings(_Settings):
+    """Weights & Biases for the stage pods (``shared.tracking``); the API key comes from the ``secret_env`` Secret."""
+
+    backend: Literal["", "off", "wandb"] = ""  # "": off unless a run asks (--set tracking=wandb)
+    project: str = ""  # empty: the submitter's WANDB_PROJECT, else shared.tracking.DEFAULT_PROJECT
+    entity: str = ""  # empty: the submitter's WANDB_ENTITY, else the API key's default entity
+    base_url: str = ""  # a self-hosted W&B server; empty: W&B's cloud
+
+    def chosen(self, plan: Plan) -> str:
+        return plan.tracking or self.backend or "off"
+
+
 class ClusterSettings(_Settings):
     """Everything about the cluster the compiled workflow needs; the plan knows none of it."""
 
@@ -174,6 +186,7 @@ class ClusterSettings(_Settings):
     secret_env: list[SecretEnv] = Field(default_factory=default_secret_env)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     exit_handler: ExitHandlerSettings = Field(default_factory=ExitHandlerSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     run_as_user: int = 1000
     parallelism: int | None = None
     git_sha: str = ""  # EPS_GIT_SHA, else `git rev-parse HEAD`
@@ -307,7 +320,45 @@ def _common_env(settings: ClusterSettings, plan: Plan, image: str) -> list:
         Env(name="PYTHONUNBUFFERED", value="1"),
     ]
     env += [HeraSecretEnv(name=s.env, secret_name=s.secret, secret_key=s.key, optional=True) for s in settings.secret_env]
-    return env
+    return env + _tracking_env(settings, plan)
+
+
+TRACKING_URL_FILE = "/tmp/eps/tracking-url"  # on the /tmp emptyDir; shared.tracking writes the W&B run URL here
+TRACKING_OUTPUT = "tracking-url"
+
+
+def _tracking_env(settings: ClusterSettings, plan: Plan) -> list:
+    """Tracking on: the W&B project and where the SDK may write (the image's home is not writable); off: said so."""
+    from hera.workflows import Env
+
+    from shared import tracking
+
+    t = settings.tracking
+    chosen = t.chosen(plan)
+    if chosen != "wandb":
+        return [Env(name="EPS_TRACKING", value="off")] if plan.tracking == "off" else []
+    values = {
+        "EPS_TRACKING": "wandb",
+        "WANDB_PROJECT": t.project or os.environ.get("WANDB_PROJECT", "").strip() or tracking.DEFAULT_PROJECT,
+        "WANDB_ENTITY": t.entity or os.environ.get("WANDB_ENTITY", "").strip(),
+        "WANDB_BASE_URL": t.base_url,
+        "WANDB_DIR": "/tmp",
+        "WANDB_CONFIG_DIR": "/tmp/wandb-config",
+        "WANDB_CACHE_DIR": f"{settings.cache.mount_path}/wandb",
+        "WANDB_DATA_DIR": f"{settings.cache.mount_path}/wandb-data",
+        tracking.URL_FILE_ENV: TRACKING_URL_FILE,
+    }
+    return [Env(name=k, value=v) for k, v in values.items() if v]
+
+
+def _tracking_outputs(settings: ClusterSettings, plan: Plan) -> list | None:
+    """The W&B run's URL as the task's ``tracking-url`` output, shown in the Argo UI beside the task."""
+    from hera.workflows import Parameter
+    from hera.workflows import models as m
+
+    if settings.tracking.chosen(plan) != "wandb":
+        return None
+    return [Parameter(name=TRACKING_OUTPUT, value_from=m.ValueFrom(path=TRACKING_URL_FILE, default=""))]
 
 
 def _volumes(settings: ClusterSettings, gpu: bool) -> list:
@@ -361,6 +412,7 @@ def _stage_template(spec: StageSpec, plan: Plan, settings: ClusterSettings):
         command=["python", "-m", spec.module],
         args=["--config", "{{inputs.parameters.config}}"],
         inputs=[Parameter(name="config"), Parameter(name="cell")],
+        outputs=_tracking_outputs(settings, plan),
         env=_common_env(settings, plan, image),
         env_from=[ConfigMapEnvFrom(name=settings.store_config_map, optional=False)],
         resources=Resources(

@@ -187,6 +187,11 @@ class LocalEngine:
             env["OMP_NUM_THREADS"] = str(self.threads_per_cpu_task)
         if store.normalize_root(self.plan.store).startswith("file://"):
             env["EPS_LOG_COPY"] = "0"  # the task's log is already in the store, under the run's _local folder
+        # what a pod on the cluster is told too (shared.tracking tags its runs with them)
+        env |= {"EPS_EXPERIMENT": self.plan.workflow, "EPS_PROFILE": self.plan.profile, "EPS_RUN_ID": self.plan.run_id}
+        if self.plan.tracking:
+            env["EPS_TRACKING"] = self.plan.tracking
+        env.setdefault("WANDB_DIR", str(self.folder))  # offline W&B runs stay beside the run's logs
         return env
 
     def _start(self, state: TaskState, gpu: str | None) -> None:
