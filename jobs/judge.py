@@ -31,9 +31,11 @@ def run(cfg: Config, ctx) -> dict:
         JudgeItem(id=f"{r['question_id']}#{r['sample']}", question=r["question"], answer=r["text"]) for r in rows
     ]
     cache = cfg.cache_root or run_store_cache_uri(cfg.store)
-    ctx.log(f"judging {len(items)} completions with {cfg.judge.kind}:{cfg.judge.model} ({cfg.judge.template})")
     try:
-        results = make_judge(cfg.judge, cache).judge(items)
+        judge = make_judge(cfg.judge, cache)
+        ctx.log(f"judging {len(items)} completions with {cfg.judge.kind}:{cfg.judge.model}, template "
+                f"{judge.template.name} ({judge.template.source}, sha256 {judge.template.sha256[:12]})")
+        results = judge.judge(items)
     except (JudgeAuthError, JudgeConfigError) as err:
         raise StageInputError(str(err)) from None
     by_id = {r.id: r for r in results}
@@ -46,8 +48,9 @@ def run(cfg: Config, ctx) -> dict:
         })
     store.write_jsonl(ctx.out("scores.jsonl"), scored)
     summary = summarize(results)
+    template = {"name": judge.template.name, "source": judge.template.source, "sha256": judge.template.sha256}
     store.write_json(ctx.out("summary.json"), {"judge_name": cfg.judge_name, "judge": cfg.judge.model_dump(),
-                                               **summary.model_dump()})
+                                               "template": template, **summary.model_dump()})
     return {"alpha": summary.mean, "n_scored": summary.n_scored, "n_errors": summary.n_errors}
 
 
