@@ -34,11 +34,10 @@ class Config(StageConfig):
     @field_validator("items_file")
     @classmethod
     def _items_parse(cls, ref: str) -> str:
-        from shared.judge.check import read_items
-
         from pathlib import Path
 
         from shared.datafiles import PACKAGE_PREFIX
+        from shared.judge.check import read_items
 
         read_items(ref)  # a bad items file fails when the plan is built
         # absolute: the stage may start in another folder than the plan was built in
