@@ -49,26 +49,12 @@ def reference_points() -> dict:
 
 def question_bootstrap_ci(question_ids: list[str], values: list[float], *, seed: int,
                           n_boot: int = N_BOOT) -> list[float] | None:
-    """95% CI of the mean of ``values`` by resampling whole questions (a question's completions share its prompt).
-
-    Each replicate draws questions with replacement and takes sum(values) / count over the drawn questions, so
-    the point estimate is exactly the plain mean even when questions have different numbers of scored items.
-    """
-    from shared.stats import bootstrap_ci
+    """95% CI of the mean of ``values`` by resampling whole questions (a question's completions share its prompt)."""
+    from shared.stats import cluster_bootstrap_ci
 
     if not values:
         return None
-    order = sorted(set(question_ids))
-    sums = np.zeros(len(order))
-    counts = np.zeros(len(order))
-    for qid, value in zip(question_ids, values, strict=True):
-        sums[order.index(qid)] += value
-        counts[order.index(qid)] += 1
-
-    def pooled_mean(s, c, axis=-1):
-        return s.sum(axis=axis) / c.sum(axis=axis)
-
-    ci = bootstrap_ci((sums, counts), pooled_mean, n_boot=n_boot, rng=seed)
+    ci = cluster_bootstrap_ci(question_ids, values, n_boot=n_boot, rng=seed)
     return [ci.low, ci.high]
 
 
