@@ -94,6 +94,16 @@ class JudgeSpec(BaseModel):
                              f"{self.template_sha256[:12]}..., now {sha[:12]}...): build the plan again")
         return self
 
+    def template_facts(self) -> dict:
+        """What a report says about this judge's template: its name, where it came from, its content hash."""
+        from pathlib import Path
+
+        from shared.judge.templates import is_shipped
+
+        shipped = is_shipped(self.template)
+        return {"template": self.template if shipped else Path(self.template).name,
+                "source": "shipped" if shipped else self.template, "sha256": self.template_sha256}
+
     def with_template(self, ref: str) -> JudgeSpec:
         """The same judge with another template (its hash pinned afresh)."""
         return JudgeSpec.model_validate({**self.model_dump(), "template": ref, "template_sha256": None})

@@ -53,6 +53,15 @@ def resolve_ref(ref: str) -> str:
     return str(Path(ref).expanduser().resolve())
 
 
+def checked_ref(ref: str) -> str:
+    """``resolve_ref(ref)`` once the template loads; ValueError (one line) otherwise. For parameter validators."""
+    try:
+        load_template(resolve_ref(ref))
+    except JudgeConfigError as err:
+        raise ValueError(str(err)) from None
+    return resolve_ref(ref)
+
+
 @dataclass(frozen=True)
 class JudgeTemplate:
     name: str  # the shipped name, or the stem of the user's files
