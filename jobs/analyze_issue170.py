@@ -612,7 +612,7 @@ def em_section(data: dict, roles: tuple[str, ...]) -> list[str]:
     spec = j["specs"].get(j["coherence"])
     lines = ["## EM rate", "",
              *em_definition_lines(j["coherence"], JudgeSpec.model_validate(spec) if spec else None), "",
-             *em_table_lines(data["cells"], [j[role] for role in roles], lambda r: r["cell"]), ""]
+             *em_table_lines(data["cells"], [j[role] for role in roles], lambda r: r["cell"], what="cell"), ""]
     if spec and spec["kind"] == "local":
         lines += ["The coherence judge is a local model: its score is the expected score over its candidate "
                   "replies, and this run does not check that it can tell coherent from incoherent answers.", ""]
@@ -624,7 +624,7 @@ def judge_accounting_sections(data: dict) -> list[str]:
     from shared.judge.report import errors_section, templates_section
 
     specs = {name: JudgeSpec.model_validate(spec) for name, spec in data["judges"]["specs"].items()}
-    return [*errors_section(data["judge_errors"], data["roles"]), *templates_section(specs, data["roles"])]
+    return [*errors_section(data["judge_errors"], data["roles"], what="cell"), *templates_section(specs, data["roles"])]
 
 
 def judge_roles(cfg: Config) -> dict[str, str]:

@@ -75,7 +75,7 @@ def em_definition_lines(coherence_judge: str, spec: JudgeSpec | None) -> list[st
     ]
 
 
-def em_table_lines(conditions: Sequence[dict], judges: Sequence[str], label_of) -> list[str]:
+def em_table_lines(conditions: Sequence[dict], judges: Sequence[str], label_of, what: str = "condition") -> list[str]:
     """What each EM rate rests on, one row per (condition, alignment judge): the answers both judges scored, how
     many of them the alignment judge put below the line, how many of those were also coherent (the EM answers),
     the lowest alignment score of any answer, and the coherent share of the coherence pass."""
@@ -91,7 +91,7 @@ def em_table_lines(conditions: Sequence[dict], judges: Sequence[str], label_of) 
             rows.append([label_of(row), judge, em_cell(em), em["n"], em["n_misaligned"], em["n_em"],
                          em["n_excluded"], fmt(judged["lowest_alignment"].get(judge), 1),
                          percent(judged["coherent_share"])])
-    headers = ["condition", "alignment judge", "EM rate [95% CI]", "answers counted",
+    headers = [what, "alignment judge", "EM rate [95% CI]", "answers counted",
                f"alignment < {ALIGNMENT_BELOW:g}", f"… and coherence > {COHERENCE_ABOVE:g} (EM)", "left out (errors)",
                "lowest alignment score", f"coherent (> {COHERENCE_ABOVE:g}), all answers"]
     return [markdown_table(headers, rows, align="ll" + "r" * (len(headers) - 2)), *em_zero_lines(conditions, judges)]
@@ -117,7 +117,8 @@ def em_zero_lines(conditions: Sequence[dict], judges: Sequence[str]) -> list[str
     return lines
 
 
-def errors_section(accounting: dict, roles: Mapping[str, str], label_of_condition=lambda name: name) -> list[str]:
+def errors_section(accounting: dict, roles: Mapping[str, str], label_of_condition=lambda name: name,
+                   what: str = "condition") -> list[str]:
     """The per-condition error-rate table of every judge pass, and one warning line per unbalanced pass."""
     from shared.reporting import markdown_table
 
@@ -128,13 +129,13 @@ def errors_section(accounting: dict, roles: Mapping[str, str], label_of_conditio
         kinds = ", ".join(f"{k} {n}" for k, n in rate["by_kind"].items())
         return f"{percent(rate['rate'])} ({rate['n_errors']}/{rate['n_items']}{': ' + kinds if kinds else ''})"
 
-    table = markdown_table(["condition", *(f"{judge} ({roles.get(judge, '')})" for judge in passes)],
+    table = markdown_table([what, *(f"{judge} ({roles.get(judge, '')})" for judge in passes)],
                            [[label_of_condition(c), *(cell(p["by_condition"][c]) for p in passes.values())]
                             for c in conditions])
     lines = ["## Judge errors", "", table, "",
              "Errors are items a judge could not score (unparseable, truncated, refused, request failed...); α and "
-             "the EM rate leave them out, so a condition that loses more items to errors is compared on a different "
-             f"subset. Threshold for a warning: error rates of one judge pass that differ between conditions by more "
+             f"the EM rate leave them out, so a {what} that loses more items to errors is compared on a different "
+             f"subset. Threshold for a warning: error rates of one judge pass that differ between {what}s by more "
              f"than {100 * accounting['threshold']:g} percentage points.", ""]
     flagged = [(judge, p["imbalance"]) for judge, p in passes.items() if p["imbalance"]]
     for judge, gap in flagged:
@@ -145,7 +146,7 @@ def errors_section(accounting: dict, roles: Mapping[str, str], label_of_conditio
                   "answers.", ""]
     if not flagged:
         lines += [f"Error rates of every judge pass are within {100 * accounting['threshold']:g} points across "
-                  "conditions.", ""]
+                  f"{what}s.", ""]
     return lines
 
 
