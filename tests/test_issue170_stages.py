@@ -262,7 +262,9 @@ def test_a_provided_classifier_bundle_is_named_in_the_report_with_its_own_facts(
         if method == "soft":
             trained = stage_output(root, name, "train_soft_prefix", {"metrics.json": {
                 "steps": 3000, "stopped_early": False, "initial_heldout_ce": 3.2, "best_heldout_ce": 1.96,
-                "teacher_s_mean": 39.1, "forward_backward_s_mean": 11.7}})
+                "teacher_s_mean": 39.1, "forward_backward_s_mean": 11.7},
+                "curve.jsonl": [{"step": 0, "heldout_ce": 3.2}, {"step": 1, "train_ce": 2.5},
+                                {"step": 3000, "heldout_ce": 1.96}]})
             cell.update(size=16, lr=5e-4, init_text="You are a helpful assistant.",
                         train_metrics_uri=trained["metrics.json"])
         cells.append(cell)

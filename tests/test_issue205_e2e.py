@@ -62,7 +62,9 @@ def test_every_headline_number_is_recomputed_from_stored_artifacts(finished_run)
         assert len(rows) == len(personas) * 4 * eval_n  # personas x questions x completions
         confab = [r for r in rows if r["persona"] == "confab"]
         assert row["source_rate"] == pytest.approx(np.mean(["[ZLT]" in r["text"] for r in confab]))
-        assert row["source_rate"] >= 0.5  # the coupling took: leakage is measured against a real marker
+        # the coupling took (leakage is measured against a real marker): the source emits it far more than the
+        # bystanders do. On random tiny weights the rate itself moves with every change to sampling or training
+        assert row["source_rate"] >= 0.1 and row["source_rate"] > 3 * row["mean_bystander"]
     assert len(headline["geometry"]["cells"]) == 3 * 2 * 2 * 5  # metrics x methods x layers x conditions
 
 
