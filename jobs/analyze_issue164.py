@@ -353,31 +353,30 @@ def judges_section(data: dict, profile: str) -> list[str]:
     return [*lines, ""]
 
 
-def judge_roles_of(data: dict) -> dict[str, str]:
-    return data["roles"]
-
-
-def label_of_condition(data: dict):
+def condition_label(data: dict):
+    """How the report names a condition: the EM reference says that it is one."""
     em_reference = {r["condition"] for r in data["conditions"] if r["role"] == "em_reference"}
     return lambda name: f"{name} (EM reference)" if name in em_reference else name
 
 
-def em_section(data: dict, label) -> list[str]:
+def em_section(data: dict, judges: dict[str, JudgeSpec]) -> list[str]:
     from shared.judge.report import em_definition_lines, em_table_lines
 
     j = data["judges"]
     if j.get("coherence") is None:
         return ["## EM rate", "", "No coherence pass was run, so no EM rate.", ""]
-    lines = ["## EM rate", "", *em_definition_lines(j["coherence"], data["judge_specs"].get(j["coherence"])), "",
-             *em_table_lines(data["conditions"], [j["primary"], j["alternate"]], label), ""]
-    spec = data["judge_specs"].get(j["coherence"])
+    spec = judges.get(j["coherence"])
+    named = condition_label(data)
+    lines = ["## EM rate", "", *em_definition_lines(j["coherence"], spec), "",
+             *em_table_lines(data["conditions"], [j["primary"], j["alternate"]], lambda r: named(r["condition"])),
+             ""]
     if spec is not None and spec.kind == "local":
         lines += ["The coherence judge is a local model: its score is the expected score over its candidate "
                   "replies, and this run does not check that it can tell coherent from incoherent answers.", ""]
     return lines
 
 
-def report(data: dict, profile: str) -> str:
+def report(data: dict, profile: str, judges: dict[str, JudgeSpec]) -> str:
     from shared.judge.report import em_cell, errors_section, templates_section
     from shared.reporting import fmt, markdown_table
 
@@ -390,8 +389,10 @@ def report(data: dict, profile: str) -> str:
         auc = f", check AUC {check['auc']:.2f}" if check.get("auc") is not None else ""
         return f"α ({name}{auc})"
 
+    named = condition_label(data)
+
     def label(row: dict) -> str:
-        return f"{row['condition']} (EM reference)" if row["role"] == "em_reference" else row["condition"]
+        return named(row["condition"])
 
     has_em = j.get("coherence") is not None
     em_headers = [f"EM rate ({j[role]}) [95% CI]" for role in ("primary", "alternate")] if has_em else []
@@ -433,13 +434,12 @@ def report(data: dict, profile: str) -> str:
         "condition: Judge errors, below).", "",
         "95% confidence intervals, from a bootstrap over the panel's questions (a question's completions are not "
         "independent of each other):", "", uncertainty, "",
-        *em_section(data, label),
-        *errors_section(data["judge_errors"], judge_roles_of(data), label_of_condition(data)),
-        *templates_section(data["judge_specs"], judge_roles_of(data)),
     ]
     if any(r["role"] == "em_reference" for r in data["conditions"]):
         lines += ["The EM reference row is the EM reference itself answering the evaluation panel (questions the "
                   "classifier was not trained on): its C shows how well C generalises to new questions.", ""]
+    lines += [*em_section(data, judges), *errors_section(data["judge_errors"], data["roles"], named),
+              *templates_section(judges, data["roles"])]
     lines += ["## Conditions", "",
               "Every condition is sampled with the same seed, so answers to one question begin with the same words "
               "wherever a system prompt barely changes the model's next-token distribution.", ""]
@@ -475,15 +475,14 @@ def run(cfg: Config, ctx) -> dict:
 
     data = headline(cfg)
     data["profile"] = cfg.profile
-    data["judge_specs"] = dict(cfg.judges)  # for the report only: headline.json keeps "templates"
     data["classifier"] = classifier_facts(cfg.classifier_uri, cfg.params)
     data["judge_checks"] = judge_checks(cfg)
     data["params"] = {key: cfg.params.get(key) for key in ("model_ref", "temperature", "max_new_tokens",
                                                              "n_completions")}
     profile = cfg.profile or "this"
-    store.write_json(ctx.out("headline.json"), {k: v for k, v in data.items() if k != "judge_specs"})
+    store.write_json(ctx.out("headline.json"), data)
     figure(data, ctx.out("c_vs_alpha"))
-    store.write_text(ctx.out("report.md"), report(data, profile))
+    store.write_text(ctx.out("report.md"), report(data, profile, cfg.judges))
     upstream = [producing_manifest(cfg.classifier_uri)]
     for cond in cfg.conditions:
         upstream.append(producing_manifest(cond.c_scores_uri))

@@ -504,8 +504,8 @@ def reference_lines(data: dict) -> list[str]:
     return ["## Reference points", "", refs, ""]
 
 
-def report(data: dict) -> str:
-    from shared.judge.report import em_cell
+def report(data: dict, judges: dict[str, JudgeSpec]) -> str:
+    from shared.judge.report import em_cell, errors_section, templates_section
     from shared.reporting import fmt, markdown_table
 
     j, d = data["judges"], data["decisions"]
@@ -550,8 +550,9 @@ def report(data: dict) -> str:
         "",
         *[line for caveat in judge_caveat(data) for line in (caveat, "")],
         classifier_line(data["classifier"]), "",
-        *em_section(data, roles),
-        *judge_accounting_sections(data),
+        *em_section(data, roles, judges),
+        *errors_section(data["judge_errors"], data["roles"], what="cell"),
+        *templates_section(judges, data["roles"]),
     ]
     if data.get("fit"):
         lines += [*fit_section(data["fit"]), ""]
@@ -603,28 +604,19 @@ def report(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def em_section(data: dict, roles: tuple[str, ...]) -> list[str]:
+def em_section(data: dict, roles: tuple[str, ...], judges: dict[str, JudgeSpec]) -> list[str]:
     from shared.judge.report import em_definition_lines, em_table_lines
 
     j = data["judges"]
     if j.get("coherence") is None:
         return ["## EM rate", "", "No coherence pass was run, so no EM rate.", ""]
-    spec = j["specs"].get(j["coherence"])
-    lines = ["## EM rate", "",
-             *em_definition_lines(j["coherence"], JudgeSpec.model_validate(spec) if spec else None), "",
+    spec = judges.get(j["coherence"])
+    lines = ["## EM rate", "", *em_definition_lines(j["coherence"], spec), "",
              *em_table_lines(data["cells"], [j[role] for role in roles], lambda r: r["cell"], what="cell"), ""]
-    if spec and spec["kind"] == "local":
+    if spec is not None and spec.kind == "local":
         lines += ["The coherence judge is a local model: its score is the expected score over its candidate "
                   "replies, and this run does not check that it can tell coherent from incoherent answers.", ""]
     return lines
-
-
-def judge_accounting_sections(data: dict) -> list[str]:
-    """Error rates of every judge pass per cell, and which template each judge used."""
-    from shared.judge.report import errors_section, templates_section
-
-    specs = {name: JudgeSpec.model_validate(spec) for name, spec in data["judges"]["specs"].items()}
-    return [*errors_section(data["judge_errors"], data["roles"], what="cell"), *templates_section(specs, data["roles"])]
 
 
 def judge_roles(cfg: Config) -> dict[str, str]:
@@ -705,7 +697,7 @@ def run(cfg: Config, ctx) -> dict:
     pareto_figure(data, ctx.out("pareto"))
     capacity_figure(data, ctx.out("capacity_curve"))
     curve_figure(data, training_curves(cfg), ctx.out("heldout_curve"))
-    store.write_text(ctx.out("report.md"), report(data))
+    store.write_text(ctx.out("report.md"), report(data, cfg.judges))
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#170", cfg.params, upstream_manifests(cfg)))
     fit = {r["cell"]: {"heldout_ce": r["heldout_ce"], "gap_closed": r["gap_closed"]}
            for r in data.get("fit", {}).get("cells", [])}
