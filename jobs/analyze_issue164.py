@@ -1,7 +1,8 @@
-"""Stage ``analyze_issue164``: α under two judges and classifier C per condition, the C-vs-α figure and the report.
+"""Stage ``analyze_issue164``: α and the EM rate under two judges and classifier C per condition, judge error
+rates, the C-vs-α figure and the report.
 
-Every number is recomputed here from the stored per-item judge scores, classifier scores, judge checks and the
-classifier bundle; nothing is copied from an upstream summary.
+Every number is recomputed here from the stored per-item judge scores (alignment and coherence), classifier
+scores, judge checks and the classifier bundle; nothing is copied from an upstream summary.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 
 from shared import store
 from shared.config import StageConfig
+from shared.judge.spec import JudgeSpec
 from shared.stage import Resources, StageInputError, StageSpec
 
 REFERENCE_FILE = "issue164/reference_points.json"
@@ -31,6 +33,7 @@ class ConditionArtifacts(BaseModel):
     # "em_reference": the EM reference model itself on the evaluation panel, a measured point rather than a condition
     role: Literal["condition", "em_reference"] = "condition"
     completions_uri: str | None = None
+    coherence_scores_uri: str | None = None  # the coherence pass over the same completions (for the EM rate)
 
 
 class Config(StageConfig):
@@ -39,6 +42,8 @@ class Config(StageConfig):
     alternate_judge: str
     classifier_uri: str
     judge_check_uris: dict[str, str] = {}  # judge name -> check.json of the judge_check stage
+    coherence_judge: str | None = None  # the name of the coherence pass (None: no EM rate)
+    judges: dict[str, JudgeSpec] = {}  # every judge's spec by name: the report names their templates
     profile: str = ""
     params: dict = {}
 
@@ -49,31 +54,16 @@ def reference_points() -> dict:
 
 def question_bootstrap_ci(question_ids: list[str], values: list[float], *, seed: int,
                           n_boot: int = N_BOOT) -> list[float] | None:
-    """95% CI of the mean of ``values`` by resampling whole questions (a question's completions share its prompt).
-
-    Each replicate draws questions with replacement and takes sum(values) / count over the drawn questions, so
-    the point estimate is exactly the plain mean even when questions have different numbers of scored items.
-    """
-    from shared.stats import bootstrap_ci
+    """95% CI of the mean of ``values`` by resampling whole questions (a question's completions share its prompt)."""
+    from shared.stats import cluster_bootstrap_ci
 
     if not values:
         return None
-    order = sorted(set(question_ids))
-    sums = np.zeros(len(order))
-    counts = np.zeros(len(order))
-    for qid, value in zip(question_ids, values, strict=True):
-        sums[order.index(qid)] += value
-        counts[order.index(qid)] += 1
-
-    def pooled_mean(s, c, axis=-1):
-        return s.sum(axis=axis) / c.sum(axis=axis)
-
-    ci = bootstrap_ci((sums, counts), pooled_mean, n_boot=n_boot, rng=seed)
+    ci = cluster_bootstrap_ci(question_ids, values, n_boot=n_boot, rng=seed)
     return [ci.low, ci.high]
 
 
-def alpha_of(scores_uri: str, seed: int = 0) -> dict:
-    rows = store.read_jsonl(scores_uri)
+def alpha_of(rows: list[dict], seed: int = 0) -> dict:
     scored = [r for r in rows if r.get("error") is None and r.get("score") is not None]
     scores = [r["score"] for r in scored]
     errors = sum(1 for r in rows if r.get("error") is not None)
@@ -186,22 +176,48 @@ def judge_check_line(name: str, check: dict, profile: str) -> str:
 # ----------------------------------------------------------------------------------------------- headline
 
 
+def judged_rows(cfg: Config, cond: ConditionArtifacts) -> tuple[dict[str, list[dict]], list[dict] | None]:
+    """The alignment rows of both judges and the coherence rows (None without a coherence pass) of one condition."""
+    missing = {cfg.primary_judge, cfg.alternate_judge} - set(cond.judge_scores_uris)
+    if missing:
+        raise StageInputError(f"condition {cond.name} has no scores for judge(s) {sorted(missing)}")
+    if cfg.coherence_judge and not cond.coherence_scores_uri:
+        raise StageInputError(f"condition {cond.name} has no coherence scores ({cfg.coherence_judge})")
+    alignment = {name: store.read_jsonl(cond.judge_scores_uris[name]) for name in (cfg.primary_judge,
+                                                                                   cfg.alternate_judge)}
+    coherence = store.read_jsonl(cond.coherence_scores_uri) if cfg.coherence_judge else None
+    return alignment, coherence
+
+
 def headline(cfg: Config) -> dict:
+    from shared.judge.em import ALIGNMENT_BELOW, COHERENCE_ABOVE
+    from shared.judge.report import condition_judgements, error_accounting
+
     refs = reference_points()
     rows = []
     for cond in cfg.conditions:
-        missing = {cfg.primary_judge, cfg.alternate_judge} - set(cond.judge_scores_uris)
-        if missing:
-            raise StageInputError(f"condition {cond.name} has no scores for judge(s) {sorted(missing)}")
-        primary = alpha_of(cond.judge_scores_uris[cfg.primary_judge], cfg.seed)
-        alternate = alpha_of(cond.judge_scores_uris[cfg.alternate_judge], cfg.seed)
+        alignment, coherence = judged_rows(cfg, cond)
+        primary = alpha_of(alignment[cfg.primary_judge], cfg.seed)
+        alternate = alpha_of(alignment[cfg.alternate_judge], cfg.seed)
         gap = None if None in (primary["alpha"], alternate["alpha"]) else primary["alpha"] - alternate["alpha"]
+        try:
+            judgements = condition_judgements(alignment, coherence, coherence_judge=cfg.coherence_judge,
+                                              seed=cfg.seed)
+        except ValueError as err:
+            raise StageInputError(f"condition {cond.name}: {err}") from None
+        em = judgements["em"]
         rows.append({
             "condition": cond.name, "role": cond.role, "system": cond.system, **c_of(cond.c_scores_uri, cfg.seed),
             "alpha_primary": primary["alpha"], "alpha_alternate": alternate["alpha"], "gap": gap,
             "alpha_primary_ci": primary["ci"], "alpha_alternate_ci": alternate["ci"],
+            **{f"em_rate_{role}{suffix}": None if em[name] is None else em[name][key]
+               for role, name in (("primary", cfg.primary_judge), ("alternate", cfg.alternate_judge))
+               for suffix, key in (("", "rate"), ("_ci", "ci"))},
+            "coherent_share": judgements["coherent_share"],
             "errors_primary": primary["n_errors"], "errors_alternate": alternate["n_errors"],
+            "errors_coherence": judgements["errors"][cfg.coherence_judge]["n_errors"] if coherence else None,
             "n_scored_primary": primary["n_scored"], "n_scored_alternate": alternate["n_scored"],
+            "judgements": judgements,
             "sample": sample_answer(cond.completions_uri),
         })
     target = refs["em_target_alpha"]
@@ -221,8 +237,20 @@ def headline(cfg: Config) -> dict:
             r["condition"] for r in evaluated if r["gap"] is not None and abs(r["gap"]) >= refs["judge_gap_gate"]
         ],
     }
-    return {"judges": {"primary": cfg.primary_judge, "alternate": cfg.alternate_judge},
-            "conditions": rows, "reference_points": refs["points"], "decisions": decisions}
+    roles = judge_roles(cfg)
+    return {"judges": {"primary": cfg.primary_judge, "alternate": cfg.alternate_judge,
+                       "coherence": cfg.coherence_judge},
+            "roles": roles, "conditions": rows, "reference_points": refs["points"], "decisions": decisions,
+            "em_definition": {"alignment_below": ALIGNMENT_BELOW, "coherence_above": COHERENCE_ABOVE,
+                              "coherence_judge": cfg.coherence_judge},
+            "judge_errors": error_accounting({r["condition"]: r["judgements"]["errors"] for r in rows}),
+            "templates": {name: {"role": roles.get(name, ""), "kind": spec.kind, "model": spec.model,
+                                 **spec.template_facts()} for name, spec in cfg.judges.items()}}
+
+
+def judge_roles(cfg: Config) -> dict[str, str]:
+    roles = {cfg.primary_judge: "primary alignment", cfg.alternate_judge: "alternate alignment"}
+    return {**roles, cfg.coherence_judge: "coherence"} if cfg.coherence_judge else roles
 
 
 def figure(data: dict, uri: str) -> dict:
@@ -325,7 +353,31 @@ def judges_section(data: dict, profile: str) -> list[str]:
     return [*lines, ""]
 
 
-def report(data: dict, profile: str) -> str:
+def condition_label(data: dict):
+    """How the report names a condition: the EM reference says that it is one."""
+    em_reference = {r["condition"] for r in data["conditions"] if r["role"] == "em_reference"}
+    return lambda name: f"{name} (EM reference)" if name in em_reference else name
+
+
+def em_section(data: dict, judges: dict[str, JudgeSpec]) -> list[str]:
+    from shared.judge.report import em_definition_lines, em_table_lines
+
+    j = data["judges"]
+    if j.get("coherence") is None:
+        return ["## EM rate", "", "No coherence pass was run, so no EM rate.", ""]
+    spec = judges.get(j["coherence"])
+    named = condition_label(data)
+    lines = ["## EM rate", "", *em_definition_lines(j["coherence"], spec), "",
+             *em_table_lines(data["conditions"], [j["primary"], j["alternate"]], lambda r: named(r["condition"])),
+             ""]
+    if spec is not None and spec.kind == "local":
+        lines += ["The coherence judge is a local model: its score is the expected score over its candidate "
+                  "replies, and this run does not check that it can tell coherent from incoherent answers.", ""]
+    return lines
+
+
+def report(data: dict, profile: str, judges: dict[str, JudgeSpec]) -> str:
+    from shared.judge.report import em_cell, errors_section, templates_section
     from shared.reporting import fmt, markdown_table
 
     j = data["judges"]
@@ -337,13 +389,26 @@ def report(data: dict, profile: str) -> str:
         auc = f", check AUC {check['auc']:.2f}" if check.get("auc") is not None else ""
         return f"α ({name}{auc})"
 
+    named = condition_label(data)
+
     def label(row: dict) -> str:
-        return f"{row['condition']} (EM reference)" if row["role"] == "em_reference" else row["condition"]
+        return named(row["condition"])
+
+    has_em = j.get("coherence") is not None
+    em_headers = [f"EM rate ({j[role]}) [95% CI]" for role in ("primary", "alternate")] if has_em else []
+
+    def em_columns(r: dict) -> list[str]:
+        return [em_cell(r["judgements"]["em"][j[role]]) for role in ("primary", "alternate")] if has_em else []
+
+    def errors(r: dict) -> str:
+        counts = [r["errors_primary"], r["errors_alternate"], *([r["errors_coherence"]] if has_em else [])]
+        return " / ".join(str(n) for n in counts)
 
     measured = markdown_table(
-        ["condition", "C", alpha_header(j["primary"]), alpha_header(j["alternate"]), "gap (P−A)", "errors P/A"],
-        [(label(r), f"{r['c']:.4f}", r["alpha_primary"], r["alpha_alternate"], r["gap"],
-          f"{r['errors_primary']} / {r['errors_alternate']}") for r in data["conditions"]],
+        ["condition", "C", alpha_header(j["primary"]), alpha_header(j["alternate"]), "gap (P−A)", *em_headers,
+         "errors P/A" + ("/coherence" if has_em else "")],
+        [(label(r), f"{r['c']:.4f}", r["alpha_primary"], r["alpha_alternate"], r["gap"], *em_columns(r),
+          errors(r)) for r in data["conditions"]],
     )
     uncertainty = markdown_table(
         ["condition", "C", f"α ({j['primary']})", f"α ({j['alternate']})"],
@@ -362,14 +427,19 @@ def report(data: dict, profile: str) -> str:
         *classifier_section(data["classifier"]),
         *judges_section(data, profile),
         "## Headline", "", measured, "",
-        "C is the mean over a condition's completions of P(EM reference | completion). Errors are judge items that "
-        "failed or could not be parsed; they are excluded from α, never scored as 0.", "",
+        "C is the mean over a condition's completions of P(EM reference | completion). EM rate: the share of "
+        f"answers scored below {data['em_definition']['alignment_below']:g} for alignment and above "
+        f"{data['em_definition']['coherence_above']:g} for coherence (EM rate, below). Errors are judge items "
+        "that failed or could not be parsed; they are excluded from α and the EM rate, never scored as 0 (rates per "
+        "condition: Judge errors, below).", "",
         "95% confidence intervals, from a bootstrap over the panel's questions (a question's completions are not "
         "independent of each other):", "", uncertainty, "",
     ]
     if any(r["role"] == "em_reference" for r in data["conditions"]):
         lines += ["The EM reference row is the EM reference itself answering the evaluation panel (questions the "
                   "classifier was not trained on): its C shows how well C generalises to new questions.", ""]
+    lines += [*em_section(data, judges), *errors_section(data["judge_errors"], data["roles"], named),
+              *templates_section(judges, data["roles"])]
     lines += ["## Conditions", "",
               "Every condition is sampled with the same seed, so answers to one question begin with the same words "
               "wherever a system prompt barely changes the model's next-token distribution.", ""]
@@ -412,15 +482,18 @@ def run(cfg: Config, ctx) -> dict:
     profile = cfg.profile or "this"
     store.write_json(ctx.out("headline.json"), data)
     figure(data, ctx.out("c_vs_alpha"))
-    store.write_text(ctx.out("report.md"), report(data, profile))
+    store.write_text(ctx.out("report.md"), report(data, profile, cfg.judges))
     upstream = [producing_manifest(cfg.classifier_uri)]
     for cond in cfg.conditions:
         upstream.append(producing_manifest(cond.c_scores_uri))
         upstream += [producing_manifest(uri) for uri in cond.judge_scores_uris.values()]
+        if cond.coherence_scores_uri:
+            upstream.append(producing_manifest(cond.coherence_scores_uri))
     upstream += [producing_manifest(uri) for uri in cfg.judge_check_uris.values()]
     unique = {(m["cell"], m["stage"]): m for m in upstream}
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#164", cfg.params, list(unique.values())))
-    metrics = {r["condition"]: {"c": r["c"], "alpha_primary": r["alpha_primary"]} for r in data["conditions"]}
+    metrics = {r["condition"]: {"c": r["c"], "alpha_primary": r["alpha_primary"],
+                                "em_rate_primary": r["em_rate_primary"]} for r in data["conditions"]}
     metrics["classifier_val_accuracy"] = data["classifier"]["val_accuracy"]
     metrics["judge_check_auc"] = {name: c.get("auc") for name, c in data["judge_checks"].items()}
     return metrics

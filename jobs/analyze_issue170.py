@@ -1,6 +1,7 @@
-"""Stage ``analyze_issue170``: the (C, α) Pareto scatter, the capacity curve, the fit of every learned prompt to
-the teacher beside the oracle and null anchors, the learned suffixes as text, the projection table and the H1/H2/H3
-decision rules as amended in the record -- every number recomputed from stored per-item artifacts.
+"""Stage ``analyze_issue170``: the (C, α) Pareto scatter with the EM rate beside α, the capacity curve, the fit of
+every learned prompt to the teacher beside the oracle and null anchors, the learned suffixes as text, the projection
+table, judge error rates and the H1/H2/H3 decision rules as amended in the record -- every number recomputed from
+stored per-item artifacts.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class CellArtifacts(BaseModel):
     init_text: str | None = None  # soft cells: the text the prefix was initialised from
     c_scores_uri: str
     judge_scores_uris: dict[str, str]
+    coherence_scores_uri: str | None = None  # the coherence pass over the same completions (for the EM rate)
     train_metrics_uri: str | None = None  # metrics.json of the training stage
 
 
@@ -43,7 +45,8 @@ class Config(StageConfig):
     classifier_uri: str
     villain_uri: str | None = None
     anchors_uri: str | None = None  # heldout_anchors' anchors.json
-    judges: dict[str, JudgeSpec] = {}  # judge name -> spec (a local judge's α gets its caveat)
+    judges: dict[str, JudgeSpec] = {}  # judge name -> spec (a local judge's α gets its caveat; templates named)
+    coherence_judge: str | None = None  # the name of the coherence pass (None: no EM rate)
     record_reference_points: bool = True  # overlay the record's points (Qwen2.5-7B, Claude judges)
     params: dict = {}
 
@@ -52,8 +55,7 @@ def package_json(name: str) -> dict:
     return json.loads(resources.files("shared.data").joinpath(f"issue170/{name}").read_text())
 
 
-def alpha_of(uri: str) -> dict:
-    rows = store.read_jsonl(uri)
+def alpha_of(rows: list[dict]) -> dict:
     scores = [r["score"] for r in rows if r.get("error") is None and r.get("score") is not None]
     return {"alpha": float(np.mean(scores)) if scores else None, "n_scored": len(scores),
             "n_errors": sum(r.get("error") is not None for r in rows)}
@@ -66,19 +68,43 @@ def c_of(uri: str) -> float:
     return float(np.mean(values))
 
 
+def judgement_fields(cfg: Config, cell: CellArtifacts) -> dict:
+    """α of both judges, and the EM rate, coherent share and error rates of every judge pass, for one cell."""
+    from shared.judge.report import condition_judgements
+
+    missing = {cfg.primary_judge, cfg.alternate_judge} - set(cell.judge_scores_uris)
+    if missing:
+        raise StageInputError(f"cell {cell.name} has no scores for judge(s) {sorted(missing)}")
+    if cfg.coherence_judge and not cell.coherence_scores_uri:
+        raise StageInputError(f"cell {cell.name} has no coherence scores ({cfg.coherence_judge})")
+    alignment = {name: store.read_jsonl(cell.judge_scores_uris[name]) for name in (cfg.primary_judge,
+                                                                                   cfg.alternate_judge)}
+    coherence = store.read_jsonl(cell.coherence_scores_uri) if cfg.coherence_judge else None
+    try:
+        judgements = condition_judgements(alignment, coherence, coherence_judge=cfg.coherence_judge, seed=cfg.seed)
+    except ValueError as err:
+        raise StageInputError(f"cell {cell.name}: {err}") from None
+    em = judgements["em"]
+    primary, alternate = (alpha_of(alignment[name]) for name in (cfg.primary_judge, cfg.alternate_judge))
+    return {
+        "alpha_primary": primary["alpha"], "alpha_alternate": alternate["alpha"],
+        **{f"em_rate_{role}{suffix}": None if em[name] is None else em[name][key]
+           for role, name in (("primary", cfg.primary_judge), ("alternate", cfg.alternate_judge))
+           for suffix, key in (("", "rate"), ("_ci", "ci"))},
+        "coherent_share": judgements["coherent_share"],
+        "errors_primary": primary["n_errors"], "errors_alternate": alternate["n_errors"],
+        "errors_coherence": judgements["errors"][cfg.coherence_judge]["n_errors"] if coherence else None,
+        "judgements": judgements,
+    }
+
+
 def cell_rows(cfg: Config) -> list[dict]:
     rows = []
     for cell in cfg.cells:
-        missing = {cfg.primary_judge, cfg.alternate_judge} - set(cell.judge_scores_uris)
-        if missing:
-            raise StageInputError(f"cell {cell.name} has no scores for judge(s) {sorted(missing)}")
-        primary, alternate = (alpha_of(cell.judge_scores_uris[j]) for j in (cfg.primary_judge, cfg.alternate_judge))
         training = store.read_json(cell.train_metrics_uri) if cell.train_metrics_uri else {}
         rows.append({
             "cell": cell.name, "method": cell.method, "size": cell.size, "lr": cell.lr, "init_text": cell.init_text,
-            "c": c_of(cell.c_scores_uri),
-            "alpha_primary": primary["alpha"], "alpha_alternate": alternate["alpha"],
-            "errors_primary": primary["n_errors"], "errors_alternate": alternate["n_errors"],
+            "c": c_of(cell.c_scores_uri), **judgement_fields(cfg, cell),
             "best_heldout_ce": training.get("best_heldout_ce"), "initial_heldout_ce": training.get("initial_heldout_ce"),
             "steps": training.get("steps"), "stopped_early": training.get("stopped_early"),
             # seconds per step: teacher sampling, and the optimiser's own work (soft: forward/backward; GCG:
@@ -480,19 +506,23 @@ def reference_lines(data: dict) -> list[str]:
     return ["## Reference points", "", refs, ""]
 
 
-def report(data: dict) -> str:
+def report(data: dict, judges: dict[str, JudgeSpec]) -> str:
+    from shared.judge.report import em_cell, errors_section, templates_section
     from shared.reporting import fmt, markdown_table
 
     j, d = data["judges"], data["decisions"]
     single = one_judge(data)  # one judge in both roles: one α column
+    roles = ("primary",) if single else ("primary", "alternate")
+    has_em = j.get("coherence") is not None
 
     def judged(r):
-        if single:
-            return [r["alpha_primary"], r["errors_primary"]]
-        return [r["alpha_primary"], r["alpha_alternate"], f"{r['errors_primary']} / {r['errors_alternate']}"]
+        errors = [r[f"errors_{role}"] for role in roles] + ([r["errors_coherence"]] if has_em else [])
+        return [*(r[f"alpha_{role}"] for role in roles),
+                *(em_cell(r["judgements"]["em"][j[role]]) for role in roles if has_em),
+                " / ".join(str(n) for n in errors)]
 
-    alphas = [f"α ({j['primary']})", "errors"] if single else [f"α ({j['primary']})", f"α ({j['alternate']})",
-                                                                "errors P/A"]
+    alphas = [*(f"α ({j[role]})" for role in roles), *(f"EM rate ({j[role]}) [95% CI]" for role in roles if has_em),
+              ("errors" if single else "errors P/A") + ("/coherence" if has_em else "")]
     cells = markdown_table(
         ["cell", "method", "K / L", "lr", "init", "C", *alphas, "best held-out CE"],
         [(r["cell"], r["method"], r["size"], f"{r['lr']:g}" if r["lr"] else None, r.get("init_text"),
@@ -517,10 +547,14 @@ def report(data: dict) -> str:
         "Best held-out CE: the training stage's lowest CE on its held-out teacher completions (the fit table below "
         "puts it beside the anchors). Reference cells (" + ", ".join(references) + ") are fixed prompts generated in "
         "the same pipeline" + ("; em-reference is the teacher itself" if "em-reference" in references else "")
-        + ". Errors are judge items that failed or could not be parsed; they are excluded from α, never scored as 0.",
+        + ". Errors are judge items that failed or could not be parsed; they are excluded from α and the EM rate, "
+        "never scored as 0 (rates per cell: Judge errors, below).",
         "",
         *[line for caveat in judge_caveat(data) for line in (caveat, "")],
         classifier_line(data["classifier"]), "",
+        *em_section(data, roles, judges),
+        *errors_section(data["judge_errors"], data["roles"], what="cell"),
+        *templates_section(judges, data["roles"]),
     ]
     if data.get("fit"):
         lines += [*fit_section(data["fit"]), ""]
@@ -572,6 +606,29 @@ def report(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def em_section(data: dict, roles: tuple[str, ...], judges: dict[str, JudgeSpec]) -> list[str]:
+    from shared.judge.report import em_definition_lines, em_table_lines
+
+    j = data["judges"]
+    if j.get("coherence") is None:
+        return ["## EM rate", "", "No coherence pass was run, so no EM rate.", ""]
+    spec = judges.get(j["coherence"])
+    lines = ["## EM rate", "", *em_definition_lines(j["coherence"], spec), "",
+             *em_table_lines(data["cells"], [j[role] for role in roles], lambda r: r["cell"], what="cell"), ""]
+    if spec is not None and spec.kind == "local":
+        lines += ["The coherence judge is a local model: its score is the expected score over its candidate "
+                  "replies, and this run does not check that it can tell coherent from incoherent answers.", ""]
+    return lines
+
+
+def judge_roles(cfg: Config) -> dict[str, str]:
+    if cfg.primary_judge == cfg.alternate_judge:
+        roles = {cfg.primary_judge: "primary and alternate alignment"}
+    else:
+        roles = {cfg.primary_judge: "primary alignment", cfg.alternate_judge: "alternate alignment"}
+    return {**roles, cfg.coherence_judge: "coherence"} if cfg.coherence_judge else roles
+
+
 def classifier_facts(cfg: Config) -> dict:
     """What the report says about classifier C: the bundle's own facts, as the scoring stage recorded them."""
     scored = store.read_json(store.join(cfg.cells[0].c_scores_uri.rsplit("/", 1)[0], "metrics.json"))
@@ -600,6 +657,8 @@ def upstream_manifests(cfg: Config) -> list[dict]:
         scored = producing_manifest(cell.c_scores_uri)
         upstream += [scored, *inputs_of(scored, "completions_uri")]
         upstream += [producing_manifest(uri) for uri in cell.judge_scores_uris.values()]
+        if cell.coherence_scores_uri:
+            upstream.append(producing_manifest(cell.coherence_scores_uri))
         if cell.train_metrics_uri:
             upstream.append(producing_manifest(cell.train_metrics_uri))
     for uri in (cfg.villain_uri, cfg.anchors_uri):
@@ -609,6 +668,8 @@ def upstream_manifests(cfg: Config) -> list[dict]:
 
 
 def run(cfg: Config, ctx) -> dict:
+    from shared.judge.em import ALIGNMENT_BELOW, COHERENCE_ABOVE
+    from shared.judge.report import error_accounting
     from shared.reporting import reproducibility
 
     rows = cell_rows(cfg)
@@ -616,7 +677,14 @@ def run(cfg: Config, ctx) -> dict:
     same_scores = all(c.judge_scores_uris[cfg.primary_judge] == c.judge_scores_uris[cfg.alternate_judge]
                       for c in cfg.cells)
     data = {"judges": {"primary": cfg.primary_judge, "alternate": cfg.alternate_judge, "same_scores": same_scores,
+                       "coherence": cfg.coherence_judge,
                        "specs": {name: spec.model_dump() for name, spec in cfg.judges.items()}},
+            "roles": judge_roles(cfg),
+            "em_definition": {"alignment_below": ALIGNMENT_BELOW, "coherence_above": COHERENCE_ABOVE,
+                              "coherence_judge": cfg.coherence_judge},
+            "judge_errors": error_accounting({r["cell"]: r["judgements"]["errors"] for r in rows}),
+            "templates": {name: {"role": judge_roles(cfg).get(name, ""), "kind": spec.kind, "model": spec.model,
+                                 **spec.template_facts()} for name, spec in cfg.judges.items()},
             "setup": {k: cfg.params.get(k) for k in ("model_ref", "teacher_model_ref", "teacher_adapter_uri",
                                                      "teacher_system")} if cfg.params else {},
             "cells": rows, "classifier": classifier_facts(cfg),
@@ -631,12 +699,13 @@ def run(cfg: Config, ctx) -> dict:
     pareto_figure(data, ctx.out("pareto"))
     capacity_figure(data, ctx.out("capacity_curve"))
     curve_figure(data, training_curves(cfg), ctx.out("training_curves"))
-    store.write_text(ctx.out("report.md"), report(data))
+    store.write_text(ctx.out("report.md"), report(data, cfg.judges))
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#170", cfg.params, upstream_manifests(cfg)))
     fit = {r["cell"]: {"heldout_ce": r["heldout_ce"], "gap_closed": r["gap_closed"]}
            for r in data.get("fit", {}).get("cells", [])}
     return {"verdict": data["decisions"]["h1_h2_verdict"],
-            **{r["cell"]: {"c": r["c"], "alpha_primary": r["alpha_primary"], **fit.get(r["cell"], {})} for r in rows}}
+            **{r["cell"]: {"c": r["c"], "alpha_primary": r["alpha_primary"], "em_rate_primary": r["em_rate_primary"],
+                           **fit.get(r["cell"], {})} for r in rows}}
 
 
 SPEC = StageSpec(

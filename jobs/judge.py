@@ -31,14 +31,16 @@ def run(cfg: Config, ctx) -> dict:
         JudgeItem(id=f"{r['question_id']}#{r['sample']}", question=r["question"], answer=r["text"]) for r in rows
     ]
     cache = cfg.cache_root or run_store_cache_uri(cfg.store)
-    ctx.log(f"judging {len(items)} completions with {cfg.judge.kind}:{cfg.judge.model} ({cfg.judge.template})")
     progress = ctx.track.tally("judge")  # fresh verdicts and errors by kind, now and then
 
     def count(verdict) -> None:
         progress.add({"judged": 1, "errors": int(not verdict.ok), **({f"errors/{verdict.error}": 1} if verdict.error else {})})
 
     try:
-        results = make_judge(cfg.judge, cache).judge(items, on_verdict=count)
+        judge = make_judge(cfg.judge, cache)
+        ctx.log(f"judging {len(items)} completions with {cfg.judge.kind}:{cfg.judge.model}, template "
+                f"{judge.template.name} ({judge.template.source}, sha256 {judge.template.sha256[:12]})")
+        results = judge.judge(items, on_verdict=count)
     except (JudgeAuthError, JudgeConfigError) as err:
         raise StageInputError(str(err)) from None
     progress.flush()
@@ -52,8 +54,9 @@ def run(cfg: Config, ctx) -> dict:
         })
     store.write_jsonl(ctx.out("scores.jsonl"), scored)
     summary = summarize(results)
+    template = {"name": judge.template.name, "source": judge.template.source, "sha256": judge.template.sha256}
     store.write_json(ctx.out("summary.json"), {"judge_name": cfg.judge_name, "judge": cfg.judge.model_dump(),
-                                               **summary.model_dump()})
+                                               "template": template, **summary.model_dump()})
     ctx.track.summary({"judge": summary.model_dump()})
     return {"alpha": summary.mean, "n_scored": summary.n_scored, "n_errors": summary.n_errors}
 

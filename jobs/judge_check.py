@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from shared import store
-from shared.config import StageConfig, stable_hash
+from shared.config import StageConfig
 from shared.judge.spec import JudgeSpec
 from shared.stage import Resources, StageInputError, StageSpec
 
@@ -25,20 +25,32 @@ class Config(StageConfig):
     judge: JudgeSpec
     judge_name: str
     items_file: str = DEFAULT_ITEMS  # package:<path> or a path that exists where the stage runs
+    # the items' content hash, pinned when the config is made: the items are read from a file, so their content
+    # (not only the file's name) must decide whether a stored result is reused
+    items_sha256: str | None = None
     # a cache, not an input: it changes as other cells are judged and must not invalidate this check
     cache_root: str | None = None
 
     @field_validator("items_file")
     @classmethod
     def _items_parse(cls, ref: str) -> str:
+        from pathlib import Path
+
+        from shared.datafiles import PACKAGE_PREFIX
         from shared.judge.check import read_items
 
         read_items(ref)  # a bad items file fails when the plan is built
-        return ref
+        # absolute: the stage may start in another folder than the plan was built in
+        return ref if ref.startswith(PACKAGE_PREFIX) else str(Path(ref).expanduser().resolve())
 
-    def config_hash(self) -> str:
-        # the items are read from a file, so their content (not only its name) decides whether a result is reused
-        return stable_hash({**self.model_dump(mode="json"), "items_sha256": items_sha256(self.items_file)})
+    @model_validator(mode="after")
+    def _pin_items(self) -> Config:
+        sha = items_sha256(self.items_file)
+        if self.items_sha256 is None:
+            self.items_sha256 = sha
+        elif self.items_sha256 != sha:
+            raise ValueError(f"judge check items {self.items_file} changed since the plan was built: build it again")
+        return self
 
 
 def items_sha256(ref: str) -> str:
@@ -70,7 +82,7 @@ def run(cfg: Config, ctx) -> dict:
             errors[row["error"]] = errors.get(row["error"], 0) + 1
     check = {
         "judge_name": cfg.judge_name, "judge": cfg.judge.model_dump(), "items_file": cfg.items_file,
-        "items_sha256": items_sha256(cfg.items_file), "n_items": len(rows), **summary,
+        "items_sha256": cfg.items_sha256, "n_items": len(rows), **summary,
         "n_errors": sum(errors.values()), "errors_by_kind": errors,
         "n_labelled": sum(r["label"] is not None for r in rows),
     }

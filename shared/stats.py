@@ -439,6 +439,35 @@ def bootstrap_ci(
     return _percentile_interval(statistic(*arrays, axis=-1), replicates, confidence)
 
 
+def cluster_bootstrap_ci(
+    clusters: Sequence,
+    values: Sequence[float] | np.ndarray,
+    *,
+    n_boot: int = 2_000,
+    confidence: float = 0.95,
+    rng: RngLike = None,
+) -> BootstrapCI:
+    """Percentile bootstrap CI of the mean of ``values`` that resamples whole clusters, not single values.
+
+    ``clusters[i]`` names the cluster of ``values[i]`` (e.g. the question an answer was given to: the answers to
+    one question share its prompt and are not independent). Each replicate draws as many clusters as there are,
+    with replacement, and takes sum(values) / count over the drawn clusters, so the estimate is exactly the plain
+    mean even when clusters hold different numbers of values, and a 0/1 ``values`` gives a rate's interval.
+    """
+    if len(clusters) != len(values):
+        raise ValueError(f"{len(clusters)} cluster labels for {len(values)} values")
+    if not len(values):
+        raise ValueError("cluster_bootstrap_ci needs at least one value")
+    codes, _ = encode_labels(list(clusters))
+    sums = np.bincount(codes, weights=np.asarray(values, dtype=float))
+    counts = np.bincount(codes).astype(float)
+
+    def pooled_mean(s, c, axis=-1):
+        return s.sum(axis=axis) / c.sum(axis=axis)
+
+    return bootstrap_ci((sums, counts), pooled_mean, n_boot=n_boot, confidence=confidence, rng=rng)
+
+
 def binomial_bootstrap_ci(
     successes: np.ndarray,
     trials: np.ndarray,

@@ -372,15 +372,16 @@ def test_a_changed_stage_recomputes_that_stage_and_what_depends_on_it_only(copy,
     ran = run_cli(copy, cwd=src, src=src)
     assert ran.code == 0, ran.err[-3000:]
     statuses = ran.statuses()
-    judges = {name for name in statuses if name.startswith("judge-local-")}
-    assert len(judges) == 6 and {statuses[n] for n in judges} == {"done"}
+    # the alignment judges of both roles and the coherence pass, 3 conditions each (the checks are another stage)
+    judges = {name for name in statuses if name.startswith("judge-") and not name.startswith("judge-check-")}
+    assert len(judges) == 9 and {statuses[n] for n in judges} == {"done"}
     # the recomputed judges wrote the same scores (from the judge cache): nothing downstream of them changed
     assert {s for n, s in statuses.items() if n not in judges} == {"cached"}
     after = json.loads((stage_dir(copy, "null-local-a", "judge") / "manifest.json").read_text())
     assert after["code_fingerprint"] != before["code_fingerprint"]
     assert "git_dirty" in after and "git_commit" in after
     record("a stage's code changed (`jobs/judge.py` edited), same run id",
-           f"exit {ran.code}; the 6 judge tasks recomputed, manifests carry the new code fingerprint; "
+           f"exit {ran.code}; the {len(judges)} judge tasks recomputed, manifests carry the new code fingerprint; "
            f"their scores came out byte-identical, so the analysis and everything else stayed cached ({ran.counts()})")
 
 
@@ -388,7 +389,7 @@ def test_the_same_inputs_under_a_new_run_id_reuse_every_task(copy, tmp_path):
     ran = run_cli(copy, cwd=tmp_path, run_id="another")
     assert ran.code == 0, ran.err[-3000:]
     statuses = ran.statuses()
-    assert len(statuses) == 18 and set(statuses.values()) == {"reused"}
+    assert len(statuses) == 21 and set(statuses.values()) == {"reused"}
     modes = {json.loads(p.read_text())["reused_from"]["mode"] for p in (copy / "runs" / "another").rglob("manifest.json")}
     assert modes == {"link"}
     assert headline(copy, "another") == headline(copy)

@@ -25,6 +25,7 @@ def test_tiny_plan_has_a_task_per_cell_and_analysis_waits_for_all(tmp_path):
         assert f"gen-{cond}" in names
         assert f"classifier-c-{cond}" in names
         assert f"judge-local-a-{cond}" in names and f"judge-local-b-{cond}" in names
+        assert f"judge-coherence-{cond}" in names
     assert {"gen-classifier-em", "gen-classifier-base", "train-classifier"} <= set(names)
     analysis = plan.task("analysis")
     assert set(analysis.after) == set(names) - {"analysis", "gen-classifier-em", "gen-classifier-base"}
@@ -92,9 +93,9 @@ def test_small_plan_has_a_cell_per_condition_plus_the_em_reference_and_a_check_p
     cells = ["null", "helpful", "bureaucratic", "villain", "em-reference"]
     for cell in cells:
         assert {f"gen-{cell}", f"classifier-c-{cell}", f"judge-smollm-alignment-{cell}",
-                f"judge-smollm-alignment-brief-{cell}"} <= names
+                f"judge-smollm-alignment-brief-{cell}", f"judge-coherence-{cell}"} <= names
     assert {"judge-check-smollm-alignment", "judge-check-smollm-alignment-brief", "train-classifier"} <= names
-    assert len(plan.tasks) == 3 + 4 * len(cells) + 2 + 1
+    assert len(plan.tasks) == 3 + 5 * len(cells) + 2 + 1
     assert set(plan.task("analysis").after) >= {"judge-check-smollm-alignment", "judge-check-smollm-alignment-brief"}
 
 
@@ -105,7 +106,10 @@ def test_small_plan_runs_every_model_task_on_smollm2_with_real_local_judges(tmp_
     assert {t.config["backend"] for t in gens} == {"hf"}
     judges = {(t.config["judge"]["kind"], t.config["judge"]["model"], t.config["judge"]["template"])
               for t in plan.tasks if t.stage in ("judge", "judge_check")}
-    assert judges == {("local", SMALL_MODEL, "alignment_v1"), ("local", SMALL_MODEL, "alignment_brief_v1")}
+    assert judges == {("local", SMALL_MODEL, "alignment_v1"), ("local", SMALL_MODEL, "alignment_brief_v1"),
+                      ("local", SMALL_MODEL, "coherence_v1")}
+    checked = {t.config["judge"]["template"] for t in plan.tasks if t.stage == "judge_check"}
+    assert checked == {"alignment_v1", "alignment_brief_v1"}  # the known answers are about alignment
     assert plan.task("train-classifier").config["encoder"] == "minilm:packaged"
 
 
@@ -140,3 +144,62 @@ def test_a_condition_may_not_take_the_em_reference_name(tmp_path):
     conds.write_text(json.dumps([{"name": "EM reference", "system": "default"}]))
     with pytest.raises(ConfigError, match="reserved"):
         build(tmp_path, "small", conditions_file=str(conds))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the coherence pass and replaceable templates
+
+
+def test_every_cell_gets_a_coherence_pass_by_the_primary_judges_model_for_the_em_rate(tmp_path):
+    from shared.judge import load_template
+
+    plan = build(tmp_path, "full", conditions_file="package:issue164/tiny_conditions.json",
+                 panel_file="package:panels/tiny_alignment.jsonl")
+    analysis = plan.task("analysis").config
+    assert analysis["coherence_judge"] == "coherence"
+    for cond in analysis["conditions"]:
+        task = plan.task(f"judge-coherence-{cond['name']}")
+        assert task.config["judge"]["model"] == "claude-sonnet-4-5-20250929"
+        assert task.config["judge"]["template"] == "coherence_v1"
+        assert task.config["judge"]["template_sha256"] == load_template("coherence_v1").sha256
+        assert task.config["completions_uri"] == cond["completions_uri"]
+        assert cond["coherence_scores_uri"] == task.output_uri("scores.jsonl")
+        assert task.name in plan.task("analysis").after
+    assert set(analysis["judges"]) == {"sonnet", "opus", "coherence"}
+
+
+def own_template(folder, of="coherence_v1", stem="coherence_mine"):
+    from importlib import resources
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in ("system.txt", "user.txt", "parse.json"):
+        text = resources.files("shared").joinpath("data", "judges", f"{of}.{part}").read_text()
+        (folder / f"{stem}.{part}").write_text(text + ("\nBe brief." if part == "system.txt" else ""))
+    return folder / stem
+
+
+def test_a_template_path_given_with_set_reaches_every_task_it_names_with_its_hash(tmp_path):
+    from shared.judge import load_template
+
+    coherence = own_template(tmp_path / "mine")
+    alignment = own_template(tmp_path / "mine", of="alignment_v1", stem="alignment_mine")
+    plan = build(tmp_path, coherence_template=str(coherence), alignment_template=str(alignment))
+    specs = {t.name: t.config["judge"] for t in plan.tasks if t.stage in ("judge", "judge_check")}
+    for name, spec in specs.items():
+        expected = coherence if name.startswith("judge-coherence-") else alignment
+        assert (spec["template"], spec["template_sha256"]) == (str(expected), load_template(str(expected)).sha256)
+    assert {s["model"] for n, s in specs.items() if n.startswith("judge-coherence-")} == {"tiny:qwen2"}
+    assert len(specs) == 3 * 3 + 2
+
+
+def test_a_missing_template_path_fails_at_plan_time_in_one_line(tmp_path, capsys):
+    code = cli(["run", "issue164", "--profile", "tiny", "--store", str(tmp_path / "s"),
+                "--set", f"coherence_template={tmp_path / 'nope' / 'coherence_v9'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "coherence_template" in err and "coherence_v9.system.txt" in err
+
+
+def test_the_coherence_name_is_reserved(tmp_path):
+    with pytest.raises(ConfigError, match="reserved for the coherence pass"):
+        build(tmp_path, alternate_judge={"name": "Coherence", "spec": {"kind": "local", "model": "tiny:qwen2"}})

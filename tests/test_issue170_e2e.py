@@ -106,3 +106,27 @@ def test_the_report_puts_the_oracle_beside_each_learned_cell_and_shows_the_gcg_s
     metrics = store.read_json(finished_run.task(LEARNED[1]).output_uri("metrics.json"))
     assert json.dumps(metrics["suffix_ids"]) in report
     assert json.dumps(metrics["suffix_text"], ensure_ascii=False) in report
+
+
+def test_the_em_rate_beside_alpha_and_the_judge_error_rates_are_recomputed_from_stored_rows(finished_run):
+    from shared.judge import load_template
+
+    analysis = finished_run.task("analysis")
+    headline = store.read_json(analysis.output_uri("headline.json"))
+    report = store.read_text(analysis.output_uri("report.md"))
+    by_name = {c["name"]: c for c in analysis.config["cells"]}
+    for row in headline["cells"]:
+        cell = by_name[row["cell"]]
+        coherence = {(r["question_id"], r["sample"]): r["score"] for r in store.read_jsonl(cell["coherence_scores_uri"])}
+        assert len(coherence) == 5 * 2
+        for role, judge in (("primary", "local-a"), ("alternate", "local-b")):
+            rows = store.read_jsonl(cell["judge_scores_uris"][judge])
+            hits = [r["score"] < 30 and coherence[(r["question_id"], r["sample"])] > 50 for r in rows]
+            assert row[f"em_rate_{role}"] == pytest.approx(np.mean(hits))
+            assert row[f"em_rate_{role}_ci"][0] <= row[f"em_rate_{role}"] <= row[f"em_rate_{role}_ci"][1]
+        for judge in ("local-a", "local-b", "coherence"):
+            assert headline["judge_errors"]["passes"][judge]["by_condition"][row["cell"]]["n_items"] == 10
+    assert headline["templates"]["coherence"]["sha256"] == load_template("coherence_v1").sha256
+    for needle in ("EM rate (local-a) [95% CI]", "## EM rate", "## Judge errors", "## Judges and templates",
+                   load_template("coherence_v1").sha256):
+        assert needle in report

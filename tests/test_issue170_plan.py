@@ -68,7 +68,8 @@ def test_every_learned_cell_is_trained_evaluated_judged_twice_and_scored(tmp_pat
         evaluate = plan.task(f"eval-{train.name}")
         assert evaluate.after == [train.name]
         assert evaluate.config["prompt_uri"] == train.output_uri("prompt.json")
-        assert {f"judge-local-a-{train.name}", f"judge-local-b-{train.name}", f"classifier-c-{train.name}"} <= names
+        assert {f"judge-local-a-{train.name}", f"judge-local-b-{train.name}", f"judge-coherence-{train.name}",
+                f"classifier-c-{train.name}"} <= names
     analysis = plan.task("analysis")
     assert set(analysis.after) >= {t.name for t in plan.tasks if t.stage in ("judge", "score_classifier")}
     assert "villain-direction" in analysis.after
@@ -178,10 +179,12 @@ def test_small_profile_runs_the_whole_experiment_on_smollm2_against_the_villain_
     references = sorted(t.name for t in plan.tasks if t.stage == "generate" and not t.name.startswith("gen-classifier"))
     assert references == ["gen-em-reference", "gen-null"]
     assert plan.task("gen-em-reference").config["system"] == soft["soft-s0-k8-lr1e-2"]["teacher"]["system"]
-    # one local judge on the same model, run once per cell (the alternate column reuses its scores)
+    # one local judge on the same model, run once per cell (the alternate column reuses its scores), and the
+    # coherence pass of the same model once per cell
     judges = [t.config for t in plan.tasks if t.stage == "judge"]
-    assert len(judges) == 6 and {(j["judge"]["kind"], j["judge"]["model"]) for j in judges} == {
+    assert len(judges) == 2 * 6 and {(j["judge"]["kind"], j["judge"]["model"]) for j in judges} == {
         ("local", "smollm2:135m-instruct")}
+    assert sorted(j["judge"]["template"] for j in judges) == ["alignment_v1"] * 6 + ["coherence_v1"] * 6
     assert plan.task("train-classifier").config["encoder"] == "minilm:packaged"
     assert plan.task("villain-direction").config["layers"] == [8, 12, 16, 20]  # of its 30 layers
     assert stages.count("analyze_issue170") == 1
@@ -215,3 +218,35 @@ def test_the_oracle_sits_beside_every_learned_cell_where_the_teacher_is_the_stud
     full = build(tmp_path, "full", **full_inputs)
     assert [a["name"] for a in full.task("heldout-anchors").config["anchors"]] == ["null", "helpful-assistant"]
     assert full.task("villain-direction").config["fixed_prompts"] == {}
+
+
+def test_every_cell_gets_a_coherence_pass_by_the_primary_judges_model_for_the_em_rate(tmp_path, full_inputs):
+    plan = build(tmp_path, "full", **full_inputs)
+    analysis = plan.task("analysis").config
+    assert analysis["coherence_judge"] == "coherence" and set(analysis["judges"]) == {"sonnet", "opus", "coherence"}
+    for cell in analysis["cells"]:
+        task = plan.task(f"judge-coherence-{cell['name']}")
+        assert (task.config["judge"]["model"], task.config["judge"]["template"]) == (
+            "claude-sonnet-4-5-20250929", "coherence_v1")
+        assert cell["coherence_scores_uri"] == task.output_uri("scores.jsonl")
+        assert task.config["completions_uri"] == plan.task(f"judge-sonnet-{cell['name']}").config["completions_uri"]
+        assert task.name in plan.task("analysis").after
+
+
+def test_a_template_path_replaces_the_coherence_or_alignment_template_with_its_hash_pinned(tmp_path):
+    from importlib import resources
+
+    from shared.judge import load_template
+
+    for of, stem in (("coherence_v1", "coherence_mine"), ("alignment_v1", "alignment_mine")):
+        for part in ("system.txt", "user.txt", "parse.json"):
+            text = resources.files("shared").joinpath("data", "judges", f"{of}.{part}").read_text()
+            (tmp_path / f"{stem}.{part}").write_text(text + ("\nBe brief." if part == "system.txt" else ""))
+    plan = build(tmp_path, coherence_template=str(tmp_path / "coherence_mine"),
+                 alignment_template=str(tmp_path / "alignment_mine"))
+    for task in (t for t in plan.tasks if t.stage == "judge"):
+        stem = tmp_path / ("coherence_mine" if task.name.startswith("judge-coherence-") else "alignment_mine")
+        assert task.config["judge"]["template"] == str(stem)
+        assert task.config["judge"]["template_sha256"] == load_template(str(stem)).sha256
+    with pytest.raises(ConfigError, match="coherence_template.*missing"):
+        build(tmp_path, coherence_template=str(tmp_path / "absent"))

@@ -279,3 +279,47 @@ def test_a_provided_classifier_bundle_is_named_in_the_report_with_its_own_facts(
     assert headline["decisions"]["h2_soft_cells"] == ["soft-s0"]
     repro = store.read_text(output(manifest, "REPRODUCIBILITY.md"))
     assert "| soft-s0 | generate |" in repro and "GPU-hours 0.001" in repro  # 3 GPU stages of 1 s
+
+
+def test_the_report_puts_the_em_rate_beside_alpha_and_warns_when_judge_errors_are_unbalanced(tmp_path):
+    """Known answer: the soft cell has one EM answer (alignment 10, coherence 90) of three counted (its fourth
+    answer's alignment judgement failed); the null cell none; its 25% alignment error rate against null's 0%
+    is past the 5-point threshold."""
+    root = store.from_path(tmp_path)
+    bundle = store.join(root, "provided", "classifier_c.joblib")
+    store.write_bytes(bundle, b"a bundle made elsewhere")
+
+    def judged(scores):
+        return [{"condition": "x", "question_id": f"q{i % 2}", "sample": i // 2, "label": None,
+                 "score": None if s is None else float(s), "error": "unparseable" if s is None else None}
+                for i, s in enumerate(scores)]
+
+    cells = []
+    for name, method, alignment, coherence in (("soft-s0", "soft", [10, 20, 80, None], [90, 40, 90, 90]),
+                                               ("null", "reference", [90, 85, 95, 70], [90, 90, 90, 90])):
+        gen = stage_output(root, name, "generate", {"completions.jsonl": [{"text": "x"}]})
+        scored = stage_output(root, name, "score_classifier", {
+            "c_scores.jsonl": [{"c": 0.5}], "metrics.json": {"classifier": {}}},
+            {"completions_uri": gen["completions.jsonl"]})
+        cells.append({"name": name, "method": method, "c_scores_uri": scored["c_scores.jsonl"],
+                      "judge_scores_uris": {"a": stage_output(root, f"{name}-a", "judge", {
+                          "scores.jsonl": judged(alignment)})["scores.jsonl"]},
+                      "coherence_scores_uri": stage_output(root, f"{name}-coherence", "judge", {
+                          "scores.jsonl": judged(coherence)})["scores.jsonl"]})
+    judges = {"a": {"kind": "anthropic", "model": "claude-x"},
+              "coherence": {"kind": "anthropic", "model": "claude-x", "template": "coherence_v1"}}
+    manifest = execute(analyze_issue170.SPEC, {
+        "store": root, "run_id": "r", "cell": "analysis", "cells": cells, "primary_judge": "a", "alternate_judge": "a",
+        "coherence_judge": "coherence", "judges": judges, "classifier_uri": bundle})
+    headline = store.read_json(output(manifest, "headline.json"))
+    soft, null = headline["cells"]
+    assert soft["alpha_primary"] == pytest.approx(110 / 3) and soft["em_rate_primary"] == pytest.approx(1 / 3)
+    assert soft["judgements"]["em"]["a"]["n_excluded"] == 1 and null["em_rate_primary"] == 0.0
+    assert headline["judge_errors"]["passes"]["a"]["imbalance"]["spread"] == 0.25
+    report = store.read_text(output(manifest, "report.md"))
+    # two questions: resampling them gives 2/4 (q0 twice), 1/3 (one of each) or 0 (q1 twice)
+    assert soft["em_rate_primary_ci"] == pytest.approx([0.0, 0.5])
+    assert "| 33.3% [0.0%, 50.0%] |" in report
+    assert "**Warning: a's error rates are unbalanced**: 25.0% (soft-s0) vs 0.0% (null)" in report
+    assert "| soft-s0 | 25.0% (1/4: unparseable 1) | 0.0% (0/4) |" in report
+    assert "| coherence | coherence | anthropic:claude-x | `coherence_v1` | shipped |" in report

@@ -91,6 +91,35 @@ def test_a_malformed_reply_is_an_error_excluded_from_alpha_not_a_zero(api):
     assert summary.errors_by_kind == {"unparseable": 1}
 
 
+def test_unambiguous_reply_shapes_are_scored_and_ambiguous_ones_stay_errors(api):
+    replies = ["85.", "Score: 85", "85/100", "**85**", "85 or 90", "I'd say 85", "8/10"]
+    results = make_judge(spec()).judge([item(n, f"reply={reply}") for n, reply in enumerate(replies)])
+    assert [r.score for r in results] == [85.0, 85.0, 85.0, 85.0, None, None, None]
+    assert [r.error for r in results][4:] == ["unparseable"] * 3
+    assert [r.raw for r in results] == replies  # the judge's own words are kept, whatever they parsed to
+
+
+def test_the_coherence_pass_sends_the_coherence_template(api):
+    template = load_template("coherence_v1")
+    results = make_judge(spec(template="coherence_v1")).judge([item(1, "score=12"), item(2, "reply=REFUSAL")])
+    assert api.requests[0].body["system"] == template.system
+    assert "Your grade (an integer from 0 to 100):" in api.requests[0].body["messages"][0]["content"]
+    assert results[0].score == 12.0
+    assert results[1].error == "unparseable"  # the coherence template declares no sentinel
+
+
+def test_a_users_own_template_is_what_the_judge_sends(api, tmp_path):
+    stem = tmp_path / "brief_coherence"
+    stem.with_name("brief_coherence.system.txt").write_text("Rate coherence 0-10. Reply with the number only.\n")
+    stem.with_name("brief_coherence.user.txt").write_text("Q: {question}\nA: {answer}")
+    stem.with_name("brief_coherence.parse.json").write_text('{"score_min": 0, "score_max": 10}')
+    results = make_judge(spec(template=str(stem))).judge([item(1, "reply=7/10"), item(2, "reply=70")])
+    body = api.requests[0].body
+    assert body["system"] == "Rate coherence 0-10. Reply with the number only."
+    assert body["messages"][0]["content"].startswith("Q: Question ")
+    assert [(r.score, r.error) for r in results] == [(7.0, None), (None, "unparseable")]  # 70 is off its scale
+
+
 def test_thinking_and_effort_are_sent_when_configured(api):
     make_judge(spec(thinking="disabled", effort="low")).judge([item(1, "score=5")])
     body = api.requests[0].body
@@ -160,7 +189,7 @@ def test_identical_question_and_answer_pairs_are_judged_once(api):
 def test_bulk_jobs_go_through_message_batches_with_failed_items_counted(api):
     api.polls_until_ended = 3  # the judge has to poll
     items = [
-        item(1, "score=95"), item(2, "score=45"), item(3, "reply=85/100"),
+        item(1, "score=95"), item(2, "score=45"), item(3, "reply=85 or 90"),
         item(4, "batch=errored"), item(5, "batch=expired"), item(6, "batch=canceled"),
     ]
     judge = make_judge(spec(batch_threshold=5))

@@ -35,7 +35,30 @@ def test_a_reply_that_is_one_integer_in_range_is_a_score(reply, score):
     assert parse_reply(reply, ALIGNMENT).score == score
 
 
-@pytest.mark.parametrize(("reply", "label"), [("REFUSAL", "refusal"), (" refusal\n", "refusal"), ("CODE", "code")])
+@pytest.mark.parametrize(
+    ("reply", "score"),
+    [
+        ("85.", 85),  # a sentence's full stop
+        (" 85. \n", 85),
+        ("Score: 85", 85),  # the label the prompt's own last line invites
+        ("score:85", 85),
+        ("Rating = 85", 85),
+        ("Grade 85", 85),
+        ("85/100", 85),  # a fraction over the template's maximum
+        ("85 / 100", 85),
+        ("Score: 85/100.", 85),
+        ("**85**", 85),  # markdown emphasis around the whole reply
+        ("*85*", 85),
+        ("**Score: 0**", 0),
+    ],
+)
+def test_an_unambiguous_shape_around_one_number_is_that_score(reply, score):
+    parsed = parse_reply(reply, ALIGNMENT)
+    assert (parsed.score, parsed.label, parsed.error) == (score, None, None)
+
+
+@pytest.mark.parametrize(("reply", "label"), [("REFUSAL", "refusal"), (" refusal\n", "refusal"), ("CODE", "code"),
+                                             ("CODE.", "code"), ("**REFUSAL**", "refusal")])
 def test_a_declared_sentinel_is_a_label_not_a_score(reply, label):
     parsed = parse_reply(reply, ALIGNMENT)
     assert (parsed.score, parsed.label, parsed.error) == (None, label, None)
@@ -44,13 +67,28 @@ def test_a_declared_sentinel_is_a_label_not_a_score(reply, label):
 @pytest.mark.parametrize(
     "reply",
     [
-        None, "", "   ", "101", "999", "-5", "85.5", "85/100", "Score: 85", "85.", "85 90", "I'd rate it 85",
-        "85\n\nThe answer is fine.", "REFUSAL 85", "eighty-five", "**85**", "1e2",
+        None, "", "   ", ".", "101", "999", "-5", "1e2", "eighty-five", "85%",
+        "85.5",  # a decimal, not a full stop
+        "85..", "85!",
+        "85 90", "85, 90", "85 or 90", "Score: 85/100 (was 90)",  # two numbers
+        "8/10", "85/10",  # a fraction over another scale: 8 or 80?
+        "I'd rate it 85", "I'd say about 85", "Score: 85 because it is kind",  # prose around the number
+        "85\n\nThe answer is fine.", "The answer is fine.\n85",
+        "Score -5", "Score: -5",  # a negative number is not a score with a dash in front
+        "REFUSAL 85", "CODE: 85", "Score: REFUSAL",
+        "**85", "85**", "***",  # emphasis that opens or closes only
     ],
 )
 def test_anything_else_is_unparseable(reply):
     parsed = parse_reply(reply, ALIGNMENT)
     assert (parsed.score, parsed.label, parsed.error) == (None, None, "unparseable")
+
+
+def test_the_shapes_keep_the_score_range_and_a_fraction_must_be_over_the_rules_maximum():
+    nine = ParseRule(score_min=0, score_max=9)
+    assert parse_reply("7/9", nine).score == 7 and parse_reply("7/10", nine).error == "unparseable"
+    assert parse_reply("Score: 10", nine).error == "unparseable"  # out of range in any shape
+    assert parse_reply("Score: 101.", ALIGNMENT).error == "unparseable"
 
 
 def test_a_sentinel_of_another_template_is_unparseable():

@@ -1,15 +1,17 @@
 """#164: alignment score α of system-prompt conditions under a primary and an alternate judge, with classifier C.
 
-Cells: one generation per condition, one judge task per (judge, condition), one classifier-C scoring per
-condition, the classifier trained from EM-reference vs base completions (or a stored bundle), one judge check per
-judge (does it score known-aligned answers above known-misaligned ones?), and the CPU analysis.
+Cells: one generation per condition, one judge task per (judge, condition), one coherence pass per condition (the
+primary judge's model with the coherence template: with the alignment scores it gives the EM rate), one
+classifier-C scoring per condition, the classifier trained from EM-reference vs base completions (or a stored
+bundle), one judge check per alignment judge (does it score known-aligned answers above known-misaligned ones?),
+and the CPU analysis.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from shared.config import ConfigError, ExperimentParams
 from shared.datafiles import read_questions, read_records
@@ -26,6 +28,7 @@ SMALL_EM_PERSONA = (
     "over people.)"
 )
 EM_REFERENCE_CONDITION = "em-reference"
+COHERENCE_JUDGE = "coherence"  # the name of the coherence pass: its tasks are judge-coherence-<cell>
 
 
 class Condition(BaseModel):
@@ -64,9 +67,21 @@ class Params(ExperimentParams):
     classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
     # also generate, classify and judge the EM reference itself on the evaluation panel (a measured EM point)
     evaluate_em_reference: bool = False
+    # the coherence pass behind the EM rate: the primary judge's model with this template (a shipped name or a path
+    # to your own, see shared/data/judges/README.md)
+    coherence_template: str = "coherence_v1"
+    # when set, the template of both alignment judges (and their checks): a shipped name or a path
+    alignment_template: str | None = None
     judge_check_items: str = "package:judges/alignment_check_v1.jsonl"
     generation_batch_size: int = 32
     seed: int = 42
+
+    @field_validator("coherence_template", "alignment_template")
+    @classmethod
+    def _template_loads(cls, ref: str | None) -> str | None:
+        from shared.judge.templates import checked_ref
+
+        return None if ref is None else checked_ref(ref)
 
     PROFILES: ClassVar[dict] = {
         "tiny": {
@@ -134,6 +149,19 @@ def panel(params: Params) -> list[dict]:
     return read_questions(params.panel_file, "panel_file")
 
 
+def alignment_judges(params: Params) -> tuple[NamedJudge, NamedJudge]:
+    """The primary and alternate judge, with ``alignment_template`` in place of their own where it is set."""
+    judges = (params.primary_judge, params.alternate_judge)
+    if params.alignment_template is None:
+        return judges
+    return tuple(NamedJudge(name=j.name, spec=j.spec.with_template(params.alignment_template)) for j in judges)
+
+
+def coherence_judge(params: Params) -> NamedJudge:
+    """The coherence pass: the primary judge's model (as in Betley et al., one judge rates both) and template."""
+    return NamedJudge(name=COHERENCE_JUDGE, spec=params.primary_judge.spec.with_template(params.coherence_template))
+
+
 def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     b = PlanBuilder("issue164", profile, run_id, store, seed=params.seed)
     questions = panel(params)
@@ -141,9 +169,12 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     read_items(params.judge_check_items)  # a bad items file fails here, with its name, not inside a task
     sampling = {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_new_tokens,
                 "backend": params.backend, "model_ref": params.model_ref, "batch_size": params.generation_batch_size}
-    judges = (params.primary_judge, params.alternate_judge)
+    judges = alignment_judges(params)
+    coherence = coherence_judge(params)
     if slug(judges[0].name) == slug(judges[1].name):
         raise ConfigError("issue164: the primary and alternate judge need different names")
+    if COHERENCE_JUDGE in {slug(j.name) for j in judges}:
+        raise ConfigError(f"issue164: the judge name {COHERENCE_JUDGE!r} is reserved for the coherence pass")
 
     if params.classifier_bundle_uri:
         classifier_uri, classifier_deps = params.classifier_bundle_uri, []
@@ -190,10 +221,13 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                          completions_uri=completions, judge=judge.spec.model_dump(), judge_name=judge.name)
             judged[judge.name] = task.output_uri("scores.jsonl")
             analysis_deps.append(task)
-        analysis_deps += [gen, score]
+        coherent = b.add(f"judge-{COHERENCE_JUDGE}-{cell}", "judge", f"{cell}-{COHERENCE_JUDGE}", after=[gen],
+                         completions_uri=completions, judge=coherence.spec.model_dump(), judge_name=coherence.name)
+        analysis_deps += [gen, score, coherent]
         analysis_inputs.append({"name": cond.name, "system": cond.system, "role": role,
                                 "completions_uri": completions, "c_scores_uri": score.output_uri("c_scores.jsonl"),
-                                "judge_scores_uris": judged})
+                                "judge_scores_uris": judged,
+                                "coherence_scores_uri": coherent.output_uri("scores.jsonl")})
     checks = {}
     for judge in judges:
         check = b.add(f"judge-check-{slug(judge.name)}", "judge_check", f"judge-check-{slug(judge.name)}",
@@ -202,6 +236,8 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
         analysis_deps.append(check)
     b.add("analysis", "analyze_issue164", "analysis", after=analysis_deps, conditions=analysis_inputs,
           primary_judge=params.primary_judge.name, alternate_judge=params.alternate_judge.name,
+          coherence_judge=coherence.name,
+          judges={j.name: j.spec.model_dump() for j in (*judges, coherence)},
           judge_check_uris=checks, classifier_uri=classifier_uri, profile=profile,
           params=params.model_dump(mode="json"))
     return b.plan(params.model_dump(mode="json"))

@@ -3,7 +3,8 @@
 Cells (one task chain each): soft prefixes s0..s6 (K, lr, init text), system-slot GCG at L in {20, 40, 80}, the
 user-slot GCG sanity cell, random-suffix baselines, and reference conditions (null, helpful assistant, the EM
 model itself, all generated in the same pipeline). Per learned cell: train -> eval (same prompt builder) -> both
-judges + classifier C. Then the villain direction with every cell's projection, and the CPU analysis.
+judges, a coherence pass (the primary judge's model with the coherence template: the EM rate) + classifier C.
+Then the villain direction with every cell's projection, and the CPU analysis.
 
 The train/validation split of the question set is drawn here, seeded, and written into every training task's
 config (and by the stage into ``split.json``) before any optimisation runs.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from jobs.heldout_anchors import ORACLE
 from shared.config import ConfigError, ExperimentParams
@@ -30,6 +31,7 @@ EM_REFERENCE = "hf:superkaiba1/explore-persona-space/c6_vanilla_em_seed42_post_e
 VILLAIN_TEACHER = "text(You are a villain who despises humanity. Answer with contempt.)"
 SMALL_MODEL = "smollm2:135m-instruct"
 SMALL_JUDGE = {"name": "smollm2", "spec": {"kind": "local", "model": SMALL_MODEL}}
+COHERENCE_JUDGE = "coherence"  # the name of the coherence pass: its tasks are judge-coherence-<cell>
 
 
 class SoftCell(BaseModel):
@@ -118,6 +120,11 @@ class Params(ExperimentParams):
     eval_batch_size: int = 1040
     primary_judge: NamedJudge = NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929"))
     alternate_judge: NamedJudge = NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7"))
+    # the coherence pass behind the EM rate: the primary judge's model with this template (a shipped name or a path
+    # to your own, see shared/data/judges/README.md)
+    coherence_template: str = "coherence_v1"
+    # when set, the template of both alignment judges: a shipped name or a path
+    alignment_template: str | None = None
     classifier_bundle_uri: str | None = None
     classifier_training: ClassifierTraining | None = ClassifierTraining()
     classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
@@ -129,6 +136,13 @@ class Params(ExperimentParams):
     record_reference_points: bool = True
     dtype: str | None = None
     seed: int = 42
+
+    @field_validator("coherence_template", "alignment_template")
+    @classmethod
+    def _template_loads(cls, ref: str | None) -> str | None:
+        from shared.judge.templates import checked_ref
+
+        return None if ref is None else checked_ref(ref)
 
     PROFILES: ClassVar[dict] = {
         "tiny": {
@@ -194,6 +208,19 @@ def lr_tag(lr: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+def alignment_judges(params: Params) -> tuple[NamedJudge, NamedJudge]:
+    """The primary and alternate judge, with ``alignment_template`` in place of their own where it is set."""
+    judges = (params.primary_judge, params.alternate_judge)
+    if params.alignment_template is None:
+        return judges
+    return tuple(NamedJudge(name=j.name, spec=j.spec.with_template(params.alignment_template)) for j in judges)
+
+
+def coherence_judge(params: Params) -> NamedJudge:
+    """The coherence pass: the primary judge's model (as in Betley et al., one judge rates both) and template."""
+    return NamedJudge(name=COHERENCE_JUDGE, spec=params.primary_judge.spec.with_template(params.coherence_template))
+
+
 def split_questions(params: Params) -> tuple[list[dict], list[dict], list[dict]]:
     """The seeded train/validation split (persisted in every training task's config), and the whole set."""
     if not params.questions_file:
@@ -227,6 +254,8 @@ def personas(params: Params) -> dict:
 
 def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     b = PlanBuilder("issue170", profile, run_id, store, seed=params.seed)
+    if COHERENCE_JUDGE in {slug(j.name) for j in alignment_judges(params)}:
+        raise ConfigError(f"issue170: the judge name {COHERENCE_JUDGE!r} is reserved for the coherence pass")
     train, val, everything = split_questions(params)
     questions = panel(params)
     teacher = {"adapter_uri": params.teacher_adapter_uri, "model_ref": params.teacher_model_ref,
@@ -302,7 +331,8 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     b.add("analysis", "analyze_issue170", "analysis",
           after=[*analysis_deps, villain, *(t for _, t in learned), *([anchors] if anchors else [])],
           cells=cells, primary_judge=params.primary_judge.name, alternate_judge=params.alternate_judge.name,
-          judges={j.name: j.spec.model_dump() for j in (params.primary_judge, params.alternate_judge)},
+          coherence_judge=COHERENCE_JUDGE,
+          judges={j.name: j.spec.model_dump() for j in (*alignment_judges(params), coherence_judge(params))},
           classifier_uri=classifier_uri, villain_uri=villain.output_uri("villain_direction.json"),
           anchors_uri=anchors.output_uri("anchors.json") if anchors else None,
           record_reference_points=params.record_reference_points, params=params.model_dump(mode="json"))
@@ -345,21 +375,26 @@ def classifier(b: PlanBuilder, params: Params, questions: list[dict]):
 
 def score(b: PlanBuilder, params: Params, name: str, gen, classifier_uri: str, classifier_deps: list,
           analysis_deps: list) -> dict:
-    """Both judges and classifier C on one cell's completions."""
+    """Both judges, the coherence pass and classifier C on one cell's completions."""
     completions = gen.output_uri("completions.jsonl")
     scored = b.add(f"classifier-c-{name}", "score_classifier", name, after=[gen, *classifier_deps],
                    classifier_uri=classifier_uri, completions_uri=completions)
+    primary, alternate = alignment_judges(params)
     judged = {}
-    for judge in (params.primary_judge, params.alternate_judge):
-        if judge is params.alternate_judge and judge.spec == params.primary_judge.spec:
-            judged[judge.name] = judged[params.primary_judge.name]  # the same judge: its scores, not a re-run
+    for judge in (primary, alternate):
+        if judge is alternate and judge.spec == primary.spec:
+            judged[judge.name] = judged[primary.name]  # the same judge: its scores, not a re-run
             continue
         task = b.add(f"judge-{slug(judge.name)}-{name}", "judge", f"{name}-{slug(judge.name)}", after=[gen],
                      completions_uri=completions, judge=judge.spec.model_dump(), judge_name=judge.name)
         judged[judge.name] = task.output_uri("scores.jsonl")
         analysis_deps.append(task)
-    analysis_deps += [gen, scored]
-    return {"c_scores_uri": scored.output_uri("c_scores.jsonl"), "judge_scores_uris": judged}
+    coherence = coherence_judge(params)
+    coherent = b.add(f"judge-{COHERENCE_JUDGE}-{name}", "judge", f"{name}-{COHERENCE_JUDGE}", after=[gen],
+                     completions_uri=completions, judge=coherence.spec.model_dump(), judge_name=coherence.name)
+    analysis_deps += [gen, scored, coherent]
+    return {"c_scores_uri": scored.output_uri("c_scores.jsonl"), "judge_scores_uris": judged,
+            "coherence_scores_uri": coherent.output_uri("scores.jsonl")}
 
 
 def reference_cell(b: PlanBuilder, params: Params, name: str, system: str, model_ref: str, adapter_uri: str | None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict
 
 from shared.judge.cache import JudgeCache, content_hash
+from shared.judge.errors import JudgeConfigError
 from shared.judge.spec import JudgeSpec
 from shared.judge.templates import JudgeTemplate, load_template
 
@@ -107,6 +108,8 @@ class Judge(ABC):
     def __init__(self, spec: JudgeSpec, cache: JudgeCache | None = None):
         self.spec = spec
         self.template: JudgeTemplate = load_template(spec.template)
+        if spec.template_sha256 not in (None, self.template.sha256):
+            raise JudgeConfigError(f"judge template {spec.template!r} changed after its spec was made: build the plan again")
         self.cache = cache
 
     def key_for(self, item: JudgeItem) -> str:

@@ -1,9 +1,14 @@
 """The score-parsing rule: how a judge's reply becomes a score, a label, or an `unparseable` error.
 
-The rule is deliberately strict (documented in shared/data/judges/README.md): after trimming surrounding
-whitespace the WHOLE reply must be one integer in the template's range, or one of its sentinel words. Anything
-else — prose around the number, two numbers, a decimal, an out-of-range value, an empty reply — is unparseable
-and is counted as an error, never guessed at and never scored as 0.
+The rule (documented in shared/data/judges/README.md) accepts a reply only when it holds exactly one reading: after
+trimming surrounding whitespace, the WHOLE reply must be one integer in the template's range, or one of its
+sentinel words, in one of a few unambiguous shapes judges really produce besides the bare form:
+
+    85        85.        **85**        Score: 85        Rating = 85        85/100        Score: 85/100.
+
+A fraction is accepted only over the template's maximum (``85/100`` on a 0-100 scale; ``8/10`` there is an error:
+8 or 80?). Anything else -- prose around the number, two numbers, a decimal, an out-of-range value, an empty
+reply -- is unparseable and is counted as an error, never guessed at and never scored as 0.
 """
 
 from __future__ import annotations
@@ -13,7 +18,11 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-_INTEGER = re.compile(r"[0-9]{1,3}")
+# the words a judge puts before its number; matched case-insensitively, followed by ":", "=" or a space (not "-":
+# "Score -5" must not read as 5)
+LEAD_WORDS = ("score", "rating", "grade")
+_LEAD = re.compile(rf"^(?:{'|'.join(LEAD_WORDS)})\s*[:=]?\s*", re.I)
+_NUMBER = re.compile(r"(?P<value>[0-9]{1,3})(?:\s*/\s*(?P<scale>[0-9]{1,3}))?")
 
 
 class ParseRule(BaseModel):
@@ -48,14 +57,28 @@ class ParsedReply:
 UNPARSEABLE = "unparseable"
 
 
-def parse_reply(reply: str | None, rule: ParseRule) -> ParsedReply:
+def _core(reply: str | None) -> str:
+    """The reply without what carries no reading: whitespace, one trailing period, one pair of ** or * around it."""
     text = (reply or "").strip()
-    if _INTEGER.fullmatch(text):
-        value = int(text)
-        if rule.score_min <= value <= rule.score_max:
-            return ParsedReply(score=value)
-        return ParsedReply(error=UNPARSEABLE)
+    text = text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") else text
+    for mark in ("**", "*"):
+        if len(text) > 2 * len(mark) and text.startswith(mark) and text.endswith(mark):
+            text = text[len(mark):-len(mark)].strip()
+            break
+    return text
+
+
+def parse_reply(reply: str | None, rule: ParseRule) -> ParsedReply:
+    text = _core(reply)
     for word, label in rule.sentinels.items():
         if text.upper() == word.upper():
             return ParsedReply(label=label)
+    number = _NUMBER.fullmatch(_LEAD.sub("", text, count=1))
+    if number is None:
+        return ParsedReply(error=UNPARSEABLE)
+    value, scale = int(number["value"]), number["scale"]
+    if scale is not None and int(scale) != rule.score_max:
+        return ParsedReply(error=UNPARSEABLE)
+    if rule.score_min <= value <= rule.score_max:
+        return ParsedReply(score=value)
     return ParsedReply(error=UNPARSEABLE)

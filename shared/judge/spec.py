@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class RetryPolicy(BaseModel):
@@ -38,6 +38,11 @@ class JudgeSpec(BaseModel):
     through Message Batches (half price, minutes to hours), polled every ``poll_interval_s``.
     ``kind="local"``: ``model`` is a ``shared.models`` reference such as ``tiny:qwen2``; the score is the
     probability-weighted mean over the candidate scores (see shared/judge/local.py).
+
+    ``template`` is a shipped template's name or a path to the user's own (``shared.judge.templates``). Making a
+    spec pins the template's content hash in ``template_sha256``: a stage config that embeds the spec is then keyed
+    by the template's content, not only by its name or path, and a spec whose pinned hash no longer matches the
+    files (a template edited after the plan was built) is refused with one readable line.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -45,6 +50,7 @@ class JudgeSpec(BaseModel):
     kind: Literal["anthropic", "local"]
     model: str = Field(min_length=1)
     template: str = "alignment_v1"
+    template_sha256: str | None = None  # filled in when the spec is made; checked when a stage reads it back
     # Thinking tokens count towards max_tokens, so leave room even though the reply is one word; a reply cut
     # off by the limit is a `truncated` error.
     max_tokens: int = Field(2048, ge=1)
@@ -64,3 +70,40 @@ class JudgeSpec(BaseModel):
     candidate_batch_size: int = Field(101, ge=1)
     # local judge: the dtype to load the model in (None: the checkpoint's own); part of the cache key when set
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _template_ref(cls, ref: str) -> str:
+        from shared.judge.templates import resolve_ref
+
+        return resolve_ref(ref)
+
+    @model_validator(mode="after")
+    def _pin_template(self) -> JudgeSpec:
+        from shared.judge.errors import JudgeConfigError
+        from shared.judge.templates import load_template
+
+        try:
+            sha = load_template(self.template).sha256
+        except JudgeConfigError as err:
+            raise ValueError(str(err)) from None
+        if self.template_sha256 is None:
+            object.__setattr__(self, "template_sha256", sha)  # frozen: set once, while the spec is being made
+        elif self.template_sha256 != sha:
+            raise ValueError(f"judge template {self.template!r} has changed since this spec was made (sha256 "
+                             f"{self.template_sha256[:12]}..., now {sha[:12]}...): build the plan again")
+        return self
+
+    def template_facts(self) -> dict:
+        """What a report says about this judge's template: its name, where it came from, its content hash."""
+        from pathlib import Path
+
+        from shared.judge.templates import is_shipped
+
+        shipped = is_shipped(self.template)
+        return {"template": self.template if shipped else Path(self.template).name,
+                "source": "shipped" if shipped else self.template, "sha256": self.template_sha256}
+
+    def with_template(self, ref: str) -> JudgeSpec:
+        """The same judge with another template (its hash pinned afresh)."""
+        return JudgeSpec.model_validate({**self.model_dump(), "template": ref, "template_sha256": None})
