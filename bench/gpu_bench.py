@@ -229,6 +229,31 @@ def shared_weights_pair(model, tokenizer, cfg: dict):
 _PAIRS: dict = {}
 
 
+def separate_teacher_pair(model, tokenizer, cfg: dict):
+    """The full profile's teacher: a separate merged EM model (the record's reference is one) beside the student,
+    so the teacher samples at the plain model's speed; here a second copy of the same shape."""
+    import contextlib
+    import copy
+
+    from shared.generation import HFGenerator
+    from shared.teacher import TeacherStudent
+
+    model.requires_grad_(False)
+    teacher = copy.deepcopy(model)
+    generator = HFGenerator(teacher, tokenizer, batch_size=cfg["sample_batch"])
+    return TeacherStudent(model, tokenizer, generator, "default", contextlib.nullcontext, False)
+
+
+def release_cuda_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def bench_gcg_step(pair, cfg: dict, params: dict, matmul_tflops: float, forward_tflops: float) -> dict:
     from shared.gcg import GcgSearch, GcgSettings, allowed_token_ids, random_suffix
     from shared.soft_prompt import LearnedPrompt
@@ -324,7 +349,7 @@ def bench_soft_train_step(pair, cfg: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # the fast paths against the current ones (bench/fast_paths.py)
 
-FAST_SECTIONS = ("warmup", "sampling", "greedy", "train_paths", "gcg_screen")
+FAST_SECTIONS = ("warmup", "sampling", "greedy", "train_separate", "train_paths", "gcg_screen")
 CURRENT_SECTIONS = ("ratio", "eval", "train", "gcg_step")
 
 
@@ -363,6 +388,15 @@ def run_fast_sections(sections, model, tokenizer, cfg: dict, params: dict, resul
                 model, tokenizer, QUESTIONS, rows, soft_k, profile=rows == cfg["step_time_cases"][0][0]))
     if "greedy" in sections:
         guarded("greedy_check", lambda: fast_paths.greedy_check(model, tokenizer, QUESTIONS))
+    if "train_separate" in sections:  # before the shared pair injects its adapter into the model
+        separate = separate_teacher_pair(model, tokenizer, cfg)
+        guarded("compile_separate_teacher", lambda: fast_paths.compile_warmup(
+            separate.teacher_generator.model, tokenizer, QUESTIONS))
+        for micro in cfg["train_micro_batch_tokens"]:
+            guarded(f"soft_train_step_separate_micro{micro}", lambda micro=micro: fast_paths.bench_train_step(
+                separate, cfg, QUESTIONS, micro_batch_tokens=micro, bucket_by_length=True))
+        del separate
+        release_cuda_memory()
     pair = current = None
     if {"train_paths", "gcg_screen"} & set(sections):
         pair = shared_weights_pair(model, tokenizer, cfg)

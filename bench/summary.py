@@ -16,9 +16,10 @@ def _gib(value) -> str:
 
 def gpu_tables(r: dict) -> list[str]:
     lines = [f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, peft {r.get('peft', '?')}; "
-             f"`{r['command']}`", "",
-             "| sampling (256 new tokens, T=1) | lengths | fast decoder | `model.generate` | speed-up | peak: fast, "
-             "generate |", "| :--- | :--- | ---: | ---: | ---: | ---: |"]
+             f"`{r['command']}`"]
+    if any(k.startswith("sampling_") for k in r):
+        lines += ["", "| sampling (256 new tokens, T=1) | lengths | fast decoder | `model.generate` | speed-up | "
+                  "peak: fast, generate |", "| :--- | :--- | ---: | ---: | ---: | ---: |"]
     for rows, inputs in ((320, "ids"), (1024, "embeds")):
         for lengths in ("fixed", "uniform"):
             fast = r.get(f"sampling_fast_B{rows}_{inputs}_{lengths}", {})
@@ -33,11 +34,14 @@ def gpu_tables(r: dict) -> list[str]:
                             if base_rate else "-- | --")
                          + f" | {_gib(fast.get('peak_gib'))}, {_gib(base.get('peak_gib'))} |")
     steps = [r[k] for k in r if k.startswith("decode_step_B") and "ms_per_step" in r[k]]
-    lines += ["", "Decode step of the fast decoder (prefill excluded): " + ", ".join(
-        f"B={s['rows']}: {s['ms_per_step']:.1f} ms" for s in steps) + ". Compile: "
-        + ", ".join(f"{name} {r[key]['compile_s']:.1f} s" for name, key in
-                    (("plain model", "compile_plain"), ("LoRA teacher", "compile_lora_teacher")) if key in r)
-        + " (once per process)."]
+    compiles = [f"{name} {r[key]['compile_s']:.1f} s" for name, key in
+                (("plain model", "compile_plain"), ("LoRA teacher", "compile_lora_teacher"),
+                 ("separate teacher", "compile_separate_teacher")) if "compile_s" in r.get(key, {})]
+    if steps:
+        lines += ["", "Decode step of the fast decoder (prefill excluded): " + ", ".join(
+            f"B={s['rows']}: {s['ms_per_step']:.1f} ms" for s in steps) + "."]
+    if compiles:
+        lines += ["", "Compile: " + ", ".join(compiles) + " (once per process)."]
     greedy = r.get("greedy_check")
     if greedy:
         lines += ["", f"Greedy check ({greedy['dtype']}, {greedy['tokens_compared']} tokens): "
@@ -51,6 +55,8 @@ def gpu_tables(r: dict) -> list[str]:
         if "step_s" not in s:
             continue
         what = ("fast teacher, length-bucketed" if s["sampler"] == "fast" else "current: generate teacher, draw order")
+        if key.startswith("soft_train_step_separate"):
+            what = "fast teacher as a separate merged model (the full profile's), length-bucketed"
         lines.append(f"| {what}, micro-batch {s['micro_batch_tokens']} tokens | {s['step_s']:.1f} s | "
                      f"{s['teacher_s']:.1f} s | {s['forward_backward_s']:.1f} s | {_gib(s['peak_gib'])} |")
     g = r.get("gcg_step_screened")

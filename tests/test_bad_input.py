@@ -111,3 +111,22 @@ def test_bad_parameters_files_and_stores_are_one_line_and_exit_2_before_anything
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "store" / "runs").exists() and not (tmp_path / "s3:").exists()
+
+
+OUT_OF_RANGE = [  # (workflow, the parameter set, a phrase of the error line)
+    ("issue81", "coherence_threshold=150", "coherence_threshold: Input should be less than or equal to 100"),
+    ("issue81", "headline_layer=-1", "headline_layer: Input should be greater than or equal to 0"),
+    ("issue81", "checkpoint_every=-5", "checkpoint_every: Input should be greater than or equal to 0"),
+]
+
+
+@pytest.mark.parametrize("workflow, setting, message", OUT_OF_RANGE)
+def test_out_of_range_parameters_of_every_workflow_stop_before_anything_runs(
+        workflow, setting, message, tmp_path, monkeypatch, capsys):
+    from workflows.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", workflow, "--profile", "tiny", "--store", str(tmp_path / "store"), "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "store" / "runs").exists()

@@ -59,7 +59,7 @@ def ce_the_obvious_way(system: str, pairs: list[tuple[str, list[int]]]) -> list[
     with torch.no_grad():
         for qid, reply in pairs:
             prompt = chat.build_prompt(tokenizer, system, texts[qid]).input_ids
-            logits = model(input_ids=torch.tensor([prompt + reply])).logits[0].float()
+            logits = model(input_ids=torch.tensor([prompt + reply], device=model.device)).logits[0].float().cpu()
             sums.append(float(F.cross_entropy(logits[len(prompt) - 1:-1], torch.tensor(reply), reduction="sum")))
     return sums
 

@@ -156,7 +156,8 @@ def test_hidden_states_centroids_are_the_mean_last_token_residual(tmp_path):
     for q in QUESTIONS:
         ids = chat.build_prompt(tok, chat.TextSystem(text="You are a robot."), q["text"]).input_ids
         with torch.no_grad():
-            states.append(model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, -1].numpy())
+            hidden = model(torch.tensor([ids], device=model.device), output_hidden_states=True).hidden_states
+            states.append(hidden[2][0, -1].float().cpu().numpy())
     np.testing.assert_allclose(arrays["centroids"][1, 1], np.mean(states, axis=0), atol=1e-4)
 
 

@@ -62,7 +62,8 @@ def test_one_pass_over_all_candidates_matches_scoring_each_candidate_alone(judge
     with torch.inference_mode():
         for index in picked:
             ids = prompt + candidates[index]
-            logprobs = torch.log_softmax(judge._model(torch.tensor([ids])).logits[0].float(), -1)
+            logprobs = torch.log_softmax(judge._model(torch.tensor([ids], device=judge._model.device)).logits[0].float(), -1)
+            logprobs = logprobs.cpu()
             alone.append(sum(logprobs[len(prompt) - 1 + k, t].item() for k, t in enumerate(candidates[index])))
     assert together.tolist() == pytest.approx(alone, abs=1e-4)
 

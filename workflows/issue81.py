@@ -46,7 +46,7 @@ class Params(ExperimentParams):
     cut_truncated_to_sentence: bool = False
     n_negative_personas: int = 2
     recipe: LoraRecipe = LoraRecipe()
-    checkpoint_every: int = 50
+    checkpoint_every: int = Field(50, ge=0)  # 0: no intermediate checkpoints
     # evaluation (the record's vLLM config: T=1.0, top_p=0.95, max_tokens=512, n=10)
     eval_n: int = 10
     temperature: float = 1.0
@@ -54,9 +54,9 @@ class Params(ExperimentParams):
     eval_max_new_tokens: int = 512
     coherence_judge: JudgeSpec = JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929", template="coherence_v1")
     coherence_per_cell: int = 3  # the record judged 3 of 10 completions per (model, bystander, question)
-    coherence_threshold: float = 50.0  # cells with mean coherence below this (0-100) are flagged and hatched
+    coherence_threshold: float = Field(50.0, ge=0, le=100)  # cells with mean coherence below this (0-100) are flagged and hatched
     layers: list[int] = [10, 15, 20, 25]
-    headline_layer: int = 20
+    headline_layer: int = Field(20, ge=0)
     n_boot: int = Field(1000, ge=100)
     n_perm: int = Field(10_000, ge=100)
     seed: int = 42
