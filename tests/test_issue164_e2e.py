@@ -110,18 +110,6 @@ def test_classifier_heldout_accuracy_leads_the_report(finished_run):
     assert line in report and report.index(line) < report.index("## Headline")
 
 
-def test_the_budget_table_reads_wall_times_from_the_manifests(finished_run):
-    from bench.small_runs import markdown, run_summary
-
-    summary = run_summary(finished_run.store, "e2e")
-    walls = [store.read_json(t.output_uri("manifest.json"))["wall_time_s"] for t in finished_run.tasks]
-    assert summary["tasks"] == summary["computed"] == len(finished_run.tasks) and summary["reused"] == 0
-    assert summary["task_seconds"] == pytest.approx(sum(walls))
-    # tasks overlap, no task outlasts the run, and between tasks only process start-ups pass
-    assert max(walls) <= summary["span_s"] <= summary["task_seconds"] + 10 * len(walls)
-    assert "| issue164 | tiny |" in markdown([summary])
-
-
 def test_the_em_rate_and_judge_error_rates_are_recomputed_from_the_alignment_and_coherence_rows(finished_run):
     from shared.judge import load_template
 
@@ -151,3 +139,15 @@ def test_the_em_rate_and_judge_error_rates_are_recomputed_from_the_alignment_and
     for name, template in (("local-a", "alignment_v1"), ("coherence", "coherence_v1")):
         assert headline["templates"][name]["sha256"] == load_template(template).sha256
         assert f"`{template}` | shipped | `{load_template(template).sha256}`" in report
+
+
+def test_the_budget_table_reads_wall_times_from_the_manifests(finished_run):
+    from bench.small_runs import markdown, run_summary
+
+    summary = run_summary(finished_run.store, "e2e")
+    walls = [store.read_json(t.output_uri("manifest.json"))["wall_time_s"] for t in finished_run.tasks]
+    assert summary["tasks"] == summary["computed"] == len(finished_run.tasks) and summary["reused"] == 0
+    assert summary["task_seconds"] == pytest.approx(sum(walls))
+    # tasks overlap, no task outlasts the run, and between tasks only process start-ups pass
+    assert max(walls) <= summary["span_s"] <= summary["task_seconds"] + 10 * len(walls)
+    assert "| issue164 | tiny |" in markdown([summary])
