@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from shared import store
+from shared.activations import LAYER_CONVENTION
 from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
@@ -130,6 +131,9 @@ class Activations:
         indexes = [store.read_json(c.index_uri) for c in cfg.checkpoints]
         first = indexes[0]
         for ckpt, index in zip(cfg.checkpoints, indexes, strict=True):
+            if index.get("layer_convention") != LAYER_CONVENTION:
+                raise StageInputError(f"{ckpt.index_uri} names its layers by another convention "
+                                      f"({index.get('layer_convention')!r}): re-extract it (shared.activations)")
             for axis in ("personas", "questions", "layers", "methods"):
                 if index[axis] != first[axis]:
                     raise StageInputError(f"checkpoint {ckpt.name}'s {axis} differ from base's: the grids must be identical")
@@ -768,6 +772,8 @@ def report(data: dict) -> str:
     lines = ["# #205: EM-induction persona vs persona geometry and marker leakage", "",
              f"Checkpoints: {', '.join(data['checkpoints'])}. Methods {', '.join(data['methods'])}; layers {data['layers']} "
              f"(headline layer {data['headline_layer']}). {data['n_iter']} permutations per test.", "",
+             f"Layer L is {data['layer_convention']}; the record's hooked block outputs 7, 14, 20, 21, 27 (0-based) are "
+             "layers 8, 15, 21, 22, 28 here.", "",
              "## Headline", "", markdown_table(headers, rows), "", "![hero](hero_issue205.png)", ""]
     lines += cosine_section(data)
     lines += finetuning_section(data)
@@ -850,7 +856,8 @@ def results(cfg: Config, acts: Activations, beh: dict | None) -> dict:
     geo = geometry(cfg, acts)
     data = {
         "checkpoints": acts.checkpoints, "em_conditions": [c.cond for c in cfg.conditions], "personas": acts.personas,
-        "questions": acts.questions, "layers": acts.layers, "methods": acts.methods, "headline_layer": cfg.headline_layer,
+        "questions": acts.questions, "layers": acts.layers, "layer_convention": LAYER_CONVENTION,
+        "methods": acts.methods, "headline_layer": cfg.headline_layer,
         "n_iter": cfg.n_iter, "marker": cfg.marker, "rules": cfg.rules.model_dump(),
         "conditions": [c.model_dump() for c in cfg.conditions], "geometry": geo, "behaviour": beh,
         "em_source_persona": cfg.em_source_persona, "trainings": training_summary(cfg),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs import analyze_issue205 as analysis
-from shared import store
+from shared import activations, store
 from shared.config import parse
 from shared.stage import StageInputError, execute
 
@@ -57,7 +57,7 @@ def write_checkpoints(root: str, values: np.ndarray, invalid: dict[str, list[tup
         store.write_tensors(store.join(prefix, "activations.safetensors"), {"A": torch.from_numpy(values[ci]), "B": b, "B_valid": valid})
         store.write_json(store.join(prefix, "index.json"), {
             "checkpoint": name, "personas": [{"name": p, "system": "default"} for p in PERSONAS],
-            "questions": [f"q{i}" for i in range(N_Q)], "layers": LAYERS, "methods": ["A", "B"],
+            "questions": [f"q{i}" for i in range(N_Q)], **activations.layer_record(LAYERS), "methods": ["A", "B"],
         })  # fmt: skip
         store.write_jsonl(store.join(prefix, "responses.jsonl"), [
             {"persona": p, "question_id": f"q{i}", "text": f"{name}'s {p} on q{i}"} for p in PERSONAS for i in range(N_Q)])
@@ -231,6 +231,16 @@ def test_checkpoints_with_different_grids_are_refused(tmp_path):
     index["questions"] = list(reversed(index["questions"]))
     store.write_json(checkpoints[2]["index_uri"], index)
     with pytest.raises(StageInputError, match="E1's questions differ from base's"):
+        execute(analysis.SPEC, config(root, checkpoints))
+
+
+def test_activations_named_by_another_layer_convention_are_refused(tmp_path):
+    root = store.from_path(tmp_path / "store")
+    checkpoints = write_checkpoints(root, synthetic_activations({}))
+    index = store.read_json(checkpoints[3]["index_uri"])
+    del index["layer_convention"]  # an index written before the one convention (the output of block L, 0-based)
+    store.write_json(checkpoints[3]["index_uri"], index)
+    with pytest.raises(StageInputError, match="names its layers by another convention"):
         execute(analysis.SPEC, config(root, checkpoints))
 
 

@@ -100,8 +100,10 @@ class Params(ExperimentParams):
     top_p: float = 0.95
     eval_max_new_tokens: int = 512
     # extraction
-    layers: list[int] = [7, 14, 20, 21, 27]
-    headline_layer: int = 20
+    # hidden_states indices (shared.activations): the record's hooked block outputs 7, 14, 20, 21, 27 (0-based) are the
+    # residual stream after 8, 15, 21, 22, 28 blocks, the same vectors; its headline L20 is 21 here
+    layers: list[int] = [8, 15, 21, 22, 28]
+    headline_layer: int = 21
     methods: list[Literal["A", "B"]] = ["A", "B"]
     extraction_max_new_tokens: int = 256
     # Method B's vLLM engine leaves room for the HF model that extracts right after it on the same GPU
@@ -147,8 +149,8 @@ class Params(ExperimentParams):
             # enough completions per cell (4 questions x 6) that a few-percent bystander rate is seen at all
             "eval_n": 6,
             "eval_max_new_tokens": 16,
-            "layers": [0, 1],
-            "headline_layer": 1,
+            "layers": [1, 2],
+            "headline_layer": 2,
             "extraction_max_new_tokens": 8,
             "n_iter": 500,
             "lda_components": 4,
@@ -189,10 +191,10 @@ class Params(ExperimentParams):
             "merge_coupling_for_eval": True,
             "eval_n": 4,
             "eval_max_new_tokens": 64,
-            # the record's layers [7, 14, 20, 21, 27] of Qwen2.5-7B's 28 blocks at the same relative depth of 30
-            # blocks (27 is the last block, so is 29); headline 21 for the record's 20
-            "layers": [7, 15, 21, 22, 29],
-            "headline_layer": 21,
+            # the full profile's layers [8, 15, 21, 22, 28] of Qwen2.5-7B's 28 blocks at the same relative depth of 30
+            # blocks (28 is the last block's output, so is 30); headline 22 for full's 21 (the record's L20)
+            "layers": [8, 16, 22, 23, 30],
+            "headline_layer": 22,
             "extraction_max_new_tokens": 48,
             "hf_batch_size": 128,
         },
