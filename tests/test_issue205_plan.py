@@ -107,6 +107,7 @@ def test_full_profile_coupling_eval_and_extraction_follow_the_record(tmp_path):
     assert plan.task("extract-benign").config["adapter_uri"] == plan.task("train-benign").output_uri("adapter")
     analysis = plan.task("analysis")
     assert (analysis.config["n_iter"], analysis.config["headline_layer"]) == (10_000, 21)  # the record's L20
+    assert analysis.config["n_boot"] == 1_000
 
 
 def test_one_task_per_cell_and_the_analysis_waits_for_every_checkpoint_and_evaluation(tmp_path):

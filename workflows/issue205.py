@@ -110,6 +110,7 @@ class Params(ExperimentParams):
     extraction_vllm_options: dict = {"gpu_memory_utilization": 0.5, "max_model_len": 2048}
     # statistics
     n_iter: int = 10_000
+    n_boot: int = 1_000  # question resamples for the M1/M2 bootstrap CIs at the headline layer
     n_splits: int = 5
     lda_components: int = 16
     seed: int = 42
@@ -153,6 +154,7 @@ class Params(ExperimentParams):
             "headline_layer": 2,
             "extraction_max_new_tokens": 8,
             "n_iter": 500,
+            "n_boot": 200,
             "lda_components": 4,
         },
         # SmolLM2-135M-Instruct on a 2-core CPU: every cell of the record (E0..E4, benign, base), fewer personas,
@@ -373,7 +375,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                         "responses_uri": t.output_uri("responses.jsonl") if "B" in params.methods else None} for t in ordered],
           em_source_persona=params.em_source_persona if params.sft_questions_file else None, trainings=trainings,
           conditions=conditions, assistant_persona=params.assistant_persona, source_persona=params.source_persona,
-          marker=params.marker, headline_layer=params.headline_layer, n_iter=params.n_iter, n_splits=params.n_splits,
+          marker=params.marker, headline_layer=params.headline_layer, n_iter=params.n_iter, n_boot=params.n_boot, n_splits=params.n_splits,
           lda_components=params.lda_components, params=params.model_dump(mode="json"))  # fmt: skip
     return b.plan(params.model_dump(mode="json"))
 
