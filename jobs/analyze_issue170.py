@@ -586,6 +586,7 @@ def report(data: dict, judges: dict[str, JudgeSpec]) -> str:
         fixed = [(f"{anchor_label(n)} (fixed prompt)", f"{c['mean_cosine']:.4f}", f"{c['cosine_of_mean_delta']:.4f}")
                  for n, c in p.get("fixed_prompts", {}).items()]
         lines += ["", "## Villain-direction projection (H3)", "",
+                  f"Layer L is {p.get('layer_convention') or 'not recorded by the villain_direction artifact'}.", "",
                   f"Layer chosen by Cohen's d: {p['chosen_layer']} (d by layer: "
                   + ", ".join(f"{k}: {v:.3f}" for k, v in p["cohens_d"].items()) + ").", "",
                   markdown_table(["prompt", "mean cosine(Δh, villain)", "cosine of mean Δh"],
@@ -693,7 +694,7 @@ def run(cfg: Config, ctx) -> dict:
     if cfg.anchors_uri:
         data["fit"] = fit_to_teacher(rows, store.read_json(cfg.anchors_uri), seed=cfg.seed)
     if villain:
-        data["projection"] = {k: villain.get(k) for k in ("chosen_layer", "cohens_d", "pirate", "cells",
+        data["projection"] = {k: villain.get(k) for k in ("layer_convention", "chosen_layer", "cohens_d", "pirate", "cells",
                                                           "fixed_prompts", "reference_system", "direction_source")}
     store.write_json(ctx.out("headline.json"), data)
     pareto_figure(data, ctx.out("pareto"))

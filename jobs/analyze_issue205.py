@@ -8,6 +8,10 @@ What this stage makes impossible, by construction (each was a finding of the rec
   (the paired empty-response filter), so no checkpoint is compared on a different question set;
 - M3 is held-out LDA with GroupKFold by question and a joint-shuffle null (never a per-persona hold-out, which
   scored 0% on the base model), and a base accuracy not above chance is reported as "M3 uninformative";
+- M1's null swaps whole personas between the two checkpoints (each persona is in 11 of the 66 pairs), not pairs;
+- M1 and M2 are reported on centred geometry beside the raw (a shift every persona shares moves only the raw), with
+  bootstrap CIs over questions, and every pre-registered rule that holds on raw but not on centred geometry is
+  named in the report (the rules themselves stay as written);
 - H2's null pools exactly the bystanders of the observed statistic (``shared.stats.h2_invariance_test``);
 - every number in the report is read from ``headline.json``, which is computed here from the artifacts.
 """
@@ -20,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from shared import store
+from shared.activations import LAYER_CONVENTION
 from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
@@ -76,6 +81,7 @@ class Config(StageConfig):
     marker: str = "[ZLT]"
     headline_layer: int
     n_iter: int = 10_000
+    n_boot: int = 1_000  # question resamples for the M1/M2 CIs at the headline layer (0: none)
     n_splits: int = 5
     lda_components: int = 16
     rules: Rules = Rules()
@@ -130,6 +136,9 @@ class Activations:
         indexes = [store.read_json(c.index_uri) for c in cfg.checkpoints]
         first = indexes[0]
         for ckpt, index in zip(cfg.checkpoints, indexes, strict=True):
+            if index.get("layer_convention") != LAYER_CONVENTION:
+                raise StageInputError(f"{ckpt.index_uri} names its layers by another convention "
+                                      f"({index.get('layer_convention')!r}): re-extract it (shared.activations)")
             for axis in ("personas", "questions", "layers", "methods"):
                 if index[axis] != first[axis]:
                     raise StageInputError(f"checkpoint {ckpt.name}'s {axis} differ from base's: the grids must be identical")
@@ -359,7 +368,9 @@ def sample_replies(cfg: Config, personas: list[str], questions: list[str]) -> li
 
 def geometry(cfg: Config, acts: Activations) -> dict:
     """Every geometry cell (``shared.geometry.geometry_family``: M1/M2/M3, BH-FDR and Holm per family), the
-    G1/G2/G3 decisions with the EM-vs-benign bar, and the per-checkpoint values the report shows."""
+    G1/G2/G3 decisions with the EM-vs-benign bar, and the per-checkpoint values the report shows; the same again on
+    centred geometry (``centred``), the rules that hold on raw but not on centred geometry, and bootstrap CIs over
+    questions for the M1/M2 changes at the headline layer."""
     from shared import geometry as g
 
     em_names = [c.cond for c in cfg.conditions]
@@ -369,16 +380,44 @@ def geometry(cfg: Config, acts: Activations) -> dict:
     if em_names[0] != "E0":
         raise StageInputError(f"the first EM condition anchors M2's axis and must be E0, got {em_names[0]}")
     vectors, rows, labels = persona_inputs(acts)
-    family = []
+    raw, centred = [], []
     for method in acts.methods:  # M3's rows (paired-valid) differ by method, so each method is one call
         keys = [(method, layer) for layer in acts.layers]
-        family += g.geometry_family(
-            {k: vectors[k] for k in keys}, acts.personas, em_conditions=em_names,
-            activations={k: rows[k] for k in keys}, row_personas=labels[method][0], row_questions=labels[method][1],
-            assistant=cfg.assistant_persona, n_iter=cfg.n_iter, seed=cfg.seed, n_components=cfg.lda_components,
-            n_splits=cfg.n_splits,
+        common = dict(em_conditions=em_names, assistant=cfg.assistant_persona, n_iter=cfg.n_iter, seed=cfg.seed)
+        method_cells = g.geometry_family(
+            {k: vectors[k] for k in keys}, acts.personas, activations={k: rows[k] for k in keys},
+            row_personas=labels[method][0], row_questions=labels[method][1], n_components=cfg.lda_components,
+            n_splits=cfg.n_splits, **common,
         )  # fmt: skip
-    family = readjust(family)
+        raw += method_cells
+        # centred: M1 and M2 on centred persona vectors; M3 (centred within each question already, so blind to a
+        # checkpoint's shared offset) is the same cells, so the family has the pre-registered 150 cells
+        centred += g.geometry_family({k: vectors[k] for k in keys}, acts.personas, centred=True, **common)
+        centred += [c for c in method_cells if c.metric == "M3"]
+    raw_geo, centred_geo = decide(cfg, acts, readjust(raw)), decide(cfg, acts, readjust(centred))
+    add_bootstrap_cis(cfg, acts, [raw_geo, centred_geo])
+
+    # The base model must separate personas, or M3 says nothing: its held-out accuracy against the same
+    # joint-shuffle null the family's M3 cells use (one null per (method, layer), shared by every checkpoint).
+    base_chance = {}
+    for c in raw_geo["cells"]:
+        if c["metric"] == "M3" and c["reference"] == "base":
+            base_chance.setdefault(f"{c['method']}/L{c['layer']}", {
+                "accuracy": c["reference_value"], "chance": c["chance_level"], "p_above_chance": c["reference_p_above_chance"]})
+    return {
+        **raw_geo, "values": checkpoint_values(raw_geo, centred_geo, vectors), "m3_base": base_chance,
+        "m3_base_above_chance": {k: bool(v["p_above_chance"] < 0.05) for k, v in base_chance.items()},
+        "m2_robustness": m2_robustness(vectors, acts.personas, cfg.assistant_persona, em_names),
+        "cosine_matrices": cosine_matrices(vectors), "induced_persona": induced_persona(cfg, vectors, acts.personas),
+        "paired_retained": {m: acts.retained(m) for m in acts.methods},
+        "centred": {**centred_geo, "assistant_specific_share": assistant_specific_share(vectors, acts.personas, cfg.assistant_persona)},
+        "raw_not_centred": raw_not_centred(raw_geo["decisions"], centred_geo["decisions"]),
+    }  # fmt: skip
+
+
+def decide(cfg: Config, acts: Activations, family: list[dict]) -> dict:
+    """The pre-registered rules on one geometry family (raw or centred): which cells fire, and G1/G2/G3."""
+    em_names = [c.cond for c in cfg.conditions]
     cells = [c for c in family if c["family"] == "em_vs_base"]
     contrasts = [c for c in family if c["family"] == "em_vs_benign"]
     rules = cfg.rules
@@ -410,22 +449,65 @@ def geometry(cfg: Config, acts: Activations) -> dict:
                                                     [per_cond[c]["mean_delta"] for c in em_names], rules)}
         d = decisions[name]
         d["fires"] = bool(any(v["fires"] for v in per_cond.values()) and (d["all_fire"] or d["cos_monotone"]["fires"]))
+    return {"cells": cells, "em_vs_benign": contrasts, "benign_vs_base": [c for c in family if c["family"] == "benign_vs_base"],
+            "decisions": decisions}  # fmt: skip
 
-    # The base model must separate personas, or M3 says nothing: its held-out accuracy against the same
-    # joint-shuffle null the family's M3 cells use (one null per (method, layer), shared by every checkpoint).
-    base_chance = {}
-    for c in cells:
-        if c["metric"] == "M3" and c["reference"] == "base":
-            base_chance.setdefault(f"{c['method']}/L{c['layer']}", {
-                "accuracy": c["reference_value"], "chance": c["chance_level"], "p_above_chance": c["reference_p_above_chance"]})
-    return {
-        "cells": cells, "em_vs_benign": contrasts, "benign_vs_base": [c for c in family if c["family"] == "benign_vs_base"],
-        "decisions": decisions, "values": checkpoint_values(family, vectors, acts), "m3_base": base_chance,
-        "m3_base_above_chance": {k: bool(v["p_above_chance"] < 0.05) for k, v in base_chance.items()},
-        "m2_robustness": m2_robustness(vectors, acts.personas, cfg.assistant_persona, em_names),
-        "cosine_matrices": cosine_matrices(vectors), "induced_persona": induced_persona(cfg, vectors, acts.personas),
-        "paired_retained": {m: acts.retained(m) for m in acts.methods},
-    }  # fmt: skip
+
+def add_bootstrap_cis(cfg: Config, acts: Activations, geos: list[dict]) -> None:
+    """Percentile CIs (95 %, ``cfg.n_boot`` resamples of the questions) of every M1/M2 change at the headline layer,
+    raw (``geos[0]``) and centred (``geos[1]``), written into the cells as ``ci_low``/``ci_high``; one resampling
+    serves both."""
+    from shared import geometry as g
+    from shared.stats import percentile_interval
+
+    if cfg.n_boot <= 0:
+        return
+    layer = acts.layers.index(cfg.headline_layer)
+    for method in acts.methods:
+        wanted = {kind: [c for part in ("cells", "em_vs_benign", "benign_vs_base") for c in geo[part]
+                         if c["method"] == method and c["layer"] == cfg.headline_layer and c["metric"] in ("M1", "M2")]
+                  for kind, geo in zip(g.GEOMETRIES, geos, strict=True)}  # fmt: skip
+        comparisons = sorted({(c["condition"], c["reference"]) for cells in wanted.values() for c in cells})
+        replicates = g.bootstrap_deltas(acts.values[method][:, :, :, layer], acts.valid[method], acts.checkpoints,
+                                        acts.personas, comparisons, assistant=cfg.assistant_persona, n_boot=cfg.n_boot,
+                                        rng=np.random.default_rng([cfg.seed, acts.methods.index(method)]))  # fmt: skip
+        for kind, cells in wanted.items():
+            for c in cells:
+                draws = replicates[(c["metric"], kind, c["condition"], c["reference"])]
+                low, high = percentile_interval(draws, 0.95)
+                c.update(ci_low=float(low), ci_high=float(high), n_boot=int(np.isfinite(draws).sum()))
+
+
+def assistant_specific_share(vectors: dict, personas: list[str], assistant: str) -> dict:
+    """Per (method, layer): |centred E0 axis| / |raw E0 axis|, the part of the assistant's E0 shift that is not the
+    shift every persona shares (0: EM moved the assistant only as it moved everyone; 1: nothing shared)."""
+    from shared import geometry as g
+
+    a = personas.index(assistant)
+    out = {}
+    for (method, layer), v in vectors.items():
+        raw = v["E0"][a] - v["base"][a]
+        centred = g.centre(v["E0"])[a] - g.centre(v["base"])[a]
+        out[f"{method}/L{layer}"] = float(np.linalg.norm(centred) / max(np.linalg.norm(raw), 1e-300))
+    return out
+
+
+def raw_not_centred(raw: dict, centred: dict) -> list[dict]:
+    """Every pre-registered geometry rule (and each condition's part of it) that holds on raw geometry but not on
+    centred geometry: the raw result could be a shift that every persona shares. One entry per rule: ``decision``
+    (G1..G3), ``rule`` (what holds) and ``conditions`` (the conditions it holds for; empty for a whole-decision rule)."""
+    out = []
+    for name, d in raw.items():
+        c = centred[name]
+        for rule, on_raw, on_centred in (("fires", d["fires"], c["fires"]), ("all conditions fire", d["all_fire"], c["all_fire"]),
+                                         ("cos-monotone", d["cos_monotone"]["fires"], c["cos_monotone"]["fires"])):
+            if on_raw and not on_centred:
+                out.append({"decision": name, "metric": d["metric"], "rule": rule, "conditions": []})
+        for rule, key in (("vs base", "fires_vs_base"), ("beats benign SFT", "beats_benign"), ("condition fires", "fires")):
+            conds = [cond for cond, v in d["conditions"].items() if v[key] and not c["conditions"][cond][key]]
+            if conds:
+                out.append({"decision": name, "metric": d["metric"], "rule": rule, "conditions": conds})
+    return out
 
 
 def readjust(family: list) -> list[dict]:
@@ -446,6 +528,8 @@ def monotone(cos: list[float], effects: list[float], rules: Rules) -> dict:
     """(b) of the cross-condition rule: exact Spearman between cos-to-assistant and the condition's mean delta."""
     from shared.stats import spearman_exact_test
 
+    if not np.all(np.isfinite(effects)):  # an undefined metric (centred M2 without an axis): no trend to test
+        return {"rho": None, "p": None, "fires": False, "note": "a condition's mean change is undefined"}
     try:
         trend = spearman_exact_test(cos, effects)
     except ValueError as err:  # constant effects or too few conditions: no trend to test
@@ -454,19 +538,22 @@ def monotone(cos: list[float], effects: list[float], rules: Rules) -> dict:
             "fires": bool(abs(trend.rho) >= rules.monotone_min_abs_rho and trend.p_value < rules.monotone_alpha)}
 
 
-def checkpoint_values(family: list[dict], vectors: dict, acts: Activations) -> dict:
-    """Per (method, layer) and checkpoint: M1 mean off-diagonal cosine, M2 alignment, M3 accuracy."""
+def checkpoint_values(raw: dict, centred: dict, vectors: dict) -> dict:
+    """Per (method, layer) and checkpoint: M1 mean off-diagonal cosine, M2 alignment, M3 accuracy, and M1/M2 on
+    centred geometry (``M1_centred``, ``M2_centred``)."""
     from shared import geometry as g
 
     out = {}
     for (method, layer), per_ckpt in vectors.items():
-        key = f"{method}/L{layer}"
-        row = {"M1": {c: g.mean_off_diagonal_cosine(v) for c, v in per_ckpt.items()}, "M2": {}, "M3": {}}
-        for cell in family:
-            if cell["method"] == method and cell["layer"] == layer and cell["metric"] in ("M2", "M3") and cell["reference"] == "base":
-                row[cell["metric"]]["base"] = cell["reference_value"]
-                row[cell["metric"]][cell["condition"]] = cell["condition_value"]
-        out[key] = row
+        row = {"M1": {c: g.mean_off_diagonal_cosine(v) for c, v in per_ckpt.items()}, "M2": {}, "M3": {},
+               "M1_centred": {c: g.mean_off_diagonal_cosine(g.centre(v)) for c, v in per_ckpt.items()}, "M2_centred": {}}
+        for geo, suffix in ((raw, ""), (centred, "_centred")):
+            for cell in geo["cells"] + geo["benign_vs_base"]:
+                name = cell["metric"] + suffix
+                if cell["method"] == method and cell["layer"] == layer and name in ("M2", "M3", "M2_centred"):
+                    row[name]["base"] = cell["reference_value"]
+                    row[name][cell["condition"]] = cell["condition_value"]
+        out[f"{method}/L{layer}"] = row
     return out
 
 
@@ -586,6 +673,38 @@ def m1_bars_figure(data: dict, uri: str) -> dict:
     return save(fig, uri)
 
 
+def shared_shift_figure(data: dict, uri: str) -> dict:
+    """M1 and M2 change from base at the headline layer per condition, raw beside centred, with bootstrap CIs."""
+    from shared.figures import PALETTE, new_figure, save
+
+    layer, methods = data["headline_layer"], data["methods"]
+    conds = [*data["em_conditions"], "benign"]
+    fig, _ = new_figure(4.2 * len(methods), 5.6)
+    fig.clf()
+    grid = fig.subplots(2, len(methods), squeeze=False)
+    for mi, method in enumerate(methods):
+        for row, metric in enumerate(("M1", "M2")):
+            ax = grid[row, mi]
+            for k, (kind, geo) in enumerate((("raw", data["geometry"]), ("centred", data["geometry"]["centred"]))):
+                cells = {c["condition"]: c for c in geo["cells"] + geo["benign_vs_base"]
+                         if (c["metric"], c["method"], c["layer"]) == (metric, method, layer)}
+                x = np.arange(len(conds)) + (k - 0.5) * 0.38
+                delta = np.array([cells[c]["delta"] for c in conds], dtype=float)
+                low = np.array([cells[c].get("ci_low", np.nan) for c in conds], dtype=float)
+                high = np.array([cells[c].get("ci_high", np.nan) for c in conds], dtype=float)
+                ax.bar(x, delta, width=0.38, color=PALETTE[k], label=kind)
+                errors = np.nan_to_num(np.stack([delta - low, high - delta]), nan=0.0)
+                ax.errorbar(x, delta, yerr=np.clip(errors, 0, None), fmt="none", ecolor="black", linewidth=0.8, capsize=2)
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_xticks(np.arange(len(conds)), conds, fontsize=8)
+            ax.set_title(f"{metric} change from base, Method {method}, L{layer}", fontsize=9)
+            ax.legend(fontsize=7, frameon=False)
+    fig.suptitle("Raw vs centred persona geometry (bars: change from base; whiskers: 95 % bootstrap CI over questions)",
+                 fontsize=9)
+    fig.tight_layout()
+    return save(fig, uri)
+
+
 def cosine_matrix_figure(data: dict, method: str, uri: str) -> dict:
     """Persona-by-persona cosines of every checkpoint at the headline layer: raw (top), centred over personas
     (middle; the common component removed) and the centred change from base (bottom)."""
@@ -645,15 +764,23 @@ def leakage_heatmap(data: dict, uri: str) -> dict:
 # ---------------------------------------------------------------------------------------------- report
 
 
+CENTRED_ROWS = {
+    "M1_centred": "M1 on centred persona vectors",
+    "M2_centred": "M2 on centred persona vectors (centred E0 axis)",
+}
+
+
 def headline_table(data: dict) -> tuple[list[str], list[list]]:
     """Rows: metric; columns: every checkpoint (base, E0..E4, benign)."""
+    from shared.reporting import fmt
+
     geo, beh, layer, ckpts = data["geometry"], data["behaviour"], data["headline_layer"], data["checkpoints"]
-    digits = {"M1": ".4f", "M2": ".4f", "M3": ".3f"}
+    digits = {"M1": 4, "M2": 4, "M3": 3, "M1_centred": 4, "M2_centred": 4}
     rows = []
     for method in data["methods"]:
         values = geo["values"][f"{method}/L{layer}"]
-        for metric, title in GEOMETRY_PANELS.items():
-            rows.append([f"{title}, L{layer} {method}"] + [format(values[metric][c], digits[metric]) if c in values[metric] else None for c in ckpts])
+        for metric, title in {**GEOMETRY_PANELS, **CENTRED_ROWS}.items():
+            rows.append([f"{title}, L{layer} {method}"] + [fmt(values[metric].get(c), digits[metric]) for c in ckpts])
     if beh:
         by_cond = {c["cond"]: c for c in beh["conditions"]}
         rows.append(["mean bystander leakage"] + [f"{by_cond[c]['mean_bystander']:.4f}" if c in by_cond else None for c in ckpts])
@@ -719,6 +846,55 @@ def cosine_section(data: dict) -> list[str]:
     return lines + [""]
 
 
+def with_ci(cell: dict, digits: int = 4) -> str | None:
+    """A change and its bootstrap CI over questions, where the cell has one."""
+    from shared.reporting import fmt
+
+    if "ci_low" not in cell:
+        return fmt(cell["delta"], digits)
+    return f"{fmt(cell['delta'], digits)} [{fmt(cell['ci_low'], digits)}, {fmt(cell['ci_high'], digits)}]"
+
+
+def shared_shift_section(data: dict) -> list[str]:
+    """Raw beside centred M1/M2 at the headline layer, with CIs; the rules that hold on raw but not centred geometry."""
+    from shared.reporting import fmt, markdown_table
+
+    geo, layer, centred = data["geometry"], data["headline_layer"], data["geometry"]["centred"]
+
+    def vs_base(g: dict) -> dict:
+        return {(c["metric"], c["method"], c["condition"]): c for c in g["cells"] + g["benign_vs_base"]
+                if c["layer"] == layer and c["metric"] in ("M1", "M2")}
+
+    raw_cells, centred_cells = vs_base(geo), vs_base(centred)
+    n_boot = next((c["n_boot"] for c in raw_cells.values() if "n_boot" in c), None)
+    lines = ["## Geometry that a shared shift cannot fake", "",
+             "A fine-tuning that adds one offset to every persona's vector raises raw M1 and M2 towards 1 without changing "
+             "how the personas relate. The same metrics on centred geometry (each checkpoint's persona vectors minus their "
+             "mean over its personas; M2's E0 axis is then the assistant's shift beyond the personas' shared shift) do not "
+             "move under such an offset. Centred cosines are also blind to a uniform contraction of all personas towards "
+             "their mean; M3 (centred within each question) is the separability test that neither fakes, and it is the same "
+             "in both families. Centred families have the same 150 cells, tests and BH-FDR as the raw ones.", "",
+             f"Changes from base at layer {layer}" + (f", with 95 % bootstrap CIs over questions ({n_boot} resamples of "
+                                                       "the questions, every centroid and M2's axis rebuilt from each)"
+                                                       if n_boot else "") + ":", "",
+             markdown_table(["metric", "method", "cond", "raw change [95% CI]", "raw p BH", "centred change [95% CI]", "centred p BH"],
+                            [(m, method, cond, with_ci(c), fmt(c["p_bh"], 4), with_ci(centred_cells[(m, method, cond)]),
+                              fmt(centred_cells[(m, method, cond)]["p_bh"], 4))
+                             for (m, method, cond), c in sorted(raw_cells.items())], align="lllrrrr"), "",
+             "Share of the assistant's E0 shift that every persona does not share (|centred E0 axis| / |raw E0 axis|): " +
+             ", ".join(f"{k} {v:.3f}" for k, v in centred["assistant_specific_share"].items() if k.endswith(f"/L{layer}")) + ".", "",
+             "On centred geometry: " + "; ".join(f"{name} ({d['metric']}) {'FIRES' if d['fires'] else 'does not fire'}"
+                                                 for name, d in centred["decisions"].items()) + ".", ""]  # fmt: skip
+    if data["geometry"]["raw_not_centred"]:
+        lines += ["Rules that hold on raw geometry but not on centred geometry (the raw result may be a shift that every "
+                  "persona shares):", ""]
+        lines += [f"- **{r['decision']}** ({r['metric']}) {r['rule']}" + (f" for {', '.join(r['conditions'])}" if r["conditions"] else "")
+                  + ": holds on raw geometry, not on centred geometry." for r in geo["raw_not_centred"]]
+    else:
+        lines.append("Every rule that holds on raw geometry also holds on centred geometry.")
+    return lines + ["", "![raw vs centred](shared_shift.png)", ""]
+
+
 def finetuning_section(data: dict) -> list[str]:
     """What each fine-tuning trained on and did: losses, the first rows, the EM source persona's pull, greedy replies."""
     from shared.reporting import markdown_table
@@ -769,8 +945,11 @@ def report(data: dict) -> str:
     lines = ["# #205: EM-induction persona vs persona geometry and marker leakage", "",
              f"Checkpoints: {', '.join(data['checkpoints'])}. Methods {', '.join(data['methods'])}; layers {data['layers']} "
              f"(headline layer {data['headline_layer']}). {data['n_iter']} permutations per test.", "",
+             f"Layer L is {data['layer_convention']}; the record's hooked block outputs 7, 14, 20, 21, 27 (0-based) are "
+             "layers 8, 15, 21, 22, 28 here.", "",
              "## Headline", "", markdown_table(headers, rows), "", "![hero](hero_issue205.png)", ""]
     lines += cosine_section(data)
+    lines += shared_shift_section(data)
     lines += finetuning_section(data)
     lines += ["## Decision rules (as pre-registered)", ""]
     rules = data["rules"]
@@ -851,7 +1030,8 @@ def results(cfg: Config, acts: Activations, beh: dict | None) -> dict:
     geo = geometry(cfg, acts)
     data = {
         "checkpoints": acts.checkpoints, "em_conditions": [c.cond for c in cfg.conditions], "personas": acts.personas,
-        "questions": acts.questions, "layers": acts.layers, "methods": acts.methods, "headline_layer": cfg.headline_layer,
+        "questions": acts.questions, "layers": acts.layers, "layer_convention": LAYER_CONVENTION,
+        "methods": acts.methods, "headline_layer": cfg.headline_layer,
         "n_iter": cfg.n_iter, "marker": cfg.marker, "rules": cfg.rules.model_dump(),
         "conditions": [c.model_dump() for c in cfg.conditions], "geometry": geo, "behaviour": beh,
         "em_source_persona": cfg.em_source_persona, "trainings": training_summary(cfg),
@@ -875,6 +1055,7 @@ def run(cfg: Config, ctx) -> dict:
     store.write_json(ctx.out("headline.json"), data)
     hero_figure(data, ctx.out("hero_issue205"))
     m1_bars_figure(data, ctx.out("m1_bars"))
+    shared_shift_figure(data, ctx.out("shared_shift"))
     for method in data["methods"]:
         cosine_matrix_figure(data, method, ctx.out(f"cosine_matrices_{method}"))
     if data["behaviour"]:

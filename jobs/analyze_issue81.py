@@ -318,13 +318,14 @@ def read_coherence(uri: str | None) -> dict[str, dict]:
                 "errors": errors.get(c, 0)} for c in cells}
 
 
-def read_geometry(cfg: Config) -> tuple[dict[str, np.ndarray], list[str]] | None:
+def read_geometry(cfg: Config) -> tuple[dict[str, np.ndarray], list[str], str | None] | None:
+    """Centroids by layer, the persona ids, and the layer convention the hidden_states stage recorded."""
     if not cfg.centroids_uri or not cfg.centroid_personas_uri:
         return None
     arrays = store.read_npz(cfg.centroids_uri)
-    ids = store.read_json(cfg.centroid_personas_uri)["persona_ids"]
+    index = store.read_json(cfg.centroid_personas_uri)
     by_layer = {int(layer): arrays["centroids"][i] for i, layer in enumerate(arrays["layers"])}
-    return by_layer, ids
+    return by_layer, index["persona_ids"], index.get("layer_convention")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,10 +406,11 @@ def analyse(cfg: Config) -> dict:
     geometry = read_geometry(cfg)
     cos_section: dict = {"available": geometry is not None}
     if geometry is not None:
-        by_layer, ids = geometry
+        by_layer, ids, convention = geometry
         if cfg.headline_layer not in by_layer:
             raise StageInputError(f"headline layer {cfg.headline_layer} not among the stored layers {sorted(by_layer)}")
         cos_section.update(geometry_section(cfg, grid, by_layer, ids, subtracted, head_to_head))
+        cos_section["layer_convention"] = convention
 
     return {
         "marker": cfg.marker, "sources": [s.model_dump() for s in cfg.sources], "base_label": cfg.base_label,
@@ -883,6 +885,7 @@ def report(data: dict) -> str:
         h4 = geometry["h4"]
         off = h4["off_diagonal"]
         lines += ["", f"## H4 base-model cosine (layer {geometry['headline_layer']}) vs leakage", "",
+                  f"Layer L is {geometry.get('layer_convention') or 'not recorded by the hidden_states artifact'}.", "",
                   f"Source x pure-noun submatrix, off-diagonal cells: Spearman ρ={fmt(off.get('rho'), 3)}, "
                   f"p={fmt(off.get('p_value'), 4)}, n={off.get('n')}" + (f" ({off['note']})" if off.get("note") else "") + ".", "",
                   markdown_table(["layer", "off-diagonal ρ", "p", "n"],

@@ -8,9 +8,11 @@ For every (persona, question) of the evaluation grid and every requested decoder
   ids are the generated ids themselves, never decoded and re-tokenised; an empty reply has no Method B vector
   and is marked invalid (the analysis intersects validity across checkpoints before any centroid is formed).
 
-"Layer L" is the output of decoder block L (0-based), captured by a forward hook, so layer 27 of Qwen2.5-7B is its
-last block before the final norm. Prompts come only from ``shared.chat`` and the adapter (if any) is merged into
-the weights before extraction. Nothing is averaged here: centroids belong to the analysis.
+Layers follow the project's one convention (``shared.activations``): layer L is ``hidden_states[L]``, the residual
+stream after L decoder blocks, so layer 28 of Qwen2.5-7B is its last block's output (before the final norm). The
+record hooked "the output of block L (0-based)", one less: its layers 7, 14, 20, 21, 27 are layers 8, 15, 21, 22, 28
+here. Prompts come only from ``shared.chat`` and the adapter (if any) is merged into the weights before extraction.
+Nothing is averaged here: centroids belong to the analysis.
 
 Outputs: ``activations.safetensors`` (``A``/``B`` of shape [personas, questions, layers, hidden], ``B_valid``
 [personas, questions]), ``index.json`` (the axes) and, for Method B, ``responses.jsonl``.
@@ -62,12 +64,6 @@ class Config(StageConfig):
     dtype: str | None = None
 
 
-def decoder_layers(model):
-    """The decoder blocks of a (merged) causal LM."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return decoder.layers
-
-
 def capture_layers(model, layers: list[int], batch, positions_of_row) -> list:
     """Run one right-padded forward pass and return, per row, ``[n_layers, hidden]`` float32 vectors.
 
@@ -76,22 +72,9 @@ def capture_layers(model, layers: list[int], batch, positions_of_row) -> list:
     """
     import torch
 
-    captured: dict[int, torch.Tensor] = {}
-    blocks = decoder_layers(model)
-    hooks = [
-        blocks[layer].register_forward_hook(
-            lambda _m, _i, output, layer=layer: captured.__setitem__(
-                layer, (output[0] if isinstance(output, tuple) else output).detach()
-            )
-        )
-        for layer in layers
-    ]
-    try:
-        with torch.inference_mode():
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    from shared import activations
+
+    captured = activations.residual_stream(model, layers, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     rows = []
     for row in range(batch.input_ids.shape[0]):
         positions = positions_of_row(row)
@@ -162,7 +145,7 @@ def run(cfg: Config, ctx) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from shared import chat, models
+    from shared import activations, chat, models
 
     names = [p.name for p in cfg.personas]
     if len(set(names)) != len(names):
@@ -170,9 +153,9 @@ def run(cfg: Config, ctx) -> dict:
     if len({q.id for q in cfg.questions}) != len(cfg.questions):
         raise StageInputError("question ids must be distinct")
     n_blocks = AutoConfig.from_pretrained(models.local_path(cfg.model_ref)).num_hidden_layers
-    bad = [layer for layer in cfg.layers if not 0 <= layer < n_blocks]
+    bad = activations.missing_layers(cfg.layers, n_blocks)
     if bad:  # checked before any generation or weight loading
-        raise StageInputError(f"layers {bad} do not exist: {cfg.model_ref} has decoder blocks 0..{n_blocks - 1}")
+        raise StageInputError(f"layers {bad} do not exist: {cfg.model_ref} has layers 0..{n_blocks} (hidden_states indices)")
     tokenizer = models.load_tokenizer(cfg.model_ref)
     cells = [(p, q) for p in cfg.personas for q in cfg.questions]  # persona-major, as the output axes
     prompts = [chat.build_prompt(tokenizer, chat.parse_system(p.system), q.text) for p, q in cells]
@@ -204,8 +187,7 @@ def run(cfg: Config, ctx) -> dict:
     store.write_json(ctx.out("index.json"), {
         "checkpoint": cfg.checkpoint, "model_ref": cfg.model_ref, "adapter_uri": cfg.adapter_uri,
         "personas": [p.model_dump() for p in cfg.personas], "questions": [q.id for q in cfg.questions],
-        "layers": cfg.layers, "methods": cfg.methods, "hidden_size": int(model.config.hidden_size),
-        "layer_definition": "output of decoder block L (0-based), forward hook",
+        **activations.layer_record(cfg.layers), "methods": cfg.methods, "hidden_size": int(model.config.hidden_size),
         "prompt_ids": {f"{p.name}/{q.id}": prompt.input_ids for (p, q), prompt in zip(cells, prompts, strict=True)},
     })  # fmt: skip
     return {"n_personas": shape[0], "n_questions": shape[1], "n_layers": shape[2], **metrics}

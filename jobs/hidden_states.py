@@ -2,9 +2,9 @@
 
 For every persona and question, the prompt (system persona + user question + assistant header, built by
 ``shared.chat``) goes through the model once; the residual stream at the last prompt token is read at each
-requested layer (``hidden_states[L]``, the output of block L; 0 would be the embeddings). A persona's centroid is
-the mean over the questions. Layers are a parameter: #81 used {10, 15, 20, 25} of Qwen2.5-7B's 28; the tiny
-model has 2, so the tiny profile asks for [1, 2].
+requested layer, in the project's one convention (``shared.activations``: layer L is ``hidden_states[L]``, the
+residual stream after L blocks, 0 the embeddings). A persona's centroid is the mean over the questions. Layers are a
+parameter: #81 used {10, 15, 20, 25} of Qwen2.5-7B's 28; the tiny model has 2, so the tiny profile asks for [1, 2].
 """
 
 from __future__ import annotations
@@ -40,27 +40,26 @@ def last_token_states(model, tokenizer, prompts, layers: list[int], batch_size: 
     puts every prompt's last token at position -1)."""
     import torch
 
-    from shared import chat
+    from shared import activations, chat
 
     pad_id = chat.soft_placeholder_id(tokenizer)
     device = next(model.parameters()).device
     out = []
-    with torch.inference_mode():
-        for at in range(0, len(prompts), batch_size):
-            batch = chat.build_batch(prompts[at : at + batch_size], pad_id=pad_id, padding_side="left").to(device)
-            hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
-            out.append(torch.stack([hidden[layer][:, -1, :] for layer in layers], dim=1).float().cpu())
+    for at in range(0, len(prompts), batch_size):
+        batch = chat.build_batch(prompts[at : at + batch_size], pad_id=pad_id, padding_side="left").to(device)
+        hidden = activations.residual_stream(model, layers, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        out.append(torch.stack([hidden[layer][:, -1, :] for layer in layers], dim=1).float().cpu())
     return torch.cat(out)
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared import chat, models
+    from shared import activations, chat, models
 
     model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
-    n_layers = model.config.num_hidden_layers
-    bad = [layer for layer in cfg.layers if not 1 <= layer <= n_layers]
+    n_layers = activations.n_layers(model)
+    bad = activations.missing_layers(cfg.layers, n_layers)
     if bad:
-        raise StageInputError(f"layers {bad} do not exist: {cfg.model_ref} has blocks 1..{n_layers}")
+        raise StageInputError(f"layers {bad} do not exist: {cfg.model_ref} has layers 0..{n_layers} (hidden_states indices)")
     tokenizer = models.load_tokenizer(cfg.model_ref)
     prompts = [chat.build_prompt(tokenizer, chat.TextSystem(text=p.prompt), q.text) for p in cfg.personas for q in cfg.questions]
     ctx.log(f"{len(cfg.personas)} personas x {len(cfg.questions)} questions at layers {cfg.layers}")
@@ -68,7 +67,7 @@ def run(cfg: Config, ctx) -> dict:
     per_question = states.reshape(len(cfg.personas), len(cfg.questions), len(cfg.layers), -1)
     centroids = per_question.mean(dim=1).permute(1, 0, 2).contiguous()  # [layers, personas, hidden]
     store.write_npz(ctx.out("centroids.npz"), centroids=centroids.numpy(), layers=list(cfg.layers))
-    store.write_json(ctx.out("personas.json"), {"persona_ids": [p.id for p in cfg.personas], "layers": cfg.layers,
+    store.write_json(ctx.out("personas.json"), {"persona_ids": [p.id for p in cfg.personas], **activations.layer_record(cfg.layers),
                                                 "n_questions": len(cfg.questions), "readout": "last prompt token"})
     return {"n_personas": len(cfg.personas), "n_layers": len(cfg.layers), "hidden": int(centroids.shape[-1])}
 

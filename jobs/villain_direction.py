@@ -15,7 +15,8 @@ direction?
 The direction is read from the EM model as the record did: ``adapter_uri`` (an adapter on ``model_ref``, switched
 off for everything else) or ``direction_model_ref`` (a merged EM model, loaded beside the base model); with neither,
 from the base model. Cells, the pirate and the reference are always measured on the base model the cells were
-trained for. Layer ``l`` is the residual stream after ``l`` decoder blocks (``hidden_states[l]``).
+trained for. Layers follow the project's one convention (``shared.activations``): layer ``l`` is ``hidden_states[l]``,
+the residual stream after ``l`` decoder blocks.
 """
 
 from __future__ import annotations
@@ -74,22 +75,23 @@ def last_user_token(prompt, im_end_id: int) -> int:
 
 
 def residuals(model, tokenizer, prompts, layers: list[int], soft=None) -> np.ndarray:
-    """``[len(prompts), len(layers), H]`` residual stream after each listed layer at the last user token."""
+    """``[len(prompts), len(layers), H]`` residual stream at each listed layer (``shared.activations``) at the last
+    user token."""
     import torch
 
-    from shared import chat
+    from shared import activations, chat
 
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = []
-    with torch.no_grad():
-        for prompt in prompts:
-            batch = chat.build_batch([prompt], pad_id=chat.soft_placeholder_id(tokenizer)).to(model.device)
-            kwargs = {"input_ids": batch.input_ids}
-            if soft is not None:
+    for prompt in prompts:
+        batch = chat.build_batch([prompt], pad_id=chat.soft_placeholder_id(tokenizer)).to(model.device)
+        kwargs = {"input_ids": batch.input_ids}
+        if soft is not None:
+            with torch.no_grad():
                 kwargs = {"inputs_embeds": chat.inputs_embeds(batch, model.get_input_embeddings(), soft.to(model.device))}
-            hidden = model(**kwargs, output_hidden_states=True).hidden_states
-            at = last_user_token(prompt, im_end)
-            out.append(torch.stack([hidden[layer][0, at] for layer in layers]).float().cpu().numpy())
+        hidden = activations.residual_stream(model, layers, **kwargs)
+        at = last_user_token(prompt, im_end)
+        out.append(torch.stack([hidden[layer][0, at] for layer in layers]).float().cpu().numpy())
     return np.stack(out)
 
 
@@ -133,16 +135,17 @@ def projection(delta: np.ndarray, direction: np.ndarray) -> dict:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared import chat, models
+    from shared import activations, chat, models
     from shared.soft_prompt import load_learned_prompt
 
     names = [p.name for p in cfg.personas]
     if cfg.villain not in names:
         raise StageInputError(f"villain persona {cfg.villain!r} is not among the personas {names}")
     model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
-    too_deep = [layer for layer in cfg.layers if not 0 < layer <= model.config.num_hidden_layers]
+    too_deep = activations.missing_layers(cfg.layers, activations.n_layers(model))
     if too_deep:
-        raise StageInputError(f"layers {too_deep} do not exist: the model has {model.config.num_hidden_layers}")
+        raise StageInputError(f"layers {too_deep} do not exist: the model has layers 0..{activations.n_layers(model)} "
+                              "(hidden_states indices)")
     if cfg.adapter_uri and cfg.direction_model_ref:
         raise StageInputError("the direction comes from an adapter on model_ref or from direction_model_ref, not both")
     tokenizer = models.load_tokenizer(cfg.model_ref)
@@ -185,7 +188,7 @@ def run(cfg: Config, ctx: Context) -> dict:
                              for i, layer in enumerate(cfg.layers)},
             }
     pirate_delta = (pirate - reference)[:, cfg.layers.index(chosen)]
-    result = {"layers": cfg.layers, **scan, "villain": cfg.villain, "reference_system": cfg.reference_system,
+    result = {**activations.layer_record(cfg.layers), **scan, "villain": cfg.villain, "reference_system": cfg.reference_system,
               "pirate": projection(pirate_delta, direction), "fixed_prompts": fixed, "cells": cells,
               "direction_source": cfg.adapter_uri or cfg.direction_model_ref or cfg.model_ref}
     store.write_json(ctx.out("villain_direction.json"), result)

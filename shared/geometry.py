@@ -5,7 +5,10 @@ the persona's mean activation) and, for M3, one activation per (persona, questio
 checkpoint against a reference (base Qwen, or benign-SFT for the three-way contrast):
 
 * M1, cos-sim collapse: mean off-diagonal ``cos(persona_i, persona_j)`` over the 66 pairs of 12 personas;
-  paired permutation test of condition vs reference over the 66 pairs, n_iter = 10,000.
+  paired permutation test of condition vs reference that swaps whole personas between the two checkpoints
+  (each persona is in 11 of the 66 pairs, so the pairs are not exchangeable units; the record permuted pairs).
+  The swap statistic is linear in the swap signs (``m1_persona_contributions``), so all 2**12 = 4,096 swap
+  patterns are enumerated at n_iter = 10,000 and the test is exact.
 * M2, EM-axis projection: axis = ``assistant_post_E0 - assistant_base`` (anchored on E0, the canonical EM,
   and used unchanged for E1-E4); statistic = mean over the 11 non-assistant personas of
   ``|cos(persona, axis)|``; paired permutation test over those 11 personas (2**11 = 2,048 sign patterns, so
@@ -18,6 +21,14 @@ checkpoint against a reference (base Qwen, or benign-SFT for the three-way contr
 Multiple testing (``geometry_family``): BH-FDR is primary across the 150 EM-vs-base cells (3 metrics x 2
 methods x 5 layers x 5 EM conditions) with Holm alongside; benign-SFT vs base and EM vs benign-SFT (the
 three-way contrast) are families of their own.
+
+Centred geometry (``centre``): M1 and M2 again on each checkpoint's persona vectors minus their mean over the
+personas of that checkpoint, M2's axis included. A real model's persona centroids share a large common component
+(raw cosines of SmolLM2-135M's sit near 0.998), and a fine-tuning that adds the same offset to every persona
+raises raw M1 and M2 towards 1 while the centred ones do not move at all. Centred cosines are also blind to a
+uniform contraction of every persona towards their mean (that is a shift and a scale); M3, centred within each
+question, is the test of separability that neither fakes. ``bootstrap_deltas`` gives CIs over questions for the
+M1/M2 differences, raw and centred.
 """
 
 from __future__ import annotations
@@ -51,9 +62,9 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
-    """``(p, p)`` cosine similarities between the rows of ``vectors`` (one row per persona)."""
+    """``(..., p, p)`` cosine similarities between the rows of ``vectors`` (``(..., p, d)``, one row per persona)."""
     unit = unit_rows(vectors)
-    return unit @ unit.T
+    return unit @ np.swapaxes(unit, -1, -2)
 
 
 def centred_cosine_matrix(vectors: np.ndarray) -> np.ndarray:
@@ -64,18 +75,29 @@ def centred_cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     so their mean off-diagonal cosine is pinned near -1/(p-1) whatever the geometry: read the pattern, not the mean.
     """
     vectors = np.asarray(vectors, dtype=float)
-    return cosine_matrix(vectors - vectors.mean(axis=0, keepdims=True))
+    return cosine_matrix(centre(vectors))
+
+
+def centre(vectors: np.ndarray) -> np.ndarray:
+    """Each persona vector minus the mean persona vector of the same checkpoint (rows are personas)."""
+    vectors = np.asarray(vectors, dtype=float)
+    return vectors - vectors.mean(axis=-2, keepdims=True)
 
 
 def off_diagonal(matrix: np.ndarray) -> np.ndarray:
-    """The strictly upper-triangular entries (pair i < j, row-major): 66 values for 12 personas."""
-    rows, cols = np.triu_indices(matrix.shape[0], k=1)
-    return matrix[rows, cols]
+    """The strictly upper-triangular entries (pair i < j, row-major) of the last two axes: 66 values for 12 personas."""
+    rows, cols = np.triu_indices(matrix.shape[-1], k=1)
+    return matrix[..., rows, cols]
+
+
+def mean_off_diagonal_cosines(vectors: np.ndarray) -> np.ndarray:
+    """M1's statistic of every ``(p, d)`` set of persona vectors in ``(..., p, d)``."""
+    return off_diagonal(cosine_matrix(vectors)).mean(axis=-1)
 
 
 def mean_off_diagonal_cosine(vectors: np.ndarray) -> float:
     """M1's statistic for one checkpoint: the mean cosine over all distinct persona pairs."""
-    return float(off_diagonal(cosine_matrix(vectors)).mean())
+    return float(mean_off_diagonal_cosines(vectors))
 
 
 def _check_vectors(personas: Sequence[str], *arrays: np.ndarray) -> list[str]:
@@ -159,6 +181,29 @@ def m1_pair_differences(reference_vectors: np.ndarray, condition_vectors: np.nda
     return off_diagonal(cosine_matrix(condition_vectors)) - off_diagonal(cosine_matrix(reference_vectors))
 
 
+def m1_persona_contributions(reference_vectors: np.ndarray, condition_vectors: np.ndarray) -> np.ndarray:
+    """``x`` (one value per persona) whose sign-flip test is M1's persona-level permutation test.
+
+    Swapping persona i's two vectors between the checkpoints (sign s_i = -1) changes the pairs it is in: a pair of
+    two swapped personas flips the sign of its cosine change, a pair of one swapped and one kept compares
+    ``cos(condition_i, reference_j)`` with ``cos(reference_i, condition_j)``. Summed over the pairs, the M1 change
+    under any swap pattern s is exactly ``mean(s * x)`` with ``x_i = p/(2 P) sum_j (D_ij + E_ij)``, where
+    ``D_ij = cos(c_i, c_j) - cos(r_i, r_j)``, ``E_ij = cos(c_i, r_j) - cos(r_i, c_j)`` and P the number of pairs;
+    ``mean(x)`` is the observed M1 change (E is antisymmetric). So ``stats.paired_permutation_test(x)`` is the
+    persona-level test, with every pattern enumerated when 2**p <= n_iter.
+    """
+    reference, condition = np.asarray(reference_vectors, dtype=float), np.asarray(condition_vectors, dtype=float)
+    p = reference.shape[-2]
+    unit = unit_rows(np.concatenate([reference, condition], axis=-2))
+    gram = unit @ np.swapaxes(unit, -1, -2)
+    d = gram[..., p:, p:] - gram[..., :p, :p]
+    cross = gram[..., p:, :p]  # cos(condition_i, reference_j)
+    e = cross - np.swapaxes(cross, -1, -2)
+    n_pairs = p * (p - 1) / 2
+    diagonal = np.eye(p, dtype=bool)
+    return p * np.where(diagonal, 0.0, d + e).sum(axis=-1) / (2 * n_pairs)
+
+
 def m1_collapse(
     reference_vectors: np.ndarray,
     condition_vectors: np.ndarray,
@@ -168,13 +213,14 @@ def m1_collapse(
     rng: stats.RngLike = None,
     alternative: stats.Alternative = "two-sided",
 ) -> MetricTest:
-    """M1: change in mean off-diagonal cosine, paired permutation test over the persona pairs.
+    """M1: change in mean off-diagonal cosine, permutation test that swaps whole personas between the two
+    checkpoints (``m1_persona_contributions``; ``n_units`` is the number of personas).
 
     Rows of both arrays are the personas in ``personas`` order. Two-sided by default (the pre-registered
     firing rule asks for delta > 0 and consistency of direction, so the sign is read off ``delta``).
     """
     _check_vectors(personas, reference_vectors, condition_vectors)
-    differences = m1_pair_differences(reference_vectors, condition_vectors)
+    differences = m1_persona_contributions(reference_vectors, condition_vectors)
     result = stats.paired_permutation_test(differences, alternative=alternative, n_iter=n_iter, rng=rng)
     return MetricTest(
         metric="M1",
@@ -216,12 +262,21 @@ def m1_three_way(
 # --------------------------------------------------------------------------------------------------- M2
 
 
+class UndefinedAxisError(ValueError):
+    """The assistant vector did not move (on centred geometry: it moved only as every persona did)."""
+
+
+# an axis shorter than this fraction of its endpoints is rounding noise, not a direction
+AXIS_RELATIVE_TOLERANCE = 1e-9
+
+
 def em_axis(assistant_reference: np.ndarray, assistant_post_em: np.ndarray) -> np.ndarray:
     """Unit EM axis ``assistant_post_EM - assistant_reference`` (M2's primary axis with E0 and base)."""
-    axis = np.asarray(assistant_post_em, dtype=float) - np.asarray(assistant_reference, dtype=float)
+    reference, post = np.asarray(assistant_reference, dtype=float), np.asarray(assistant_post_em, dtype=float)
+    axis = post - reference
     norm = np.linalg.norm(axis)
-    if norm == 0:
-        raise ValueError("the assistant vector did not move, so the EM axis is undefined")
+    if norm <= AXIS_RELATIVE_TOLERANCE * max(np.linalg.norm(reference), np.linalg.norm(post)):
+        raise UndefinedAxisError("the assistant vector did not move, so the EM axis is undefined")
     return axis / norm
 
 
@@ -327,6 +382,85 @@ def m2_three_way(
         benign_vectors, em_vectors, personas, axis, alternative=PREREGISTERED_DIRECTION["M2"], **common
     )
     return _three_way(em, benign, contrast)
+
+
+# ----------------------------------------------------------------------------- bootstrap over questions
+
+GEOMETRIES = ("raw", "centred")
+
+
+def resampled_centroids(per_question: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``(b, checkpoint, persona, d)`` centroids of ``b`` question resamples.
+
+    ``per_question`` is ``(checkpoint, persona, question, d)``; ``valid`` ``(persona, question)`` says which
+    questions enter a persona's centroid (Method B's paired empty-reply filter); ``counts`` ``(b, question)`` how
+    often each resample drew each question. A persona left with no valid question is NaN in that resample.
+    """
+    n_ckpt, n_personas, n_questions, dim = per_question.shape
+    out = np.empty((len(counts), n_ckpt, n_personas, dim))
+    for i in range(n_personas):
+        weights = (counts * valid[i]).astype(per_question.dtype)
+        rows = np.ascontiguousarray(per_question[:, i].transpose(1, 0, 2)).reshape(n_questions, n_ckpt * dim)
+        sums = (weights @ rows).reshape(-1, n_ckpt, dim)  # one matrix product: every resample, every checkpoint
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, :, i] = sums / weights.sum(axis=1, dtype=float)[:, None, None]
+    return out
+
+
+def _m2_values(vectors: np.ndarray, assistant_before: np.ndarray, assistant_after: np.ndarray, keep: np.ndarray):
+    """M2's statistic (mean |cos| of the ``keep`` personas to the axis) of ``(..., checkpoint, p, d)`` vectors with
+    one axis per leading index; NaN where the axis is undefined."""
+    axis = assistant_after - assistant_before
+    norm = np.linalg.norm(axis, axis=-1, keepdims=True)
+    scale = np.maximum(np.linalg.norm(assistant_before, axis=-1), np.linalg.norm(assistant_after, axis=-1))[..., None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        axis = np.where(norm > AXIS_RELATIVE_TOLERANCE * scale, axis / norm, np.nan)
+    cosines = np.abs(np.einsum("...cpd,...d->...cp", unit_rows(vectors), axis))
+    return cosines[..., keep].mean(axis=-1)
+
+
+def bootstrap_deltas(
+    per_question: np.ndarray,
+    valid: np.ndarray,
+    checkpoints: Sequence[str],
+    personas: Sequence[str],
+    comparisons: Sequence[tuple[str, str]],
+    *,
+    base: str = "base",
+    e0: str = "E0",
+    assistant: str = ASSISTANT,
+    n_boot: int = 1_000,
+    rng: stats.RngLike = None,
+    chunk: int = 50,
+) -> dict[tuple[str, str, str, str], np.ndarray]:
+    """Bootstrap replicates of the M1 and M2 changes, raw and centred, over questions.
+
+    Each replicate draws the questions with replacement (one draw shared by every checkpoint and persona, since
+    all of them answered the same questions), rebuilds every centroid and M2's E0 axis from them, and recomputes
+    the statistics. Returns ``{(metric, geometry, condition, reference): (n_boot,) changes}`` for each
+    ``(condition, reference)`` in ``comparisons``; NaN replicates are resamples on which the statistic is undefined.
+    """
+    names, ckpts = list(personas), list(checkpoints)
+    if per_question.shape[:2] != (len(ckpts), len(names)) or np.shape(valid) != per_question.shape[1:3]:
+        raise ValueError(f"per-question activations {per_question.shape} and validity {np.shape(valid)} do not match "
+                         f"{len(ckpts)} checkpoints x {len(names)} personas")
+    keep = np.arange(len(names)) != _persona_index(names, assistant)
+    a, b0, e = _persona_index(names, assistant), ckpts.index(base), ckpts.index(e0)
+    generator = stats.as_generator(rng)
+    n_questions = per_question.shape[2]
+    out: dict[tuple[str, str, str, str], list[np.ndarray]] = {}
+    for start in range(0, n_boot, chunk):
+        counts = generator.multinomial(n_questions, np.full(n_questions, 1 / n_questions), size=min(chunk, n_boot - start))
+        centroids = resampled_centroids(per_question, valid, counts)
+        for geometry in GEOMETRIES:
+            vectors = centroids if geometry == "raw" else centre(centroids)
+            values = {"M1": mean_off_diagonal_cosines(vectors),
+                      "M2": _m2_values(vectors, vectors[:, b0, a], vectors[:, e, a], keep)}  # fmt: skip
+            for metric, per_ckpt in values.items():
+                for condition, reference in comparisons:
+                    delta = per_ckpt[:, ckpts.index(condition)] - per_ckpt[:, ckpts.index(reference)]
+                    out.setdefault((metric, geometry, condition, reference), []).append(delta)
+    return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
 # --------------------------------------------------------------------------------------------------- M3
@@ -492,8 +626,13 @@ def geometry_family(
     n_splits: int = 5,
     n_threads: int | None = None,
     center_within_questions: bool = True,
+    centred: bool = False,
 ) -> list[GeometryCell]:
     """Every pre-registered geometry test of #205, with BH-FDR and Holm per family.
+
+    ``centred=True`` runs M1 and M2 on each checkpoint's centred persona vectors (``centre``; M2's axis is then the
+    assistant's shift beyond the personas' common shift). Where that axis is undefined (the assistant moved only as
+    every persona did), M2's cells have NaN values and p = 1.
 
     ``persona_vectors[(method, layer)][checkpoint]`` is ``(12, d)`` in ``personas`` order; checkpoints are
     ``base``, ``benign`` and each of ``em_conditions`` (``e0`` among them anchors M2's axis).
@@ -509,15 +648,24 @@ def geometry_family(
     comparisons.append(_Comparison(benign, base, "benign_vs_base", "two-sided"))
     comparisons += [_Comparison(c, benign, "em_vs_benign", None) for c in em_conditions]
 
+    if centred:
+        persona_vectors = {key: {c: centre(v) for c, v in per.items()} for key, per in persona_vectors.items()}
     cells: list[GeometryCell] = []
     for metric in ("M1", "M2"):
         rows = []
         for (method, layer), vectors in persona_vectors.items():
-            axis = e0_anchored_em_axis(vectors[base], vectors[e0], names, assistant=assistant)
+            try:
+                axis = e0_anchored_em_axis(vectors[base], vectors[e0], names, assistant=assistant)
+            except UndefinedAxisError:
+                axis = None
             for comparison in comparisons:
+                if metric == "M2" and axis is None:
+                    cells.append(_undefined_m2_cell(method, layer, comparison, n_iter, len(names) - 1))
+                    continue
                 differences, values = _vector_metric(metric, vectors, names, comparison, axis, assistant)
                 rows.append((method, layer, comparison, differences, values))
-        cells += _paired_cells(metric, rows, n_iter, generator)
+        if rows:
+            cells += _paired_cells(metric, rows, n_iter, generator)
 
     if activations is not None:
         if row_personas is None or row_questions is None:
@@ -553,7 +701,7 @@ def _vector_metric(
     if metric == "M1":
         _check_vectors(names, reference, condition)
         values = (mean_off_diagonal_cosine(reference), mean_off_diagonal_cosine(condition))
-        return m1_pair_differences(reference, condition), values
+        return m1_persona_contributions(reference, condition), values
     before, after = m2_alignments(reference, condition, names, axis, assistant=assistant)
     return after - before, (float(before.mean()), float(after.mean()))
 
@@ -587,6 +735,14 @@ def _paired_cells(
                 comparison.family, metric, method, layer, comparison.condition, comparison.reference, test
             )
     return [cell for cell in cells if cell is not None]
+
+
+def _undefined_m2_cell(method: str, layer: int, comparison: _Comparison, n_iter: int, n_units: int) -> GeometryCell:
+    alternative = comparison.alternative_for("M2")
+    nan = float("nan")
+    test = MetricTest("M2", nan, nan, nan, 1.0, n_iter, False, n_units, alternative)
+    return GeometryCell(comparison.family, "M2", method, layer, comparison.condition, comparison.reference, test,
+                        notes={"axis_undefined": 1.0})
 
 
 def _m3_cell(m3: M3Result, method: str, layer: int, comparison: _Comparison) -> GeometryCell:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -408,11 +409,22 @@ class BootstrapCI:
 
 
 def _percentile_interval(estimate: float, replicates: np.ndarray, confidence: float) -> BootstrapCI:
+    low, high = percentile_interval(replicates, confidence)
+    return BootstrapCI(float(estimate), float(low), float(high), len(replicates), confidence)
+
+
+def percentile_interval(
+    replicates: np.ndarray, confidence: float = 0.95, axis: int = 0
+) -> tuple[np.ndarray | float, np.ndarray | float]:
+    """``(low, high)``: the percentile interval of bootstrap ``replicates`` along ``axis`` (one per cell for the
+    other axes), ignoring NaN replicates (a resample on which the statistic is undefined); NaN where all are."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     tail = (1 - confidence) / 2
-    low, high = np.quantile(replicates, [tail, 1 - tail])
-    return BootstrapCI(float(estimate), float(low), float(high), len(replicates), confidence)
+    with warnings.catch_warnings():  # an all-NaN cell is NaN, said here rather than warned about
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanquantile(np.asarray(replicates, dtype=float), [tail, 1 - tail], axis=axis)
+    return _scalar_or_array(low), _scalar_or_array(high)
 
 
 def bootstrap_ci(

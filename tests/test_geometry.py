@@ -52,10 +52,105 @@ def test_m1_finds_a_planted_collapse():
     base = base_vectors()
     em = collapse_towards(base, np.random.default_rng(2).normal(size=DIM), strength=1.5)
     result = geometry.m1_collapse(base, em, PERSONAS, n_iter=10_000, rng=3)
-    assert result.n_units == 66 and result.n_iter == 10_000 and not result.exact
+    # the null swaps whole personas: 12 units, all 2**12 patterns enumerated
+    assert result.n_units == 12 and result.n_iter == 4096 and result.exact
     assert result.condition_value > result.reference_value
     assert result.delta == pytest.approx(result.condition_value - result.reference_value)
-    assert result.p_value < 0.001
+    assert 2 / 4096 <= result.p_value < 0.005  # exact: a multiple of 1/4096, at least the observed pattern's 2/4096
+
+
+def swapped_m1_change(reference, condition, signs):
+    """M1(condition') - M1(reference') with persona i's two vectors swapped where signs[i] = -1, computed directly."""
+    swap = (np.asarray(signs) < 0)[:, None]
+    return (geometry.mean_off_diagonal_cosine(np.where(swap, reference, condition))
+            - geometry.mean_off_diagonal_cosine(np.where(swap, condition, reference)))
+
+
+def test_m1_persona_swaps_are_a_sign_flip_test_of_the_persona_contributions():
+    """Every one of the 4,096 persona swap patterns, computed directly, equals mean(signs * contributions)."""
+    base = base_vectors(seed=20)
+    em = collapse_towards(base, np.random.default_rng(21).normal(size=DIM), strength=0.7, noise=0.3)
+    contributions = geometry.m1_persona_contributions(base, em)
+    assert contributions.shape == (12,)
+    assert contributions.mean() == pytest.approx(geometry.m1_pair_differences(base, em).mean())
+    signs = stats.all_sign_patterns(12)
+    direct = np.array([swapped_m1_change(base, em, s) for s in signs])
+    np.testing.assert_allclose(direct, signs @ contributions / 12, atol=1e-12)
+
+
+def test_m1_persona_level_null_holds_its_size_where_the_records_pair_level_null_does_not():
+    """No EM effect: each persona's two vectors are exchangeable draws around its own centre. A persona's noise is in
+    11 of the 66 pairs, so the pair differences are dependent; sign-flipping them as if independent (the record's
+    test) rejects about 40% of the time at alpha 0.05, the persona-level test about 5%."""
+    rng = np.random.default_rng(22)
+    persona_level, pair_level = [], []
+    for sim in range(300):
+        centres = 3.0 * rng.normal(size=32) + rng.normal(size=(12, 32))
+        reference, condition = (centres + 0.3 * rng.normal(size=(12, 32)) for _ in range(2))
+        persona_level.append(geometry.m1_collapse(reference, condition, PERSONAS).p_value)
+        pair_level.append(stats.paired_permutation_test(
+            geometry.m1_pair_differences(reference, condition), n_iter=2000, rng=sim).p_value)
+    assert 0.02 <= np.mean(np.array(persona_level) < 0.05) <= 0.09
+    assert np.mean(np.array(pair_level) < 0.05) > 0.25
+
+
+# ------------------------------------------------------------------------------ a shared shift cannot fake it
+
+
+def shared_offset_checkpoints(seed=30):
+    """Base persona vectors with raw cosines ~0.9 and centred ones spread out, and a 'fine-tuned' checkpoint that
+    only adds one offset to every persona (the issue's synthetic case)."""
+    rng = np.random.default_rng(seed)
+    base = 3.0 * rng.normal(size=DIM) + rng.normal(size=(len(PERSONAS), DIM))
+    return base, base + 30.0 * rng.normal(size=DIM)
+
+
+def test_a_shared_offset_moves_raw_m1_and_m2_and_leaves_centred_geometry_unchanged():
+    base, shifted = shared_offset_checkpoints()
+    raw_m1 = geometry.m1_collapse(base, shifted, PERSONAS)
+    assert raw_m1.reference_value == pytest.approx(0.9, abs=0.03) and raw_m1.condition_value > 0.99
+    assert raw_m1.p_value < 0.001  # "significant collapse"
+    axis = geometry.e0_anchored_em_axis(base, shifted, PERSONAS)  # the offset itself
+    raw_m2 = geometry.m2_em_axis_projection(base, shifted, PERSONAS, axis)
+    assert raw_m2.condition_value > 0.95 and raw_m2.delta > 0.5 and raw_m2.p_value < 0.01
+
+    np.testing.assert_allclose(geometry.centre(shifted), geometry.centre(base), atol=1e-12)
+    centred_m1 = geometry.m1_collapse(geometry.centre(base), geometry.centre(shifted), PERSONAS)
+    assert centred_m1.delta == pytest.approx(0.0, abs=1e-12)
+    # no persona swap changes anything either: the null is all rounding noise
+    assert np.abs(geometry.m1_persona_contributions(geometry.centre(base), geometry.centre(shifted))).max() < 1e-12
+    with pytest.raises(geometry.UndefinedAxisError):  # the assistant moved only as every persona did
+        geometry.e0_anchored_em_axis(geometry.centre(base), geometry.centre(shifted), PERSONAS)
+
+
+def test_centred_geometry_sees_a_real_change_whatever_offset_rides_on_it():
+    """E0 moves the assistant on its own and pulls two personas together; adding a large shared offset on top changes
+    every raw number and no centred one."""
+    base, _ = shared_offset_checkpoints(seed=31)
+    rng = np.random.default_rng(32)
+    e0 = base.copy()
+    e0[PERSONAS.index("assistant")] += 2.0 * rng.normal(size=DIM)
+    e0[PERSONAS.index("villain")] = 0.5 * (e0[PERSONAS.index("villain")] + e0[PERSONAS.index("confab")])
+    with_offset = e0 + 30.0 * rng.normal(size=DIM)
+
+    def primary(e0_vectors, centred):
+        cells = geometry.geometry_family({("A", 1): {"base": base, "E0": e0_vectors, "benign": base}}, PERSONAS,
+                                         em_conditions=["E0"], n_iter=500, centred=centred)
+        return {c.metric: c.test.delta for c in cells if c.family == "em_vs_base"}
+
+    raw, raw_with_offset = primary(e0, False), primary(with_offset, False)
+    centred, centred_with_offset = primary(e0, True), primary(with_offset, True)
+    assert all(abs(raw[m] - raw_with_offset[m]) > 1e-3 for m in ("M1", "M2"))
+    assert centred == pytest.approx(centred_with_offset, abs=1e-9)
+    assert abs(centred["M1"]) > 1e-3 and abs(centred["M2"]) > 1e-3  # the centred geometry did see E0's change
+
+
+def test_an_undefined_centred_axis_gives_m2_cells_that_cannot_fire():
+    base, shifted = shared_offset_checkpoints(seed=33)
+    cells = geometry.geometry_family({("A", 1): {"base": base, "E0": shifted, "benign": base}}, PERSONAS,
+                                     em_conditions=["E0"], n_iter=500, centred=True)
+    m2 = [c for c in cells if c.metric == "M2"]
+    assert len(m2) == 3 and all(np.isnan(c.test.delta) and c.test.p_value == 1.0 and c.notes["axis_undefined"] for c in m2)
 
 
 def test_m1_finds_nothing_when_the_vectors_only_jitter():
@@ -128,6 +223,85 @@ def test_three_way_contrast_does_not_fire_when_em_and_benign_shift_alike():
     em = collapse_towards(base, direction, strength=1.0, seed=14)
     benign = collapse_towards(base, direction, strength=1.0, seed=15)
     assert geometry.m1_three_way(base, em, benign, PERSONAS, rng=16).p_value > 0.05
+
+
+# ---------------------------------------------------------------------------- bootstrap over questions
+
+CHECKPOINTS = ["base", "E0", "benign"]
+
+
+def population(seed=40):
+    """(checkpoint, persona, d) true centroids: E0 moves the assistant and pulls the villain towards the confab."""
+    rng = np.random.default_rng(seed)
+    base = 2.0 * rng.normal(size=16) + rng.normal(size=(len(PERSONAS), 16))
+    e0 = base + 1.0 * rng.normal(size=16)
+    e0[PERSONAS.index("assistant")] += 1.5 * rng.normal(size=16)
+    e0[PERSONAS.index("villain")] = 0.4 * e0[PERSONAS.index("villain")] + 0.6 * e0[PERSONAS.index("confab")]
+    return np.stack([base, e0, base + 0.1 * rng.normal(size=base.shape)])
+
+
+def observed_changes(centroids: np.ndarray) -> dict:
+    """The M1/M2 changes (E0 vs base), raw and centred, computed by the point-estimate functions."""
+    out = {}
+    for kind in geometry.GEOMETRIES:
+        base, e0 = (centroids[i] if kind == "raw" else geometry.centre(centroids[i]) for i in (0, 1))
+        axis = geometry.e0_anchored_em_axis(base, e0, PERSONAS)
+        out[("M1", kind)] = geometry.m1_collapse(base, e0, PERSONAS, n_iter=10).delta
+        out[("M2", kind)] = geometry.m2_em_axis_projection(base, e0, PERSONAS, axis, n_iter=10).delta
+    return out
+
+
+def test_resampled_centroids_weight_each_valid_question_by_how_often_it_was_drawn():
+    rng = np.random.default_rng(41)
+    per_question = rng.normal(size=(3, len(PERSONAS), 5, 4))
+    valid = np.ones((len(PERSONAS), 5), bool)
+    valid[2, [0, 1]] = False  # a persona whose replies to q0 and q1 were empty
+    counts = np.array([[1, 1, 1, 1, 1], [2, 0, 0, 3, 0], [1, 1, 0, 0, 0]])
+    got = geometry.resampled_centroids(per_question, valid, counts)
+    np.testing.assert_allclose(got[0, :, 0], per_question[:, 0].mean(axis=1))
+    np.testing.assert_allclose(got[0, :, 2], per_question[:, 2, 2:].mean(axis=1))
+    np.testing.assert_allclose(got[1, :, 0], (2 * per_question[:, 0, 0] + 3 * per_question[:, 0, 3]) / 5)
+    np.testing.assert_allclose(got[1, :, 2], per_question[:, 2, 3])
+    assert np.isnan(got[2, :, 2]).all() and not np.isnan(got[2, :, 0]).any()  # q0 and q1 only: none valid for it
+
+
+def test_bootstrap_without_question_noise_is_a_point_at_the_observed_change():
+    centroids = population()
+    per_question = np.repeat(centroids[:, :, None], 6, axis=2)  # every question gives the same activation
+    replicates = geometry.bootstrap_deltas(per_question, np.ones((len(PERSONAS), 6), bool), CHECKPOINTS, PERSONAS,
+                                           [("E0", "base")], n_boot=20, rng=0)
+    for (metric, kind), expected in observed_changes(centroids).items():
+        np.testing.assert_allclose(replicates[(metric, kind, "E0", "base")], expected, atol=1e-12)
+
+
+def test_bootstrap_cis_over_questions_cover_the_true_changes_about_95_percent_of_the_time():
+    truth = observed_changes(population())
+    rng = np.random.default_rng(42)
+    covered = {key: [] for key in truth}
+    for _ in range(120):
+        per_question = population()[:, :, None] + 0.8 * rng.normal(size=(3, len(PERSONAS), 80, 16))
+        replicates = geometry.bootstrap_deltas(per_question, np.ones((len(PERSONAS), 80), bool), CHECKPOINTS,
+                                               PERSONAS, [("E0", "base")], n_boot=300, rng=rng)
+        for (metric, kind), value in truth.items():
+            low, high = stats.percentile_interval(replicates[(metric, kind, "E0", "base")], 0.95)
+            covered[(metric, kind)].append(low <= value <= high)
+    for key, hits in covered.items():
+        assert 0.85 <= np.mean(hits) <= 0.99, key
+
+
+def test_a_shared_offset_on_every_activation_of_a_checkpoint_leaves_the_centred_replicates_unchanged():
+    rng = np.random.default_rng(43)
+    per_question = population()[:, :, None] + 0.5 * rng.normal(size=(3, len(PERSONAS), 30, 16))
+    shifted = per_question.copy()
+    shifted[1] += 25.0 * rng.normal(size=16)  # E0 only adds one offset to every persona and question
+    valid = np.ones((len(PERSONAS), 30), bool)
+    plain, moved = (geometry.bootstrap_deltas(x, valid, CHECKPOINTS, PERSONAS, [("E0", "base"), ("E0", "benign")],
+                                              n_boot=50, rng=7) for x in (per_question, shifted))
+    for key in plain:
+        if key[1] == "centred":
+            np.testing.assert_allclose(moved[key], plain[key], atol=1e-9)
+        else:
+            assert np.abs(moved[key] - plain[key]).min() > 1e-3, key
 
 
 # ---------------------------------------------------------------------------------------------- M3

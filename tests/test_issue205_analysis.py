@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs import analyze_issue205 as analysis
-from shared import store
+from shared import activations, store
 from shared.config import parse
 from shared.stage import StageInputError, execute
 
@@ -57,7 +57,7 @@ def write_checkpoints(root: str, values: np.ndarray, invalid: dict[str, list[tup
         store.write_tensors(store.join(prefix, "activations.safetensors"), {"A": torch.from_numpy(values[ci]), "B": b, "B_valid": valid})
         store.write_json(store.join(prefix, "index.json"), {
             "checkpoint": name, "personas": [{"name": p, "system": "default"} for p in PERSONAS],
-            "questions": [f"q{i}" for i in range(N_Q)], "layers": LAYERS, "methods": ["A", "B"],
+            "questions": [f"q{i}" for i in range(N_Q)], **activations.layer_record(LAYERS), "methods": ["A", "B"],
         })  # fmt: skip
         store.write_jsonl(store.join(prefix, "responses.jsonl"), [
             {"persona": p, "question_id": f"q{i}", "text": f"{name}'s {p} on q{i}"} for p in PERSONAS for i in range(N_Q)])
@@ -234,6 +234,16 @@ def test_checkpoints_with_different_grids_are_refused(tmp_path):
         execute(analysis.SPEC, config(root, checkpoints))
 
 
+def test_activations_named_by_another_layer_convention_are_refused(tmp_path):
+    root = store.from_path(tmp_path / "store")
+    checkpoints = write_checkpoints(root, synthetic_activations({}))
+    index = store.read_json(checkpoints[3]["index_uri"])
+    del index["layer_convention"]  # an index written before the one convention (the output of block L, 0-based)
+    store.write_json(checkpoints[3]["index_uri"], index)
+    with pytest.raises(StageInputError, match="names its layers by another convention"):
+        execute(analysis.SPEC, config(root, checkpoints))
+
+
 def test_marker_rows_for_an_unknown_persona_are_refused(tmp_path):
     root = store.from_path(tmp_path / "store")
     uri = write_markers(root, {"E0": leakage(0)})["E0"]
@@ -257,7 +267,8 @@ def test_collapse_that_benign_sft_matches_passes_vs_base_but_fails_the_three_way
     report = store.read_text(store.join(prefix, "report.md"))
     assert "- **G1** (M1): does not fire. vs base" in report
     # the three-way table shows benign SFT producing about all of the EM shift
-    (row,) = [line for line in report.splitlines() if line.startswith("| M1 | A | E2 |")]
+    three_way = report[report.index("## EM vs benign SFT (three-way contrast)"):]
+    (row,) = [line for line in three_way.splitlines() if line.startswith("| M1 | A | E2 |")]
     assert 80 <= int(row.split("|")[6].strip().rstrip("%")) <= 120
 
 
@@ -348,3 +359,65 @@ def test_induced_persona_sees_em_training_pull_the_induction_persona_towards_the
     assert analysis.induced_persona(parse(analysis.Config, config("file:///unused", [])), vectors, PERSONAS) is None
     with pytest.raises(StageInputError, match="em_source_persona 'pirate' is not in the evaluation grid"):
         analysis.induced_persona(parse(analysis.Config, config("file:///unused", [], em_source_persona="pirate")), vectors, PERSONAS)
+
+
+# ------------------------------------------------------------------------------ a shared shift cannot fake it
+
+
+def test_a_uniform_contraction_fires_the_raw_rules_only_and_the_report_names_each_one(finished):
+    """The fixture's EM pulls every persona towards one point: a shift and a scale, which centred cosines ignore. G1
+    and G2 fire on raw geometry and not on centred geometry, and the report says so rule by rule."""
+    geo = finished["headline"]["geometry"]
+    centred = geo["centred"]
+    assert geo["decisions"]["G1"]["fires"] and geo["decisions"]["G2"]["fires"]
+    assert not centred["decisions"]["G1"]["fires"] and not centred["decisions"]["G2"]["fires"]
+    assert len(centred["cells"]) == len(geo["cells"])  # the same family: M1 and M2 centred, M3 as it is
+    raw_m3 = [(c["p_value"], c["delta"]) for c in geo["cells"] if c["metric"] == "M3"]
+    assert [(c["p_value"], c["delta"]) for c in centred["cells"] if c["metric"] == "M3"] == raw_m3
+    rules = {(r["decision"], r["rule"]): r["conditions"] for r in geo["raw_not_centred"]}
+    assert rules[("G1", "fires")] == [] and rules[("G1", "vs base")] == ["E0", "E1", "E2", "E3", "E4"]
+    assert ("G3", "fires") not in rules
+    report = finished["report"]
+    assert "- **G1** (M1) fires: holds on raw geometry, not on centred geometry." in report
+    assert "- **G2** (M2) vs base for E0, E1, E2, E3, E4: holds on raw geometry, not on centred geometry." in report
+
+
+def test_headline_layer_changes_carry_bootstrap_cis_over_questions_and_the_report_shows_them(finished):
+    geo = finished["headline"]["geometry"]
+    for kind in (geo, geo["centred"]):
+        for c in kind["cells"] + kind["benign_vs_base"] + kind["em_vs_benign"]:
+            if c["metric"] == "M3" or c["layer"] != 20:
+                assert "ci_low" not in c
+            else:
+                assert c["n_boot"] == 1000 and c["ci_low"] <= c["delta"] <= c["ci_high"]
+    raw = next(c for c in geo["cells"] if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
+    cen = next(c for c in geo["centred"]["cells"] if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
+    assert raw["ci_low"] > 0  # the raw collapse is far outside the question noise
+    row = (f"| M1 | A | E2 | {raw['delta']:.4f} [{raw['ci_low']:.4f}, {raw['ci_high']:.4f}] | {raw['p_bh']:.4f} | "
+           f"{cen['delta']:.4f} [{cen['ci_low']:.4f}, {cen['ci_high']:.4f}] | {cen['p_bh']:.4f} |")
+    assert row in finished["report"]
+    png = store.read_bytes(store.join(finished["prefix"], "shared_shift.png"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "![raw vs centred](shared_shift.png)" in finished["report"]
+
+
+def test_em_that_only_adds_one_offset_per_checkpoint_moves_every_raw_number_and_no_centred_one(tmp_path):
+    base = synthetic_activations({})[0]
+    values = np.stack([base] * len(CHECKPOINTS))  # fine-tuning changed nothing ...
+    rng = np.random.default_rng(7)
+    for ci, name in enumerate(CHECKPOINTS):
+        if name.startswith("E"):  # ... but EM adds one offset to every persona and question (per layer)
+            values[ci] += (8.0 * rng.normal(size=(len(LAYERS), HIDDEN)))[None, None].astype(np.float32)
+    root = store.from_path(tmp_path / "store")
+    execute(analysis.SPEC, config(root, write_checkpoints(root, values), n_iter=500, n_boot=200))
+    headline = store.read_json(store.join(root, "runs", "t", "analysis", "analyze_issue205", "headline.json"))
+    geo = headline["geometry"]
+    for key, row in geo["values"].items():
+        assert all(row["M1"][c] > row["M1"]["base"] + 0.05 for c in CHECKPOINTS[1:6]), key
+        assert all(row["M1_centred"][c] == pytest.approx(row["M1_centred"]["base"], abs=1e-5) for c in CHECKPOINTS), key
+    raw_m1 = [c for c in geo["cells"] if c["metric"] == "M1"]
+    assert all(c["delta"] > 0.05 and c["p_value"] < 0.05 and c["ci_low"] > 0.05 for c in raw_m1 if c["layer"] == 20)
+    assert all(c["delta"] > 0.05 and c["p_value"] < 0.05 for c in raw_m1)
+    centred = [c for c in geo["centred"]["cells"] if c["metric"] in ("M1", "M2")]
+    assert all(abs(c["delta"]) < 1e-4 and not c["fires"] for c in centred if not np.isnan(c["delta"]))
+    # the assistant moved only as every persona did: the centred E0 axis is float32 rounding, a tiny share
+    assert all(share < 0.01 for share in geo["centred"]["assistant_specific_share"].values())

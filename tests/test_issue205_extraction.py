@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jobs import extract_persona_vectors as extract
-from shared import chat, models, store
+from shared import activations, chat, models, store
 from shared.stage import execute, run_stage
 
 PERSONAS = [
@@ -26,16 +26,17 @@ def tiny():
 def config(tmp_path, **overrides):
     return {
         "store": store.from_path(tmp_path / "store"), "run_id": "t", "cell": "base", "checkpoint": "base",
-        "model_ref": "tiny:qwen2", "personas": PERSONAS, "questions": QUESTIONS, "layers": [0, 1],
+        "model_ref": "tiny:qwen2", "personas": PERSONAS, "questions": QUESTIONS, "layers": [1, 2],
         "max_new_tokens": 6, "batch_size": 4, **overrides,
     }  # fmt: skip
 
 
 def block_outputs(model, ids: list[int]) -> dict[int, torch.Tensor]:
-    """Every decoder block's output for one unpadded sequence: the reference the stage must match."""
+    """Layer L (the residual after L blocks) for one unpadded sequence: the reference the stage must match. Layer
+    L >= 1 is decoder block L-1's output, hooked here independently of the stage's own reading."""
     captured = {}
-    hooks = [block.register_forward_hook(lambda _m, _i, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
-             for i, block in enumerate(extract.decoder_layers(model))]  # fmt: skip
+    hooks = [block.register_forward_hook(lambda _m, _i, out, i=i: captured.__setitem__(i + 1, out[0] if isinstance(out, tuple) else out))
+             for i, block in enumerate(model.model.layers)]  # fmt: skip
     with torch.inference_mode():
         model(input_ids=torch.tensor([ids]))
     for hook in hooks:
@@ -47,30 +48,31 @@ def test_method_a_is_the_last_prompt_token_and_batching_changes_nothing(tiny):
     model, tok = tiny
     prompts = [chat.build_prompt(tok, p["system"], q["text"]) for p in PERSONAS for q in QUESTIONS]
     assert len({len(p) for p in prompts}) > 1  # padding is really exercised
-    batched = extract.method_a(model, prompts, [0, 1], pad_id=0, batch_size=6, progress=lambda x, **_: x)
+    batched = extract.method_a(model, prompts, [1, 2], pad_id=0, batch_size=6, progress=lambda x, **_: x)
     for prompt, vectors in zip(prompts, batched, strict=True):
         reference = block_outputs(model, prompt.input_ids)
-        for row, layer in enumerate([0, 1]):
+        for row, layer in enumerate([1, 2]):
             torch.testing.assert_close(vectors[row], reference[layer][-1], rtol=1e-4, atol=1e-5)
 
 
-def test_layer_zero_is_the_first_blocks_output(tiny):
+def test_layers_are_hidden_states_indices_zero_the_embeddings(tiny):
     model, tok = tiny
     prompt = chat.build_prompt(tok, "default", "Hi")
-    (vectors,) = extract.method_a(model, [prompt], [0], pad_id=0, batch_size=1, progress=lambda x, **_: x)
+    (vectors,) = extract.method_a(model, [prompt], [0, 1], pad_id=0, batch_size=1, progress=lambda x, **_: x)
     with torch.inference_mode():
         hidden = model(input_ids=torch.tensor([prompt.input_ids]), output_hidden_states=True).hidden_states
-    torch.testing.assert_close(vectors[0], hidden[1][0, -1].float(), rtol=1e-4, atol=1e-5)  # [0] is the embeddings
+    torch.testing.assert_close(vectors[0], hidden[0][0, -1].float(), rtol=1e-4, atol=1e-5)  # the embeddings
+    torch.testing.assert_close(vectors[1], hidden[1][0, -1].float(), rtol=1e-4, atol=1e-5)  # after block 0
 
 
 def test_method_b_averages_the_reply_ids_and_marks_empty_replies(tiny):
     model, tok = tiny
     prompts = [chat.build_prompt(tok, p["system"], "Hi") for p in PERSONAS]
     replies = [[72, 105, 33], [], [260, 32, 101, 102, 103]]
-    vectors = extract.method_b(model, prompts, replies, [1], pad_id=0, batch_size=8, progress=lambda x, **_: x)
+    vectors = extract.method_b(model, prompts, replies, [2], pad_id=0, batch_size=8, progress=lambda x, **_: x)
     assert vectors[1] is None
     for index in (0, 2):
-        reference = block_outputs(model, prompts[index].input_ids + replies[index])[1]
+        reference = block_outputs(model, prompts[index].input_ids + replies[index])[2]
         start = len(prompts[index])
         torch.testing.assert_close(vectors[index][0], reference[start:].mean(dim=0), rtol=1e-4, atol=1e-5)
 
@@ -83,7 +85,8 @@ def test_stage_stores_per_question_activations_with_their_axes(tmp_path):
     assert tensors["A"].shape == (3, 2, 2, 128) and tensors["B"].shape == (3, 2, 2, 128)
     assert tensors["B_valid"].shape == (3, 2) and tensors["B_valid"].dtype == torch.bool
     assert [p["name"] for p in index["personas"]] == ["assistant", "villain", "qwen-default"]
-    assert index["questions"] == ["q0", "q1"] and index["layers"] == [0, 1]
+    assert index["questions"] == ["q0", "q1"] and index["layers"] == [1, 2]
+    assert index["layer_convention"] == activations.LAYER_CONVENTION
     # personas differ only in the system slot, so their Method A vectors must differ
     assert not torch.allclose(tensors["A"][0], tensors["A"][1])
     tok = models.load_tokenizer("tiny:qwen2")
@@ -112,10 +115,10 @@ def test_an_adapter_is_merged_before_extraction(tmp_path):
 def test_a_layer_the_model_lacks_is_one_readable_line(tmp_path, capsys):
     import json
 
-    code = run_stage(extract.SPEC, ["--config", json.dumps(config(tmp_path, layers=[0, 27]))])
+    code = run_stage(extract.SPEC, ["--config", json.dumps(config(tmp_path, layers=[0, 2, 3]))])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1] == "error: extract_persona_vectors: layers [27] do not exist: tiny:qwen2 has decoder blocks 0..1"
+    assert err[-1] == "error: extract_persona_vectors: layers [3] do not exist: tiny:qwen2 has layers 0..2 (hidden_states indices)"
 
 
 def test_a_bad_persona_system_slot_fails_at_config_time(tmp_path):

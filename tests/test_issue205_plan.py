@@ -98,14 +98,16 @@ def test_full_profile_coupling_eval_and_extraction_follow_the_record(tmp_path):
         assert ev.config["adapter_uri"] == couple.output_uri("adapter")
     for ckpt in ("base", *EM_CELLS, "benign"):
         ex = plan.task(f"extract-{ckpt}")
-        assert ex.config["layers"] == [7, 14, 20, 21, 27] and ex.config["methods"] == ["A", "B"]
+        # the record's hooked block outputs 7, 14, 20, 21, 27 (0-based), as hidden_states indices
+        assert ex.config["layers"] == [8, 15, 21, 22, 28] and ex.config["methods"] == ["A", "B"]
         assert (len(ex.config["personas"]), len(ex.config["questions"])) == (12, 240)
     assert plan.task("extract-base").config.get("adapter_uri") is None
     assert plan.task("extract-e3").config["adapter_uri"] == plan.task("train-em-e3").output_uri("adapter")
     # the benign control is always the freshly trained adapter (rsLoRA off), never a pre-trained Hub one
     assert plan.task("extract-benign").config["adapter_uri"] == plan.task("train-benign").output_uri("adapter")
     analysis = plan.task("analysis")
-    assert (analysis.config["n_iter"], analysis.config["headline_layer"]) == (10_000, 20)
+    assert (analysis.config["n_iter"], analysis.config["headline_layer"]) == (10_000, 21)  # the record's L20
+    assert analysis.config["n_boot"] == 1_000
 
 
 def test_one_task_per_cell_and_the_analysis_waits_for_every_checkpoint_and_evaluation(tmp_path):
@@ -190,7 +192,7 @@ def test_an_eval_grid_without_the_records_personas_is_refused(tmp_path):
 
 def test_a_headline_layer_that_is_not_extracted_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="headline_layer 20 is not among layers"):
-        build(tmp_path, headline_layer=20)
+        build(tmp_path, headline_layer=20)  # the record's L20 is hidden_states index 21 here
 
 
 # --------------------------------------------------------------------------------------------- the small profile
@@ -220,9 +222,10 @@ def test_small_profile_runs_every_cell_of_the_record_on_smollm2_with_fewer_perso
         assert system_of_em_cell(plan, cell) == f"text({text})" and f"text({text})" in grid_of(plan).values()
     assert system_of_em_cell(plan, "e0") == "default"
     base = plan.task("extract-base").config
-    # real layers of a 30-block model at the record's relative depths; the headline layer is among them
-    assert base["layers"] == [7, 15, 21, 22, 29] and base["methods"] == ["A", "B"] and len(base["questions"]) == 12
-    assert plan.task("analysis").config["headline_layer"] == 21
+    # real layers of a 30-block model at the record's relative depths (30: the last block's output); the headline
+    # layer is among them
+    assert base["layers"] == [8, 16, 22, 23, 30] and base["methods"] == ["A", "B"] and len(base["questions"]) == 12
+    assert plan.task("analysis").config["headline_layer"] == 22
     ev = plan.task("marker-eval-e2").config
     assert (len(ev["personas"]), len(ev["questions"]), ev["n"]) == (10, 8, 4)
     assert plan.task("analysis").config["n_iter"] == 10_000

@@ -142,7 +142,7 @@ def test_marker_matching_is_literal_and_case_sensitive(text, emits):
 def test_hidden_states_centroids_are_the_mean_last_token_residual(tmp_path):
     import torch
 
-    from shared import chat, models
+    from shared import activations, chat, models
 
     personas = [{"id": "A2__chef", "prompt": "You are a chef."}, {"id": "A2__robot", "prompt": "You are a robot."}]
     cfg = {**common(tmp_path, "geometry"), "model_ref": "tiny:qwen2", "personas": personas, "questions": QUESTIONS,
@@ -152,13 +152,16 @@ def test_hidden_states_centroids_are_the_mean_last_token_residual(tmp_path):
     arrays = store.read_npz(store.join(prefix, "centroids.npz"))
     assert arrays["centroids"].shape == (2, 2, 128) and list(arrays["layers"]) == [1, 2]
     model, tok = models.load_model("tiny:qwen2"), models.load_tokenizer("tiny:qwen2")
-    states = []
+    states = []  # layer 2 of the 2-block model: the last block's output, before the final norm
+    hook = model.model.layers[1].register_forward_hook(
+        lambda _m, _i, out: states.append((out[0] if isinstance(out, tuple) else out)[0, -1].float().cpu().numpy()))
     for q in QUESTIONS:
         ids = chat.build_prompt(tok, chat.TextSystem(text="You are a robot."), q["text"]).input_ids
         with torch.no_grad():
-            hidden = model(torch.tensor([ids], device=model.device), output_hidden_states=True).hidden_states
-            states.append(hidden[2][0, -1].float().cpu().numpy())
+            model(torch.tensor([ids], device=model.device))
+    hook.remove()
     np.testing.assert_allclose(arrays["centroids"][1, 1], np.mean(states, axis=0), atol=1e-4)
+    assert store.read_json(store.join(prefix, "personas.json"))["layer_convention"] == activations.LAYER_CONVENTION
 
 
 def test_hidden_states_refuses_layers_the_model_does_not_have(tmp_path):

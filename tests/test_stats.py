@@ -256,6 +256,16 @@ def test_bootstrap_ci_covers_the_true_mean_about_95_percent_of_the_time():
     assert 0.89 <= np.mean(covered) <= 0.99
 
 
+def test_percentile_interval_of_replicates_per_cell_ignores_undefined_replicates():
+    replicates = np.stack([np.arange(101.0), 10 * np.arange(101.0), np.full(101, np.nan)], axis=1)
+    replicates[:50, 1] = np.nan  # half the resamples left this cell undefined: the rest still give its interval
+    low, high = stats.percentile_interval(replicates, 0.95)
+    np.testing.assert_allclose(low[:2], [2.5, 10 * (50 + 0.025 * 50)])
+    np.testing.assert_allclose(high[:2], [97.5, 10 * (50 + 0.975 * 50)])
+    assert np.isnan(low[2]) and np.isnan(high[2])
+    assert stats.percentile_interval(np.arange(11.0), 0.8) == pytest.approx((1.0, 9.0))
+
+
 def test_bootstrap_ci_of_a_slope_resamples_pairs_together():
     rng = np.random.default_rng(20)
     x = np.linspace(0, 1, 80)

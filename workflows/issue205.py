@@ -100,14 +100,17 @@ class Params(ExperimentParams):
     top_p: float = 0.95
     eval_max_new_tokens: int = 512
     # extraction
-    layers: list[int] = [7, 14, 20, 21, 27]
-    headline_layer: int = 20
+    # hidden_states indices (shared.activations): the record's hooked block outputs 7, 14, 20, 21, 27 (0-based) are the
+    # residual stream after 8, 15, 21, 22, 28 blocks, the same vectors; its headline L20 is 21 here
+    layers: list[int] = [8, 15, 21, 22, 28]
+    headline_layer: int = 21
     methods: list[Literal["A", "B"]] = ["A", "B"]
     extraction_max_new_tokens: int = 256
     # Method B's vLLM engine leaves room for the HF model that extracts right after it on the same GPU
     extraction_vllm_options: dict = {"gpu_memory_utilization": 0.5, "max_model_len": 2048}
     # statistics
     n_iter: int = 10_000
+    n_boot: int = 1_000  # question resamples for the M1/M2 bootstrap CIs at the headline layer
     n_splits: int = 5
     lda_components: int = 16
     seed: int = 42
@@ -147,10 +150,11 @@ class Params(ExperimentParams):
             # enough completions per cell (4 questions x 6) that a few-percent bystander rate is seen at all
             "eval_n": 6,
             "eval_max_new_tokens": 16,
-            "layers": [0, 1],
-            "headline_layer": 1,
+            "layers": [1, 2],
+            "headline_layer": 2,
             "extraction_max_new_tokens": 8,
             "n_iter": 500,
+            "n_boot": 200,
             "lda_components": 4,
         },
         # SmolLM2-135M-Instruct on a 2-core CPU: every cell of the record (E0..E4, benign, base), fewer personas,
@@ -189,10 +193,10 @@ class Params(ExperimentParams):
             "merge_coupling_for_eval": True,
             "eval_n": 4,
             "eval_max_new_tokens": 64,
-            # the record's layers [7, 14, 20, 21, 27] of Qwen2.5-7B's 28 blocks at the same relative depth of 30
-            # blocks (27 is the last block, so is 29); headline 21 for the record's 20
-            "layers": [7, 15, 21, 22, 29],
-            "headline_layer": 21,
+            # the full profile's layers [8, 15, 21, 22, 28] of Qwen2.5-7B's 28 blocks at the same relative depth of 30
+            # blocks (28 is the last block's output, so is 30); headline 22 for full's 21 (the record's L20)
+            "layers": [8, 16, 22, 23, 30],
+            "headline_layer": 22,
             "extraction_max_new_tokens": 48,
             "hf_batch_size": 128,
         },
@@ -371,7 +375,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                         "responses_uri": t.output_uri("responses.jsonl") if "B" in params.methods else None} for t in ordered],
           em_source_persona=params.em_source_persona if params.sft_questions_file else None, trainings=trainings,
           conditions=conditions, assistant_persona=params.assistant_persona, source_persona=params.source_persona,
-          marker=params.marker, headline_layer=params.headline_layer, n_iter=params.n_iter, n_splits=params.n_splits,
+          marker=params.marker, headline_layer=params.headline_layer, n_iter=params.n_iter, n_boot=params.n_boot, n_splits=params.n_splits,
           lda_components=params.lda_components, params=params.model_dump(mode="json"))  # fmt: skip
     return b.plan(params.model_dump(mode="json"))
 
