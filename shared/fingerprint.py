@@ -3,7 +3,8 @@
 Imports are read from the source (``import`` statements anywhere in a file, lazy ones inside functions too) and
 followed transitively within the project's packages (``shared`` and ``jobs``); the fingerprint hashes the module
 names with their bytes. It does not depend on git, paths or the machine, so a pod running an image built from a
-commit and a laptop with the same files agree on it, and an edit to any module a stage runs changes it.
+commit and a laptop with the same files agree on it, and an edit to any module a stage runs changes it -- except
+the ``OBSERVERS``, which only watch it run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from functools import cache
 from pathlib import Path
 
 PROJECT_PACKAGES = ("shared", "jobs")
+# Modules that watch a stage but cannot change what it computes (shared.tracking: guarded, and it writes nothing into
+# a stage's outputs); left out, so that changing what is tracked recomputes nothing.
+OBSERVERS = frozenset({"shared.tracking"})
 
 
 def _in_project(name: str) -> bool:
@@ -132,7 +136,7 @@ def _closure(start: list[str]) -> list[str]:
     seen, todo = set(), list(start)
     while todo:
         name = todo.pop()
-        if name in seen or _source(name) is None:
+        if name in seen or name in OBSERVERS or _source(name) is None:
             continue
         seen.add(name)
         todo.extend(imported_modules(name) - seen)
