@@ -389,34 +389,57 @@ def m2_three_way(
 GEOMETRIES = ("raw", "centred")
 
 
-def resampled_centroids(per_question: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``(b, checkpoint, persona, d)`` centroids of ``b`` question resamples.
+def resampled_centroids(
+    per_question: np.ndarray, valid: np.ndarray, counts: np.ndarray, rows: list[np.ndarray] | None = None
+) -> np.ndarray:
+    """``(b, checkpoint, persona, d)`` centroids of ``b`` question resamples (in ``per_question``'s dtype).
 
     ``per_question`` is ``(checkpoint, persona, question, d)``; ``valid`` ``(persona, question)`` says which
     questions enter a persona's centroid (Method B's paired empty-reply filter); ``counts`` ``(b, question)`` how
     often each resample drew each question. A persona left with no valid question is NaN in that resample.
+    ``rows`` (``question_rows(per_question)``) saves rearranging the activations on every call.
     """
-    n_ckpt, n_personas, n_questions, dim = per_question.shape
-    out = np.empty((len(counts), n_ckpt, n_personas, dim))
+    n_ckpt, n_personas, _, dim = per_question.shape
+    rows = question_rows(per_question) if rows is None else rows
+    out = np.empty((len(counts), n_ckpt, n_personas, dim), dtype=per_question.dtype)
     for i in range(n_personas):
         weights = (counts * valid[i]).astype(per_question.dtype)
-        rows = np.ascontiguousarray(per_question[:, i].transpose(1, 0, 2)).reshape(n_questions, n_ckpt * dim)
-        sums = (weights @ rows).reshape(-1, n_ckpt, dim)  # one matrix product: every resample, every checkpoint
+        sums = (weights @ rows[i]).reshape(-1, n_ckpt, dim)  # one matrix product: every resample, every checkpoint
         with np.errstate(invalid="ignore", divide="ignore"):
             out[:, :, i] = sums / weights.sum(axis=1, dtype=float)[:, None, None]
     return out
 
 
-def _m2_values(vectors: np.ndarray, assistant_before: np.ndarray, assistant_after: np.ndarray, keep: np.ndarray):
-    """M2's statistic (mean |cos| of the ``keep`` personas to the axis) of ``(..., checkpoint, p, d)`` vectors with
-    one axis per leading index; NaN where the axis is undefined."""
-    axis = assistant_after - assistant_before
-    norm = np.linalg.norm(axis, axis=-1, keepdims=True)
-    scale = np.maximum(np.linalg.norm(assistant_before, axis=-1), np.linalg.norm(assistant_after, axis=-1))[..., None]
+def question_rows(per_question: np.ndarray) -> list[np.ndarray]:
+    """Per persona, its activations as ``(question, checkpoint * d)``: what ``resampled_centroids`` multiplies."""
+    n_ckpt, n_personas, n_questions, dim = per_question.shape
+    return [np.ascontiguousarray(per_question[:, i].transpose(1, 0, 2)).reshape(n_questions, n_ckpt * dim)
+            for i in range(n_personas)]
+
+
+def _double_centre(gram: np.ndarray) -> np.ndarray:
+    """Inner products of centred vectors from those of raw ones: <x_i - mean x, y_j - mean y> over the last two axes."""
+    return gram - gram.mean(axis=-1, keepdims=True) - gram.mean(axis=-2, keepdims=True) + gram.mean(axis=(-2, -1), keepdims=True)
+
+
+def _m1_m2_from_inner_products(within: np.ndarray, cross: np.ndarray, base: int, e0: int, a: int, keep: np.ndarray):
+    """M1 and M2 of every checkpoint, ``(..., checkpoint)`` each, from inner products alone.
+
+    ``within[..., c, i, j] = <v_ci, v_cj>`` (personas of one checkpoint); ``cross[..., c, i, :p]`` and ``[..., p:]``
+    are ``<v_ci, v_base,j>`` and ``<v_ci, v_E0,j>``. M2's axis is ``v_E0,a - v_base,a``; NaN where it is undefined.
+    """
+    p = within.shape[-1]
+    squares = np.diagonal(within, axis1=-2, axis2=-1)  # (..., c, p)
     with np.errstate(invalid="ignore", divide="ignore"):
-        axis = np.where(norm > AXIS_RELATIVE_TOLERANCE * scale, axis / norm, np.nan)
-    cosines = np.abs(np.einsum("...cpd,...d->...cp", unit_rows(vectors), axis))
-    return cosines[..., keep].mean(axis=-1)
+        cosines = within / np.sqrt(squares[..., :, None] * squares[..., None, :])
+        m1 = off_diagonal(cosines).mean(axis=-1)
+        to_axis = cross[..., p + a] - cross[..., a]  # <v_ci, axis>
+        before, after = squares[..., base, a], squares[..., e0, a]
+        axis_square = np.maximum(after + before - 2 * cross[..., e0, a, a], 0.0)
+        defined = np.sqrt(axis_square) > AXIS_RELATIVE_TOLERANCE * np.sqrt(np.maximum(before, after))
+        cos_axis = np.abs(to_axis / np.sqrt(squares * axis_square[..., None, None]))
+        m2 = np.where(defined[..., None], cos_axis[..., keep].mean(axis=-1), np.nan)
+    return m1, m2
 
 
 def bootstrap_deltas(
@@ -439,24 +462,31 @@ def bootstrap_deltas(
     all of them answered the same questions), rebuilds every centroid and M2's E0 axis from them, and recomputes
     the statistics. Returns ``{(metric, geometry, condition, reference): (n_boot,) changes}`` for each
     ``(condition, reference)`` in ``comparisons``; NaN replicates are resamples on which the statistic is undefined.
+    The statistics come from the centroids' inner products (centring is a double centring of those), so the cost is
+    one matrix product per persona and chunk of resamples, and a few small ones.
     """
     names, ckpts = list(personas), list(checkpoints)
     if per_question.shape[:2] != (len(ckpts), len(names)) or np.shape(valid) != per_question.shape[1:3]:
         raise ValueError(f"per-question activations {per_question.shape} and validity {np.shape(valid)} do not match "
                          f"{len(ckpts)} checkpoints x {len(names)} personas")
-    keep = np.arange(len(names)) != _persona_index(names, assistant)
     a, b0, e = _persona_index(names, assistant), ckpts.index(base), ckpts.index(e0)
+    keep = np.arange(len(names)) != a
     generator = stats.as_generator(rng)
-    n_questions = per_question.shape[2]
+    n_questions, p = per_question.shape[2], len(names)
+    rows = question_rows(per_question)
     out: dict[tuple[str, str, str, str], list[np.ndarray]] = {}
     for start in range(0, n_boot, chunk):
         counts = generator.multinomial(n_questions, np.full(n_questions, 1 / n_questions), size=min(chunk, n_boot - start))
-        centroids = resampled_centroids(per_question, valid, counts)
+        centroids = resampled_centroids(per_question, valid, counts, rows).astype(float)  # (b, c, p, d)
+        b = len(counts)
+        within = centroids @ np.swapaxes(centroids, -1, -2)  # (b, c, p, p)
+        anchors = np.concatenate([centroids[:, b0], centroids[:, e]], axis=1)  # (b, 2p, d): base's and E0's personas
+        cross = (centroids.reshape(b, -1, centroids.shape[-1]) @ np.swapaxes(anchors, -1, -2)).reshape(b, len(ckpts), p, 2 * p)
+        centred_cross = np.concatenate([_double_centre(cross[..., :p]), _double_centre(cross[..., p:])], axis=-1)
+        inner_products = {"raw": (within, cross), "centred": (_double_centre(within), centred_cross)}
         for geometry in GEOMETRIES:
-            vectors = centroids if geometry == "raw" else centre(centroids)
-            values = {"M1": mean_off_diagonal_cosines(vectors),
-                      "M2": _m2_values(vectors, vectors[:, b0, a], vectors[:, e, a], keep)}  # fmt: skip
-            for metric, per_ckpt in values.items():
+            m1, m2 = _m1_m2_from_inner_products(*inner_products[geometry], b0, e, a, keep)
+            for metric, per_ckpt in (("M1", m1), ("M2", m2)):
                 for condition, reference in comparisons:
                     delta = per_ckpt[:, ckpts.index(condition)] - per_ckpt[:, ckpts.index(reference)]
                     out.setdefault((metric, geometry, condition, reference), []).append(delta)
