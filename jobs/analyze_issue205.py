@@ -410,7 +410,7 @@ def geometry(cfg: Config, acts: Activations) -> dict:
         "m2_robustness": m2_robustness(vectors, acts.personas, cfg.assistant_persona, em_names),
         "cosine_matrices": cosine_matrices(vectors), "induced_persona": induced_persona(cfg, vectors, acts.personas),
         "paired_retained": {m: acts.retained(m) for m in acts.methods},
-        "centred": {**centred_geo, "assistant_specific_share": assistant_specific_share(vectors, acts.personas, cfg.assistant_persona)},
+        "centred": {**centred_geo, "centred_axis_ratio": centred_axis_ratio(vectors, acts.personas, cfg.assistant_persona)},
         "raw_not_centred": raw_not_centred(raw_geo["decisions"], centred_geo["decisions"]),
     }  # fmt: skip
 
@@ -478,9 +478,10 @@ def add_bootstrap_cis(cfg: Config, acts: Activations, geos: list[dict]) -> None:
                 c.update(ci_low=float(low), ci_high=float(high), n_boot=int(np.isfinite(draws).sum()))
 
 
-def assistant_specific_share(vectors: dict, personas: list[str], assistant: str) -> dict:
-    """Per (method, layer): |centred E0 axis| / |raw E0 axis|, the part of the assistant's E0 shift that is not the
-    shift every persona shares (0: EM moved the assistant only as it moved everyone; 1: nothing shared)."""
+def centred_axis_ratio(vectors: dict, personas: list[str], assistant: str) -> dict:
+    """Per (method, layer): |centred E0 axis| / |raw E0 axis|. The centred axis is the assistant's E0 shift minus the
+    mean persona's, so 0 means EM moved the assistant only as it moved every persona (the raw axis is then the shared
+    shift itself); it exceeds 1 where the mean shift points away from the assistant's."""
     from shared import geometry as g
 
     a = personas.index(assistant)
@@ -873,7 +874,9 @@ def shared_shift_section(data: dict) -> list[str]:
              "mean over its personas; M2's E0 axis is then the assistant's shift beyond the personas' shared shift) do not "
              "move under such an offset. Centred cosines are also blind to a uniform contraction of all personas towards "
              "their mean; M3 (centred within each question) is the separability test that neither fakes, and it is the same "
-             "in both families. Centred families have the same 150 cells, tests and BH-FDR as the raw ones.", "",
+             f"in both families. The centred family has the same {len(centred['cells'])} cells, tests and BH-FDR as the "
+             "raw one. Centred M1 is a mean of cosines between vectors that sum to zero, so it sits near -1/(p-1) and moves "
+             "only where the personas' distances from their mean grow unequal (some merge while others stay apart).", "",
              f"Changes from base at layer {layer}" + (f", with 95 % bootstrap CIs over questions ({n_boot} resamples of "
                                                        "the questions, every centroid and M2's axis rebuilt from each)"
                                                        if n_boot else "") + ":", "",
@@ -881,8 +884,9 @@ def shared_shift_section(data: dict) -> list[str]:
                             [(m, method, cond, with_ci(c), fmt(c["p_bh"], 4), with_ci(centred_cells[(m, method, cond)]),
                               fmt(centred_cells[(m, method, cond)]["p_bh"], 4))
                              for (m, method, cond), c in sorted(raw_cells.items())], align="lllrrrr"), "",
-             "Share of the assistant's E0 shift that every persona does not share (|centred E0 axis| / |raw E0 axis|): " +
-             ", ".join(f"{k} {v:.3f}" for k, v in centred["assistant_specific_share"].items() if k.endswith(f"/L{layer}")) + ".", "",
+             "Length of the centred E0 axis (the assistant's E0 shift minus the mean persona's) over the raw one; 0 would "
+             "mean the assistant moved only as every persona did: " +
+             ", ".join(f"{k} {v:.3f}" for k, v in centred["centred_axis_ratio"].items() if k.endswith(f"/L{layer}")) + ".", "",
              "On centred geometry: " + "; ".join(f"{name} ({d['metric']}) {'FIRES' if d['fires'] else 'does not fire'}"
                                                  for name, d in centred["decisions"].items()) + ".", ""]  # fmt: skip
     if data["geometry"]["raw_not_centred"]:
@@ -946,7 +950,7 @@ def report(data: dict) -> str:
              f"Checkpoints: {', '.join(data['checkpoints'])}. Methods {', '.join(data['methods'])}; layers {data['layers']} "
              f"(headline layer {data['headline_layer']}). {data['n_iter']} permutations per test.", "",
              f"Layer L is {data['layer_convention']}; the record's hooked block outputs 7, 14, 20, 21, 27 (0-based) are "
-             "layers 8, 15, 21, 22, 28 here.", "",
+             "layers 8, 15, 21, 22, 28 in this convention.", "",
              "## Headline", "", markdown_table(headers, rows), "", "![hero](hero_issue205.png)", ""]
     lines += cosine_section(data)
     lines += shared_shift_section(data)

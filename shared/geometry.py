@@ -389,34 +389,54 @@ def m2_three_way(
 GEOMETRIES = ("raw", "centred")
 
 
-def resampled_centroids(per_question: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``(b, checkpoint, persona, d)`` centroids of ``b`` question resamples.
+def resampled_centroids(
+    per_question: np.ndarray, valid: np.ndarray, counts: np.ndarray, rows: list[np.ndarray] | None = None
+) -> np.ndarray:
+    """``(b, checkpoint, persona, d)`` float64 centroids of ``b`` question resamples.
 
     ``per_question`` is ``(checkpoint, persona, question, d)``; ``valid`` ``(persona, question)`` says which
     questions enter a persona's centroid (Method B's paired empty-reply filter); ``counts`` ``(b, question)`` how
     often each resample drew each question. A persona left with no valid question is NaN in that resample.
+    ``rows`` (``question_rows(per_question)``) saves rearranging the activations on every call.
     """
-    n_ckpt, n_personas, n_questions, dim = per_question.shape
-    out = np.empty((len(counts), n_ckpt, n_personas, dim))
+    n_ckpt, n_personas, _, dim = per_question.shape
+    rows = question_rows(per_question) if rows is None else rows
+    sums = np.empty((n_personas, n_ckpt * dim, len(counts)), dtype=per_question.dtype)
+    totals = np.empty((n_personas, len(counts)))
     for i in range(n_personas):
         weights = (counts * valid[i]).astype(per_question.dtype)
-        rows = np.ascontiguousarray(per_question[:, i].transpose(1, 0, 2)).reshape(n_questions, n_ckpt * dim)
-        sums = (weights @ rows).reshape(-1, n_ckpt, dim)  # one matrix product: every resample, every checkpoint
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, :, i] = sums / weights.sum(axis=1, dtype=float)[:, None, None]
-    return out
-
-
-def _m2_values(vectors: np.ndarray, assistant_before: np.ndarray, assistant_after: np.ndarray, keep: np.ndarray):
-    """M2's statistic (mean |cos| of the ``keep`` personas to the axis) of ``(..., checkpoint, p, d)`` vectors with
-    one axis per leading index; NaN where the axis is undefined."""
-    axis = assistant_after - assistant_before
-    norm = np.linalg.norm(axis, axis=-1, keepdims=True)
-    scale = np.maximum(np.linalg.norm(assistant_before, axis=-1), np.linalg.norm(assistant_after, axis=-1))[..., None]
+        np.matmul(rows[i], weights.T, out=sums[i])  # every checkpoint and resample in one product
+        totals[i] = weights.sum(axis=1, dtype=float)
+    centroids = np.array(sums.reshape(n_personas, n_ckpt, dim, -1).transpose(3, 1, 0, 2), dtype=float, order="C")
     with np.errstate(invalid="ignore", divide="ignore"):
-        axis = np.where(norm > AXIS_RELATIVE_TOLERANCE * scale, axis / norm, np.nan)
-    cosines = np.abs(np.einsum("...cpd,...d->...cp", unit_rows(vectors), axis))
-    return cosines[..., keep].mean(axis=-1)
+        centroids /= totals.T[:, None, :, None]
+    return centroids
+
+
+def question_rows(per_question: np.ndarray) -> list[np.ndarray]:
+    """Per persona, its activations as ``(checkpoint * d, question)``: what ``resampled_centroids`` multiplies."""
+    n_ckpt, n_personas, n_questions, dim = per_question.shape
+    return [np.ascontiguousarray(per_question[:, i].transpose(0, 2, 1)).reshape(n_ckpt * dim, n_questions)
+            for i in range(n_personas)]
+
+
+def _double_centre(gram: np.ndarray) -> np.ndarray:
+    """Inner products of centred vectors from those of raw ones: <x_i - mean x, x_j - mean x> over the last two axes."""
+    return gram - gram.mean(axis=-1, keepdims=True) - gram.mean(axis=-2, keepdims=True) + gram.mean(axis=(-2, -1), keepdims=True)
+
+
+def _m1_m2(within: np.ndarray, to_axis: np.ndarray, axis_square: np.ndarray, ends: np.ndarray, keep: np.ndarray):
+    """M1 and M2 of every checkpoint, ``(..., checkpoint)`` each, from inner products alone: ``within[..., c, i, j] =
+    <v_ci, v_cj>``, ``to_axis[..., c, i] = <v_ci, axis>``, ``axis_square = |axis|^2`` and ``ends`` the squared norms of
+    the axis's two end points (M2 is NaN where the axis is shorter than ``AXIS_RELATIVE_TOLERANCE`` of them)."""
+    squares = np.diagonal(within, axis1=-2, axis2=-1)  # (..., c, p)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m1 = off_diagonal(within / np.sqrt(squares[..., :, None] * squares[..., None, :])).mean(axis=-1)
+        axis_square = np.maximum(axis_square, 0.0)
+        defined = np.sqrt(axis_square) > AXIS_RELATIVE_TOLERANCE * np.sqrt(ends.max(axis=-1))
+        cosines = np.abs(to_axis / np.sqrt(squares * axis_square[..., None, None]))
+        m2 = np.where(defined[..., None], cosines[..., keep].mean(axis=-1), np.nan)
+    return m1, m2
 
 
 def bootstrap_deltas(
@@ -431,7 +451,7 @@ def bootstrap_deltas(
     assistant: str = ASSISTANT,
     n_boot: int = 1_000,
     rng: stats.RngLike = None,
-    chunk: int = 50,
+    chunk: int = 100,
 ) -> dict[tuple[str, str, str, str], np.ndarray]:
     """Bootstrap replicates of the M1 and M2 changes, raw and centred, over questions.
 
@@ -439,24 +459,42 @@ def bootstrap_deltas(
     all of them answered the same questions), rebuilds every centroid and M2's E0 axis from them, and recomputes
     the statistics. Returns ``{(metric, geometry, condition, reference): (n_boot,) changes}`` for each
     ``(condition, reference)`` in ``comparisons``; NaN replicates are resamples on which the statistic is undefined.
+
+    Cost: one matrix product per persona and chunk of resamples builds the centroids; the statistics then need only
+    inner products, within each checkpoint and with four anchors (base's and E0's assistant, base's and E0's mean
+    persona), from which the centred ones follow by double centring.
     """
     names, ckpts = list(personas), list(checkpoints)
     if per_question.shape[:2] != (len(ckpts), len(names)) or np.shape(valid) != per_question.shape[1:3]:
         raise ValueError(f"per-question activations {per_question.shape} and validity {np.shape(valid)} do not match "
                          f"{len(ckpts)} checkpoints x {len(names)} personas")
-    keep = np.arange(len(names)) != _persona_index(names, assistant)
     a, b0, e = _persona_index(names, assistant), ckpts.index(base), ckpts.index(e0)
+    keep = np.arange(len(names)) != a
     generator = stats.as_generator(rng)
     n_questions = per_question.shape[2]
+    rows = question_rows(per_question)
+    raw_axis, centred_axis = np.array([-1.0, 1.0, 0.0, 0.0]), np.array([-1.0, 1.0, 1.0, -1.0])  # over the anchors
     out: dict[tuple[str, str, str, str], list[np.ndarray]] = {}
     for start in range(0, n_boot, chunk):
         counts = generator.multinomial(n_questions, np.full(n_questions, 1 / n_questions), size=min(chunk, n_boot - start))
-        centroids = resampled_centroids(per_question, valid, counts)
+        centroids = resampled_centroids(per_question, valid, counts, rows)  # (b, c, p, d)
+        anchors = np.stack([centroids[:, b0, a], centroids[:, e, a], centroids[:, b0].mean(axis=1),
+                            centroids[:, e].mean(axis=1)], axis=1)  # (b, 4, d), rows contiguous for the products
+        within = centroids @ np.swapaxes(centroids, -1, -2)  # (b, c, p, p)
+        flat = centroids.reshape(len(counts), -1, centroids.shape[-1])
+        cross = (flat @ np.swapaxes(anchors, -1, -2)).reshape(*centroids.shape[:3], 4)  # (b, c, p, 4)
+        gram = anchors @ np.swapaxes(anchors, -1, -2)  # (b, 4, 4)
+        centred_within = _double_centre(within)
+        ends = {"raw": np.stack([within[:, b0, a, a], within[:, e, a, a]], axis=-1),
+                "centred": np.stack([centred_within[:, b0, a, a], centred_within[:, e, a, a]], axis=-1)}
+        to_raw = cross @ raw_axis
+        to_centred = cross @ centred_axis
+        inputs = {"raw": (within, to_raw, np.einsum("k,bkl,l->b", raw_axis, gram, raw_axis)),
+                  "centred": (centred_within, to_centred - to_centred.mean(axis=-1, keepdims=True),
+                              np.einsum("k,bkl,l->b", centred_axis, gram, centred_axis))}  # fmt: skip
         for geometry in GEOMETRIES:
-            vectors = centroids if geometry == "raw" else centre(centroids)
-            values = {"M1": mean_off_diagonal_cosines(vectors),
-                      "M2": _m2_values(vectors, vectors[:, b0, a], vectors[:, e, a], keep)}  # fmt: skip
-            for metric, per_ckpt in values.items():
+            m1, m2 = _m1_m2(*inputs[geometry], ends[geometry], keep)
+            for metric, per_ckpt in (("M1", m1), ("M2", m2)):
                 for condition, reference in comparisons:
                     delta = per_ckpt[:, ckpts.index(condition)] - per_ckpt[:, ckpts.index(reference)]
                     out.setdefault((metric, geometry, condition, reference), []).append(delta)
