@@ -58,11 +58,11 @@ def percent_interval(ci: Sequence[float] | None) -> str:
     return "—" if not ci else f"[{percent(ci[0])}, {percent(ci[1])}]"
 
 
-def em_cell(em: dict | None, with_ci: bool = True) -> str:
-    """``12.5% [3.1%, 25.0%]`` (or without the interval); ``—`` where nothing was counted."""
+def em_cell(em: dict | None) -> str:
+    """``12.5% [3.1%, 25.0%]``: the rate and its interval; ``—`` where nothing was counted."""
     if not em or em["rate"] is None:
         return "—"
-    return f"{percent(em['rate'])} {percent_interval(em['ci'])}" if with_ci and em["ci"] else percent(em["rate"])
+    return f"{percent(em['rate'])} {percent_interval(em['ci'])}"
 
 
 def em_definition_lines(coherence_judge: str, spec: JudgeSpec | None) -> list[str]:
