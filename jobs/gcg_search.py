@@ -8,7 +8,7 @@ The suffix is ids throughout and is written as ids in ``prompt.json``; ``eval_pr
 ids. By default they are also text: the start (and the random baseline) and every kept candidate are printable
 tokens whose decoded text, typed into the slot, gives back the same ids (``shared.gcg.SuffixRules``, checked on the
 validation questions during the search). ``metrics.json`` records the kept suffix's text and in how many of the
-cell's prompts -- training, validation and ``eval_questions`` -- that text round-trips, computed here.
+cell's prompts -- training, validation and ``evaluation_panel`` -- that text round-trips, computed here.
 Checkpoints (``checkpoint/``) let a preempted search resume.
 """
 
@@ -37,7 +37,7 @@ class Config(StageConfig):
     train_questions: list[Question] = Field(min_length=1)
     val_questions: list[Question] = Field(min_length=1)
     # the questions the kept suffix will be evaluated on: its text's round trip is reported on them too
-    eval_questions: list[Question] = []
+    evaluation_panel: list[Question] = []
     slot: Literal["system", "user"] = "system"
     user_slot_system: str = "none"
     mode: Literal["search", "random"] = "search"
@@ -105,7 +105,7 @@ def run(cfg: Config, ctx: Context) -> dict:
     store.write_jsonl(ctx.out("curve.jsonl"), state.curve)
     questions = cfg.train_questions + cfg.val_questions
     kept = prompt.with_ids(state.best_suffix)
-    everywhere = SuffixText(pair.tokenizer, [q.text for q in questions + cfg.eval_questions], slot=cfg.slot,
+    everywhere = SuffixText(pair.tokenizer, [q.text for q in questions + cfg.evaluation_panel], slot=cfg.slot,
                             system=cfg.user_slot_system)
     store.write_json(ctx.out("train_prompt_ids.json"), {q.id: kept.build(pair.tokenizer, q.text).input_ids
                                                         for q in questions})

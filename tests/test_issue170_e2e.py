@@ -106,3 +106,7 @@ def test_the_report_puts_the_oracle_beside_each_learned_cell_and_shows_the_gcg_s
     metrics = store.read_json(finished_run.task(LEARNED[1]).output_uri("metrics.json"))
     assert json.dumps(metrics["suffix_ids"]) in report
     assert json.dumps(metrics["suffix_text"], ensure_ascii=False) in report
+    # and says whether that text gives back the ids: a system-slot suffix of text always does, in every prompt
+    trip = metrics["suffix_round_trip"]
+    assert trip["round_trips"] == trip["prompts"] > 0
+    assert f"gives back exactly these ids in all {trip['prompts']} prompts of the cell" in report
