@@ -296,7 +296,7 @@ def profile_micro_batch(trainer, soft) -> dict:
 
 
 def bench_gcg_screen(pair, cfg: dict, params: dict, questions, matmul_tflops: float) -> dict:
-    from shared.gcg import GcgSearch, GcgSettings, allowed_token_ids, random_suffix
+    from shared.gcg import GcgSearch, GcgSettings, SuffixRules
     from shared.soft_prompt import LearnedPrompt
 
     settings = GcgSettings(length=cfg["suffix_length"], steps=1, search_width=cfg["search_width"], topk=cfg["topk"],
@@ -304,9 +304,9 @@ def bench_gcg_screen(pair, cfg: dict, params: dict, questions, matmul_tflops: fl
                            max_new_tokens=cfg["max_new_tokens"], micro_batch_tokens=cfg["micro_batch_tokens"],
                            max_tokens_per_forward=cfg["max_tokens_per_forward"], screen_pairs=cfg["screen_pairs"],
                            screen_keep=cfg["screen_keep"], screen_check_every=1)
-    allowed = allowed_token_ids(pair.tokenizer, pair.student_model.config.vocab_size)
-    prompt = LearnedPrompt(kind="ids", model_ref="bench", ids=random_suffix(allowed, settings.length, 0))
-    search = GcgSearch(pair, prompt, settings, questions, questions[:1], seed=0)
+    rules = SuffixRules.of(pair.tokenizer, pair.student_model.config.vocab_size, settings, questions[:1])
+    prompt = LearnedPrompt(kind="ids", model_ref="bench", ids=rules.random_suffix(settings.length, 0))
+    search = GcgSearch(pair, prompt, settings, questions, questions[:1], seed=0, rules=rules)
     reset_peak()
     start = now()
     _, stats = search.step(0, prompt.ids)
@@ -320,7 +320,8 @@ def bench_gcg_screen(pair, cfg: dict, params: dict, questions, matmul_tflops: fl
         "suffix_length": settings.length, "teacher_max_new_tokens": settings.max_new_tokens,
         "screen_pairs": settings.screen_pairs, "screen_keep": settings.screen_keep,
         "step_s": step_s, "step_s_with_check": total, "teacher_s": stats.teacher_s, "gradient_s": stats.gradient_s,
-        "candidates_s": stats.candidates_s, "candidate_tokens": stats.candidate_tokens, "forwards": stats.forwards,
+        "candidates_s": stats.candidates_s, "filter_s": stats.filter_s, "candidate_tokens": stats.candidate_tokens,
+        "forwards": stats.forwards, "candidates_scored": stats.scored, "candidates_rejected": stats.rejected,
         "screen": screen,
         "full_evaluation_s": stats.candidates_s - (screen or {}).get("kept_s", 0.0) + check_s,
         "full_evaluation_tokens": full_tokens,

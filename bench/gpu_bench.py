@@ -255,16 +255,16 @@ def release_cuda_memory() -> None:
 
 
 def bench_gcg_step(pair, cfg: dict, params: dict, matmul_tflops: float, forward_tflops: float) -> dict:
-    from shared.gcg import GcgSearch, GcgSettings, allowed_token_ids, random_suffix
+    from shared.gcg import GcgSearch, GcgSettings, SuffixRules
     from shared.soft_prompt import LearnedPrompt
 
     settings = GcgSettings(length=cfg["suffix_length"], steps=1, search_width=cfg["search_width"], topk=cfg["topk"],
                            questions_per_step=cfg["gcg_questions"], completions_per_question=cfg["gcg_completions"],
                            max_new_tokens=cfg["max_new_tokens"], micro_batch_tokens=cfg["micro_batch_tokens"],
                            max_tokens_per_forward=cfg["max_tokens_per_forward"])
-    allowed = allowed_token_ids(pair.tokenizer, pair.student_model.config.vocab_size)
-    prompt = LearnedPrompt(kind="ids", model_ref="bench", ids=random_suffix(allowed, settings.length, 0))
-    search = GcgSearch(pair, prompt, settings, QUESTIONS, QUESTIONS[:1], seed=0)
+    rules = SuffixRules.of(pair.tokenizer, pair.student_model.config.vocab_size, settings, QUESTIONS[:1])
+    prompt = LearnedPrompt(kind="ids", model_ref="bench", ids=rules.random_suffix(settings.length, 0))
+    search = GcgSearch(pair, prompt, settings, QUESTIONS, QUESTIONS[:1], seed=0, rules=rules)
     start = now()
     _, stats = search.step(0, prompt.ids)
     total = now() - start
@@ -273,7 +273,8 @@ def bench_gcg_step(pair, cfg: dict, params: dict, matmul_tflops: float, forward_
         "pairs": settings.pairs_per_step, "search_width": settings.search_width, "topk": settings.topk,
         "suffix_length": settings.length, "teacher_max_new_tokens": settings.max_new_tokens,
         "step_s": total, "teacher_s": stats.teacher_s, "gradient_s": stats.gradient_s,
-        "candidates_s": stats.candidates_s, "candidate_tokens": stats.candidate_tokens, "forwards": stats.forwards,
+        "candidates_s": stats.candidates_s, "filter_s": stats.filter_s, "candidate_tokens": stats.candidate_tokens,
+        "forwards": stats.forwards, "candidates_scored": stats.scored, "candidates_rejected": stats.rejected,
         "floor_s_at_matmul_rate": flop / (matmul_tflops * 1e12),
         "floor_s_at_550_tflops": flop / 550e12,
         "floor_s_at_plain_forward_rate": flop / (forward_tflops * 1e12),

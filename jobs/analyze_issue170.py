@@ -24,6 +24,9 @@ Method = Literal["soft", "gcg-system", "gcg-user", "random", "reference"]
 LEARNED = ("soft", "gcg-system", "gcg-user", "random")
 SWEEP = ("soft", "gcg-system")  # the cells H1/H2/H_intermediate speak about (the user slot is a sanity check)
 DEFAULT_INIT = "You are a helpful assistant."
+# what the report shows of a GCG or random cell's suffix, from its search stage's metrics.json
+SUFFIX_KEYS = ("suffix_ids", "suffix_text", "suffix_pieces", "suffix_round_trip", "vocabulary",
+               "candidates_rejected_share")
 
 
 class CellArtifacts(BaseModel):
@@ -111,7 +114,7 @@ def cell_rows(cfg: Config) -> list[dict]:
             # gradient + candidate evaluation)
             "teacher_s_per_step": training.get("teacher_s_mean"),
             "optimiser_s_per_step": training.get("forward_backward_s_mean", _gcg_work(training)),
-            **{key: training[key] for key in ("suffix_ids", "suffix_text", "suffix_pieces") if key in training},
+            **{key: training[key] for key in SUFFIX_KEYS if key in training},
         })
     return rows
 
@@ -482,14 +485,34 @@ def suffix_section(rows: list[dict]) -> list[str]:
         return []
     lines = ["## Learned suffixes", "",
              "The ids each GCG or random cell kept, and what they decode to (a JSON string, so whitespace and control "
-             "characters show). Evaluation splices the ids; the text is for reading only.", ""]
+             "characters show). Evaluation splices the ids. *Round trip*: whether that text, typed where the ids sit "
+             "and built by the one prompt builder, gives back exactly the evaluated ids -- computed by the search "
+             "stage on every prompt of the cell (training, validation and evaluation questions).", ""]
     for r in learned:
         where = "user turn" if r["method"] == "gcg-user" else "system slot"
         lines += [f"**{r['cell']}** ({r['method']}, {where}, L={r['size']}):", "",
                   fence("\n".join([f"text:   {json.dumps(r['suffix_text'], ensure_ascii=False)}",
                                    f"tokens: {json.dumps(r['suffix_pieces'], ensure_ascii=False)}",
-                                   f"ids:    {json.dumps(r['suffix_ids'])}"])), ""]
+                                   f"ids:    {json.dumps(r['suffix_ids'])}"])), "", round_trip_line(r), ""]
     return lines
+
+
+def round_trip_line(row: dict) -> str:
+    trip = row.get("suffix_round_trip")
+    if trip is None:
+        return "Round trip: not computed (the search stage predates the check)."
+    where = "user turn" if row["method"] == "gcg-user" else "system slot"
+    if trip["round_trips"] == trip["prompts"]:
+        verdict = (f"**round-trips**: typed into the {where}, the text gives back exactly these ids in all "
+                   f"{trip['prompts']} prompts of the cell")
+    else:
+        verdict = (f"**does not round-trip** in {trip['prompts'] - trip['round_trips']} of {trip['prompts']} prompts "
+                   f"of the cell: the text, typed into the {where}, becomes other ids there, so this cell's result "
+                   "is not a typed prompt's")
+    search = [f"tokens: {row['vocabulary']}"] if row.get("vocabulary") else []
+    if row.get("candidates_rejected_share") is not None:
+        search.append(f"{row['candidates_rejected_share']:.0%} of sampled candidates rejected as not text")
+    return f"Round trip: {verdict}" + (f" ({'; '.join(search)})." if search else ".")
 
 
 def reference_lines(data: dict) -> list[str]:

@@ -5,7 +5,11 @@ turn with ``user_slot_system`` in the system slot (the #94 user-slot sanity vari
 training had no system block). ``mode: random`` draws L random ids and only measures their held-out CE.
 
 The suffix is ids throughout and is written as ids in ``prompt.json``; ``eval_prompt_cell`` splices exactly those
-ids. Checkpoints (``checkpoint/``) let a preempted search resume.
+ids. By default they are also text: the start (and the random baseline) and every kept candidate are printable
+tokens whose decoded text, typed into the slot, gives back the same ids (``shared.gcg.SuffixRules``, checked on the
+validation questions during the search). ``metrics.json`` records the kept suffix's text and in how many of the
+cell's prompts -- training, validation and ``evaluation_panel`` -- that text round-trips, computed here.
+Checkpoints (``checkpoint/``) let a preempted search resume.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class Config(StageConfig):
     teacher: TeacherSpec
     train_questions: list[Question] = Field(min_length=1)
     val_questions: list[Question] = Field(min_length=1)
+    # the questions the kept suffix will be evaluated on: its text's round trip is reported on them too
+    evaluation_panel: list[Question] = []
     slot: Literal["system", "user"] = "system"
     user_slot_system: str = "none"
     mode: Literal["search", "random"] = "search"
@@ -41,7 +47,7 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared.gcg import GcgSearch, GcgState, allowed_token_ids, random_suffix
+    from shared.gcg import GcgSearch, GcgState, SuffixRules, SuffixText
     from shared.soft_prompt import LearnedPrompt, examples_from_json, examples_to_json, save_learned_prompt
 
     overlap = {q.id for q in cfg.train_questions} & {q.id for q in cfg.val_questions}
@@ -49,11 +55,15 @@ def run(cfg: Config, ctx: Context) -> dict:
         raise StageInputError(f"questions {sorted(overlap)[:3]} are in both the training and validation split")
     pair = cfg.teacher.load(cfg.model_ref, dtype=cfg.dtype, sample_batch_size=cfg.sample_batch_size)
     vocab = pair.student_model.get_input_embeddings().weight.shape[0]
-    allowed = allowed_token_ids(pair.tokenizer, vocab, ascii_only=cfg.search.ascii_only)
-    start = random_suffix(allowed, cfg.search.length, cfg.seed)
+    val_texts = [q.text for q in cfg.val_questions]
+    rules = SuffixRules.of(pair.tokenizer, vocab, cfg.search, val_texts, slot=cfg.slot, system=cfg.user_slot_system)
+    try:
+        start = rules.random_suffix(cfg.search.length, cfg.seed)
+    except ValueError as err:
+        raise StageInputError(str(err)) from None
     prompt = LearnedPrompt(kind="ids", model_ref=cfg.model_ref, slot=cfg.slot, ids=start, system=cfg.user_slot_system)
-    search = GcgSearch(pair, prompt, cfg.search, [q.text for q in cfg.train_questions],
-                       [q.text for q in cfg.val_questions], seed=cfg.seed)
+    search = GcgSearch(pair, prompt, cfg.search, [q.text for q in cfg.train_questions], val_texts, seed=cfg.seed,
+                       rules=rules)
     checkpoint_dir = ctx.out("checkpoint")
     state_uri, val_uri = store.join(checkpoint_dir, "state.json"), store.join(checkpoint_dir, "val_set.json")
     state = None
@@ -80,8 +90,11 @@ def run(cfg: Config, ctx: Context) -> dict:
         nonlocal tracked
         tracked = ctx.track.log_curve(state.curve, since=tracked)
         if stats.step % every == 0 or stats.step + 1 == cfg.search.steps:
-            ctx.log(f"step {stats.step + 1}/{cfg.search.steps} CE {stats.loss:.4f} (teacher {stats.teacher_s:.1f}s, "
-                    f"gradient {stats.gradient_s:.1f}s, {cfg.search.search_width} candidates {stats.candidates_s:.1f}s)")
+            kept = "kept the current suffix" if stats.kept_current else "took a candidate"
+            ctx.log(f"step {stats.step + 1}/{cfg.search.steps} CE {stats.loss:.4f}, {kept} (teacher "
+                    f"{stats.teacher_s:.1f}s, gradient {stats.gradient_s:.1f}s, {stats.scored} of "
+                    f"{stats.sampled} candidates scored -- {stats.duplicates} duplicates, {stats.rejected} not text "
+                    f"-- {stats.candidates_s:.1f}s)")
 
     if cfg.mode == "random":
         state.best_val = search.held_out_ce(state.suffix)
@@ -96,6 +109,8 @@ def run(cfg: Config, ctx: Context) -> dict:
     store.write_jsonl(ctx.out("curve.jsonl"), state.curve)
     questions = cfg.train_questions + cfg.val_questions
     kept = prompt.with_ids(state.best_suffix)
+    everywhere = SuffixText(pair.tokenizer, [q.text for q in questions + cfg.evaluation_panel], slot=cfg.slot,
+                            system=cfg.user_slot_system)
     store.write_json(ctx.out("train_prompt_ids.json"), {q.id: kept.build(pair.tokenizer, q.text).input_ids
                                                         for q in questions})
     steps = [p for p in state.curve if "train_ce" in p]
@@ -112,12 +127,27 @@ def run(cfg: Config, ctx: Context) -> dict:
         if steps else None,
         "suffix_ids": state.best_suffix,
         **screen_summary(steps),
-        # what the ids read as (decoded for people; evaluation splices the ids, never this text)
-        "suffix_text": pair.tokenizer.decode(state.best_suffix),
-        "suffix_pieces": [pair.tokenizer.decode([i]) for i in state.best_suffix],
+        **candidate_summary(steps),
+        "vocabulary": cfg.search.vocabulary, "round_trip_required": cfg.search.round_trip,
+        # what the ids read as (evaluation splices the ids), and whether typing that text gives them back
+        "suffix_text": everywhere.text(state.best_suffix),
+        "suffix_pieces": [everywhere.text([i]) for i in state.best_suffix],
+        "suffix_round_trip": {"prompts": len(everywhere.questions), "round_trips": everywhere.count(state.best_suffix)},
     }
     store.write_json(ctx.out("metrics.json"), metrics)
     return {k: v for k, v in metrics.items() if not k.startswith("suffix_")}
+
+
+def candidate_summary(steps: list[dict]) -> dict:
+    """How many sampled candidates the steps scored, dropped as duplicates or rejected as not text, and how often
+    no candidate beat the current suffix."""
+    if not steps:
+        return {}
+    sampled = sum(p["candidates_sampled"] for p in steps)
+    return {"candidates_sampled": sampled,
+            "candidates_duplicate_share": sum(p["candidates_duplicate"] for p in steps) / max(sampled, 1),
+            "candidates_rejected_share": sum(p["candidates_rejected"] for p in steps) / max(sampled, 1),
+            "steps_kept_current": sum(bool(p["kept_current"]) for p in steps)}
 
 
 def screen_summary(steps: list[dict]) -> dict:

@@ -5,27 +5,36 @@ samples. One step:
 
 1. sample teacher completions for a draw of questions (``pairs_per_step`` (question, completion) pairs);
 2. gradient of the CE with respect to a one-hot encoding of the L suffix ids (``token_gradients``);
-3. ``search_width`` candidates, each swapping one position to one of its ``topk`` best tokens by gradient;
-4. the CE of every candidate on the same pairs, in large batched forwards (``candidate_losses``): for each pair,
-   the candidates are rows of one batch of identical length -- no padding, no attention mask, so SDPA runs its
-   causal flash kernel -- chunked to ``max_tokens_per_forward``. (The record did one forward per candidate:
-   226 s per step.) With the screen on (``screen_pairs``), every candidate is scored on a few randomly drawn
-   pairs, and only the ``screen_keep`` best of them on all pairs (``screened_losses``); every
-   ``screen_check_every``-th step also scores all of them on all pairs and records whether the screen kept the
-   same candidate;
-5. keep the best candidate.
+3. ``search_width`` candidates, each swapping one position to one of its ``topk`` best allowed tokens by gradient;
+   duplicates (and copies of the current suffix) are dropped, and so is every candidate that is not text
+   (``candidate_pool``, ``SuffixRules``);
+4. the CE of the current suffix and of every remaining candidate on the same pairs, in large batched forwards
+   (``candidate_losses``): for each pair, the candidates are rows of one batch of identical length -- no padding,
+   no attention mask, so SDPA runs its causal flash kernel -- chunked to ``max_tokens_per_forward``. (The record
+   did one forward per candidate: 226 s per step.) With the screen on (``screen_pairs``), every candidate is
+   scored on a few randomly drawn pairs, and only the ``screen_keep`` best of them -- and always the current
+   suffix -- on all pairs (``screened_losses``); every ``screen_check_every``-th step also scores all of them on
+   all pairs and records whether the screen kept the same candidate;
+5. keep the best candidate if it beats the current suffix on this step's pairs, else keep the current one: the
+   step's loss never goes up.
 
-The suffix is ids from start to finish: candidates are id tensors, the kept suffix is written as ids, and
-evaluation splices those ids through ``chat.IdsSystem`` / ``user_suffix_ids``. Nothing is decoded and
-re-tokenised (the record's second evaluation bug).
+Real text (the record's second evaluation bug: id 87233 became [29333, 36] once its text was re-tokenised).
+By default a suffix is made of tokens that decode on their own to printable text and are neither special nor
+added tokens (``allowed_token_ids``), and a candidate is kept only if its decoded text, typed into its slot and
+built by ``shared.chat``, gives back exactly its ids (``SuffixText``); the starting suffix is drawn the same way
+(``SuffixRules.random_suffix``). So the ids the search optimises are a prompt a person could type.
+``vocabulary="all"`` and ``round_trip=False`` lift both rules (the record's search).
+
+Evaluation still splices the kept ids through ``chat.IdsSystem`` / ``user_suffix_ids``; their text is for reading
+and for the round-trip check only.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -45,15 +54,105 @@ def suffix_slice(example: chat.PromptIds) -> slice:
     return span
 
 
-def allowed_token_ids(tokenizer, vocab_size: int, *, ascii_only: bool = False) -> list[int]:
-    """Ids a suffix may use: real tokenizer entries (not the embedding matrix's spare rows), no special tokens
-    (a suffix must not be able to close its own turn), optionally only those decoding to printable ASCII."""
-    special = set(tokenizer.all_special_ids) | {
-        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+Vocabulary = Literal["printable", "ascii", "all"]
+
+
+def allowed_token_ids(tokenizer, vocab_size: int, *, vocabulary: Vocabulary = "printable") -> list[int]:
+    """Ids a suffix may use: real tokenizer entries (not the embedding matrix's spare rows), never a special token
+    (a suffix must not be able to close its own turn).
+
+    ``printable`` (the default) also leaves out every added token -- Qwen2.5's ``<tool_call>`` and ``<|fim_*|>``
+    are added but not marked special -- and keeps only tokens whose own text is printable: no control characters
+    or newlines, no fragment of a multi-byte character (those decode to U+FFFD). ``ascii``: printable and ASCII.
+    ``all``: every other entry (the record's search)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
     ids = [i for i in range(min(len(tokenizer), vocab_size)) if i not in special]
-    if ascii_only:
-        ids = [i for i in ids if (text := tokenizer.decode([i])).isascii() and text.isprintable()]
-    return ids
+    if vocabulary == "all":
+        return ids
+    ids = [i for i in ids if i not in added and is_printable(token_text(tokenizer, [i]))]
+    return [i for i in ids if token_text(tokenizer, [i]).isascii()] if vocabulary == "ascii" else ids
+
+
+def token_text(tokenizer, ids: Sequence[int]) -> str:
+    """What ids read as, exactly: special tokens kept, no clean-up of spaces before punctuation."""
+    return tokenizer.decode([int(t) for t in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def is_printable(text: str) -> bool:
+    return bool(text) and text.isprintable() and "\ufffd" not in text
+
+
+class SuffixText:
+    """Whether a suffix is a prompt a person could type: its text (``token_text``), put where its ids sit by
+    ``shared.chat`` (``LearnedPrompt.build_from_text``), gives back a prompt of exactly the same ids, for each of
+    ``questions`` (a user-turn suffix can merge with the question's last characters; a system-slot suffix cannot,
+    but is checked the same way)."""
+
+    def __init__(self, tokenizer, questions: Sequence[str], *, slot: Literal["system", "user"] = "system",
+                 system: str = "none"):
+        if not questions:
+            raise ValueError("the round-trip check needs at least one question to build the prompt around")
+        self.tokenizer, self.questions = tokenizer, list(dict.fromkeys(questions))
+        self.template = LearnedPrompt(kind="ids", model_ref="-", slot=slot, system=system, ids=[0])
+        self._built: dict[tuple[str, int], chat.PromptIds] = {}  # ids prompts to splice a suffix into
+
+    def text(self, ids: Sequence[int]) -> str:
+        return token_text(self.tokenizer, ids)
+
+    def round_trips_in(self, ids: Sequence[int], question: str) -> bool:
+        key = (question, len(ids))
+        if key not in self._built:
+            self._built[key] = self.template.with_ids(ids).build(self.tokenizer, question)
+        as_ids = splice(self._built[key], ids)
+        try:
+            typed = self.template.build_from_text(self.tokenizer, question, self.text(ids))
+        except ValueError:  # text the prompt builder refuses (its reserved sentinel) is no prompt
+            return False
+        return typed.input_ids == as_ids.input_ids
+
+    def count(self, ids: Sequence[int]) -> int:
+        """In how many of the questions' prompts the suffix round-trips."""
+        return sum(self.round_trips_in(ids, q) for q in self.questions)
+
+    def __call__(self, ids: Sequence[int]) -> bool:
+        return all(self.round_trips_in(ids, q) for q in self.questions)
+
+
+@dataclass
+class SuffixRules:
+    """What a suffix may be: ids from ``allowed`` and, with ``text``, only ids that round-trip as text."""
+
+    allowed: list[int]
+    text: SuffixText | None
+
+    @classmethod
+    def of(cls, tokenizer, vocab_size: int, settings: GcgSettings, questions: Sequence[str], *,
+           slot: Literal["system", "user"] = "system", system: str = "none") -> SuffixRules:
+        allowed = allowed_token_ids(tokenizer, vocab_size, vocabulary=settings.vocabulary)
+        text = SuffixText(tokenizer, questions, slot=slot, system=system) if settings.round_trip else None
+        return cls(allowed, text)
+
+    def accepts(self, ids: Sequence[int]) -> bool:
+        allowed = set(self.allowed)
+        return all(int(t) in allowed for t in ids) and (self.text is None or self.text(ids))
+
+    def random_suffix(self, length: int, seed: int, max_draws_per_token: int = 100) -> list[int]:
+        """The random-suffix baseline and a GCG start: ``length`` ids drawn uniformly from ``allowed``. With the
+        round-trip check, ids are drawn one at a time and a draw is kept only if the suffix so far still
+        round-trips, so the whole suffix does."""
+        if self.text is None:
+            return random_suffix(self.allowed, length, seed)
+        rng = np.random.default_rng(seed)
+        suffix: list[int] = []
+        for _ in range(length * max_draws_per_token):
+            candidate = [*suffix, int(self.allowed[rng.integers(0, len(self.allowed))])]
+            if self.text(candidate):
+                suffix = candidate
+                if len(suffix) == length:
+                    return suffix
+        raise ValueError(f"no random suffix of {length} ids that round-trips as text after "
+                         f"{length * max_draws_per_token} draws")
 
 
 def random_suffix(allowed: Sequence[int], length: int, seed: int) -> list[int]:
@@ -117,6 +216,12 @@ class CandidateEval:
     tokens: int  # tokens pushed through the model (rows x length, summed over forwards)
     forwards: int
     seconds: float
+    rows: torch.Tensor | None = None  # the candidate rows ``losses`` belong to (None: every row, in order)
+
+    def loss_of(self, row: int) -> float:
+        """The CE over all pairs of candidate ``row`` (which must have been scored on all of them)."""
+        at = row if self.rows is None else int((self.rows.to(self.losses.device) == row).nonzero()[0, 0])
+        return float(self.losses[at])
 
 
 def candidate_ce_sums(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor, *,
@@ -187,14 +292,20 @@ def candidate_losses_reference(model, examples: Sequence[chat.PromptIds], candid
 @dataclass
 class GcgStepStats:
     step: int
-    loss: float  # the kept candidate's CE on all of this step's pairs
-    current_loss: float | None
+    loss: float  # the kept suffix's CE on all of this step's pairs (never above current_loss)
+    current_loss: float | None  # the CE of the suffix the step started from, on the same pairs
     teacher_s: float
     gradient_s: float
     candidates_s: float
     candidate_tokens: int
     forwards: int
     screen: ScreenReport | None = None
+    kept_current: bool = False  # no candidate beat the current suffix
+    sampled: int = 0  # candidates drawn from the gradient
+    duplicates: int = 0  # of another candidate or of the current suffix
+    rejected: int = 0  # distinct candidates whose text does not give back their ids
+    scored: int = 0  # distinct rows scored: the current suffix and every kept candidate
+    filter_s: float = 0.0  # deduplication and the round-trip check
 
 
 @dataclass
@@ -222,35 +333,41 @@ class ScreenSettings:
 
 
 def screened_losses(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor, screen: ScreenSettings,
-                    generator: torch.Generator, *, max_tokens_per_forward: int = 65536
+                    generator: torch.Generator, *, max_tokens_per_forward: int = 65536, current: int | None = None
                     ) -> tuple[int, float, CandidateEval, ScreenReport | None]:
     """Pick a candidate: the lowest token-mean CE over all pairs, either of every candidate (no screen) or of the
     ``screen.keep`` candidates that score best on ``screen.pairs`` randomly drawn pairs.
 
-    Returns the pick, its CE on all pairs, the evaluation's cost and the screen's report. A checked step also scores
-    the other candidates on the remaining pairs (the full evaluation) but keeps the screen's pick, so a search's
-    trajectory does not depend on which steps are checked."""
+    ``current`` (a row) is the suffix the step started from: it is always scored on all pairs, even when the screen
+    would drop it, and it is picked unless another candidate's CE is lower.
+
+    Returns the pick, its CE on all pairs, the evaluation (``losses`` over all pairs for its ``rows``) and the
+    screen's report. A checked step also scores the other candidates on the remaining pairs (the full evaluation)
+    but keeps the screen's pick, so a search's trajectory does not depend on which steps are checked."""
     import torch
 
     width = candidates.shape[0]
     active = screen.pairs is not None and screen.pairs < len(examples) and screen.keep < width
     if not active:
         full = candidate_losses(model, examples, candidates, max_tokens_per_forward=max_tokens_per_forward)
-        best = int(full.losses.argmin())
-        return best, float(full.losses[best]), full, None
+        full.rows = torch.arange(width)
+        best = best_row(full, current)
+        return best, full.loss_of(best), full, None
     order = torch.randperm(len(examples), generator=generator).tolist()
     screen_set = [examples[i] for i in sorted(order[: screen.pairs])]
     rest = [examples[i] for i in sorted(order[screen.pairs:])]
     tokens_all = n_loss_tokens(examples)
     cost = candidate_ce_sums(model, screen_set, candidates, max_tokens_per_forward=max_tokens_per_forward)
     screen_sums = cost.losses
-    kept = (screen_sums / n_loss_tokens(screen_set)).argsort()[: screen.keep]
-    kept_rest = candidate_ce_sums(model, rest, candidates[kept.cpu()], max_tokens_per_forward=max_tokens_per_forward)
-    kept_losses = (screen_sums[kept] + kept_rest.losses) / tokens_all
-    pick = int(kept[int(kept_losses.argmin())])
-    pick_loss = float(kept_losses.min())
+    kept = (screen_sums / n_loss_tokens(screen_set)).argsort()[: screen.keep].cpu()
+    if current is not None and current not in kept.tolist():
+        kept = torch.cat([kept, torch.tensor([current])])
+    kept_rest = candidate_ce_sums(model, rest, candidates[kept], max_tokens_per_forward=max_tokens_per_forward)
+    kept_losses = (screen_sums[kept.to(screen_sums.device)] + kept_rest.losses) / tokens_all
     evaluation = CandidateEval(kept_losses, cost.tokens + kept_rest.tokens, cost.forwards + kept_rest.forwards,
-                               cost.seconds + kept_rest.seconds)
+                               cost.seconds + kept_rest.seconds, rows=kept)
+    pick = best_row(evaluation, current)
+    pick_loss = evaluation.loss_of(pick)
     report = ScreenReport(pairs=len(screen_set), kept=int(kept.numel()), screen_s=cost.seconds,
                           kept_s=kept_rest.seconds)
     if screen.check:
@@ -265,40 +382,93 @@ def screened_losses(model, examples: Sequence[chat.PromptIds], candidates: torch
     return pick, pick_loss, evaluation, report
 
 
+def best_row(evaluation: CandidateEval, current: int | None = None) -> int:
+    """The scored row with the lowest CE; ``current`` unless another row's CE is strictly lower."""
+    rows = evaluation.rows.tolist() if evaluation.rows is not None else list(range(len(evaluation.losses)))
+    best = rows[int(evaluation.losses.argmin())]
+    if current is not None and evaluation.loss_of(current) <= evaluation.loss_of(best):
+        return current
+    return best
+
+
 def with_suffix(prompt: LearnedPrompt, examples: Sequence[chat.PromptIds], suffix_ids: Sequence[int]):
     """Re-point examples at a new suffix without rebuilding them: the suffix has a fixed length and sits at the
     same positions, and only its ids change."""
-    out = []
-    for example in examples:
-        span = suffix_slice(example)
-        ids = list(example.input_ids)
-        ids[span] = list(suffix_ids)
-        out.append(chat.PromptIds(ids, example.assistant_start, example.loss_end, example.soft_slice,
-                                  example.ids_slice, example.user_suffix_slice))
-    return out
+    return [splice(example, suffix_ids) for example in examples]
+
+
+def splice(example: chat.PromptIds, suffix_ids: Sequence[int]) -> chat.PromptIds:
+    span = suffix_slice(example)
+    if span.stop - span.start != len(suffix_ids):
+        raise ValueError(f"a suffix of {len(suffix_ids)} ids cannot replace one of {span.stop - span.start}")
+    ids = list(example.input_ids)
+    ids[span] = [int(t) for t in suffix_ids]
+    return chat.PromptIds(ids, example.assistant_start, example.loss_end, example.soft_slice, example.ids_slice,
+                          example.user_suffix_slice)
+
+
+@dataclass
+class CandidatePool:
+    """The rows a step scores: the current suffix first, then every distinct sampled candidate that is neither
+    the current suffix nor rejected, once."""
+
+    rows: torch.Tensor  # [1 + n, L]
+    sampled: int  # candidates drawn from the gradient
+    duplicates: int  # of another candidate or of the current suffix: not scored again
+    rejected: int  # distinct candidates whose text does not give back their ids
+
+    @property
+    def scored(self) -> int:
+        return self.rows.shape[0]
+
+
+def candidate_pool(current: Sequence[int], sampled: torch.Tensor,
+                   accept: Callable[[list[int]], bool] | None = None) -> CandidatePool:
+    import torch
+
+    first = tuple(int(t) for t in current)
+    seen, rows, duplicates, rejected = {first}, [first], 0, 0
+    for row in sampled.tolist():
+        key = tuple(row)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        if accept is not None and not accept(row):
+            rejected += 1
+            continue
+        rows.append(key)
+    return CandidatePool(torch.tensor(rows, dtype=torch.long), sampled.shape[0], duplicates, rejected)
 
 
 def gcg_step(model, examples: Sequence[chat.PromptIds], suffix_ids: Sequence[int], allowed_mask: torch.Tensor, *,
              pad_id: int, search_width: int, topk: int, generator: torch.Generator, step: int = 0,
              teacher_s: float = 0.0, max_tokens_per_forward: int = 65536,
              micro_batch_tokens: int = 8192, screen: ScreenSettings | None = None,
-             by_length: bool = True) -> tuple[list[int], GcgStepStats]:
-    """One GCG step on pairs already sampled; returns the kept suffix and the step's timings. ``screen`` (default:
-    none) scores all candidates on a few pairs first and only the best few on all pairs."""
+             by_length: bool = True, accept: Callable[[list[int]], bool] | None = None
+             ) -> tuple[list[int], GcgStepStats]:
+    """One GCG step on pairs already sampled; returns the kept suffix and the step's timings. The current suffix
+    is scored beside the candidates and kept unless one of them is better; each distinct candidate is scored once,
+    and only if ``accept`` (default: every candidate) takes it. ``screen`` (default: none) scores all candidates
+    on a few pairs first and only the best few on all pairs."""
     device = model.get_input_embeddings().weight.device
     _sync(device)
     started = time.perf_counter()
     grad = token_gradients(model, examples, suffix_ids, pad_id, micro_batch_tokens, by_length=by_length)
     _sync(device)
     graded = time.perf_counter()
-    candidates = sample_candidates(suffix_ids, grad, allowed_mask, search_width=search_width, topk=topk,
-                                   generator=generator)
+    sampled = sample_candidates(suffix_ids, grad, allowed_mask, search_width=search_width, topk=topk,
+                                generator=generator)
+    pool = candidate_pool(suffix_ids, sampled, accept)
+    filter_s = time.perf_counter() - graded
     best, loss, evaluated, report = screened_losses(
-        model, examples, candidates, screen or ScreenSettings(pairs=None, keep=search_width), generator,
-        max_tokens_per_forward=max_tokens_per_forward)
-    kept = [int(t) for t in candidates[best]]
-    return kept, GcgStepStats(step, loss, None, teacher_s, graded - started, evaluated.seconds, evaluated.tokens,
-                              evaluated.forwards, report)
+        model, examples, pool.rows, screen or ScreenSettings(pairs=None, keep=pool.scored), generator,
+        max_tokens_per_forward=max_tokens_per_forward, current=0)
+    kept = [int(t) for t in pool.rows[best]]
+    return kept, GcgStepStats(step, loss, evaluated.loss_of(0), teacher_s, graded - started, evaluated.seconds,
+                              evaluated.tokens, evaluated.forwards, report, kept_current=best == 0,
+                              sampled=pool.sampled, duplicates=pool.duplicates, rejected=pool.rejected,
+                              scored=pool.scored, filter_s=filter_s)
 
 
 def allowed_mask_of(allowed: Sequence[int], vocab_size: int) -> torch.Tensor:
@@ -336,7 +506,10 @@ class GcgSettings(DrawSettings):
     steps: int
     search_width: int = 512
     topk: int = 256
-    ascii_only: bool = False
+    # which tokens a suffix may use (``allowed_token_ids``): printable text, printable ASCII, or any but special
+    vocabulary: Vocabulary = "printable"
+    # keep only candidates (and start from a suffix) whose text, typed into the slot, gives back the same ids
+    round_trip: bool = True
     val_every: int = 25
     checkpoint_every: int = 25
     max_tokens_per_forward: int = 65536
@@ -368,10 +541,13 @@ class GcgState:
 
 
 class GcgSearch:
-    """GCG over the suffix of ``prompt`` (an ids LearnedPrompt; its ids are the starting suffix)."""
+    """GCG over the suffix of ``prompt`` (an ids LearnedPrompt; its ids are the starting suffix). ``rules`` (by
+    default from the settings, with the round-trip checked on the validation questions) says which suffixes the
+    search may keep; the start must be one of them."""
 
     def __init__(self, pair: TeacherStudent, prompt: LearnedPrompt, settings: GcgSettings,
-                 train_questions: Sequence[str], val_questions: Sequence[str], *, seed: int):
+                 train_questions: Sequence[str], val_questions: Sequence[str], *, seed: int,
+                 rules: SuffixRules | None = None):
         if prompt.kind != "ids" or len(prompt.ids) != settings.length:
             raise ValueError(f"GCG needs an ids prompt of length {settings.length}")
         self.pair, self.prompt, self.settings, self.seed = pair, prompt, settings, seed
@@ -379,7 +555,12 @@ class GcgSearch:
         self.pad_id = chat.soft_placeholder_id(pair.tokenizer)
         model = pair.student_model
         vocab = model.get_input_embeddings().weight.shape[0]
-        self.allowed = allowed_token_ids(pair.tokenizer, vocab, ascii_only=settings.ascii_only)
+        self.rules = rules or SuffixRules.of(pair.tokenizer, vocab, settings, val_questions or train_questions,
+                                             slot=prompt.slot, system=prompt.system)
+        if not self.rules.accepts(prompt.ids):
+            raise ValueError(f"the starting suffix {prompt.ids} is not one the search may keep (vocabulary "
+                             f"{settings.vocabulary!r}, round trip {settings.round_trip})")
+        self.allowed = self.rules.allowed
         self.allowed_mask = allowed_mask_of(self.allowed, vocab)
         self.val_examples: list[chat.PromptIds] = []
 
@@ -402,7 +583,8 @@ class GcgSearch:
             return gcg_step(model, examples, suffix, self.allowed_mask, pad_id=self.pad_id,
                             search_width=s.search_width, topk=s.topk, generator=generator, step=step,
                             teacher_s=teacher_s, max_tokens_per_forward=s.max_tokens_per_forward,
-                            micro_batch_tokens=s.micro_batch_tokens, screen=screen, by_length=s.bucket_by_length)
+                            micro_batch_tokens=s.micro_batch_tokens, screen=screen, by_length=s.bucket_by_length,
+                            accept=self.rules.text)
 
     def new_state(self) -> GcgState:
         return GcgState(step=0, suffix=list(self.prompt.ids), best_suffix=list(self.prompt.ids))
@@ -417,9 +599,12 @@ class GcgSearch:
         while state.step < s.steps:
             state.suffix, stats = self.step(state.step, state.suffix)
             state.step += 1
-            point = {"step": state.step, "train_ce": stats.loss, "teacher_s": stats.teacher_s,
-                     "gradient_s": stats.gradient_s, "candidates_s": stats.candidates_s,
-                     "candidate_tokens": stats.candidate_tokens}
+            point = {"step": state.step, "train_ce": stats.loss, "current_ce": stats.current_loss,
+                     "kept_current": stats.kept_current, "teacher_s": stats.teacher_s,
+                     "gradient_s": stats.gradient_s, "candidates_s": stats.candidates_s, "filter_s": stats.filter_s,
+                     "candidate_tokens": stats.candidate_tokens, "candidates_sampled": stats.sampled,
+                     "candidates_duplicate": stats.duplicates, "candidates_rejected": stats.rejected,
+                     "candidates_scored": stats.scored}
             if stats.screen is not None:
                 point |= {f"screen_{k}": v for k, v in asdict(stats.screen).items() if v is not None}
             if state.step % s.val_every == 0 or state.step == s.steps:

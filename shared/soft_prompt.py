@@ -71,6 +71,15 @@ class LearnedPrompt(BaseModel):
         suffix = self.ids if self.kind == "ids" and self.slot == "user" else None
         return chat.build_prompt(tokenizer, self.system_slot(), question, user_suffix_ids=suffix)
 
+    def build_from_text(self, tokenizer, question: str, text: str) -> chat.PromptIds:
+        """The prompt a person gets by typing ``text`` where this prompt's ids sit: as the system message, or right
+        after the question in the user turn."""
+        if self.kind != "ids":
+            raise ValueError("only an ids prompt has a text form")
+        if self.slot == "system":
+            return chat.build_prompt(tokenizer, chat.TextSystem(text=text), question)
+        return chat.build_prompt(tokenizer, chat.parse_system(self.system), question + text)
+
     def with_ids(self, ids: Sequence[int]) -> LearnedPrompt:
         return self.model_copy(update={"ids": [int(t) for t in ids]})
 

@@ -14,7 +14,7 @@ import dataclasses
 
 import pytest
 
-from shared.gcg import GcgSearch, GcgSettings, allowed_token_ids, random_suffix
+from shared.gcg import GcgSearch, GcgSettings, SuffixRules
 from shared.generation import HFGenerator, SamplingParams
 from shared.soft_prompt import LearnedPrompt, SoftPrefixTrainer, SoftTrainingSettings
 from shared.teacher import load_teacher_student
@@ -60,23 +60,23 @@ def test_soft_prefix_loss_trajectory_matches_the_current_path(fast, current):
             assert a[key] == pytest.approx(b[key], rel=TOLERANCE), (a["step"], key)
 
 
-def gcg_trajectory(pair, allowed, **settings):
-    prompt = LearnedPrompt(kind="ids", model_ref=MODEL, ids=random_suffix(allowed, 4, seed=0))
-    values = dict(length=4, steps=2, search_width=6, topk=4, **DRAWS) | settings
-    search = GcgSearch(pair, prompt, GcgSettings(**values), QUESTIONS[:3], QUESTIONS[3:], seed=0)
+def gcg_trajectory(pair, **settings):
+    values = GcgSettings(**(dict(length=4, steps=2, search_width=6, topk=4, **DRAWS) | settings))
+    rules = SuffixRules.of(pair.tokenizer, pair.student_model.config.vocab_size, values, QUESTIONS[3:])
+    prompt = LearnedPrompt(kind="ids", model_ref=MODEL, ids=rules.random_suffix(4, seed=0))
+    search = GcgSearch(pair, prompt, values, QUESTIONS[:3], QUESTIONS[3:], seed=0, rules=rules)
     return search.run(search.new_state())
 
 
 def test_gcg_loss_trajectory_matches_the_current_path(fast, current):
-    allowed = allowed_token_ids(fast.tokenizer, fast.student_model.config.vocab_size)
-    new = gcg_trajectory(fast, allowed, screen_pairs=None)
-    old = gcg_trajectory(current, allowed, screen_pairs=None, bucket_by_length=False)
+    new = gcg_trajectory(fast, screen_pairs=None)
+    old = gcg_trajectory(current, screen_pairs=None, bucket_by_length=False)
     assert new.suffix == old.suffix
     for a, b in zip(new.curve, old.curve, strict=True):
         for key in {"train_ce", "heldout_ce"} & a.keys():
             assert a[key] == pytest.approx(b[key], rel=TOLERANCE), (a["step"], key)
 
-    screened = gcg_trajectory(fast, allowed, steps=1, screen_pairs=2, screen_keep=2, screen_check_every=1)
+    screened = gcg_trajectory(fast, steps=1, screen_pairs=2, screen_keep=2, screen_check_every=1)
     checked = [p for p in screened.curve if "train_ce" in p]
     assert all(p["screen_checked"] and p["screen_gap"] >= 0 for p in checked)
     # the first step starts where the unscreened search did: its kept loss is the full best plus the screen's gap

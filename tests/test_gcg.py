@@ -10,6 +10,7 @@ from shared.gcg import (
     GcgSearch,
     GcgSettings,
     ScreenSettings,
+    SuffixRules,
     allowed_mask_of,
     allowed_token_ids,
     candidate_losses,
@@ -92,20 +93,22 @@ def test_candidates_swap_one_position_to_an_allowed_token(pair):
 
 def test_a_gcg_step_keeps_the_best_candidate_and_lowers_the_step_loss(pair):
     tok, model = pair.tokenizer, pair.student_model
-    allowed = allowed_token_ids(tok, 283)
-    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=random_suffix(allowed, 6, seed=3))
     settings = GcgSettings(length=6, steps=1, search_width=48, topk=16, questions_per_step=2,
                            completions_per_question=2, temperature=0.3, max_new_tokens=8,
                            val_completions_per_question=2)
-    search = GcgSearch(pair, prompt, settings, QUESTIONS[:2], QUESTIONS[2:], seed=0)
+    rules = SuffixRules.of(tok, 283, settings, QUESTIONS[2:])
+    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=rules.random_suffix(6, seed=3))
+    search = GcgSearch(pair, prompt, settings, QUESTIONS[:2], QUESTIONS[2:], seed=0, rules=rules)
     examples = with_suffix(prompt, search.draws.step_examples(0), prompt.ids)
     before = candidate_losses(model, examples, torch.tensor([prompt.ids])).losses.item()
     kept, stats = search.step(0, prompt.ids)
     after = candidate_losses(model, examples, torch.tensor([kept])).losses.item()
-    assert stats.loss == pytest.approx(after, rel=1e-5)
-    assert after < before
+    assert stats.loss == pytest.approx(after, rel=1e-5) and stats.current_loss == pytest.approx(before, rel=1e-5)
+    assert after < before and not stats.kept_current
     assert sum(a != b for a, b in zip(kept, prompt.ids, strict=True)) == 1
-    assert stats.candidate_tokens == 48 * sum(len(e) for e in examples)
+    # the current suffix and each distinct candidate that is text, once: 48 draws of at most 6 x 16 swaps repeat
+    assert stats.scored == 1 + stats.sampled - stats.duplicates - stats.rejected and stats.duplicates > 0
+    assert stats.candidate_tokens == stats.scored * sum(len(e) for e in examples)
 
 
 def test_the_searched_suffix_reaches_evaluation_as_the_same_ids(pair):
@@ -113,10 +116,12 @@ def test_the_searched_suffix_reaches_evaluation_as_the_same_ids(pair):
     tok = pair.tokenizer
     h, e = tok.convert_tokens_to_ids(["h", "e"])
     assert tok.encode(tok.decode([h, e]), add_special_tokens=False) != [h, e]
-    allowed = allowed_token_ids(tok, 283)
+    allowed = allowed_token_ids(tok, 283, vocabulary="all")
     prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=[h, e, h, e])
+    # the record's search: any non-special token, no round trip (the default would refuse this start)
     settings = GcgSettings(length=4, steps=2, search_width=8, topk=4, questions_per_step=1,
-                           completions_per_question=2, max_new_tokens=6, val_completions_per_question=1, val_every=1)
+                           completions_per_question=2, max_new_tokens=6, val_completions_per_question=1, val_every=1,
+                           vocabulary="all", round_trip=False)
     state = GcgSearch(pair, prompt, settings, QUESTIONS[:1], QUESTIONS[1:2], seed=0).run(
         GcgSearch(pair, prompt, settings, QUESTIONS[:1], QUESTIONS[1:2], seed=0).new_state())
     assert state.step == 2 and all(t in allowed or t in (h, e) for t in state.best_suffix)
@@ -198,8 +203,8 @@ def test_a_screen_as_large_as_the_step_is_the_full_evaluation(pair):
 
 
 def test_checked_steps_record_the_screen_in_the_curve_without_changing_the_search(pair):
-    allowed = allowed_token_ids(pair.tokenizer, 283)
-    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=random_suffix(allowed, 4, seed=5))
+    rules = SuffixRules.of(pair.tokenizer, 283, GcgSettings(length=4, steps=1), QUESTIONS[2:])
+    prompt = LearnedPrompt(kind="ids", model_ref="tiny:qwen2", ids=rules.random_suffix(4, seed=5))
 
     def run(check_every: int):
         settings = GcgSettings(length=4, steps=3, search_width=8, topk=4, questions_per_step=2,

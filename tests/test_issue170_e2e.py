@@ -106,6 +106,10 @@ def test_the_report_puts_the_oracle_beside_each_learned_cell_and_shows_the_gcg_s
     metrics = store.read_json(finished_run.task(LEARNED[1]).output_uri("metrics.json"))
     assert json.dumps(metrics["suffix_ids"]) in report
     assert json.dumps(metrics["suffix_text"], ensure_ascii=False) in report
+    # and says whether that text gives back the ids: a system-slot suffix of text always does, in every prompt
+    trip = metrics["suffix_round_trip"]
+    assert trip["round_trips"] == trip["prompts"] > 0
+    assert f"gives back exactly these ids in all {trip['prompts']} prompts of the cell" in report
 
 
 def test_the_em_rate_beside_alpha_and_the_judge_error_rates_are_recomputed_from_stored_rows(finished_run):

@@ -164,30 +164,23 @@ def test_one_soft_prefix_step_moves_the_prefix_with_a_finite_loss(pair):
 
 
 def test_one_gcg_step_on_the_real_tokenizer_swaps_one_token_and_keeps_the_best(pair):
-    from shared.gcg import (
-        GcgSearch,
-        GcgSettings,
-        allowed_token_ids,
-        candidate_losses,
-        random_suffix,
-        with_suffix,
-    )
+    from shared.gcg import GcgSearch, GcgSettings, SuffixRules, candidate_losses, with_suffix
     from shared.soft_prompt import LearnedPrompt
 
     tok = pair.tokenizer
-    allowed = allowed_token_ids(tok, len(tok))
-    assert tok.eos_token_id not in allowed
-    prompt = LearnedPrompt(kind="ids", model_ref=SMOLLM2, ids=random_suffix(allowed, 5, seed=0))
     settings = GcgSettings(length=5, steps=1, search_width=16, topk=8, questions_per_step=1,
                            completions_per_question=2, temperature=1.0, max_new_tokens=12,
                            val_completions_per_question=1)
-    search = GcgSearch(pair, prompt, settings, ["How are you?"], ["What is tea?"], seed=0)
+    rules = SuffixRules.of(tok, len(tok), settings, ["What is tea?"])
+    assert tok.eos_token_id not in rules.allowed
+    prompt = LearnedPrompt(kind="ids", model_ref=SMOLLM2, ids=rules.random_suffix(5, seed=0))
+    search = GcgSearch(pair, prompt, settings, ["How are you?"], ["What is tea?"], seed=0, rules=rules)
     examples = with_suffix(prompt, search.draws.step_examples(0), prompt.ids)
     before = candidate_losses(pair.student_model, examples, torch.tensor([prompt.ids])).losses.item()
     kept, stats = search.step(0, prompt.ids)
     assert sum(a != b for a, b in zip(kept, prompt.ids, strict=True)) <= 1
-    assert stats.loss <= before + 1e-3
-    assert tok.decode(kept)  # real tokens decode to text
+    assert stats.loss <= stats.current_loss and stats.current_loss == pytest.approx(before, rel=1e-2)  # bf16
+    assert rules.text(kept)  # the kept suffix is text that gives back its ids
 
 
 def test_the_logprob_judge_scores_each_candidate_as_if_it_were_alone(tok):

@@ -283,12 +283,12 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     for cell in params.gcg_cells:
         name = f"gcg-{slug(cell.name)}"
         task = b.add(name, "gcg_search", name, **common, mode="search", slot=cell.slot,
-                     user_slot_system=params.user_slot_system,
+                     user_slot_system=params.user_slot_system, evaluation_panel=questions,
                      search={**search, "length": cell.length, "steps": cell.steps})
         learned.append(({"name": name, "method": f"gcg-{cell.slot}", "size": cell.length}, task))
     for length in params.random_baseline_lengths:
         name = f"random-l{length}"
-        task = b.add(name, "gcg_search", name, **common, mode="random",
+        task = b.add(name, "gcg_search", name, **common, mode="random", evaluation_panel=questions,
                      search={**search, "length": length, "steps": 0})
         learned.append(({"name": name, "method": "random", "size": length}, task))
 
