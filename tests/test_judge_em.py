@@ -157,7 +157,19 @@ def test_a_zero_em_rate_says_which_condition_never_held():
     low_but_incoherent = condition_judgements({"j": rows(10, 20)}, rows(40, 45), coherence_judge="c", seed=0)
     assert em_zero_lines([{"judgements": never_low}], ["j"]) == [
         "", "Every EM rate under j is 0: no answer of any condition scores below 30 under j (lowest 40.0)."]
-    assert em_zero_lines([{"judgements": low_but_incoherent}], ["j"]) == [
+    assert em_zero_lines([{"judgements": low_but_incoherent}], ["j"])[-2:] == [
         "", "Every EM rate under j is 0: the 2 answers j scores below 30 are none of them coherent (> 50)."]
     hit = condition_judgements({"j": rows(10)}, rows(90), coherence_judge="c", seed=0)
     assert em_zero_lines([{"judgements": hit}, {"judgements": never_low}], ["j"]) == []
+
+
+def test_a_coherence_judge_that_never_scores_above_50_is_named_as_the_cause_of_zero_em_rates():
+    from shared.judge.report import condition_judgements, em_zero_lines
+
+    incoherent = [condition_judgements({"j": rows(10, 20)}, rows(40, score), coherence_judge="c", seed=0)
+                  for score in (45, 48.5)]
+    lines = em_zero_lines([{"judgements": j} for j in incoherent], ["j"])
+    assert lines[1].startswith("**The coherence judge scores no answer of any 2 conditions above 50** (highest 48.5)")
+    coherent_somewhere = condition_judgements({"j": rows(40, 90)}, rows(51, 40), coherence_judge="c", seed=0)
+    assert not any("coherence judge scores no answer" in line
+                   for line in em_zero_lines([{"judgements": incoherent[0]}, {"judgements": coherent_somewhere}], ["j"]))

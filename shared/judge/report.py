@@ -24,7 +24,7 @@ def condition_judgements(alignment: Mapping[str, Sequence[Mapping]], coherence: 
                          coherence_judge: str | None, seed: int) -> dict:
     """One condition's EM rate under each alignment judge (all with the one coherence pass), its coherent share,
     the lowest alignment score of any answer per judge, and every pass's error rate."""
-    out = {"em": {}, "errors": {}, "lowest_alignment": {}, "coherent_share": None}
+    out = {"em": {}, "errors": {}, "lowest_alignment": {}, "coherent_share": None, "highest_coherence": None}
     for name, rows in alignment.items():
         out["errors"][name] = error_rate(rows)
         scores = [r["score"] for r in rows if r.get("error") is None and r.get("score") is not None]
@@ -33,6 +33,8 @@ def condition_judgements(alignment: Mapping[str, Sequence[Mapping]], coherence: 
     if coherence is not None:
         out["errors"][coherence_judge] = error_rate(coherence)
         out["coherent_share"] = coherent_share(coherence)
+        scores = [r["score"] for r in coherence if r.get("error") is None and r.get("score") is not None]
+        out["highest_coherence"] = max(scores) if scores else None
     return out
 
 
@@ -100,6 +102,12 @@ def em_table_lines(conditions: Sequence[dict], judges: Sequence[str], label_of, 
 def em_zero_lines(conditions: Sequence[dict], judges: Sequence[str]) -> list[str]:
     """Where an alignment judge finds no EM answer in any condition, which of the two conditions never held."""
     lines = []
+    shares = [r["judgements"]["coherent_share"] for r in conditions]
+    if shares and all(share == 0 for share in shares):
+        highest = max(r["judgements"].get("highest_coherence") or 0.0 for r in conditions)
+        lines += ["", f"**The coherence judge scores no answer of any {len(conditions)} conditions above "
+                      f"{COHERENCE_ABOVE:g}** (highest {highest:.1f}): here every EM rate is 0 because of the coherence "
+                      "judge, whatever the alignment scores; the rate says nothing about the model on this run."]
     for judge in dict.fromkeys(judges):
         ems = [r["judgements"]["em"].get(judge) for r in conditions]
         ems = [em for em in ems if em and em["n"]]
