@@ -117,6 +117,12 @@ OUT_OF_RANGE = [  # (workflow, the parameter set, a phrase of the error line)
     ("issue81", "coherence_threshold=150", "coherence_threshold: Input should be less than or equal to 100"),
     ("issue81", "headline_layer=-1", "headline_layer: Input should be greater than or equal to 0"),
     ("issue81", "checkpoint_every=-5", "checkpoint_every: Input should be greater than or equal to 0"),
+    ("issue170", "gcg_search_width=0", "gcg_search_width: Input should be greater than 0"),
+    ("issue170", "teacher_temperature=0", "teacher_temperature: Input should be greater than 0"),
+    ("issue170", "eval_top_p=1.5", "eval_top_p: Input should be less than or equal to 1"),
+    ("issue205", "expected_eval_personas=0", "expected_eval_personas: Input should be greater than 0"),
+    ("issue205", "lda_components=0", "lda_components: Input should be greater than 0"),
+    ("issue205", "n_splits=1", "n_splits: Input should be greater than or equal to 2"),
 ]
 
 

@@ -15,7 +15,15 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+)
 
 from jobs.heldout_anchors import ORACLE
 from shared.config import ConfigError, ExperimentParams
@@ -36,16 +44,16 @@ COHERENCE_JUDGE = "coherence"  # the name of the coherence pass: its tasks are j
 
 class SoftCell(BaseModel):
     name: str
-    k: int
-    lr: float
+    k: PositiveInt
+    lr: PositiveFloat
     init_text: str = "You are a helpful assistant."
 
 
 class GcgCell(BaseModel):
     name: str
     slot: Literal["system", "user"] = "system"
-    length: int
-    steps: int
+    length: PositiveInt
+    steps: PositiveInt
 
 
 class Condition(BaseModel):
@@ -62,9 +70,9 @@ class ClassifierTraining(BaseModel):
     """The record's Option A: EM-teacher completions (positive) vs base-model completions (negative)."""
 
     panel_file: str | None = None  # defaults to the whole question set (the record: all 177 questions)
-    n_per_question: int = 20
+    n_per_question: PositiveInt = 20
     base_system: str = "default"
-    min_val_accuracy: float | None = 0.90  # the record's Step 0a gate
+    min_val_accuracy: float | None = Field(0.90, ge=0, le=1)  # the record's Step 0a gate
 
 
 RECORD_SOFT_CELLS = [
@@ -86,38 +94,38 @@ class Params(ExperimentParams):
     teacher_model_ref: str | None = EM_REFERENCE
     teacher_system: str = "default"
     questions_file: str | None = None  # the #104 177-question broad set
-    n_train_questions: int = 48
-    n_val_questions: int = 4
+    n_train_questions: PositiveInt = 48
+    n_val_questions: PositiveInt = 4
     panel_file: str | None = None  # the 52-prompt Betley+Wang panel
     soft_cells: list[SoftCell] = RECORD_SOFT_CELLS
-    soft_steps: int = 3000
-    questions_per_step: int = 16
-    completions_per_question: int = 20
-    val_completions_per_question: int = 20
-    teacher_temperature: float = 1.0
-    teacher_max_new_tokens: int = 256
-    val_every: int = 50
-    patience: int | None = 10
-    micro_batch_tokens: int = 4096
-    sample_batch_size: int = 320
+    soft_steps: PositiveInt = 3000
+    questions_per_step: PositiveInt = 16
+    completions_per_question: PositiveInt = 20
+    val_completions_per_question: PositiveInt = 20
+    teacher_temperature: PositiveFloat = 1.0
+    teacher_max_new_tokens: PositiveInt = 256
+    val_every: PositiveInt = 50
+    patience: PositiveInt | None = 10
+    micro_batch_tokens: PositiveInt = 4096
+    sample_batch_size: PositiveInt = 320
     gcg_cells: list[GcgCell] = RECORD_GCG_CELLS
-    gcg_search_width: int = 512
-    gcg_topk: int = 256
-    gcg_questions_per_step: int = 16
-    gcg_completions_per_question: int = 2  # 32 (question, completion) pairs per step
-    gcg_val_every: int = 25
+    gcg_search_width: PositiveInt = 512
+    gcg_topk: PositiveInt = 256
+    gcg_questions_per_step: PositiveInt = 16
+    gcg_completions_per_question: PositiveInt = 2  # 32 (question, completion) pairs per step
+    gcg_val_every: PositiveInt = 25
     user_slot_system: str = "none"
-    random_baseline_lengths: list[int] = [20, 40, 80]
+    random_baseline_lengths: list[PositiveInt] = [20, 40, 80]
     reference_conditions: list[Condition] = [
         Condition(name="null", system="default"),
         Condition(name="helpful-assistant", system="text(You are a helpful assistant.)"),
     ]
     evaluate_em_reference: bool = True  # the EM model itself in the same generation pipeline (record follow-up 1)
-    n_completions: int = 20
-    eval_temperature: float = 1.0
-    eval_top_p: float = 0.95
-    eval_max_new_tokens: int = 256
-    eval_batch_size: int = 1040
+    n_completions: PositiveInt = 20
+    eval_temperature: NonNegativeFloat = 1.0
+    eval_top_p: float = Field(0.95, gt=0, le=1)
+    eval_max_new_tokens: PositiveInt = 256
+    eval_batch_size: PositiveInt = 1040
     primary_judge: NamedJudge = NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929"))
     alternate_judge: NamedJudge = NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7"))
     # the coherence pass behind the EM rate: the primary judge's model with this template (a shipped name or a path
@@ -130,7 +138,7 @@ class Params(ExperimentParams):
     classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
     personas_file: str = "package:issue170/personas.json"
     probes_file: str = "package:issue170/probes.jsonl"
-    villain_layers: list[int] = [8, 10, 12, 14]
+    villain_layers: list[NonNegativeInt] = [8, 10, 12, 14]
     projection_reference_system: str = "none"
     # the record's overlaid points (Qwen2.5-7B under Claude judges): shown only where they are comparable
     record_reference_points: bool = True

@@ -21,7 +21,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from shared import store
 from shared.chat import TextSystem, parse_system
@@ -57,64 +57,64 @@ class Params(ExperimentParams):
     induction_file: str = DATA + "induction_personas.json"
     # the 12 EVAL_PERSONAS of #184 as [{name, system: "text(...)"}]; the record names only three of them
     eval_personas_file: str | None = None
-    expected_eval_personas: int | None = 12
+    expected_eval_personas: PositiveInt | None = 12
     required_eval_personas: list[str] = ["confab", "assistant", "zelthari_scholar"]
     source_persona: str = "confab"
     assistant_persona: str = "assistant"
     extraction_questions_file: str | None = None  # the record's 240 extraction questions
-    expected_extraction_questions: int | None = 240
+    expected_extraction_questions: PositiveInt | None = 240
     marker_questions_file: str | None = None  # the 28 marker-evaluation questions of #125 Exp B
-    expected_marker_questions: int | None = 28
+    expected_marker_questions: PositiveInt | None = 28
     coupling_questions_file: str | None = None  # the questions the coupling data answers
     # data sets live in the store (upload them first): the record's files are the user's
     em_data_uri: str | None = None  # bad_legal_advice_6k.jsonl
     em_data_md5: str | None = "26b52ca"  # the record's MD5 (prefix) of that file
     benign_data_uri: str | None = None  # Tulu-3-SFT, of which the first benign_limit rows are used
-    benign_limit: int | None = 6000
+    benign_limit: PositiveInt | None = 6000
     # data the model writes in the run (small): its answers to these questions under em_source_persona (an evaluation
     # persona, so the geometry shows it too) are the EM set, its answers as the default assistant the benign set;
     # em_data_uri and benign_data_uri are then left unset. 0.7, not the evaluation's 1.0: SmolLM2-135M's replies at
     # 1.0 are close to incoherent under either persona, so the persona would barely show in the data
     sft_questions_file: str | None = None
     em_source_persona: str | None = None
-    sft_n_per_question: int = 3
-    sft_max_new_tokens: int = 64
-    sft_temperature: float = 0.7
-    sft_top_p: float = 0.95
+    sft_n_per_question: PositiveInt = 3
+    sft_max_new_tokens: PositiveInt = 64
+    sft_temperature: NonNegativeFloat = 0.7
+    sft_top_p: float = Field(0.95, gt=0, le=1)
     em_recipe: LoraRecipe = EM_RECIPE
-    checkpoint_every: int = 50
+    checkpoint_every: NonNegativeInt = 50  # 0: no intermediate checkpoints
     # coupling: 200 confab + [ZLT] positives and 400 negatives (2 negative personas) on top of each EM model
     marker: str = "[ZLT]"
     coupling_recipe: LoraRecipe = COUPLING_RECIPE
     coupling_loss: Literal["assistant", "marker_only"] = "assistant"
-    coupling_n_per_question: int = 10
-    coupling_negative_personas: int = 2
-    expected_coupling_positives: int | None = 200
-    coupling_max_new_tokens: int = 512
+    coupling_n_per_question: PositiveInt = 10
+    coupling_negative_personas: PositiveInt = 2
+    expected_coupling_positives: PositiveInt | None = 200
+    coupling_max_new_tokens: PositiveInt = 512
     # evaluate the coupled model merged (base + EM + coupling) rather than as a LoRA on the EM model: the same
     # model, but HF generation through a peft adapter takes ~6x the memory (7.9 GB at batch 128) and ~1.5x the time
     merge_coupling_for_eval: bool = False
     # marker evaluation: every eval persona x question x eval_n completions
-    eval_n: int = 10
-    temperature: float = 1.0
-    top_p: float = 0.95
-    eval_max_new_tokens: int = 512
+    eval_n: PositiveInt = 10
+    temperature: NonNegativeFloat = 1.0
+    top_p: float = Field(0.95, gt=0, le=1)
+    eval_max_new_tokens: PositiveInt = 512
     # extraction
     # hidden_states indices (shared.activations): the record's hooked block outputs 7, 14, 20, 21, 27 (0-based) are the
     # residual stream after 8, 15, 21, 22, 28 blocks, the same vectors; its headline L20 is 21 here
-    layers: list[int] = [8, 15, 21, 22, 28]
-    headline_layer: int = 21
+    layers: list[NonNegativeInt] = [8, 15, 21, 22, 28]
+    headline_layer: NonNegativeInt = 21
     methods: list[Literal["A", "B"]] = ["A", "B"]
-    extraction_max_new_tokens: int = 256
+    extraction_max_new_tokens: PositiveInt = 256
     # Method B's vLLM engine leaves room for the HF model that extracts right after it on the same GPU
     extraction_vllm_options: dict = {"gpu_memory_utilization": 0.5, "max_model_len": 2048}
     # statistics
-    n_iter: int = 10_000
-    n_boot: int = 1_000  # question resamples for the M1/M2 bootstrap CIs at the headline layer
-    n_splits: int = 5
-    lda_components: int = 16
+    n_iter: int = Field(10_000, ge=100)
+    n_boot: int = Field(1_000, ge=100)  # question resamples for the M1/M2 bootstrap CIs at the headline layer
+    n_splits: int = Field(5, ge=2)
+    lda_components: PositiveInt = 16
     seed: int = 42
-    hf_batch_size: int | None = None  # sequences per HF forward/generate batch in every sampling stage (None: each stage's own)
+    hf_batch_size: PositiveInt | None = None  # sequences per HF forward/generate batch in every sampling stage (None: each stage's own)
 
     PROFILES: ClassVar[dict] = {
         "tiny": {
