@@ -46,7 +46,8 @@ SETTINGS = {
                                    (1024, 64, "fixed", "fast"), (1024, 64, "uniform", "fast"),
                                    (320, None, "fixed", "generate"), (320, None, "uniform", "generate"),
                                    (1024, 64, "fixed", "generate")],
-                   train_micro_batch_tokens=[4096, 16384], step_time_cases=[(320, None), (1024, 64), (32, None)]),
+                   train_micro_batch_tokens=[4096, 16384], step_time_cases=[(320, None), (1024, 64), (32, None)],
+                   student_path_micro_batch_tokens=[16384], student_path_lean_micro_batch_tokens=4096),
     "tiny": dict(search_width=16, topk=8, gcg_questions=2, gcg_completions=2, suffix_length=4,
                  soft_k=4, soft_questions=2, soft_completions=2, max_new_tokens=8,
                  eval_batch=8, eval_new_tokens=8, ratio_pairs=2, micro_batch_tokens=512,
@@ -54,7 +55,8 @@ SETTINGS = {
                  sampling_cases=[(8, None, "fixed", "fast"), (8, None, "uniform", "fast"), (8, 4, "fixed", "fast"),
                                  (8, None, "fixed", "generate"), (8, None, "uniform", "generate"),
                                  (8, 4, "fixed", "generate")],
-                 train_micro_batch_tokens=[512], step_time_cases=[(8, None), (16, 4)]),
+                 train_micro_batch_tokens=[512], step_time_cases=[(8, None), (16, 4)],
+                 student_path_micro_batch_tokens=[512], student_path_lean_micro_batch_tokens=128),
 }
 
 QUESTIONS = [
@@ -350,7 +352,7 @@ def bench_soft_train_step(pair, cfg: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # the fast paths against the current ones (bench/fast_paths.py)
 
-FAST_SECTIONS = ("warmup", "sampling", "greedy", "train_separate", "train_paths", "gcg_screen")
+FAST_SECTIONS = ("warmup", "sampling", "greedy", "train_separate", "train_student_paths", "train_paths", "gcg_screen")
 CURRENT_SECTIONS = ("ratio", "eval", "train", "gcg_step")
 
 
@@ -398,6 +400,12 @@ def run_fast_sections(sections, model, tokenizer, cfg: dict, params: dict, resul
                 separate, cfg, QUESTIONS, micro_batch_tokens=micro, bucket_by_length=True))
         del separate
         release_cuda_memory()
+    if "train_student_paths" in sections:  # the separate teacher first: the adapter is injected into the model
+        separate = separate_teacher_pair(model, tokenizer, cfg)
+        student_paths(separate, "separate", cfg, params, results, guarded)
+        del separate
+        release_cuda_memory()
+        student_paths(shared_weights_pair(model, tokenizer, cfg), "adapter", cfg, params, results, guarded)
     pair = current = None
     if {"train_paths", "gcg_screen"} & set(sections):
         pair = shared_weights_pair(model, tokenizer, cfg)
@@ -420,6 +428,30 @@ def run_fast_sections(sections, model, tokenizer, cfg: dict, params: dict, resul
             current, cfg, QUESTIONS, micro_batch_tokens=cfg["micro_batch_tokens"], bucket_by_length=False))
     if "gcg_screen" in sections:
         guarded("gcg_teacher_draw_current", lambda: fast_paths.teacher_draw_s(current, cfg, QUESTIONS))
+
+
+def student_paths(pair, teacher: str, cfg: dict, params: dict, results: dict, guarded) -> None:
+    """The soft-prefix step's two student paths (every example in full; each prompt once) with ``pair``'s teacher,
+    at fixed 256-token replies and at drawn lengths, after a small warm-up step of each (compile, first calls)."""
+    from bench import fast_paths
+
+    def step(case_cfg, lengths, shared, micro):
+        return fast_paths.bench_train_step(pair, case_cfg, QUESTIONS, micro_batch_tokens=micro, bucket_by_length=True,
+                                           shared_prompt=shared, lengths=lengths, params=params,
+                                           matmul_tflops=results["matmul_calibration"]["tflops"])
+
+    small = dict(cfg, soft_questions=2, soft_completions=2, max_new_tokens=16)
+    guarded(f"soft_step_{teacher}_warmup", lambda: {f"{lengths}_{'shared' if shared else 'current'}":
+                                                    step(small, lengths, shared, 4096)["step_s"]
+                                                    for lengths in ("fixed", "uniform") for shared in (False, True)})
+    cases = [(lengths, shared, micro) for lengths in ("fixed", "uniform") for micro in
+             cfg["student_path_micro_batch_tokens"] for shared in (False, True)]
+    if teacher == "separate":  # the shared path at a leaner micro-batch too (memory)
+        cases += [(lengths, True, cfg["student_path_lean_micro_batch_tokens"]) for lengths in ("fixed", "uniform")]
+    for lengths, shared, micro in cases:
+        key = f"soft_step_{teacher}_{lengths}_{'shared' if shared else 'current'}_micro{micro}"
+        guarded(key, lambda lengths=lengths, shared=shared, micro=micro: step(cfg, lengths, shared, micro)
+                | {"teacher": teacher})
 
 
 # ---------------------------------------------------------------------------------------------------------------
