@@ -335,6 +335,34 @@ def bench_train_step(pair, cfg: dict, questions, *, micro_batch_tokens: int, buc
     return result
 
 
+def profile_student_passes(pair, cfg: dict, questions, micro_batch_tokens: int) -> dict:
+    """Where the student's forward/backward spends GPU time on one draw (fixed lengths), each path: the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
+    from shared.teacher import n_loss_tokens
+
+    out = {}
+    examples = None
+    for shared in (False, True):
+        settings = SoftTrainingSettings(k=cfg["soft_k"], lr=5e-4, steps=1, questions_per_step=cfg["soft_questions"],
+                                        completions_per_question=cfg["soft_completions"],
+                                        max_new_tokens=cfg["max_new_tokens"], micro_batch_tokens=micro_batch_tokens,
+                                        shared_prompt=shared)
+        trainer = SoftPrefixTrainer(pair, settings, questions, questions[:1], seed=0, model_ref="bench")
+        examples = examples or trainer.draws.step_examples(0)
+        soft = trainer.initial_soft().requires_grad_(True)
+        with trainer.pair.student() as model:
+            start = now()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                trainer.student_pass(model, examples, soft, backward_scale=1 / n_loss_tokens(examples))
+            seconds = now() - start
+        out["shared" if shared else "current"] = {
+            "seconds_profiled": seconds,
+            "top_cuda": prof.key_averages().table(sort_by="self_device_time_total", row_limit=14)}
+    return out
+
+
 def profile_micro_batch(trainer, soft) -> dict:
     """Where one micro-batch's forward/backward spends GPU time (the top kernels)."""
     from torch.profiler import ProfilerActivity, profile
