@@ -9,6 +9,10 @@
 - the soft-prefix training step at the record's setting, new path (fast teacher, length-bucketed micro-batches)
   against the current one (``model.generate`` teacher, micro-batches in draw order), with a profile of one
   micro-batch's forward/backward;
+- the soft-prefix training step's student paths side by side (every example in full against each prompt run once,
+  ``shared_prompt``), for a separate teacher and an adapter teacher, at fixed 256-token replies and at replies whose
+  lengths are drawn uniformly from 32-256 with the stop honoured (``DrawnLengthTeacher``: the bench's stand-in for a
+  real teacher's stops);
 - the GCG step at the record's setting with the screen on, one step checked against the full evaluation.
 """
 
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+
+from shared.generation import HFGenerator
 
 UNIFORM_LENGTHS = (32, 256)  # the realistic regime: each row's length drawn uniformly from this range (inclusive)
 
@@ -247,14 +253,61 @@ def greedy_check(model, tokenizer, questions, rows: int = 64, new_tokens: int = 
 # soft-prefix training step
 
 
+class DrawnLengthTeacher(HFGenerator):
+    """Bench only: a teacher whose rows stop at lengths drawn uniformly from ``UNIFORM_LENGTHS`` (a random-weight
+    model never emits the stop token itself). Each batch draws its rows' lengths from its own seed; the fast decoder
+    ends a row at its length (``row_budgets``) and the row's last token becomes the stop token, so the completion
+    stops there and the student trains on the stop as on a real one."""
+
+    @classmethod
+    def like(cls, generator: HFGenerator) -> DrawnLengthTeacher:
+        if generator.sampler != "fast":
+            raise ValueError("drawn lengths need the fast decoder")
+        return cls(generator.model, generator.tokenizer, batch_size=generator.batch_size)
+
+    def _generate_chunk(self, prompts, soft, params, seed) -> list[list[int]]:
+        import torch
+
+        from shared import chat
+        from shared.decoding import DecodeSettings
+
+        budgets = length_budgets(len(prompts), params.max_new_tokens, seed)
+        device = self._device()
+        batch = chat.build_batch(prompts, pad_id=self._pad_id, padding_side="left").to(device)
+        embedding = self.model.get_input_embeddings()
+        embeds = embedding(batch.input_ids) if soft is None else chat.inputs_embeds(batch, embedding, soft.to(device))
+        settings = DecodeSettings(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                  top_p=params.top_p)
+        rows = self._decoder.generate(self.model, embeds, batch.attention_mask, settings,
+                                      torch.Generator(device=device).manual_seed(seed), row_budgets=budgets)
+        stop = min(self._stop_ids)
+        return [ids if (ids and ids[-1] in self._stop_ids) or len(ids) < int(budget) else ids[:-1] + [stop]
+                for ids, budget in zip(rows, budgets, strict=True)]
+
+
+def with_teacher_lengths(pair, lengths: str):
+    """``pair`` as is (``fixed``: a random model runs every reply to the limit) or with its teacher stopping at drawn
+    lengths (``uniform``)."""
+    if lengths == "fixed":
+        return pair
+    return dataclasses.replace(pair, teacher_generator=DrawnLengthTeacher.like(pair.teacher_generator))
+
+
 def bench_train_step(pair, cfg: dict, questions, *, micro_batch_tokens: int, bucket_by_length: bool,
-                     profile: bool = False) -> dict:
+                     shared_prompt: bool = False, lengths: str = "fixed", params: dict | None = None,
+                     matmul_tflops: float | None = None, profile: bool = False) -> dict:
+    """One soft-prefix training step at the record's setting (step 0: the same draws for every path of a teacher).
+
+    ``params`` and ``matmul_tflops`` add the student's compute floor: 4 FLOP per matmul parameter per token (forward,
+    and the backward to the activations: no weight gradients), the backbone over the tokens the path runs (padding
+    excluded), the LM head over the loss tokens, at the calibrated GEMM rate."""
     from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
 
     settings = SoftTrainingSettings(k=cfg["soft_k"], lr=5e-4, steps=1, questions_per_step=cfg["soft_questions"],
                                     completions_per_question=cfg["soft_completions"],
                                     max_new_tokens=cfg["max_new_tokens"], micro_batch_tokens=micro_batch_tokens,
-                                    bucket_by_length=bucket_by_length)
+                                    bucket_by_length=bucket_by_length, shared_prompt=shared_prompt)
+    pair = with_teacher_lengths(pair, lengths)
     trainer = SoftPrefixTrainer(pair, settings, questions, questions[:1], seed=0, model_ref="bench")
     soft = trainer.initial_soft().requires_grad_(True)
     optimizer = trainer.make_optimizer(soft)
@@ -263,14 +316,51 @@ def bench_train_step(pair, cfg: dict, questions, *, micro_batch_tokens: int, buc
     stats = trainer.train_step(0, soft, optimizer)
     total = now() - start
     result = {"sampler": pair.teacher_generator.sampler, "bucket_by_length": bucket_by_length,
+              "shared_prompt": shared_prompt, "lengths": lengths,
               "k": settings.k, "questions": settings.questions_per_step,
               "completions_per_question": settings.completions_per_question, "pairs": stats.n_pairs,
               "loss_tokens": stats.n_tokens, "max_new_tokens": settings.max_new_tokens,
               "micro_batch_tokens": micro_batch_tokens, "step_s": total, "teacher_s": stats.teacher_s,
-              "forward_backward_s": stats.forward_backward_s, "train_ce": stats.train_ce, "peak_gib": peak_gib()}
+              "forward_backward_s": stats.forward_backward_s, "train_ce": stats.train_ce, "peak_gib": peak_gib(),
+              "student_tokens": stats.student_tokens, "student_padded_tokens": stats.padded_tokens}
+    if lengths == "uniform":
+        result["length_distribution"] = f"uniform {UNIFORM_LENGTHS[0]}-{UNIFORM_LENGTHS[1]} (stop token honoured)"
+        result["mean_reply_tokens"] = stats.n_tokens / stats.n_pairs
+    if params and matmul_tflops:
+        flop = 4 * (stats.student_tokens * params["backbone_matmul"] + stats.n_tokens * params["lm_head"])
+        result["floor_s_at_matmul_rate"] = flop / (matmul_tflops * 1e12)
+        result["floor_formula"] = "4 x (student_tokens x backbone matmul params + loss_tokens x lm_head params) / rate"
     if profile:
         result["profile_one_micro_batch"] = profile_micro_batch(trainer, soft)
     return result
+
+
+def profile_student_passes(pair, cfg: dict, questions, micro_batch_tokens: int) -> dict:
+    """Where the student's forward/backward spends GPU time on one draw (fixed lengths), each path: the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
+    from shared.teacher import n_loss_tokens
+
+    out = {}
+    examples = None
+    for shared in (False, True):
+        settings = SoftTrainingSettings(k=cfg["soft_k"], lr=5e-4, steps=1, questions_per_step=cfg["soft_questions"],
+                                        completions_per_question=cfg["soft_completions"],
+                                        max_new_tokens=cfg["max_new_tokens"], micro_batch_tokens=micro_batch_tokens,
+                                        shared_prompt=shared)
+        trainer = SoftPrefixTrainer(pair, settings, questions, questions[:1], seed=0, model_ref="bench")
+        examples = examples or trainer.draws.step_examples(0)
+        soft = trainer.initial_soft().requires_grad_(True)
+        with trainer.pair.student() as model:
+            start = now()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                trainer.student_pass(model, examples, soft, backward_scale=1 / n_loss_tokens(examples))
+            seconds = now() - start
+        out["shared" if shared else "current"] = {
+            "seconds_profiled": seconds,
+            "top_cuda": prof.key_averages().table(sort_by="self_device_time_total", row_limit=14)}
+    return out
 
 
 def profile_micro_batch(trainer, soft) -> dict:

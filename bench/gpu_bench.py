@@ -46,7 +46,8 @@ SETTINGS = {
                                    (1024, 64, "fixed", "fast"), (1024, 64, "uniform", "fast"),
                                    (320, None, "fixed", "generate"), (320, None, "uniform", "generate"),
                                    (1024, 64, "fixed", "generate")],
-                   train_micro_batch_tokens=[4096, 16384], step_time_cases=[(320, None), (1024, 64), (32, None)]),
+                   train_micro_batch_tokens=[4096, 16384], step_time_cases=[(320, None), (1024, 64), (32, None)],
+                   student_path_micro_batch_tokens=[16384], student_path_lean_micro_batch_tokens=[8192, 4096]),
     "tiny": dict(search_width=16, topk=8, gcg_questions=2, gcg_completions=2, suffix_length=4,
                  soft_k=4, soft_questions=2, soft_completions=2, max_new_tokens=8,
                  eval_batch=8, eval_new_tokens=8, ratio_pairs=2, micro_batch_tokens=512,
@@ -54,7 +55,8 @@ SETTINGS = {
                  sampling_cases=[(8, None, "fixed", "fast"), (8, None, "uniform", "fast"), (8, 4, "fixed", "fast"),
                                  (8, None, "fixed", "generate"), (8, None, "uniform", "generate"),
                                  (8, 4, "fixed", "generate")],
-                 train_micro_batch_tokens=[512], step_time_cases=[(8, None), (16, 4)]),
+                 train_micro_batch_tokens=[512], step_time_cases=[(8, None), (16, 4)],
+                 student_path_micro_batch_tokens=[512], student_path_lean_micro_batch_tokens=[128]),
 }
 
 QUESTIONS = [
@@ -350,7 +352,7 @@ def bench_soft_train_step(pair, cfg: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # the fast paths against the current ones (bench/fast_paths.py)
 
-FAST_SECTIONS = ("warmup", "sampling", "greedy", "train_separate", "train_paths", "gcg_screen")
+FAST_SECTIONS = ("warmup", "sampling", "greedy", "train_separate", "train_student_paths", "train_paths", "gcg_screen")
 CURRENT_SECTIONS = ("ratio", "eval", "train", "gcg_step")
 
 
@@ -398,6 +400,12 @@ def run_fast_sections(sections, model, tokenizer, cfg: dict, params: dict, resul
                 separate, cfg, QUESTIONS, micro_batch_tokens=micro, bucket_by_length=True))
         del separate
         release_cuda_memory()
+    if "train_student_paths" in sections:  # the separate teacher first: the adapter is injected into the model
+        separate = separate_teacher_pair(model, tokenizer, cfg)
+        student_paths(separate, "separate", cfg, params, results, guarded)
+        del separate
+        release_cuda_memory()
+        student_paths(shared_weights_pair(model, tokenizer, cfg), "adapter", cfg, params, results, guarded)
     pair = current = None
     if {"train_paths", "gcg_screen"} & set(sections):
         pair = shared_weights_pair(model, tokenizer, cfg)
@@ -420,6 +428,46 @@ def run_fast_sections(sections, model, tokenizer, cfg: dict, params: dict, resul
             current, cfg, QUESTIONS, micro_batch_tokens=cfg["micro_batch_tokens"], bucket_by_length=False))
     if "gcg_screen" in sections:
         guarded("gcg_teacher_draw_current", lambda: fast_paths.teacher_draw_s(current, cfg, QUESTIONS))
+
+
+def student_paths(pair, teacher: str, cfg: dict, params: dict, results: dict, guarded) -> None:
+    """The soft-prefix step's two student paths (every example in full; each prompt once) with ``pair``'s teacher,
+    at fixed 256-token replies and at drawn lengths, after a small warm-up step of each (compile, first calls)."""
+    from bench import fast_paths
+
+    def step(case_cfg, lengths, shared, micro):
+        return fast_paths.bench_train_step(pair, case_cfg, QUESTIONS, micro_batch_tokens=micro, bucket_by_length=True,
+                                           shared_prompt=shared, lengths=lengths, params=params,
+                                           matmul_tflops=results["matmul_calibration"]["tflops"])
+
+    def warmup() -> dict:
+        """First calls: the student paths on a small draw, then the teacher's full-size draw in both regimes (its
+        decode step is compiled once per process, and captured as a CUDA graph once per batch shape)."""
+        from shared.generation import SamplingParams
+
+        small = dict(cfg, soft_questions=2, soft_completions=2, max_new_tokens=16)
+        out = {f"{lengths}_{'shared' if shared else 'current'}_small_step_s": step(small, lengths, shared, 4096)["step_s"]
+               for lengths in ("fixed", "uniform") for shared in (False, True)}
+        params = SamplingParams(n=cfg["soft_completions"], max_new_tokens=cfg["max_new_tokens"], seed=1)
+        for lengths in ("fixed", "uniform"):
+            start = fast_paths.now()
+            fast_paths.with_teacher_lengths(pair, lengths).sample(QUESTIONS[:cfg["soft_questions"]], params)
+            out[f"{lengths}_full_teacher_draw_s"] = fast_paths.now() - start
+        return out
+
+    guarded(f"soft_step_{teacher}_warmup", warmup)
+    cases = [(lengths, shared, micro) for lengths in ("fixed", "uniform") for micro in
+             cfg["student_path_micro_batch_tokens"] for shared in (False, True)]
+    if teacher == "separate":  # the shared path at leaner micro-batches too (memory)
+        cases += [(lengths, True, micro) for lengths in ("fixed", "uniform")
+                  for micro in cfg["student_path_lean_micro_batch_tokens"]]
+    for lengths, shared, micro in cases:
+        key = f"soft_step_{teacher}_{lengths}_{'shared' if shared else 'current'}_micro{micro}"
+        guarded(key, lambda lengths=lengths, shared=shared, micro=micro: step(cfg, lengths, shared, micro)
+                | {"teacher": teacher})
+    if teacher == "separate":
+        guarded("soft_step_student_pass_profiles", lambda: fast_paths.profile_student_passes(
+            pair, cfg, QUESTIONS, cfg["student_path_micro_batch_tokens"][0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -48,8 +48,9 @@ def gpu_tables(r: dict) -> list[str]:
                   f"{100 * greedy['agreement']:.1f}% equal the argmax of one plain transformers forward over them; "
                   f"where not, the two logits were within {greedy['max_logit_gap_at_disagreement']:.3f} "
                   f"(median top-1/top-2 gap {greedy['median_top1_top2_logit_gap']:.3f}: random weights, near-ties)."]
-    lines += ["", "| soft-prefix training step (K=64, 16 x 20, 256 tokens) | step | teacher | forward/backward | peak |",
-              "| :--- | ---: | ---: | ---: | ---: |"]
+    if any(k.startswith("soft_train_step") for k in r):
+        lines += ["", "| soft-prefix training step (K=64, 16 x 20, 256 tokens) | step | teacher | forward/backward | "
+                  "peak |", "| :--- | ---: | ---: | ---: | ---: |"]
     for key in sorted(k for k in r if k.startswith("soft_train_step")):
         s = r[key]
         if "step_s" not in s:
@@ -59,6 +60,7 @@ def gpu_tables(r: dict) -> list[str]:
             what = "fast teacher as a separate merged model (the full profile's), length-bucketed"
         lines.append(f"| {what}, micro-batch {s['micro_batch_tokens']} tokens | {s['step_s']:.1f} s | "
                      f"{s['teacher_s']:.1f} s | {s['forward_backward_s']:.1f} s | {_gib(s['peak_gib'])} |")
+    lines += student_path_table(r)
     g = r.get("gcg_step_screened")
     if g and "step_s" in g:
         sc = g["screen"]
@@ -77,6 +79,30 @@ def gpu_tables(r: dict) -> list[str]:
                   f"(0 = best), {sc['gap']:.4f} nats above the best; the full evaluation took "
                   f"{g['full_evaluation_s']:.1f} s ({g['full_evaluation_floor_s_at_matmul_rate']:.1f} s at the "
                   "calibrated GEMM rate)."]
+    return lines
+
+
+TEACHERS = {"separate": "separate model", "adapter": "LoRA adapter (shared weights)"}
+
+
+def student_path_table(r: dict) -> list[str]:
+    """The soft-prefix step's student paths: every example in full (current) against each prompt once (shared)."""
+    steps = [(k, r[k]) for k in r if k.startswith("soft_step_") and "step_s" in r[k]]
+    if not steps:
+        return []
+    lines = ["", "| soft-prefix step (K=64, 16 x 20) | teacher | replies | student path | micro-batch | step | "
+             "teacher | forward/backward | student tokens | floor | peak |",
+             "| :--- | :--- | :--- | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for _, s in steps:
+        replies = (f"{s['max_new_tokens']} tokens each" if s["lengths"] == "fixed"
+                   else f"uniform 32-256, stop honoured (mean {s['mean_reply_tokens']:.0f})")
+        path = "each prompt once (shared)" if s["shared_prompt"] else "every example in full (current)"
+        lines.append(f"| {s['pairs']} pairs, {s['loss_tokens']:,} loss tokens | {TEACHERS[s['teacher']]} | {replies} | "
+                     f"{path} | {s['micro_batch_tokens']} | {s['step_s']:.1f} s | {s['teacher_s']:.1f} s | "
+                     f"{s['forward_backward_s']:.1f} s | {s['student_tokens']:,} | "
+                     f"{s.get('floor_s_at_matmul_rate', float('nan')):.1f} s | {_gib(s['peak_gib'])} |")
+    lines += ["", "floor: " + next(s["floor_formula"] for _, s in steps if "floor_formula" in s) + f" (calibrated "
+              f"{r['matmul_calibration']['tflops']:.0f} TFLOP/s)"] if any("floor_formula" in s for _, s in steps) else []
     return lines
 
 

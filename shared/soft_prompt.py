@@ -3,7 +3,8 @@ any learned prompt -- soft or GCG ids -- from training to evaluation.
 
 Training (``SoftPrefixTrainer``): every step samples fresh teacher completions at T=1.0 for a draw of training
 questions, and takes one AdamW step on the K x H prefix to minimise the student's token CE on them (gradient
-accumulated over micro-batches, so the step is exact whatever the memory). Held-out CE on a fixed cached set of
+accumulated over micro-batches, so the step is exact whatever the memory). By default each question's prompt runs
+once and its completions run against the cached keys and values (``shared.teacher.shared_prompt_ce``). Held-out CE on a fixed cached set of
 teacher completions decides early stopping and which prefix is kept. A checkpoint (prefix, optimiser moments,
 step, curve) lets a preempted cell resume where it stopped.
 
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from shared import chat, store
 from shared.generation import SamplingParams, derived_seed
-from shared.teacher import TeacherStudent, batch_ce_sum, micro_batches, n_loss_tokens, student_examples
+from shared.teacher import StudentPass, TeacherStudent, n_loss_tokens, student_ce, student_examples
 
 if TYPE_CHECKING:
     import torch
@@ -184,6 +185,9 @@ class SoftTrainingSettings(DrawSettings):
     patience: int | None = 10  # held-out evaluations without improvement before stopping; None: never stop early
     min_delta: float = 1e-3
     checkpoint_every: int = 50
+    # run each question's prompt once and its completions against the cached keys/values (the gradient flows back
+    # through them into the prefix); False: every example in full, the reference path
+    shared_prompt: bool = True
 
 
 VAL_STREAM = 1_000_000_007  # the held-out set's sampling stream, apart from every step's
@@ -234,6 +238,8 @@ class StepStats:
     n_tokens: int
     teacher_s: float
     forward_backward_s: float
+    student_tokens: int = 0  # tokens the student's forward ran (padding excluded)
+    padded_tokens: int = 0  # the same with padding
 
 
 @dataclass
@@ -275,13 +281,17 @@ class SoftPrefixTrainer:
         self.val_examples = self.draws.val_examples()
         return self.val_examples
 
+    def student_pass(self, model, examples: Sequence[chat.PromptIds], soft: torch.Tensor,
+                     backward_scale: float | None = None) -> StudentPass:
+        s = self.settings
+        return student_ce(model, examples, self.pad_id, soft, max_tokens=s.micro_batch_tokens,
+                          shared_prompt=s.shared_prompt, by_length=s.bucket_by_length, backward_scale=backward_scale)
+
     def mean_ce(self, examples: Sequence[chat.PromptIds], soft: torch.Tensor) -> float:
         import torch
 
-        total = 0.0
         with torch.no_grad(), self.pair.student() as model:
-            for group in micro_batches(examples, self.settings.micro_batch_tokens, by_length=self.settings.bucket_by_length):
-                total += float(batch_ce_sum(model, group, self.pad_id, soft))
+            total = self.student_pass(model, examples, soft).ce_sum
         return total / max(n_loss_tokens(examples), 1)
 
     def train_step(self, step: int, soft: torch.Tensor, optimizer) -> StepStats:
@@ -292,16 +302,13 @@ class SoftPrefixTrainer:
         sampled = time.perf_counter()
         tokens = n_loss_tokens(examples)
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
         with self.pair.student() as model:
-            for group in micro_batches(examples, self.settings.micro_batch_tokens, by_length=self.settings.bucket_by_length):
-                loss = batch_ce_sum(model, group, self.pad_id, soft) / tokens
-                loss.backward()
-                total += float(loss.detach())
+            student = self.student_pass(model, examples, soft, backward_scale=1 / tokens)
         optimizer.step()
         _sync(self.device)
         done = time.perf_counter()
-        return StepStats(step, total, len(examples), tokens, sampled - started, done - sampled)
+        return StepStats(step, student.ce_sum / tokens, len(examples), tokens, sampled - started, done - sampled,
+                         student.tokens, student.padded_tokens)
 
     # -- the loop -------------------------------------------------------------------------------------------
 

@@ -176,21 +176,27 @@ def student_examples(
 CE_CHUNK_POSITIONS = 2048  # LM-head positions per chunk: [2048, 152064] fp32 logits are ~1.2 GB on Qwen2.5
 
 
-def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inputs_embeds=None) -> torch.Tensor:
+def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inputs_embeds=None, *,
+                       past_key_values=None, attention_mask=None, position_ids=None) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled positions, per row (``[B]``).
 
     Rows are right-padded, so no attention mask is needed: under causal attention a real token never sees the
     padding after it, and the padded positions carry no label. The LM head runs only at labelled positions and in
     chunks (recomputed in the backward pass), so ``[tokens, vocab]`` logits never sit in memory at once.
+
+    With ``past_key_values`` the rows continue cached prompts (the shared-prompt path): ``attention_mask`` then
+    spans cache + rows and ``position_ids`` start where each row's prompt ends.
     """
     import torch
 
     from shared.decoding import attention_without_cudnn
 
     backbone = model.get_decoder()
+    cached = {} if past_key_values is None else {_cache_argument(backbone): past_key_values, "use_cache": True}
     with attention_without_cudnn():  # lengths vary from step to step: no per-shape plan building
         hidden = backbone(
-            input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds, use_cache=False
+            input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask, position_ids=position_ids, **cached,
         ).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != chat.IGNORE_INDEX
@@ -210,6 +216,13 @@ def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inp
     return torch.zeros(labels.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
 
 
+def _cache_argument(backbone) -> str:
+    """The name this transformers version gives a forward's KV cache (``past_key_values``, ``cache`` from 5.2x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
 def _head_ce(head, hidden, targets):
     import torch.nn.functional as F
 
@@ -225,15 +238,24 @@ def micro_batches(examples: Sequence[PromptIds], max_tokens: int, *, by_length: 
 
     ``by_length`` (the default) groups the examples longest first, so rows of a group have nearly the same length and
     hardly any compute goes to padding; otherwise the groups are consecutive runs in the given order."""
-    ordered = sorted(examples, key=len, reverse=True) if by_length else list(examples)
-    groups: list[list[PromptIds]] = []
-    current: list[PromptIds] = []
-    for example in ordered:
-        longest = max([len(example), *(len(p) for p in current)])
-        if current and longest * (len(current) + 1) > max_tokens:
+    groups = length_groups([len(e) for e in examples], max_tokens, by_length=by_length)
+    return [[examples[i] for i in group] for group in groups]
+
+
+def length_groups(lengths: Sequence[int], max_tokens: int, *, by_length: bool = True) -> list[list[int]]:
+    """Indices of rows grouped so that rows x longest stays within ``max_tokens`` (at least one row per group);
+    longest first when ``by_length`` (ties keep their order), else consecutive runs in the given order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if by_length else list(range(len(lengths)))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        wider = max(longest, lengths[index])
+        if current and wider * (len(current) + 1) > max_tokens:
             groups.append(current)
-            current = []
-        current.append(example)
+            current, wider = [], lengths[index]
+        current.append(index)
+        longest = wider
     if current:
         groups.append(current)
     return groups
@@ -246,3 +268,179 @@ def batch_ce_sum(model, examples: Sequence[PromptIds], pad_id: int, soft=None, d
     if soft is not None:
         embeds = chat.inputs_embeds(batch, model.get_input_embeddings(), soft)
     return completion_ce_sums(model, batch.input_ids, batch.labels, embeds).sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the objective with each prompt run once (the shared-prompt path)
+
+
+@dataclass
+class StudentPass:
+    """What one pass of the student over a set of examples computed: the summed CE, and the tokens its backbone
+    ran (``tokens`` without padding, ``padded_tokens`` with it)."""
+
+    ce_sum: float
+    tokens: int
+    padded_tokens: int
+
+
+def student_ce(model, examples: Sequence[PromptIds], pad_id: int, soft=None, *, max_tokens: int,
+               shared_prompt: bool = True, by_length: bool = True, backward_scale: float | None = None
+               ) -> StudentPass:
+    """The summed CE of ``examples`` (``soft`` filling their soft(K) slots), in micro-batches of at most
+    ``max_tokens`` padded tokens. With ``backward_scale`` each micro-batch's ``backward_scale x CE`` is
+    backpropagated, so ``.grad`` accumulates the gradient of ``backward_scale x`` the summed CE exactly, whatever
+    the micro-batch size.
+
+    ``shared_prompt``: run each distinct prompt once and every reply against its cached keys and values
+    (``shared_prompt_ce``); otherwise every example in full (``batch_ce_sum``), the reference."""
+    if shared_prompt:
+        return shared_prompt_ce(model, examples, pad_id, soft, max_tokens=max_tokens, backward_scale=backward_scale)
+    total, padded = 0.0, 0
+    for group in micro_batches(examples, max_tokens, by_length=by_length):
+        ce = batch_ce_sum(model, group, pad_id, soft)
+        if backward_scale is not None:
+            (ce * backward_scale).backward()
+        total += float(ce.detach())
+        padded += len(group) * max(len(e) for e in group)
+    return StudentPass(total, sum(len(e) for e in examples), padded)
+
+
+def shared_prompt_ce(model, examples: Sequence[PromptIds], pad_id: int, soft=None, *, max_tokens: int,
+                     backward_scale: float | None = None) -> StudentPass:
+    """``student_ce`` with each distinct prompt run once: the 20 completions of a question repeat its prompt (the
+    soft prefix, template and question: a quarter of the tokens at the record's setting).
+
+    1. The distinct prompts, each but its last token, run in one right-padded forward that fills a KV cache. Its
+       keys and values become leaves: every reply's gradient collects there, however the replies are grouped.
+    2. The replies, each led by its prompt's last token (whose position predicts the first reply token), grouped
+       longest first into micro-batches of at most ``max_tokens`` (rows x longest), any mix of prompts: each row
+       attends to its own prompt's cached keys (a mask hides the cache's padding) at positions that continue it.
+    3. The leaves' accumulated gradient goes back through the prompts' forward into ``soft``.
+
+    Same loss and gradient as the reference up to float rounding (tests/test_shared_prompt.py)."""
+    import torch
+
+    prompts, owners = distinct_prompts(examples)
+    grad = backward_scale is not None and torch.is_grad_enabled()
+    cache = PromptCache.run(model, prompts, pad_id, soft, keep_graph=grad)
+    tails = [_reply_tail(example) for example in examples]
+    total, padded = 0.0, cache.padded_tokens
+    for group in length_groups([len(ids) for ids, _ in tails], max_tokens):
+        width = max(len(tails[i][0]) for i in group)
+        ids = torch.tensor([_pad(tails[i][0], width, pad_id) for i in group], device=cache.device)
+        labels = torch.tensor([_pad(tails[i][1], width, chat.IGNORE_INDEX) for i in group], device=cache.device)
+        past, mask, positions = cache.for_rows([owners[i] for i in group], width)
+        ce = completion_ce_sums(model, ids, labels, past_key_values=past, attention_mask=mask,
+                                position_ids=positions).sum()
+        if grad:
+            (ce * backward_scale).backward()
+        total += float(ce.detach())
+        padded += len(group) * width
+    if grad:
+        cache.backward()
+    real = sum(len(p) - 1 for p in prompts) + sum(len(ids) for ids, _ in tails)
+    return StudentPass(total, real, padded)
+
+
+def distinct_prompts(examples: Sequence[PromptIds]) -> tuple[list[PromptIds], list[int]]:
+    """The distinct evaluation prompts of ``examples`` (first-seen order) and each example's index among them."""
+    index: dict[tuple, int] = {}
+    prompts, owners = [], []
+    for example in examples:
+        soft = example.soft_slice
+        key = (tuple(example.prompt_ids), None if soft is None else (soft.start, soft.stop))
+        if key not in index:
+            index[key] = len(prompts)
+            prompts.append(example.prompt_only())
+        owners.append(index[key])
+    return prompts, owners
+
+
+def _reply_tail(example: PromptIds) -> tuple[list[int], list[int]]:
+    """The ids a reply's rows run (the prompt's last token, then the reply) and their labels (unshifted)."""
+    start = example.assistant_start - 1
+    if start < 1:
+        raise ValueError("a shared prompt needs at least two tokens before the reply")
+    return example.input_ids[start:example.loss_end], example.labels()[start:example.loss_end]
+
+
+def _pad(values: list[int], width: int, fill: int) -> list[int]:
+    return values + [fill] * (width - len(values))
+
+
+@dataclass
+class PromptCache:
+    """Keys and values of distinct prompts (all but each prompt's last token), per layer ``[prompts, kv heads,
+    longest, head dim]``, right-padded; ``lengths`` says how much of each row is real."""
+
+    keys: list
+    values: list
+    lengths: torch.Tensor
+    padded_tokens: int
+    graph: list  # the forward's own keys and values, still attached to it (empty when no gradient is wanted)
+
+    @property
+    def device(self):
+        return self.lengths.device
+
+    @classmethod
+    def run(cls, model, prompts: Sequence[PromptIds], pad_id: int, soft=None, *, keep_graph: bool) -> PromptCache:
+        import torch
+
+        from shared.decoding import attention_without_cudnn
+
+        heads = []
+        for prompt in prompts:
+            end = prompt.assistant_start - 1
+            if prompt.soft_slice is not None and prompt.soft_slice.stop > end:
+                raise ValueError("a soft slot that reaches the prompt's last token cannot be cached before it")
+            heads.append(chat.PromptIds(prompt.input_ids[:end], end, None, prompt.soft_slice, None, None))
+        device = model.get_input_embeddings().weight.device
+        batch = chat.build_batch(heads, pad_id=pad_id, padding_side="right").to(device)
+        embedding = model.get_input_embeddings()
+        embeds = embedding(batch.input_ids) if soft is None else chat.inputs_embeds(batch, embedding, soft)
+        with attention_without_cudnn():  # right padding: causal attention keeps it out of every real position
+            out = model.get_decoder()(inputs_embeds=embeds, use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values
+        graph = [t for layer in cache.layers for t in (layer.keys, layer.values)] if keep_graph else []
+
+        def leaf(t):
+            return t.detach().requires_grad_(keep_graph)
+
+        lengths = torch.tensor([len(h) for h in heads], device=device)
+        return cls([leaf(layer.keys) for layer in cache.layers], [leaf(layer.values) for layer in cache.layers],
+                   lengths, batch.input_ids.numel(), graph)
+
+    def for_rows(self, owners: Sequence[int], width: int):
+        """A cache for rows continuing prompts ``owners``, the 2-D attention mask over cache + ``width`` new
+        positions, and the new positions' ids."""
+        import torch
+        from transformers import DynamicCache
+
+        rows = len(owners)
+        owner = torch.tensor(owners, device=self.device)
+        lengths = self.lengths[owner]
+        cached = int(lengths.max())
+        if len(set(owners)) == 1:  # one prompt: a view of it for every row
+            def take(t):
+                return t[owners[0]:owners[0] + 1, :, :cached].expand(rows, -1, -1, -1)
+        else:
+            def take(t):
+                return t[owner, :, :cached]
+        # DynamicCache copies what it is given (its update concatenates), so the view costs one copy per group
+        past = DynamicCache(ddp_cache_data=[(take(k), take(v)) for k, v in zip(self.keys, self.values, strict=True)])
+        prompt_mask = torch.arange(cached, device=self.device)[None, :] < lengths[:, None]
+        mask = torch.cat([prompt_mask, torch.ones(rows, width, dtype=torch.bool, device=self.device)], dim=1)
+        positions = lengths[:, None] + torch.arange(width, device=self.device)[None, :]
+        return past, mask.long(), positions
+
+    def backward(self) -> None:
+        """Carry the gradient the replies left on the cached keys and values into the prompts' forward."""
+        import torch
+
+        leaves = [t for pair in zip(self.keys, self.values, strict=True) for t in pair]
+        pairs = [(out, leaf.grad) for out, leaf in zip(self.graph, leaves, strict=True) if leaf.grad is not None]
+        if pairs and pairs[0][0].requires_grad:
+            torch.autograd.backward([out for out, _ in pairs], [g for _, g in pairs])
+        self.graph = []

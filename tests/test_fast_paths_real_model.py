@@ -3,7 +3,8 @@ loaded in fp32 on the CPU.
 
 Both paths get the same teacher draws because the teacher decodes greedily (temperature 0), where the fast decoder
 and ``model.generate`` give the same ids. What remains different is the arithmetic's order (length-bucketed
-micro-batches, the decoder's own attention code), so the loss trajectories must agree to float rounding:
+micro-batches, the decoder's own attention code, each prompt run once with its replies against the cached keys and
+values), so the loss trajectories must agree to float rounding:
 ``TOLERANCE`` relative. The GCG screen is the one change that alters the search on purpose; with a screen as large
 as the step it must vanish, and a screened step's loss is never below the full evaluation's best.
 """
@@ -47,13 +48,13 @@ def test_greedy_ids_of_the_real_model_are_model_generates_ids(fast, current):
 
 
 def test_soft_prefix_loss_trajectory_matches_the_current_path(fast, current):
-    def trajectory(pair, bucket_by_length: bool) -> list[dict]:
+    def trajectory(pair, bucket_by_length: bool, shared_prompt: bool) -> list[dict]:
         settings = SoftTrainingSettings(k=4, lr=1e-2, steps=2, patience=None, micro_batch_tokens=120,
-                                        bucket_by_length=bucket_by_length, **DRAWS)
+                                        bucket_by_length=bucket_by_length, shared_prompt=shared_prompt, **DRAWS)
         trainer = SoftPrefixTrainer(pair, settings, QUESTIONS[:3], QUESTIONS[3:], seed=0, model_ref=MODEL)
         return trainer.run(trainer.new_state()).curve
 
-    new, old = trajectory(fast, True), trajectory(current, False)
+    new, old = trajectory(fast, True, True), trajectory(current, False, False)
     assert [p.keys() & {"train_ce", "heldout_ce"} for p in new] == [p.keys() & {"train_ce", "heldout_ce"} for p in old]
     for a, b in zip(new, old, strict=True):
         for key in {"train_ce", "heldout_ce"} & a.keys():
