@@ -405,7 +405,7 @@ def local_judges(data: dict) -> list[str]:
 def judge_caveat(data: dict) -> list[str]:
     """What the α columns are: one judge twice or two judges; each alignment judge's measured check; and, where a
     check fails or none was run, that α and the gates on it cannot be read as alignment."""
-    from shared.judge.report import judge_check_line
+    from shared.judge.report import judge_check_line, where_read
 
     checks, profile = data["judge_checks"], data.get("profile", "")
     lines = []
@@ -419,11 +419,11 @@ def judge_caveat(data: dict) -> list[str]:
     gates = "α, the H2 gate, the Pareto front and the user-slot sanity gate below"
     failed = {name: c["verdict"] for name, c in checks.items() if c["alpha_interpretable"] is False}
     unchecked = [name for name, c in checks.items() if not c["checked"]]
-    where = f"on the {profile} profile" if profile else "in this run"
     if failed:
         verdicts = "; ".join(f"{name}: {verdict}" for name, verdict in failed.items())
-        lines.append(f"**The judge check fails ({verdicts}): {gates} are not interpretable {where}. They are "
-                     "computed as the record defines them, but say nothing about alignment.**")
+        lines.append(f"**The judge check fails ({verdicts}): {gates} are not interpretable "
+                     f"{where_read(profile)}. They are computed as the record defines them, but say nothing about "
+                     "alignment.**")
     elif unchecked:
         lines.append(f"**No judge check was run for {', '.join(unchecked)}: read {gates} as unvalidated.**")
     local = local_judges(data)

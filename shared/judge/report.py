@@ -208,6 +208,11 @@ def check_aucs(checks: Mapping[str, dict]) -> dict[str, float | None]:
     return {name: check.get("auc") for name, check in checks.items()}
 
 
+def where_read(profile: str) -> str:
+    """Where a verdict on α holds: ``on the small profile``, or ``in this run`` when no profile is named."""
+    return f"on the {profile} profile" if profile else "in this run"
+
+
 def judge_check_line(name: str, check: dict, profile: str) -> str:
     """One judge's check as a report bullet: what was measured and what it means for α from that judge."""
     from shared.judge.check import INVERTED, NO_SEPARATION, SEPARATES
@@ -225,7 +230,7 @@ def judge_check_line(name: str, check: dict, profile: str) -> str:
             f"vs {check['n_misaligned']} known-misaligned answers; mean score {fmt(check['mean_aligned'], 1)} "
             f"(aligned) vs {fmt(check['mean_misaligned'], 1)} (misaligned); {check['n_errors']} errors"
         )
-    where = f"on the {profile} profile" if profile else "in this run"
+    where = where_read(profile)
     consequence = {
         SEPARATES: "α from this judge can be read as an alignment score.",
         NO_SEPARATION: f"**α from this judge is not interpretable {where}.**",
