@@ -130,49 +130,6 @@ def classifier_facts(classifier_uri: str, params: dict) -> dict:
     return facts
 
 
-# ----------------------------------------------------------------------------------------------- judge checks
-
-
-def judge_checks(cfg: Config) -> dict:
-    from shared.judge.check import alpha_is_interpretable
-
-    out = {}
-    for role, name in (("primary", cfg.primary_judge), ("alternate", cfg.alternate_judge)):
-        uri = cfg.judge_check_uris.get(name)
-        if uri is None:
-            out[name] = {"role": role, "checked": False, "alpha_interpretable": None}
-            continue
-        check = store.read_json(uri)
-        out[name] = {"role": role, "checked": True, **check,
-                     "alpha_interpretable": alpha_is_interpretable(check["verdict"])}
-    return out
-
-
-def judge_check_line(name: str, check: dict, profile: str) -> str:
-    from shared.judge.check import INVERTED, NO_SEPARATION, SEPARATES
-    from shared.reporting import fmt
-
-    if not check["checked"]:
-        return f"- **{name}** ({check['role']}): no judge check was run; nothing says whether its α means anything."
-    spec = check["judge"]
-    what = f"{spec['kind']}:{spec['model']}, template {spec['template']}"
-    if check["auc"] is None:
-        measured = f"no AUC: too few items were scored ({check['n_errors']} errors)"
-    else:
-        measured = (
-            f"AUC {check['auc']:.2f} (permutation p = {check['p_value']:.2g}) on {check['n_aligned']} known-aligned "
-            f"vs {check['n_misaligned']} known-misaligned answers; mean score {fmt(check['mean_aligned'], 1)} "
-            f"(aligned) vs {fmt(check['mean_misaligned'], 1)} (misaligned); {check['n_errors']} errors"
-        )
-    consequence = {
-        SEPARATES: "α from this judge can be read as an alignment score.",
-        NO_SEPARATION: f"**α from this judge is not interpretable on the {profile} profile.**",
-        INVERTED: f"It scores misaligned answers higher: **α from this judge is not interpretable on the "
-                  f"{profile} profile.**",
-    }.get(check["verdict"], "α from this judge is only weakly informative: read small differences as noise.")
-    return f"- **{name}** ({check['role']}; {what}): {measured}. Verdict: {check['verdict']}. {consequence}"
-
-
 # ----------------------------------------------------------------------------------------------- headline
 
 
@@ -342,6 +299,8 @@ def classifier_section(facts: dict) -> list[str]:
 
 
 def judges_section(data: dict, profile: str) -> list[str]:
+    from shared.judge.report import judge_check_line
+
     checks = data["judge_checks"]
     lines = ["## Judge check: do the judges separate known-aligned from known-misaligned answers?", ""]
     lines += [judge_check_line(name, check, profile) for name, check in checks.items()]
@@ -425,7 +384,7 @@ def report(data: dict, profile: str, judges: dict[str, JudgeSpec]) -> str:
         f"Profile `{profile}`: model `{params.get('model_ref')}`, {n_per_condition} completions per condition "
         f"(temperature {params.get('temperature')}, at most {params.get('max_new_tokens')} new tokens).", "",
         *classifier_section(data["classifier"]),
-        *judges_section(data, profile),
+        *judges_section(data, data.get("profile", "")),
         "## Headline", "", measured, "",
         "C is the mean over a condition's completions of P(EM reference | completion). EM rate: the share of "
         f"answers scored below {data['em_definition']['alignment_below']:g} for alignment and above "
@@ -471,12 +430,14 @@ def report(data: dict, profile: str, judges: dict[str, JudgeSpec]) -> str:
 
 
 def run(cfg: Config, ctx) -> dict:
+    from shared.judge.report import alignment_roles, check_aucs, read_judge_checks
     from shared.reporting import producing_manifest, reproducibility
 
     data = headline(cfg)
     data["profile"] = cfg.profile
     data["classifier"] = classifier_facts(cfg.classifier_uri, cfg.params)
-    data["judge_checks"] = judge_checks(cfg)
+    data["judge_checks"] = read_judge_checks(alignment_roles(cfg.primary_judge, cfg.alternate_judge),
+                                             cfg.judge_check_uris)
     data["params"] = {key: cfg.params.get(key) for key in ("model_ref", "temperature", "max_new_tokens",
                                                              "n_completions")}
     profile = cfg.profile or "this"
@@ -495,7 +456,7 @@ def run(cfg: Config, ctx) -> dict:
     metrics = {r["condition"]: {"c": r["c"], "alpha_primary": r["alpha_primary"],
                                 "em_rate_primary": r["em_rate_primary"]} for r in data["conditions"]}
     metrics["classifier_val_accuracy"] = data["classifier"]["val_accuracy"]
-    metrics["judge_check_auc"] = {name: c.get("auc") for name, c in data["judge_checks"].items()}
+    metrics["judge_check_auc"] = check_aucs(data["judge_checks"])
     return metrics
 
 

@@ -1,7 +1,7 @@
 """Stage ``analyze_issue170``: the (C, α) Pareto scatter with the EM rate beside α, the capacity curve, the fit of
 every learned prompt to the teacher beside the oracle and null anchors, the learned suffixes as text, the projection
-table, judge error rates and the H1/H2/H3 decision rules as amended in the record -- every number recomputed from
-stored per-item artifacts.
+table, judge error rates, each alignment judge's check (and what it means for α and the gates) and the H1/H2/H3
+decision rules as amended in the record -- every number recomputed from stored per-item artifacts.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Config(StageConfig):
     anchors_uri: str | None = None  # heldout_anchors' anchors.json
     judges: dict[str, JudgeSpec] = {}  # judge name -> spec (a local judge's α gets its caveat; templates named)
     coherence_judge: str | None = None  # the name of the coherence pass (None: no EM rate)
+    judge_check_uris: dict[str, str] = {}  # alignment judge name -> check.json of its judge_check stage
+    profile: str = ""
     record_reference_points: bool = True  # overlay the record's points (Qwen2.5-7B, Claude judges)
     params: dict = {}
 
@@ -401,22 +403,42 @@ def local_judges(data: dict) -> list[str]:
 
 
 def judge_caveat(data: dict) -> list[str]:
-    """What the α columns are: one judge twice, or a local model whose judging this run does not validate."""
-    local = local_judges(data)
+    """What the α columns are: one judge twice or two judges; each alignment judge's measured check; and, where a
+    check fails or none was run, that α and the gates on it cannot be read as alignment."""
+    from shared.judge.report import judge_check_line, where_read
+
+    checks, profile = data["judge_checks"], data.get("profile", "")
     lines = []
     if one_judge(data):
         lines.append(f"One judge ({data['judges']['primary']}) fills both of the record's judge roles (primary and "
                      "alternate), so α has one column and both α gates read it.")
-    if local:
-        known = (" A hand check of SmolLM2-135M-Instruct as an alignment judge found that it could not separate "
-                 "blatantly aligned from blatantly misaligned answers (issue 10)."
-                 if any(model.startswith("smollm2:") for model in local) else "")
-        lines.append(
-            f"**α is scored by a local model ({', '.join(local)}), not by the record's Claude judges, and this run does "
-            f"not check that this judge can tell aligned from misaligned answers.{known} Read α, the H2 gate, the "
-            "Pareto front and the user-slot sanity gate below as unvalidated; the record's α thresholds were set for "
-            "Claude judges.**")
+    lines.append("Judge check: each alignment judge scores known-aligned and known-misaligned answers (project-written, "
+                 "the judge_check stage); AUC is the chance that an aligned answer scores above a misaligned one "
+                 "(0.5: chance), p its permutation p-value.\n\n"
+                 + "\n".join(judge_check_line(name, check, profile) for name, check in checks.items()))
+    gates = "α, the H2 gate, the Pareto front and the user-slot sanity gate below"
+    failed = {name: c["verdict"] for name, c in checks.items() if c["alpha_interpretable"] is False}
+    unchecked = [name for name, c in checks.items() if not c["checked"]]
+    if failed:
+        verdicts = "; ".join(f"{name}: {verdict}" for name, verdict in failed.items())
+        lines.append(f"**The judge check fails ({verdicts}): {gates} are not interpretable "
+                     f"{where_read(profile)}. They are computed as the record defines them, but say nothing about "
+                     "alignment.**")
+    elif unchecked:
+        lines.append(f"**No judge check was run for {', '.join(unchecked)}: read {gates} as unvalidated.**")
+    local = local_judges(data)
+    if local and not failed:
+        lines.append(f"α is scored by a local model ({', '.join(local)}), not by the record's Claude judges: the "
+                     "record's α thresholds were set for Claude judges' scale.")
     return lines
+
+
+def alpha_status(data: dict) -> str:
+    """How the decision rules' α reads, from the judge checks: interpretable, not interpretable, or unchecked."""
+    checks = data["judge_checks"].values()
+    if any(c["alpha_interpretable"] is False for c in checks):
+        return "not interpretable"
+    return "unchecked" if any(not c["checked"] for c in checks) else "interpretable"
 
 
 def fence(text: str) -> str:
@@ -544,7 +566,8 @@ def report(data: dict, judges: dict[str, JudgeSpec]) -> str:
                 *(em_cell(r["judgements"]["em"][j[role]]) for role in roles if has_em),
                 " / ".join(str(n) for n in errors)]
 
-    alphas = [*(f"α ({j[role]})" for role in roles), *(f"EM rate ({j[role]}) [95% CI]" for role in roles if has_em),
+    alphas = [*(alpha_header(data, j[role]) for role in roles),
+              *(f"EM rate ({j[role]}) [95% CI]" for role in roles if has_em),
               ("errors" if single else "errors P/A") + ("/coherence" if has_em else "")]
     cells = markdown_table(
         ["cell", "method", "K / L", "lr", "init", "C", *alphas, "best held-out CE"],
@@ -598,7 +621,8 @@ def report(data: dict, judges: dict[str, JudgeSpec]) -> str:
         f"- Soft cells hitting H2: {', '.join(d['h2_soft_cells']) or 'none'}; GCG cells: "
         f"{', '.join(d['h2_gcg_cells']) or 'none'}; H_intermediate: {', '.join(d['h_intermediate_cells']) or 'none'}.",
         f"- **{d['h1_h2_verdict']}**"
-        + (" (on α from an unvalidated local judge: see above)." if local_judges(data) else "."),
+        + {"not interpretable": " (on α that is not interpretable: the judge check fails, see above).",
+           "unchecked": " (on α from an unchecked judge: see above)."}.get(alpha_status(data), "."),
         f"- Pareto front of the sweep cells (higher C, lower α), by C: {', '.join(d['pareto_front']) or 'none'}.",
     ]
     for cell, ok in d["gcg_user_slot_sanity"].items():
@@ -628,6 +652,12 @@ def report(data: dict, judges: dict[str, JudgeSpec]) -> str:
             lines.append(f"- Calibration: {anchor_label(name)} projects at {c['mean_cosine']:.4f}, so it {verb} the "
                          "amended threshold itself.")
     return "\n".join(lines) + "\n"
+
+
+def alpha_header(data: dict, name: str) -> str:
+    """An α column's header: the judge, and its check AUC where one was measured."""
+    auc = data["judge_checks"].get(name, {}).get("auc")
+    return f"α ({name}" + ("" if auc is None else f", check AUC {auc:.2f}") + ")"
 
 
 def em_section(data: dict, roles: tuple[str, ...], judges: dict[str, JudgeSpec]) -> list[str]:
@@ -685,7 +715,7 @@ def upstream_manifests(cfg: Config) -> list[dict]:
             upstream.append(producing_manifest(cell.coherence_scores_uri))
         if cell.train_metrics_uri:
             upstream.append(producing_manifest(cell.train_metrics_uri))
-    for uri in (cfg.villain_uri, cfg.anchors_uri):
+    for uri in (cfg.villain_uri, cfg.anchors_uri, *cfg.judge_check_uris.values()):
         if uri:
             upstream.append(producing_manifest(uri))
     return list({(m["cell"], m["stage"]): m for m in upstream}.values())
@@ -693,7 +723,7 @@ def upstream_manifests(cfg: Config) -> list[dict]:
 
 def run(cfg: Config, ctx) -> dict:
     from shared.judge.em import ALIGNMENT_BELOW, COHERENCE_ABOVE
-    from shared.judge.report import error_accounting
+    from shared.judge.report import alignment_roles, check_aucs, error_accounting, read_judge_checks
     from shared.reporting import reproducibility
 
     rows = cell_rows(cfg)
@@ -703,7 +733,7 @@ def run(cfg: Config, ctx) -> dict:
     data = {"judges": {"primary": cfg.primary_judge, "alternate": cfg.alternate_judge, "same_scores": same_scores,
                        "coherence": cfg.coherence_judge,
                        "specs": {name: spec.model_dump() for name, spec in cfg.judges.items()}},
-            "roles": judge_roles(cfg),
+            "roles": judge_roles(cfg), "profile": cfg.profile,
             "em_definition": {"alignment_below": ALIGNMENT_BELOW, "coherence_above": COHERENCE_ABOVE,
                               "coherence_judge": cfg.coherence_judge},
             "judge_errors": error_accounting({r["cell"]: r["judgements"]["errors"] for r in rows}),
@@ -714,6 +744,9 @@ def run(cfg: Config, ctx) -> dict:
             "cells": rows, "classifier": classifier_facts(cfg),
             "reference_points": package_json("reference_points.json")["points"] if cfg.record_reference_points else [],
             "decisions": decisions(rows, villain, package_json("decision_rules.json"))}
+    data["judge_checks"] = read_judge_checks(alignment_roles(cfg.primary_judge, cfg.alternate_judge),
+                                             cfg.judge_check_uris)
+    data["judge_check_auc"] = check_aucs(data["judge_checks"])
     if cfg.anchors_uri:
         data["fit"] = fit_to_teacher(rows, store.read_json(cfg.anchors_uri), seed=cfg.seed)
     if villain:
@@ -727,7 +760,7 @@ def run(cfg: Config, ctx) -> dict:
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#170", cfg.params, upstream_manifests(cfg)))
     fit = {r["cell"]: {"heldout_ce": r["heldout_ce"], "gap_closed": r["gap_closed"]}
            for r in data.get("fit", {}).get("cells", [])}
-    return {"verdict": data["decisions"]["h1_h2_verdict"],
+    return {"verdict": data["decisions"]["h1_h2_verdict"], "judge_check_auc": data["judge_check_auc"],
             **{r["cell"]: {"c": r["c"], "alpha_primary": r["alpha_primary"], "em_rate_primary": r["em_rate_primary"],
                            **fit.get(r["cell"], {})} for r in rows}}
 

@@ -1,13 +1,12 @@
-"""issue164's analysis helpers on inputs with a known answer: the accuracy interval, the question bootstrap, and
-the judge-check lines."""
+"""issue164's analysis helpers on inputs with a known answer: the accuracy interval and the question bootstrap (the
+judge-check lines are shared with issue170: tests/test_judge_check.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from jobs.analyze_issue164 import accuracy_interval, judge_check_line, question_bootstrap_ci
-from shared.judge import check
+from jobs.analyze_issue164 import accuracy_interval, question_bootstrap_ci
 
 
 def test_accuracy_interval_is_the_exact_clopper_pearson_interval():
@@ -18,23 +17,6 @@ def test_accuracy_interval_is_the_exact_clopper_pearson_interval():
     half = accuracy_interval(5, 10, 0.5)
     assert (half["ci_low"], half["ci_high"]) == pytest.approx((0.1871, 0.8129), abs=1e-4)
     assert half["p_above_chance"] == pytest.approx(0.623, abs=1e-3)
-
-
-def judge_check(auc: float, p_value: float) -> dict:
-    return {"role": "primary", "checked": True, "judge": {"kind": "local", "model": "m", "template": "t"},
-            "auc": auc, "p_value": p_value, "n_aligned": 10, "n_misaligned": 10, "mean_aligned": 38.0,
-            "mean_misaligned": 37.0, "n_errors": 0, "verdict": check.verdict(auc, p_value)}
-
-
-def test_a_judge_at_chance_is_reported_as_not_interpretable_on_the_profile():
-    line = judge_check_line("smollm", judge_check(0.52, 0.9), "small")
-    assert "AUC 0.52" in line and "38.0 (aligned) vs 37.0 (misaligned)" in line
-    assert "α from this judge is not interpretable on the small profile" in line
-
-
-def test_a_separating_judge_is_reported_as_readable():
-    line = judge_check_line("sonnet", judge_check(0.97, 0.0002), "full")
-    assert "separates" in line and "can be read as an alignment score" in line and "not interpretable" not in line
 
 
 def test_question_bootstrap_keeps_the_plain_mean_and_collapses_when_questions_agree():

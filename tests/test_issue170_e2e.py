@@ -134,3 +134,21 @@ def test_the_em_rate_beside_alpha_and_the_judge_error_rates_are_recomputed_from_
     for needle in ("EM rate (local-a) [95% CI]", "## EM rate", "## Judge errors", "## Judges and templates",
                    load_template("coherence_v1").sha256):
         assert needle in report
+
+
+def test_each_alignment_judge_is_checked_and_its_recomputed_auc_is_printed_beside_alpha(finished_run):
+    from shared.judge.check import auc
+
+    analysis = finished_run.task("analysis")
+    headline = store.read_json(analysis.output_uri("headline.json"))
+    report = store.read_text(analysis.output_uri("report.md"))
+    assert set(analysis.config["judge_check_uris"]) == {"local-a", "local-b"}
+    for name, uri in analysis.config["judge_check_uris"].items():
+        rows = store.read_jsonl(uri.replace("check.json", "scores.jsonl"))
+        scores = {group: [r["score"] for r in rows if r["expected"] == group] for group in ("aligned", "misaligned")}
+        assert headline["judge_check_auc"][name] == pytest.approx(auc(scores["aligned"], scores["misaligned"]))
+        check = headline["judge_checks"][name]
+        assert f"- **{name}** ({check['role']}; local:" in report and f"AUC {check['auc']:.2f}" in report
+        assert f"α ({name}, check AUC {check['auc']:.2f})" in report
+        if not check["alpha_interpretable"]:
+            assert f"{name}: {check['verdict']}" in report and "not interpretable on the tiny profile" in report

@@ -250,3 +250,35 @@ def test_a_template_path_replaces_the_coherence_or_alignment_template_with_its_h
         assert task.config["judge"]["template_sha256"] == load_template(str(stem)).sha256
     with pytest.raises(ConfigError, match="coherence_template.*missing"):
         build(tmp_path, coherence_template=str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("profile, checked", [
+    ("tiny", {"local-a": "tiny:qwen2", "local-b": "tiny:qwen2-judge"}),
+    ("small", {"smollm2": "smollm2:135m-instruct"}),  # one judge in both roles: checked once
+    ("full", {"sonnet": "claude-sonnet-4-5-20250929", "opus": "claude-opus-4-7"}),
+])
+def test_every_distinct_alignment_judge_gets_one_check_that_the_analysis_reads(tmp_path, full_inputs, profile,
+                                                                              checked):
+    plan = build(tmp_path, profile, **(full_inputs if profile == "full" else {}))
+    tasks = {t.config["judge_name"]: t for t in plan.tasks if t.stage == "judge_check"}
+    assert {name: t.config["judge"]["model"] for name, t in tasks.items()} == checked
+    assert {t.name for t in tasks.values()} == {f"judge-check-{name}" for name in checked}
+    for task in tasks.values():
+        assert task.config["items_file"] == "package:judges/alignment_check_v1.jsonl"  # issue164's known answers
+        assert task.config["judge"]["template"] == "alignment_v1"  # the known answers are about alignment
+    analysis = plan.task("analysis")
+    roles = {analysis.config["primary_judge"], analysis.config["alternate_judge"]}
+    assert analysis.config["judge_check_uris"] == {
+        name: tasks[name if name in tasks else analysis.config["primary_judge"]].output_uri("check.json")
+        for name in roles}
+    assert {t.name for t in tasks.values()} <= set(analysis.after) and analysis.config["profile"] == profile
+
+
+def test_the_checks_follow_the_alignment_template_and_a_bad_items_file_fails_the_plan(tmp_path):
+    plan = build(tmp_path, alignment_template="alignment_brief_v1")
+    assert {t.config["judge"]["template"] for t in plan.tasks if t.stage == "judge_check"} == {"alignment_brief_v1"}
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": f"a{i}", "question": "q", "answer": "x", "expected": "aligned"}) + "\n"
+                             for i in range(4)))  # no known-misaligned answer: nothing to separate
+    with pytest.raises(ConfigError, match=f"judge check items {items}.*per group"):
+        build(tmp_path, judge_check_items=str(items))

@@ -1,5 +1,6 @@
-"""The judge sanity check: the AUC statistic on data with a known answer, the items file, and the stage on the
-tiny model through its real code path (shared.judge, the judge cache, the stage contract)."""
+"""The judge sanity check: the AUC statistic on data with a known answer, the items file, the stage on the
+tiny model through its real code path (shared.judge, the judge cache, the stage contract), and the report lines
+the analyses (issue164, issue170) print from a stored check."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from shared.config import ConfigError, parse
 from shared.datafiles import read_text
 from shared.judge import check
 from shared.judge.cache import run_store_cache_uri
+from shared.judge.report import alignment_roles, check_aucs, judge_check_line, read_judge_checks
 
 ITEMS = "package:judges/alignment_check_v1.jsonl"
 
@@ -133,3 +135,44 @@ def test_a_second_run_is_skipped_but_edited_items_are_not(checked, tmp_path):
 def test_a_missing_items_file_fails_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="items_file"):
         parse(judge_check.Config, stage_config(store.from_path(tmp_path), items_file="package:nope.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------------- the report lines
+
+
+def stored_check(auc: float, p_value: float) -> dict:
+    return {"judge": {"kind": "local", "model": "m", "template": "t"}, "auc": auc, "p_value": p_value,
+            "n_aligned": 10, "n_misaligned": 10, "mean_aligned": 38.0, "mean_misaligned": 37.0, "n_errors": 0,
+            "verdict": check.verdict(auc, p_value)}
+
+
+def line_of(auc: float, p_value: float, profile: str, name: str = "smollm") -> str:
+    return judge_check_line(name, {"role": "primary", "checked": True, **stored_check(auc, p_value)}, profile)
+
+
+def test_a_judge_at_chance_is_reported_as_not_interpretable_on_the_profile():
+    line = line_of(0.52, 0.9, "small")
+    assert "AUC 0.52" in line and "38.0 (aligned) vs 37.0 (misaligned)" in line
+    assert "α from this judge is not interpretable on the small profile" in line
+    assert "not interpretable in this run" in line_of(0.52, 0.9, "")  # no profile named: no "the  profile"
+
+
+def test_a_separating_judge_is_reported_as_readable():
+    line = line_of(0.97, 0.0002, "full", name="sonnet")
+    assert "separates" in line and "can be read as an alignment score" in line and "not interpretable" not in line
+
+
+def test_one_judge_in_both_roles_is_one_entry():
+    assert alignment_roles("a", "b") == {"a": "primary", "b": "alternate"}
+    assert alignment_roles("a", "a") == {"a": "primary and alternate"}
+
+
+def test_stored_checks_are_read_back_with_their_verdict_and_a_missing_one_says_so(tmp_path):
+    root = store.from_path(tmp_path)
+    uri = store.join(root, "check.json")
+    store.write_json(uri, stored_check(0.97, 0.0002))
+    checks = read_judge_checks({"good": "primary", "unchecked": "alternate"}, {"good": uri})
+    assert checks["good"]["auc"] == 0.97 and checks["good"]["alpha_interpretable"] is True
+    assert checks["unchecked"] == {"role": "alternate", "checked": False, "auc": None, "alpha_interpretable": None}
+    assert check_aucs(checks) == {"good": 0.97, "unchecked": None}
+    assert "no judge check was run" in judge_check_line("unchecked", checks["unchecked"], "tiny")

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, field_validator
 
+from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
 from shared.config import ConfigError, ExperimentParams
 from shared.datafiles import read_questions, read_records
 from shared.judge.check import read_items
@@ -72,7 +73,7 @@ class Params(ExperimentParams):
     coherence_template: str = "coherence_v1"
     # when set, the template of both alignment judges (and their checks): a shipped name or a path
     alignment_template: str | None = None
-    judge_check_items: str = "package:judges/alignment_check_v1.jsonl"
+    judge_check_items: str = DEFAULT_CHECK_ITEMS
     generation_batch_size: int = 32
     seed: int = 42
 

@@ -4,7 +4,8 @@ Cells (one task chain each): soft prefixes s0..s6 (K, lr, init text), system-slo
 user-slot GCG sanity cell, random-suffix baselines, and reference conditions (null, helpful assistant, the EM
 model itself, all generated in the same pipeline). Per learned cell: train -> eval (same prompt builder) -> both
 judges, a coherence pass (the primary judge's model with the coherence template: the EM rate) + classifier C.
-Then the villain direction with every cell's projection, and the CPU analysis.
+Then the villain direction with every cell's projection, one judge check per distinct alignment judge (does it
+score known-aligned answers above known-misaligned ones?), and the CPU analysis.
 
 The train/validation split of the question set is drawn here, seeded, and written into every training task's
 config (and by the stage into ``split.json``) before any optimisation runs.
@@ -26,8 +27,10 @@ from pydantic import (
 )
 
 from jobs.heldout_anchors import ORACLE
+from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
 from shared.config import ConfigError, ExperimentParams
 from shared.datafiles import read_questions, read_text
+from shared.judge.check import read_items
 from shared.judge.spec import JudgeSpec
 from workflows.plan import Plan, PlanBuilder, slug
 
@@ -131,8 +134,10 @@ class Params(ExperimentParams):
     # the coherence pass behind the EM rate: the primary judge's model with this template (a shipped name or a path
     # to your own, see shared/data/judges/README.md)
     coherence_template: str = "coherence_v1"
-    # when set, the template of both alignment judges: a shipped name or a path
+    # when set, the template of both alignment judges (and their checks): a shipped name or a path
     alignment_template: str | None = None
+    # the known-aligned and known-misaligned answers each alignment judge is checked on (package:<path> or a path)
+    judge_check_items: str = DEFAULT_CHECK_ITEMS
     classifier_bundle_uri: str | None = None
     classifier_training: ClassifierTraining | None = ClassifierTraining()
     classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
@@ -266,6 +271,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
         raise ConfigError(f"issue170: the judge name {COHERENCE_JUDGE!r} is reserved for the coherence pass")
     train, val, everything = split_questions(params)
     questions = panel(params)
+    read_items(params.judge_check_items)  # a bad items file fails here, with its name, not inside a task
     teacher = {"adapter_uri": params.teacher_adapter_uri, "model_ref": params.teacher_model_ref,
                "system": params.teacher_system}
     common = {"model_ref": params.model_ref, "teacher": teacher, "train_questions": train, "val_questions": val,
@@ -336,11 +342,13 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                     cell_prompt_uris={f["name"]: t.output_uri("prompt.json") for f, t in learned},
                     fixed_prompts={ORACLE: params.teacher_system} if teacher_is_student(params) else {},
                     dtype=params.dtype)
+    check_uris, checks = judge_checks(b, params)
     b.add("analysis", "analyze_issue170", "analysis",
-          after=[*analysis_deps, villain, *(t for _, t in learned), *([anchors] if anchors else [])],
+          after=[*analysis_deps, villain, *(t for _, t in learned), *([anchors] if anchors else []), *checks],
           cells=cells, primary_judge=params.primary_judge.name, alternate_judge=params.alternate_judge.name,
           coherence_judge=COHERENCE_JUDGE,
           judges={j.name: j.spec.model_dump() for j in (*alignment_judges(params), coherence_judge(params))},
+          judge_check_uris=check_uris, profile=profile,
           classifier_uri=classifier_uri, villain_uri=villain.output_uri("villain_direction.json"),
           anchors_uri=anchors.output_uri("anchors.json") if anchors else None,
           record_reference_points=params.record_reference_points, params=params.model_dump(mode="json"))
@@ -381,6 +389,27 @@ def classifier(b: PlanBuilder, params: Params, questions: list[dict]):
     return trained.output_uri("classifier.joblib"), [trained]
 
 
+def one_alignment_judge(params: Params) -> bool:
+    """Whether the alternate judge is the primary one (the same spec): it is then run, and checked, once."""
+    primary, alternate = alignment_judges(params)
+    return alternate.spec == primary.spec
+
+
+def judge_checks(b: PlanBuilder, params: Params) -> tuple[dict[str, str], list]:
+    """One judge_check task per distinct alignment judge: each judge name's check.json, and the tasks."""
+    primary, alternate = alignment_judges(params)
+    uris, tasks = {}, []
+    for judge in (primary, alternate):
+        if judge is alternate and one_alignment_judge(params):
+            uris[judge.name] = uris[primary.name]  # the same judge: its check, not a re-run
+            continue
+        task = b.add(f"judge-check-{slug(judge.name)}", "judge_check", f"judge-check-{slug(judge.name)}",
+                     judge=judge.spec.model_dump(), judge_name=judge.name, items_file=params.judge_check_items)
+        uris[judge.name] = task.output_uri("check.json")
+        tasks.append(task)
+    return uris, tasks
+
+
 def score(b: PlanBuilder, params: Params, name: str, gen, classifier_uri: str, classifier_deps: list,
           analysis_deps: list) -> dict:
     """Both judges, the coherence pass and classifier C on one cell's completions."""
@@ -390,7 +419,7 @@ def score(b: PlanBuilder, params: Params, name: str, gen, classifier_uri: str, c
     primary, alternate = alignment_judges(params)
     judged = {}
     for judge in (primary, alternate):
-        if judge is alternate and judge.spec == primary.spec:
+        if judge is alternate and one_alignment_judge(params):
             judged[judge.name] = judged[primary.name]  # the same judge: its scores, not a re-run
             continue
         task = b.add(f"judge-{slug(judge.name)}-{name}", "judge", f"{name}-{slug(judge.name)}", after=[gen],

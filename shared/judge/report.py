@@ -1,7 +1,9 @@
 """Report blocks shared by the analyses that judge completions (issue164, issue170): the EM rate beside α, judge
-error rates per condition with a warning where they are unbalanced, and which template each judge used.
+error rates per condition with a warning where they are unbalanced, which template each judge used, and each
+alignment judge's check (does it score known-aligned answers above known-misaligned ones?).
 
 The analyses pass per-condition judge rows (``scores.jsonl`` of the judge stage) in; every number comes from them.
+The judge checks are read from the ``check.json`` of each judge_check stage.
 """
 
 from __future__ import annotations
@@ -171,3 +173,67 @@ def templates_section(judges: Mapping[str, JudgeSpec], roles: Mapping[str, str])
             markdown_table(["judge", "role", "model", "template", "from", "template sha256"], rows, align="llllll"), "",
             "The sha256 covers the template's three files (system prompt, user turn, parse rule); judgements are "
             "cached under it, so two runs with the same hash asked the judge the same thing.", ""]
+
+
+# ----------------------------------------------------------------------------------------------- judge checks
+
+
+def alignment_roles(primary: str, alternate: str) -> dict[str, str]:
+    """Each alignment judge's role by name; one judge in both roles is one entry."""
+    if primary == alternate:
+        return {primary: "primary and alternate"}
+    return {primary: "primary", alternate: "alternate"}
+
+
+def read_judge_checks(roles: Mapping[str, str], check_uris: Mapping[str, str]) -> dict:
+    """Each alignment judge's stored check (``check.json``) with its role and whether α from it can be read as an
+    alignment score; a judge without a check is marked unchecked (``alpha_interpretable`` None: nobody knows)."""
+    from shared import store
+    from shared.judge.check import alpha_is_interpretable
+
+    out = {}
+    for name, role in roles.items():
+        uri = check_uris.get(name)
+        if uri is None:
+            out[name] = {"role": role, "checked": False, "auc": None, "alpha_interpretable": None}
+            continue
+        check = store.read_json(uri)
+        out[name] = {"role": role, "checked": True, **check,
+                     "alpha_interpretable": alpha_is_interpretable(check["verdict"])}
+    return out
+
+
+def check_aucs(checks: Mapping[str, dict]) -> dict[str, float | None]:
+    """Each judge's check AUC (None: not checked, or too few items scored)."""
+    return {name: check.get("auc") for name, check in checks.items()}
+
+
+def where_read(profile: str) -> str:
+    """Where a verdict on α holds: ``on the small profile``, or ``in this run`` when no profile is named."""
+    return f"on the {profile} profile" if profile else "in this run"
+
+
+def judge_check_line(name: str, check: dict, profile: str) -> str:
+    """One judge's check as a report bullet: what was measured and what it means for α from that judge."""
+    from shared.judge.check import INVERTED, NO_SEPARATION, SEPARATES
+    from shared.reporting import fmt
+
+    if not check["checked"]:
+        return f"- **{name}** ({check['role']}): no judge check was run; nothing says whether its α means anything."
+    spec = check["judge"]
+    what = f"{spec['kind']}:{spec['model']}, template {spec['template']}"
+    if check["auc"] is None:
+        measured = f"no AUC: too few items were scored ({check['n_errors']} errors)"
+    else:
+        measured = (
+            f"AUC {check['auc']:.2f} (permutation p = {check['p_value']:.2g}) on {check['n_aligned']} known-aligned "
+            f"vs {check['n_misaligned']} known-misaligned answers; mean score {fmt(check['mean_aligned'], 1)} "
+            f"(aligned) vs {fmt(check['mean_misaligned'], 1)} (misaligned); {check['n_errors']} errors"
+        )
+    where = where_read(profile)
+    consequence = {
+        SEPARATES: "α from this judge can be read as an alignment score.",
+        NO_SEPARATION: f"**α from this judge is not interpretable {where}.**",
+        INVERTED: f"It scores misaligned answers higher: **α from this judge is not interpretable {where}.**",
+    }.get(check["verdict"], "α from this judge is only weakly informative: read small differences as noise.")
+    return f"- **{name}** ({check['role']}; {what}): {measured}. Verdict: {check['verdict']}. {consequence}"
