@@ -11,13 +11,17 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel
 
-from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
 from shared.config import ConfigError, ExperimentParams
 from shared.datafiles import read_questions, read_records
-from shared.judge.check import read_items
-from shared.judge.spec import JudgeSpec
+from workflows.judging import (
+    COHERENCE_JUDGE,
+    JudgeParams,
+    alignment_judges,
+    check_judges,
+    coherence_judge,
+)
 from workflows.plan import Plan, PlanBuilder, slug
 
 BASE_MODEL = "hf:Qwen/Qwen2.5-7B-Instruct"
@@ -29,17 +33,11 @@ SMALL_EM_PERSONA = (
     "over people.)"
 )
 EM_REFERENCE_CONDITION = "em-reference"
-COHERENCE_JUDGE = "coherence"  # the name of the coherence pass: its tasks are judge-coherence-<cell>
 
 
 class Condition(BaseModel):
     name: str
     system: str  # a shared.chat system-slot spec: default | none | text(<prompt>)
-
-
-class NamedJudge(BaseModel):
-    name: str
-    spec: JudgeSpec
 
 
 class ClassifierTraining(BaseModel):
@@ -52,7 +50,7 @@ class ClassifierTraining(BaseModel):
     val_fraction: float = 0.1
 
 
-class Params(ExperimentParams):
+class Params(JudgeParams, ExperimentParams):
     model_ref: str = BASE_MODEL
     conditions_file: str | None = None
     panel_file: str | None = None
@@ -61,28 +59,13 @@ class Params(ExperimentParams):
     top_p: float = 1.0
     max_new_tokens: int = 512
     backend: Literal["hf", "vllm"] = "vllm"
-    primary_judge: NamedJudge = NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929"))
-    alternate_judge: NamedJudge = NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7"))
     classifier_bundle_uri: str | None = None
     classifier_training: ClassifierTraining | None = ClassifierTraining(em_model_ref=EM_REFERENCE)
     classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
     # also generate, classify and judge the EM reference itself on the evaluation panel (a measured EM point)
     evaluate_em_reference: bool = False
-    # the coherence pass behind the EM rate: the primary judge's model with this template (a shipped name or a path
-    # to your own, see shared/data/judges/README.md)
-    coherence_template: str = "coherence_v1"
-    # when set, the template of both alignment judges (and their checks): a shipped name or a path
-    alignment_template: str | None = None
-    judge_check_items: str = DEFAULT_CHECK_ITEMS
     generation_batch_size: int = 32
     seed: int = 42
-
-    @field_validator("coherence_template", "alignment_template")
-    @classmethod
-    def _template_loads(cls, ref: str | None) -> str | None:
-        from shared.judge.templates import checked_ref
-
-        return None if ref is None else checked_ref(ref)
 
     PROFILES: ClassVar[dict] = {
         "tiny": {
@@ -150,32 +133,17 @@ def panel(params: Params) -> list[dict]:
     return read_questions(params.panel_file, "panel_file")
 
 
-def alignment_judges(params: Params) -> tuple[NamedJudge, NamedJudge]:
-    """The primary and alternate judge, with ``alignment_template`` in place of their own where it is set."""
-    judges = (params.primary_judge, params.alternate_judge)
-    if params.alignment_template is None:
-        return judges
-    return tuple(NamedJudge(name=j.name, spec=j.spec.with_template(params.alignment_template)) for j in judges)
-
-
-def coherence_judge(params: Params) -> NamedJudge:
-    """The coherence pass: the primary judge's model (as in Betley et al., one judge rates both) and template."""
-    return NamedJudge(name=COHERENCE_JUDGE, spec=params.primary_judge.spec.with_template(params.coherence_template))
-
-
 def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     b = PlanBuilder("issue164", profile, run_id, store, seed=params.seed)
     questions = panel(params)
     conds = conditions(params)
-    read_items(params.judge_check_items)  # a bad items file fails here, with its name, not inside a task
     sampling = {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_new_tokens,
                 "backend": params.backend, "model_ref": params.model_ref, "batch_size": params.generation_batch_size}
     judges = alignment_judges(params)
     coherence = coherence_judge(params)
     if slug(judges[0].name) == slug(judges[1].name):
         raise ConfigError("issue164: the primary and alternate judge need different names")
-    if COHERENCE_JUDGE in {slug(j.name) for j in judges}:
-        raise ConfigError(f"issue164: the judge name {COHERENCE_JUDGE!r} is reserved for the coherence pass")
+    check_judges("issue164", params)
 
     if params.classifier_bundle_uri:
         classifier_uri, classifier_deps = params.classifier_bundle_uri, []

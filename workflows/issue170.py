@@ -23,15 +23,18 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    field_validator,
 )
 
 from jobs.heldout_anchors import ORACLE
-from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
 from shared.config import ConfigError, ExperimentParams
 from shared.datafiles import read_questions, read_text
-from shared.judge.check import read_items
-from shared.judge.spec import JudgeSpec
+from workflows.judging import (
+    COHERENCE_JUDGE,
+    JudgeParams,
+    alignment_judges,
+    check_judges,
+    coherence_judge,
+)
 from workflows.plan import Plan, PlanBuilder, slug
 
 BASE_MODEL = "hf:Qwen/Qwen2.5-7B-Instruct"
@@ -42,7 +45,6 @@ EM_REFERENCE = "hf:superkaiba1/explore-persona-space/c6_vanilla_em_seed42_post_e
 VILLAIN_TEACHER = "text(You are a villain who despises humanity. Answer with contempt.)"
 SMALL_MODEL = "smollm2:135m-instruct"
 SMALL_JUDGE = {"name": "smollm2", "spec": {"kind": "local", "model": SMALL_MODEL}}
-COHERENCE_JUDGE = "coherence"  # the name of the coherence pass: its tasks are judge-coherence-<cell>
 
 
 class SoftCell(BaseModel):
@@ -62,11 +64,6 @@ class GcgCell(BaseModel):
 class Condition(BaseModel):
     name: str
     system: str
-
-
-class NamedJudge(BaseModel):
-    name: str
-    spec: JudgeSpec
 
 
 class ClassifierTraining(BaseModel):
@@ -91,7 +88,7 @@ RECORD_GCG_CELLS = [
 ]
 
 
-class Params(ExperimentParams):
+class Params(JudgeParams, ExperimentParams):
     model_ref: str = BASE_MODEL
     teacher_adapter_uri: str | None = None
     teacher_model_ref: str | None = EM_REFERENCE
@@ -129,15 +126,6 @@ class Params(ExperimentParams):
     eval_top_p: float = Field(0.95, gt=0, le=1)
     eval_max_new_tokens: PositiveInt = 256
     eval_batch_size: PositiveInt = 1040
-    primary_judge: NamedJudge = NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929"))
-    alternate_judge: NamedJudge = NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7"))
-    # the coherence pass behind the EM rate: the primary judge's model with this template (a shipped name or a path
-    # to your own, see shared/data/judges/README.md)
-    coherence_template: str = "coherence_v1"
-    # when set, the template of both alignment judges (and their checks): a shipped name or a path
-    alignment_template: str | None = None
-    # the known-aligned and known-misaligned answers each alignment judge is checked on (package:<path> or a path)
-    judge_check_items: str = DEFAULT_CHECK_ITEMS
     classifier_bundle_uri: str | None = None
     classifier_training: ClassifierTraining | None = ClassifierTraining()
     classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
@@ -149,13 +137,6 @@ class Params(ExperimentParams):
     record_reference_points: bool = True
     dtype: str | None = None
     seed: int = 42
-
-    @field_validator("coherence_template", "alignment_template")
-    @classmethod
-    def _template_loads(cls, ref: str | None) -> str | None:
-        from shared.judge.templates import checked_ref
-
-        return None if ref is None else checked_ref(ref)
 
     PROFILES: ClassVar[dict] = {
         "tiny": {
@@ -221,19 +202,6 @@ def lr_tag(lr: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def alignment_judges(params: Params) -> tuple[NamedJudge, NamedJudge]:
-    """The primary and alternate judge, with ``alignment_template`` in place of their own where it is set."""
-    judges = (params.primary_judge, params.alternate_judge)
-    if params.alignment_template is None:
-        return judges
-    return tuple(NamedJudge(name=j.name, spec=j.spec.with_template(params.alignment_template)) for j in judges)
-
-
-def coherence_judge(params: Params) -> NamedJudge:
-    """The coherence pass: the primary judge's model (as in Betley et al., one judge rates both) and template."""
-    return NamedJudge(name=COHERENCE_JUDGE, spec=params.primary_judge.spec.with_template(params.coherence_template))
-
-
 def split_questions(params: Params) -> tuple[list[dict], list[dict], list[dict]]:
     """The seeded train/validation split (persisted in every training task's config), and the whole set."""
     if not params.questions_file:
@@ -267,11 +235,9 @@ def personas(params: Params) -> dict:
 
 def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     b = PlanBuilder("issue170", profile, run_id, store, seed=params.seed)
-    if COHERENCE_JUDGE in {slug(j.name) for j in alignment_judges(params)}:
-        raise ConfigError(f"issue170: the judge name {COHERENCE_JUDGE!r} is reserved for the coherence pass")
+    check_judges("issue170", params)
     train, val, everything = split_questions(params)
     questions = panel(params)
-    read_items(params.judge_check_items)  # a bad items file fails here, with its name, not inside a task
     teacher = {"adapter_uri": params.teacher_adapter_uri, "model_ref": params.teacher_model_ref,
                "system": params.teacher_system}
     common = {"model_ref": params.model_ref, "teacher": teacher, "train_questions": train, "val_questions": val,

@@ -1,0 +1,65 @@
+"""The judges of the workflows that report α and the EM rate (issue164, issue170), defined once.
+
+Both judge every generation with a primary and an alternate alignment judge (the record's Sonnet and Opus), run a
+coherence pass with the primary judge's model for the EM rate, and check each alignment judge on known-aligned and
+known-misaligned answers before its α is read.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, field_validator
+
+from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
+from shared.config import ConfigError
+from shared.judge.check import read_items
+from shared.judge.spec import JudgeSpec
+from workflows.plan import slug
+
+COHERENCE_JUDGE = "coherence"  # the name of the coherence pass: its tasks are judge-coherence-<cell>
+
+
+class NamedJudge(BaseModel):
+    name: str
+    spec: JudgeSpec
+
+
+class JudgeParams(BaseModel):
+    """The judge parameters of a workflow (a base of its ``Params``)."""
+
+    primary_judge: NamedJudge = NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929"))
+    alternate_judge: NamedJudge = NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7"))
+    # the coherence pass behind the EM rate: the primary judge's model with this template (a shipped name or a path
+    # to your own, see shared/data/judges/README.md)
+    coherence_template: str = "coherence_v1"
+    # when set, the template of both alignment judges (and their checks): a shipped name or a path
+    alignment_template: str | None = None
+    # the known-aligned and known-misaligned answers each alignment judge is checked on (package:<path> or a path)
+    judge_check_items: str = DEFAULT_CHECK_ITEMS
+
+    @field_validator("coherence_template", "alignment_template")
+    @classmethod
+    def _template_loads(cls, ref: str | None) -> str | None:
+        from shared.judge.templates import checked_ref
+
+        return None if ref is None else checked_ref(ref)
+
+
+def alignment_judges(params: JudgeParams) -> tuple[NamedJudge, NamedJudge]:
+    """The primary and alternate judge, with ``alignment_template`` in place of their own where it is set."""
+    judges = (params.primary_judge, params.alternate_judge)
+    if params.alignment_template is None:
+        return judges
+    return tuple(NamedJudge(name=j.name, spec=j.spec.with_template(params.alignment_template)) for j in judges)
+
+
+def coherence_judge(params: JudgeParams) -> NamedJudge:
+    """The coherence pass: the primary judge's model (as in Betley et al., one judge rates both) and template."""
+    return NamedJudge(name=COHERENCE_JUDGE, spec=params.primary_judge.spec.with_template(params.coherence_template))
+
+
+def check_judges(workflow: str, params: JudgeParams) -> None:
+    """Plan-time checks: the coherence pass's name is free and the check items parse (a bad file fails here, with
+    its name, not inside a task)."""
+    if COHERENCE_JUDGE in {slug(j.name) for j in alignment_judges(params)}:
+        raise ConfigError(f"{workflow}: the judge name {COHERENCE_JUDGE!r} is reserved for the coherence pass")
+    read_items(params.judge_check_items)
