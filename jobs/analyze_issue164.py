@@ -135,15 +135,11 @@ def classifier_facts(classifier_uri: str, params: dict) -> dict:
 
 def judged_rows(cfg: Config, cond: ConditionArtifacts) -> tuple[dict[str, list[dict]], list[dict] | None]:
     """The alignment rows of both judges and the coherence rows (None without a coherence pass) of one condition."""
-    missing = {cfg.primary_judge, cfg.alternate_judge} - set(cond.judge_scores_uris)
-    if missing:
-        raise StageInputError(f"condition {cond.name} has no scores for judge(s) {sorted(missing)}")
-    if cfg.coherence_judge and not cond.coherence_scores_uri:
-        raise StageInputError(f"condition {cond.name} has no coherence scores ({cfg.coherence_judge})")
-    alignment = {name: store.read_jsonl(cond.judge_scores_uris[name]) for name in (cfg.primary_judge,
-                                                                                   cfg.alternate_judge)}
-    coherence = store.read_jsonl(cond.coherence_scores_uri) if cfg.coherence_judge else None
-    return alignment, coherence
+    from shared.judge.report import read_judged_rows
+
+    return read_judged_rows(f"condition {cond.name}", cond.judge_scores_uris, cond.coherence_scores_uri,
+                            alignment_judges=(cfg.primary_judge, cfg.alternate_judge),
+                            coherence_judge=cfg.coherence_judge)
 
 
 def headline(cfg: Config) -> dict:

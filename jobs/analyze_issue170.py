@@ -75,16 +75,11 @@ def c_of(uri: str) -> float:
 
 def judgement_fields(cfg: Config, cell: CellArtifacts) -> dict:
     """α of both judges, and the EM rate, coherent share and error rates of every judge pass, for one cell."""
-    from shared.judge.report import condition_judgements
+    from shared.judge.report import condition_judgements, read_judged_rows
 
-    missing = {cfg.primary_judge, cfg.alternate_judge} - set(cell.judge_scores_uris)
-    if missing:
-        raise StageInputError(f"cell {cell.name} has no scores for judge(s) {sorted(missing)}")
-    if cfg.coherence_judge and not cell.coherence_scores_uri:
-        raise StageInputError(f"cell {cell.name} has no coherence scores ({cfg.coherence_judge})")
-    alignment = {name: store.read_jsonl(cell.judge_scores_uris[name]) for name in (cfg.primary_judge,
-                                                                                   cfg.alternate_judge)}
-    coherence = store.read_jsonl(cell.coherence_scores_uri) if cfg.coherence_judge else None
+    alignment, coherence = read_judged_rows(f"cell {cell.name}", cell.judge_scores_uris, cell.coherence_scores_uri,
+                                            alignment_judges=(cfg.primary_judge, cfg.alternate_judge),
+                                            coherence_judge=cfg.coherence_judge)
     try:
         judgements = condition_judgements(alignment, coherence, coherence_judge=cfg.coherence_judge, seed=cfg.seed)
     except ValueError as err:

@@ -22,6 +22,23 @@ from shared.judge.em import (
 from shared.judge.spec import JudgeSpec
 
 
+def read_judged_rows(what: str, judge_scores_uris: Mapping[str, str], coherence_scores_uri: str | None, *,
+                     alignment_judges: Sequence[str], coherence_judge: str | None):
+    """The stored alignment rows of each judge and the coherence rows (None without a coherence pass) of one
+    condition; a missing pass is a ``StageInputError`` naming ``what`` (e.g. "cell soft-s0")."""
+    from shared import store
+    from shared.stage import StageInputError
+
+    missing = set(alignment_judges) - set(judge_scores_uris)
+    if missing:
+        raise StageInputError(f"{what} has no scores for judge(s) {sorted(missing)}")
+    if coherence_judge and not coherence_scores_uri:
+        raise StageInputError(f"{what} has no coherence scores ({coherence_judge})")
+    alignment = {name: store.read_jsonl(judge_scores_uris[name]) for name in alignment_judges}
+    coherence = store.read_jsonl(coherence_scores_uri) if coherence_judge else None
+    return alignment, coherence
+
+
 def condition_judgements(alignment: Mapping[str, Sequence[Mapping]], coherence: Sequence[Mapping] | None, *,
                          coherence_judge: str | None, seed: int) -> dict:
     """One condition's EM rate under each alignment judge (all with the one coherence pass), its coherent share,
