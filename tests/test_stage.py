@@ -323,27 +323,16 @@ def test_a_stage_fingerprint_covers_the_modules_it_imports_and_the_data_it_names
 
 
 def test_editing_an_imported_module_changes_the_fingerprint_and_editing_another_does_not(tmp_path):
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.fakes.project_tree import fingerprint_in, write_tree
 
-    (tmp_path / "jobs").mkdir()
-    (tmp_path / "shared" / "data" / "things").mkdir(parents=True)
-    shutil.copy(Path(__file__).resolve().parents[1] / "shared" / "fingerprint.py", tmp_path / "shared")
-    files = {
-        "shared/__init__.py": "", "jobs/__init__.py": "",
+    write_tree(tmp_path, {
         "jobs/stage.py": "from shared import helper\n\ndef run():\n    from shared.lazy import x\n    return 'things/a.txt'\n",
         "shared/helper.py": "VALUE = 1\n", "shared/lazy.py": "x = 2\n", "shared/unrelated.py": "y = 3\n",
         "shared/data/things/a.txt": "data\n",
-    }
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
+    })
 
     def fingerprint() -> str:
-        code = "from shared.fingerprint import code_fingerprint; print(code_fingerprint('jobs.stage'))"
-        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return fingerprint_in(tmp_path)
 
     before = fingerprint()
     assert fingerprint() == before  # stable

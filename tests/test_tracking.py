@@ -201,31 +201,20 @@ def test_turning_tracking_on_reuses_the_cached_result_and_starts_no_run(config, 
 
 
 def test_what_is_tracked_is_in_no_stage_fingerprint(tmp_path):
-    import shutil
-
     from jobs.registry import all_stages
     from shared import fingerprint
+    from tests.fakes.project_tree import fingerprint_in, write_tree
 
     assert "shared.tracking" in fingerprint.imported_modules("shared.stage")  # every stage runs it ...
     assert not [s for s, spec in all_stages().items() if "shared.tracking" in fingerprint.closure(spec.module)]  # unkeyed
     # and editing it leaves a stage's fingerprint as it was, while editing the contract does not
-    (tmp_path / "jobs").mkdir()
-    (tmp_path / "shared").mkdir()
-    shutil.copy(ROOT / "shared" / "fingerprint.py", tmp_path / "shared")
-    for name, text in {"shared/__init__.py": "", "jobs/__init__.py": "", "jobs/stage.py": "from shared import stage\n",
-                       "shared/stage.py": "from shared import tracking\n", "shared/tracking.py": "ON = 1\n"}.items():
-        (tmp_path / name).write_text(text)
-
-    def stage_fingerprint() -> str:
-        code = "from shared.fingerprint import code_fingerprint; print(code_fingerprint('jobs.stage'))"
-        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
-                              capture_output=True, text=True, check=True).stdout.strip()
-
-    before = stage_fingerprint()
+    write_tree(tmp_path, {"jobs/stage.py": "from shared import stage\n",
+                          "shared/stage.py": "from shared import tracking\n", "shared/tracking.py": "ON = 1\n"})
+    before = fingerprint_in(tmp_path)
     (tmp_path / "shared" / "tracking.py").write_text("ON = 2\n")
-    assert stage_fingerprint() == before
+    assert fingerprint_in(tmp_path) == before
     (tmp_path / "shared" / "stage.py").write_text("from shared import tracking  # edited\n")
-    assert stage_fingerprint() != before
+    assert fingerprint_in(tmp_path) != before
 
 
 def test_a_tracked_result_is_the_untracked_result(config, offline, monkeypatch):
