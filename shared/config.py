@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 # tiny: random tiny model, proves code paths (the test suite); small: SmolLM2-135M-Instruct on a CPU, real
 # small-scale results (what `make run` runs); full: the records' parameters on Qwen2.5-7B-Instruct and GPUs
@@ -162,6 +162,34 @@ class ExperimentParams(Strict):
         if unknown:
             raise ConfigError(f"unknown parameter {unknown[0]!r} for {cls.__name__}; known: {', '.join(cls.model_fields)}")
         return parse(cls, values, f"{cls.__name__} ({profile} profile)")
+
+
+class ReplicatedParams(ExperimentParams):
+    """Parameters of an experiment that trains: every training cell runs once per training seed.
+
+    A seed is one more fan-out dimension (separate tasks, separate cache keys), so adding a seed later computes
+    only that seed, and claims about a training recipe are tested across seeds, not across samples of one run.
+    ``seeds`` names the seeds explicitly; otherwise ``replicates`` seeds count up from ``seed``.
+    """
+
+    seed: NonNegativeInt = 42
+    replicates: PositiveInt = 1
+    seeds: list[NonNegativeInt] | None = None
+
+    @model_validator(mode="after")
+    def _one_seed_list(self):
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ValueError("seeds must not be empty (leave it unset to count replicates up from seed)")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds must be distinct (got {self.seeds})")
+            if "replicates" in self.model_fields_set and self.replicates != len(self.seeds):
+                raise ValueError(f"replicates={self.replicates} but {len(self.seeds)} seeds are listed: give one of them")
+        return self
+
+    def training_seeds(self) -> list[int]:
+        """The seeds every training cell runs with, in order (the first is the single-seed run's seed)."""
+        return list(self.seeds) if self.seeds is not None else [self.seed + i for i in range(self.replicates)]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

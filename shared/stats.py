@@ -14,8 +14,9 @@ P-values follow one convention throughout (the one ``scipy.stats.permutation_tes
   one up to floating-point noise count as ties (permutations of discrete data tie exactly in theory).
 
 Sections: p-values; paired (sign-flip), label (two-sample / k-group / blocked) and exact Spearman permutation
-tests; bootstrap CIs; Cohen's d; BH-FDR and Holm; held-out LDA with GroupKFold and its joint-shuffle null;
-the pre-registered behavioural hypotheses H1/H2/H3 of #205.
+tests; bootstrap CIs; Cohen's d; BH-FDR and Holm; contrasts with the training seed as the unit and decisions
+pooled over seeds; held-out LDA with GroupKFold and its joint-shuffle null; the pre-registered behavioural
+hypotheses H1/H2/H3 of #205.
 """
 
 from __future__ import annotations
@@ -569,6 +570,107 @@ def adjust_family(p_values: Sequence[float] | np.ndarray) -> FamilyAdjustment:
     """BH-FDR and Holm adjustments of one family of tests (e.g. #205's 150 geometry cells)."""
     p = _validated_p_values(p_values)
     return FamilyAdjustment(p_raw=p, p_bh=bh_fdr(p), p_holm=holm(p))
+
+
+# ------------------------------------------------------------------------------- training seeds as units
+
+
+@dataclass(frozen=True)
+class SeedContrast:
+    """A contrast between training recipes with the training seed as the unit of inference.
+
+    ``estimate`` is the mean over ``a``'s seeds minus the mean over ``b``'s (or minus a fixed ``reference``, such
+    as the base model, which has no seed). ``sd_a``/``sd_b`` are the between-seed standard deviations (NaN with one
+    seed). The p-value and the ``[low, high]`` interval come from a t-test over seed values (Student's pooled
+    variance for two recipes, one-sample against a reference): exact when seed values are normal, and the only
+    honest test with two or three seeds, where a permutation of seed labels cannot go below 1/3 or 1/10.
+    With one seed per recipe nothing is testable: p, low and high are NaN and ``method`` says why.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    p_value: float
+    n_a: int
+    n_b: int
+    sd_a: float
+    sd_b: float
+    df: float
+    method: str
+    confidence: float
+
+    @property
+    def testable(self) -> bool:
+        return not math.isnan(self.p_value)
+
+
+def _between_seed_sd(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) if values.size > 1 else math.nan
+
+
+def seed_contrast(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray | None = None,
+    *,
+    reference: float | None = None,
+    alternative: Alternative = "two-sided",
+    confidence: float = 0.95,
+) -> SeedContrast:
+    """Test recipe ``a`` against recipe ``b`` (or against a fixed ``reference``) over per-seed values.
+
+    ``a[i]`` is one training seed's value of the statistic (e.g. M1 of the EM fine-tune with seed i); whatever
+    sampling noise each seed's value carries is part of the between-seed spread, so the test asks whether the
+    recipes differ beyond what retraining with another seed does.
+    """
+    _check_alternative(alternative)
+    if (b is None) == (reference is None):
+        raise ValueError("give exactly one of b (a second recipe's seed values) or reference (a fixed value)")
+    a = np.asarray(a, dtype=float).ravel()
+    b_values = np.asarray([] if b is None else b, dtype=float).ravel()
+    if not a.size or (b is not None and not b_values.size):
+        raise ValueError("seed_contrast needs at least one seed value per recipe")
+    if b is None:
+        estimate, df = float(a.mean() - reference), a.size - 1
+        method = "one-sample t over seeds against a fixed reference"
+    else:
+        estimate, df = float(a.mean() - b_values.mean()), a.size + b_values.size - 2
+        method = "Student t over seeds (pooled variance)"
+    p_value = low = high = math.nan
+    if df < 1:
+        method = "not testable: one seed per recipe (a second seed measures the between-seed spread)"
+    else:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):  # zero spread: scipy says inf or NaN itself
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if b is None:
+                result = scipy_stats.ttest_1samp(a, reference, alternative=alternative)
+            else:
+                result = scipy_stats.ttest_ind(a, b_values, equal_var=True, alternative=alternative)
+            interval = result.confidence_interval(confidence)
+        p_value = float(result.pvalue)
+        low, high = float(interval.low), float(interval.high)
+        if b is None:  # scipy's one-sample interval is for the mean itself, not for its difference from reference
+            low, high = low - reference, high - reference
+    return SeedContrast(
+        estimate=estimate, low=low, high=high, p_value=p_value, n_a=int(a.size), n_b=int(b_values.size),
+        sd_a=_between_seed_sd(a), sd_b=_between_seed_sd(b_values), df=float(df), method=method,
+        confidence=confidence,
+    )
+
+
+@dataclass(frozen=True)
+class PooledDecision:
+    """A pre-registered rule applied per seed and pooled by ``rule``: the run passes only if every seed does."""
+
+    per_seed: dict[int, bool]
+    rule: str = "all seeds must pass"
+
+    @property
+    def passes(self) -> bool:
+        return bool(self.per_seed) and all(self.per_seed.values())
+
+    @property
+    def n_pass(self) -> int:
+        return sum(self.per_seed.values())
 
 
 # ------------------------------------------------------------------------- held-out LDA with GroupKFold

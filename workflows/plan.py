@@ -7,6 +7,7 @@ what a person sees in the Argo UI and in the local progress table, so workflows 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from graphlib import CycleError, TopologicalSorter
 from typing import Any, Literal
 
@@ -27,6 +28,16 @@ def slug(text: str) -> str:
     """A task-name-safe form of a cell label: ``Grid #1 (policy)`` -> ``grid-1-policy``."""
     out = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return out[:63].strip("-") or "x"
+
+
+def replicate(name: str, seed: int, seeds: Sequence[int]) -> str:
+    """The cell or task name of one training seed: ``name`` itself in a one-seed run, else ``<name>-s<seed>``.
+
+    A one-seed run keeps its names; with several seeds every replicate is its own task, visible as such in the
+    Argo UI and the local progress table. The cache key does not include the cell, so the first seed's result
+    is reused when a run goes from one seed to several.
+    """
+    return name if len(seeds) == 1 else f"{name}-s{seed}"
 
 
 class Task(BaseModel):
