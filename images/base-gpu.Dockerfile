@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 # The GPU base image (eps-base-gpu): CUDA runtime, Python, torch, vLLM and every dependency of the project
-# from pyproject.toml, but not the project's code. Each GPU stage image (images/<stage>.Dockerfile, generated)
+# from images/locks/gpu.txt, but not the project's code. Each GPU stage image (images/<stage>.Dockerfile, generated)
 # adds the code and a single entrypoint on top. Caches (Hugging Face, pip, torch, vLLM, Triton) live under /cache,
 # a writable volume at run time (emptyDir or a shared PVC on the cluster), never in the image.
 #
@@ -33,17 +33,12 @@ RUN (userdel --remove ubuntu 2>/dev/null || true) \
     && chown 1000:1000 /cache
 
 RUN python3 -m venv /opt/venv \
-    && pip install --no-cache-dir --upgrade pip==25.0.1 setuptools==75.8.0 wheel==0.45.1
+    && pip install --no-cache-dir --upgrade pip==25.0.1
 
-# dependencies only (the layer is reused until pyproject.toml changes); torch first, at its pin
-COPY pyproject.toml /tmp/eps/pyproject.toml
-COPY images/requirements.py /tmp/eps/requirements.py
-RUN python /tmp/eps/requirements.py /tmp/eps/pyproject.toml --extras vllm,tracking > /tmp/eps/requirements.txt \
-    && grep -E '^torch[=<>~ ]' /tmp/eps/requirements.txt > /tmp/eps/torch.txt \
-    && pip install --no-cache-dir -r /tmp/eps/torch.txt \
-    && pip install --no-cache-dir -r /tmp/eps/requirements.txt \
-    && python /tmp/eps/requirements.py /tmp/eps/pyproject.toml --no-deps > /tmp/eps/no-deps.txt \
-    && pip install --no-cache-dir --no-deps -r /tmp/eps/no-deps.txt \
+# dependencies only, from the lock (the layer is reused until the lock changes): vLLM, the torch it was built
+# for and the transformers it admits, every package at its locked version and hash
+COPY images/locks/gpu.txt /tmp/eps/lock.txt
+RUN pip install --no-cache-dir --no-deps --require-hashes -r /tmp/eps/lock.txt \
     && rm -rf /tmp/eps
 
 ENV HOME=/home/eps \

@@ -2,13 +2,13 @@
 
     python -m images.generate            # write images/<stage>.Dockerfile, images/exit-status.Dockerfile, bake file
     python -m images.generate --check    # exit 1 if any of them is missing, stale or left over (the tests run this)
-    python -m images.generate --matrix   # the CI build matrix as JSON
 
 Every stage in ``jobs/`` (``jobs.registry.all_stages()``) gets an image ``eps-<stage>`` on the GPU or the CPU base
 (its ``StageSpec.image_kind``) whose single entrypoint is ``python -m jobs.<stage>``; the exit handler of cluster
 runs gets ``eps-exit-status``. ``images/docker-bake.json`` builds them all with ``docker buildx bake``: each stage
 target takes its base target as the named context the Dockerfile starts ``FROM``, so one command (or one CI job)
-builds a base and the stage on it, with no base image to push first.
+builds a base and the stage on it, with no base image to push first; the groups ``gpu`` and ``cpu`` build a base
+and every image on it in one bake (CI's one job per base).
 """
 
 from __future__ import annotations
@@ -127,14 +127,12 @@ def render_bake(images: list[Image]) -> str:
             "default": {"targets": [*BASES.values(), *(i.name for i in images)]},
             "bases": {"targets": list(BASES.values())},
             "stages": {"targets": [i.name for i in images]},
+            # one bake per base (CI: one job each): the base and every image on it, the base built once
+            **{kind: {"targets": [base, *(i.name for i in images if i.base == kind)]} for kind, base in BASES.items()},
         },
         "target": targets,
     }
     return json.dumps(bake, indent=2) + "\n"
-
-
-def matrix(images: list[Image]) -> dict:
-    return {"include": [{"image": i.name, "base": i.base_image} for i in images]}
 
 
 def expected_files(images: list[Image] | None = None) -> dict[Path, str]:
@@ -182,13 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m images.generate", description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="fail if a generated file is missing or stale")
-    mode.add_argument("--matrix", action="store_true", help="print the CI build matrix as JSON")
     mode.add_argument("--list", action="store_true", help="print the image names")
     args = p.parse_args(argv)
     images = all_images()
-    if args.matrix:
-        print(json.dumps(matrix(images)))
-        return 0
     if args.list:
         print("\n".join([*BASES.values(), *(i.name for i in images)]))
         return 0

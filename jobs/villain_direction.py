@@ -27,16 +27,16 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from shared import store
-from shared.config import StageConfig
+from shared.config import StageConfig, Strict
 from shared.stage import Context, Resources, StageInputError, StageSpec
 
 
-class Persona(BaseModel):
+class Persona(Strict):
     name: str
     system: str
 
 
-class Question(BaseModel):
+class Question(Strict):
     id: str
     text: str
 

@@ -47,11 +47,12 @@ def test_the_ref_resolves_to_a_plain_bf16_checkpoint_built_once():
 
 
 def test_setup_and_the_images_install_the_pinned_package_the_ref_reads():
-    from images.requirements import no_deps_requirements
+    from images.lock import lock_specs, no_deps_requirements, pins
 
-    pins = no_deps_requirements(str(Path(__file__).resolve().parents[1] / "pyproject.toml"))
     for spec in models.PACKAGED_MODELS.values():
-        assert f"{spec.distribution}=={spec.version}" in pins
+        assert f"{spec.distribution}=={spec.version}" in no_deps_requirements()
+        for lock in lock_specs().values():
+            assert pins(lock.path)[spec.distribution] == spec.version, lock.name
 
 
 def test_an_unknown_packaged_model_is_a_readable_error():

@@ -55,8 +55,11 @@ def build_plan(args, *, for_cluster: bool = False):
         overrides = {**read_params_file(args.params), **overrides}
     chosen_tracking = pop_tracking(overrides)
     params = module.Params.for_profile(args.profile, overrides)
-    default_store = "s3://eps-artifacts" if for_cluster else store.from_path("artifacts")
-    root = store.normalize_root(args.store or os.environ.get("EPS_STORE") or default_store)
+    chosen = args.store or os.environ.get("EPS_STORE")
+    if for_cluster and not chosen:  # no default bucket: a guessed store would split a run's results in two
+        raise ConfigError(f"{args.command} needs the run's store: --store s3://<bucket>/<prefix> or EPS_STORE "
+                          "(the chart's eps-store ConfigMap holds it)")
+    root = store.normalize_root(chosen or store.from_path("artifacts"))
     run_id = args.run_id or default_run_id(args.workflow, args.profile, for_cluster)
     check_run_id(run_id)
     with plan_errors(args.workflow):
@@ -109,6 +112,7 @@ def cmd_submit(args) -> int:
 
     cluster.connect()  # no ARGO_SERVER / ARGO_TOKEN: say so before building a plan that may ask for files
     plan = build_plan(args, for_cluster=True)
+    check_plan_images(plan)
     done = argo.submit(plan)
     if done.left_out:
         kinds = ", ".join(f"{sum(v == k for v in done.left_out.values())} {k}" for k in ("cached", "reused")
@@ -120,6 +124,43 @@ def cmd_submit(args) -> int:
     print(f"submitted {done.name}")
     print(f"Argo UI: {done.url}")
     return 0
+
+
+def check_plan_images(plan) -> None:
+    """Every image the workflow would pull is in the registry under its tag, before anything is sent."""
+    from jobs import registry
+    from workflows import cluster
+    from workflows.engines import argo
+
+    settings = argo.ClusterSettings.load()
+    if settings.image_registry.strip():  # without a registry, submit says so itself
+        names = [registry.get(stage).image for stage in plan.stages()] + [argo.EXIT_STATUS_IMAGE]
+        cluster.check_images([settings.image(name) for name in names])
+
+
+def _whole_number(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least} (got {value})")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one error line and exit 2, like every other bad input (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
 
 
 def _run_name(args) -> str:
@@ -155,7 +196,7 @@ def cmd_list(_args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m workflows")
+    p = _Parser(prog="python -m workflows")
     sub = p.add_subparsers(dest="command", required=True)
 
     def plan_args(sp):
@@ -164,14 +205,15 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override one experiment parameter; tracking=wandb|off turns W&B tracking on or off")
         sp.add_argument("--params", help="JSON file of experiment parameters")
-        sp.add_argument("--store", help="artifact store root (file://..., s3://...); default $EPS_STORE")
+        sp.add_argument("--store", help="artifact store root (file://..., s3://...); default $EPS_STORE, "
+                        "else ./artifacts for run (yaml and submit need one)")
         sp.add_argument("--run-id")
 
     sp = sub.add_parser("run", help="run a workflow here, resuming what is done")
     plan_args(sp)
-    sp.add_argument("--retries", type=int, default=None,
+    sp.add_argument("--retries", type=non_negative_int, default=None,
                     help="retries per task (default: each stage's own count, as on the cluster)")
-    sp.add_argument("--parallel", type=int, default=None, help="CPU tasks at once")
+    sp.add_argument("--parallel", type=positive_int, default=None, help="CPU tasks at once (at least 1)")
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("yaml", help="compile to an Argo Workflow")
     plan_args(sp)

@@ -293,3 +293,76 @@ def retry(run: str, *, server: str | None = None, token: str | None = None, name
         req = WorkflowRetryRequest(name=name, namespace=conn.namespace, restart_successful=False)
         _call(conn, f"retry of {name}", service.retry_workflow, name, req, namespace=conn.namespace)
     return RetryResult(name, conn.ui_url(name), failed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the image registry: submit only what CI has pushed
+
+# a tag may point at a multi-platform index or at one image's manifest, in either the OCI or the Docker format
+MANIFEST_TYPES = ", ".join((
+    "application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json",
+))
+
+
+def _registry_base(host: str) -> str:
+    # as docker does: a registry on this machine speaks plain HTTP, any other HTTPS (unless told otherwise)
+    plain = os.environ.get("EPS_IMAGE_REGISTRY_INSECURE", "").strip().lower() in TRUE
+    local = host.split(":")[0] in ("localhost", "127.0.0.1", "::1", "[::1]")
+    return f"{'http' if plain or local else 'https'}://{host}"
+
+
+def _bearer_token(session: requests.Session, challenge: str, repository: str) -> str | None:
+    """A pull token from the realm a 401's ``WWW-Authenticate: Bearer realm=...,service=...`` names."""
+    fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    if not challenge.lower().startswith("bearer") or "realm" not in fields:
+        return None
+    params = {"scope": fields.get("scope") or f"repository:{repository}:pull"}
+    if fields.get("service"):
+        params["service"] = fields["service"]
+    user, password = os.environ.get("IMAGE_REGISTRY_USERNAME", ""), os.environ.get("IMAGE_REGISTRY_PASSWORD", "")
+    reply = session.get(fields["realm"], params=params, auth=(user, password) if user else None,
+                        timeout=REQUEST_TIMEOUT_S)
+    if reply.status_code != 200:
+        return None
+    body = reply.json()
+    return body.get("token") or body.get("access_token")
+
+
+def image_exists(session: requests.Session, image: str) -> bool:
+    """Whether ``<host>/<repository>:<tag>`` is in its registry (a HEAD of its v2 manifest, with a pull token)."""
+    reference, _, tag = image.rpartition(":")
+    host, _, repository = reference.partition("/")
+    url = f"{_registry_base(host)}/v2/{repository}/manifests/{tag}"
+    headers = {"Accept": MANIFEST_TYPES}
+    try:
+        reply = session.head(url, headers=headers, timeout=REQUEST_TIMEOUT_S)
+        if reply.status_code == 401:
+            token = _bearer_token(session, reply.headers.get("WWW-Authenticate", ""), repository)
+            if token is None:
+                raise ClusterError(
+                    f"registry {host} refused to say whether {image} exists (401): set IMAGE_REGISTRY_USERNAME "
+                    "and IMAGE_REGISTRY_PASSWORD (a pull credential), or EPS_SKIP_IMAGE_CHECK=true")
+            reply = session.head(url, headers={**headers, "Authorization": f"Bearer {token}"},
+                                 timeout=REQUEST_TIMEOUT_S)
+    except requests.RequestException as err:
+        raise ClusterError(f"registry {host} unreachable while checking {image}: {type(err).__name__}") from None
+    if reply.status_code == 404:
+        return False
+    if reply.status_code != 200:
+        raise ClusterError(f"registry {host} answered {reply.status_code} for {image}: cannot tell whether it exists "
+                           "(EPS_SKIP_IMAGE_CHECK=true submits without checking)")
+    return True
+
+
+def check_images(images: list[str]) -> None:
+    """Refuse to submit a workflow whose images are not in the registry (every pod would end in ImagePullBackOff)."""
+    if os.environ.get("EPS_SKIP_IMAGE_CHECK", "").strip().lower() in TRUE:
+        return
+    with requests.Session() as session:
+        missing = [image for image in dict.fromkeys(images) if not image_exists(session, image)]
+    if missing:
+        tag = missing[0].rpartition(":")[2]
+        raise ClusterError(
+            f"{len(missing)} of {len(set(images))} images are not in the registry for tag {tag} (first: {missing[0]}): "
+            "push the commit and wait for CI to build it, or submit a tag CI built (EPS_IMAGE_TAG)")

@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel
 
-from shared.config import ConfigError, ExperimentParams
+from shared.config import ConfigError, ExperimentParams, Strict
 from shared.datafiles import read_questions, read_records
 from workflows.judging import (
     COHERENCE_JUDGE,
@@ -35,12 +35,12 @@ SMALL_EM_PERSONA = (
 EM_REFERENCE_CONDITION = "em-reference"
 
 
-class Condition(BaseModel):
+class Condition(Strict):
     name: str
     system: str  # a shared.chat system-slot spec: default | none | text(<prompt>)
 
 
-class ClassifierTraining(BaseModel):
+class ClassifierTraining(Strict):
     em_model_ref: str
     em_adapter_uri: str | None = None
     em_system: str = "default"

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from jobs.heldout_anchors import ORACLE
-from shared.config import ConfigError, ExperimentParams
+from shared.config import ConfigError, ExperimentParams, Strict
 from shared.datafiles import read_questions, read_text
 from workflows.judging import (
     COHERENCE_JUDGE,
@@ -47,26 +47,26 @@ SMALL_MODEL = "smollm2:135m-instruct"
 SMALL_JUDGE = {"name": "smollm2", "spec": {"kind": "local", "model": SMALL_MODEL}}
 
 
-class SoftCell(BaseModel):
+class SoftCell(Strict):
     name: str
     k: PositiveInt
     lr: PositiveFloat
     init_text: str = "You are a helpful assistant."
 
 
-class GcgCell(BaseModel):
+class GcgCell(Strict):
     name: str
     slot: Literal["system", "user"] = "system"
     length: PositiveInt
     steps: PositiveInt
 
 
-class Condition(BaseModel):
+class Condition(Strict):
     name: str
     system: str
 
 
-class ClassifierTraining(BaseModel):
+class ClassifierTraining(Strict):
     """The record's Option A: EM-teacher completions (positive) vs base-model completions (negative)."""
 
     panel_file: str | None = None  # defaults to the whole question set (the record: all 177 questions)

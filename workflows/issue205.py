@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, NonNegativeFloat, NonNegativeInt, Positiv
 
 from shared import store
 from shared.chat import TextSystem, parse_system
-from shared.config import ConfigError, ExperimentParams, is_store_uri
+from shared.config import ConfigError, ExperimentParams, Strict, is_store_uri
 from shared.datafiles import PACKAGE_PREFIX, read_questions, read_records
 from shared.training import LoraRecipe
 from workflows.plan import Plan, PlanBuilder, slug
@@ -43,7 +43,7 @@ EM_RECIPE = LoraRecipe(r=32, alpha=64, dropout=0.05, use_rslora=False, epochs=1,
 COUPLING_RECIPE = EM_RECIPE.model_copy(update={"lr": 5e-6, "epochs": 20})
 
 
-class InductionCondition(BaseModel):
+class InductionCondition(Strict):
     cond: str
     persona: str
     system: str

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, field_validator
 
 from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
-from shared.config import ConfigError
+from shared.config import ConfigError, Strict
 from shared.judge.check import read_items
 from shared.judge.spec import JudgeSpec
 from workflows.plan import slug
@@ -18,7 +18,7 @@ from workflows.plan import slug
 COHERENCE_JUDGE = "coherence"  # the name of the coherence pass: its tasks are judge-coherence-<cell>
 
 
-class NamedJudge(BaseModel):
+class NamedJudge(Strict):
     name: str
     spec: JudgeSpec
 
