@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,7 +81,23 @@ COUNT = re.compile(r"^([a-z0-9_]+_)?(n|n_[a-z0-9_]+|max_new_tokens|batch_size)$"
 COUNT_SUFFIX = re.compile(r"_per_(question|step)$")  # not per_cell: 0 coherence checks per cell is "none"
 NON_EMPTY = re.compile(r"^([a-z0-9_]*questions|personas|conditions|cells|probes|layers)$")  # what to run over
 PROBABILITY = re.compile(r"^([a-z0-9_]+_)?top_p$")  # in (0, 1]
-NON_NEGATIVE = re.compile(r"^([a-z0-9_]+_)?temperature$")
+NON_NEGATIVE = re.compile(r"^([a-z0-9_]+_)?(temperature|seed)$")
+SEED_LIST = re.compile(r"^([a-z0-9_]+_)?seeds$")  # every seed of a list: numpy and torch take none below 0
+
+
+def non_finite(value: Any, path: str = "") -> str | None:
+    """The first place in ``value`` (at any depth) holding NaN or an infinity, or None.
+
+    JSON has no such numbers and no experiment parameter means one; ``temperature=Infinity`` would sample
+    uniform noise and write manifests no strict JSON reader accepts.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(value)"
+    if isinstance(value, dict):
+        return next((p for k, v in value.items() if (p := non_finite(v, f"{path}.{k}" if path else str(k)))), None)
+    if isinstance(value, (list, tuple)):
+        return next((p for i, v in enumerate(value) if (p := non_finite(v, f"{path}[{i}]"))), None)
+    return None
 
 
 def convention_problem(name: str, value: Any) -> str | None:
@@ -95,6 +112,8 @@ def convention_problem(name: str, value: Any) -> str | None:
         return f"must be in (0, 1] (got {value})"
     if NON_NEGATIVE.match(name) and isinstance(value, (int, float)) and value < 0:
         return f"must be at least 0 (got {value})"
+    if SEED_LIST.match(name) and isinstance(value, list) and any(isinstance(v, int) and v < 0 for v in value):
+        return f"must all be at least 0 (got {value})"
     return None
 
 
@@ -104,7 +123,11 @@ class Strict(BaseModel):
     @model_validator(mode="after")
     def _conventional_ranges(self):
         for name in type(self).model_fields:
-            problem = convention_problem(name, getattr(self, name))
+            value = getattr(self, name)
+            where = non_finite(value.model_dump() if isinstance(value, BaseModel) else value, name)
+            if where:
+                raise ValueError(f"{where} must be a finite number (NaN and infinities mean no experiment)")
+            problem = convention_problem(name, value)
             if problem:
                 raise ValueError(f"{name} {problem}")
         return self

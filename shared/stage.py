@@ -10,8 +10,9 @@ stage's own ``run``:
   run's folder is ``cached``; one in another run's folder is ``reused`` (its outputs hard-linked or copied here).
   Either is used only after its outputs still match the hashes its manifest recorded; a mismatch is one
   warning line and a recompute;
-- otherwise run the stage into a staging folder, then move its outputs into place and write the manifest last,
-  so a run that fails (bad input, a crash, a kill) never replaces a previous complete result;
+- otherwise run the stage into a staging folder, then put its outputs and manifest in place (on a file store in
+  one atomic folder swap), so a run that fails (bad input, a crash, a kill) never replaces a previous complete
+  result;
 - copy its own log into the store (``runs/<run_id>/_logs/``) so nothing is lost with the pod;
 - when tracking is on (``shared.tracking``), give a computing stage one W&B run (``ctx.track``), finish it with the
   headline metrics and wall time, and put its URL in the manifest; tracking never touches the key or the result.
@@ -388,6 +389,20 @@ def _place(staging: str, prefix: str, outputs: list[str]) -> None:
         store.move(store.join(staging, rel), store.join(prefix, rel))
 
 
+def _install(staging: str, prefix: str, outputs: list[str], manifest: dict) -> None:
+    """Put the staged outputs and their manifest in place. On a file store the staged folder, manifest already in
+    it, replaces the output folder in one step, so the previous complete result stays valid until the new one is
+    whole; on S3 (no atomic rename) the old manifest goes first, then the outputs move in, the manifest last."""
+    if prefix.startswith("file://"):
+        store.write_json(store.join(staging, MANIFEST), manifest)
+        store.replace_folder(staging, prefix)
+        return
+    _place(staging, prefix, outputs)
+    # the checksums S3 computed as the outputs arrived, so that a later check needs no download
+    manifest["output_checksums"] = _checksums(manifest["outputs"])
+    store.write_json(store.join(prefix, MANIFEST), manifest)  # last: its presence marks the stage complete
+
+
 def _checksums(uris: Iterable[str]) -> dict[str, str]:
     out = {}
     for uri in uris:
@@ -420,21 +435,20 @@ def _reuse(spec: StageSpec, cfg: StageConfig, inputs: dict[str, str], key: str, 
         warn(f"stored result at {source} no longer matches its manifest ({changed[0]} changed or missing): "
              "not reused")
         return None
-    _place(staging, prefix, rels)
-    store.delete_prefix(staging)
     outputs = {store.join(prefix, rel): digest for rel, digest in zip(rels, found["outputs"].values(), strict=True)}
     root = store_root(cfg)
     manifest = {
         **{k: v for k, v in found.items() if k not in ("reused_from",)},
         "run_id": cfg.run_id, "cell": cfg.cell, "prefix": prefix,
         "config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash(),
-        "inputs": inputs, "outputs": outputs, "output_checksums": _checksums(outputs),
+        "inputs": inputs, "outputs": outputs, "output_checksums": {},
         "reused_from": {
             "prefix": _relative(root, source), "run_id": found.get("run_id"), "cell": found.get("cell"),
             "mode": "link" if modes == {"link"} else "copy", "at": datetime.now(timezone.utc).isoformat(),
         },
     }
-    store.write_json(store.join(prefix, MANIFEST), manifest)
+    _install(staging, prefix, rels, manifest)
+    store.delete_prefix(staging)
     _index(root, spec.name, key, prefix)
     return manifest
 
@@ -484,12 +498,11 @@ def read_manifest(prefix: str) -> dict:
 
 def _commit(ctx: Context, cfg: StageConfig, inputs: dict[str, str], key: str, started: float,
             metrics: dict, tracked: dict | None = None) -> dict:
-    """Move the staged outputs into place and write the manifest, last."""
+    """Move the staged outputs into place with their manifest (see ``_install``)."""
     staging, prefix = ctx.prefix, ctx.final_prefix
     staged = store.list_uris(staging)
     rels = [_relative(staging, uri) for uri in staged]
     digests = [store.sha256(uri) for uri in staged]
-    _place(staging, prefix, rels)
     outputs = {store.join(prefix, rel): digest for rel, digest in zip(rels, digests, strict=True)}
     manifest = {
         "status": "complete",
@@ -503,7 +516,7 @@ def _commit(ctx: Context, cfg: StageConfig, inputs: dict[str, str], key: str, st
         "code_fingerprint": ctx.spec.fingerprint,
         "inputs": inputs,
         "outputs": outputs,
-        "output_checksums": _checksums(outputs),
+        "output_checksums": {},  # filled in by _install where the store keeps checksums
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
         "image": os.environ.get("EPS_IMAGE", "local"),
@@ -516,7 +529,7 @@ def _commit(ctx: Context, cfg: StageConfig, inputs: dict[str, str], key: str, st
         "metrics": metrics,
         **({"tracking": tracked} if tracked else {}),
     }
-    store.write_json(store.join(prefix, MANIFEST), manifest)  # last: its presence marks the stage complete
+    _install(staging, prefix, rels, manifest)
     _index(store_root(cfg), ctx.spec.name, key, prefix)
     store.delete_prefix(staging)
     return manifest

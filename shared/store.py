@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -56,6 +57,9 @@ def normalize_root(root: str) -> str:
     root = str(root).strip()
     if not root:
         raise StoreError("empty store root: give a path, file://... or s3://bucket/prefix")
+    if "://" in root and ("#" in root or "?" in root):
+        # a URI's fragment or query is not part of its path: every artifact would map to one folder
+        raise StoreError(f"store root {root!r} has a '#' or '?': a store URI is a path (file:///...) or s3://bucket/prefix")
     if "://" not in root:
         if root.lower().startswith(("s3:", "file:")):
             raise StoreError(f"store root {root!r} is malformed: expected file:///path or s3://bucket/prefix")
@@ -273,8 +277,24 @@ def sha256(uri: str) -> str:
 # typed helpers
 
 
+def strict_json_value(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity made ``null``: JSON has no such numbers (``NaN`` is not JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json_value(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """Strict JSON text of ``obj`` (no bare NaN or Infinity); what every JSON the project writes goes through."""
+    return json.dumps(strict_json_value(obj), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(uri: str, obj: Any) -> str:
-    return write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    return write_bytes(uri, (dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(uri: str) -> Any:
@@ -287,7 +307,7 @@ def read_json(uri: str) -> Any:
 
 
 def write_jsonl(uri: str, rows: list[dict]) -> str:
-    return write_bytes(uri, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    return write_bytes(uri, "".join(dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
 def read_jsonl(uri: str) -> list[dict]:
@@ -486,6 +506,41 @@ def copy(src: str, dst: str, *, link: bool = True) -> str:
     return "copy"
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(second))
+
+
+def replace_folder(new: str, target: str) -> None:
+    """Make the local folder ``new`` the folder ``target`` at once: whoever looks sees the old folder whole or the new
+    one whole, never a mix; the old one is deleted after. (A kill mid-way leaves one of the two, each complete.)"""
+    source, dest = _local(new), _local(target)
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(source, dest)
+        return
+    if _exchange(source, dest):
+        shutil.rmtree(source)
+        return
+    aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(dest, aside)  # without an atomic exchange: a moment with no folder here, never a mixed one
+    os.rename(source, dest)
+    shutil.rmtree(aside)
+
+
 def move(src: str, dst: str) -> None:
     """Move one artifact within a store: an atomic rename locally, copy then delete on S3."""
     if _scheme(src) == "file":
@@ -506,9 +561,16 @@ def check_writable(root: str) -> None:
     probe = join(root, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         write_bytes(probe, b"probe")
-        delete(probe)
+        try:
+            # the one-writer lease rests on conditional writes: a store that ignores them must not be used
+            overwrote = put_if_absent(probe, b"second writer")
+        finally:
+            delete(probe)
     except OSError as err:
         raise StoreError(f"store {root} is not writable: {err.strerror or err}") from None
+    if overwrote is not None:
+        raise StoreError(f"store {root} ignores conditional writes (a create-if-absent of an existing object "
+                         "succeeded): the one-writer lease cannot work there; use S3 or a server that honours If-None-Match")
 
 
 def read_versioned(uri: str) -> tuple[bytes, str] | None:

@@ -204,24 +204,38 @@ def test_a_failing_rerun_leaves_the_previous_result_intact(config, capsys):
     assert store.read_json(out) == [2, 4, 6]  # the partial [13, 26, 39] stayed in staging
 
 
-def test_a_kill_between_the_outputs_and_the_manifest_is_never_taken_for_complete(config, monkeypatch):
+def test_a_kill_before_the_new_manifest_is_in_place_leaves_the_previous_result_valid(config, monkeypatch):
     from shared import stage
 
-    real_write_json = store.write_json
+    first = execute(SPEC, config)
+    folder = prefix_of(config)
+    before = store.read_bytes(store.join(folder, "doubled.json"))
 
-    def killed_at_the_manifest(uri, obj):
-        if uri.endswith(MANIFEST):
-            raise KeyboardInterrupt("killed")
-        return real_write_json(uri, obj)
+    def killed_at_the_swap(new, target):
+        raise KeyboardInterrupt("killed")  # the new outputs and manifest are staged, not yet in place
 
-    monkeypatch.setattr(stage.store, "write_json", killed_at_the_manifest)
+    monkeypatch.setattr(stage.store, "replace_folder", killed_at_the_swap)
     with pytest.raises(KeyboardInterrupt):
-        execute(SPEC, config)
+        execute(SPEC, {**config, "factor": 3})  # other work, same output folder
     monkeypatch.undo()
-    assert store.exists(store.join(prefix_of(config), "doubled.json"))
-    assert not store.exists(store.join(prefix_of(config), MANIFEST))
-    execute(SPEC, config)
-    assert calls == ["c1", "c1"]
+    assert store.read_bytes(store.join(folder, "doubled.json")) == before
+    assert execute(SPEC, config)["cache_key"] == first["cache_key"]
+    assert calls == ["c1", "c1"]  # the old result was served from the cache, not recomputed
+    execute(SPEC, {**config, "factor": 3})
+    assert calls == ["c1", "c1", "c1"] and json.loads(store.read_bytes(store.join(folder, "doubled.json"))) != \
+        json.loads(before)
+
+
+def test_the_swap_is_one_step_old_folder_or_new_folder_never_a_mix(tmp_path):
+    old, new = tmp_path / "out", tmp_path / "staged"
+    old.mkdir()
+    (old / "a.json").write_text("old a")
+    (old / "stale.json").write_text("only in the old result")
+    new.mkdir()
+    (new / "a.json").write_text("new a")
+    store.replace_folder(store.from_path(new), store.from_path(old))
+    assert sorted(p.name for p in old.iterdir()) == ["a.json"] and (old / "a.json").read_text() == "new a"
+    assert not new.exists() and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_a_moved_store_folder_is_still_cached(config, tmp_path):
