@@ -27,16 +27,16 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from shared import store
-from shared.config import StageConfig, Strict
+from shared.config import StageConfig
 from shared.stage import Context, Resources, StageInputError, StageSpec
 
 
-class Persona(Strict):
+class Persona(BaseModel):
     name: str
     system: str
 
 
-class Question(Strict):
+class Question(BaseModel):
     id: str
     text: str
 

@@ -74,6 +74,18 @@ def is_store_uri(value: Any) -> bool:
     return isinstance(value, str) and (value.startswith("file://") or value.startswith("s3://"))
 
 
+ARTIFACT_REF = "artifact:"  # a model (or adapter) reference to stored content: artifact:<store URI>
+
+
+def stored_reference(value: Any) -> str | None:
+    """The store URI a config value names (a store URI, or ``artifact:<store URI>``), or None."""
+    if is_store_uri(value):
+        return value
+    if isinstance(value, str) and value.startswith(ARTIFACT_REF) and is_store_uri(value[len(ARTIFACT_REF):]):
+        return value[len(ARTIFACT_REF):]
+    return None
+
+
 # Ranges every experiment parameter and stage config obeys by its field's name, so that a new workflow or stage
 # gets them without repeating Field(...) constraints (which a model may still add for anything else).
 # how many (n, eval_n, n_completions, data_n_per_question, max_new_tokens, batch_size, ...): at least 1
@@ -136,8 +148,9 @@ class Strict(BaseModel):
 class StageConfig(Strict):
     """Fields every stage config has; stage configs subclass this.
 
-    Input artifacts are fields whose name ends in ``_uri`` or ``_uris`` and whose values are store URIs: the
-    manifest records them with their sha256, and a stage is skipped only when they are unchanged.
+    Input artifacts are every store URI the config holds (and every ``artifact:<store URI>`` model reference),
+    whatever the field is called: the manifest records them with their sha256, and a stage is skipped only when
+    they are unchanged.
     """
 
     store: str
@@ -149,25 +162,23 @@ class StageConfig(Strict):
         return stable_hash(self.model_dump(mode="json"))
 
     def input_uris(self) -> dict[str, str]:
-        """Store URIs in fields named ``*_uri`` / ``*_uris``, at any depth, keyed by their field path."""
+        """Every stored artifact the config names, at any depth, keyed by its field path: each store URI and each
+        ``artifact:<store URI>`` model reference, whatever its field is called (``store`` itself is the root)."""
         found: dict[str, str] = {}
 
-        def walk(value: Any, path: str, name: str) -> None:
-            if name.endswith("_uri") and is_store_uri(value):
-                found[path] = value
-            elif name.endswith("_uris") and isinstance(value, (list, dict)):
-                items = value.items() if isinstance(value, dict) else enumerate(value)
-                for key, item in items:
-                    if is_store_uri(item):
-                        found[f"{path}[{key}]"] = item
+        def walk(value: Any, path: str) -> None:
+            if isinstance(value, str):
+                uri = stored_reference(value)
+                if uri is not None:
+                    found[path] = uri
             elif isinstance(value, dict):
                 for key, item in value.items():
-                    walk(item, f"{path}.{key}" if path else key, key)
+                    walk(item, f"{path}.{key}" if path else str(key))
             elif isinstance(value, list):
                 for i, item in enumerate(value):
-                    walk(item, f"{path}[{i}]", name)
+                    walk(item, f"{path}[{i}]")
 
-        walk(self.model_dump(mode="json"), "", "")
+        walk({k: v for k, v in self.model_dump(mode="json").items() if k != "store"}, "")
         return found
 
 

@@ -45,7 +45,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from shared import fingerprint, store, tracking
-from shared.config import ConfigError, StageConfig, is_store_uri, parse, stable_hash
+from shared.config import ARTIFACT_REF, ConfigError, StageConfig, is_store_uri, parse, stable_hash
 from shared.lease import Lease, LeaseLost
 
 MANIFEST = "manifest.json"
@@ -284,6 +284,8 @@ def keyed_config(cfg: StageConfig, inputs: dict[str, str]) -> Any:
         if isinstance(value, str):
             if value in inputs:
                 return f"sha256:{inputs[value]}"
+            if value.startswith(ARTIFACT_REF) and value[len(ARTIFACT_REF):] in inputs:
+                return f"{ARTIFACT_REF}sha256:{inputs[value[len(ARTIFACT_REF):]]}"
             if value == run or value.startswith(run + "/"):
                 return "<run>" + value[len(run):]
             if value == root or value.startswith(root + "/"):

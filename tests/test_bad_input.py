@@ -136,3 +136,111 @@ def test_out_of_range_parameters_of_every_workflow_stop_before_anything_runs(
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "store" / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# unknown keys at every level: a typo cannot run a different experiment
+
+
+def reachable_models(model: type, seen: set | None = None) -> set[type]:
+    """Every pydantic model a field of ``model`` can hold, at any depth (lists, dicts, unions, optionals)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    seen = set() if seen is None else seen
+
+    def visit(annotation) -> None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation not in seen:
+                seen.add(annotation)
+                for field in annotation.model_fields.values():
+                    visit(field.annotation)
+        for arg in typing.get_args(annotation):
+            visit(arg)
+
+    visit(model)
+    return seen
+
+
+def test_the_walk_finds_nested_models_and_a_model_that_ignores_keys():
+    from pydantic import BaseModel
+
+    from shared.config import Strict
+
+    class Loose(BaseModel):
+        x: int = 0
+
+    class Inner(Strict):
+        loose: dict[str, list[Loose | None]] = {}
+
+    class Outer(Strict):
+        inner: Inner | None = None
+
+    found = reachable_models(Outer)
+    assert found == {Outer, Inner, Loose}
+    assert [m for m in found if m.model_config.get("extra") != "forbid"] == [Loose]  # the check can fail
+
+
+def every_workflow_params() -> list[type]:
+    import workflows
+
+    return [workflows.load(name).Params for name in workflows.WORKFLOWS]
+
+
+@pytest.mark.parametrize("root", every_workflow_params(), ids=lambda m: m.__module__)
+def test_every_model_reachable_from_a_workflows_params_forbids_unknown_keys(root):
+    loose = sorted(f"{m.__module__}.{m.__name__}" for m in reachable_models(root)
+                   if m.model_config.get("extra") != "forbid")
+    assert loose == [], "unknown keys would be dropped silently"
+
+
+NESTED_TYPOS = [  # (workflow, a parameter holding a typo one level down, a phrase of the error line)
+    ("issue170", 'soft_cells=[{"name": "s0", "k": 4, "lr": 0.03, "init": "You are evil."}]', "init: Extra inputs"),
+    ("issue170", 'gcg_cells=[{"name": "l4", "length": 4, "steps": 2, "slott": "user"}]', "slott: Extra inputs"),
+    ("issue164", 'primary_judge={"name": "a", "spec": {"kind": "local", "model": "tiny:qwen2"}, "temprature": 0}',
+     "temprature: Extra inputs"),
+]
+
+
+@pytest.mark.parametrize("workflow, setting, message", NESTED_TYPOS)
+def test_a_nested_typo_is_one_error_line_and_exit_2(workflow, setting, message, tmp_path, monkeypatch, capsys):
+    from workflows.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", workflow, "--profile", "tiny", "--store", str(tmp_path / "store"), "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+NOT_A_NUMBER = [  # (workflow, setting, a phrase of the error line): refused before anything runs
+    ("issue164", "temperature=Infinity", "temperature must be a finite number"),
+    ("issue164", "temperature=NaN", "temperature must be a finite number"),
+    ("issue164", "seed=-1", "seed must be at least 0"),
+]
+
+
+@pytest.mark.parametrize("workflow, setting, message", NOT_A_NUMBER)
+def test_non_finite_numbers_and_negative_seeds_stop_before_anything_runs(
+        workflow, setting, message, tmp_path, monkeypatch, capsys):
+    from workflows.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", workflow, "--profile", "tiny", "--store", str(tmp_path / "store"), "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_every_json_the_store_writes_is_strict_json(tmp_path):
+    uri = store.join(store.from_path(tmp_path), "h.json")
+    store.write_json(uri, {"p": float("nan"), "d": [1.0, float("inf"), -float("inf")], "ok": 0.5})
+    text = store.read_text(uri)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(text, parse_constant=refuse) == {"p": None, "d": [1.0, None, None], "ok": 0.5}
+    store.write_jsonl(uri, [{"x": float("nan")}])
+    assert json.loads(store.read_text(uri), parse_constant=refuse) == {"x": None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -22,7 +23,11 @@ def default_run_id(workflow: str, profile: str, for_cluster: bool) -> str:
 
 def read_params_file(path_text: str) -> dict:
     path = Path(path_text)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # e.g. a name too long for the file system
+        raise ConfigError(f"--params {path_text[:80]!r}...: {err.strerror or err}") from None
+    if not found:
         raise ConfigError(f"--params {path_text!r} not found")
     try:
         data = json.loads(path.read_text())
@@ -30,6 +35,8 @@ def read_params_file(path_text: str) -> dict:
         raise ConfigError(f"--params {path_text}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--params {path_text}: cannot be read ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"--params {path_text}: nested too deeply to be a parameter file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--params {path_text}: expected a JSON object of parameter names to values")
     return data
@@ -70,9 +77,13 @@ def build_plan(args, *, for_cluster: bool = False):
 
 def cmd_run(args) -> int:
     from workflows.engines.local import run_folder, run_plan
+    from workflows.plan import missing_key_warning
 
     plan = build_plan(args)
     store.check_writable(plan.store)
+    warning = missing_key_warning(plan, dict(os.environ))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         run_folder(plan).mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -245,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"
         print(f"error: {how}; every task was stopped; run the same command again to resume", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
+    except RecursionError:
+        print("error: a parameter or file is nested too deeply to be read", file=sys.stderr)
+        return 2
+    except OSError as err:  # the machine, not the code: a full disk, a folder that cannot be written, a long name
+        where = f" ({str(err.filename)[:120]})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1 if err.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT) else 2
     except Exception as err:
         name = type(err).__name__
         if name in ("ClusterError",):

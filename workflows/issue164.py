@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel
-
 from shared.config import ConfigError, ExperimentParams, Strict
 from shared.datafiles import read_questions, read_records
 from workflows.judging import (

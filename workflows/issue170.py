@@ -17,7 +17,6 @@ from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import (
-    BaseModel,
     Field,
     NonNegativeFloat,
     NonNegativeInt,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from shared import store
 from shared.chat import TextSystem, parse_system

@@ -106,6 +106,12 @@ class Plan(BaseModel):
             if missing:
                 raise ConfigError(f"plan {self.workflow}: task {task.name} waits for unknown {missing}")
             task.parsed_config()  # every config is checked before anything runs
+        prefixes: dict[str, str] = {}
+        for task in self.tasks:  # two tasks writing one folder would each take the other's result for its own
+            other = prefixes.setdefault(task.output_prefix(), task.name)
+            if other != task.name:
+                raise ConfigError(f"plan {self.workflow}: tasks {other} and {task.name} would write the same output "
+                                  f"folder {task.output_prefix()}: rename a condition or judge so their cells differ")
         try:
             list(TopologicalSorter(self.graph()).static_order())
         except CycleError as err:
@@ -136,6 +142,29 @@ class Plan(BaseModel):
                 if found is not None:
                     done[task.name] = found
         return done
+
+
+def claude_tasks(plan: Plan) -> list[str]:
+    """Tasks whose config names a Claude judge (a ``kind: anthropic`` judge spec at any depth)."""
+
+    def uses_claude(value: Any) -> bool:
+        if isinstance(value, dict):
+            return value.get("kind") == "anthropic" or any(uses_claude(v) for v in value.values())
+        return isinstance(value, list) and any(uses_claude(v) for v in value)
+
+    return [t.name for t in plan.tasks if uses_claude(t.config)]
+
+
+def missing_key_warning(plan: Plan, environ: dict[str, str]) -> str | None:
+    """Said at plan time, not hours later when the first judge task fails: which tasks need ANTHROPIC_API_KEY."""
+    if environ.get("ANTHROPIC_API_KEY", "").strip():
+        return None
+    needing = claude_tasks(plan)
+    if not needing:
+        return None
+    more = f", +{len(needing) - 3} more" if len(needing) > 3 else ""
+    return (f"ANTHROPIC_API_KEY is not set: {len(needing)} judge task(s) use a Claude judge and will fail unless "
+            f"their results are cached ({', '.join(needing[:3])}{more})")
 
 
 class PlanBuilder:

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 
 from shared import stage as stage_contract
 from shared import store
+from shared.config import ConfigError
 from workflows.plan import Plan, Task
 
 PENDING, RUNNING, DONE, CACHED, REUSED, FAILED, BLOCKED = (
@@ -134,6 +135,23 @@ def _stop_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> Non
     process.wait()
 
 
+def _die_with(engine_pid: int):
+    """For a task's process, before it runs: a SIGTERM when the engine's process ends (Linux ``PR_SET_PDEATHSIG``),
+    so a killed engine (``kill -9`` of its process group) leaves no stage writing on without it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != engine_pid:  # the engine died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM to the engine: unwind like Ctrl-C."""
 
@@ -144,6 +162,8 @@ class LocalEngine:
         self.plan = plan
         self.retries = retries  # None: each stage's own count, as on the cluster
         self.gpus = visible_gpus()
+        if cpu_parallel is not None and cpu_parallel < 1:
+            raise ConfigError(f"parallel must be at least 1 (got {cpu_parallel}): no task could ever start")
         self.cpu_parallel = cpu_parallel or max(1, min(2, os.cpu_count() or 1))
         self.threads_per_cpu_task = max(1, (os.cpu_count() or 1) // self.cpu_parallel)
         self.live = sys.stdout.isatty() if live is None else live
@@ -214,6 +234,7 @@ class LocalEngine:
                 [sys.executable, "-m", task.spec.module, "--config", str(config_path)],
                 stdout=log, stderr=subprocess.STDOUT, env=self._env(gpu), cwd=Path(__file__).resolve().parents[2],
                 start_new_session=True,  # its own process group: stopped as a whole, never orphaned
+                preexec_fn=_die_with(os.getpid()),  # and SIGTERM when the engine dies, however it dies
             )
 
     def _finish_attempt(self, state: TaskState, code: int | None, timed_out: bool = False) -> None:
