@@ -646,8 +646,18 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_make_submit_status_retry_on_the_command_line(argo_server, s3_bucket, monkeypatch, capsys):
-    monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
+@pytest.fixture
+def image_registry(monkeypatch):
+    """A loopback registry holding every image of this commit (token auth, as hosted registries do)."""
+    from tests.fakes.registry import FakeRegistry
+
+    with FakeRegistry(token_auth=True) as fake:
+        fake.images = {f"lab/{s.image}:{SHA}" for s in all_stages().values()} | {f"lab/{argo.EXIT_STATUS_IMAGE}:{SHA}"}
+        monkeypatch.setenv("EPS_IMAGE_REGISTRY", f"{fake.host}/lab")
+        yield fake
+
+
+def test_make_submit_status_retry_on_the_command_line(argo_server, image_registry, s3_bucket, monkeypatch, capsys):
     run_id = "issue164-tiny-cli"
     code, out, err = cli(["submit", "issue164", "--profile", "tiny", "--store", f"{s3_bucket}/t",
                           "--run-id", run_id], capsys)
@@ -655,7 +665,9 @@ def test_make_submit_status_retry_on_the_command_line(argo_server, s3_bucket, mo
     url = f"{argo_server.url}/workflows/eps/{run_id}"
     assert out.splitlines() == [f"submitted {run_id}", f"Argo UI: {url}"]
     sent = argo_server.requests[-1]["body"]["workflow"]
-    assert templates(sent)["generate"]["container"]["image"] == f"{REGISTRY}/eps-generate:{SHA}"
+    assert templates(sent)["generate"]["container"]["image"] == f"{image_registry.host}/lab/eps-generate:{SHA}"
+    checked = {path for method, path, _ in image_registry.requests if method == "HEAD"}
+    assert f"/v2/lab/eps-generate/manifests/{SHA}" in checked and f"/v2/lab/{argo.EXIT_STATUS_IMAGE}/manifests/{SHA}" in checked
 
     _with_status(argo_server, run_id, "Failed")
     code, out, err = cli(["status", run_id], capsys)
@@ -768,3 +780,47 @@ def test_a_stage_with_its_own_retry_count_keeps_it_on_the_cluster(plan, settings
     wf = yaml.safe_load(argo.to_yaml(plan, cluster=settings))
     assert str(templates(wf)["judge"]["retryStrategy"]["limit"]) == "7"
     assert str(templates(wf)["generate"]["retryStrategy"]["limit"]) == str(settings.retry.limit)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# submit sends nothing whose images CI has not pushed, and no run without its store
+
+
+def test_submit_with_an_image_missing_from_the_registry_is_one_line_and_sends_nothing(
+        argo_server, image_registry, s3_bucket, capsys):
+    image_registry.images.discard(f"lab/eps-judge:{SHA}")
+    sent_before = len(argo_server.requests)
+    code, out, err = cli(["submit", "issue164", "--profile", "tiny", "--store", f"{s3_bucket}/t", "--run-id", "r-miss"],
+                         capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "not in the registry" in err and f"eps-judge:{SHA}" in err and "wait for CI" in err
+    assert len(argo_server.requests) == sent_before  # the workflow was never sent
+
+
+def test_the_registry_check_follows_the_token_challenge_and_tells_present_from_absent():
+    import requests
+
+    from tests.fakes.registry import TOKEN, FakeRegistry
+    with FakeRegistry(token_auth=True) as fake, requests.Session() as session:
+        fake.images = {"lab/eps-generate:abc"}
+        assert cluster.image_exists(session, f"{fake.host}/lab/eps-generate:abc")
+        assert not cluster.image_exists(session, f"{fake.host}/lab/eps-generate:def")
+        heads = [auth for method, _, auth in fake.requests if method == "HEAD"]
+        assert heads[0] is None and f"Bearer {TOKEN}" in heads  # asked, challenged, then with the token
+        with pytest.raises(cluster.ClusterError, match="2 of 2 images are not in the registry for tag zzz"):
+            cluster.check_images([f"{fake.host}/lab/eps-a:zzz", f"{fake.host}/lab/eps-b:zzz"])
+        cluster.check_images([f"{fake.host}/lab/eps-generate:abc"])  # all present: silent
+
+
+def test_an_unreachable_registry_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("EPS_IMAGE_REGISTRY_INSECURE", "true")
+    with pytest.raises(cluster.ClusterError, match="unreachable while checking"):
+        cluster.check_images(["127.0.0.1:9/lab/eps-generate:abc"])  # the discard port: nothing listens
+
+
+@pytest.mark.parametrize("command", ["yaml", "submit"])
+def test_cluster_commands_need_an_explicit_store(command, argo_server, monkeypatch, capsys):
+    monkeypatch.delenv("EPS_STORE", raising=False)
+    monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
+    code, out, err = cli([command, "issue164", "--profile", "tiny"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "needs the run's store" in err and "EPS_STORE" in err, err

@@ -215,3 +215,24 @@ def test_a_corrupt_judge_cache_entry_is_a_miss_with_one_warning(root, garbage, c
     assert len(warnings) == 1 and cache.uri_for(key) in warnings[0]
     cache.put(key, {"score": 12.0, "label": None})  # judged again: the entry is rewritten
     assert cache.get(key)["score"] == 12.0
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_and_one_that_honours_them_is_not(tmp_path, monkeypatch):
+    root = store.from_path(tmp_path / "ok")
+    store.check_writable(root)  # a real conditional create: refused for the existing probe, so the store is fine
+
+    def ignores_the_condition(uri, data):  # what an S3-compatible server that drops If-None-Match does
+        return store.write_bytes(uri, data)
+
+    monkeypatch.setattr(store, "put_if_absent", ignores_the_condition)
+    with pytest.raises(store.StoreError, match="ignores conditional writes") as err:
+        store.check_writable(root)
+    assert "\n" not in str(err.value)
+    assert store.list_uris(root) == []  # the probe is gone either way
+
+
+def test_a_store_uri_with_a_fragment_or_query_is_refused():
+    for root in ("file:///tmp/x#frag", "s3://bucket/prefix?versionId=1"):
+        with pytest.raises(store.StoreError, match="has a '#' or '?'"):
+            store.normalize_root(root)
+    assert store.normalize_root("/tmp/a#b").endswith("/tmp/a%23b")  # a plain path may hold one: it is quoted
