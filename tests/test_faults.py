@@ -417,32 +417,158 @@ def test_bad_files_parameters_and_store_paths_are_one_line_each(copy, tmp_path):
            "exit 2 each: " + "; ".join(lines), tmp_path)
 
 
-def test_a_kill_between_the_last_output_and_the_manifest_is_recomputed_not_reused(original, copy, tmp_path):
+def test_a_kill_before_the_new_manifest_is_in_place_leaves_the_previous_result_valid(original, copy, tmp_path):
     config = json.loads((copy / "runs" / RUN_ID / "_local" / "configs" / "analysis.json").read_text())
     config = {**config, "store": store.from_path(copy), "seed": 43}  # other work in the same folder
     path = tmp_path / "analysis.json"
     path.write_text(json.dumps(config))
+    folder = stage_dir(copy, "analysis", "analyze_issue164")
+    before = manifests(copy)
     killer = (
         "import os, signal\n"
         "from shared import store\n"
-        "real = store.write_json\n"
-        "def write_json(uri, obj):\n"
-        "    if uri.endswith('/analyze_issue164/manifest.json'):\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)  # the outputs are in place, the manifest is not\n"
-        "    return real(uri, obj)\n"
-        "store.write_json = write_json\n"
+        "def replace_folder(new, target):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # new outputs and manifest staged, not yet in place\n"
+        "store.replace_folder = replace_folder\n"
         f"from jobs.analyze_issue164 import SPEC\nSPEC.main(['--config', {str(path)!r}])\n"
     )
     killed = subprocess.run([sys.executable, "-c", killer], cwd=REPO, env=environment(EPS_LOG_COPY="0"),
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    folder = stage_dir(copy, "analysis", "analyze_issue164")
-    assert (folder / "headline.json").exists() and not (folder / "manifest.json").exists()
+    assert manifests(copy) == before and (folder / "manifest.json").exists()  # the old result, whole
     ran = run_cli(copy, cwd=tmp_path)
     assert ran.code == 0, ran.err[-3000:]
-    statuses = ran.statuses()
-    assert statuses["analysis"] == "done" and {s for n, s in statuses.items() if n != "analysis"} == {"cached"}
+    assert set(ran.statuses().values()) == {"cached"}  # the analysis too: its old result was never replaced
     assert headline(copy) == headline(original)
-    record("SIGKILL between the last output write and the manifest (analysis re-run with another seed)",
-           f"the folder held the new outputs and no manifest; the next run recomputed analysis ({ran.counts()}), "
-           "never took it for complete; headline unchanged")
+    record("SIGKILL after the new outputs and manifest are staged, before they replace the old (analysis re-run "
+           "with another seed)", f"every manifest unchanged, the old result whole in its folder; the next run took "
+           f"all {len(ran.statuses())} tasks as cached, analysis included; headline unchanged")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the second round (issue 24): each fault first reproduced, then refused or survived
+
+
+def test_replaced_weights_named_by_a_store_uri_change_the_cache_key(copy, tmp_path):
+    from jobs import registry
+    from shared import stage as contract
+
+    config = json.loads((copy / "runs" / RUN_ID / "_local" / "configs" / "gen-null.json").read_text())
+    weights = copy / "models" / "mine"
+    weights.mkdir(parents=True)
+    (weights / "model.safetensors").write_bytes(b"first weights")
+    spec = registry.get("generate")
+    cfg = spec.config.model_validate({**config, "store": store.from_path(copy),
+                                      "model_ref": f"artifact:{store.from_path(weights)}"})
+    first = contract.input_hashes(cfg)
+    assert list(first) == [store.from_path(weights)]  # the model is an input, though its field is no *_uri
+    key = contract.cache_key(spec, cfg, first)
+    (weights / "model.safetensors").write_bytes(b"other weights")
+    second = contract.input_hashes(cfg)
+    assert contract.cache_key(spec, cfg, second) != key
+    record("`model_ref=artifact:file:///...` (weights in the store), then the weights replaced",
+           "the weights folder is an input of the task (hashed, in the manifest's `inputs`); replacing them changes "
+           "the cache key, so the task recomputes instead of reusing")
+
+
+def test_two_tasks_with_one_output_folder_are_refused_at_plan_time(copy, tmp_path):
+    from workflows.issue164 import Params
+
+    conditions = tmp_path / "conditions.json"
+    conditions.write_text(json.dumps([{"name": "x", "system": "none"}, {"name": "x-local", "system": "none"}]))
+    tiny = Params.for_profile("tiny")
+    renamed = {"name": "a", "spec": tiny.alternate_judge.spec.model_dump(mode="json")}
+    before = manifests(copy)
+    ran = run_cli(copy, "--set", f"conditions_file={conditions}", "--set", f"alternate_judge={json.dumps(renamed)}",
+                  cwd=tmp_path)
+    line = ran.assert_one_clean_error()
+    assert "would write the same output folder" in line and manifests(copy) == before
+    record("conditions `x` and `x-local` with judges `local-a` and `a` (both map to `x-local-a/judge`)",
+           f"exit {ran.code}: `{line[:160]}...`; nothing ran", copy)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "temperature=Infinity"], "must be a finite number"),
+    (["--set", "temperature=NaN"], "must be a finite number"),
+    (["--set", "seed=-1"], "seed must be at least 0"),
+    (["--parallel", "-1"], "--parallel: must be at least 1"),
+])
+def test_numbers_that_mean_no_experiment_are_one_line_before_anything_runs(args, expected, copy, tmp_path):
+    before = manifests(copy)
+    ran = run_cli(copy, *args, cwd=tmp_path)
+    line = ran.assert_one_clean_error()
+    assert expected in line and manifests(copy) == before
+    record(f"`{' '.join(args)}`", f"exit {ran.code}: `{line}`; no stage started, manifests unchanged")
+
+
+def test_a_store_uri_with_a_fragment_is_refused_instead_of_hanging(tmp_path):
+    ran = run_cli(f"file://{tmp_path}/store#part", cwd=tmp_path)
+    line = ran.assert_one_clean_error()
+    assert "'#'" in line and not (tmp_path / "store").exists()
+    record("`--store file:///...#part` (a fragment: every path mapped to one folder, stages waited forever)",
+           f"exit {ran.code}: `{line}`; nothing written", tmp_path)
+
+
+def test_deep_json_and_too_long_names_are_one_line(copy, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("{\"a\": " + "[" * 100000 + "]" * 100000 + "}")
+    lines = []
+    for args, expected in ((["--params", str(deep)], "nested too deeply"),
+                           (["--params", str(tmp_path / ("n" * 300))], "File name too long")):
+        ran = run_cli(copy, *args, cwd=tmp_path)
+        line = ran.assert_one_clean_error()
+        assert expected in line
+        lines.append(f"`{line[:100]}`")
+    record("a parameter file nested 100,000 deep; a file name of 300 characters",
+           "exit 2 each: " + "; ".join(lines), tmp_path)
+
+
+def test_an_unwritable_run_folder_and_a_full_disk_are_one_line(copy, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from shared import lease
+    from workflows.__main__ import main
+
+    (stage_dir(copy, "null", "generate") / "manifest.json").unlink()  # gen-null must run
+    configs = copy / "runs" / RUN_ID / "_local" / "configs"
+    shutil.rmtree(configs)
+    configs.write_text("a file where the engine writes task configs")
+    ran = run_cli(copy, cwd=tmp_path)
+    assert ran.code == 2 and len(ran.errors) == 1 and "Traceback" not in ran.err, ran.err[-3000:]
+    assert "configs" in ran.errors[0]
+    configs.unlink()
+    real = lease.store.put_if_absent
+
+    def disk_full(uri, data):  # the disk fills up as the engine writes a lease
+        if uri.endswith(".lease.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", uri)
+        return real(uri, data)
+
+    monkeypatch.setattr(lease.store, "put_if_absent", disk_full)
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "issue164", "--profile", "tiny", "--store", str(copy), "--run-id", RUN_ID])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0 and err.startswith("error: No space left on device"), err
+    record("the engine's task-config folder made unwritable; a full disk while the engine writes a lease",
+           f"exit {ran.code}: `{ran.errors[0][:100]}`; exit {code}: `{err[:80]}`", copy, tmp_path)
+
+
+def test_killing_the_engines_process_group_stops_its_stages(copy, tmp_path):
+    (stage_dir(copy, "null", "generate") / "manifest.json").unlink()  # gen-null has work to do
+    lease = copy / "runs" / RUN_ID / "null" / "generate.lease.json"
+
+    def stage_holds_lease() -> bool:
+        try:
+            return not json.loads(lease.read_text())["what"].endswith("(engine)")
+        except (OSError, ValueError):
+            return False
+
+    engine = subprocess.Popen(command(copy), cwd=tmp_path, env=environment(), text=True, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(stage_holds_lease, what="gen-null's stage to take its lease", proc=engine)
+    stage_pid = json.loads(lease.read_text())["pid"]
+    os.killpg(engine.pid, signal.SIGKILL)  # the engine's whole group; the stage is in a session of its own
+    engine.wait(timeout=60)
+    wait_for(lambda: not alive(stage_pid), timeout=60, what="the stage to die with its engine")
+    record("SIGKILL to the engine's process group while a stage runs (stages run in sessions of their own)",
+           "the stage got SIGTERM from the engine's death (parent-death signal) and ended; no process left writing")
