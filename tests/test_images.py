@@ -133,7 +133,8 @@ def test_base_is_pinned_non_root_and_keeps_caches_out_of_the_image(kind):
     assert "useradd --uid 1000" in runs
     # every dependency from the environment's lock, by hash; nothing resolved at build time
     assert ("COPY", f"images/locks/{kind}.txt /tmp/eps/lock.txt") in instrs
-    installs = [part for part in runs.split("&&") if "pip install" in part and "--upgrade pip==" not in part]
+    installs = [part for op, rest in instrs if op == "RUN" for part in rest.split("&&")
+                if "pip install" in part and "--upgrade pip==" not in part]
     assert installs and all("--require-hashes" in part and "--no-deps" in part for part in installs), installs
     if kind == "cpu":
         assert "TORCH_INDEX_URL" in runs  # torch's CPU build, alone, from the CPU index
