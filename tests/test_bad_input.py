@@ -244,3 +244,22 @@ def test_every_json_the_store_writes_is_strict_json(tmp_path):
     assert json.loads(text, parse_constant=refuse) == {"p": None, "d": [1.0, None, None], "ok": 0.5}
     store.write_jsonl(uri, [{"x": float("nan")}])
     assert json.loads(store.read_text(uri), parse_constant=refuse) == {"x": None}
+
+
+def test_a_missing_anthropic_key_is_named_at_plan_time_with_the_count_of_judge_tasks(tmp_path):
+    import types
+
+    from workflows.__main__ import build_plan
+    from workflows.plan import claude_tasks, missing_key_warning
+
+    claude = '{"name": "sonnet", "spec": {"kind": "anthropic", "model": "claude-sonnet-4-5-20250929"}}'
+    args = types.SimpleNamespace(workflow="issue164", profile="tiny", set=[f"primary_judge={claude}"], params=None,
+                                 store=str(tmp_path / "store"), run_id="r", command="run")
+    plan = build_plan(args)
+    needing = claude_tasks(plan)
+    assert needing and all(name.startswith(("judge-", "judge-check-")) for name in needing)
+    warning = missing_key_warning(plan, {})
+    assert f"{len(needing)} judge task(s) use a Claude judge" in warning and "unless" in warning
+    assert missing_key_warning(plan, {"ANTHROPIC_API_KEY": "set"}) is None  # silent where it must be
+    local = build_plan(types.SimpleNamespace(**{**vars(args), "set": []}))
+    assert claude_tasks(local) == [] and missing_key_warning(local, {}) is None

@@ -145,14 +145,10 @@ class Plan(BaseModel):
 
 
 def claude_tasks(plan: Plan) -> list[str]:
-    """Tasks whose config names a Claude judge (a ``kind: anthropic`` judge spec at any depth)."""
-
-    def uses_claude(value: Any) -> bool:
-        if isinstance(value, dict):
-            return value.get("kind") == "anthropic" or any(uses_claude(v) for v in value.values())
-        return isinstance(value, list) and any(uses_claude(v) for v in value)
-
-    return [t.name for t in plan.tasks if uses_claude(t.config)]
+    """Tasks that call a Claude judge: their config's ``judge`` is a ``kind: anthropic`` judge spec (an analysis
+    that only names the judges in its report calls none)."""
+    return [t.name for t in plan.tasks
+            if isinstance(t.config.get("judge"), dict) and t.config["judge"].get("kind") == "anthropic"]
 
 
 def missing_key_warning(plan: Plan, environ: dict[str, str]) -> str | None:
