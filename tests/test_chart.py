@@ -127,7 +127,11 @@ def test_rbac_gives_workflow_pods_only_what_argo_needs(docs):
     assert "get" in verbs["pods/log"]
     # a retry through the Argo Server (client auth mode) deletes the failed tasks' pods with the caller's token
     assert "delete" in verbs["pods"] and "delete" not in verbs["pods/log"]
-    assert "secrets" not in verbs  # the submitter cannot read the API keys
+    # the Argo Server opens artifacts with the viewer's token: the submitter may read the S3 credentials, by name,
+    # and no other Secret (never the API keys)
+    secret_rules = [r for r in submitter["rules"] if "secrets" in r["resources"]]
+    assert secret_rules == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["eps-s3-credentials"],
+                             "verbs": ["get"]}]
     for doc in (role, submitter):
         for rule in doc["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"]
