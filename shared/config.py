@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+import pydantic
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 # tiny: random tiny model, proves code paths (the test suite); small: SmolLM2-135M-Instruct on a CPU, real
 # small-scale results (what `make run` runs); full: the records' parameters on Qwen2.5-7B-Instruct and GPUs
@@ -172,9 +173,9 @@ class ReplicatedParams(ExperimentParams):
     ``seeds`` names the seeds explicitly; otherwise ``replicates`` seeds count up from ``seed``.
     """
 
-    seed: NonNegativeInt = Field(42, description="training seed of a one-seed run, and the first of replicates")
-    replicates: PositiveInt = Field(1, description="training seeds per training cell, counting up from seed")
-    seeds: list[NonNegativeInt] | None = Field(
+    seed: NonNegativeInt = pydantic.Field(42, description="training seed of a one-seed run, and the first of replicates")
+    replicates: PositiveInt = pydantic.Field(1, description="training seeds per training cell, counting up from seed")
+    seeds: list[NonNegativeInt] | None = pydantic.Field(
         None, description="the training seeds, listed (instead of seed and replicates); one task per cell and seed")
 
     @model_validator(mode="after")

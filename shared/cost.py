@@ -8,10 +8,11 @@ GPU-seconds of one task on class ``c`` =
     + tokens_scored  x score_s_per_token[c]     (forward only: GCG candidates, activations, held-out CE)
 and GPU-hours = GPU-seconds x the task's GPUs / 3600.
 
-The counts come from the task's config alone (and, for a training set another task writes, from that task's
-config), so the same estimate is made before a plan is submitted and in the report afterwards. Where a count cannot
-be known from configs (a training set that is a file in the store), the task is costed at its deadline
-(``Resources.timeout_s`` x GPUs): the most it can take, marked as a bound. Steps of the trainers are their maximum
+The counts come from the task's config (and, for a training set another task writes, from that task's config;
+for one that is a file in the store, from its rows and characters, at CHARS_PER_TOKEN), so the same estimate is
+made before a plan is submitted and in the report afterwards. Where a count cannot be known (a training file that
+was not read), the task is costed at its deadline (``Resources.timeout_s`` x GPUs): the most it can take, marked
+as a bound. Steps of the trainers are their maximum
 (early stopping only makes them shorter). What the model leaves out, said once here: model loading and downloads,
 the batch size (rates are at the bench's large batches; a small batch samples slower per token), vLLM (generation
 is costed at the project's HF sampler's measured rate), API judges (not GPU time).
@@ -114,8 +115,11 @@ class Workload:
                         self.tokens_scored + other.tokens_scored, self.unknown or other.unknown)
 
 
-# Upstream(uri) -> (stage, full config) of the task that writes ``uri``, or None (a file in the store)
+# Upstream(uri) -> (stage, full config) of the task that writes ``uri``; (FILE, {"rows", "chars"}) for a file in
+# the store that could be read; None when neither is known
 Upstream = Callable[[str], "tuple[str, dict] | None"]
+FILE = "file"
+CHARS_PER_TOKEN = 4.0  # a training file's tokens per row: its characters / 4 (English text, BPE: an assumption)
 
 
 def _n(items: Sequence | dict | None) -> int:
@@ -215,31 +219,34 @@ def _gcg_search(cfg: dict, _up: Upstream, p: float) -> Workload:
 
 
 def _train_lora(cfg: dict, up: Upstream, p: float) -> Workload:
-    rows, reply = _training_rows(cfg["data_uri"], up)
+    rows, row_tokens = _training_rows(cfg["data_uri"], up, p)
     if rows is None:
-        return Workload(unknown=reply)
+        return Workload(unknown=row_tokens)
     recipe = cfg["recipe"]
-    row = min(p + reply, recipe["max_seq_len"])
+    row = min(row_tokens, recipe["max_seq_len"])
     examples = recipe["max_steps"] * recipe["per_device_batch_size"] * recipe["grad_accum"] \
         if recipe.get("max_steps") else recipe["epochs"] * rows
     return Workload(tokens_trained=examples * row)
 
 
-def _training_rows(uri: str, up: Upstream) -> tuple[int | None, Any]:
-    """(rows, reply tokens per row) of a training set another task of the plan writes; (None, why) otherwise."""
+def _training_rows(uri: str, up: Upstream, p: float) -> tuple[int | None, Any]:
+    """(rows, tokens per row) of a training set another task of the plan writes (prompt + reply budget) or that is
+    a file read from the store (characters / CHARS_PER_TOKEN); (None, why) otherwise."""
     writer = up(uri)
     if writer is None:
-        return None, f"training set {uri} is a file in the store: its size is not in any config"
+        return None, f"training set {uri} is a file in the store that was not read: its size is in no config"
     stage, cfg = writer
+    if stage == FILE:
+        return cfg["rows"], cfg["chars"] / max(cfg["rows"], 1) / CHARS_PER_TOKEN
     if stage == "marker_data":
-        return _marker_data_rows(cfg), cfg["max_new_tokens"]
+        return _marker_data_rows(cfg), p + cfg["max_new_tokens"]
     if stage == "generate":
-        return _n(cfg["questions"]) * cfg["n"], cfg["max_new_tokens"]
+        return _n(cfg["questions"]) * cfg["n"], p + cfg["max_new_tokens"]
     if stage == "sft_data":
-        rows, reply = _training_rows(cfg["data_uri"], up)
+        rows, row = _training_rows(cfg["data_uri"], up, p)
         if rows is None:
-            return None, reply
-        return (min(rows, cfg["limit"]) if cfg.get("limit") else rows), reply
+            return None, row
+        return (min(rows, cfg["limit"]) if cfg.get("limit") else rows), row
     return None, f"training set {uri} comes from stage {stage}, which the cost model does not size"
 
 
@@ -291,17 +298,31 @@ class TaskEstimate:
         return self.gpu_hours.get(self.task.gpu_class, 0.0)
 
 
-def upstream_of(tasks: Iterable[TaskRef]) -> Upstream:
-    """The writer of a URI among ``tasks``: the one whose output folder holds it."""
+def upstream_of(tasks: Iterable[TaskRef], read_s3: bool = False) -> Upstream:
+    """The writer of a URI among ``tasks`` (the one whose output folder holds it), else the file itself: its rows
+    and characters, read from a local store always and from S3 only when ``read_s3`` (a caller that has already
+    reached the store), so that printing an estimate never waits on a network."""
     prefixes = sorted(((t.prefix.rstrip("/") + "/", t) for t in tasks), key=lambda x: -len(x[0]))
 
     def find(uri: str) -> tuple[str, dict] | None:
         for prefix, task in prefixes:
             if uri.startswith(prefix):
                 return task.stage, task.config
+        if uri.startswith("file://") or (read_s3 and uri.startswith("s3://")):
+            return _file_size(uri)
         return None
 
     return find
+
+
+def _file_size(uri: str) -> tuple[str, dict] | None:
+    from shared import store
+
+    try:
+        lines = [line for line in store.read_text(uri).splitlines() if line.strip()]
+    except (store.StoreError, OSError, UnicodeDecodeError):
+        return None
+    return FILE, {"rows": len(lines), "chars": sum(len(line) for line in lines)}
 
 
 def gpu_seconds(work: Workload, klass: dict) -> float:
@@ -309,10 +330,12 @@ def gpu_seconds(work: Workload, klass: dict) -> float:
             + work.tokens_trained * klass["train_s_per_token"] + work.tokens_scored * klass["score_s_per_token"])
 
 
-def estimate_tasks(tasks: Sequence[TaskRef], calibration: dict | None = None) -> list[TaskEstimate]:
-    """The estimate of every GPU task in ``tasks`` (CPU tasks cost no GPU time and are left out)."""
+def estimate_tasks(tasks: Sequence[TaskRef], calibration: dict | None = None, *,
+                   read_s3: bool = False) -> list[TaskEstimate]:
+    """The estimate of every GPU task in ``tasks`` (CPU tasks cost no GPU time and are left out); training sets
+    in S3 are read for their size only with ``read_s3``."""
     cal = calibration or rates()
-    up = upstream_of(tasks)
+    up = upstream_of(tasks, read_s3)
     out = []
     for task in tasks:
         if task.gpus <= 0:

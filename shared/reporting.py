@@ -97,7 +97,7 @@ def gpu_time(manifests: list[dict]) -> dict[str, Any]:
     tasks that ran on a GPU; a reused task counts the run that computed it)."""
     from shared import cost
 
-    estimates = cost.estimate_tasks(cost.tasks_from_manifests(manifests))
+    estimates = cost.estimate_tasks(cost.tasks_from_manifests(manifests), read_s3=True)
     by_task = {e.task.prefix: e for e in estimates}
     stages: dict[str, dict[str, Any]] = {}
     for m in manifests:

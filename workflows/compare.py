@@ -25,7 +25,9 @@ from shared.config import ConfigError, stable_hash
 ANALYSIS_PREFIX = "analyze_"
 # the field that names a record in a list of records: the condition (or cell, persona ...) a metric belongs to
 RECORD_KEYS = ("condition", "cell", "name", "persona", "checkpoint", "label", "source", "judge", "id")
-NOT_METRICS = {"params"}  # the parameters a headline.json repeats: compared as config below, not as metrics
+# settings a headline.json repeats (the parameters, judge specs, templates): compared as config below, not as metrics
+NOT_METRICS = {"params", "judge", "judges", "templates"}
+NOT_A_NUMBER = re.compile(r"^([a-z0-9+.-]+://.*|[0-9a-f]{32,})$")  # URIs and hashes name artifacts: no metric
 MAX_LIST = 8  # a list of at most this many scalars is one value ("8, 10, 12"); longer ones (curves) are left out
 RUN_FIELDS = ("workflow", "profile", "commit", "config hash", "parameters hash")
 
@@ -159,8 +161,8 @@ def headline_metrics(headline: Any) -> dict[tuple[str, str], Any]:
                     else:
                         walk(rest, path, str(record[key]))
             elif len(value) <= MAX_LIST and all(_scalar(v) for v in value):
-                out[(path, condition)] = ", ".join(_text(v) for v in value)
-        elif _scalar(value) and value is not None:
+                out[(path, condition)] = tuple(value)
+        elif _scalar(value) and value is not None and not (isinstance(value, str) and NOT_A_NUMBER.match(value)):
             out[(path, condition)] = value
 
     walk(headline, "", "")
@@ -174,6 +176,8 @@ def _scalar(value: Any) -> bool:
 def _text(value: Any, digits: int | None = None) -> str:
     if value is None:
         return ""
+    if isinstance(value, tuple):
+        return ", ".join(_text(v, digits) for v in value)
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
@@ -216,12 +220,20 @@ def config_differences(runs: list[Run]) -> list[tuple[str, list[str]]]:
 
 
 def task_differences(runs: list[Run]) -> dict[str, list[str]]:
-    """Tasks (``cell/stage``) whose cache key is not the same in every run, and tasks not in every run."""
-    keys = [{f"{m['cell']}/{m['stage']}": m.get("cache_key") for m in r.manifests} for r in runs]
-    every = set().union(*keys)
-    in_all = set.intersection(*(set(k) for k in keys))
+    """Tasks (``cell/stage``) not in every run, and those in all whose result was computed differently: by other
+    code (the stage's code fingerprint differs), or by the same code from another config or other inputs (the
+    cache key differs)."""
+    by_run = [{f"{m['cell']}/{m['stage']}": m for m in r.manifests} for r in runs]
+    every = set().union(*by_run)
+    in_all = set.intersection(*(set(k) for k in by_run))
+
+    def differ(task: str, field_name: str) -> bool:
+        return len({tasks[task].get(field_name) for tasks in by_run}) > 1
+
+    code = sorted(t for t in in_all if differ(t, "code_fingerprint"))
     return {
-        "differ": sorted(t for t in in_all if len({k[t] for k in keys}) > 1),
+        "code": code,
+        "config_or_inputs": sorted(t for t in in_all if t not in code and differ(t, "cache_key")),
         "not_in_all": sorted(every - in_all),
     }
 
@@ -248,7 +260,12 @@ def compare(root: str, run_names: list[str]) -> Comparison:
     runs = [read_run(root, name) for name in run_names]
     headers = [r.header() for r in runs]
     rows: list[tuple[str, str, list[Any]]] = [(f, "", [h[f] for h in headers]) for f in RUN_FIELDS]
-    keys = sorted(set().union(*(r.metrics for r in runs)), key=lambda k: (k[1] != "", k[1], k[0]))
+    # per condition first, metric by metric with the conditions in the order the runs list them; then the rest
+    seen: dict[tuple[str, str], None] = {}
+    for r in runs:
+        seen.update(dict.fromkeys(r.metrics))
+    conditions = list(dict.fromkeys(c for _, c in seen if c))
+    keys = sorted(seen, key=lambda k: (k[1] == "", k[0], conditions.index(k[1]) if k[1] else 0))
     rows += [(metric, condition, [r.metrics.get((metric, condition)) for r in runs]) for metric, condition in keys]
     return Comparison(runs, rows, config_differences(runs), task_differences(runs))
 
@@ -263,7 +280,7 @@ def to_markdown(c: Comparison) -> str:
              "| metric | condition | " + " | ".join(_cell(i) for i in ids) + " |",
              "| :--- | :--- | " + " | ".join("---:" for _ in ids) + " |"]
     for metric, condition, values in c.rows:
-        marks = "" if len({json.dumps(v, default=str) for v in values}) == 1 else " *"
+        marks = "" if len({_text(v) for v in values}) == 1 else " *"
         lines.append(f"| {_cell(metric)}{marks} | {_cell(condition)} | "
                      + " | ".join(_cell(_text(v, digits=4)) for v in values) + " |")
     lines += ["", "`*`: not the same in every run; an empty cell: the run has no such metric.", "",
@@ -277,12 +294,17 @@ def to_markdown(c: Comparison) -> str:
     else:
         lines.append("Analysis configs: the same (run ids in paths made equal).")
     t = c.task_differences
-    lines += ["", f"- tasks whose cache key differs (code, config or inputs): {len(t['differ'])}"
-              + (f": {', '.join(t['differ'][:30])}" + (" ..." if len(t["differ"]) > 30 else "") if t["differ"] else ""),
-              f"- tasks not in every run: {len(t['not_in_all'])}"
-              + (f": {', '.join(t['not_in_all'][:30])}" + (" ..." if len(t["not_in_all"]) > 30 else "")
-                 if t["not_in_all"] else "")]
+    lines += ["",
+              _task_line("tasks computed by other code (the stage's code fingerprint differs)", t["code"]),
+              _task_line("tasks computed from another config or other inputs, same code", t["config_or_inputs"]),
+              _task_line("tasks not in every run", t["not_in_all"])]
     return "\n".join(lines) + "\n"
+
+
+def _task_line(what: str, tasks: list[str], shown: int = 30) -> str:
+    if not tasks:
+        return f"- {what}: none"
+    return f"- {what}: {len(tasks)}: {', '.join(tasks[:shown])}" + (" ..." if len(tasks) > shown else "")
 
 
 def to_csv(c: Comparison) -> str:

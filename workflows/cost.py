@@ -26,13 +26,14 @@ BENCH_RESULTS = ROOT / "bench" / "results"
 RATES_PATH = ROOT / "shared" / "data" / cost.RATES_FILE
 
 
-def estimate(plan: Plan, names: Iterable[str] | None = None) -> list[cost.TaskEstimate]:
-    """Estimates of the plan's GPU tasks (or of those named), each sized with the whole plan in view."""
+def estimate(plan: Plan, names: Iterable[str] | None = None, *, read_s3: bool = False) -> list[cost.TaskEstimate]:
+    """Estimates of the plan's GPU tasks (or of those named), each sized with the whole plan in view; training
+    sets in S3 are read for their size only with ``read_s3`` (submit, which reaches the store anyway)."""
     refs = [cost.TaskRef(name=t.name, stage=t.stage, config=t.parsed_config().model_dump(mode="json"),
                          prefix=t.output_prefix(), gpus=t.spec.resources.gpus, gpu_class=t.spec.resources.gpu_class,
                          timeout_s=t.spec.resources.timeout_s) for t in plan.tasks]
     keep = set(names) if names is not None else None
-    return [e for e in cost.estimate_tasks(refs) if keep is None or e.task.name in keep]
+    return [e for e in cost.estimate_tasks(refs, read_s3=read_s3) if keep is None or e.task.name in keep]
 
 
 def report(plan: Plan, estimates: list[cost.TaskEstimate], *, left_out: int = 0) -> str:

@@ -696,7 +696,7 @@ def submit(
     if len(left_out) == len(plan.tasks):
         return Submitted(None, None, left_out)
     # the cost gate: before a config is written or a request is sent
-    estimates = plan_cost.estimate(plan, [t.name for t in plan.tasks if t.name not in left_out])
+    estimates = plan_cost.estimate(plan, [t.name for t in plan.tasks if t.name not in left_out], read_s3=True)
     say(plan_cost.report(plan, estimates, left_out=len(left_out)))
     limit = plan_cost.DEFAULT_MAX_GPU_HOURS if max_gpu_hours is None else max_gpu_hours
     plan_cost.gate(estimates, max_gpu_hours=limit, approve=approve)
