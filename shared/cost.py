@@ -1,6 +1,8 @@
 """The GPU cost of stage tasks: what a task does (tokens sampled, tokens trained, tokens scored) times what that
 costs on a GPU class, calibrated on the GPU benchmarks in ``bench/results/``.
 
+The rates are those of a Qwen2.5-7B-shaped model (the bench's); a smaller model costs less than its estimate.
+
 GPU-seconds of one task on class ``c`` =
     startup_s[c]
     + tokens_sampled x sample_s_per_token[c]    (every row to its max_new_tokens: a batch runs until its longest row)

@@ -139,8 +139,9 @@ def gpu_time_line(gpu: dict[str, Any]) -> str:
 
 def gpu_time_section(gpu: dict[str, Any]) -> str:
     lines = ["## GPU time: estimate and measurement", "",
-             "Estimate: the cost model of `shared/cost.py` (calibrated on the GPU benchmarks in `bench/results/`) "
-             "applied to each GPU task's config, on its stage's GPU class, as `make submit` prints it before a run. "
+             "Estimate: the cost model of `shared/cost.py` (seconds per token of a Qwen2.5-7B-shaped model, measured "
+             "in `bench/results/`; a smaller model costs less) applied to each GPU task's config, on its stage's GPU "
+             "class, as `make submit` prints it before a run. "
              "Measured: wall time x GPUs of the tasks whose manifest records a GPU; tasks of GPU stages that ran on "
              "a CPU are counted apart (their wall time is no GPU time).", ""]
     lines.append(markdown_table(

@@ -46,7 +46,7 @@ def report(plan: Plan, estimates: list[cost.TaskEstimate], *, left_out: int = 0)
     total = cost.totals(estimates)["declared"]
     bound = "at most " if any(e.bounded for e in estimates) else ""
     lines.append(f"total on the stages' GPU classes: {bound}{total:.2f} GPU-hours "
-                 "(cost model: shared/cost.py, calibrated on bench/results)")
+                 "(cost model: shared/cost.py, rates of a Qwen2.5-7B-shaped model in bench/results)")
     return "\n".join(lines)
 
 
