@@ -119,6 +119,7 @@ def test_two_tiny_runs_side_by_side(issue164_tiny_run, tmp_path, capsys):
     assert result.ok
     assert {s.task.name for s in result.states.values() if s.status not in ("cached", "reused")} == {"analysis"}
 
+    capsys.readouterr()  # the local engine's progress lines
     out_dir = tmp_path / "compare"
     code, out, err = cli(["compare", source.run_id, "e2e-bundle", "--store", root, "--out", str(out_dir)], capsys)
     assert code == 0, err
