@@ -957,21 +957,20 @@ def test_a_full_issue170_submit_without_approve_stops_before_anything_is_sent(
     assert argo_server.requests == []  # no request reached the Argo Server
     assert not [u for u in store.list_uris(f"{s3_bucket}/gate") if "/_configs/" in u or u.endswith("_plan.json")]
 
-    code, out, err = cli([*argv, "--approve"], capsys)
-    assert code == 0, err
-    assert out.splitlines()[-2] == "submitted issue170-full-gate"
-    assert [r["method"] for r in argo_server.requests] == ["POST"]
 
-
-def test_the_gate_passes_below_its_threshold_and_the_threshold_is_a_parameter(tmp_path, argo_server, s3_bucket,
-                                                                              monkeypatch, capsys):
+def test_the_threshold_is_a_parameter_and_approve_lets_a_plan_above_it_through(argo_server, s3_bucket, monkeypatch,
+                                                                              capsys):
+    """The tiny plan's estimate (the sampler's compile per GPU task, ~0.02 GPU-hours) against two thresholds."""
     monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
-    code, out, err = cli([*full_issue170_args(tmp_path, f"{s3_bucket}/gate"), "--max-gpu-hours", "1000"], capsys)
+    argv = ["submit", "issue164", "--profile", "tiny", "--store", f"{s3_bucket}/t"]
+    code, out, err = cli([*argv, "--run-id", "above", "--max-gpu-hours", "0.001"], capsys)
+    assert code == 2 and "above the 0.001 GPU-hour gate" in err and argo_server.requests == []
+    code, out, err = cli([*argv, "--run-id", "below", "--max-gpu-hours", "1"], capsys)
     assert code == 0, err
-    assert argo_server.requests[-1]["method"] == "POST"
-    code, out, err = cli(["submit", "issue164", "--profile", "tiny", "--store", f"{s3_bucket}/t", "--run-id", "small-one",
-                          "--max-gpu-hours", "0.001"], capsys)
-    assert code == 2 and "above the 0.001 GPU-hour gate" in err
+    code, out, err = cli([*argv, "--run-id", "above", "--max-gpu-hours", "0.001", "--approve"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-2] == "submitted above"
+    assert [r["body"]["workflow"]["metadata"]["name"] for r in argo_server.requests] == ["below", "above"]
 
 
 def test_workflow_yaml_prints_the_estimate_beside_the_yaml(tmp_path, capsys):
