@@ -70,3 +70,28 @@ images: setup
 
 clean:
 	rm -rf $(VENV) artifacts
+
+.PHONY: compare help
+
+compare: setup
+	$(PY) -m workflows compare $(RUNS) $(ARGS)
+
+# every target with one line; tests/test_ux_cli.py fails when a target is missing here
+help:
+	@echo "make targets (settings as VAR=value; ARGS=\"...\" passes options through):"
+	@echo "  setup          create .venv (Python >= 3.10, pinned torch) and install the project with its dev extras"
+	@echo "  test           lint, then the whole test suite (ARGS=\"-k name\" picks tests)"
+	@echo "  test-fast      the test suite without the slow whole-workflow runs"
+	@echo "  run            run WORKFLOW (issue164) on PROFILE (small) here, resumable; ARGS=\"--set k=v --run-id x\""
+	@echo "  workflow-yaml  compile WORKFLOW/PROFILE to an Argo Workflow and print its estimated GPU-hours"
+	@echo "  submit         submit WORKFLOW (full profile) to the Argo Server; stops above 20 estimated GPU-hours"
+	@echo "                 unless ARGS=\"--approve\" (--max-gpu-hours N sets the gate)"
+	@echo "  status         phase of a cluster run and of each task: make status RUN=<workflow name or run id>"
+	@echo "  retry          rerun the failed tasks of a cluster run: make retry RUN=<workflow name or run id>"
+	@echo "  compare        runs side by side (Markdown and CSV): make compare RUNS=\"<run id> <run id> ...\""
+	@echo "  lint           ruff over shared jobs workflows tests bench images"
+	@echo "  bench          the benchmarks (ARGS picks which); results in bench/results"
+	@echo "  images         generate the image list and build every stage image with docker buildx bake"
+	@echo "  clean          remove .venv and artifacts/"
+	@echo "  help           this list"
+	@echo "every parameter of a workflow: .venv/bin/python -m workflows params WORKFLOW --profile PROFILE"

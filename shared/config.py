@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import pydantic
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 # tiny: random tiny model, proves code paths (the test suite); small: SmolLM2-135M-Instruct on a CPU, real
@@ -206,9 +207,10 @@ class ReplicatedParams(ExperimentParams):
     ``seeds`` names the seeds explicitly; otherwise ``replicates`` seeds count up from ``seed``.
     """
 
-    seed: NonNegativeInt = 42
-    replicates: PositiveInt = 1
-    seeds: list[NonNegativeInt] | None = None
+    seed: NonNegativeInt = pydantic.Field(42, description="training seed of a one-seed run, and the first of replicates")
+    replicates: PositiveInt = pydantic.Field(1, description="training seeds per training cell, counting up from seed")
+    seeds: list[NonNegativeInt] | None = pydantic.Field(
+        None, description="the training seeds, listed (instead of seed and replicates); one task per cell and seed")
 
     @model_validator(mode="after")
     def _one_seed_list(self):

@@ -670,7 +670,7 @@ def run_stage(spec: StageSpec, argv: list[str] | None = None) -> int:
             raw = load_config_text(args.config)
             cfg = parse(spec.config, raw, f"config for stage {spec.name}")
             log.send_to(log_uri(cfg, spec.name, time.time()))
-            execute(spec, raw)
+            write_argo_outputs(execute(spec, raw))
             return 0
         except INPUT_ERRORS as err:
             print(f"error: {spec.name}: {err}", file=sys.stderr, flush=True)
@@ -685,3 +685,65 @@ def run_stage(spec: StageSpec, argv: list[str] | None = None) -> int:
             traceback.print_exc()
             print(f"error: {spec.name}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             return 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the Argo UI shows of a finished task: its outputs, read by the Argo engine's templates
+
+
+ARGO_OUTPUTS_ENV = "EPS_ARGO_OUTPUTS"  # a folder the Argo engine's templates read output parameters and artifacts from
+ARGO_METRICS_FILE = "metrics.json"  # output parameter ``metrics``: the headline metrics, flattened, as JSON
+ARGO_MANIFEST_FILE = "manifest-uri"  # output parameter ``manifest``: where the manifest is
+ARGO_METRICS_MAX_CHARS = 4000  # output parameters live in the Workflow object: keep them small
+ARGO_REPORT_FILES = ("report.md", "REPRODUCIBILITY.md", "headline.json")  # artifacts of the same names
+ARGO_FIGURES = "figures"  # artifact folder of every figure a stage writes
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def flat_metrics(metrics: dict, limit: int = ARGO_METRICS_MAX_CHARS) -> dict[str, Any]:
+    """Scalar metrics with dotted names (``grid1.alpha``), in name order, as many as fit in ``limit`` characters."""
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, bool) or value is None or isinstance(value, (int, float)):
+            flat[name] = value
+        elif isinstance(value, str):
+            flat[name] = value[:200]
+
+    walk(metrics, "")
+    kept: dict[str, Any] = {}
+    size = 2  # "{}"
+    for name in sorted(flat):
+        item = len(json.dumps(name)) + 2 + len(json.dumps(flat[name], default=str)) + (2 if kept else 0)
+        if size + item > limit:
+            break
+        kept[name] = flat[name]
+        size += item
+    return kept
+
+
+def write_argo_outputs(manifest: dict, environ: dict[str, str] | None = None) -> None:
+    """In an Argo pod (``EPS_ARGO_OUTPUTS`` set): the headline metrics and the manifest's URI as output parameter
+    files, and local copies of the report files and figures for the analysis task's artifacts. Outside Argo it does
+    nothing; a failure here is one warning line, never a failed stage (the results are already in the store)."""
+    folder = (os.environ if environ is None else environ).get(ARGO_OUTPUTS_ENV, "").strip()
+    if not folder:
+        return
+    try:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ARGO_METRICS_FILE).write_text(json.dumps(flat_metrics(manifest.get("metrics") or {}), default=str))
+        (out / ARGO_MANIFEST_FILE).write_text(store.join(manifest["prefix"], MANIFEST))
+        prefix = manifest["prefix"].rstrip("/") + "/"
+        for uri in manifest.get("outputs", {}):
+            rel = uri[len(prefix):] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]
+            if rel in ARGO_REPORT_FILES:
+                store.download_file(uri, out / rel)
+            elif rel.endswith(FIGURE_SUFFIXES):
+                store.download_file(uri, out / ARGO_FIGURES / rel)
+    except (OSError, store.StoreError, KeyError) as err:
+        print(f"warning: Argo outputs not written ({type(err).__name__}: {err}); the results are in the store",
+              file=sys.stderr, flush=True)

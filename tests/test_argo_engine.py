@@ -10,6 +10,7 @@ import dataclasses
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
@@ -663,7 +664,9 @@ def test_make_submit_status_retry_on_the_command_line(argo_server, image_registr
                           "--run-id", run_id], capsys)
     assert code == 0, err
     url = f"{argo_server.url}/workflows/eps/{run_id}"
-    assert out.splitlines() == [f"submitted {run_id}", f"Argo UI: {url}"]
+    # the estimated GPU time first (the cost gate; far below its threshold here), then what was submitted
+    assert out.startswith(f"estimated GPU time of issue164 (tiny profile), run {run_id}")
+    assert out.splitlines()[-2:] == [f"submitted {run_id}", f"Argo UI: {url}"]
     sent = argo_server.requests[-1]["body"]["workflow"]
     assert templates(sent)["generate"]["container"]["image"] == f"{image_registry.host}/lab/eps-generate:{SHA}"
     checked = {path for method, path, _ in image_registry.requests if method == "HEAD"}
@@ -824,3 +827,210 @@ def test_cluster_commands_need_an_explicit_store(command, argo_server, monkeypat
     monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
     code, out, err = cli([command, "issue164", "--profile", "tiny"], capsys)
     assert code == 2 and err.count("\n") == 1 and "needs the run's store" in err and "EPS_STORE" in err, err
+# what the Argo UI shows: Argo's own schema, results as outputs, the report as artifacts, a title
+
+ARGO_SCHEMA = Path(__file__).parent / "data" / "argo_workflow_schema_v3.6.19.json"  # the oldest Argo we support
+
+
+def argo_validator():
+    """Argo's JSON schema of a Workflow, vendored, made strict: an unknown field is an error (Argo's schema allows
+    any), and IntOrString fields take an integer or a string, as Argo's CRD says (``x-kubernetes-int-or-string``;
+    the JSON schema writes them as strings only)."""
+    import jsonschema
+
+    schema = json.loads(ARGO_SCHEMA.read_text())
+    for definition in schema["definitions"].values():
+        if "properties" in definition:
+            definition.setdefault("additionalProperties", False)
+    schema["definitions"]["io.k8s.apimachinery.pkg.util.intstr.IntOrString"] = {
+        "anyOf": [{"type": "integer"}, {"type": "string"}]}
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_errors(wf: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:120]}" for e in argo_validator().iter_errors(wf)]
+
+
+def tiny_plan(workflow: str, store_root: str = "s3://eps-artifacts/lab") -> Plan:
+    import workflows
+
+    module = workflows.load(workflow)
+    return module.build(module.Params.for_profile("tiny"), profile="tiny", run_id=f"{workflow}-tiny-ui", store=store_root)
+
+
+@pytest.mark.parametrize("workflow", ["issue164", "issue170", "issue81", "issue205"])
+def test_every_compiled_workflow_validates_against_argos_schema(workflow):
+    settings = ClusterSettings(image_registry=REGISTRY, git_sha=SHA, tracking={"backend": "wandb"})
+    wf = yaml.safe_load(argo.to_yaml(tiny_plan(workflow), cluster=settings))
+    assert schema_errors(wf) == []
+
+
+def test_the_schema_check_rejects_what_argo_would(wf):
+    """The check can fail: a misspelt field, a wrong type and an output artifact without a name are caught."""
+    import copy
+
+    broken = copy.deepcopy(wf)
+    broken["spec"]["artifactRepositoryRefs"] = broken["spec"].pop("artifactRepositoryRef")
+    analysis = next(t for t in broken["spec"]["templates"] if t["name"] == "analyze-issue164")
+    analysis["outputs"]["parameters"][0]["valueFrom"]["path"] = ["not", "a", "string"]
+    del analysis["outputs"]["artifacts"][0]["name"]
+    errors = schema_errors(broken)
+    assert any("artifactRepositoryRefs" in e for e in errors)
+    assert any(e.startswith("spec.templates.") and "is not of type 'string'" in e for e in errors)
+    assert any("'name' is a required property" in e for e in errors)
+    assert len(errors) == 3
+
+
+def test_every_stage_shows_its_metrics_and_manifest_and_the_analysis_its_report(plan, wf):
+    from shared.stage import ARGO_MANIFEST_FILE, ARGO_METRICS_FILE, ARGO_OUTPUTS_ENV
+
+    for task in plan.tasks:
+        _, tmpl = stage_of(plan, wf, task.name)
+        env = {e["name"]: e.get("value") for e in tmpl["container"]["env"]}
+        outputs = {p["name"]: p["valueFrom"] for p in tmpl["outputs"]["parameters"]}
+        assert outputs["metrics"] == {"path": f"{env[ARGO_OUTPUTS_ENV]}/{ARGO_METRICS_FILE}", "default": "{}"}
+        assert outputs["manifest"] == {"path": f"{env[ARGO_OUTPUTS_ENV]}/{ARGO_MANIFEST_FILE}", "default": ""}
+        artifacts = tmpl["outputs"].get("artifacts", [])
+        assert bool(artifacts) == (task.stage == "analyze_issue164"), task.name
+    analysis = templates(wf)["analyze-issue164"]
+    arts = {a["name"]: a for a in analysis["outputs"]["artifacts"]}
+    assert set(arts) == {"report", "reproducibility", "headline", "figures"}
+    where = f"test/runs/{plan.run_id}/_argo/{{{{inputs.parameters.cell}}}}"
+    for name, file in (("report", "report.md"), ("reproducibility", "REPRODUCIBILITY.md"),
+                       ("headline", "headline.json"), ("figures", "figures")):
+        art = arts[name]
+        # key-only: bucket, endpoint and credentials come from the chart's artifact repository
+        assert art["s3"] == {"key": f"{where}/{file}"}
+        assert art["path"] == f"/tmp/eps/outputs/{file}" and art["optional"] is True
+        assert art["archive"] == {"none": {}}  # stored as is, so the UI opens it instead of offering a tarball
+    assert wf["spec"]["artifactRepositoryRef"] == {"configMap": "eps-artifact-repositories", "key": "eps-s3"}
+
+
+def test_without_an_artifact_repository_there_are_no_artifacts(plan):
+    settings = ClusterSettings(image_registry=REGISTRY, git_sha=SHA, artifact_repository={"enabled": False})
+    wf = yaml.safe_load(argo.to_yaml(plan, cluster=settings))
+    assert "artifactRepositoryRef" not in wf["spec"]
+    assert all("artifacts" not in t.get("outputs", {}) for t in wf["spec"]["templates"])
+    assert schema_errors(wf) == []
+
+
+def test_the_workflow_carries_a_title_and_its_estimated_gpu_time(plan, wf):
+    from shared import cost
+    from workflows import cost as plan_cost
+
+    notes = wf["metadata"]["annotations"]
+    assert notes["workflows.argoproj.io/title"] == f"issue164 · tiny · {plan.run_id}"
+    hours = cost.totals(plan_cost.estimate(plan))["declared"]
+    assert notes["workflows.argoproj.io/description"].endswith(f"; estimated {hours:.1f} GPU-hours")
+
+
+def test_a_stage_in_a_pod_leaves_the_files_its_template_reads(tmp_path, monkeypatch, wf):
+    """The real entrypoint of a stage (``run_stage``) with ``EPS_ARGO_OUTPUTS`` set, as the template sets it: the
+    files land where the template's output parameters and artifacts read them."""
+    from shared import stage as stage_contract
+    from shared import store
+    from shared.config import StageConfig
+
+    def run(cfg, ctx):
+        store.write_text(ctx.out("report.md"), "# report\n")
+        store.write_json(ctx.out("headline.json"), {"alpha": 42.0})
+        store.write_bytes(ctx.out("c_vs_alpha.png"), b"\x89PNG\r\n\x1a\n")
+        store.write_text(ctx.out("rows.jsonl"), "{}\n")
+        return {"null": {"alpha": 42.0, "n": 18}, "verdict": "passes", "curve": [1, 2, 3]}
+
+    spec = stage_contract.StageSpec(name="analyze_fake", config=StageConfig, run=run)
+    pod_outputs = tmp_path / "pod" / "outputs"
+    monkeypatch.setenv(stage_contract.ARGO_OUTPUTS_ENV, str(pod_outputs))
+    root = store.from_path(tmp_path / "store")
+    assert stage_contract.run_stage(spec, ["--config", json.dumps({"store": root, "run_id": "r", "cell": "analysis"})]) == 0
+
+    analysis = templates(wf)["analyze-issue164"]
+    params = {p["name"]: p["valueFrom"]["path"] for p in analysis["outputs"]["parameters"]}
+    here = {name: pod_outputs / Path(path).relative_to("/tmp/eps/outputs") for name, path in params.items()
+            if path.startswith("/tmp/eps/outputs/")}
+    assert json.loads(here["metrics"].read_text()) == {"null.alpha": 42.0, "null.n": 18, "verdict": "passes"}
+    assert here["manifest"].read_text() == f"{root}/runs/r/analysis/analyze_fake/manifest.json"
+    files = {a["name"]: pod_outputs / Path(a["path"]).relative_to("/tmp/eps/outputs")
+             for a in analysis["outputs"]["artifacts"]}
+    assert files["report"].read_text() == "# report\n"
+    assert json.loads(files["headline"].read_text()) == {"alpha": 42.0}
+    assert [p.name for p in files["figures"].iterdir()] == ["c_vs_alpha.png"]
+    assert not files["reproducibility"].exists()  # optional: this stage wrote none
+
+    # a second run settles from the cache and still leaves the outputs (a retried pod shows them too)
+    for path in pod_outputs.rglob("*"):
+        if path.is_file():
+            path.unlink()
+    assert stage_contract.run_stage(spec, ["--config", json.dumps({"store": root, "run_id": "r", "cell": "analysis"})]) == 0
+    assert json.loads(here["metrics"].read_text())["verdict"] == "passes"
+
+
+def test_metrics_for_the_ui_are_the_scalars_flattened_and_kept_small():
+    from shared.stage import flat_metrics
+
+    metrics = {"b": {"x": 1.5, "y": [1, 2]}, "a": True, "s": "t" * 500, "z": None}
+    assert flat_metrics(metrics) == {"a": True, "b.x": 1.5, "s": "t" * 200, "z": None}
+    many = {f"m{i:04d}": float(i) for i in range(2000)}
+    kept = flat_metrics(many, limit=1000)
+    assert len(json.dumps(kept)) <= 1000 and list(kept) == sorted(kept) and kept["m0000"] == 0.0
+
+
+def test_outside_argo_a_stage_writes_no_output_files(tmp_path, monkeypatch):
+    from shared.stage import ARGO_OUTPUTS_ENV, write_argo_outputs
+
+    monkeypatch.delenv(ARGO_OUTPUTS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_argo_outputs({"prefix": "file:///nowhere", "metrics": {"a": 1}, "outputs": {}})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cost gate
+
+
+def full_issue170_args(tmp_path, store_root: str) -> list[str]:
+    questions, panel = tmp_path / "questions.jsonl", tmp_path / "panel.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i:03d}", "text": f"Question {i}?"}) + "\n" for i in range(177)))
+    panel.write_text("".join(json.dumps({"id": f"p{i:02d}", "text": f"Panel question {i}?"}) + "\n" for i in range(52)))
+    return ["submit", "issue170", "--profile", "full", "--store", store_root, "--run-id", "issue170-full-gate",
+            "--set", f"questions_file={questions}", "--set", f"panel_file={panel}"]
+
+
+def test_a_full_issue170_submit_without_approve_stops_before_anything_is_sent(
+        tmp_path, argo_server, s3_bucket, monkeypatch, capsys):
+    from shared import store
+
+    monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
+    argv = full_issue170_args(tmp_path, f"{s3_bucket}/gate")
+    code, out, err = cli(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "above the 20 GPU-hour gate: nothing was sent" in err and "--approve" in err
+    assert out.startswith("estimated GPU time of issue170 (full profile), run issue170-full-gate")
+    assert "| train_soft_prefix |" in out and "| gcg_search |" in out
+    assert argo_server.requests == []  # no request reached the Argo Server
+    assert not [u for u in store.list_uris(f"{s3_bucket}/gate") if "/_configs/" in u or u.endswith("_plan.json")]
+
+
+def test_the_threshold_is_a_parameter_and_approve_lets_a_plan_above_it_through(argo_server, s3_bucket, monkeypatch,
+                                                                              capsys):
+    """The tiny plan's estimate (the sampler's compile per GPU task, ~0.02 GPU-hours) against two thresholds."""
+    monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
+    argv = ["submit", "issue164", "--profile", "tiny", "--store", f"{s3_bucket}/t"]
+    code, out, err = cli([*argv, "--run-id", "above", "--max-gpu-hours", "0.001"], capsys)
+    assert code == 2 and "above the 0.001 GPU-hour gate" in err and argo_server.requests == []
+    code, out, err = cli([*argv, "--run-id", "below", "--max-gpu-hours", "1"], capsys)
+    assert code == 0, err
+    code, out, err = cli([*argv, "--run-id", "above", "--max-gpu-hours", "0.001", "--approve"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-2] == "submitted above"
+    assert [r["body"]["workflow"]["metadata"]["name"] for r in argo_server.requests] == ["below", "above"]
+
+
+def test_workflow_yaml_prints_the_estimate_beside_the_yaml(tmp_path, capsys):
+    code, out, err = cli(["yaml", "issue164", "--profile", "tiny", "--store", "s3://b/p", "--run-id", "y"], capsys)
+    assert code == 0
+    assert yaml.safe_load(out)["kind"] == "Workflow"  # stdout is the YAML alone: it can be piped
+    assert err.startswith("estimated GPU time of issue164 (tiny profile), run y") and "| generate |" in err
+    code, out, err = cli(["yaml", "issue164", "--profile", "tiny", "--store", "s3://b/p", "--run-id", "y",
+                          "-o", str(tmp_path / "wf.yaml")], capsys)
+    assert code == 0 and "| generate |" in out and out.rstrip().endswith(f"wrote {tmp_path / 'wf.yaml'}")

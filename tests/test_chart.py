@@ -127,7 +127,11 @@ def test_rbac_gives_workflow_pods_only_what_argo_needs(docs):
     assert "get" in verbs["pods/log"]
     # a retry through the Argo Server (client auth mode) deletes the failed tasks' pods with the caller's token
     assert "delete" in verbs["pods"] and "delete" not in verbs["pods/log"]
-    assert "secrets" not in verbs  # the submitter cannot read the API keys
+    # the Argo Server opens artifacts with the viewer's token: the submitter may read the S3 credentials, by name,
+    # and no other Secret (never the API keys)
+    secret_rules = [r for r in submitter["rules"] if "secrets" in r["resources"]]
+    assert secret_rules == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["eps-s3-credentials"],
+                             "verbs": ["get"]}]
     for doc in (role, submitter):
         for rule in doc["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"]
@@ -270,3 +274,34 @@ def test_chart_documents_its_argo_dependency():
     assert chart["annotations"]["eps/requires-argo-workflows"].startswith(">=")
     assert "dependencies" not in chart  # installed by the admin first, not vendored (README, "Running on a cluster")
     assert "Argo Workflows" in (CHART / "README.md").read_text()
+
+
+def _artifact_repository(docs: list[dict]) -> dict:
+    cm = by_kind(docs)[("ConfigMap", "eps-artifact-repositories")]
+    assert set(cm["data"]) == {"eps-s3"}
+    return yaml.safe_load(cm["data"]["eps-s3"])
+
+
+def test_artifact_repository_is_the_stores_bucket_with_the_s3_secret_named(docs):
+    """The Argo UI opens the analysis artifacts from this repository: the store's bucket, its endpoint without the
+    scheme Argo does not take (insecure for http), and the S3 credentials by Secret reference."""
+    refs = {"accessKeySecret": {"name": "eps-s3-credentials", "key": "AWS_ACCESS_KEY_ID"},
+            "secretKeySecret": {"name": "eps-s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert _artifact_repository(docs) == {"s3": {"bucket": "eps-artifacts", "endpoint": "s3.amazonaws.com",
+                                                 "insecure": False, "region": "us-east-1", **refs}}
+    minio = _artifact_repository(render({"store": {"bucket": "lab", "endpoint": "http://minio.eps:9000/"}}))
+    assert minio["s3"]["endpoint"] == "minio.eps:9000" and minio["s3"]["insecure"] is True
+    tls = _artifact_repository(render({"store": {"bucket": "lab", "endpoint": "https://s3.lab.example"}}))
+    assert tls["s3"]["endpoint"] == "s3.lab.example" and tls["s3"]["insecure"] is False
+    # the compiled workflows point at it
+    settings = ClusterSettings.parse_settings(_cluster_yaml(docs))
+    assert (settings.artifact_repository.config_map, settings.artifact_repository.key) == ("eps-artifact-repositories", "eps-s3")
+
+
+def test_without_the_artifact_repository_the_submitter_reads_no_secret():
+    docs = render({"artifactRepository": {"enabled": False}})
+    objects = by_kind(docs)
+    assert ("ConfigMap", "eps-artifact-repositories") not in objects
+    submitter = objects[("Role", "eps-submitter")]
+    assert not [r for r in submitter["rules"] if "secrets" in r["resources"]]
+    assert ClusterSettings.parse_settings(_cluster_yaml(docs)).artifact_repository.enabled is False

@@ -61,6 +61,9 @@ def build_plan(args, *, for_cluster: bool = False):
     if args.params:
         overrides = {**read_params_file(args.params), **overrides}
     chosen_tracking = pop_tracking(overrides)
+    from workflows.params import check_known
+
+    check_known(args.workflow, module.Params, overrides)  # a typo: the nearest names, before anything runs
     params = module.Params.for_profile(args.profile, overrides)
     chosen = args.store or os.environ.get("EPS_STORE")
     if for_cluster and not chosen:  # no default bucket: a guessed store would split a run's results in two
@@ -103,17 +106,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_yaml(args) -> int:
+    from workflows import cost
     from workflows.engines import argo
 
     plan = build_plan(args, for_cluster=True)
     uris = argo.upload_configs(plan, plan.tasks) if args.configs_in_store else None
     text = argo.to_yaml(plan, config_uris=uris)
+    estimate = cost.report(plan, cost.estimate(plan))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
+        print(estimate)
         print(f"wrote {args.output}")
     else:
         print(text)
+        print(estimate, file=sys.stderr)  # the YAML alone on stdout, so it can be piped
     return 0
 
 
@@ -124,7 +131,7 @@ def cmd_submit(args) -> int:
     cluster.connect()  # no ARGO_SERVER / ARGO_TOKEN: say so before building a plan that may ask for files
     plan = build_plan(args, for_cluster=True)
     check_plan_images(plan)
-    done = argo.submit(plan)
+    done = argo.submit(plan, approve=args.approve, max_gpu_hours=args.max_gpu_hours)
     if done.left_out:
         kinds = ", ".join(f"{sum(v == k for v in done.left_out.values())} {k}" for k in ("cached", "reused")
                           if k in done.left_out.values())
@@ -198,6 +205,27 @@ def cmd_retry(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from workflows import compare
+
+    root = store.normalize_root(args.store or os.environ.get("EPS_STORE") or store.from_path("artifacts"))
+    result = compare.compare(root, args.runs)
+    md, table = compare.write(result, args.out or compare.default_out_dir(args.runs))
+    print(compare.to_markdown(result))
+    print(f"wrote {md} and {table}")
+    return 0
+
+
+def cmd_params(args) -> int:
+    import workflows
+    from workflows import params
+
+    module = workflows.load(args.workflow)
+    rows = params.parameters(module.Params, args.profile)
+    print(params.as_json(rows) if args.json else params.listing(args.workflow, args.profile, rows))
+    return 0
+
+
 def cmd_list(_args) -> int:
     import workflows
 
@@ -234,12 +262,26 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_yaml)
     sp = sub.add_parser("submit", help="submit to the Argo Server at $ARGO_SERVER")
     plan_args(sp)
+    sp.add_argument("--approve", action="store_true",
+                    help="submit even when the estimated GPU time is above --max-gpu-hours")
+    sp.add_argument("--max-gpu-hours", type=float, default=None,
+                    help="the cost gate: above this estimate (default 20) submit stops unless --approve")
     sp.set_defaults(fn=cmd_submit)
     for name, fn in (("status", cmd_status), ("retry", cmd_retry)):
         sp = sub.add_parser(name)
         sp.add_argument("run", nargs="?", default="", help="the Argo workflow name printed by submit, or the run id")
         sp.set_defaults(fn=fn)
     sub.add_parser("list").set_defaults(fn=cmd_list)
+    sp = sub.add_parser("compare", help="runs side by side: every headline metric per condition, what differs")
+    sp.add_argument("runs", nargs="*", metavar="RUN", help="run ids in the store, or run folder URIs (.../runs/<id>)")
+    sp.add_argument("--store", help="artifact store root of the run ids; default $EPS_STORE, else artifacts/")
+    sp.add_argument("--out", help="folder for compare.md and compare.csv (default artifacts/compare/<runs>)")
+    sp.set_defaults(fn=cmd_compare)
+    sp = sub.add_parser("params", help="every parameter of a workflow: its value in a profile, what it means")
+    sp.add_argument("workflow")
+    sp.add_argument("--profile", default="small")
+    sp.add_argument("--json", action="store_true", help="the whole values, as JSON")
+    sp.set_defaults(fn=cmd_params)
     return p
 
 

@@ -45,9 +45,12 @@ __all__ = [
 ]
 
 ENTRY_TEMPLATE = "main"
+TITLE_ANNOTATION = "workflows.argoproj.io/title"
+DESCRIPTION_ANNOTATION = "workflows.argoproj.io/description"
 EXIT_TEMPLATE = "exit-status"
 EXIT_STATUS_IMAGE = "eps-exit-status"  # images/exit-status.Dockerfile: python -m workflows.exit_status
 LABEL_PREFIX = "eps"
+PLAN_RECORD = "_plan.json"  # beside the run's tasks in the store: workflow, profile, run id, parameters
 MAX_WORKFLOW_BYTES = 900_000  # etcd stores objects up to ~1.5 MB and Argo adds status to the same object
 EXIT_CODE_BAD_INPUT = 2  # shared.stage.run_stage: bad input, one error line; retrying cannot help
 _DOCKER_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -166,6 +169,15 @@ class TrackingSettings(_Settings):
         return plan.tracking or self.backend or "off"
 
 
+class ArtifactRepositorySettings(_Settings):
+    """Where Argo keeps the analysis task's report and figures so that the UI can open them: a key of the chart's
+    artifact-repositories ConfigMap (the store's bucket and credentials); the workflow's artifacts name only a key."""
+
+    enabled: bool = True
+    config_map: str = "eps-artifact-repositories"
+    key: str = "eps-s3"
+
+
 class ClusterSettings(_Settings):
     """Everything about the cluster the compiled workflow needs; the plan knows none of it."""
 
@@ -187,6 +199,7 @@ class ClusterSettings(_Settings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     exit_handler: ExitHandlerSettings = Field(default_factory=ExitHandlerSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    artifact_repository: ArtifactRepositorySettings = Field(default_factory=ArtifactRepositorySettings)
     run_as_user: int = 1000
     parallelism: int | None = None
     git_sha: str = ""  # EPS_GIT_SHA, else `git rev-parse HEAD`
@@ -361,6 +374,56 @@ def _tracking_outputs(settings: ClusterSettings, plan: Plan) -> list | None:
     return [Parameter(name=TRACKING_OUTPUT, value_from=m.ValueFrom(path=TRACKING_URL_FILE, default=""))]
 
 
+ARGO_OUTPUTS_DIR = "/tmp/eps/outputs"  # on the /tmp emptyDir; shared.stage.write_argo_outputs fills it
+METRICS_OUTPUT = "metrics"
+MANIFEST_OUTPUT = "manifest"
+REPORT_STAGE_PREFIX = "analyze_"  # the analysis stages: they write report.md, headline.json and the figures
+REPORT_ARTIFACTS = {"report": "report.md", "reproducibility": "REPRODUCIBILITY.md", "headline": "headline.json"}
+FIGURES_ARTIFACT = "figures"
+
+
+def _argo_outputs_env() -> list:
+    from hera.workflows import Env
+
+    from shared.stage import ARGO_OUTPUTS_ENV
+
+    return [Env(name=ARGO_OUTPUTS_ENV, value=ARGO_OUTPUTS_DIR)]
+
+
+def _result_outputs() -> list:
+    """Every stage's headline metrics (JSON of the flattened scalars) and its manifest's URI, shown in the UI."""
+    from hera.workflows import Parameter
+    from hera.workflows import models as m
+
+    from shared.stage import ARGO_MANIFEST_FILE, ARGO_METRICS_FILE
+
+    return [
+        Parameter(name=METRICS_OUTPUT, value_from=m.ValueFrom(path=f"{ARGO_OUTPUTS_DIR}/{ARGO_METRICS_FILE}", default="{}")),
+        Parameter(name=MANIFEST_OUTPUT, value_from=m.ValueFrom(path=f"{ARGO_OUTPUTS_DIR}/{ARGO_MANIFEST_FILE}", default="")),
+    ]
+
+
+def artifact_key(plan: Plan, name: str) -> str:
+    """The S3 key (in the artifact repository's bucket, the store's) of an analysis task's artifact: beside the run,
+    under ``_argo/<cell>/`` so that Argo's upload never rewrites a stage output whose checksum a manifest holds."""
+    prefix = plan.store.split("://", 1)[-1].split("/", 1)[1] if plan.store.count("/") > 2 else ""
+    parts = [prefix.strip("/"), "runs", plan.run_id, "_argo", "{{inputs.parameters.cell}}", name]
+    return "/".join(p for p in parts if p)
+
+
+def _report_artifacts(spec: StageSpec, plan: Plan, settings: ClusterSettings) -> list:
+    """An analysis task's report files and figures as key-only S3 artifacts, stored unarchived so the UI opens them."""
+    from hera.workflows import NoneArchiveStrategy, S3Artifact
+
+    from shared.stage import ARGO_FIGURES
+
+    if not settings.artifact_repository.enabled or not spec.name.startswith(REPORT_STAGE_PREFIX):
+        return []
+    files = [(name, file) for name, file in REPORT_ARTIFACTS.items()] + [(FIGURES_ARTIFACT, ARGO_FIGURES)]
+    return [S3Artifact(name=name, path=f"{ARGO_OUTPUTS_DIR}/{file}", key=artifact_key(plan, file),
+                       archive=NoneArchiveStrategy(), optional=True) for name, file in files]
+
+
 def _volumes(settings: ClusterSettings, gpu: bool) -> list:
     from hera.workflows import EmptyDirVolume, ExistingVolume
 
@@ -412,8 +475,8 @@ def _stage_template(spec: StageSpec, plan: Plan, settings: ClusterSettings):
         command=["python", "-m", spec.module],
         args=["--config", "{{inputs.parameters.config}}"],
         inputs=[Parameter(name="config"), Parameter(name="cell")],
-        outputs=_tracking_outputs(settings, plan),
-        env=_common_env(settings, plan, image),
+        outputs=[*(_tracking_outputs(settings, plan) or []), *_result_outputs(), *_report_artifacts(spec, plan, settings)],
+        env=_common_env(settings, plan, image) + _argo_outputs_env(),
         env_from=[ConfigMapEnvFrom(name=settings.store_config_map, optional=False)],
         resources=Resources(
             cpu_request=str(res.cpu), memory_request=res.memory, memory_limit=res.memory,
@@ -512,15 +575,14 @@ def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None, config_u
     if clash:
         raise ClusterError(f"stage name {clash[0]!r} clashes with the workflow's own {stage_template_name(clash[0])!r} template")
     labels = _run_labels(plan, settings)
+    repo = settings.artifact_repository
     with Workflow(
         name=workflow_name(plan.run_id),
         namespace=settings.namespace,
         labels=labels,
         annotations={
-            "workflows.argoproj.io/description": (
-                f"{plan.workflow} ({plan.profile} profile), run {plan.run_id}: {len(tasks)} tasks"
-                + (f" ({len(plan.tasks) - len(tasks)} complete ones left out)" if len(tasks) < len(plan.tasks) else "")
-            ),
+            TITLE_ANNOTATION: f"{plan.workflow} · {plan.profile} · {plan.run_id}",
+            DESCRIPTION_ANNOTATION: _description(plan, tasks),
             f"{LABEL_PREFIX}/store": plan.store,
             f"{LABEL_PREFIX}/run-id": plan.run_id,
         },
@@ -538,6 +600,7 @@ def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None, config_u
         ),
         image_pull_secrets=[m.LocalObjectReference(name=n) for n in settings.image_pull_secrets] or None,
         parallelism=settings.parallelism,
+        artifact_repository_ref=m.ArtifactRepositoryRef(config_map=repo.config_map, key=repo.key) if repo.enabled else None,
     ) as wf:
         templates = {stage: _stage_template(spec, plan, settings) for stage, spec in sorted(stages.items())}
         _exit_template(plan, settings)
@@ -552,6 +615,19 @@ def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None, config_u
                     dependencies=[d for d in task.after if d not in leave_out] or None,
                 )
     return wf
+
+
+def _description(plan: Plan, tasks: list) -> str:
+    """What the Argo UI's list shows under the title: the tasks to run and their estimated GPU time."""
+    from shared import cost
+    from workflows import cost as plan_cost
+
+    text = f"{plan.workflow} ({plan.profile} profile), run {plan.run_id}: {len(tasks)} tasks"
+    if len(tasks) < len(plan.tasks):
+        text += f" ({len(plan.tasks) - len(tasks)} complete ones left out)"
+    estimates = plan_cost.estimate(plan, [t.name for t in tasks])
+    bound = "<= " if any(e.bounded for e in estimates) else ""
+    return text + f"; estimated {bound}{cost.totals(estimates)['declared']:.1f} GPU-hours"
 
 
 def to_dict(plan: Plan, *, cluster: ClusterSettings | None = None, **kwargs) -> dict[str, Any]:
@@ -600,12 +676,15 @@ class Submitted:
 
 
 def submit(
-    plan: Plan, *, server: str | None = None, token: str | None = None, cluster: ClusterSettings | None = None
+    plan: Plan, *, server: str | None = None, token: str | None = None, cluster: ClusterSettings | None = None,
+    approve: bool = False, max_gpu_hours: float | None = None, say=print,
 ) -> Submitted:
-    """Leave out what is complete, put configs in the store, compile ``plan`` and create it on the Argo Server
-    (``ARGO_SERVER``/``ARGO_TOKEN``)."""
+    """Leave out what is complete, print the estimated GPU time of the rest and stop above ``max_gpu_hours``
+    (default 20) unless ``approve``; then put configs in the store, compile ``plan`` and create it on the Argo
+    Server (``ARGO_SERVER``/``ARGO_TOKEN``)."""
     from hera.workflows.models import WorkflowCreateRequest
 
+    from workflows import cost as plan_cost
     from workflows.cluster import _call
 
     settings = cluster or ClusterSettings.load()
@@ -616,7 +695,15 @@ def submit(
     left_out = {name: s.how for name, s in settled.items()}
     if len(left_out) == len(plan.tasks):
         return Submitted(None, None, left_out)
+    # the cost gate: before a config is written or a request is sent
+    estimates = plan_cost.estimate(plan, [t.name for t in plan.tasks if t.name not in left_out], read_s3=True)
+    say(plan_cost.report(plan, estimates, left_out=len(left_out)))
+    limit = plan_cost.DEFAULT_MAX_GPU_HOURS if max_gpu_hours is None else max_gpu_hours
+    plan_cost.gate(estimates, max_gpu_hours=limit, approve=approve)
     uris = upload_configs(plan, [t for t in plan.tasks if t.name not in left_out])
+    # what `python -m workflows compare` reads of a cluster run (the local engine leaves _local/plan.json)
+    store.write_json(store.join(plan.store, "runs", plan.run_id, PLAN_RECORD),
+                     {"workflow": plan.workflow, "profile": plan.profile, "run_id": plan.run_id, "params": plan.params})
     wf = compile_plan(plan, cluster=settings, config_uris=uris, leave_out=set(left_out))
     built = wf.build()
     size = len(built.json(exclude_none=True, by_alias=True))
