@@ -130,8 +130,7 @@ def cmd_submit(args) -> int:
 
     cluster.connect()  # no ARGO_SERVER / ARGO_TOKEN: say so before building a plan that may ask for files
     plan = build_plan(args, for_cluster=True)
-    check_plan_images(plan)
-    done = argo.submit(plan, approve=args.approve, max_gpu_hours=args.max_gpu_hours)
+    done = argo.submit(plan, approve=args.approve, max_gpu_hours=args.max_gpu_hours, check_images=check_plan_images)
     if done.left_out:
         kinds = ", ".join(f"{sum(v == k for v in done.left_out.values())} {k}" for k in ("cached", "reused")
                           if k in done.left_out.values())

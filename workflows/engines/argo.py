@@ -677,11 +677,11 @@ class Submitted:
 
 def submit(
     plan: Plan, *, server: str | None = None, token: str | None = None, cluster: ClusterSettings | None = None,
-    approve: bool = False, max_gpu_hours: float | None = None, say=print,
+    approve: bool = False, max_gpu_hours: float | None = None, say=print, check_images=None,
 ) -> Submitted:
     """Leave out what is complete, print the estimated GPU time of the rest and stop above ``max_gpu_hours``
-    (default 20) unless ``approve``; then put configs in the store, compile ``plan`` and create it on the Argo
-    Server (``ARGO_SERVER``/``ARGO_TOKEN``)."""
+    (default 20) unless ``approve``; ``check_images(plan)``, if given, may stop it next (images not pushed); then
+    put configs in the store, compile ``plan`` and create it on the Argo Server (``ARGO_SERVER``/``ARGO_TOKEN``)."""
     from hera.workflows.models import WorkflowCreateRequest
 
     from workflows import cost as plan_cost
@@ -700,6 +700,8 @@ def submit(
     say(plan_cost.report(plan, estimates, left_out=len(left_out)))
     limit = plan_cost.DEFAULT_MAX_GPU_HOURS if max_gpu_hours is None else max_gpu_hours
     plan_cost.gate(estimates, max_gpu_hours=limit, approve=approve)
+    if check_images is not None:
+        check_images(plan)
     uris = upload_configs(plan, [t for t in plan.tasks if t.name not in left_out])
     # what `python -m workflows compare` reads of a cluster run (the local engine leaves _local/plan.json)
     store.write_json(store.join(plan.store, "runs", plan.run_id, PLAN_RECORD),
