@@ -76,10 +76,11 @@ clean:
 compare: setup
 	$(PY) -m workflows compare $(RUNS) $(ARGS)
 
-# every target with one line; tests/test_ux_cli.py fails when a target is missing here
+# every target with one line; tests/test_params.py fails when a target is missing here
 help:
 	@echo "make targets (settings as VAR=value; ARGS=\"...\" passes options through):"
-	@echo "  setup          create .venv (Python >= 3.10, pinned torch) and install the project with its dev extras"
+	@echo "  setup          create .venv (Python 3.11) from the lock images/locks/cpu-dev.txt, torch's CPU build first"
+	@echo "  lock           regenerate every lock in images/locks/ from pyproject.toml (ARGS=\"--upgrade\" moves versions)"
 	@echo "  test           lint, then the whole test suite (ARGS=\"-k name\" picks tests)"
 	@echo "  test-fast      the test suite without the slow whole-workflow runs"
 	@echo "  run            run WORKFLOW (issue164) on PROFILE (small) here, resumable; ARGS=\"--set k=v --run-id x\""

@@ -1011,10 +1011,9 @@ def test_a_full_issue170_submit_without_approve_stops_before_anything_is_sent(
     assert not [u for u in store.list_uris(f"{s3_bucket}/gate") if "/_configs/" in u or u.endswith("_plan.json")]
 
 
-def test_the_threshold_is_a_parameter_and_approve_lets_a_plan_above_it_through(argo_server, s3_bucket, monkeypatch,
+def test_the_threshold_is_a_parameter_and_approve_lets_a_plan_above_it_through(argo_server, image_registry, s3_bucket,
                                                                               capsys):
     """The tiny plan's estimate (the sampler's compile per GPU task, ~0.02 GPU-hours) against two thresholds."""
-    monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
     argv = ["submit", "issue164", "--profile", "tiny", "--store", f"{s3_bucket}/t"]
     code, out, err = cli([*argv, "--run-id", "above", "--max-gpu-hours", "0.001"], capsys)
     assert code == 2 and "above the 0.001 GPU-hour gate" in err and argo_server.requests == []
