@@ -188,6 +188,9 @@ class SoftTrainingSettings(DrawSettings):
     # run each question's prompt once and its completions against the cached keys/values (the gradient flows back
     # through them into the prefix); False: every example in full, the reference path
     shared_prompt: bool = True
+    # with shared_prompt: pack each prompt with its completions into unpadded rows under an offset causal mask
+    # (FlexAttention on CUDA) instead of continuing a KV cache; False keeps the cache path
+    pack_replies: bool = False
 
 
 VAL_STREAM = 1_000_000_007  # the held-out set's sampling stream, apart from every step's
@@ -285,7 +288,8 @@ class SoftPrefixTrainer:
                      backward_scale: float | None = None) -> StudentPass:
         s = self.settings
         return student_ce(model, examples, self.pad_id, soft, max_tokens=s.micro_batch_tokens,
-                          shared_prompt=s.shared_prompt, by_length=s.bucket_by_length, backward_scale=backward_scale)
+                          shared_prompt=s.shared_prompt, by_length=s.bucket_by_length, backward_scale=backward_scale,
+                          pack_replies=s.pack_replies)
 
     def mean_ce(self, examples: Sequence[chat.PromptIds], soft: torch.Tensor) -> float:
         import torch
