@@ -92,6 +92,11 @@ class TeacherStudent:
         return self.teacher_generator.generate(self.teacher_prompts(questions), params)
 
     @property
+    def switches_teacher(self) -> bool:
+        """Whether the student context changes the teacher (an adapter on the shared weights switched off)."""
+        return self._student_context is not contextlib.nullcontext
+
+    @property
     def stop_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
