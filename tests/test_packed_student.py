@@ -118,7 +118,7 @@ def test_packed_pass_on_the_real_small_model_in_fp32():
     pair = load_teacher_student("smollm2:135m-instruct", dtype="float32")
     examples = examples_of(pair)
     assert len(REPLIES) > 1
-    assert_same_loss_and_gradient(pair, examples, split_tokens(examples))  # rows mix and split questions
+    assert_same_loss_and_gradient(pair, examples, 10**6)  # one row holding every question (the tiny tests split)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs CUDA")
