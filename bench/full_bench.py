@@ -295,6 +295,48 @@ def bench_gcg(pair, cfg: dict, params: dict, tflops: float) -> dict:
                     "agreement on a real model (bench/results has the CPU measurement on SmolLM2)"}
 
 
+def bench_candidate_forward(model, tokenizer, cfg: dict, params: dict, tflops: float) -> dict:
+    """GCG's candidate evaluation (every candidate on ``screen_pairs`` pairs, as the screen runs it) through the
+    model's own forward and through the fused one (``forward="fused"``: a compiled region per decoder layer), each
+    once untimed and ``reps`` times timed, on the same rows; and how far their CE sums are apart (bf16)."""
+    import torch
+
+    from shared.gcg import GcgSettings, SuffixRules, candidate_ce_sums
+    from shared.soft_prompt import LearnedPrompt
+    from shared.teacher import with_reply_ids
+
+    settings = GcgSettings(length=cfg["gcg_length"], steps=1)
+    rules = SuffixRules.of(tokenizer, model.config.vocab_size, settings, questions()[:1])
+    prompt = LearnedPrompt(kind="ids", model_ref="bench", ids=rules.random_suffix(cfg["gcg_length"], 0))
+    lengths = fast_paths.length_budgets(cfg["screen_pairs"], cfg["new_tokens"], 0, cfg["gcg_lengths"]).tolist()
+    g = torch.Generator().manual_seed(0)
+    examples = [with_reply_ids(prompt.build(tokenizer, q), torch.randint(0, 8000, (n - 1,), generator=g).tolist(),
+                               tokenizer.eos_token_id) for q, n in zip(questions(), lengths, strict=False)]
+    picks = torch.randint(0, len(rules.allowed), (cfg["gcg_width"], cfg["gcg_length"]), generator=g).tolist()
+    candidates = torch.tensor([[rules.allowed[i] for i in row] for row in picks])
+
+    out, sums = {}, {}
+    for forward in ("model", "fused"):
+        def run(forward=forward):
+            return candidate_ce_sums(model, examples, candidates, max_tokens_per_forward=cfg["max_tokens_per_forward"],
+                                     forward=forward)
+        first = now()
+        run()
+        warm_s = now() - first
+        runs = []
+        for _ in range(cfg["reps"]):
+            start = now()
+            result = run()
+            runs.append(now() - start)
+        sums[forward] = result.losses.float()
+        out[forward] = {"seconds": spread(runs), "first_call_s": warm_s, "tokens": result.tokens,
+                        "tflops_2nP": result.tokens * 2 * params["matmul"] / statistics.median(runs) / 1e12}
+    diff = (sums["fused"] - sums["model"]).abs() / sums["model"].abs()
+    return {**out, "rows": cfg["gcg_width"], "pairs": len(examples), "calibrated_tflops": tflops,
+            "max_relative_difference": float(diff.max()), "same_best": int(sums["fused"].argmin()) ==
+            int(sums["model"].argmin())}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -383,6 +425,7 @@ def run_section(section: str, model, tokenizer, cfg: dict, params: dict, tflops:
                                                              lengths="fixed"))
         record("greedy_check", lambda: fast_paths.greedy_check(model, tokenizer, questions(), cfg["greedy_rows"],
                                                                cfg["greedy_tokens"]))
+        record("candidate_forward", lambda: bench_candidate_forward(model, tokenizer, cfg, params, tflops))
     elif section == "soft":
         pair = separate_pair(model, tokenizer, cfg["soft_questions"] * cfg["soft_completions"])
         record("compile", lambda: fast_paths.compile_warmup(pair.teacher_generator.model, tokenizer, questions()))

@@ -129,6 +129,14 @@ def tables(results: dict, head: dict) -> list[str]:
                      f"{_s(gcg['screened_with_check_s'])} | | | | + check / {gcg['screen_check_every']} |")
         lines += ["", f"The record's work at the calibrated GEMM rate: {gcg['full_evaluation_floor_s']:.1f} s of "
                   "candidate forwards. " + gcg["note"] + "."]
+    fused = measured(results, "baseline", "candidate_forward")
+    if fused:
+        lines += ["", f"GCG candidate evaluation ({fused['rows']} candidates on {fused['pairs']} pairs, "
+                  f"{fused['model']['tokens']:,} tokens): the model's forward {_s(fused['model']['seconds'], 2)} "
+                  f"({fused['model']['tflops_2nP']:.0f} TFLOP/s), one compiled region per layer "
+                  f"{_s(fused['fused']['seconds'], 2)} ({fused['fused']['tflops_2nP']:.0f} TFLOP/s; first call "
+                  f"{fused['fused']['first_call_s']:.1f} s); CE sums within {fused['max_relative_difference']:.1e} "
+                  f"relative, same best candidate: {'yes' if fused['same_best'] else 'no'}."]
     greedy = measured(results, "baseline", "greedy_check")
     if greedy:
         lines += ["", f"Greedy check ({greedy['dtype']}, {greedy['tokens_compared']} tokens): "

@@ -203,5 +203,74 @@ def _flex_attention():
     if not torch.cuda.is_available():
         return flex_attention
     if "flex" not in _COMPILED:
-        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+        # rows differ in length: after the first recompile the length is symbolic, so a step compiles at most twice
+        _COMPILED["flex"] = torch.compile(flex_attention)
     return _COMPILED["flex"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GCG's candidate forward: dense causal rows, each decoder layer one compiled region
+
+
+def fused_completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                             compiled: bool | None = None) -> torch.Tensor:
+    """``shared.teacher.completion_ce_sums`` for unpadded rows of equal length (GCG's candidate blocks): per-row
+    summed CE at the labelled positions, the backbone run by ``causal_hidden``."""
+    import torch
+
+    from shared.teacher import token_ce
+
+    hidden = causal_hidden(model, input_ids, compiled=compiled)
+    targets = labels[:, 1:]
+    keep = targets != chat.IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
+    ce = token_ce(model, hidden[:, :-1][keep], targets[keep])
+    return torch.zeros(labels.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
+
+
+def causal_hidden(model, input_ids: torch.Tensor, *, compiled: bool | None = None) -> torch.Tensor:
+    """The backbone's final hidden states for unpadded rows ``[R, T]`` under the plain causal mask (SDPA's fused
+    causal kernel), each decoder layer one compiled region on CUDA (``compiled``, default: on CUDA) so its norms,
+    rotary embedding, activation and residual adds are fused; the same code for every layer, compiled once."""
+    import torch
+
+    from shared.decoding import _causal_lm, unsupported_reason
+
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"the fused candidate forward cannot run this model: {reason}")
+    backbone = _causal_lm(model).get_decoder()
+    hidden = backbone.embed_tokens(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], -1)
+    cos, sin = backbone.rotary_emb(hidden, positions)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    compiled = input_ids.device.type == "cuda" if compiled is None else compiled
+    step = _compiled_causal_layer() if compiled else _causal_layer
+    for layer in backbone.layers:
+        hidden = step(layer, hidden, cos, sin)
+    return backbone.norm(hidden)
+
+
+def _causal_layer(layer, hidden, cos, sin):
+    import torch.nn.functional as F
+
+    from shared.decoding import _rotate
+
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (*x.shape[:2], -1, attn.head_dim)
+    q = _rotate(attn.q_proj(x).view(shape).transpose(1, 2), cos, sin)
+    k = _rotate(attn.k_proj(x).view(shape).transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(*x.shape[:2], -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _compiled_causal_layer():
+    if "causal_layer" not in _COMPILED:
+        import torch
+
+        _COMPILED["causal_layer"] = torch.compile(_causal_layer, dynamic=True)
+    return _COMPILED["causal_layer"]
