@@ -24,6 +24,9 @@ import time
 from shared.generation import HFGenerator
 
 UNIFORM_LENGTHS = (32, 256)  # the realistic regime: each row's length drawn uniformly from this range (inclusive)
+# reply-length regimes besides "fixed" (every row max_new_tokens): each row's length drawn uniformly from a range;
+# "record" has the mean of the record's own estimate of its replies (~200 tokens)
+LENGTH_REGIMES = {"uniform": UNIFORM_LENGTHS, "record": (144, 256)}
 
 
 def now() -> float:
@@ -47,11 +50,11 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def length_budgets(rows: int, new_tokens: int, seed: int = 0):
-    """Each row's length: uniform over ``UNIFORM_LENGTHS`` (capped at ``new_tokens``)."""
+def length_budgets(rows: int, new_tokens: int, seed: int = 0, regime: str = "uniform"):
+    """Each row's length: uniform over the regime's range (``LENGTH_REGIMES``, capped at ``new_tokens``)."""
     import torch
 
-    low, high = UNIFORM_LENGTHS
+    low, high = LENGTH_REGIMES[regime]
     g = torch.Generator().manual_seed(seed)
     return torch.randint(min(low, new_tokens), min(high, new_tokens) + 1, (rows,), generator=g)
 
@@ -259,11 +262,15 @@ class DrawnLengthTeacher(HFGenerator):
     ends a row at its length (``row_budgets``) and the row's last token becomes the stop token, so the completion
     stops there and the student trains on the stop as on a real one."""
 
+    regime = "uniform"
+
     @classmethod
-    def like(cls, generator: HFGenerator) -> DrawnLengthTeacher:
+    def like(cls, generator: HFGenerator, regime: str = "uniform") -> DrawnLengthTeacher:
         if generator.sampler != "fast":
             raise ValueError("drawn lengths need the fast decoder")
-        return cls(generator.model, generator.tokenizer, batch_size=generator.batch_size)
+        teacher = cls(generator.model, generator.tokenizer, batch_size=generator.batch_size)
+        teacher.regime = regime
+        return teacher
 
     def _generate_chunk(self, prompts, soft, params, seed) -> list[list[int]]:
         import torch
@@ -271,7 +278,7 @@ class DrawnLengthTeacher(HFGenerator):
         from shared import chat
         from shared.decoding import DecodeSettings
 
-        budgets = length_budgets(len(prompts), params.max_new_tokens, seed)
+        budgets = length_budgets(len(prompts), params.max_new_tokens, seed, self.regime)
         device = self._device()
         batch = chat.build_batch(prompts, pad_id=self._pad_id, padding_side="left").to(device)
         embedding = self.model.get_input_embeddings()
@@ -290,7 +297,7 @@ def with_teacher_lengths(pair, lengths: str):
     lengths (``uniform``)."""
     if lengths == "fixed":
         return pair
-    return dataclasses.replace(pair, teacher_generator=DrawnLengthTeacher.like(pair.teacher_generator))
+    return dataclasses.replace(pair, teacher_generator=DrawnLengthTeacher.like(pair.teacher_generator, lengths))
 
 
 def bench_train_step(pair, cfg: dict, questions, *, micro_batch_tokens: int, bucket_by_length: bool,

@@ -105,6 +105,7 @@ class DecodeStats:
     """What the last ``generate`` call did (the benchmark reports it)."""
 
     steps: int = 0
+    prefill_rows: int = 0  # rows the prefill ran: each run of identical prompts once (``share_prefill``)
     compactions: int = 0
     graphs_captured: int = 0
     compiled: bool = False
@@ -118,11 +119,13 @@ class FastDecoder:
     ``compile``: compile the per-layer decode step (default: on CUDA only; compiling on a 2-core CPU costs more than
     it saves). ``cuda_graphs``: replay each batch shape's decode step as a captured CUDA graph (default: on CUDA),
     so the host's per-kernel launch cost does not set the pace. ``check_every``: decode steps between stop checks
-    (each is a host sync; default 1 on CPU, 8 on CUDA).
+    (each is a host sync; default 1 on CPU, 8 on CUDA). ``share_prefill``: consecutive rows with the same prompt
+    (a prompt's n completions) are prefilled once and their cache rows copied (default on).
     """
 
     def __init__(self, stop_ids: Sequence[int], *, compile: bool | None = None, cuda_graphs: bool | None = None,
-                 check_every: int | None = None, compact_below: float = COMPACT_BELOW):
+                 check_every: int | None = None, compact_below: float = COMPACT_BELOW, share_prefill: bool = True):
+        self.share_prefill = share_prefill
         self.stop_ids = sorted({int(t) for t in stop_ids})
         self.compile = compile
         self.cuda_graphs = cuda_graphs
@@ -174,11 +177,17 @@ class FastDecoder:
 
         rows, prompt_len, _ = inputs_embeds.shape
         cache_len = -(-(prompt_len + settings.max_new_tokens) // CACHE_ALIGN) * CACHE_ALIGN
-        caches = _allocate_cache(lm, rows, cache_len, inputs_embeds.dtype, device)
         mask = attention_mask.to(device=device, dtype=torch.bool)
         pads = (~mask).sum(dim=1)  # left padding per row
+        firsts, owner = repeated_rows(inputs_embeds, mask) if self.share_prefill else (None, None)
+        caches = _allocate_cache(lm, rows if firsts is None else len(firsts), cache_len, inputs_embeds.dtype, device)
         with attention_without_cudnn():
-            logits = _prefill(lm, inputs_embeds, mask, caches)
+            if firsts is None:
+                logits = _prefill(lm, inputs_embeds, mask, caches)
+            else:  # each distinct prompt once, then its cache and logits copied to each of its rows
+                logits = _prefill(lm, inputs_embeds[firsts], mask[firsts], caches)[owner]
+                caches = [(k.index_select(0, owner), v.index_select(0, owner)) for k, v in caches]
+        self.stats.prefill_rows = rows if firsts is None else len(firsts)
 
         stop_ids = torch.tensor(self.stop_ids, device=device, dtype=torch.long)
         budget = torch.full((rows,), settings.max_new_tokens, device=device, dtype=torch.long)
@@ -215,6 +224,18 @@ class FastDecoder:
         steps.release()
         lengths = length.tolist()
         return [ids[:n] for ids, n in zip(out.tolist(), lengths, strict=True)]
+
+
+def repeated_rows(inputs_embeds: torch.Tensor, mask: torch.Tensor):
+    """Runs of consecutive identical rows (same embeddings, same mask): the first row of each run and, for every
+    row, the index of its run; ``(None, None)`` when no two consecutive rows are the same."""
+    import torch
+
+    same = ((inputs_embeds[1:] == inputs_embeds[:-1]).flatten(1).all(1) & (mask[1:] == mask[:-1]).all(1))
+    if not bool(same.any()):
+        return None, None
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
 
 
 class _StepRunner:
@@ -255,7 +276,7 @@ class _StepRunner:
         torch.cuda.current_stream().wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # a teacher may draw in a thread
                 self.logits = self._run()
             self.graph = graph
             self.stats.graphs_captured += 1

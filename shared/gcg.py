@@ -225,12 +225,18 @@ class CandidateEval:
 
 
 def candidate_ce_sums(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor, *,
-                      max_tokens_per_forward: int = 65536) -> CandidateEval:
+                      max_tokens_per_forward: int = 65536, forward: Literal["model", "fused"] = "model"
+                      ) -> CandidateEval:
     """Each candidate's CE summed over the loss tokens of ``examples`` (``losses`` holds sums here), in batched
     forwards: for one example all candidates give rows of the same length and the same loss positions, so each
     forward is a dense ``[rows, T]`` block with no padding and no mask; the LM head runs only at the reply
-    positions."""
+    positions. ``forward="fused"`` runs the backbone as one compiled region per decoder layer on CUDA
+    (``shared.packed.causal_hidden``); ``"model"`` through the model's own forward, the reference."""
     import torch
+
+    from shared.packed import fused_completion_ce_sums
+
+    ce_sums = fused_completion_ce_sums if forward == "fused" else completion_ce_sums
 
     device = model.get_input_embeddings().weight.device
     width = candidates.shape[0]
@@ -249,8 +255,7 @@ def candidate_ce_sums(model, examples: Sequence[chat.PromptIds], candidates: tor
                 chunk = cand[start:start + rows_per_forward]
                 ids = base.repeat(chunk.shape[0], 1)
                 ids[:, span] = chunk
-                sums[start:start + chunk.shape[0]] += completion_ce_sums(
-                    model, ids, labels.expand(chunk.shape[0], -1))
+                sums[start:start + chunk.shape[0]] += ce_sums(model, ids, labels.expand(chunk.shape[0], -1))
                 tokens += ids.numel()
                 forwards += 1
     _sync(device)

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared import chat, store
 from shared.generation import SamplingParams, derived_seed
 from shared.teacher import StudentPass, TeacherStudent, n_loss_tokens, student_ce, student_examples
+from shared.teacher_schedule import GROUP_STREAM, StepDraws
 
 if TYPE_CHECKING:
     import torch
@@ -174,6 +175,11 @@ class DrawSettings(BaseModel):
     val_completions_per_question: int = 20
     micro_batch_tokens: int = 8192  # rows x longest per forward/backward
     bucket_by_length: bool = True  # micro-batches of similar lengths (little padding); False: in draw order
+    # the teacher off the critical path (shared.teacher_schedule): the completions of `draw_steps` consecutive
+    # steps drawn in one call (one batch when the teacher's sample batch holds them all), and with
+    # `overlap_teacher` the next call made in a worker thread while the student trains
+    draw_steps: int = Field(1, ge=1)
+    overlap_teacher: bool = False
 
 
 class SoftTrainingSettings(DrawSettings):
@@ -188,6 +194,9 @@ class SoftTrainingSettings(DrawSettings):
     # run each question's prompt once and its completions against the cached keys/values (the gradient flows back
     # through them into the prefix); False: every example in full, the reference path
     shared_prompt: bool = True
+    # with shared_prompt: pack each prompt with its completions into unpadded rows under an offset causal mask
+    # (FlexAttention on CUDA) instead of continuing a KV cache; False keeps the cache path
+    pack_replies: bool = False
 
 
 VAL_STREAM = 1_000_000_007  # the held-out set's sampling stream, apart from every step's
@@ -203,6 +212,12 @@ class TeacherDraws:
             raise ValueError("no training questions")
         self.pair, self.prompt, self.settings, self.seed = pair, prompt, settings, seed
         self.train_questions, self.val_questions = list(train_questions), list(val_questions)
+        if settings.overlap_teacher and pair.switches_teacher:
+            raise ValueError("overlap_teacher needs a teacher the student pass leaves alone (a separate model, or the "
+                             "student under its own system prompt): an adapter on the student's weights is switched "
+                             "off while the student trains")
+        self.schedule = StepDraws(self.group_examples, draw_steps=settings.draw_steps,
+                                  overlap=settings.overlap_teacher)
 
     def student_prompts(self, questions: Sequence[str]) -> list[chat.PromptIds]:
         return [self.prompt.build(self.pair.tokenizer, q) for q in questions]
@@ -220,8 +235,26 @@ class TeacherDraws:
         return student_examples(self.student_prompts(questions), completions, self.pair.stop_id)
 
     def step_examples(self, step: int) -> list[chat.PromptIds]:
-        return self.examples(self.step_questions(step), self.settings.completions_per_question,
-                             derived_seed(self.seed, step))
+        return self.schedule.examples(step)
+
+    def group_examples(self, first_step: int, steps: int) -> list[list[chat.PromptIds]]:
+        """The examples of ``steps`` consecutive steps from one teacher call; one step alone is seeded by
+        (seed, step), a group by (seed, group)."""
+        s = self.settings
+        if steps == 1:
+            return [self.examples(self.step_questions(first_step), s.completions_per_question,
+                                  derived_seed(self.seed, first_step))]
+        questions = [self.step_questions(step) for step in range(first_step, first_step + steps)]
+        params = SamplingParams(n=s.completions_per_question, temperature=s.temperature, top_p=s.top_p,
+                                max_new_tokens=s.max_new_tokens,
+                                seed=derived_seed(self.seed, first_step // steps, GROUP_STREAM))
+        completions = self.pair.sample([q for step_questions in questions for q in step_questions], params)
+        out, at = [], 0
+        for step_questions in questions:
+            out.append(student_examples(self.student_prompts(step_questions), completions[at:at + len(step_questions)],
+                                        self.pair.stop_id))
+            at += len(step_questions)
+        return out
 
     def val_examples(self) -> list[chat.PromptIds]:
         if not self.val_questions:
@@ -285,7 +318,8 @@ class SoftPrefixTrainer:
                      backward_scale: float | None = None) -> StudentPass:
         s = self.settings
         return student_ce(model, examples, self.pad_id, soft, max_tokens=s.micro_batch_tokens,
-                          shared_prompt=s.shared_prompt, by_length=s.bucket_by_length, backward_scale=backward_scale)
+                          shared_prompt=s.shared_prompt, by_length=s.bucket_by_length, backward_scale=backward_scale,
+                          pack_replies=s.pack_replies)
 
     def mean_ce(self, examples: Sequence[chat.PromptIds], soft: torch.Tensor) -> float:
         import torch
@@ -300,13 +334,17 @@ class SoftPrefixTrainer:
         examples = self.draws.step_examples(step)
         _sync(self.device)
         sampled = time.perf_counter()
+        if step + 1 < self.settings.steps:
+            self.draws.schedule.prefetch(step + 1)  # with overlap_teacher: the next draw runs beside this pass
         tokens = n_loss_tokens(examples)
         optimizer.zero_grad(set_to_none=True)
+        self.draws.schedule.mark("student_start", step)
         with self.pair.student() as model:
             student = self.student_pass(model, examples, soft, backward_scale=1 / tokens)
         optimizer.step()
         _sync(self.device)
         done = time.perf_counter()
+        self.draws.schedule.mark("student_end", step)
         return StepStats(step, student.ce_sum / tokens, len(examples), tokens, sampled - started, done - sampled,
                          student.tokens, student.padded_tokens)
 
@@ -354,6 +392,7 @@ class SoftPrefixTrainer:
             if checkpoint and (state.step % s.checkpoint_every == 0 or state.stopped_early):
                 state.optimizer_state = optimizer.state_dict()
                 checkpoint(state, optimizer)
+        self.draws.schedule.close()  # a draw started for a step that will not run is not waited for
         state.soft = soft.detach()
         state.optimizer_state = optimizer.state_dict()
         return state

@@ -92,6 +92,11 @@ class TeacherStudent:
         return self.teacher_generator.generate(self.teacher_prompts(questions), params)
 
     @property
+    def switches_teacher(self) -> bool:
+        """Whether the student context changes the teacher (an adapter on the shared weights switched off)."""
+        return self._student_context is not contextlib.nullcontext
+
+    @property
     def stop_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
@@ -201,19 +206,26 @@ def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inp
     targets = labels[:, 1:]
     keep = targets != chat.IGNORE_INDEX
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
-    kept_hidden, kept_targets = hidden[:, :-1][keep], targets[keep]
+    ce = token_ce(model, hidden[:, :-1][keep], targets[keep])
+    return torch.zeros(labels.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
+
+
+def token_ce(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The CE (fp32, ``[N]``) of the LM head's prediction at each of ``hidden``'s N positions against ``targets``:
+    in chunks, recomputed in the backward pass, so ``[N, vocab]`` logits never sit in memory at once."""
+    import torch
+
     head = model.get_output_embeddings()
-    token_ce = []
-    for at in range(0, kept_targets.shape[0], CE_CHUNK_POSITIONS):
-        chunk = (kept_hidden[at : at + CE_CHUNK_POSITIONS], kept_targets[at : at + CE_CHUNK_POSITIONS])
-        if torch.is_grad_enabled() and kept_hidden.requires_grad:
+    out = []
+    for at in range(0, targets.shape[0], CE_CHUNK_POSITIONS):
+        chunk = (hidden[at : at + CE_CHUNK_POSITIONS], targets[at : at + CE_CHUNK_POSITIONS])
+        if torch.is_grad_enabled() and hidden.requires_grad:
             from torch.utils.checkpoint import checkpoint
 
-            token_ce.append(checkpoint(_head_ce, head, *chunk, use_reentrant=False))
+            out.append(checkpoint(_head_ce, head, *chunk, use_reentrant=False))
         else:
-            token_ce.append(_head_ce(head, *chunk))
-    ce = torch.cat(token_ce) if token_ce else kept_hidden.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(labels.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
+            out.append(_head_ce(head, *chunk))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def _cache_argument(backbone) -> str:
@@ -285,15 +297,19 @@ class StudentPass:
 
 
 def student_ce(model, examples: Sequence[PromptIds], pad_id: int, soft=None, *, max_tokens: int,
-               shared_prompt: bool = True, by_length: bool = True, backward_scale: float | None = None
-               ) -> StudentPass:
+               shared_prompt: bool = True, by_length: bool = True, backward_scale: float | None = None,
+               pack_replies: bool = False) -> StudentPass:
     """The summed CE of ``examples`` (``soft`` filling their soft(K) slots), in micro-batches of at most
     ``max_tokens`` padded tokens. With ``backward_scale`` each micro-batch's ``backward_scale x CE`` is
     backpropagated, so ``.grad`` accumulates the gradient of ``backward_scale x`` the summed CE exactly, whatever
     the micro-batch size.
 
     ``shared_prompt``: run each distinct prompt once and every reply against its cached keys and values
-    (``shared_prompt_ce``); otherwise every example in full (``batch_ce_sum``), the reference."""
+    (``shared_prompt_ce``), or with ``pack_replies`` too, each prompt packed with its replies into unpadded rows of
+    at most ``max_tokens`` tokens under an offset causal mask (``packed_prompt_ce``); otherwise every example in
+    full (``batch_ce_sum``), the reference."""
+    if shared_prompt and pack_replies:
+        return packed_prompt_ce(model, examples, pad_id, soft, max_tokens=max_tokens, backward_scale=backward_scale)
     if shared_prompt:
         return shared_prompt_ce(model, examples, pad_id, soft, max_tokens=max_tokens, backward_scale=backward_scale)
     total, padded = 0.0, 0
@@ -340,6 +356,27 @@ def shared_prompt_ce(model, examples: Sequence[PromptIds], pad_id: int, soft=Non
     if grad:
         cache.backward()
     real = sum(len(p) - 1 for p in prompts) + sum(len(ids) for ids, _ in tails)
+    return StudentPass(total, real, padded)
+
+
+def packed_prompt_ce(model, examples: Sequence[PromptIds], pad_id: int, soft=None, *, max_tokens: int,
+                     backward_scale: float | None = None) -> StudentPass:
+    """``student_ce`` with each distinct prompt packed with its replies (``shared.packed``): no padding, no KV
+    cache, the prefix's gradient through plain autograd. ``padded_tokens`` counts the rows' alignment padding."""
+    import torch
+
+    from shared.packed import ALIGN, pack, packed_ce_sum
+
+    grad = backward_scale is not None and torch.is_grad_enabled()
+    on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
+    total, real, padded = 0.0, 0, 0
+    for row in pack(examples, max_tokens):
+        ce = packed_ce_sum(model, row, pad_id, soft)
+        if grad:
+            (ce * backward_scale).backward()
+        total += float(ce.detach())
+        real += len(row)
+        padded += len(row) + (-len(row) % ALIGN if on_cuda else 0)
     return StudentPass(total, real, padded)
 
 

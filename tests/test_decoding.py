@@ -194,3 +194,33 @@ def test_other_architectures_fall_back_to_model_generate(tiny):
     (completions,) = generator.generate([chat.build_prompt(tokenizer, "default", "Hi")],
                                         SamplingParams(temperature=0, max_new_tokens=3))
     assert len(completions[0].token_ids) <= 3
+
+
+def test_a_prompts_completions_share_one_prefill_and_draw_what_separate_prefills_draw(tiny):
+    """n completions of each prompt: the prompt is prefilled once and its cache copied to its rows; the draws at
+    T=1 from one seed are the ones the decoder draws when every row is prefilled on its own."""
+    model, tokenizer = tiny
+    prompts = [chat.build_prompt(tokenizer, "default", u) for u in USERS]
+    rows = [p for p in prompts for _ in range(5)]  # HFGenerator's layout: a prompt's copies side by side
+    batch = chat.build_batch(rows, pad_id=chat.soft_placeholder_id(tokenizer), padding_side="left")
+    embeds = model.get_input_embeddings()(batch.input_ids).detach()
+    settings = DecodeSettings(max_new_tokens=16, temperature=1.0)
+    shared, separate = FastDecoder([]), FastDecoder([], share_prefill=False)
+    with torch.inference_mode():
+        drawn = [decoder.generate(model, embeds, batch.attention_mask, settings, torch.Generator().manual_seed(7))
+                 for decoder in (shared, separate)]
+    assert shared.stats.prefill_rows == len(USERS) and separate.stats.prefill_rows == len(rows)
+    assert drawn[0] == drawn[1]
+    assert len({tuple(ids) for ids in drawn[0][:5]}) > 1, "a prompt's rows draw apart after the shared prefill"
+
+
+def test_rows_that_differ_are_each_prefilled():
+    from shared.decoding import repeated_rows
+
+    embeds = torch.tensor([[[1.0]], [[1.0]], [[2.0]], [[1.0]], [[1.0]]])
+    mask = torch.ones(5, 1, dtype=torch.bool)
+    firsts, owner = repeated_rows(embeds, mask)
+    assert firsts.tolist() == [0, 2, 3] and owner.tolist() == [0, 0, 1, 2, 2]
+    mask[1, 0] = False  # same embeddings, other padding: not the same prompt
+    assert repeated_rows(embeds, mask)[0].tolist() == [0, 1, 2, 3]
+    assert repeated_rows(embeds[[0, 2]], mask[[0, 2]]) == (None, None)
