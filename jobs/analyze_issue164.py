@@ -310,7 +310,7 @@ def classifier_section(facts: dict, constants: dict) -> list[str]:
     if by_question:
         head += [
             f"**Held-out (validation) accuracy: {facts['val_accuracy']:.3f}** on {facts['n_val']} completions to "
-            f"{by_question['n_val_questions']} questions held out of training whole (chance {facts['chance']:.2f}; "
+            f"{by_question['n_val_questions']} question(s) held out of training whole (chance {facts['chance']:.2f}; "
             f"{constants['confidence_percent']}% CI [{by_question['ci_low']:.2f}, {by_question['ci_high']:.2f}] from "
             f"a bootstrap over those questions); train accuracy {facts['train_accuracy']:.3f} on {facts['n_train']}. "
             f"Encoder `{facts['encoder']}` with logistic regression; {facts['n_positive']} EM-reference and "

@@ -161,8 +161,8 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
         if not t.panel_file:
             raise ConfigError(
                 "issue164 needs classifier_training.panel_file: the questions classifier C is trained on, disjoint "
-                "from the evaluation panel (the record's C used #104's broad questions; pass --set "
-                "classifier_training.panel_file=PATH)")
+                "from the evaluation panel (the record's C used #104's broad questions; set panel_file inside "
+                "classifier_training, e.g. in a --params file)")
         clf_questions = read_questions(t.panel_file, "classifier panel_file")
         try:
             check_disjoint(clf_questions, questions, "issue164: classifier C")

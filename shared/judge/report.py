@@ -273,13 +273,13 @@ def judge_check_line(name: str, check: dict, profile: str) -> str:
             f"{errors}"
         )
     where = where_read(profile)
-    score = "α" if kind == "alignment" else "its coherence scores (and the EM rate)"
+    scores = "α from this judge is" if kind == "alignment" else "Coherence scores from this judge, and so the EM rate, are"
     consequence = {
         SEPARATES: (f"It passes a gross-failure check: it scores blatantly {low} answers below plainly {high} ones. "
                     "That does not show its scale is calibrated."),
-        NO_SEPARATION: f"**{score} from this judge is not interpretable {where}.**",
-        INVERTED: f"It scores {low} answers higher: **{score} from this judge is not interpretable {where}.**",
-    }.get(check["verdict"], f"{score} from this judge is only weakly informative: read small differences as noise.")
+        NO_SEPARATION: f"**{scores} not interpretable {where}.**",
+        INVERTED: f"It scores {low} answers higher: **{scores} not interpretable {where}.**",
+    }.get(check["verdict"], f"{scores} only weakly informative: read small differences as noise.")
     return (f"- **{name}** ({check['role']}; {what}): {measured}. Verdict: {check['verdict']}. {consequence}"
             + graded_check_text(check.get("graded")))
 
