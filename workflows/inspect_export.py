@@ -65,19 +65,20 @@ def eval_log(manifest: dict, params: dict):
     rows = store.read_jsonl(scores_uri)
     completions = {(str(c["question_id"]), int(c["sample"])): c for c in store.read_jsonl(config["completions_uri"])}
     condition = rows[0]["condition"] if rows else manifest.get("cell", "")
-    model = completions[next(iter(completions))].get("model_ref", "") if completions else ""
+    generation = generation_config(config["completions_uri"])
+    model, system = generation.get("model_ref") or "unknown", generation.get("system")
     samples = []
     for row in rows:
         completion = completions.get((str(row["question_id"]), int(row["sample"])), {})
-        system = completion.get("system")
         messages = [ChatMessageUser(content=completion.get("question", ""))]
-        if isinstance(system, str) and system:
-            messages.insert(0, ChatMessageSystem(content=system))
+        text = system_text(system)
+        if text:
+            messages.insert(0, ChatMessageSystem(content=text))
         answer = completion.get("text", "")
         samples.append(EvalSample(
             id=f"{row['question_id']}#{row['sample']}", epoch=1, input=messages, target="",
             messages=[*messages, ChatMessageAssistant(content=answer)],
-            output=ModelOutput.from_content(model=model or "unknown", content=answer),
+            output=ModelOutput.from_content(model=model, content=answer),
             scores={judge_name: Score(value=_value(row), answer=answer, explanation=row.get("reply") or "",
                                       metadata={"label": row.get("label"), "error": row.get("error"),
                                                 "mass": row.get("mass")})},
@@ -98,6 +99,24 @@ def eval_log(manifest: dict, params: dict):
     results = EvalResults(total_samples=len(samples), completed_samples=len(samples),
                           scores=[EvalScore(name=judge_name, scorer=judge_name, metrics=metrics)])
     return EvalLog(eval=spec, status="success", samples=samples, results=results)
+
+
+def generation_config(completions_uri: str) -> dict:
+    """The config of the generate stage that wrote the completions (model, system slot), or {} if none is found."""
+    from shared.reporting import producing_manifest
+
+    try:
+        return producing_manifest(completions_uri).get("config", {})
+    except store.StoreError:
+        return {}
+
+
+def system_text(spec: str | None) -> str | None:
+    """The system prompt's text for a ``text(...)`` slot; other slots (default, none, soft, ids) have none to show
+    (the sample's metadata keeps the spec)."""
+    if isinstance(spec, str) and spec.startswith("text(") and spec.endswith(")"):
+        return spec[len("text("):-1]
+    return None
 
 
 def safe_name(text: str) -> str:
