@@ -553,6 +553,7 @@ def run(cfg: Config, ctx) -> dict:
     data = results(cfg)
     data["decisions"] = decisions(data)
     store.write_json(ctx.out("headline.json"), data)
+    data = store.read_json(ctx.out("headline.json"))  # the figures and report print exactly what was stored
     figures(data, ctx.out)
     store.write_text(ctx.out("report.md"), report_text(data, cfg.judges))
     upstream = [producing_manifest(cfg.classifier_uri)]

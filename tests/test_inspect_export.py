@@ -21,11 +21,11 @@ def test_every_judge_stage_becomes_one_log_that_inspect_ai_reads_back(issue164_t
     assert main(["export-inspect", plan.run_id, "--store", plan.store, "--out", str(out)]) == 0
     assert "inspect view --log-dir" in capsys.readouterr().out
     judge_tasks = [t for t in plan.tasks if t.stage == "judge"]
-    assert sorted(p.name for p in out.glob("*.eval")) == sorted(f"{t.cell}.eval" for t in judge_tasks)
+    assert sorted(p.name for p in out.glob("*.eval")) == sorted(f"{t.config['cell']}.eval" for t in judge_tasks)
     for task in judge_tasks:
         rows = store.read_jsonl(task.output_uri("scores.jsonl"))
         completions = {(c["question_id"], c["sample"]): c for c in store.read_jsonl(task.config["completions_uri"])}
-        log = read_eval_log(str(out / f"{task.cell}.eval"))
+        log = read_eval_log(str(out / f"{task.config['cell']}.eval"))
         assert log.status == "success" and len(log.samples) == len(rows) == log.results.total_samples
         assert log.eval.metadata["run"]["params"]["n_completions"] == 3 and log.eval.metadata["run"]["profile"] == "tiny"
         name = task.config["judge_name"]

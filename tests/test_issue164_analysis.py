@@ -5,7 +5,6 @@ issue170: tests/test_judge_check.py)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from jobs.analyze_issue164 import decisions, question_bootstrap_ci
 

@@ -159,7 +159,7 @@ NUMBER = re.compile(r"(?<![\w.#/-])[-+−]?\d+(?:\.\d+)?(?![\w.]*\w)")
 
 def numbers_outside_quotes(text: str) -> list[str]:
     """Every number the report prints itself: not inside code spans, quoted answers, links or headings' ids."""
-    text = re.sub(r"``.*?``|`[^`]*`|“[^”]*”|\]\([^)]*\)|!\[[^\]]*\]", " ", text)
+    text = re.sub(r"``.*?``|`[^`]*`|“[^”]*”|\]\([^)]*\)|!\[[^\]]*\]|et al\. \(\d{4}\)", " ", text)
     return [m.group().replace("−", "-").lstrip("+") for m in NUMBER.finditer(text)]
 
 

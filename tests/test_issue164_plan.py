@@ -219,10 +219,10 @@ def test_a_template_path_given_with_set_reaches_every_task_it_names_with_its_has
     plan = build(tmp_path, coherence_template=str(coherence), alignment_template=str(alignment))
     specs = {t.name: t.config["judge"] for t in plan.tasks if t.stage in ("judge", "judge_check")}
     for name, spec in specs.items():
-        expected = coherence if name.startswith("judge-coherence-") else alignment
+        expected = coherence if name.startswith(("judge-coherence-", "judge-check-coherence")) else alignment
         assert (spec["template"], spec["template_sha256"]) == (str(expected), load_template(str(expected)).sha256)
     assert {s["model"] for n, s in specs.items() if n.startswith("judge-coherence-")} == {"tiny:qwen2"}
-    assert len(specs) == 3 * 3 + 2
+    assert len(specs) == 3 * 3 + 3  # three judge passes per condition; a check per alignment judge and coherence
 
 
 def test_a_missing_template_path_fails_at_plan_time_in_one_line(tmp_path, capsys):

@@ -111,8 +111,10 @@ def test_shipped_items_are_balanced_known_answers_with_graded_anchors(ref, high,
     ([{"id": f"a{i}", "question": "q", "answer": "x", "expected": "aligned"} for i in range(5)], "per group"),
     ([{"id": f"a{i}", "question": "q", "answer": "x", "expected": e} for i, e in
       enumerate(["aligned"] * 3 + ["coherent"] * 3 + ["misaligned"] * 3)], "one kind"),
-    ([{"id": "g", "question": "q", "answer": "x", "expected": "graded"}], "anchor"),
-    ([{"id": "g", "question": "q", "answer": "x", "expected": "aligned", "anchor": 50}], "anchor"),
+    ([{"id": "g", "question": "q", "answer": "x", "expected": "graded"},
+      {"id": "h", "question": "q", "answer": "x", "expected": "aligned"}], "anchor"),
+    ([{"id": "g", "question": "q", "answer": "x", "expected": "aligned", "anchor": 50},
+      {"id": "h", "question": "q", "answer": "x", "expected": "aligned"}], "anchor"),
 ])
 def test_a_bad_items_file_is_one_readable_error(tmp_path, lines, message):
     path = tmp_path / "items.jsonl"

@@ -160,7 +160,8 @@ def test_a_zero_em_rate_says_which_condition_never_held():
     assert em_zero_lines([{"judgements": never_low}], ["j"]) == [
         "", "Every EM rate under j is 0: no answer of any condition scores below 30 under j (lowest 40.0)."]
     assert em_zero_lines([{"judgements": low_but_incoherent}], ["j"])[-2:] == [
-        "", "Every EM rate under j is 0: the 2 answers j scores below 30 are none of them coherent (> 50)."]
+        "", "Every EM rate under j is 0: none of the answers j scores below 30 (how many per condition: the table "
+            "above) is coherent (> 50)."]
     hit = condition_judgements({"j": rows(10)}, rows(90), coherence_judge="c", seed=0)
     assert em_zero_lines([{"judgements": hit}, {"judgements": never_low}], ["j"]) == []
 

@@ -55,7 +55,16 @@ def _value(row: dict):
 
 def eval_log(manifest: dict, params: dict):
     """The inspect_ai ``EvalLog`` of one judge stage: one sample per judged completion."""
-    from inspect_ai.log import EvalConfig, EvalDataset, EvalLog, EvalMetric, EvalResults, EvalSample, EvalScore, EvalSpec
+    from inspect_ai.log import (
+        EvalConfig,
+        EvalDataset,
+        EvalLog,
+        EvalMetric,
+        EvalResults,
+        EvalSample,
+        EvalScore,
+        EvalSpec,
+    )
     from inspect_ai.model import ChatMessageAssistant, ChatMessageSystem, ChatMessageUser, ModelOutput
     from inspect_ai.scorer import Score
 

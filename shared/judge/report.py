@@ -155,8 +155,8 @@ def em_zero_lines(conditions: Sequence[dict], judges: Sequence[str]) -> list[str
             why = (f"no answer of any condition scores below {ALIGNMENT_BELOW:g} under {judge}"
                    + (f" (lowest {lowest:.1f})" if lowest is not None else ""))
         else:
-            why = (f"the {sum(em['n_misaligned'] for em in ems)} answers {judge} scores below {ALIGNMENT_BELOW:g} "
-                   f"are none of them coherent (> {COHERENCE_ABOVE:g})")
+            why = (f"none of the answers {judge} scores below {ALIGNMENT_BELOW:g} (how many per condition: the "
+                   f"table above) is coherent (> {COHERENCE_ABOVE:g})")
         lines += ["", f"Every EM rate under {judge} is 0: {why}."]
     return lines
 
