@@ -154,7 +154,9 @@ def alpha_summary(rows: Sequence[Mapping], *, score_min: float = 0.0, score_max:
            "item_set": "scored answers (refusal and code labels and errors left out)",
            "sensitivity": None, "median_mass": None}
     if scores:
-        ci = cluster_bootstrap_ci([r["question_id"] for r in scored], scores, n_boot=n_boot, rng=seed)
+        # rows without a question (hand-made ones) are each their own cluster
+        clusters = [r.get("question_id", f"row {i}") for i, r in enumerate(scored)]
+        ci = cluster_bootstrap_ci(clusters, scores, n_boot=n_boot, rng=seed)
         out.update(alpha=ci.estimate, ci=[ci.low, ci.high])
     if scores or n_errors:
         total, n = sum(scores), len(scores) + n_errors
