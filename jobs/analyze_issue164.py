@@ -195,6 +195,7 @@ def results(cfg: Config) -> dict:
                       "n_lowest": N_LOWEST, "strong_accuracy": STRONG_ACCURACY, "sample_chars": SAMPLE_CHARS,
                       "graded_anchors": [30, 50, 70], "score_range": [0, 100]},
         "judge_errors": error_accounting({r["condition"]: r["judgements"]["errors"] for r in rows}),
+        "judge_specs": {name: spec.model_dump(mode="json") for name, spec in cfg.judges.items()},
         "templates": {name: {"role": roles.get(name, ""), "kind": spec.kind, "model": spec.model,
                              "local_method": spec.local_method if spec.kind == "local" else None,
                              "min_candidate_mass": spec.min_candidate_mass if spec.kind == "local" else None,
@@ -420,12 +421,21 @@ def lowest_section(data: dict, named) -> list[str]:
     return [*lines, ""]
 
 
-def report_text(data: dict, judges: dict[str, JudgeSpec]) -> str:
+def judge_specs(data: dict) -> dict[str, JudgeSpec]:
+    """The judges' specs from the results object, in the order of their roles (primary, alternate, coherence)."""
+    j = data["judges"]
+    order = [name for name in (j["primary"], j["alternate"], j.get("coherence")) if name in data["judge_specs"]]
+    order += [name for name in data["judge_specs"] if name not in order]
+    return {name: JudgeSpec.model_validate(data["judge_specs"][name]) for name in order}
+
+
+def report_text(data: dict) -> str:
     """The report, from the results object only."""
     from shared.judge.report import em_cell, errors_section, templates_section
     from shared.reporting import fmt, markdown_table
 
     j, d, checks = data["judges"], data["decisions"], data["judge_checks"]
+    judges = judge_specs(data)
     named = condition_label(data)
     profile = data.get("profile") or "this"
     conf = data["constants"]["confidence_percent"]
@@ -555,7 +565,7 @@ def run(cfg: Config, ctx) -> dict:
     store.write_json(ctx.out("headline.json"), data)
     data = store.read_json(ctx.out("headline.json"))  # the figures and report print exactly what was stored
     figures(data, ctx.out)
-    store.write_text(ctx.out("report.md"), report_text(data, cfg.judges))
+    store.write_text(ctx.out("report.md"), report_text(data))
     upstream = [producing_manifest(cfg.classifier_uri)]
     for cond in cfg.conditions:
         upstream.append(producing_manifest(cond.c_scores_uri))

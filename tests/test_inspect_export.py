@@ -29,7 +29,9 @@ def test_every_judge_stage_becomes_one_log_that_inspect_ai_reads_back(issue164_t
         assert log.status == "success" and len(log.samples) == len(rows) == log.results.total_samples
         assert log.eval.metadata["run"]["params"]["n_completions"] == 3 and log.eval.metadata["run"]["profile"] == "tiny"
         name = task.config["judge_name"]
-        for sample, row in zip(log.samples, rows, strict=True):
+        samples = {sample.id: sample for sample in log.samples}
+        for row in rows:
+            sample = samples[f"{row['question_id']}#{row['sample']}"]
             score = sample.scores[name]
             assert score.value == pytest.approx(row["score"]) and score.explanation == row["reply"]
             assert sample.output.completion == completions[(row["question_id"], row["sample"])]["text"]
