@@ -130,8 +130,8 @@ def alpha_em_figure(rows, uri: str, *, judges, reference_points=None, comparable
         ax.set_ylabel(label)
         ax.set_ylim(-3, 103)
         ax.legend(fontsize=7, frameon=False)
-    ax_alpha.set_title("α per condition; bars: 95% CI (bootstrap over questions)", fontsize=8)
-    ax_em.set_title("EM rate per condition; bars: 95% CI (exact over questions where none is EM)", fontsize=8)
+    ax_alpha.set_title("α per condition\nbars: 95% CI (bootstrap over questions)", fontsize=8)
+    ax_em.set_title("EM rate per condition\nbars: 95% CI (exact over questions where none is EM)", fontsize=8)
     if reference_points and comparable:
         for point in reference_points:
             ax_alpha.axhline(point["alpha_primary"], color=REFERENCE_COLOR, linestyle="--", linewidth=0.8)
