@@ -295,6 +295,9 @@ def c_vs_alpha_figure(data: dict, uri: str) -> dict:
                    "bars: 95% CIs from a bootstrap over questions", fontsize=8)
     if zoom.get_legend_handles_labels()[0]:
         zoom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    else:  # every condition's α is missing: say why instead of an empty plot
+        zoom.text(0.5, 0.5, "no α in this run: the judges scored no answer\n(see the report's α section)",
+                  transform=zoom.transAxes, ha="center", va="center", fontsize=9, color=REFERENCE_COLOR)
     return save(fig, uri)
 
 
