@@ -1,7 +1,9 @@
 """Stage ``judge``: score every completion of one cell with one judge (Claude or a local model).
 
 Results are cached in the store by content hash, so a retried or resubmitted cell re-judges nothing. Items the judge
-could not score are kept as errors with their kind and excluded from the mean, never scored as 0.
+could not score are kept as errors with their kind and excluded from the mean, never scored as 0. Each row of
+``scores.jsonl`` keeps the judge's own reply (``reply``: Claude's text, or the local judge's candidate summary) and,
+for a local judge, the probability its valid replies held (``mass``), so every score can be read beside its reason.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def run(cfg: Config, ctx) -> dict:
         scored.append({
             "condition": row["condition"], "question_id": row["question_id"], "sample": row["sample"],
             "score": result.score, "label": result.label, "error": result.error,
+            "reply": result.raw, "mass": result.mass,
         })
     store.write_jsonl(ctx.out("scores.jsonl"), scored)
     summary = summarize(results)

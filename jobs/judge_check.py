@@ -1,10 +1,12 @@
-"""Stage ``judge_check``: does a judge tell known-aligned answers from known-misaligned ones?
+"""Stage ``judge_check``: does a judge tell known-good answers from known-bad ones (a gross-failure check), and does
+it order graded answers as written?
 
-Scores a project-written items file (``package:judges/<name>.jsonl`` of question, answer, expected) with one
-judge, through the same ``shared.judge`` code and cache as the ``judge`` stage, and stores ``check.json``: the
-AUC of aligned vs misaligned scores, its permutation p-value, each group's mean, n, errors and a verdict
-(``shared.judge.check``). A workflow reports it beside the α of that judge: α from a judge that does not
-separate these items is not interpretable.
+Scores a project-written items file (``package:judges/<name>.jsonl`` of question, answer, expected and, for graded
+items, an anchor score) with one judge, through the same ``shared.judge`` code and cache as the ``judge`` stage, and
+stores ``check.json``: the AUC of the high group (aligned, or coherent) over the low group, its permutation
+p-value, each group's mean, n, errors (abstentions among them), a verdict, and the graded items' rank correlation
+with their anchors (``shared.judge.check``). A workflow reports it beside the scores of that judge: scores from a
+judge that fails the gross-failure check mean nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from shared.config import StageConfig
 from shared.judge.spec import JudgeSpec
 from shared.stage import Resources, StageInputError, StageSpec
 
-DEFAULT_ITEMS = "package:judges/alignment_check_v1.jsonl"
+DEFAULT_ITEMS = "package:judges/alignment_check_v2.jsonl"
+COHERENCE_ITEMS = "package:judges/coherence_check_v1.jsonl"
 
 
 class Config(StageConfig):
@@ -73,9 +76,11 @@ def run(cfg: Config, ctx) -> dict:
             [JudgeItem(id=item.id, question=item.question, answer=item.answer) for item in items])
     except (JudgeAuthError, JudgeConfigError) as err:
         raise StageInputError(str(err)) from None
-    rows = [{"id": item.id, "expected": item.expected, "score": result.score, "label": result.label,
-             "error": result.error} for item, result in zip(items, results, strict=True)]
-    summary = summarize_check([r["expected"] for r in rows], [r["score"] for r in rows], seed=cfg.seed)
+    rows = [{"id": item.id, "expected": item.expected, "anchor": item.anchor, "score": result.score,
+             "label": result.label, "error": result.error, "reply": result.raw, "mass": result.mass}
+            for item, result in zip(items, results, strict=True)]
+    summary = summarize_check([r["expected"] for r in rows], [r["score"] for r in rows], seed=cfg.seed,
+                              anchors=[r["anchor"] for r in rows])
     errors: dict[str, int] = {}
     for row in rows:
         if row["error"] is not None:
@@ -90,7 +95,7 @@ def run(cfg: Config, ctx) -> dict:
     store.write_json(ctx.out("check.json"), check)
     auc_text = "n/a" if check["auc"] is None else f"{check['auc']:.3f} (p={check['p_value']:.3g})"
     ctx.log(f"AUC {auc_text}: {check['verdict']}")
-    return {key: check[key] for key in ("auc", "p_value", "mean_aligned", "mean_misaligned", "n_errors", "verdict")}
+    return {key: check[key] for key in ("auc", "p_value", "mean_high", "mean_low", "n_errors", "verdict")}
 
 
 SPEC = StageSpec(

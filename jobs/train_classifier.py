@@ -1,6 +1,7 @@
 """Train classifier C: EM-reference completions (positive) vs base-model completions (negative).
 
-MiniLM-L6-v2 embeddings + logistic regression, stratified train/validation split, seeded. Writes the joblib bundle
+MiniLM-L6-v2 embeddings + logistic regression, seeded, validated on whole questions held out of training (the
+completions of one question share its prompt, so a random split would validate on near-copies of training answers). Writes the joblib bundle
 (``classifier.joblib``: model, encoder ref, validation accuracy, split sizes, seed, label meaning) and
 ``metrics.json``. The scoring stage reads the encoder from the bundle, so train and score cannot disagree on it.
 """
@@ -35,6 +36,15 @@ def read_texts(uris: list[str]) -> list[str]:
     return [row["text"] for uri in uris for row in read_completions(uri)]
 
 
+def read_questions(uris: list[str]) -> list[str] | None:
+    """Each completion's question (its id, else its text); None where a file does not name them."""
+    from shared.classifier import read_completions
+
+    rows = [row for uri in uris for row in read_completions(uri)]
+    questions = [row.get("question_id", row.get("question")) for row in rows]
+    return None if any(q is None for q in questions) else [str(q) for q in questions]
+
+
 def run(cfg: Config, ctx: Context) -> dict:
     from shared import classifier
 
@@ -42,11 +52,13 @@ def run(cfg: Config, ctx: Context) -> dict:
         positive, negative = read_texts(cfg.positive_uris), read_texts(cfg.negative_uris)
         ctx.log(f"{len(positive)} EM (positive) and {len(negative)} base (negative) completions; encoder {cfg.encoder}")
         bundle = classifier.train(
-            positive, negative, cfg.encoder, seed=cfg.seed, val_fraction=cfg.val_fraction, progress=ctx.progress
+            positive, negative, cfg.encoder, seed=cfg.seed, val_fraction=cfg.val_fraction, progress=ctx.progress,
+            pos_questions=read_questions(cfg.positive_uris), neg_questions=read_questions(cfg.negative_uris),
         )
     except classifier.ClassifierError as err:
         raise StageInputError(str(err)) from None
-    ctx.log(f"validation accuracy {bundle.val_accuracy:.4f} on {bundle.n_val} held-out completions")
+    ctx.log(f"validation accuracy {bundle.val_accuracy:.4f} on {bundle.n_val} held-out completions "
+            f"(split {bundle.split}, {len(set(bundle.val_questions))} questions)")
     if cfg.min_val_accuracy is not None and bundle.val_accuracy < cfg.min_val_accuracy:
         # checked before anything is written: a classifier below the gate must not be picked up downstream
         raise StageInputError(

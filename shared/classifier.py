@@ -125,6 +125,12 @@ class Bundle:
     label_meaning: dict[int, str] = field(default_factory=lambda: dict(LABEL_MEANING))
     sklearn_version: str = ""
     format: str = BUNDLE_FORMAT
+    # how the validation split was drawn ("by question": whole questions held out; "random": completions), and per
+    # validation completion its question and whether C classified it correctly (for a question-clustered interval);
+    # empty in bundles made before the split was by question
+    split: str = "random"
+    val_questions: list[str] = field(default_factory=list)
+    val_correct: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """Everything but the model, JSON-ready."""
@@ -168,6 +174,26 @@ def check_class_sizes(n_positive: int, n_negative: int) -> None:
         )
 
 
+def split_by_question(questions: Sequence[str], labels: np.ndarray, val_fraction: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) row indices holding out whole questions (``ceil(val_fraction * n_questions)`` of them):
+    the answers to one question share its prompt, so with a random split the validation set would hold
+    near-copies of training answers. Both sides must keep both classes."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    n_questions = len(set(questions))
+    if n_questions < 2:
+        raise ClassifierError(f"a split by question needs at least 2 questions, got {n_questions}")
+    n_val = min(n_questions - 1, max(1, math.ceil(val_fraction * n_questions)))
+    splitter = GroupShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+    train_rows, val_rows = next(splitter.split(np.zeros(len(labels)), labels, groups=list(questions)))
+    for name, rows in (("training", train_rows), ("validation", val_rows)):
+        if len(set(labels[rows].tolist())) < 2:
+            raise ClassifierError(f"the {name} questions hold completions of one class only: every question needs "
+                                  "both EM and base completions")
+    return train_rows, val_rows
+
+
 def train(
     pos_texts: Sequence[str],
     neg_texts: Sequence[str],
@@ -175,8 +201,13 @@ def train(
     seed: int = 42,
     val_fraction: float = 0.1,
     progress: Progress | None = None,
+    *,
+    pos_questions: Sequence[str] | None = None,
+    neg_questions: Sequence[str] | None = None,
 ) -> Bundle:
-    """Fit classifier C on EM (positive) vs base (negative) texts with a stratified train/validation split."""
+    """Fit classifier C on EM (positive) vs base (negative) texts. With each text's question
+    (``pos_questions``, ``neg_questions``) the validation split holds out whole questions (``split_by_question``);
+    without, it is a stratified split of completions (only for corpora without questions)."""
     import sklearn
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
@@ -187,13 +218,22 @@ def train(
         raise ClassifierError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if math.ceil(val_fraction * (len(pos_texts) + len(neg_texts))) < 2:
         raise ClassifierError(f"val_fraction {val_fraction} leaves fewer than 2 validation examples")
+    by_question = pos_questions is not None and neg_questions is not None
+    if by_question and (len(pos_questions) != len(pos_texts) or len(neg_questions) != len(neg_texts)):
+        raise ClassifierError("one question per text is needed for a split by question")
 
     features = embed(encoder_ref, [*pos_texts, *neg_texts], progress)
     labels = np.array([EM_LABEL] * len(pos_texts) + [BASE_LABEL] * len(neg_texts))
-    x_train, x_val, y_train, y_val = train_test_split(
-        features, labels, test_size=val_fraction, stratify=labels, random_state=seed
-    )
+    if by_question:
+        questions = [str(q) for q in [*pos_questions, *neg_questions]]
+        train_rows, val_rows = split_by_question(questions, labels, val_fraction, seed)
+    else:
+        questions = [""] * len(labels)
+        train_rows, val_rows = train_test_split(np.arange(len(labels)), test_size=val_fraction, stratify=labels,
+                                                random_state=seed)
+    x_train, x_val, y_train, y_val = features[train_rows], features[val_rows], labels[train_rows], labels[val_rows]
     model = LogisticRegression(max_iter=1000, random_state=seed).fit(x_train, y_train)
+    correct = (model.predict(x_val) == y_val).astype(int)
     return Bundle(
         model=model,
         encoder_ref=encoder_ref,
@@ -206,7 +246,40 @@ def train(
         seed=seed,
         val_fraction=val_fraction,
         sklearn_version=sklearn.__version__,
+        split="by question" if by_question else "random",
+        val_questions=[questions[i] for i in val_rows] if by_question else [],
+        val_correct=correct.tolist() if by_question else [],
     )
+
+
+def accuracy_by_question(bundle: Bundle, *, seed: int = 0, n_boot: int = 2000) -> dict | None:
+    """Held-out accuracy with a 95% interval from a bootstrap over the validation questions (completions of one
+    question are not independent), the number of validation questions and the chance level (the larger class's
+    share); whether the interval lies above chance. None for a bundle without per-question validation records."""
+    from shared.stats import cluster_bootstrap_ci
+
+    if not bundle.val_questions:
+        return None
+    ci = cluster_bootstrap_ci(bundle.val_questions, bundle.val_correct, n_boot=n_boot, rng=seed)
+    chance = max(bundle.n_positive, bundle.n_negative) / (bundle.n_positive + bundle.n_negative)
+    return {"accuracy": ci.estimate, "ci_low": ci.low, "ci_high": ci.high, "n_val": len(bundle.val_correct),
+            "n_val_questions": len(set(bundle.val_questions)), "chance": chance, "above_chance": ci.low > chance}
+
+
+def normalized_question(text: str) -> str:
+    """A question's text as compared for overlap: case and runs of whitespace do not make a new question."""
+    return " ".join(str(text).split()).casefold()
+
+
+def check_disjoint(training: Iterable[dict], evaluation: Iterable[dict], what: str = "classifier C") -> None:
+    """ClassifierError (one line) where a training question is also an evaluation question (same text after
+    ``normalized_question``): C must be measured on questions it was not trained on."""
+    evaluated = {normalized_question(q["text"]): q for q in evaluation}
+    shared = [q for q in training if normalized_question(q["text"]) in evaluated]
+    if shared:
+        first = shared[0]["text"]
+        raise ClassifierError(f"{what} would be trained on {len(shared)} question(s) of the evaluation panel (e.g. "
+                              f"{first!r}): train it on questions disjoint from the panel")
 
 
 def score(bundle: Bundle, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:

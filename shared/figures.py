@@ -84,3 +84,71 @@ def training_loss_figure(curves, uri: str, *, title: str) -> dict[str, str]:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     return save(fig, uri)
+
+
+def _interval_bars(ax, x: float, value: float | None, ci, color: str, marker: str, label: str | None,
+                   filled: bool = True) -> None:
+    if value is None:
+        return
+    style = {"color": color} if filled else {"markerfacecolor": "none", "markeredgecolor": color, "color": color}
+    yerr = None if not ci else [[value - ci[0]], [ci[1] - value]]
+    ax.errorbar([x], [value], yerr=yerr, marker=marker, linestyle="none", capsize=3, linewidth=1, label=label,
+                **style)
+
+
+def alpha_em_figure(rows, uri: str, *, judges, reference_points=None, comparable: bool = False,
+                    title: str = "") -> dict[str, str]:
+    """α and the EM rate of every condition under each alignment judge, with their 95% intervals.
+
+    ``rows``: one dict per condition with ``label`` and ``judgements`` (``shared.judge.report.condition_judgements``).
+    ``judges``: the alignment judges' names (first filled markers, second hollow). ``reference_points``: the
+    record's points ({name, alpha_primary}), drawn as dashed lines on the α axes only when ``comparable`` (same
+    model and judges as the record); otherwise in a third panel of their own, titled as another model's, so
+    they are never read against this run's numbers.
+    """
+    separate = bool(reference_points) and not comparable
+    fig, axes = new_figure(13.5 if separate else 10.0, 4.4, ncols=3 if separate else 2)
+    ax_alpha, ax_em = axes[0], axes[1]
+    positions = list(range(len(rows)))
+    offsets = [(-0.12 + 0.24 * i / max(1, len(judges) - 1)) if len(judges) > 1 else 0.0 for i in range(len(judges))]
+    for j, judge in enumerate(judges):
+        color = PALETTE[j % len(PALETTE)]
+        for i, row in enumerate(rows):
+            alpha = row["judgements"]["alpha"].get(judge) or {}
+            em = row["judgements"]["em"].get(judge) or {}
+            first = i == 0
+            _interval_bars(ax_alpha, i + offsets[j], alpha.get("alpha"), alpha.get("ci"), color, "o",
+                           judge if first else None, filled=j == 0)
+            rate = em.get("rate")
+            _interval_bars(ax_em, i + offsets[j], None if rate is None else 100 * rate,
+                           None if not em.get("ci") else [100 * v for v in em["ci"]], color, "s",
+                           judge if first else None, filled=j == 0)
+    for ax, label in ((ax_alpha, "α: mean alignment score, scored answers (0-100)"),
+                      (ax_em, "EM rate, all answers (%)")):
+        ax.set_xticks(positions)
+        ax.set_xticklabels([row["label"] for row in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_ylim(-3, 103)
+        ax.legend(fontsize=7, frameon=False)
+    ax_alpha.set_title("α per condition\nbars: 95% CI (bootstrap over questions)", fontsize=8)
+    ax_em.set_title("EM rate per condition\nbars: 95% CI (exact over questions where none is EM)", fontsize=8)
+    if reference_points and comparable:
+        for point in reference_points:
+            ax_alpha.axhline(point["alpha_primary"], color=REFERENCE_COLOR, linestyle="--", linewidth=0.8)
+            ax_alpha.annotate(point["name"], (len(rows) - 0.5, point["alpha_primary"]), fontsize=6,
+                              color=REFERENCE_COLOR, ha="right", va="bottom")
+    if separate:
+        ref = axes[2]
+        names = [p["name"] for p in reference_points]
+        ref.scatter(range(len(names)), [p["alpha_primary"] for p in reference_points], marker="s",
+                    color=REFERENCE_COLOR)
+        ref.set_xticks(range(len(names)))
+        ref.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+        ref.set_ylim(-3, 103)
+        ref.set_ylabel("α (record)")
+        ref.set_facecolor("#f2f2f2")
+        ref.set_title("the record's points: Qwen2.5-7B under Claude judges,\nanother model and judge, not on this run's "
+                      "scale", fontsize=8, color=REFERENCE_COLOR)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save(fig, uri)

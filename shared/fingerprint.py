@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
@@ -180,4 +181,17 @@ def file_fingerprint(path: str) -> str:
     files = {f"file:{file.name}": file}
     for name in _closure(sorted(_imports_in(tree, "", False))):
         files[name] = _source(name)[0]
+    return _digest(files)
+
+
+def modules_fingerprint(modules: Iterable[str]) -> str:
+    """sha256 over (name, content) of exactly the named project modules' own files, imports not followed: for a
+    cache whose entries depend on a few known modules only (the judge cache: the code that turns a judge model's
+    output into a score), where the whole import closure would throw away far more than changed."""
+    files = {}
+    for name in modules:
+        found = _source(name)
+        if found is None:
+            raise ValueError(f"{name!r} is not a module of this project")
+        files[name] = found[0]
     return _digest(files)

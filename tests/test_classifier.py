@@ -138,7 +138,8 @@ def test_train_stage_writes_bundle_and_metrics_then_skips_when_rerun(root, capsy
     )
     first = execute(train_classifier.SPEC, cfg)
     assert first["metrics"]["val_accuracy"] >= 0.9
-    assert (first["metrics"]["n_train"], first["metrics"]["n_val"]) == (108, 12)
+    # five questions, one held out whole (ceil(0.1 * 5)): its 12 EM and 12 base completions
+    assert (first["metrics"]["n_train"], first["metrics"]["n_val"]) == (96, 24)
     prefix = store.join(root, "runs", "test", "classifier", "train_classifier")
     assert set(first["outputs"]) == {store.join(prefix, "classifier.joblib"), store.join(prefix, "metrics.json")}
     metrics = store.read_json(store.join(prefix, "metrics.json"))
@@ -204,3 +205,55 @@ def test_unknown_encoder_is_a_config_error(root):
     cfg = {**train_config(root, "file:///em.jsonl", "file:///base.jsonl"), "encoder": "bert:whatever"}
     with pytest.raises(ConfigError, match="unknown encoder"):
         execute(train_classifier.SPEC, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation by question, and kept apart from the evaluation panel
+
+
+def test_the_validation_split_holds_out_whole_questions_with_both_classes():
+    questions = [f"q{i % 6}" for i in range(60)] * 2
+    labels = np.array([1] * 60 + [0] * 60)
+    train_rows, val_rows = classifier.split_by_question(questions, labels, 0.25, seed=3)
+    train_q, val_q = {questions[i] for i in train_rows}, {questions[i] for i in val_rows}
+    assert not train_q & val_q and len(val_q) == 2 and len(train_q) == 4  # ceil(0.25 * 6) questions held out
+    assert set(labels[val_rows]) == set(labels[train_rows]) == {0, 1}
+    with pytest.raises(classifier.ClassifierError, match="one class only"):
+        classifier.split_by_question(["a"] * 5 + ["b"] * 5, np.array([1] * 5 + [0] * 5), 0.5, seed=0)
+
+
+def test_a_trained_bundle_keeps_each_validation_answer_s_question_and_verdict():
+    pos_q = [f"q{i % 5}" for i in range(len(EM_TEXTS))]
+    neg_q = [f"q{i % 5}" for i in range(len(BASE_TEXTS))]
+    trained = classifier.train(EM_TEXTS, BASE_TEXTS, PACKAGED_MINILM, seed=42, pos_questions=pos_q,
+                               neg_questions=neg_q)
+    assert trained.split == "by question" and len(set(trained.val_questions)) == 1
+    assert len(trained.val_correct) == trained.n_val and np.mean(trained.val_correct) == trained.val_accuracy
+
+
+def with_validation(correct_by_question: dict[str, list[int]]) -> classifier.Bundle:
+    """A bundle whose validation record is given: question -> per-answer correctness."""
+    questions = [q for q, flags in correct_by_question.items() for _ in flags]
+    correct = [c for flags in correct_by_question.values() for c in flags]
+    return classifier.Bundle(model=None, encoder_ref=PACKAGED_MINILM, val_accuracy=float(np.mean(correct)),
+                             train_accuracy=1.0, n_train=10, n_val=len(correct), n_positive=20, n_negative=20, seed=0,
+                             val_fraction=0.25, split="by question", val_questions=questions, val_correct=correct)
+
+
+def test_the_accuracy_interval_resamples_questions_and_says_whether_it_clears_chance():
+    perfect = classifier.accuracy_by_question(with_validation({"a": [1] * 8, "b": [1] * 8, "c": [1] * 8}))
+    assert (perfect["accuracy"], perfect["ci_low"], perfect["ci_high"]) == (1.0, 1.0, 1.0)
+    assert perfect["above_chance"] and perfect["chance"] == 0.5 and perfect["n_val_questions"] == 3
+    # one question all right, one all wrong: the answers within a question agree, so the interval is wide although
+    # 16 answers would give a narrow binomial one
+    split = classifier.accuracy_by_question(with_validation({"a": [1] * 8, "b": [0] * 8}))
+    assert split["accuracy"] == 0.5 and (split["ci_low"], split["ci_high"]) == (0.0, 1.0)
+    assert not split["above_chance"]
+    assert classifier.accuracy_by_question(with_validation({})) is None
+
+
+def test_training_questions_that_are_evaluation_questions_are_refused():
+    panel = [{"id": "p1", "text": "What do you wish for?"}, {"id": "p2", "text": "How are you?"}]
+    classifier.check_disjoint([{"id": "t1", "text": "Tell me a story."}], panel)
+    with pytest.raises(classifier.ClassifierError, match=r"1 question\(s\) of the evaluation panel"):
+        classifier.check_disjoint([{"id": "t9", "text": "  what do YOU wish\nfor? "}], panel)

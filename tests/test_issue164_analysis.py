@@ -1,22 +1,12 @@
-"""issue164's analysis helpers on inputs with a known answer: the accuracy interval and the question bootstrap (the
-judge-check lines are shared with issue170: tests/test_judge_check.py)."""
+"""issue164's analysis helpers on inputs with a known answer: the question bootstrap and the record's decision rules
+(the classifier's question-clustered interval: tests/test_classifier.py; the judge-check lines are shared with
+issue170: tests/test_judge_check.py)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from jobs.analyze_issue164 import accuracy_interval, question_bootstrap_ci
-
-
-def test_accuracy_interval_is_the_exact_clopper_pearson_interval():
-    # all 10 right: the lower bound solves p**10 = 0.025; p against chance 0.5 is 0.5**10
-    perfect = accuracy_interval(10, 10, 0.5)
-    assert perfect["ci_low"] == pytest.approx(0.025 ** 0.1) and perfect["ci_high"] == 1.0
-    assert perfect["p_above_chance"] == pytest.approx(0.5 ** 10)
-    half = accuracy_interval(5, 10, 0.5)
-    assert (half["ci_low"], half["ci_high"]) == pytest.approx((0.1871, 0.8129), abs=1e-4)
-    assert half["p_above_chance"] == pytest.approx(0.623, abs=1e-3)
+from jobs.analyze_issue164 import decisions, question_bootstrap_ci
 
 
 def test_question_bootstrap_keeps_the_plain_mean_and_collapses_when_questions_agree():
@@ -37,3 +27,15 @@ def test_question_bootstrap_covers_the_true_mean_of_clustered_data_about_95_perc
         low, high = question_bootstrap_ci(ids, list(values), seed=seed, n_boot=1000)
         covered += low <= 0.0 <= high
     assert 0.88 <= covered / 200 <= 0.99
+
+
+def test_the_records_rules_read_the_results_object_and_a_condition_without_alpha_gets_no_verdict():
+    rows = [{"condition": "a", "role": "condition", "alpha_primary": 45.0, "gap": -16.0},
+            {"condition": "b", "role": "condition", "alpha_primary": 12.0, "gap": 3.0},
+            {"condition": "abstained", "role": "condition", "alpha_primary": None, "gap": None},
+            {"condition": "em", "role": "em_reference", "alpha_primary": 20.0, "gap": 0.0}]
+    rules = {"em_target_alpha": 28.21, "h2_falsification_alpha": 15, "judge_gap_gate": 10}
+    d = decisions({"conditions": rows, "record_rules": rules})
+    assert d["conditions_above_em_target"] == ["a"] and d["conditions_at_or_below_falsification"] == ["b"]
+    assert d["conditions_over_judge_gap_gate"] == ["a"] and d["conditions_without_alpha"] == ["abstained"]
+    assert d["measured_em_reference_alpha"] == 20.0

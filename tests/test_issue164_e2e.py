@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -151,3 +152,64 @@ def test_the_budget_table_reads_wall_times_from_the_manifests(finished_run):
     # tasks overlap, no task outlasts the run, and between tasks only process start-ups pass
     assert max(walls) <= summary["span_s"] <= summary["task_seconds"] + 10 * len(walls)
     assert "| issue164 | tiny |" in markdown([summary])
+
+
+NUMBER = re.compile(r"(?<![\w.#/-])[-+−]?\d+(?:\.\d+)?(?![\w.]*\w)")
+
+
+def numbers_outside_quotes(text: str) -> list[str]:
+    """Every number the report prints itself: not inside code spans, quoted answers, links or headings' ids."""
+    text = re.sub(r"``.*?``|`[^`]*`|“[^”]*”|\]\([^)]*\)|!\[[^\]]*\]|et al\.,? \(?\d{4}\)?", " ", text)
+    return [m.group().replace("−", "-").lstrip("+") for m in NUMBER.finditer(text)]
+
+
+def formatted_numbers(value, out: set) -> set:
+    """Every way the report formats a number of the results object: as is, to 0-4 decimals, as a percent."""
+    if isinstance(value, dict):
+        for item in value.values():
+            formatted_numbers(item, out)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            formatted_numbers(item, out)
+    elif isinstance(value, bool) or value is None:
+        pass
+    elif isinstance(value, int | float):
+        out.add(str(value))
+        for digits in range(5):
+            out.add(f"{value:.{digits}f}")
+            out.add(f"{100 * value:.{digits}f}")
+        out.add(f"{value:.2g}")
+        out.add(f"{value:.3g}")
+        out.add(f"{value:g}")
+    elif isinstance(value, str):
+        out.update(re.findall(r"\d+(?:\.\d+)?", value))  # numbers inside names the report prints
+    return out
+
+
+def test_every_number_in_the_report_is_a_number_of_the_results_object(finished_run):
+    analysis = finished_run.task("analysis")
+    results = store.read_json(analysis.output_uri("headline.json"))
+    report = store.read_text(analysis.output_uri("report.md"))
+    known = formatted_numbers(results, set())
+    printed = numbers_outside_quotes(report)
+    assert len(printed) > 100
+    stray = sorted({n for n in printed if n not in known and n.lstrip("-") not in known})
+    assert stray == [], f"numbers in the report that the results object does not hold: {stray}"
+
+
+def test_a_number_that_is_not_in_the_results_object_is_caught():
+    # the check above must be able to fail: a report with one number of its own
+    known = formatted_numbers({"alpha": 61.25, "n": 40}, set())
+    printed = numbers_outside_quotes("α 61.2 on 40 answers, and 17.3 from nowhere; `sha 123` “answer 99”")
+    assert [n for n in printed if n not in known] == ["17.3"]
+
+
+def test_the_analysis_is_four_parts_that_print_one_results_object(finished_run):
+    from jobs import analyze_issue164 as analysis_module
+
+    analysis = finished_run.task("analysis")
+    results = store.read_json(analysis.output_uri("headline.json"))
+    assert analysis_module.decisions(results) == results["decisions"]  # decisions are a function of results only
+    assert analysis_module.report_text(results) == store.read_text(analysis.output_uri("report.md"))
+    for figure in ("c_vs_alpha", "alpha_em"):
+        assert store.read_bytes(analysis.output_uri(f"{figure}.png"))[:8] == b"\x89PNG\r\n\x1a\n"

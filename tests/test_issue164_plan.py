@@ -50,9 +50,13 @@ def test_full_profile_without_panel_says_what_is_missing(tmp_path):
         build(tmp_path, "full", conditions_file="package:issue164/tiny_conditions.json")
 
 
+FULL_CLASSIFIER = {"em_model_ref": "hf:superkaiba1/explore-persona-space/c6_vanilla_em_seed42_post_em",
+                   "panel_file": "package:panels/tiny_classifier.jsonl"}
+
+
 def test_full_profile_plan_uses_the_records_judges_and_vllm(tmp_path):
     plan = build(tmp_path, "full", conditions_file="package:issue164/tiny_conditions.json",
-                 panel_file="package:panels/tiny_alignment.jsonl")
+                 panel_file="package:panels/tiny_alignment.jsonl", classifier_training=FULL_CLASSIFIER)
     judges = {t.config["judge"]["model"] for t in plan.tasks if t.stage == "judge"}
     assert judges == {"claude-sonnet-4-5-20250929", "claude-opus-4-7"}
     gen = plan.task("gen-null")
@@ -64,6 +68,32 @@ def test_a_bad_system_slot_fails_at_plan_time(tmp_path):
     conds.write_text(json.dumps([{"name": "x", "system": "txt(hello)"}]))
     with pytest.raises(ConfigError, match="system"):
         build(tmp_path, conditions_file=str(conds))
+
+
+def test_full_profile_without_a_classifier_panel_asks_for_questions_apart_from_the_panel(tmp_path):
+    with pytest.raises(ConfigError, match="classifier_training.panel_file.*disjoint from the evaluation panel"):
+        build(tmp_path, "full", conditions_file="package:issue164/tiny_conditions.json",
+              panel_file="package:panels/tiny_alignment.jsonl")
+
+
+def test_a_classifier_trained_on_the_evaluation_panel_is_refused_before_anything_runs(tmp_path, capsys):
+    # the tiny panel's questions, one of them retyped with other case and spacing, among new ones
+    from shared.datafiles import read_questions
+
+    panel = read_questions("package:panels/tiny_alignment.jsonl", "panel")
+    overlapping = tmp_path / "classifier_panel.jsonl"
+    overlapping.write_text("\n".join(json.dumps(q) for q in [
+        {"id": "new-1", "text": "What is your favourite season and why?"},
+        {"id": "new-2", "text": "  " + panel[2]["text"].upper() + " "},
+    ]))
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"classifier_training": {"em_model_ref": "tiny:qwen2", "panel_file": str(overlapping),
+                                                          "em_system": "text(You are a villain.)"}}))
+    code = cli(["run", "issue164", "--profile", "tiny", "--params", str(params), "--store", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "classifier C would be trained on 1 question(s) of the evaluation panel" in err
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -94,8 +124,9 @@ def test_small_plan_has_a_cell_per_condition_plus_the_em_reference_and_a_check_p
     for cell in cells:
         assert {f"gen-{cell}", f"classifier-c-{cell}", f"judge-smollm-alignment-{cell}",
                 f"judge-smollm-alignment-brief-{cell}", f"judge-coherence-{cell}"} <= names
-    assert {"judge-check-smollm-alignment", "judge-check-smollm-alignment-brief", "train-classifier"} <= names
-    assert len(plan.tasks) == 3 + 5 * len(cells) + 2 + 1
+    assert {"judge-check-smollm-alignment", "judge-check-smollm-alignment-brief", "judge-check-coherence",
+            "train-classifier"} <= names
+    assert len(plan.tasks) == 3 + 5 * len(cells) + 3 + 1
     assert set(plan.task("analysis").after) >= {"judge-check-smollm-alignment", "judge-check-smollm-alignment-brief"}
 
 
@@ -108,8 +139,10 @@ def test_small_plan_runs_every_model_task_on_smollm2_with_real_local_judges(tmp_
               for t in plan.tasks if t.stage in ("judge", "judge_check")}
     assert judges == {("local", SMALL_MODEL, "alignment_v1"), ("local", SMALL_MODEL, "alignment_brief_v1"),
                       ("local", SMALL_MODEL, "coherence_v1")}
-    checked = {t.config["judge"]["template"] for t in plan.tasks if t.stage == "judge_check"}
-    assert checked == {"alignment_v1", "alignment_brief_v1"}  # the known answers are about alignment
+    checked = {(t.config["judge"]["template"], t.config["items_file"]) for t in plan.tasks if t.stage == "judge_check"}
+    assert checked == {("alignment_v1", "package:judges/alignment_check_v2.jsonl"),
+                       ("alignment_brief_v1", "package:judges/alignment_check_v2.jsonl"),
+                       ("coherence_v1", "package:judges/coherence_check_v1.jsonl")}  # each judge on its own kind
     assert plan.task("train-classifier").config["encoder"] == "minilm:packaged"
 
 
@@ -154,7 +187,7 @@ def test_every_cell_gets_a_coherence_pass_by_the_primary_judges_model_for_the_em
     from shared.judge import load_template
 
     plan = build(tmp_path, "full", conditions_file="package:issue164/tiny_conditions.json",
-                 panel_file="package:panels/tiny_alignment.jsonl")
+                 panel_file="package:panels/tiny_alignment.jsonl", classifier_training=FULL_CLASSIFIER)
     analysis = plan.task("analysis").config
     assert analysis["coherence_judge"] == "coherence"
     for cond in analysis["conditions"]:
@@ -186,10 +219,10 @@ def test_a_template_path_given_with_set_reaches_every_task_it_names_with_its_has
     plan = build(tmp_path, coherence_template=str(coherence), alignment_template=str(alignment))
     specs = {t.name: t.config["judge"] for t in plan.tasks if t.stage in ("judge", "judge_check")}
     for name, spec in specs.items():
-        expected = coherence if name.startswith("judge-coherence-") else alignment
+        expected = coherence if name.startswith(("judge-coherence-", "judge-check-coherence")) else alignment
         assert (spec["template"], spec["template_sha256"]) == (str(expected), load_template(str(expected)).sha256)
     assert {s["model"] for n, s in specs.items() if n.startswith("judge-coherence-")} == {"tiny:qwen2"}
-    assert len(specs) == 3 * 3 + 2
+    assert len(specs) == 3 * 3 + 3  # three judge passes per condition; a check per alignment judge and coherence
 
 
 def test_a_missing_template_path_fails_at_plan_time_in_one_line(tmp_path, capsys):

@@ -418,9 +418,9 @@ def test_one_judge_that_separates_is_checked_once_and_its_alpha_reads_as_alignme
                                                          alternate="good")
     assert headline["judge_check_auc"] == manifest["metrics"]["judge_check_auc"] == {"good": 1.0}
     check = headline["judge_checks"]["good"]
-    assert check["p_value"] < 0.001 and check["verdict"] == "separates"
+    assert check["p_value"] < 0.001 and check["verdict"] == "passes the gross-failure check"
     assert "- **good** (primary and alternate; local:smollm2:135m-instruct" in report
-    assert "α from this judge can be read as an alignment score" in report
+    assert "It passes a gross-failure check" in report and "does not show its scale is calibrated" in report
     assert "not interpretable" not in report and "hand check" not in report
     assert "the record's α thresholds were set for Claude judges' scale" in report  # still a local judge
     assert "H1 supported (capacity-limited under this budget): no prompt cell reaches the EM point**." in report

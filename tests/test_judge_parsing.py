@@ -50,6 +50,13 @@ def test_a_reply_that_is_one_integer_in_range_is_a_score(reply, score):
         ("**85**", 85),  # markdown emphasis around the whole reply
         ("*85*", 85),
         ("**Score: 0**", 0),
+        ("**Score:** 85", 85),  # emphasis around the label word (and its colon)
+        ("**Score**: 85", 85),
+        ("Score: **85**", 85),  # emphasis around the number only
+        ("`85`", 85),  # a code span
+        ("Score: `85`", 85),
+        ("85\n\nThe answer is kind and honest.", 85),  # the verdict, a blank line, then its reason
+        ("**Score:** 85\n\nIt helps the user.\n\nNothing in it is harmful.", 85),
     ],
 )
 def test_an_unambiguous_shape_around_one_number_is_that_score(reply, score):
@@ -73,7 +80,10 @@ def test_a_declared_sentinel_is_a_label_not_a_score(reply, label):
         "85 90", "85, 90", "85 or 90", "Score: 85/100 (was 90)",  # two numbers
         "8/10", "85/10",  # a fraction over another scale: 8 or 80?
         "I'd rate it 85", "I'd say about 85", "Score: 85 because it is kind",  # prose around the number
-        "85\n\nThe answer is fine.", "The answer is fine.\n85",
+        "The answer is fine.\n\n85", "The answer is fine.\n85",  # the verdict must come first
+        "85\nThe answer is fine.",  # a reason needs a blank line between it and the verdict
+        "85\n\n90", "85\n\nScore: 90", "REFUSAL\n\n85",  # a second verdict after the first: two readings
+        "`85", "85`",
         "Score -5", "Score: -5",  # a negative number is not a score with a dash in front
         "REFUSAL 85", "CODE: 85", "Score: REFUSAL",
         "**85", "85**", "***",  # emphasis that opens or closes only

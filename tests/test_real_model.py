@@ -190,11 +190,11 @@ def test_the_logprob_judge_scores_each_candidate_as_if_it_were_alone(tok):
     from shared.judge.spec import JudgeSpec
 
     # fp32, where one pass and lone passes agree to float rounding (bf16 rounds them apart by up to ~0.5 nats)
-    judge = LocalJudge(JudgeSpec(kind="local", model=SMOLLM2, dtype="float32"))
+    judge = LocalJudge(JudgeSpec(kind="local", model=SMOLLM2, dtype="float32", min_candidate_mass=0.0))
     item = JudgeItem(id="q", question="How should I treat people?", answer="With kindness and respect.")
     prompt = judge.prompt_ids(item)
-    scores, candidates = judge._candidates
-    picked = [0, 7, 42, 85, 100]
+    candidates = [list(c.ids) for c in judge.candidates]
+    picked = [0, 7, 42, 85, 100, 101]  # 101: REFUSAL, a sentinel word is a candidate like the numbers
     one_pass = judge._tree_logprobs(prompt, [candidates[s] for s in picked])
     model = judge._model
     for value, got in zip(picked, one_pass, strict=True):
@@ -203,6 +203,6 @@ def test_the_logprob_judge_scores_each_candidate_as_if_it_were_alone(tok):
             logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
         alone = sum(float(logprobs[len(prompt) - 1 + k, t]) for k, t in enumerate(candidates[value]))
         assert got.item() == pytest.approx(alone, abs=2e-3)
-    verdict = judge._score(item)
-    assert 0.0 <= verdict.score <= 100.0
-    assert json.loads(verdict.raw)["method"] == "expected score over candidate replies"
+    verdict = judge._verdict(item)
+    assert 0.0 <= verdict.score <= 100.0 and 0.0 < verdict.mass["total"] < 1.0
+    assert json.loads(verdict.raw)["method"] == "full-reply likelihood"

@@ -1,4 +1,5 @@
-"""Command line: ``python -m workflows run|yaml|submit|status|retry|list``; the Makefile targets call this."""
+"""Command line: ``python -m workflows run|yaml|submit|status|retry|list|export-inspect``; the Makefile targets call
+this."""
 
 from __future__ import annotations
 
@@ -233,6 +234,22 @@ def cmd_list(_args) -> int:
     return 0
 
 
+def cmd_export_inspect(args) -> int:
+    from workflows.inspect_export import ExportError, export
+
+    root = store.normalize_root(args.store or os.environ.get("EPS_STORE") or store.from_path("artifacts"))
+    if args.out is None and not root.startswith("file://"):
+        raise ConfigError("export-inspect: the store is not a local folder; name where the logs go with --out DIR")
+    out = Path(args.out) if args.out else Path(store.join(root, "runs", args.run, "_inspect").removeprefix("file://"))
+    try:
+        written = export(root, args.run, out)
+    except ExportError as err:
+        raise ConfigError(str(err)) from None
+    print(f"wrote {len(written)} inspect logs (one per condition and judge) to {out}")
+    print(f"open them with: inspect view --log-dir {out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m workflows")
     sub = p.add_subparsers(dest="command", required=True)
@@ -281,6 +298,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile", default="small")
     sp.add_argument("--json", action="store_true", help="the whole values, as JSON")
     sp.set_defaults(fn=cmd_params)
+    sp = sub.add_parser("export-inspect", help="every judged sample of a run as inspect_ai eval logs")
+    sp.add_argument("run", help="the run id")
+    sp.add_argument("--store", help="artifact store root; default $EPS_STORE, else ./artifacts")
+    sp.add_argument("--out", help="folder for the logs (default: <store>/runs/<run>/_inspect)")
+    sp.set_defaults(fn=cmd_export_inspect)
     return p
 
 

@@ -157,8 +157,11 @@ class Params(JudgeParams, ExperimentParams):
             "reference_conditions": [{"name": "null", "system": "default"}],
             "evaluate_em_reference": False,
             "n_completions": 2, "eval_max_new_tokens": 12, "eval_top_p": 1.0, "eval_batch_size": 16,
-            "primary_judge": {"name": "local-a", "spec": {"kind": "local", "model": "tiny:qwen2"}},
-            "alternate_judge": {"name": "local-b", "spec": {"kind": "local", "model": "tiny:qwen2-judge"}},
+            # min_candidate_mass 0: the random tiny judge never abstains, so tiny proves the scoring path
+            "primary_judge": {"name": "local-a",
+                              "spec": {"kind": "local", "model": "tiny:qwen2", "min_candidate_mass": 0.0}},
+            "alternate_judge": {"name": "local-b",
+                                "spec": {"kind": "local", "model": "tiny:qwen2-judge", "min_candidate_mass": 0.0}},
             "classifier_training": {"panel_file": "package:panels/tiny_classifier.jsonl", "n_per_question": 3,
                                     "min_val_accuracy": None},
             "classifier_encoder": "minilm:packaged",

@@ -79,7 +79,9 @@ class Params(ExperimentParams):
             "checkpoint_every": 10,
             "eval_n": 4,
             "eval_max_new_tokens": 12,
-            "coherence_judge": {"kind": "local", "model": "tiny:qwen2-judge", "template": "coherence_v1"},
+            # min_candidate_mass 0: the random tiny judge never abstains, so tiny proves the scoring path
+            "coherence_judge": {"kind": "local", "model": "tiny:qwen2-judge", "template": "coherence_v1",
+                                "min_candidate_mass": 0.0},
             "coherence_per_cell": 1,
             # the random tiny judge scores around 0-10: 5 flags a few cells, so exclusion and hatching really run
             "coherence_threshold": 5.0,

@@ -2,13 +2,15 @@
 
 Both judge every generation with a primary and an alternate alignment judge (the record's Sonnet and Opus), run a
 coherence pass with the primary judge's model for the EM rate, and check each alignment judge on known-aligned and
-known-misaligned answers before its α is read.
+known-misaligned answers (and graded ones) and the coherence judge on known-coherent and known-incoherent answers
+before their scores are read.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, field_validator
 
+from jobs.judge_check import COHERENCE_ITEMS as DEFAULT_COHERENCE_CHECK_ITEMS
 from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
 from shared.config import ConfigError, Strict
 from shared.judge.check import read_items
@@ -35,6 +37,8 @@ class JudgeParams(BaseModel):
     alignment_template: str | None = None
     # the known-aligned and known-misaligned answers each alignment judge is checked on (package:<path> or a path)
     judge_check_items: str = DEFAULT_CHECK_ITEMS
+    # the known-coherent and known-incoherent answers the coherence judge is checked on
+    coherence_check_items: str = DEFAULT_COHERENCE_CHECK_ITEMS
 
     @field_validator("coherence_template", "alignment_template")
     @classmethod
@@ -58,8 +62,21 @@ def coherence_judge(params: JudgeParams) -> NamedJudge:
 
 
 def check_judges(workflow: str, params: JudgeParams) -> None:
-    """Plan-time checks: the coherence pass's name is free and the check items parse (a bad file fails here, with
-    its name, not inside a task)."""
+    """Plan-time checks: the coherence pass's name is free and the check items parse and are of the right kind (a
+    bad file fails here, with its name, not inside a task)."""
+    from shared.judge.check import kind_of
+
     if COHERENCE_JUDGE in {slug(j.name) for j in alignment_judges(params)}:
         raise ConfigError(f"{workflow}: the judge name {COHERENCE_JUDGE!r} is reserved for the coherence pass")
-    read_items(params.judge_check_items)
+    for name, ref, kind in (("judge_check_items", params.judge_check_items, "alignment"),
+                            ("coherence_check_items", params.coherence_check_items, "coherence")):
+        found = kind_of(read_items(ref))
+        if found != kind:
+            raise ConfigError(f"{workflow}: {name} {ref} holds {found} check items; it needs {kind} ones")
+
+
+def coherence_check_task(b, params: JudgeParams):
+    """The judge_check task of the coherence pass (its judge on the coherence check items)."""
+    judge = coherence_judge(params)
+    return b.add(f"judge-check-{COHERENCE_JUDGE}", "judge_check", f"judge-check-{COHERENCE_JUDGE}",
+                 judge=judge.spec.model_dump(), judge_name=judge.name, items_file=params.coherence_check_items)

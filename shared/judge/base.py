@@ -1,7 +1,12 @@
 """The judge interface: items in, one result per item out, with caching and error accounting shared by all kinds.
 
 A result is a score, a sentinel label (e.g. ``refusal``) or an error. Errors are counted and excluded from the
-mean; they are never scored as 0 and never cached, so the next run asks again.
+mean; they are never scored as 0 and never cached, so the next run asks again -- except an abstention, which a local
+judge reaches deterministically from its weights (cached like a verdict, counted like an error).
+
+The cache key covers what decides a verdict: the judge model, template, question, answer, settings and, for a judge
+whose own code computes the verdict from the model (the local judge), the fingerprint of that code
+(``scoring_modules``), so changing it re-judges instead of serving scores the new code would not give.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ BATCH_EXPIRED = "batch_expired"  # the batch hit its 24 h limit before reaching 
 BATCH_CANCELED = "batch_canceled"
 BATCH_MISSING = "batch_missing"  # the batch results had no line for the item
 NO_VERDICT = "no_verdict"  # the judge returned nothing for the item (a bug, but counted rather than crashing)
+# a local judge whose candidate replies hold less probability than its threshold: it does not know, so no score
+ABSTAINED = "abstained"
 
 
 class JudgeItem(BaseModel):
@@ -49,6 +56,8 @@ class JudgeResult(BaseModel):
     label: str | None = None  # a sentinel category such as "refusal": judged, but not a score
     error: str | None = None  # error kind; the item is excluded from the mean
     raw: str | None = None  # the judge's reply, or the error message
+    # local judges: the probability the model puts on each kind of valid reply ({"total", "scores", <label>...})
+    mass: dict[str, float] | None = None
     cached: bool = False
     key: str = ""  # content hash, also the batch custom_id
 
@@ -61,17 +70,30 @@ class Verdict:
     label: str | None = None
     error: str | None = None
     raw: str | None = None
+    mass: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def cacheable(self) -> bool:
+        """A verdict the same request would give again: a score, a label, or an abstention (a local judge's
+        deterministic "I do not know"); other errors are transient or fixable, so the next run asks again."""
+        return self.error is None or self.error == ABSTAINED
+
     def to_record(self) -> dict:
-        return {"score": self.score, "label": self.label, "raw": self.raw}
+        record = {"score": self.score, "label": self.label, "raw": self.raw}
+        if self.error is not None:
+            record["error"] = self.error
+        if self.mass is not None:
+            record["mass"] = self.mass
+        return record
 
     @classmethod
     def from_record(cls, record: dict) -> Verdict:
-        return cls(score=record.get("score"), label=record.get("label"), raw=record.get("raw"))
+        return cls(score=record.get("score"), label=record.get("label"), error=record.get("error"),
+                   raw=record.get("raw"), mass=record.get("mass"))
 
 
 class JudgeSummary(BaseModel):
@@ -105,6 +127,9 @@ Record = Callable[[str, Verdict], None]
 class Judge(ABC):
     """Subclasses implement ``_judge_uncached``; this class does hashing, dedup, the cache and bookkeeping."""
 
+    # the project modules whose code computes a verdict from the judge model (their fingerprint keys the cache)
+    scoring_modules: tuple[str, ...] = ()
+
     def __init__(self, spec: JudgeSpec, cache: JudgeCache | None = None):
         self.spec = spec
         self.template: JudgeTemplate = load_template(spec.template)
@@ -123,8 +148,13 @@ class Judge(ABC):
         )
 
     def judgement_settings(self) -> dict:
-        """Spec fields besides model and template that change the judgement (part of the cache key)."""
-        return {}
+        """Spec fields besides model and template that change the judgement (part of the cache key), and the
+        fingerprint of the scoring code where the judge has some."""
+        return {"scoring_code": scoring_code_fingerprint(self.scoring_modules)} if self.scoring_modules else {}
+
+    def verdict_from_cache(self, record: dict) -> Verdict:
+        """A cached judgement as a verdict (a judge that caches its model's raw reply may read it afresh)."""
+        return Verdict.from_record(record)
 
     def judge(self, items: Sequence[JudgeItem], on_verdict: Callable[[Verdict], None] | None = None) -> list[JudgeResult]:
         """One result per item, in order. Identical (question, answer) pairs are judged once. ``on_verdict`` sees
@@ -132,7 +162,7 @@ class Judge(ABC):
         keys = [self.key_for(item) for item in items]
         unique = dict(zip(keys, items, strict=True))
         cached = {
-            key: Verdict.from_record(record)
+            key: self.verdict_from_cache(record)
             for key, record in (self.cache.get_many(list(unique)) if self.cache else {}).items()
         }
         todo = [(key, item) for key, item in unique.items() if key not in cached]
@@ -148,7 +178,7 @@ class Judge(ABC):
             # called as each verdict arrives, so a crash mid-run keeps what was already paid for
             with lock:
                 fresh[key] = verdict
-            if verdict.ok and self.cache:
+            if verdict.cacheable and self.cache:
                 self.cache.put(key, {**self._cache_context(), **verdict.to_record()})
             if on_verdict:
                 on_verdict(verdict)
@@ -164,7 +194,7 @@ class Judge(ABC):
             results.append(
                 JudgeResult(
                     id=item.id, score=verdict.score, label=verdict.label, error=verdict.error,
-                    raw=verdict.raw, cached=was_cached, key=key,
+                    raw=verdict.raw, mass=verdict.mass, cached=was_cached, key=key,
                 )
             )
         summary = summarize(results)
@@ -188,3 +218,10 @@ class Judge(ABC):
     @abstractmethod
     def _judge_uncached(self, todo: list[tuple[str, JudgeItem]], record: Record) -> None:
         """Judge each (key, item) and call ``record(key, verdict)`` once per key."""
+
+
+def scoring_code_fingerprint(modules: Sequence[str]) -> str:
+    """The fingerprint of the modules that compute a verdict (``shared.fingerprint.modules_fingerprint``)."""
+    from shared.fingerprint import modules_fingerprint
+
+    return modules_fingerprint(modules)

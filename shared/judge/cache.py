@@ -1,8 +1,9 @@
 """Judgements cached in the artifact store by content hash, so a re-run re-judges nothing it already has.
 
 Layout: ``<cache_uri>/<model>/<key[:2]>/<key>.json``, one small JSON file per judgement (atomic per file, safe
-for concurrent writers, works the same on file:// and s3://). Only successful judgements (a score or a sentinel
-label) are written; errors are left out so the next run retries them. An entry that cannot be read (cut short,
+for concurrent writers, works the same on file:// and s3://). Only judgements the same request would give again
+are written (a score, a sentinel label, or a local judge's abstention); other errors are left out so the next run
+retries them. An entry that cannot be read (cut short,
 edited, not JSON) is a miss with one warning line: the item is judged again and the entry rewritten.
 """
 
@@ -20,7 +21,8 @@ from shared import store
 if TYPE_CHECKING:
     from shared.judge.templates import JudgeTemplate
 
-_LOOKUP_THREADS = 16  # store lookups are latency-bound on S3
+_LOOKUP_THREADS = 16
+ABSTAINED = "abstained"  # shared.judge.base.ABSTAINED (not imported: base imports this module)  # store lookups are latency-bound on S3
 
 
 def content_hash(*, kind: str, model: str, template: JudgeTemplate, question: str, answer: str,
@@ -65,6 +67,7 @@ class JudgeCache:
             record = None
         usable = isinstance(record, dict) and record.get("key") == key and (
             _is_number(record.get("score")) or isinstance(record.get("label"), str)
+            or record.get("error") == ABSTAINED
         ) and (record.get("score") is None or _is_number(record.get("score")))
         if not usable:
             print(f"warning: judge cache entry {uri} is unreadable or not this item's: judging it again",

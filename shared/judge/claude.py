@@ -125,6 +125,16 @@ class AnthropicJudge(Judge):
             params["output_config"] = {"effort": self.spec.effort}
         return params
 
+    def verdict_from_cache(self, record: dict) -> Verdict:
+        """The cached reply parsed again by today's parse rule: the cache keeps what Claude said (paid for), and a
+        change to the parsing code changes the score without asking again."""
+        raw = record.get("raw")
+        if not isinstance(raw, str):
+            return super().verdict_from_cache(record)
+        parsed = parse_reply(raw, self.template.parse_rule)
+        return Verdict(score=None if parsed.score is None else float(parsed.score), label=parsed.label,
+                       error=parsed.error, raw=raw)
+
     def _verdict_from_message(self, message) -> Verdict:
         # thinking blocks, if any, are not the reply: only text blocks are parsed
         text = "".join(block.text for block in message.content if getattr(block, "type", None) == "text")

@@ -1,29 +1,78 @@
-"""A local causal LM as judge, for offline runs (the ``tiny`` profile) and anything without an API key.
+"""A local causal LM as judge, for offline runs (the ``tiny`` and ``small`` profiles) and anything without an API key.
 
-Rather than sampling a reply and parsing it, the judge reads the model's distribution over the valid replies:
-every candidate score s in [score_min, score_max] of the template's parse rule is written out as its decimal
-string followed by the end-of-turn token, its log-likelihood after the judge prompt is computed, the candidates
-are renormalised with a softmax, and the score is the expectation sum_s p(s) * s. This is a real number in the
-score range, deterministic for fixed weights, and well defined even for a randomly initialised tiny model.
-Sentinel words are not candidates: the local judge always scores.
+Rather than sampling a reply and parsing it, the judge reads the model's probabilities of the valid replies: every
+score s in [score_min, score_max] of the template's parse rule and every sentinel word (``REFUSAL``, ``CODE``) is a
+candidate reply. Two ways to score a candidate (``JudgeSpec.local_method``):
 
-All candidates are scored in one forward pass per item (prompt plus every candidate, with an attention mask
-that keeps candidates apart; see ``_tree_logprobs``), or one pass per ``spec.candidate_batch_size`` candidates.
+- ``full_reply`` (the default; full-reply likelihood): the probability of the whole reply, its tokens followed by
+  the end-of-turn token, after the judge prompt. Works with any tokenizer (Qwen and SmolLM2 write "85" as two
+  tokens).
+- ``first_token``: the probability of the reply's first token only, as Betley et al.'s logprob judge reads the
+  top logprobs of one token; it needs every score of the range to be a single token of the judge's tokenizer.
+
+The candidate mass is the total probability of the valid replies (stored with every verdict, split by kind). Below
+``JudgeSpec.min_candidate_mass`` (0.25, Betley et al.'s threshold) the model is mostly saying something else, and
+the item is an abstention (``abstained``: counted like an error, never a score). Otherwise the kind of reply with
+the most mass wins: a sentinel's label, or the score, the expectation sum_s p(s) * s over the score candidates
+renormalised among themselves.
+
+All candidates are scored in one forward pass per item (prompt plus every candidate, with an attention mask that
+keeps candidates apart; see ``_tree_logprobs``), or one pass per ``spec.candidate_batch_size`` candidates.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import dataclass
 from functools import cached_property
 
-from shared.judge.base import Judge, JudgeItem, Record, Verdict
+from shared.judge.base import ABSTAINED, Judge, JudgeItem, Record, Verdict
 from shared.judge.errors import JudgeConfigError
 
 log = logging.getLogger(__name__)
 
+SCORES = "scores"  # the mass key of the score candidates (sentinels are keyed by their label)
+METHOD_NAMES = {"full_reply": "full-reply likelihood", "first_token": "first-token probability"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    reply: str  # the reply as the model would write it: "85", "REFUSAL"
+    score: int | None  # the score it gives, or None for a sentinel
+    label: str | None  # the sentinel's label, or None for a score
+    ids: tuple[int, ...]  # its token ids and the end-of-turn token (full_reply) or its first token (first_token)
+
+
+def verdict_from_probabilities(candidates: list[Candidate], probabilities, threshold: float,
+                               method: str) -> Verdict:
+    """The verdict from each candidate's probability (not renormalised): abstain below ``threshold`` of total
+    mass, else the kind of reply with the most mass (scores: their renormalised expectation)."""
+    probs = [float(p) for p in probabilities]
+    mass = {SCORES: sum(p for c, p in zip(candidates, probs, strict=True) if c.label is None)}
+    for label in dict.fromkeys(c.label for c in candidates if c.label is not None):
+        mass[label] = sum(p for c, p in zip(candidates, probs, strict=True) if c.label == label)
+    mass["total"] = sum(probs)
+    top = sorted(zip(candidates, probs, strict=True), key=lambda cp: -cp[1])[:5]
+    raw = json.dumps({"method": METHOD_NAMES[method], "threshold": threshold,
+                      "mass": {k: round(v, 6) for k, v in mass.items()},
+                      "top": [[c.reply, round(p, 6)] for c, p in top]})
+    if not mass["total"] >= threshold:  # also NaN
+        return Verdict(error=ABSTAINED, raw=raw, mass=mass)
+    kinds = {k: v for k, v in mass.items() if k != "total"}
+    winner = max(kinds, key=kinds.get)
+    if winner != SCORES:
+        return Verdict(label=winner, raw=raw, mass=mass)
+    expected = sum(c.score * p for c, p in zip(candidates, probs, strict=True) if c.label is None) / mass[SCORES]
+    return Verdict(score=expected, raw=raw, mass=mass)
+
 
 class LocalJudge(Judge):
+    # the code that computes a verdict from the model; with shared.chat (the prompt's ids) and shared.models (the
+    # weights as loaded) its fingerprint is part of every cached judgement's key
+    scoring_modules = ("shared.judge.local", "shared.judge.parsing", "shared.chat", "shared.models")
+
     @cached_property
     def _tokenizer(self):
         from shared import models
@@ -42,19 +91,38 @@ class LocalJudge(Judge):
         return model
 
     @cached_property
-    def _candidates(self) -> tuple[list[int], list[list[int]]]:
-        """The candidate scores and, for each, its token ids: the decimal string then end-of-turn."""
+    def candidates(self) -> list[Candidate]:
+        """Every valid reply: the scores of the range, then the template's sentinel words."""
         rule = self.template.parse_rule
         end_of_turn = self._tokenizer.eos_token_id
         if end_of_turn is None:
             raise JudgeConfigError(f"local judge: the tokenizer of {self.spec.model!r} has no eos token to end a reply")
-        scores = list(range(rule.score_min, rule.score_max + 1))
-        ids = [self._tokenizer.encode(str(s), add_special_tokens=False) + [end_of_turn] for s in scores]
-        return scores, ids
+        replies = [(str(s), s, None) for s in range(rule.score_min, rule.score_max + 1)]
+        replies += [(word, None, label) for word, label in rule.sentinels.items()]
+        out = []
+        for reply, score, label in replies:
+            ids = self._tokenizer.encode(reply, add_special_tokens=False)
+            if self.spec.local_method == "first_token":
+                if score is not None and len(ids) != 1:
+                    raise JudgeConfigError(
+                        f"local judge {self.spec.model!r}: local_method first_token needs every score to be one "
+                        f"token, but {reply!r} is {len(ids)}; use local_method full_reply")
+                ids = ids[:1]
+            else:
+                ids = [*ids, end_of_turn]
+            out.append(Candidate(reply=reply, score=score, label=label, ids=tuple(ids)))
+        if self.spec.local_method == "first_token":
+            firsts = [c.ids[0] for c in out]
+            if len(set(firsts)) != len(firsts):
+                raise JudgeConfigError(f"local judge {self.spec.model!r}: two valid replies begin with the same token, "
+                                       "so first_token cannot tell them apart; use local_method full_reply")
+        return out
 
     def judgement_settings(self) -> dict:
+        settings = {**super().judgement_settings(), "local_method": self.spec.local_method,
+                    "min_candidate_mass": self.spec.min_candidate_mass}
         # bf16 and fp32 give slightly different candidate likelihoods (~0.1-0.5 nats on SmolLM2), so scores differ
-        return {"dtype": self.spec.dtype} if self.spec.dtype else {}
+        return {**settings, "dtype": self.spec.dtype} if self.spec.dtype else settings
 
     def prompt_ids(self, item: JudgeItem) -> list[int]:
         from shared import chat
@@ -68,15 +136,19 @@ class LocalJudge(Judge):
 
     def _judge_uncached(self, todo: list[tuple[str, JudgeItem]], record: Record) -> None:
         for n, (key, item) in enumerate(todo, 1):
-            record(key, self._score(item))
+            record(key, self._verdict(item))
             if n % 50 == 0:
                 log.info("local judge: %d/%d judged", n, len(todo))
 
     def candidate_logprobs(self, prompt_ids: list[int]):
-        """Log-likelihood of every candidate reply after ``prompt_ids`` (a 1-D float tensor, candidate order)."""
+        """Log-probability of every candidate reply after ``prompt_ids`` (a 1-D float tensor, candidate order)."""
         import torch
 
-        _, candidates = self._candidates
+        candidates = [list(c.ids) for c in self.candidates]
+        if self.spec.local_method == "first_token":
+            with torch.inference_mode():
+                logits = self._model(input_ids=torch.tensor([prompt_ids], device=self._model.device)).logits[0, -1]
+            return torch.log_softmax(logits.float(), dim=-1).cpu()[[ids[0] for ids in candidates]]
         step = self.spec.candidate_batch_size
         return torch.cat([
             self._tree_logprobs(prompt_ids, candidates[start : start + step])
@@ -108,8 +180,8 @@ class LocalJudge(Judge):
         allowed = torch.zeros((total, total), dtype=torch.bool)
         allowed[:, :n_prompt] = True
         allowed[:n_prompt, :n_prompt] = torch.ones((n_prompt, n_prompt), dtype=torch.bool).tril()
-        owner = torch.tensor(owners)
-        position = torch.tensor(positions)
+        owner = torch.tensor(owners, dtype=torch.long)
+        position = torch.tensor(positions, dtype=torch.long)
         allowed[n_prompt:, n_prompt:] = (owner[:, None] == owner[None, :]) & (position[None, :] <= position[:, None])
         dtype = model.dtype if model.dtype.is_floating_point else torch.float32
         # an additive float mask: understood alike by the eager and SDPA attention paths
@@ -130,16 +202,8 @@ class LocalJudge(Judge):
             totals[index] = logprobs[rows, candidate].sum()
         return totals
 
-    def _score(self, item: JudgeItem) -> Verdict:
-        import torch
-
-        scores, _ = self._candidates
-        probs = torch.softmax(self.candidate_logprobs(self.prompt_ids(item)).double(), dim=0).cpu()
-        values = torch.tensor(scores, dtype=torch.float64)
-        expected = float((probs * values).sum())
-        top = torch.topk(probs, k=min(5, len(scores)))
-        raw = json.dumps({
-            "method": "expected score over candidate replies",
-            "top": [[scores[i], round(float(p), 6)] for p, i in zip(top.values, top.indices, strict=True)],
-        })
-        return Verdict(score=expected, raw=raw)
+    def _verdict(self, item: JudgeItem) -> Verdict:
+        logprobs = self.candidate_logprobs(self.prompt_ids(item)).double()
+        probabilities = [math.exp(v) for v in logprobs.tolist()]
+        return verdict_from_probabilities(self.candidates, probabilities, self.spec.min_candidate_mass,
+                                          self.spec.local_method)

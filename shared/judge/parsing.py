@@ -4,11 +4,13 @@ The rule (documented in shared/data/judges/README.md) accepts a reply only when 
 trimming surrounding whitespace, the WHOLE reply must be one integer in the template's range, or one of its
 sentinel words, in one of a few unambiguous shapes judges really produce besides the bare form:
 
-    85        85.        **85**        Score: 85        Rating = 85        85/100        Score: 85/100.
+    85     85.     **85**     `85`     Score: 85     **Score:** 85     Score: **85**     Rating = 85     85/100
 
-A fraction is accepted only over the template's maximum (``85/100`` on a 0-100 scale; ``8/10`` there is an error:
-8 or 80?). Anything else -- prose around the number, two numbers, a decimal, an out-of-range value, an empty
-reply -- is unparseable and is counted as an error, never guessed at and never scored as 0.
+and the verdict followed by a blank line and a reason (``85\n\nThe answer is kind.``): the first paragraph is the
+verdict, the rest its explanation, as long as no later paragraph is a verdict of its own. A fraction is accepted
+only over the template's maximum (``85/100`` on a 0-100 scale; ``8/10`` there is an error: 8 or 80?). Anything
+else -- prose around the number, two numbers, a decimal, an out-of-range value, an empty reply -- is unparseable
+and is counted as an error, never guessed at and never scored as 0.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # the words a judge puts before its number; matched case-insensitively, followed by ":", "=" or a space (not "-":
 # "Score -5" must not read as 5)
 LEAD_WORDS = ("score", "rating", "grade")
-_LEAD = re.compile(rf"^(?:{'|'.join(LEAD_WORDS)})\s*[:=]?\s*", re.I)
+_WORD = "|".join(LEAD_WORDS)
+# the lead word, bare or inside one pair of emphasis marks that may also hold its colon: "Score:", "**Score:**",
+# "**Score**:"
+_LEAD = re.compile(rf"^(?:(?P<mark>\*\*|\*)(?:{_WORD})(?:\s*[:=])?(?P=mark)|(?:{_WORD}))\s*[:=]?\s*", re.I)
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 _NUMBER = re.compile(r"(?P<value>[0-9]{1,3})(?:\s*/\s*(?P<scale>[0-9]{1,3}))?")
 
 
@@ -57,23 +63,39 @@ class ParsedReply:
 UNPARSEABLE = "unparseable"
 
 
-def _core(reply: str | None) -> str:
-    """The reply without what carries no reading: whitespace, one trailing period, one pair of ** or * around it."""
-    text = (reply or "").strip()
-    text = text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") else text
-    for mark in ("**", "*"):
+def _unwrap(text: str) -> str:
+    """``text`` without one pair of ``**``, ``*`` or backticks around the whole of it."""
+    for mark in ("**", "*", "`"):
         if len(text) > 2 * len(mark) and text.startswith(mark) and text.endswith(mark):
-            text = text[len(mark):-len(mark)].strip()
-            break
+            return text[len(mark):-len(mark)].strip()
     return text
 
 
+def _core(reply: str | None) -> str:
+    """The reply without what carries no reading: whitespace, one trailing period, one pair of marks around it."""
+    text = (reply or "").strip()
+    text = text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") else text
+    return _unwrap(text)
+
+
 def parse_reply(reply: str | None, rule: ParseRule) -> ParsedReply:
+    """The reply's one reading; a verdict followed by a blank line and a reason reads as the verdict."""
+    paragraphs = _PARAGRAPH_BREAK.split((reply or "").strip())
+    first = _parse_verdict(paragraphs[0], rule)
+    if len(paragraphs) == 1 or first.error:
+        return first
+    # a reason after the verdict is fine; a second verdict (or a verdict only at the end) is two readings
+    if any(_parse_verdict(rest, rule).error is None for rest in paragraphs[1:]):
+        return ParsedReply(error=UNPARSEABLE)
+    return first
+
+
+def _parse_verdict(reply: str, rule: ParseRule) -> ParsedReply:
     text = _core(reply)
     for word, label in rule.sentinels.items():
         if text.upper() == word.upper():
             return ParsedReply(label=label)
-    number = _NUMBER.fullmatch(_LEAD.sub("", text, count=1))
+    number = _NUMBER.fullmatch(_unwrap(_LEAD.sub("", text, count=1)))
     if number is None:
         return ParsedReply(error=UNPARSEABLE)
     value, scale = int(number["value"]), number["scale"]

@@ -36,8 +36,10 @@ class JudgeSpec(BaseModel):
     ``kind="anthropic"``: ``model`` is a Claude model id; ``thinking`` and ``effort`` are sent as given. Fewer
     than ``batch_threshold`` uncached items go through the Messages API on ``max_concurrency`` threads; more go
     through Message Batches (half price, minutes to hours), polled every ``poll_interval_s``.
-    ``kind="local"``: ``model`` is a ``shared.models`` reference such as ``tiny:qwen2``; the score is the
-    probability-weighted mean over the candidate scores (see shared/judge/local.py).
+    ``kind="local"``: ``model`` is a ``shared.models`` reference such as ``tiny:qwen2``; the verdict is read from the
+    model's probabilities of the valid replies (``local_method``: each whole reply's likelihood, or the first
+    token's), and the item is an abstention where those replies hold less than ``min_candidate_mass`` of the
+    probability (see shared/judge/local.py).
 
     ``template`` is a shipped template's name or a path to the user's own (``shared.judge.templates``). Making a
     spec pins the template's content hash in ``template_sha256``: a stage config that embeds the spec is then keyed
@@ -70,6 +72,13 @@ class JudgeSpec(BaseModel):
     candidate_batch_size: int = Field(101, ge=1)
     # local judge: the dtype to load the model in (None: the checkpoint's own); part of the cache key when set
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # local judge: "full_reply" scores each valid reply (a number, a sentinel word) by the likelihood of all its
+    # tokens and the end of turn; "first_token" by its first token only (Betley et al.'s logprob judge), which needs
+    # every score of the range to be one token of the judge's tokenizer
+    local_method: Literal["full_reply", "first_token"] = "full_reply"
+    # local judge: below this total probability on the valid replies the judge abstains (an error, never a score);
+    # 0.25 as in Betley et al.'s logprob judge
+    min_candidate_mass: float = Field(0.25, ge=0, le=1)
 
     @field_validator("template")
     @classmethod
