@@ -78,6 +78,8 @@ SETTINGS = {
                  matmul_size=128),
 }
 
+LENGTH_REGIMES = ("fixed", "uniform", "record")
+
 BARS = {"soft_step_s": 6.0, "gcg_step_full_s": 90.0, "gcg_step_screened_s": 30.0,
         "sampling_b320_tok_s": 20_000, "sampling_b1024_embeds_tok_s": 25_000}
 RECORD = {"soft_step_s": 7.4, "gcg_step_full_s": 226.0}
@@ -375,13 +377,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for full_bench_<section>.json")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen7b")
     parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--lengths", nargs="*", choices=sorted(LENGTH_REGIMES), default=sorted(LENGTH_REGIMES),
+                        help="reply-length regimes of the sampling and soft sections (the bars' regimes are fixed "
+                             "for sampling, record for the soft step): fewer regimes fit a device call's budget")
     args = parser.parse_args(argv)
 
     import torch
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = SETTINGS[args.shape]
+    cfg = dict(SETTINGS[args.shape])
+    cfg["sampling_cases"] = [case for case in cfg["sampling_cases"] if case[1] in args.lengths]
+    cfg["soft_cases"] = [case for case in cfg["soft_cases"] if case[0] in args.lengths]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag, name = device_tag(device)
