@@ -275,6 +275,7 @@ def test_h4_finds_leakage_that_follows_base_model_cosine(tmp_path):
     assert np.diag(np.array(h4["cos"])) == pytest.approx(1.0)
     off = h4["off_diagonal"]
     assert off["n"] == 20 and off["rho"] > 0.8 and off["p_value"] < 0.01
+    assert h4["per_layer_off_diagonal"]["20"] == off  # one test, one p-value, wherever the report prints it
 
 
 def test_the_cosine_axis_test_finds_the_axis_that_moves_personas_most(tmp_path):
