@@ -276,4 +276,5 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
 def summary(plan: Plan) -> list[str]:
     analysis = plan.task("analysis")
     return [f"report: {analysis.output_uri('report.md')}", f"hero figure: {analysis.output_uri('hero_matrix.png')}",
-            f"heatmap: {analysis.output_uri('heatmap_base_subtracted.png')}"]
+            f"heatmap: {analysis.output_uri('heatmap_base_subtracted.png')}",
+            f"leakage per source and seed: {analysis.output_uri('leakage_per_seed.png')}"]
