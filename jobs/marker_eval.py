@@ -5,10 +5,12 @@ together; the HF backend batches them), never one call per bystander.
 
 Marker matching, exactly: a completion emits the marker when its decoded text (special tokens skipped, as the
 generator returns it) contains the marker string literally, case-sensitive (``"[ZLT]" in text``). Partial
-spellings (``[ZL``) and other casings do not count. Rates are hits / completions with both counts stored.
+spellings (``[ZL``) and other casings do not count. Rates are hits / completions with both counts stored, in all
+and per question.
 
-A seeded sample of ``coherence_per_cell`` completions per (persona, question) is written as
-``coherence_sample.jsonl`` in the row format the ``judge`` stage reads, with the persona as its ``condition``.
+A seeded sample of ``coherence_per_cell`` completions per (persona, question) (of the first
+``coherence_questions`` questions, if given) is written as ``coherence_sample.jsonl`` in the row format the
+``judge`` stage reads, with the persona as its ``condition``.
 
 Each cell also counts its ``truncated`` completions (those that ran into ``max_new_tokens``): a marker trained to
 follow the end of a reply can only show in a completion that reached such an end, so a high truncated share caps
@@ -21,7 +23,7 @@ import random
 import time
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared import store
 from shared.config import StageConfig
@@ -55,6 +57,9 @@ class Config(StageConfig):
     vllm_options: dict = {}
     marker: str = "[ZLT]"
     coherence_per_cell: int = 3
+    # judge only the completions of the first k questions (None: every question); the small profile's judge cannot
+    # tell coherent from incoherent text, so it judges a few questions of every bystander, not all of them
+    coherence_questions: int | None = Field(None, ge=1)
 
 
 def emits_marker(text: str, marker: str) -> bool:
@@ -62,21 +67,30 @@ def emits_marker(text: str, marker: str) -> bool:
 
 
 def emission_counts(rows: list[dict], marker: str) -> dict[str, dict]:
+    """Per persona: hits, completions, truncated completions, the rate, and hits and completions per question (the
+    completions of one question share its prompt, so intervals resample questions, not completions)."""
     counts: dict[str, dict] = {}
     for row in rows:
-        cell = counts.setdefault(row["persona"], {"hits": 0, "total": 0, "truncated": 0})
+        cell = counts.setdefault(row["persona"], {"hits": 0, "total": 0, "truncated": 0, "questions": {}})
+        question = cell["questions"].setdefault(row["question_id"], {"hits": 0, "total": 0})
+        hit = emits_marker(row["text"], marker)
         cell["total"] += 1
-        cell["hits"] += emits_marker(row["text"], marker)
+        cell["hits"] += hit
+        question["total"] += 1
+        question["hits"] += hit
         cell["truncated"] += row.get("finish_reason") == "length"
     for cell in counts.values():
         cell["rate"] = cell["hits"] / cell["total"]
     return counts
 
 
-def coherence_sample(rows: list[dict], per_cell: int, seed: int) -> list[dict]:
-    """``per_cell`` completions of every (persona, question), chosen with a seeded RNG, in judge-stage format."""
+def coherence_sample(rows: list[dict], per_cell: int, seed: int, questions: list[str] | None = None) -> list[dict]:
+    """``per_cell`` completions of every (persona, question), chosen with a seeded RNG, in judge-stage format; only
+    the given ``questions`` when named."""
     by_cell: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
+        if questions is not None and row["question_id"] not in questions:
+            continue
         by_cell.setdefault((row["persona"], row["question_id"]), []).append(row)
     rng = random.Random(seed)
     sample = []
@@ -122,7 +136,9 @@ def run(cfg: Config, ctx) -> dict:
         "n_per_cell": cfg.n * len(cfg.questions), "rates": counts,
     })
     if cfg.coherence_per_cell:
-        store.write_jsonl(ctx.out("coherence_sample.jsonl"), coherence_sample(rows, cfg.coherence_per_cell, cfg.seed))
+        judged = None if cfg.coherence_questions is None else [q.id for q in cfg.questions[: cfg.coherence_questions]]
+        store.write_jsonl(ctx.out("coherence_sample.jsonl"),
+                          coherence_sample(rows, cfg.coherence_per_cell, cfg.seed, judged))
     hits = sum(c["hits"] for c in counts.values())
     return {"n_completions": len(rows), "overall_rate": hits / len(rows), "generate_s": round(seconds, 2)}
 

@@ -572,6 +572,155 @@ def adjust_family(p_values: Sequence[float] | np.ndarray) -> FamilyAdjustment:
     return FamilyAdjustment(p_raw=p, p_bh=bh_fdr(p), p_holm=holm(p))
 
 
+# ------------------------------------------------------------ rates of clustered completions, slope tests
+
+
+@dataclass(frozen=True)
+class ClusteredIntervals:
+    """Estimates with percentile intervals from a bootstrap over whole clusters (arrays over leading cells)."""
+
+    estimate: np.ndarray | float
+    low: np.ndarray | float
+    high: np.ndarray | float
+    n_boot: int
+    n_clusters: int
+    confidence: float
+
+    @property
+    def half_width(self) -> np.ndarray | float:
+        return (np.asarray(self.high) - np.asarray(self.low)) / 2
+
+
+def cluster_multiplicities(n_clusters: int, n_boot: int, rng: RngLike = None) -> np.ndarray:
+    """``(n_boot, n_clusters)``: how often each cluster is drawn in each resample of ``n_clusters`` with replacement."""
+    draws = as_generator(rng).integers(0, n_clusters, size=(n_boot, n_clusters))
+    offsets = n_clusters * np.arange(n_boot)[:, None]
+    return np.bincount((draws + offsets).ravel(), minlength=n_boot * n_clusters).reshape(n_boot, n_clusters)
+
+
+def clustered_rate_bootstrap(
+    hits: np.ndarray,
+    totals: np.ndarray,
+    statistic: Callable[..., np.ndarray] | None = None,
+    *,
+    n_boot: int = 1_000,
+    confidence: float = 0.95,
+    rng: RngLike = None,
+) -> ClusteredIntervals:
+    """Percentile bootstrap of a statistic of pooled rates, resampling whole clusters (questions), not completions.
+
+    ``hits`` and ``totals`` are ``(..., n_clusters, k)`` counts: k cells (e.g. five gradation levels of a source
+    model and the same five of the base model) observed on the same clusters (the questions every cell is asked).
+    Each cell's rate is ``sum(hits) / sum(totals)`` over the clusters; a replicate draws the clusters with
+    replacement, the same draw for every cell and every leading index, so cells that share a question stay paired.
+    ``statistic(rates, axis=-1)`` reduces the k rates to one number (default: k must be 1 and the rate is the
+    statistic). The completions of one question share its prompt, so they are not independent draws: resampling
+    them one by one (``binomial_bootstrap_ci``) gives intervals that are too narrow whenever questions differ.
+    """
+    hits = np.asarray(hits, dtype=float)
+    totals = np.asarray(totals, dtype=float)
+    if hits.shape != totals.shape or hits.ndim < 2:
+        raise ValueError("hits and totals must have the same shape (..., n_clusters, k)")
+    if statistic is None:
+        if hits.shape[-1] != 1:
+            raise ValueError("without a statistic there must be exactly one cell (k = 1)")
+
+        def statistic(rates, axis=-1):
+            return np.take(rates, 0, axis=axis)
+
+    n_clusters = hits.shape[-2]
+    if n_clusters < 1:
+        raise ValueError("clustered_rate_bootstrap needs at least one cluster")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        estimate = statistic(hits.sum(axis=-2) / totals.sum(axis=-2), axis=-1)
+        weights = cluster_multiplicities(n_clusters, n_boot, rng).astype(float)
+        drawn_hits = np.einsum("bg,...gk->...bk", weights, hits)
+        drawn_totals = np.einsum("bg,...gk->...bk", weights, totals)
+        replicates = statistic(drawn_hits / drawn_totals, axis=-1)  # (..., n_boot)
+    low, high = percentile_interval(replicates, confidence, axis=-1)
+    return ClusteredIntervals(_scalar_or_array(np.asarray(estimate)), low, high, n_boot, n_clusters, confidence)
+
+
+def within_cluster_slope_test(
+    values: np.ndarray,
+    x: Sequence[float] | np.ndarray | None = None,
+    *,
+    alternative: Alternative = "two-sided",
+    n_iter: int = 10_000,
+    rng: RngLike = None,
+) -> PermutationResult:
+    """Permutation test of the OLS slope over levels of the mean over clusters, levels shuffled within each cluster.
+
+    ``values`` is ``(..., n_clusters, n_levels)``: one value per (cluster, level), e.g. a question's base-subtracted
+    marker rate at each of five gradation levels; leading axes are independent cells tested against one shared set
+    of draws. The statistic is the slope of ``mean over clusters`` against ``x`` (default 1..n_levels). Under H0 the
+    level does not matter, so the levels are exchangeable within every cluster; shuffling them there keeps each
+    cluster's own offset (a question that draws the marker more at every level) out of the null, which a shuffle of
+    single completions across questions would not. Each draw's slope is one dot product per cluster with a permuted
+    contrast vector, so the null of every cell costs one einsum.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.ndim < 2:
+        raise ValueError("values must be (..., n_clusters, n_levels)")
+    n_clusters, n_levels = values.shape[-2:]
+    if n_levels < 2:
+        raise ValueError("a slope needs at least two levels")
+    x = np.arange(1, n_levels + 1, dtype=float) if x is None else np.asarray(x, dtype=float)
+    if x.shape != (n_levels,) or np.ptp(x) == 0:
+        raise ValueError(f"x must hold {n_levels} values that are not all equal")
+    contrast = (x - x.mean()) / np.sum((x - x.mean()) ** 2)  # slope = contrast @ y
+    observed = np.einsum("l,...ql->...", contrast, values) / n_clusters
+    orders = np.argsort(as_generator(rng).random((n_iter, n_clusters, n_levels)), axis=-1)
+    permuted = contrast[orders]  # (n_iter, Q, L): the contrast each level of each cluster receives in a draw
+    null = np.einsum("dql,...ql->d...", permuted, values) / n_clusters
+    p = permutation_p_value(observed, null, alternative)
+    return PermutationResult(
+        statistic=_scalar_or_array(np.asarray(observed)),
+        p_value=_scalar_or_array(np.asarray(p)),
+        n_iter=n_iter,
+        exact=False,
+        alternative=alternative,
+    )
+
+
+@dataclass(frozen=True)
+class Discoveries:
+    """A family of tests read two ways: raw p < alpha (with the false positives it expects under the global null)
+    and Benjamini-Hochberg at q = alpha (with the false discoveries it allows among its own)."""
+
+    n_tests: int
+    alpha: float
+    n_raw: int  # p < alpha, no correction
+    expected_false_raw: float  # alpha * n_tests: what raw counting finds when no effect is real
+    n_bh: int  # BH-adjusted p < alpha
+    expected_false_bh: float  # alpha * n_bh: the FDR bound on the false among BH's discoveries
+    p_bh: np.ndarray = field(repr=False)
+
+    @property
+    def raw_rule(self) -> str:
+        return f"raw p < {self.alpha:g}, no correction"
+
+    @property
+    def bh_rule(self) -> str:
+        return f"Benjamini-Hochberg, q = {self.alpha:g}"
+
+
+def discoveries(p_values: Sequence[float] | np.ndarray, alpha: float = 0.05) -> Discoveries:
+    """Count a family's 'significant' tests raw and after BH, with the false positives each count expects.
+
+    Counting raw p < alpha over m tests finds ``alpha * m`` false positives on average when no effect is real (6.25
+    of #81's 125 slope triples); BH at q = alpha keeps the expected share of false discoveries among its
+    discoveries at or below alpha.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    p = _validated_p_values(p_values)
+    p_bh = bh_fdr(p)
+    n_bh = int(np.sum(p_bh < alpha))
+    return Discoveries(n_tests=int(p.size), alpha=alpha, n_raw=int(np.sum(p < alpha)),
+                       expected_false_raw=alpha * p.size, n_bh=n_bh, expected_false_bh=alpha * n_bh, p_bh=p_bh)
+
+
 # ------------------------------------------------------------------------------- training seeds as units
 
 

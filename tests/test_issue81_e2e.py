@@ -43,7 +43,7 @@ def test_each_source_learned_its_marker_and_the_base_model_never_emits_it(finish
         assert own["total"] == 2 * 4
         # ~0.75 in expectation (6/8 on CPU, 5/8 on a GPU); 3 of 8 leaves room for another machine's sampling
         assert own["hits"] >= 3, f"{source} emits the marker on its own persona only {own}"
-        assert headline["h1"]["per_source"][source]["rate"] == own["rate"]
+        assert headline["h1"]["per_source"][source]["42"]["rate"] == own["rate"]
 
 
 def test_rates_are_recounted_from_the_stored_completions(finished_run):
@@ -67,7 +67,7 @@ def test_headline_numbers_are_recomputed_from_stored_artifacts(finished_run, hea
             means.setdefault(row["condition"], []).append(row["score"])
         threshold = headline["coherence"]["threshold"]
         assert set(headline["coherence"]["flagged"][source]) == {b for b, s in means.items() if np.mean(s) < threshold}
-    assert headline["h3"]["n_triples"] == 2 * 2 * 2  # sources x nouns x traits, every level present
+    assert headline["h3"]["per_seed"]["42"]["n_triples"] == 2 * 2 * 2  # sources x nouns x traits, every level present
     h4 = headline["geometry"]["h4"]["cos_vs_leak_all_bystanders"]
     for source in SOURCES:
         coherent_others = set(headline["bystander_ids"]) - set(headline["coherence"]["flagged"][source]) - {f"A2__{source}"}
@@ -86,14 +86,16 @@ def test_report_figures_and_reproducibility_are_written(finished_run, headline):
     analysis = finished_run.task("analysis")
     report = store.read_text(analysis.output_uri("report.md"))
     for source in SOURCES:
-        rate = headline["h1"]["per_source"][source]["rate"]
-        assert f"| {source} | A2__{source} | {100 * rate:.1f}% |" in report
+        rate = headline["h1"]["per_source"][source]["42"]["rate"]
+        assert f"| {source} | 42 | A2__{source} | {100 * rate:.1f}% |" in report
+    assert "conditional on that one fine-tune" in report  # the tiny profile trains one seed
     assert f"Marker matching: {MATCHING_RULE}." in report
     for figure in ("hero_matrix", "heatmap_base_subtracted", "noun_isolation", "trait_gradation", "interaction",
-                   "lora_loss"):
+                   "leakage_per_seed", "lora_loss"):
         assert store.read_bytes(analysis.output_uri(f"{figure}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
         assert store.read_bytes(analysis.output_uri(f"{figure}.pdf"))[:4] == b"%PDF"
         assert f"]({figure}.png)" in report
+    assert "What reproduces bitwise" in store.read_text(analysis.output_uri("REPRODUCIBILITY.md"))
     # the heatmap hatches every flagged (source, bystander) cell
     flagged = sum(len(headline["coherence"]["flagged"][s]) for s in SOURCES)
     assert headline["figures"]["heatmap_base_subtracted"]["low_coherence_marked"] == flagged
@@ -108,3 +110,16 @@ def test_a_second_run_recomputes_nothing(finished_run):
     result = run_plan(finished_run, retries=0, live=False)
     assert result.ok
     assert {s.status for s in result.states.values()} == {CACHED}
+
+
+def test_a_second_seed_reuses_every_task_of_the_first(finished_run):
+    """Re-planning the finished one-seed run with two seeds: the store already holds every task of seed 42 (and of
+    the base model and the geometry), so only seed 43's chains and the analysis are left to compute."""
+    args = parser().parse_args(["run", "issue81", "--profile", "tiny", "--store", finished_run.store,
+                                "--run-id", "e2e-two-seeds", "--set", "replicates=2"])
+    plan = build_plan(args)
+    settled = set(plan.settled())
+    first_seed = {f"{kind}-{s}-s42" for kind in ("data", "train", "eval", "coherence") for s in SOURCES}
+    assert settled == first_seed | {"eval-base", "coherence-base", "hidden-states"}
+    assert {t.name for t in plan.tasks} - settled == {
+        "analysis", *(f"{kind}-{s}-s43" for kind in ("data", "train", "eval", "coherence") for s in SOURCES)}

@@ -122,8 +122,10 @@ def test_marker_eval_is_one_batched_call_with_exact_matching(tmp_path, monkeypat
     rates = store.read_json(store.join(prefix, "marker_rates.json"))
     assert set(rates["rates"]) == {b["id"] for b in grid}
     # each cell sees every text twice (6 samples x 2 questions over 6 texts): 3 of the 6 texts hold "[ZLT]", one
-    # ran into the token limit
-    assert all(cell == {"hits": 6, "total": 12, "rate": 0.5, "truncated": 2} for cell in rates["rates"].values())
+    # ran into the token limit; per question, each prompt's 6 samples run over all 6 texts
+    per_question = {q["id"]: {"hits": 3, "total": 6} for q in QUESTIONS}
+    assert all(cell == {"hits": 6, "total": 12, "rate": 0.5, "truncated": 2, "questions": per_question}
+               for cell in rates["rates"].values())
     assert "case-sensitive" in rates["matching"]
     sample = store.read_jsonl(store.join(prefix, "coherence_sample.jsonl"))
     assert len(sample) == 131 * 2 * 2

@@ -1,9 +1,13 @@
 """#81: marker leakage from five one-word source personas over a 5 noun x 5 trait x 5 level Big-5 bystander grid.
 
-Per source: on-policy marker data (``data-<src>``), marker-only LoRA (``train-<src>``), the marker evaluation over
-every bystander in one batched call (``eval-<src>``) and a coherence judge over a sample of it
-(``coherence-<src>``). The base model is evaluated as a reference cell (``eval-base``, ``coherence-base``); the
-base model's persona centroids feed H4 (``hidden-states``); ``analysis`` computes H1-H4, the figures and the report.
+Per source and training seed: on-policy marker data (``data-<src>``), marker-only LoRA (``train-<src>``), the marker
+evaluation over every bystander in one batched call (``eval-<src>``) and a coherence judge over a sample of it
+(``coherence-<src>``). With several seeds every one of these is its own task, ``<name>-s<seed>``: a seed replicates
+the whole recipe (the on-policy sample and the negatives drawn, the LoRA's initialisation, data order and dropout,
+the evaluation's sampling), and its cache key holds the seed, so adding a seed later computes only that seed. The
+base model is evaluated once as a reference cell (``eval-base``, ``coherence-base``, seed ``seed``); the base model's
+persona centroids feed H4 (``hidden-states``); ``analysis`` computes H1-H4 per seed and across seeds, the figures
+and the report.
 """
 
 from __future__ import annotations
@@ -13,19 +17,22 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from shared.config import ConfigError, ExperimentParams
+from shared.config import ConfigError, ReplicatedParams
 from shared.datafiles import read_questions, read_records, read_text
 from shared.judge.spec import JudgeSpec
 from shared.training import LoraRecipe
-from workflows.plan import Plan, PlanBuilder, slug
+from workflows.plan import Plan, PlanBuilder, replicate, slug
 
 BASE_MODEL = "hf:Qwen/Qwen2.5-7B-Instruct"
 DATA = "package:issue81/"
 BASE_LABEL = "base"
 
 
-class Params(ExperimentParams):
+class Params(ReplicatedParams):
     model_ref: str = BASE_MODEL
+    # training seeds per source (ReplicatedParams: `replicates` seeds from `seed`, or an explicit `seeds` list):
+    # full 3, small 2, tiny 1
+    replicates: int = Field(3, ge=1)
     backend: Literal["hf", "vllm"] = "vllm"
     vllm_options: dict = {"gpu_memory_utilization": 0.6, "max_model_len": 2048}  # the record's vLLM settings
     sources: list[str] = ["person", "chef", "pirate", "child", "robot"]
@@ -54,15 +61,16 @@ class Params(ExperimentParams):
     eval_max_new_tokens: int = 512
     coherence_judge: JudgeSpec = JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929", template="coherence_v1")
     coherence_per_cell: int = 3  # the record judged 3 of 10 completions per (model, bystander, question)
+    coherence_questions: int | None = Field(None, ge=1)  # judge only the first k questions (None: every question)
     coherence_threshold: float = Field(50.0, ge=0, le=100)  # cells with mean coherence below this (0-100) are flagged and hatched
     layers: list[int] = [10, 15, 20, 25]
     headline_layer: int = Field(20, ge=0)
     n_boot: int = Field(1000, ge=100)
     n_perm: int = Field(10_000, ge=100)
-    seed: int = 42
 
     PROFILES: ClassVar[dict] = {
         "tiny": {
+            "replicates": 1,
             "model_ref": "tiny:qwen2",
             "backend": "hf",
             "sources": ["person", "pirate"],
@@ -88,11 +96,14 @@ class Params(ExperimentParams):
             "layers": [1, 2],
             "headline_layer": 2,
         },
-        # SmolLM2-135M-Instruct on a 2-core CPU, about 20 min: three of the five sources (the record's first
-        # three), every noun x two traits x all five levels (H3 needs five levels, the axis tests two traits),
-        # 4 eval questions x 3 samples = 12 completions per cell, a short token budget with on-policy
-        # completions cut back to a sentence end, and the record's sampling (T=1, top_p=0.95)
+        # SmolLM2-135M-Instruct on a 2-core CPU within 45 min with two training seeds: three of the five sources (the
+        # record's first three), every noun x two traits x all five levels (H3 needs five levels, the axis tests
+        # two traits), 10 eval questions x 1 sample = 10 completions per cell (intervals resample questions: ten
+        # clusters, where 4 x 3 gave four), a short token budget with on-policy completions cut back to a sentence
+        # end, and the record's sampling (T=1, top_p=0.95). Per-seed work is shrunk so that a second seed fits:
+        # 3 LoRA epochs instead of 5, and coherence judged on 2 of the 10 questions
         "small": {
+            "replicates": 2,
             "model_ref": "smollm2:135m-instruct",
             "backend": "hf",
             "sources": ["person", "chef", "pirate"],
@@ -103,14 +114,15 @@ class Params(ExperimentParams):
             "data_max_new_tokens": 48,
             "cut_truncated_to_sentence": True,
             # LoRA for a 135M model: rank 16 on every projection, a higher lr than the 7B recipe's 1e-4 (small
-            # models take larger LoRA steps), the record's 5 epochs over ~120 examples = ~40 steps of 16
-            "recipe": {"r": 16, "alpha": 32, "dropout": 0.05, "lr": 5e-4, "epochs": 5, "per_device_batch_size": 16,
+            # models take larger LoRA steps), 3 epochs over ~120 examples = ~23 steps of 16
+            "recipe": {"r": 16, "alpha": 32, "dropout": 0.05, "lr": 5e-4, "epochs": 3, "per_device_batch_size": 16,
                        "grad_accum": 1, "max_seq_len": 512},
             "checkpoint_every": 10,
-            "eval_n": 3,
+            "eval_n": 1,
             "eval_max_new_tokens": 64,
             "coherence_judge": {"kind": "local", "model": "smollm2:135m-instruct", "template": "coherence_v1"},
             "coherence_per_cell": 1,
+            "coherence_questions": 2,
             # the same 135M model as judge scores everything in a narrow band well under 50 and does not rank
             # coherent above incoherent text, so the record's threshold would flag every cell: flagging is off
             "coherence_threshold": 0.0,
@@ -119,6 +131,14 @@ class Params(ExperimentParams):
         },
         "full": {},
     }
+
+    @classmethod
+    def for_profile(cls, profile: str, overrides: dict | None = None):
+        """A seed list given on the command line replaces the profile's replicate count instead of contradicting it."""
+        overrides = dict(overrides or {})
+        if isinstance(overrides.get("seeds"), list) and "replicates" not in overrides:
+            overrides["replicates"] = len(overrides["seeds"])
+        return super().for_profile(profile, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,34 +226,41 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     evaluation = dict(model_ref=params.model_ref, backend=params.backend, vllm_options=params.vllm_options,
                       personas=personas, questions=questions, n=params.eval_n, temperature=params.temperature,
                       top_p=params.top_p, max_new_tokens=params.eval_max_new_tokens, marker=params.marker,
-                      coherence_per_cell=params.coherence_per_cell)
+                      coherence_per_cell=params.coherence_per_cell, coherence_questions=params.coherence_questions)
 
     cells, analysis_deps = [], []
+    seeds = params.training_seeds()
 
-    def evaluate(label: str, after: list, adapter_uri: str | None, train_log_uri: str | None = None) -> None:
-        ev = b.add(f"eval-{slug(label)}", "marker_eval", slug(label), after=after, label=label,
-                   adapter_uri=adapter_uri, **evaluation)
-        judge = b.add(f"coherence-{slug(label)}", "judge", slug(label), after=[ev],
+    def evaluate(cell: str, label: str, seed: int, after: list, adapter_uri: str | None, *,
+                 source: str | None = None, train_log_uri: str | None = None) -> None:
+        # the stage configs name the model (``label``) and its seed, never the cell, so that the first seed of a
+        # one-seed run is the same cache entry as the first seed of a run with several
+        ev = b.add(f"eval-{cell}", "marker_eval", cell, after=after, label=label, adapter_uri=adapter_uri,
+                   seed=seed, **evaluation)
+        judge = b.add(f"coherence-{cell}", "judge", cell, after=[ev],
                       completions_uri=ev.output_uri("coherence_sample.jsonl"),
                       judge=params.coherence_judge.model_dump(), judge_name=f"coherence-{params.coherence_judge.model}")
-        cells.append({"label": label, "rates_uri": ev.output_uri("marker_rates.json"),
+        cells.append({"label": cell, "source": source, "seed": seed, "rates_uri": ev.output_uri("marker_rates.json"),
                       "coherence_uri": judge.output_uri("scores.jsonl"), "train_log_uri": train_log_uri})
         analysis_deps.extend([ev, judge])
 
     for source in sources:
-        cell = slug(source["name"])
-        data = b.add(f"data-{cell}", "marker_data", cell, model_ref=params.model_ref, backend=params.backend,
-                     vllm_options=params.vllm_options, source={"name": source["name"], "prompt": source["prompt"]},
-                     all_source_prompts=[s["prompt"] for s in persona_table()["sources"]], negative_pool=pool,
-                     n_negative_personas=params.n_negative_personas, questions=train_questions,
-                     n_per_question=params.data_n_per_question, temperature=params.temperature, top_p=params.top_p,
-                     max_new_tokens=params.data_max_new_tokens, marker=params.marker,
-                     cut_truncated_to_sentence=params.cut_truncated_to_sentence)
-        train = b.add(f"train-{cell}", "train_lora", cell, after=[data], model_ref=params.model_ref,
-                      data_uri=data.output_uri("train.jsonl"), loss="marker_only", marker=params.marker,
-                      recipe=params.recipe.model_dump(), checkpoint_every=params.checkpoint_every)
-        evaluate(source["name"], [train], train.output_uri("adapter"), train.output_uri("train_log.jsonl"))
-    evaluate(BASE_LABEL, [], None)
+        for seed in seeds:
+            cell = replicate(slug(source["name"]), seed, seeds)
+            data = b.add(f"data-{cell}", "marker_data", cell, seed=seed, model_ref=params.model_ref,
+                         backend=params.backend, vllm_options=params.vllm_options,
+                         source={"name": source["name"], "prompt": source["prompt"]},
+                         all_source_prompts=[s["prompt"] for s in persona_table()["sources"]], negative_pool=pool,
+                         n_negative_personas=params.n_negative_personas, questions=train_questions,
+                         n_per_question=params.data_n_per_question, temperature=params.temperature,
+                         top_p=params.top_p, max_new_tokens=params.data_max_new_tokens, marker=params.marker,
+                         cut_truncated_to_sentence=params.cut_truncated_to_sentence)
+            train = b.add(f"train-{cell}", "train_lora", cell, after=[data], seed=seed, model_ref=params.model_ref,
+                          data_uri=data.output_uri("train.jsonl"), loss="marker_only", marker=params.marker,
+                          recipe=params.recipe.model_dump(), checkpoint_every=params.checkpoint_every)
+            evaluate(cell, source["name"], seed, [train], train.output_uri("adapter"), source=source["name"],
+                     train_log_uri=train.output_uri("train_log.jsonl"))
+    evaluate(BASE_LABEL, BASE_LABEL, params.seed, [], None)
 
     geometry = b.add("hidden-states", "hidden_states", "geometry", model_ref=params.model_ref, personas=personas,
                      questions=questions, layers=params.layers)
@@ -241,7 +268,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     b.add("analysis", "analyze_issue81", "analysis", after=analysis_deps,
           sources=[{"name": s["name"], "noun": s["noun"]} for s in sources],
           bystanders=[{k: x[k] for k in ("id", "kind", "noun", "trait", "level")} for x in grid],
-          cells=cells, base_label=BASE_LABEL, marker=params.marker,
+          cells=cells, seeds=seeds, base_label=BASE_LABEL, marker=params.marker,
           centroids_uri=geometry.output_uri("centroids.npz"), centroid_personas_uri=geometry.output_uri("personas.json"),
           headline_layer=params.headline_layer, n_boot=params.n_boot, n_perm=params.n_perm,
           coherence_threshold=params.coherence_threshold, params=params.model_dump(mode="json"))
@@ -251,4 +278,5 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
 def summary(plan: Plan) -> list[str]:
     analysis = plan.task("analysis")
     return [f"report: {analysis.output_uri('report.md')}", f"hero figure: {analysis.output_uri('hero_matrix.png')}",
-            f"heatmap: {analysis.output_uri('heatmap_base_subtracted.png')}"]
+            f"heatmap: {analysis.output_uri('heatmap_base_subtracted.png')}",
+            f"leakage per source and seed: {analysis.output_uri('leakage_per_seed.png')}"]
