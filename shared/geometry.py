@@ -47,6 +47,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -901,7 +902,7 @@ def geometry_family(
             # child generator drawn here, so the result does not depend on the thread count
             children = generator.spawn(len(comparisons))
             with ThreadPoolExecutor(max_workers=n_threads or stats.available_cpus()) as pool:
-                cells += list(pool.map(lambda pair: _m3_cell(m3, method, layer, pair[0], pair[1]), zip(comparisons, children)))
+                cells += list(pool.map(partial(_m3_cell, m3, method, layer), comparisons, children))
     return _adjust_by_family(cells)
 
 

@@ -1301,9 +1301,7 @@ def vector_sign_flip_test(
     if differences.ndim != 2 or len(differences) < 1:
         raise ValueError(f"expected (n_units, dim) differences, got shape {differences.shape}")
     n = len(differences)
-    size, exhaustive = sign_flip_null_size(n, n_iter)
-    if exhaustive and n > MAX_EXHAUSTIVE_PAIRS:
-        exhaustive, size = False, n_iter
+    exhaustive = sign_flip_null_size(n, n_iter)[1] and n <= MAX_EXHAUSTIVE_PAIRS
     signs = all_sign_patterns(n) if exhaustive else as_generator(rng).choice(np.array([-1.0, 1.0]), size=(n_iter, n))
     gram = differences @ differences.T
     null = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", signs, gram, signs), 0.0)) / n
