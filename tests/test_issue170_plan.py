@@ -97,7 +97,9 @@ def test_evaluation_matches_the_records_protocol(tmp_path, full_inputs):
     assert all(len(c["questions"]) == 52 for c in evals)
     judges = {t.config["judge"]["model"] for t in plan.tasks if t.stage == "judge"}
     assert judges == {"claude-sonnet-4-5-20250929", "claude-opus-4-7"}
-    assert plan.task("villain-direction").config["layers"] == [8, 10, 12, 14]
+    # the record's blocks 8, 10, 12, 14 (hooked outputs) are hidden_states 9, 11, 13, 15, read at the last prompt token
+    assert plan.task("villain-direction").config["layers"] == [9, 11, 13, 15]
+    assert plan.task("villain-direction").config["readout"] == "last_prompt_token"
     references = {t.name for t in plan.tasks if t.stage == "generate" and not t.name.startswith("gen-classifier")}
     assert references == {"gen-null", "gen-helpful-assistant", "gen-em-reference"}
 
