@@ -69,6 +69,9 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+ARTIFACT = "artifact:"  # a model reference to a model folder in the store (shared.models)
+
+
 def is_store_uri(value: Any) -> bool:
     return isinstance(value, str) and (value.startswith("file://") or value.startswith("s3://"))
 
@@ -132,6 +135,8 @@ class StageConfig(Strict):
         def walk(value: Any, path: str, name: str) -> None:
             if name.endswith("_uri") and is_store_uri(value):
                 found[path] = value
+            elif name.endswith("model_ref") and isinstance(value, str) and is_store_uri(value.removeprefix(ARTIFACT)):
+                found[path] = value.removeprefix(ARTIFACT)  # a model the run made (artifact:<uri>) is an input too
             elif name.endswith("_uris") and isinstance(value, (list, dict)):
                 items = value.items() if isinstance(value, dict) else enumerate(value)
                 for key, item in items:

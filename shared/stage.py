@@ -44,7 +44,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from shared import fingerprint, store, tracking
-from shared.config import ConfigError, StageConfig, is_store_uri, parse, stable_hash
+from shared.config import ARTIFACT, ConfigError, StageConfig, is_store_uri, parse, stable_hash
 from shared.lease import Lease, LeaseLost
 
 MANIFEST = "manifest.json"
@@ -283,6 +283,10 @@ def keyed_config(cfg: StageConfig, inputs: dict[str, str]) -> Any:
         if isinstance(value, str):
             if value in inputs:
                 return f"sha256:{inputs[value]}"
+            if value.startswith(ARTIFACT) and value.removeprefix(ARTIFACT) in inputs:
+                # a model made in a run is keyed by its content, not by the run and cell that made it: a new run
+                # id, or a seed's cell renamed when seeds are added, reuses what depends on it
+                return f"{ARTIFACT}sha256:{inputs[value.removeprefix(ARTIFACT)]}"
             if value == run or value.startswith(run + "/"):
                 return "<run>" + value[len(run):]
             if value == root or value.startswith(root + "/"):
