@@ -204,3 +204,11 @@ def test_every_stage_reads_its_production_position_on_the_real_small_model():
     with torch.inference_mode():
         torch.testing.assert_close(hf_hidden_states(model, ids)[30],
                                    model.model.norm(activations.residual_stream(model, [30], input_ids=torch.tensor([ids]))[30]))
+
+
+def test_each_workflows_data_readme_prints_the_translation_table_of_its_record():
+    from importlib import resources
+
+    for workflow in ("issue205", "issue170", "issue81"):
+        readme = resources.files("shared.data").joinpath(workflow, "README.md").read_text()
+        assert activations.translation_markdown(workflow) in readme, workflow
