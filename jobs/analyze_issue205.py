@@ -39,6 +39,7 @@ from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
 METRICS = ("M1", "M2", "M3")
+CI_LEVEL = 0.95  # of the bootstrap CIs over questions
 DECISIONS = {"M1": "G1", "M2": "G2", "M3": "G3"}
 CONTROLS = ("base", "benign")
 GEOMETRY_TITLES = {"raw": "raw geometry", "shift_invariant": "shift-invariant geometry"}
@@ -530,7 +531,7 @@ def add_bootstrap_cis(cfg: Config, acts: Activations, families: dict) -> None:
         for kind, cells in wanted.items():
             for c in cells:
                 draws = replicates[(c["metric"], kind, c["condition"], c["reference"])]
-                low, high = percentile_interval(draws, 0.95)
+                low, high = percentile_interval(draws, CI_LEVEL)
                 c.update(ci_low=float(low), ci_high=float(high), n_boot=int(np.isfinite(draws).sum()))
 
 
@@ -664,30 +665,31 @@ def cell_floor(cell: dict) -> float:
 
 
 def test_limits(cfg: Config, geo: dict, n_conditions: int, n_personas: int) -> dict:
-    """Per geometry and family: each metric's null size and smallest attainable p, and what BH-FDR and Holm over the
-    family can reach at its alpha (``shared.stats.correction_reach``); whether G1's bar (M1 vs base, BH p < alpha) can
-    be met at this persona count; the exact Spearman test's floor at this condition count (H3 and the cos-monotone
-    rules); the seed-level t-test's degrees of freedom."""
+    """Per geometry and family: each metric's null size and smallest attainable p, and the best p BH-FDR and Holm over
+    the family can give a cell of that metric (every cell at its floor: ``shared.stats.correction_reach``); whether
+    G1's bar (M1 vs base, BH p < alpha) can be met at this persona count; the exact Spearman test's floor at this
+    condition count (H3 and the cos-monotone rules)."""
     from shared.stats import correction_reach, spearman_exact_floor
 
     out: dict = {"families": {}}
     for kind, fam in geo["families"].items():
         for family, alpha in (("cells", cfg.rules.geometry_alpha), ("em_vs_benign", cfg.rules.contrast_alpha)):
             members = fam[family]
+            reach = correction_reach([cell_floor(c) for c in members], alpha)
             per_metric = {}
             for metric in METRICS:
-                mine = [c for c in members if c["metric"] == metric]
+                mine = [i for i, c in enumerate(members) if c["metric"] == metric]
                 if mine:
-                    c = mine[0]
+                    c = members[mine[0]]
                     per_metric[metric] = {"n_null": c["n_iter"], "exact": c["exact"], "n_units": c["n_units"],
-                                          "alternative": c["alternative"], "smallest_p": min(cell_floor(x) for x in mine)}
-            reach = correction_reach([cell_floor(c) for c in members], alpha)
-            out["families"][f"{kind}/{family}"] = {"metrics": per_metric, **reach}
+                                          "alternative": c["alternative"], "smallest_p": min(cell_floor(members[i]) for i in mine),
+                                          "bh_best": min(reach["bh_best"][i] for i in mine),
+                                          "holm_best": min(reach["holm_best"][i] for i in mine)}
+            out["families"][f"{kind}/{family}"] = {"metrics": per_metric, "m": reach["m"], "alpha": alpha,
+                                                   "bh_reachable": reach["bh_reachable"], "holm_reachable": reach["holm_reachable"]}
     m1 = out["families"]["raw/cells"]["metrics"]["M1"]
-    reach = out["families"]["raw/cells"]
     out["g1_bar"] = {"alpha": cfg.rules.geometry_alpha, "n_personas": n_personas, "m1_smallest_p": m1["smallest_p"],
-                     "bh_best": max(m1["smallest_p"], reach["bh_best_all_at_floor"]),
-                     "reachable": bool(m1["smallest_p"] < cfg.rules.geometry_alpha and reach["bh_reachable"])}
+                     "bh_best": m1["bh_best"], "reachable": bool(m1["bh_best"] < cfg.rules.geometry_alpha)}
     try:
         out["spearman"] = spearman_exact_floor(n_conditions, cfg.rules.h3_alpha)
         out["spearman"]["p_at"] = {f"{rho:.3f}": p for rho, p in out["spearman"]["p_at"].items()}
@@ -778,7 +780,7 @@ def results(cfg: Config, per_seed_acts: dict[int, Activations], per_seed_leakage
         "questions": first.questions, "layers": first.layers, "layer_convention": LAYER_CONVENTION,
         "layer_translation": layer_translation(cfg, first.layers), "methods": first.methods,
         "headline_layer": cfg.headline_layer, "n_iter": cfg.n_iter, "m3_contrast_iter": cfg.m3_contrast_iter or cfg.n_iter,
-        "n_boot": cfg.n_boot, "marker": cfg.marker, "rules": cfg.rules.model_dump(),
+        "n_boot": cfg.n_boot, "ci_level": CI_LEVEL, "marker": cfg.marker, "rules": cfg.rules.model_dump(),
         "conditions": [c.model_dump() for c in cfg.conditions], "seeds": list(per_seed), "em_source_persona": cfg.em_source_persona,
         "per_seed": {str(seed): v for seed, v in per_seed.items()},
         "seed_level": seed_level(cfg, per_seed),
@@ -837,7 +839,7 @@ def decide_family(data: dict, kind: str, fam: dict) -> dict:
     rules, em_names, layers, methods = data["rules"], data["em_conditions"], data["layers"], data["methods"]
     cell_fires = [fires_in_direction(kind, c, rules) for c in fam["cells"]]
     n_layers_needed = math.ceil(rules["min_layer_fraction"] * len(layers))
-    out = {"cell_fires": cell_fires, "layers_needed": n_layers_needed}
+    out = {"cell_fires": cell_fires, "n_cells": len(cell_fires), "n_firing": sum(cell_fires), "layers_needed": n_layers_needed}
     for metric in METRICS:
         per_cond = {}
         for cond in em_names:
@@ -1278,9 +1280,8 @@ def layers_section(data: dict) -> list[str]:
     from shared.activations import READOUTS
 
     tr = data["layer_translation"]
-    lines = [f"Layer L is {data['layer_convention']}. {tr['rule']} Read-out positions: Method A "
-             f"`{tr['readout']['A']}` ({READOUTS[tr['readout']['A']]}), Method B `{tr['readout']['B']}` "
-             f"({READOUTS[tr['readout']['B']]}).", ""]
+    lines = [f"Layer L is {data['layer_convention']}. {tr['rule']} Method A reads at `{tr['readout']['A']}`: "
+             f"{READOUTS[tr['readout']['A']]}; Method B at `{tr['readout']['B']}`: {READOUTS[tr['readout']['B']]}.", ""]
     rows = [(r["record_layer"], r["platform_index"], r["evidence"]) for r in tr["rows"]]
     from shared.reporting import markdown_table
 
@@ -1370,20 +1371,22 @@ def limits_section(data: dict) -> list[str]:
     for family, f in limits["families"].items():
         for metric, m in f["metrics"].items():
             null = f"{m['n_null']} {'(every pattern)' if m['exact'] else 'draws'}"
-            rows.append((family, metric, null, m["n_units"], m["alternative"], f"{m['smallest_p']:.4g}"))
+            rows.append((family, metric, null, m["n_units"], m["alternative"], f"{m['smallest_p']:.4g}",
+                         f"{m['bh_best']:.4g}", f"{m['holm_best']:.4g}"))
     lines = ["## What the tests can and cannot reach", "",
-             "Null size (permutations: every one of them where that is no more than the draws asked for), units permuted "
-             "and smallest attainable p of each metric's test (the floor no data can go below):", "",
-             markdown_table(["family", "metric", "null", "units", "alternative", "smallest p"], rows, align="lllrll"), ""]
+             "Null size (permutations: every one of them where that is no more than the draws asked for), units permuted, "
+             "the smallest p each metric's test can return (its floor: no data go below it), and the best adjusted p a cell "
+             "of the metric can reach under BH-FDR and Holm over its family (every cell at its floor):", "",
+             markdown_table(["family", "metric", "null", "units", "alternative", "smallest p", "best BH p", "best Holm p"], rows,
+                            align="lllrllll"), ""]
     for family, f in limits["families"].items():
-        lines.append(f"- {family}: {f['m']} cells at alpha {f['alpha']}. Holm's best adjusted p is {f['holm_best']:.4g} "
-                     + ("(it can reject)" if f["holm_reachable"] else "(**Holm cannot reject here by construction**)")
-                     + f"; BH reaches {f['bh_best_all_at_floor']:.4g} at best (every cell at its floor), "
-                     f"{f['bh_best_one_at_floor']:.4g} with a single cell there.")
+        lines.append(f"- {family}: {f['m']} cells at alpha {f['alpha']}: BH " + ("can reject" if f["bh_reachable"] else
+                     "**cannot reject here by construction**") + "; Holm " + ("can reject." if f["holm_reachable"] else
+                     "**cannot reject here by construction**."))
     g1 = limits["g1_bar"]
     lines += ["", f"G1's bar (M1 vs base, BH p < {g1['alpha']}) at {g1['n_personas']} personas: the persona-level M1 null's "
-              f"smallest p is {g1['m1_smallest_p']:.4g}, so the best BH-adjusted M1 p is {g1['bh_best']:.4g}: the bar is "
-              + ("reachable." if g1["reachable"] else "**out of reach whatever the data**.")]
+              f"smallest p is {g1['m1_smallest_p']:.4g}, and the best BH-adjusted M1 p over the family is {g1['bh_best']:.4g}: "
+              "the bar is " + ("reachable." if g1["reachable"] else "**out of reach whatever the data**.")]
     sp = limits["spearman"]
     if "smallest_p" in sp:
         rho = sp["min_abs_rho_below_alpha"]
@@ -1497,9 +1500,10 @@ def shared_shift_section(data: dict) -> list[str]:
             inv = inv_cells[(m, method, cond)]
             rows.append((m, method, cond, with_ci(c), p_text(c["p_bh"]), with_ci(inv), p_text(inv["p_bh"]),
                          f"{s['ratio']:.3f}", p_text(s["p"])))
+        ci = f"{data['ci_level']:.0%}"
         lines += [f"### Seed {seed}", "", f"Changes from base at layer {layer}" +
-                  (f", with 95 % bootstrap CIs over questions ({n_boot} resamples)" if n_boot else "") + ":", "",
-                  markdown_table(["metric", "method", "cond", "raw change [95% CI]", "raw p BH", "shift-invariant change [95% CI]",
+                  (f", with {ci} bootstrap CIs over questions ({n_boot} resamples)" if n_boot else "") + ":", "",
+                  markdown_table(["metric", "method", "cond", f"raw change [{ci} CI]", "raw p BH", f"shift-invariant change [{ci} CI]",
                                   "p BH", "mean shift / base spread", "shift p"], rows, align="lllrrrrrr"), "",
                   "Length of the shift-invariant E0 axis (the assistant's E0 shift minus the non-assistant personas' mean "
                   "shift) over the raw one; 0 would mean the assistant moved only as they did: " +
@@ -1671,8 +1675,9 @@ def family_section(data: dict) -> list[str]:
     lines = ["## Geometry family (raw, per seed)", ""]
     for seed, result in data["per_seed"].items():
         cells = result["geometry"]["families"]["raw"]["cells"]
-        fires = data["decisions"]["per_seed"][seed]["families"]["raw"]["cell_fires"]
-        lines += [f"Seed {seed}: {len(cells)} cells (metrics x methods x layers x EM conditions); {sum(fires)} fire. BH-FDR is primary, "
+        decided = data["decisions"]["per_seed"][seed]["families"]["raw"]
+        fires = decided["cell_fires"]
+        lines += [f"Seed {seed}: {decided['n_cells']} cells (metrics x methods x layers x EM conditions); {decided['n_firing']} fire. BH-FDR is primary, "
                   "Holm alongside; every cell of both geometries, with raw, BH and Holm p, is in headline.json.", "",
                   markdown_table(["metric", "method", "layer", "cond", "delta", "p raw", "p BH", "p Holm", "fires"],
                                  [(c["metric"], c["method"], c["layer"], c["condition"], f"{c['delta']:.4f}", f"{c['p_value']:.4g}",

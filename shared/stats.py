@@ -1246,22 +1246,20 @@ def sign_flip_null_size(n_units: int, n_iter: int) -> tuple[int, bool]:
 
 
 def correction_reach(floors: Sequence[float], alpha: float) -> dict:
-    """Whether BH-FDR and Holm over a family whose cells have these smallest attainable p-values can reject at all.
+    """What BH-FDR and Holm over a family can reach, given each cell's smallest attainable p (its floor).
 
-    Holm's smallest adjusted p is ``m * min(floor)`` (the best cell at its floor); BH's is at best the largest floor in
-    the family (reached when every cell is at its floor: the last rank's factor is 1), and ``m * floor`` when only one
-    cell is there. ``holm_reachable`` is False where Holm cannot reject by construction.
+    Both adjustments only grow when any raw p grows, so a cell's best adjusted p is its adjusted p when every cell of
+    the family sits at its floor: ``bh_best`` and ``holm_best`` hold those, per cell in input order. Holm's best is
+    ``m * floor`` for the cell with the smallest floor; where even that is not below ``alpha``, Holm cannot reject
+    anything by construction (``holm_reachable`` False).
     """
     floors = np.asarray(floors, dtype=float)
     if floors.size == 0:
         raise ValueError("a family needs at least one cell")
-    m = floors.size
-    holm_best = min(1.0, m * float(floors.min()))
-    bh_best = float(floors.max())
-    return {"m": m, "alpha": alpha, "smallest_floor": float(floors.min()), "largest_floor": float(floors.max()),
-            "holm_best": holm_best, "holm_reachable": holm_best < alpha,
-            "bh_best_all_at_floor": bh_best, "bh_reachable": bh_best < alpha,
-            "bh_best_one_at_floor": min(1.0, m * float(floors.min()))}
+    best = adjust_family(floors)
+    return {"m": int(floors.size), "alpha": alpha, "smallest_floor": float(floors.min()),
+            "bh_best": best.p_bh.tolist(), "holm_best": best.p_holm.tolist(),
+            "bh_reachable": bool(best.p_bh.min() < alpha), "holm_reachable": bool(best.p_holm.min() < alpha)}
 
 
 def spearman_exact_floor(n: int, alpha: float = 0.05) -> dict:
@@ -1470,10 +1468,10 @@ def h2_equivalence_test(
         pairs[(i, j)] = _paired_tost(per_question[i] - per_question[j], margin, alpha)
     means = per_question.mean(axis=1)
     p = max((v["p"] for v in pairs.values()), default=1.0)
-    worst = max(pairs, key=lambda ij: pairs[ij]["p"]) if pairs else None
+    worst = max(pairs, key=lambda ij: (pairs[ij]["p"], abs(pairs[ij]["mean"]))) if pairs else None
     return HypothesisResult(
         "H2", float(means.max() - means.min()), float(p), 0, bool(p < alpha),
-        f"TOST: every pair of conditions within +-{margin} (intersection-union p = largest pair p) < {alpha}",
+        f"TOST: every pair of conditions within +-{margin}; equivalent when the largest pair p < {alpha}",
         {"margin": margin, "alpha": alpha, "n_questions": per_question.shape[1], "worst_pair": worst,
          "pairs": {f"{i}-{j}": v for (i, j), v in pairs.items()}},
     )

@@ -162,7 +162,7 @@ def finished(tmp_path_factory):
     checkpoints = write_checkpoints(root, {42: values[42]}, invalid={"E3": [(PERSONAS.index("villain"), 3)]})
     checkpoints += write_checkpoints(root, {43: values[43]})[1:]
     rates = {(c, s): leakage(i, s) for s in SEEDS for i, (c, _p, _cos) in enumerate(CONDITIONS)}
-    rates |= {("base", s): control(0.05) for s in SEEDS} | {("benign", s): control(0.1) for s in SEEDS}
+    rates |= {("base", s): control(0.1) for s in SEEDS} | {("benign", s): control(0.2) for s in SEEDS}
     losses = [3.0, 2.8, 2.6, 2.4, 2.2, 2.0, 1.8, 1.6]  # 8 steps: the first and last 2 are averaged
     cfg = config(root, checkpoints, write_markers(root, rates), seeds=SEEDS, em_source_persona="p7",
                  trainings=write_trainings(root, losses))
@@ -251,7 +251,7 @@ def test_behaviour_is_recomputed_from_marker_rows_with_the_controls_beside_it(fi
         for i, row in enumerate(beh["conditions"]):
             assert row["mean_bystander"] == pytest.approx(0.2 + 0.1 * i + 0.1 * (seed - 42))
             assert row["source_rate"] == pytest.approx(0.9)
-            assert row["controls"] == pytest.approx({"base": 0.05, "benign": 0.1})
+            assert row["controls"] == pytest.approx({"base": 0.1, "benign": 0.2})
         assert beh["H3"]["rho"] == pytest.approx(-1.0) and beh["H3"]["n_orderings"] == 120
         assert beh["H3"]["p"] == pytest.approx(2 / 120) and beh["H3"]["fires"]
         assert beh["H1"]["testable"] == 5 and beh["H1"]["fired"] == 0  # no persona leaks more than its bystanders
@@ -299,7 +299,7 @@ def test_every_number_the_report_prints_is_a_number_of_the_results_object(finish
     text = re.sub(r"\]\([^)]*\)", "]", finished["report"])  # figure file names
     text = re.sub(r"\*[^*\n]*\*\s*→[^\n]*", "", text)  # quoted training rows (model text)
     unmatched = []
-    for token in re.findall(r"(?<![\w.\-+])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?%?(?![\w.])", text):
+    for token in re.findall(r"(?<![\w.\-+#])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?%?(?![\w.])", text):
         if not printed_in(token, numbers):
             unmatched.append(token)
     assert not unmatched, f"numbers in the report that are not in headline.json: {sorted(set(unmatched))[:20]}"
@@ -519,10 +519,9 @@ def test_headline_layer_changes_carry_bootstrap_cis_over_questions_in_both_geome
 def test_a_contraction_towards_a_point_is_a_real_collapse_both_geometries_see(finished):
     """The fixture's EM pulls every persona 60% of the way towards one point: the dispersion falls to about 0.4**2 of
     base's (log ratio ~ 2 log 0.4), so shift-invariant M1 fires too (it is not a shift), and the personas' mean moved."""
-    inv = [(c, f) for c, f in zip(cells_of(finished, "shift_invariant"), fires_of(finished, "shift_invariant")["cell_fires"], strict=True)
-           if c["metric"] == "M1"]
-    assert all(f and c["delta"] == pytest.approx(2 * np.log(0.4), abs=0.35) for c, f in inv)
-    assert fires_of(finished, "shift_invariant")["G1"]["fires"]
+    inv = [c for c in cells_of(finished, "shift_invariant") if c["metric"] == "M1"]
+    # at its test's floor (1,000 draws of 4,096 patterns: 2/1001, or 4/1001 where a draw repeats the observed one)
+    assert all(c["delta"] == pytest.approx(2 * np.log(0.4), abs=0.35) and c["p_value"] < 0.01 for c in inv)
     shift = per_seed(finished)["geometry"]["shift"]["A/L20"]["E2"]
     assert shift["measured"] and shift["p"] < 0.01 and shift["ratio"] > 0.5
     assert not per_seed(finished)["geometry"]["shift"]["A/L20"]["benign"]["measured"]
@@ -571,31 +570,36 @@ def test_a_pure_contraction_with_no_shift_is_never_called_a_shared_shift(tmp_pat
     geo = out["headline"]["per_seed"]["42"]["geometry"]
     m1 = [c for c in geo["families"]["shift_invariant"]["cells"] if c["metric"] == "M1"]
     assert all(c["delta"] == pytest.approx(2 * np.log(0.6), abs=0.2) for c in m1)
-    assert not any(v["measured"] for per in geo["shift"].values() for v in per.values())
+    # the personas' mean did not move: its shift is question noise, a few hundredths of base's spread (an offset
+    # of the shift-only case above is many times the spread)
+    assert all(v["ratio"] < 0.05 for per in geo["shift"].values() for v in per.values())
     assert "may be a shift that every persona shares" not in out["report"]
 
 
 # --------------------------------------------------------------------------------- the seed as the unit
 
 
-def seed_family(rng, em_pull: float, benign_pull: float, seeds=(1, 2), seed_sd=0.05):
-    """One synthetic run through the stage's own functions: per seed, EM and benign fine-tunes of the base persona
-    vectors (each pulls the personas towards a point by its recipe's amount, plus that seed's own perturbation of
-    every persona); returns the per-seed results ``seed_level`` reads and the first seed's persona-level p."""
+def seed_family(rng, em_pull: float, benign_pull: float, seeds=(1, 2), pull_sd=0.05, persona_sd=0.02):
+    """One synthetic run through the stage's own functions. Per seed, an EM and a benign fine-tune of the base persona
+    vectors: each pulls every persona towards one point by its recipe's amount plus that fine-tune's own random
+    deviation (a seed changes how far a recipe goes), and perturbs each persona a little. Returns the seed-level
+    EM-vs-benign p (``seed_level``) and the first seed's persona-level p (the within-seed three-way test)."""
     base = 3.0 * rng.normal(size=16) + rng.normal(size=(len(PERSONAS), 16))
     point = base.mean(axis=0) + rng.normal(size=16)
 
     def fine_tune(pull):
-        return (1 - pull) * base + pull * point + seed_sd * rng.normal(size=base.shape) + 0.3 * seed_sd * rng.normal(size=16)
+        drawn = pull + pull_sd * rng.normal()
+        return (1 - drawn) * base + drawn * point + persona_sd * rng.normal(size=base.shape)
 
     per_seed, persona_level = {}, None
     for seed in seeds:
         vectors = {("A", 20): {"base": base, "E0": fine_tune(em_pull), "benign": fine_tune(benign_pull)}}
-        families = {kind: analysis.split_families(analysis.readjust(geometry.geometry_family(
-            vectors, PERSONAS, em_conditions=["E0"], n_iter=200, seed=seed, geometry=kind))) for kind in geometry.GEOMETRIES}
-        per_seed[seed] = {"geometry": {"families": families}, "behaviour": None}
+        raw = analysis.split_families(analysis.readjust(geometry.geometry_family(vectors, PERSONAS, em_conditions=["E0"],
+                                                                                 n_iter=100, seed=seed)))
+        empty = {"cells": [], "benign_vs_base": [], "em_vs_benign": []}  # raw M1 is the statistic asked about here
+        per_seed[seed] = {"geometry": {"families": {"raw": raw, "shift_invariant": empty}}, "behaviour": None}
         if persona_level is None:
-            persona_level = next(c["p_value"] for c in families["raw"]["em_vs_benign"] if c["metric"] == "M1")
+            persona_level = next(c["p_value"] for c in raw["em_vs_benign"] if c["metric"] == "M1")
     cfg = parse(analysis.Config, {**config("file:///unused", []), "conditions": [{"cond": "E0", "persona": "assistant",
                                                                                   "system": "default", "cos_to_assistant": 1.0}]})
     rows = analysis.seed_level(cfg, per_seed)["rows"]
@@ -607,7 +611,7 @@ def test_two_seeds_of_one_recipe_reject_em_vs_benign_at_the_nominal_rate_where_t
     """Done-when of issue 20, built from this stage's own functions: EM and benign are two seeds each of ONE recipe
     (no EM effect). The seed-level EM-vs-benign test rejects at about its nominal 5% (inside the 99% binomial
     interval over 300 replicates); the persona-level test within one seed, which treats one fine-tune as the
-    population, rejects far more often."""
+    population, rejects far more often (about half the time, as issue 20 measured)."""
     rng = np.random.default_rng(11)
     n_rep = 300
     seed_rejections = persona_rejections = 0
@@ -622,8 +626,8 @@ def test_two_seeds_of_one_recipe_reject_em_vs_benign_at_the_nominal_rate_where_t
 
 def test_an_em_effect_present_in_every_seed_is_detected_at_the_seed_level():
     rng = np.random.default_rng(12)
-    detected = sum(seed_family(rng, 0.6, 0.3, seeds=(1, 2, 3))[0] < 0.05 for _ in range(200))
-    assert detected >= 190
+    detected = sum(seed_family(rng, 0.6, 0.3, seeds=(1, 2, 3))[0] < 0.05 for _ in range(100))
+    assert detected >= 95
 
 
 def test_recipe_level_rows_show_per_seed_values_their_spread_and_a_pooled_rule(finished):
@@ -637,7 +641,7 @@ def test_recipe_level_rows_show_per_seed_values_their_spread_and_a_pooled_rule(f
     assert row["estimate"] == pytest.approx(np.mean(deltas)) and row["sd"] == pytest.approx(np.std(deltas, ddof=1))
     assert row["df"] == 1 and row["testable"] and 0 < row["p"] < 1
     leak = next(r for r in level["rows"] if (r["geometry"], r["contrast"], r["condition"]) == ("leakage", "em_vs_base", "E4"))
-    assert leak["per_seed"] == pytest.approx({"42": 0.6, "43": 0.7}) and leak["reference_per_seed"] == pytest.approx({"42": 0.05, "43": 0.05})
+    assert leak["per_seed"] == pytest.approx({"42": 0.6, "43": 0.7}) and leak["reference_per_seed"] == pytest.approx({"42": 0.1, "43": 0.1})
     assert "EM-specific at the recipe level" in finished["report"]
     assert f"{deltas[0]:.4f} / {deltas[1]:.4f}" in finished["report"]
 
@@ -645,12 +649,18 @@ def test_recipe_level_rows_show_per_seed_values_their_spread_and_a_pooled_rule(f
 def test_the_report_states_each_tests_floor_and_what_bh_and_holm_can_reach(finished):
     limits = finished["headline"]["test_limits"]
     raw = limits["families"]["raw/cells"]
-    assert raw["metrics"]["M2"]["n_null"] == 2**11 and raw["metrics"]["M2"]["exact"]
-    assert raw["metrics"]["M2"]["smallest_p"] == pytest.approx(2 / 2**11)
-    assert raw["metrics"]["M1"]["n_null"] == 1000 and not raw["metrics"]["M1"]["exact"]  # 2**12 > 1000 draws asked for
-    assert raw["metrics"]["M3"]["smallest_p"] == pytest.approx(2 / 100)
-    assert raw["m"] == 60 and not raw["holm_reachable"]  # 60 cells x 2/100 is above 0.01
-    assert "**Holm cannot reject here by construction**" in finished["report"]
+    # 2**12 and 2**11 swap patterns are more than the 1,000 draws asked for: Monte Carlo nulls, floor 2/1001
+    for metric, units in (("M1", 12), ("M2", 11)):
+        m = raw["metrics"][metric]
+        assert (m["n_null"], m["exact"], m["n_units"]) == (1000, False, units)
+        assert m["smallest_p"] == pytest.approx(2 / 1001)
+    assert raw["metrics"]["M3"]["n_units"] == N_Q and raw["metrics"]["M3"]["smallest_p"] == pytest.approx(2 / 100)
+    # Holm's best is 60 cells x 2/1001 = 0.12; BH's best for an M1 cell, with the 40 M1/M2 cells at 2/1001 and the 20
+    # M3 cells at 2/100, is 60 x (2/1001) / 40 = 0.003
+    assert raw["m"] == 60 and not raw["holm_reachable"] and raw["metrics"]["M1"]["holm_best"] == pytest.approx(60 * 2 / 1001)
+    assert raw["bh_reachable"] and raw["metrics"]["M1"]["bh_best"] == pytest.approx(60 * (2 / 1001) / 40)
+    assert limits["g1_bar"]["reachable"]
+    assert "Holm **cannot reject here by construction**." in finished["report"]
     assert limits["spearman"]["smallest_p"] == pytest.approx(2 / 120) and limits["spearman"]["min_abs_rho_below_alpha"] == 1.0
     assert limits["g1_bar"]["n_personas"] == 12
     assert "p < 0.05 needs |rho| >= 1.000; |rho| = 0.900 gives p = 0.08333" in finished["report"]
