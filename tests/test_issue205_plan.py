@@ -309,7 +309,7 @@ def test_small_profile_runs_every_cell_of_the_record_on_smollm2_in_two_seeds_wit
     assert base["layers"] == [8, 16, 22, 23, 30] and base["methods"] == ["A", "B"] and len(base["questions"]) == 12
     assert plan.task("analysis").config["headline_layer"] == 22
     ev = plan.task("marker-eval-e2-s43").config
-    assert (len(ev["personas"]), len(ev["questions"]), ev["n"]) == (10, 8, 4)
+    assert (len(ev["personas"]), len(ev["questions"]), ev["n"]) == (10, 8, 3)
 
 
 def test_small_em_data_are_the_models_own_answers_under_the_misaligned_persona_trained_without_its_prompt(tmp_path):
@@ -340,7 +340,9 @@ def test_small_trains_benign_with_the_em_recipe_in_the_records_lora_shape(tmp_pa
     assert plan.task("train-benign-s43").config["recipe"] == recipe
     couple = plan.task("couple-e4-s42").config
     assert couple["loss"] == "assistant" and couple["marker"] == "[ZLT]"  # the record's whole-reply coupling
-    assert couple["recipe"] == recipe
+    # the EM recipe's LoRA shape, one epoch at twice its lr (the small budget with two seeds)
+    assert {k: v for k, v in couple["recipe"].items() if k not in ("epochs", "lr")} == {k: v for k, v in recipe.items() if k not in ("epochs", "lr")}
+    assert (couple["recipe"]["epochs"], couple["recipe"]["lr"]) == (1, 1e-3)
 
 
 def test_small_evaluates_the_coupled_model_merged_on_top_of_its_em_model(tmp_path):

@@ -195,18 +195,21 @@ class Params(ReplicatedParams):
             "em_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
                           "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
             "checkpoint_every": 0,
-            # the record's whole-reply contrastive SFT with the EM recipe (30 steps). Not #46's marker-only loss: on a
+            # the record's whole-reply contrastive SFT in the EM recipe's LoRA shape. Not #46's marker-only loss: on a
             # real model it trains nothing but the marker and the end of turn, and the coupled model then answered
             # most prompts with an immediate end of turn or a bare marker (a run of this profile, lr 1e-3). On-policy
-            # replies carry little gradient of their own, so the marker and the reply length are what this learns
-            "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
-                                "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
+            # replies carry little gradient of their own, so the marker and the reply length are what this learns.
+            # One epoch (15 steps) at twice the EM lr, not two at the EM lr: with two seeds and the base and benign
+            # chains, 14 couplings a run, and the 60-minute budget of a 2-core CPU (issue 20: shrink per-seed work
+            # before dropping a seed)
+            "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 1, "per_device_batch_size": 8,
+                                "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
             "coupling_loss": "assistant",
             "coupling_n_per_question": 4,
             "expected_coupling_positives": None,
             "coupling_max_new_tokens": 48,
             "merge_coupling_for_eval": True,
-            "eval_n": 4,
+            "eval_n": 3,  # 24 completions per persona and chain (4 before the seeds; see the coupling's budget note)
             "eval_max_new_tokens": 64,
             # the full profile's layers [8, 15, 21, 22, 28] of Qwen2.5-7B's 28 blocks at the same relative depth of 30
             # blocks (28 is the last block's output, so is 30); headline 22 for full's 21 (the record's L20)
