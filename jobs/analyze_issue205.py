@@ -1711,8 +1711,8 @@ REPRODUCES = """## What reproduces bitwise, and what only in distribution
 - **Bitwise:** this analysis, given the stored artifacts it read (their sha256 are in the stages' manifests): every
   permutation, bootstrap and swap draw is seeded by the config's `seed`, so the same inputs give the same
   headline.json, report and figures. The plan and every task's cache key are deterministic too.
-- **Bitwise on the same hardware and batch sizes:** the tiny and small profiles' training and sampling on a CPU
-  (seeded LoRA initialisation, data order and sampling).
+- **Bitwise on the same hardware, batch sizes and thread count:** the tiny and small profiles' training and sampling
+  on a CPU (seeded LoRA initialisation, data order and sampling; another thread count reorders float reductions).
 - **Only in distribution:** sampling (the EM/benign answers of small, the coupling data, the marker evaluation, Method
   B's replies in bf16) depends on batch sizes, padding and kernels, so another batch size draws other completions
   from the same distribution; bf16 GPU kernels are not deterministic, so GPU training and extraction reproduce only to
