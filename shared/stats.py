@@ -1376,13 +1376,17 @@ def lda_swap_contrast(
         raise ValueError("both checkpoints need (n_rows, r) projected rows, one per label")
     folds = grouped_folds(codes, group_codes, n_splits)
     k, n_groups, r = classes.size, group_names.size, a.shape[1]
-    by_group = np.zeros((codes.size, n_groups))
-    by_group[np.arange(codes.size), group_codes] = 1.0
-    one_hot = np.zeros((codes.size, k))
-    one_hot[np.arange(codes.size), codes] = 1.0
-    moments = {name: np.einsum("ng,ni,nj->gij", by_group, x, x) for name, x in (("a", a), ("b", b))}
-    sums = {name: np.einsum("ng,nk,ni->gki", by_group, one_hot, x) for name, x in (("a", a), ("b", b))}
-    counts = np.einsum("ng,nk->gk", by_group, one_hot)
+
+    def per_group(values: np.ndarray, index: np.ndarray, n_bins: int) -> np.ndarray:
+        out = np.zeros((n_bins, values.shape[1]))
+        np.add.at(out, index, values)
+        return out
+
+    # per question: the rows' second moment (r x r) and each class's row sum, for either checkpoint
+    moments = {name: per_group(np.einsum("ni,nj->nij", x, x).reshape(len(x), -1), group_codes, n_groups).reshape(-1, r, r)
+               for name, x in (("a", a), ("b", b))}
+    sums = {name: per_group(x, group_codes * k + codes, n_groups * k).reshape(n_groups, k, r) for name, x in (("a", a), ("b", b))}
+    counts = np.bincount(group_codes * k + codes, minlength=n_groups * k).reshape(n_groups, k).astype(float)
 
     def accuracies(draws: np.ndarray) -> np.ndarray:
         """``(m, 2)`` held-out accuracy of pseudo-reference and pseudo-condition; draws[i, g] = 1 swaps question g."""
@@ -1404,10 +1408,13 @@ def lda_swap_contrast(
                 # pseudo-reference reads b where its question is swapped; pseudo-condition the other way round
                 from_b = test_swapped if side == 0 else ~test_swapped
                 flat = weights.reshape(-1, r)  # every draw's weights in one product per checkpoint: (m k, r)
-                score_a = (flat @ a[test].T).reshape(len(draws), k, -1)
-                score_b = (flat @ b[test].T).reshape(len(draws), k, -1)
-                scores = np.where(from_b[:, None, :], score_b, score_a) + intercepts[:, :, None]  # (m, k, n_test)
-                correct[:, side] += np.sum(scores.argmax(axis=1) == codes[test][None], axis=1)
+                predicted = []
+                for rows in (a[test], b[test]):
+                    scores = (flat @ rows.T).reshape(len(draws), k, -1)  # (m, k, n_test)
+                    scores += intercepts[:, :, None]
+                    predicted.append(scores.argmax(axis=1))
+                chosen_prediction = np.where(from_b, predicted[1], predicted[0])
+                correct[:, side] += np.sum(chosen_prediction == codes[test][None], axis=1)
         return correct / codes.size
 
     draws = as_generator(rng).integers(0, 2, size=(n_iter, n_groups)).astype(float)
