@@ -13,10 +13,12 @@ checkpoint against a reference (base Qwen, or benign-SFT for the three-way contr
   and used unchanged for E1-E4); statistic = mean over the 11 non-assistant personas of
   ``|cos(persona, axis)|``; paired permutation test over those 11 personas (2**11 = 2,048 sign patterns, so
   the test is exact). Robustness axes: each condition's own assistant delta, and PC-1 of its persona shifts.
-* M3, linear separability: held-out LDA accuracy with a shared GroupKFold (by question) and a joint-shuffle
-  null, n_iter = 10,000; per-condition delta accuracy vs base (``shared.stats.lda_joint_shuffle_test``).
-  Rows are centred within their question and projected on 16 principal components first (label-free;
-  see ``m3_separability``).
+* M3, linear separability: held-out LDA accuracy with a shared GroupKFold (by question); every checkpoint's rows,
+  centred within their question, are projected on ONE label-free basis of 16 principal components of all of them
+  (``m3_separability``). A checkpoint is above chance against the joint-shuffle null (``lda_joint_shuffle_test``);
+  the change between two checkpoints is tested against a null of equal separability, whole questions' rows swapped
+  between the two and the LDA refitted per draw (``stats.lda_swap_contrast``): the label-shuffle null, "no persona
+  information in either", made two draws of one model differ "significantly" far more often than alpha.
 
 Multiple testing (``geometry_family``): BH-FDR is primary across the 150 EM-vs-base cells (3 metrics x 2
 methods x 5 layers x 5 EM conditions) with Holm alongside; benign-SFT vs base and EM vs benign-SFT (the
