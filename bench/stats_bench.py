@@ -2,8 +2,8 @@
 
     python -m bench.stats_bench            # writes bench/results/stats_bench.json
 
-The timed code is the analysis stage's own (``jobs.analyze_issue205``: ``results`` - the geometry family with
-its decisions, M2's robustness axes and the outcome - ``behaviour_tests`` and ``report``), fed synthetic arrays
+The timed code is the analysis stage's own (``jobs.analyze_issue205``: ``results`` - both geometry families of one
+seed, M2's robustness axes, the shift tests - ``decisions``, ``behaviour_tests`` and ``report``), fed synthetic arrays
 instead of stored artifacts; only reading the artifacts and drawing the figures are left out.
 Sizes follow the record: 7 checkpoints (base, E0-E4, benign-SFT) x 2 extraction methods x 5 layers x 12
 personas x hidden size 3584, with 240 questions per persona for M3's held-out LDA; 28 questions x 10
@@ -104,6 +104,7 @@ def analysis_config(n_iter: int, seed: int) -> analysis.Config:
         ],
         headline_layer=20,
         n_iter=n_iter,
+        m3_contrast_iter=min(n_iter, 1_000),
     )
 
 
@@ -121,15 +122,18 @@ def run_analysis(
 
     start = time.perf_counter()
     acts = analysis.Activations(CHECKPOINTS, PERSONAS, [f"q{i}" for i in range(QUESTIONS)], LAYERS, values, b_valid)
-    data = analysis.results(cfg, acts, behaviour)
+    data = analysis.results(cfg, {seed: acts}, None)
+    data["per_seed"][str(seed)]["behaviour"] = behaviour
+    data["decisions"] = analysis.decisions(data)
     timings["geometry_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     analysis.report(data)
     timings["report_s"] = time.perf_counter() - start
 
-    geo = data["geometry"]
-    families = {name: len(geo[name]) for name in ("cells", "benign_vs_base", "em_vs_benign")}
+    geo = data["per_seed"][str(seed)]["geometry"]
+    raw = geo["families"]["raw"]
+    families = {name: len(raw[name]) for name in ("cells", "benign_vs_base", "em_vs_benign")}
     families["em_vs_base"] = families.pop("cells")
     n_h1 = behaviour["H1"]["testable"]
     outcomes = {
@@ -137,11 +141,11 @@ def run_analysis(
         "behaviour_tests": {"H1": n_h1, "H2": 1, "H3": 1},
         "n_tests": sum(families.values()) + n_h1 + 2,
         "primary_cells_firing_bh_0.01": {
-            metric: sum(c["p_bh"] < 0.01 for c in geo["cells"] if c["metric"] == metric) for metric in ("M1", "M2", "M3")
+            metric: sum(c["p_bh"] < 0.01 for c in raw["cells"] if c["metric"] == metric) for metric in ("M1", "M2", "M3")
         },
         "m3_accuracy_L20_A": {name: round(v, 3) for name, v in geo["values"]["A/L20"]["M3"].items()},
         "method_b_retained_min": round(min(geo["paired_retained"]["B"].values()), 4),
-        "decisions_fired": data["outcome"]["fired"],
+        "decisions_fired": data["decisions"]["per_seed"][str(seed)]["fired"],
         "behaviour": {
             **{f"H1:{c['persona']}": c["h1"] for c in behaviour["conditions"] if "h1" in c},
             "H2": {k: behaviour["H2"][k] for k in ("range", "p", "fires")},

@@ -10,8 +10,9 @@ For every (persona, question) of the evaluation grid and every requested decoder
 
 Layers follow the project's one convention (``shared.activations``): layer L is ``hidden_states[L]``, the residual
 stream after L decoder blocks, so layer 28 of Qwen2.5-7B is its last block's output (before the final norm). The
-record hooked "the output of block L (0-based)", one less: its layers 7, 14, 20, 21, 27 are layers 8, 15, 21, 22, 28
-here. Prompts come only from ``shared.chat`` and the adapter (if any) is merged into the weights before extraction.
+record's code hooked the output of block L (0-based), one less (``shared.activations.RECORD_RULE``): its layers
+7, 14, 20, 21, 27 are layers 8, 15, 21, 22, 28 here. Both methods read through ``shared.activations.read_out``, at
+the named positions ``last_prompt_token`` (A) and ``reply_mean`` (B), which the index file records. Prompts come only from ``shared.chat`` and the adapter (if any) is merged into the weights before extraction.
 Nothing is averaged here: centroids belong to the analysis.
 
 Outputs: ``activations.safetensors`` (``A``/``B`` of shape [personas, questions, layers, hidden], ``B_valid``
@@ -64,59 +65,25 @@ class Config(StageConfig):
     dtype: str | None = None
 
 
-def capture_layers(model, layers: list[int], batch, positions_of_row) -> list:
-    """Run one right-padded forward pass and return, per row, ``[n_layers, hidden]`` float32 vectors.
-
-    ``positions_of_row(i)`` gives row i's positions to average (one position for Method A). Right padding keeps
-    every real token's position and attention exactly as in an unpadded pass (the causal mask hides the pads).
-    """
-    import torch
-
+def method_a(model, prompts, layers: list[int], *, pad_id: int, batch_size: int, progress) -> list:
+    """Last-prompt-token activations (``shared.activations.read_out`` at ``last_prompt_token``), one
+    ``[n_layers, hidden]`` tensor per prompt."""
     from shared import activations
 
-    captured = activations.residual_stream(model, layers, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    rows = []
-    for row in range(batch.input_ids.shape[0]):
-        positions = positions_of_row(row)
-        rows.append(torch.stack([captured[layer][row, positions].float().mean(dim=0).cpu() for layer in layers]))
-    return rows
-
-
-def _batches(items: list, size: int):
-    for at in range(0, len(items), size):
-        yield items[at : at + size]
-
-
-def method_a(model, prompts, layers: list[int], *, pad_id: int, batch_size: int, progress) -> list:
-    """Last-prompt-token activations, one ``[n_layers, hidden]`` tensor per prompt."""
-    from shared import chat
-
-    out = []
-    for chunk in progress(list(_batches(prompts, batch_size)), desc="method A"):
-        batch = chat.build_batch(chunk, pad_id=pad_id, padding_side="right").to(model.device)
-        out += capture_layers(model, layers, batch, lambda row, chunk=chunk: [len(chunk[row]) - 1])
-    return out
+    return list(activations.read_out(model, prompts, layers, "last_prompt_token", pad_id=pad_id, batch_size=batch_size,
+                                     progress=progress))
 
 
 def method_b(model, prompts, replies: list[list[int]], layers: list[int], *, pad_id: int, batch_size: int, progress):
-    """Mean activations over each prompt's reply ids (None where the reply is empty)."""
-    from shared import chat
+    """Mean activations over each prompt's reply ids (``read_out`` at ``reply_mean``; None where the reply is empty)."""
+    from shared import activations
 
     out: list = [None] * len(prompts)
     filled = [i for i, reply in enumerate(replies) if reply]
-    for chunk in progress(list(_batches(filled, batch_size)), desc="method B"):
-        sequences = [
-            chat.PromptIds(list(prompts[i].input_ids) + list(replies[i]), len(prompts[i]) + len(replies[i]))
-            for i in chunk
-        ]
-        batch = chat.build_batch(sequences, pad_id=pad_id, padding_side="right").to(model.device)
-
-        def reply_positions(row, chunk=chunk):
-            start = len(prompts[chunk[row]])
-            return list(range(start, start + len(replies[chunk[row]])))
-
-        for i, vectors in zip(chunk, capture_layers(model, layers, batch, reply_positions), strict=True):
-            out[i] = vectors
+    vectors = activations.read_out(model, [prompts[i] for i in filled], layers, "reply_mean", pad_id=pad_id,
+                                   batch_size=batch_size, replies=[replies[i] for i in filled], progress=progress)
+    for i, row in zip(filled, vectors, strict=True):
+        out[i] = row
     return out
 
 
@@ -188,6 +155,7 @@ def run(cfg: Config, ctx) -> dict:
         "checkpoint": cfg.checkpoint, "model_ref": cfg.model_ref, "adapter_uri": cfg.adapter_uri,
         "personas": [p.model_dump() for p in cfg.personas], "questions": [q.id for q in cfg.questions],
         **activations.layer_record(cfg.layers), "methods": cfg.methods, "hidden_size": int(model.config.hidden_size),
+        "readout": {"A": "last_prompt_token", "B": "reply_mean"},
         "prompt_ids": {f"{p.name}/{q.id}": prompt.input_ids for (p, q), prompt in zip(cells, prompts, strict=True)},
     })  # fmt: skip
     return {"n_personas": shape[0], "n_questions": shape[1], "n_layers": shape[2], **metrics}

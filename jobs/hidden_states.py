@@ -1,10 +1,12 @@
 """Stage ``hidden_states``: base-model persona centroids for the cosine analysis (#81's H4, #66's recipe).
 
 For every persona and question, the prompt (system persona + user question + assistant header, built by
-``shared.chat``) goes through the model once; the residual stream at the last prompt token is read at each
-requested layer, in the project's one convention (``shared.activations``: layer L is ``hidden_states[L]``, the
-residual stream after L blocks, 0 the embeddings). A persona's centroid is the mean over the questions. Layers are a
-parameter: #81 used {10, 15, 20, 25} of Qwen2.5-7B's 28; the tiny model has 2, so the tiny profile asks for [1, 2].
+``shared.chat``) goes through the model once; the residual stream at the last prompt token (``read_out`` at
+``last_prompt_token``, where #81's script read) is read at each requested layer, in the project's one convention
+(``shared.activations``: layer L is ``hidden_states[L]``, the residual stream after L blocks, 0 the embeddings). A
+persona's centroid is the mean over the questions. Layers are a parameter: #81 hooked the outputs of blocks
+{10, 15, 20, 25} of Qwen2.5-7B's 28, hidden_states {11, 16, 21, 26} (``shared.activations.RECORD_RULE``); the tiny
+model has 2, so the tiny profile asks for [1, 2].
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pydantic import BaseModel, Field
 from shared import store
 from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
+
+READOUT = "last_prompt_token"  # where #81's script read (shared.activations.RECORD_LAYERS["issue81"])
 
 
 class Persona(BaseModel):
@@ -36,20 +40,12 @@ class Config(StageConfig):
 
 
 def last_token_states(model, tokenizer, prompts, layers: list[int], batch_size: int):
-    """``[len(prompts), len(layers), hidden]`` float32: the residual at each prompt's last token (left padding
-    puts every prompt's last token at position -1)."""
-    import torch
-
+    """``[len(prompts), len(layers), hidden]`` float32: the residual at each prompt's last token
+    (``shared.activations.read_out`` at ``last_prompt_token``)."""
     from shared import activations, chat
 
-    pad_id = chat.soft_placeholder_id(tokenizer)
-    device = next(model.parameters()).device
-    out = []
-    for at in range(0, len(prompts), batch_size):
-        batch = chat.build_batch(prompts[at : at + batch_size], pad_id=pad_id, padding_side="left").to(device)
-        hidden = activations.residual_stream(model, layers, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        out.append(torch.stack([hidden[layer][:, -1, :] for layer in layers], dim=1).float().cpu())
-    return torch.cat(out)
+    return activations.read_out(model, prompts, layers, READOUT, pad_id=chat.soft_placeholder_id(tokenizer),
+                                batch_size=batch_size)
 
 
 def run(cfg: Config, ctx) -> dict:
@@ -68,7 +64,7 @@ def run(cfg: Config, ctx) -> dict:
     centroids = per_question.mean(dim=1).permute(1, 0, 2).contiguous()  # [layers, personas, hidden]
     store.write_npz(ctx.out("centroids.npz"), centroids=centroids.numpy(), layers=list(cfg.layers))
     store.write_json(ctx.out("personas.json"), {"persona_ids": [p.id for p in cfg.personas], **activations.layer_record(cfg.layers),
-                                                "n_questions": len(cfg.questions), "readout": "last prompt token"})
+                                                "n_questions": len(cfg.questions), "readout": READOUT})
     return {"n_personas": len(cfg.personas), "n_layers": len(cfg.layers), "hidden": int(centroids.shape[-1])}
 
 

@@ -1,7 +1,8 @@
 """Stage ``villain_direction``: #170's H3 -- does a learned prompt move the residual stream along the villain
 direction?
 
-1. Direction (Wang et al. Method A as the record ran it): residual stream at the last user token, per layer in
+1. Direction (Wang et al. Method A as the record ran it): residual stream at the ``readout`` position (the last
+   prompt token by default, where the record's code read; ``shared.activations.RECORD_LAYERS``), per layer in
    ``layers``, for every (persona, probe); villain centroid minus the mean of the other personas' centroids,
    normalised. Fitted on one half of the probes, Cohen's d of the villain-vs-others projections measured on the
    other half; the layer with the largest d is chosen (the record's R2: no layer fixed in advance). The final
@@ -22,6 +23,7 @@ the residual stream after ``l`` decoder blocks.
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
@@ -51,6 +53,9 @@ class Config(StageConfig):
     reference_system: str = "none"  # delta-h = h(prompt) - h(reference)
     probes: list[Question] = Field(min_length=2)
     layers: list[int] = Field(min_length=1)
+    # where the residual stream is read (shared.activations.READOUTS): the record's plan says the last user token,
+    # but its code read the last prompt token (shared.activations.RECORD_LAYERS["issue170"])
+    readout: Literal["last_prompt_token", "last_user_token"] = "last_prompt_token"
     cell_prompt_uris: dict[str, str] = {}  # cell name -> prompt.json
     fixed_prompts: dict[str, str] = {}  # name -> system slot, measured like a cell
     dtype: str | None = None
@@ -65,34 +70,13 @@ class Config(StageConfig):
         return value
 
 
-def last_user_token(prompt, im_end_id: int) -> int:
-    """Index of the last token of the user's message: the one before the user turn's closing <|im_end|>."""
-    ids = prompt.input_ids
-    closes = [i for i, t in enumerate(ids) if t == im_end_id]
-    if not closes:
-        raise ValueError("the prompt has no <|im_end|>: not a ChatML prompt")
-    return closes[-1] - 1
-
-
-def residuals(model, tokenizer, prompts, layers: list[int], soft=None) -> np.ndarray:
-    """``[len(prompts), len(layers), H]`` residual stream at each listed layer (``shared.activations``) at the last
-    user token."""
-    import torch
-
+def residuals(model, tokenizer, prompts, layers: list[int], soft=None, readout: str = "last_prompt_token") -> np.ndarray:
+    """``[len(prompts), len(layers), H]`` residual stream at each listed layer (``shared.activations``) at the
+    named ``readout`` position (``shared.activations.read_out``), one prompt per forward pass as the record ran."""
     from shared import activations, chat
 
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    out = []
-    for prompt in prompts:
-        batch = chat.build_batch([prompt], pad_id=chat.soft_placeholder_id(tokenizer)).to(model.device)
-        kwargs = {"input_ids": batch.input_ids}
-        if soft is not None:
-            with torch.no_grad():
-                kwargs = {"inputs_embeds": chat.inputs_embeds(batch, model.get_input_embeddings(), soft.to(model.device))}
-        hidden = activations.residual_stream(model, layers, **kwargs)
-        at = last_user_token(prompt, im_end)
-        out.append(torch.stack([hidden[layer][0, at] for layer in layers]).float().cpu().numpy())
-    return np.stack(out)
+    return activations.read_out(model, prompts, layers, readout, pad_id=chat.soft_placeholder_id(tokenizer), batch_size=1,
+                                soft=soft, im_end_id=tokenizer.convert_tokens_to_ids("<|im_end|>")).numpy()
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -160,7 +144,7 @@ def run(cfg: Config, ctx: Context) -> dict:
 
     def acts_for(system, on=None) -> np.ndarray:
         prompts = [chat.build_prompt(tokenizer, system, q) for q in probes]
-        return residuals(on if on is not None else model, tokenizer, prompts, cfg.layers)
+        return residuals(on if on is not None else model, tokenizer, prompts, cfg.layers, readout=cfg.readout)
 
     ctx.log(f"{len(cfg.personas)} personas x {len(probes)} probes at layers {cfg.layers}")
     acts = {p.name: acts_for(p.system, direction_model) for p in cfg.personas}
@@ -180,7 +164,7 @@ def run(cfg: Config, ctx: Context) -> dict:
             prompt, soft = load_learned_prompt(uri)
             if prompt.model_ref != cfg.model_ref:
                 raise StageInputError(f"cell {name} was learned on {prompt.model_ref}, not on {cfg.model_ref}")
-            cell = residuals(model, tokenizer, [prompt.build(tokenizer, q) for q in probes], cfg.layers, soft)
+            cell = residuals(model, tokenizer, [prompt.build(tokenizer, q) for q in probes], cfg.layers, soft, readout=cfg.readout)
             delta = cell - reference
             cells[name] = {
                 **projection(delta[:, cfg.layers.index(chosen)], direction),
@@ -188,7 +172,7 @@ def run(cfg: Config, ctx: Context) -> dict:
                              for i, layer in enumerate(cfg.layers)},
             }
     pirate_delta = (pirate - reference)[:, cfg.layers.index(chosen)]
-    result = {**activations.layer_record(cfg.layers), **scan, "villain": cfg.villain, "reference_system": cfg.reference_system,
+    result = {**activations.layer_record(cfg.layers), "readout": cfg.readout, **scan, "villain": cfg.villain, "reference_system": cfg.reference_system,
               "pirate": projection(pirate_delta, direction), "fixed_prompts": fixed, "cells": cells,
               "direction_source": cfg.adapter_uri or cfg.direction_model_ref or cfg.model_ref}
     store.write_json(ctx.out("villain_direction.json"), result)

@@ -1,5 +1,7 @@
 """The one layer convention for every stage that reads activations (issue81's ``hidden_states``, issue170's
-``villain_direction``, issue205's ``extract_persona_vectors``).
+``villain_direction``, issue205's ``extract_persona_vectors``), the one rule that translates the records' layer
+numbers into it (``RECORD_RULE``, ``RECORD_LAYERS``), and the one function that reads a named position
+(``read_out``).
 
 Layer ``L`` is ``hidden_states[L]`` in Hugging Face's numbering, the index Chen et al. (2025) and most of the
 literature use: the residual stream after ``L`` decoder blocks. ``L = 0`` is the input to the first block (the token
@@ -13,6 +15,8 @@ block's output directly, by a forward hook, as it reads every other layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 LAYER_CONVENTION = (
     "hidden_states[L]: the residual stream after L decoder blocks (L=0 the input embeddings, L=n_layers the last "
@@ -83,3 +87,150 @@ def residual_stream(model, layers: Sequence[int], **inputs) -> dict:
         for hook in hooks:
             hook.remove()
     return {layer: captured[layer] for layer in layers}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the records' layer numbers: one translation rule
+
+RECORD_RULE = (
+    "The records' extraction code hooks model.model.layers[L] (0-based) and keeps that block's output: the residual "
+    "stream after L + 1 blocks. Record layer L is therefore hidden_states[L + 1] here (Qwen2.5-7B: record 27, its last "
+    "block, is layer 28)."
+)
+
+
+def from_record(layer: int) -> int:
+    """The platform's ``hidden_states`` index of a record's layer number (``RECORD_RULE``)."""
+    if layer < 0:
+        raise ValueError(f"a record's layer is a 0-based block index, got {layer}")
+    return layer + 1
+
+
+@dataclass(frozen=True)
+class RecordLayers:
+    """What one record says about its layers and where it reads, with the evidence (the code that ran)."""
+
+    workflow: str
+    layers: tuple[int, ...]  # as the record writes them (0-based block indices)
+    headline: int | None  # the record's headline layer, if it names one
+    readout: str  # the read-out position its code used (a key of READOUTS)
+    evidence: str
+
+    def table(self) -> list[dict]:
+        return [{"record_layer": layer, "platform_index": from_record(layer), "evidence": self.evidence}
+                for layer in self.layers]
+
+
+RECORD_LAYERS: dict[str, RecordLayers] = {
+    "issue205": RecordLayers(
+        "issue205", (7, 14, 20, 21, 27), 20, "last_prompt_token",
+        "scripts/extract_persona_vectors.py at 241e508 (the commit the record's hot-fix ran): "
+        "model.model.layers[layer_idx].register_forward_hook keeps output[0]; Method A reads position "
+        "input_ids.shape[1] - 1 of the chat template with add_generation_prompt=True; its DEFAULT_LAYERS [7, 14, 21, 27] "
+        "are commented '(28 layers, 0-indexed)'"),
+    "issue170": RecordLayers(
+        "issue170", (8, 10, 12, 14), 14, "last_prompt_token",
+        "scripts/compute_villain_direction.py at b18a7cb, through src/explore_persona_space/axis/prompt_search/"
+        "analysis.py: model.model.layers[layer_idx].register_forward_hook, layers '0-indexed transformer block indices "
+        "(Qwen-2.5-7B has 28 layers, indices 0..27)'; the read-out is attention_mask.sum(-1) - 1 of a prompt rendered "
+        "with add_generation_prompt=True, the last prompt token (the plan's text says 'last user token'; the code that "
+        "produced the record's numbers did not read there)"),
+    "issue81": RecordLayers(
+        "issue81", (10, 15, 20, 25), 20, "last_prompt_token",
+        "scripts/extract_hidden_states_i81.py at 3ab94ab (named in the record): model.model.layers[L]."
+        "register_forward_hook with 0 <= L < n_layers; the last non-pad token of the chat template with "
+        "add_generation_prompt=True"),
+}
+
+
+def record_layers(workflow: str) -> RecordLayers:
+    if workflow not in RECORD_LAYERS:
+        raise KeyError(f"no record layers for {workflow!r}; known: {sorted(RECORD_LAYERS)}")
+    return RECORD_LAYERS[workflow]
+
+
+def translation_markdown(workflow: str) -> str:
+    """The table a data README and a report print: record layer, platform index, evidence."""
+    record = record_layers(workflow)
+    lines = ["| record layer | platform index (hidden_states) | evidence |", "| ---: | ---: | :--- |"]
+    lines += [f"| {row['record_layer']} | {row['platform_index']} | {row['evidence']} |" for row in record.table()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the read-out position: a named parameter of one function
+
+Readout = Literal["last_prompt_token", "last_user_token", "reply_mean"]
+READOUTS: dict[str, str] = {
+    "last_prompt_token": "the last token of the prompt, after the assistant header (the token the reply follows)",
+    "last_user_token": "the last token of the user's message (the one before the user turn's closing <|im_end|>)",
+    "reply_mean": "the mean over the reply's tokens (the ids as generated, never re-tokenised)",
+}
+
+
+def readout_positions(prompt, position: Readout, *, im_end_id: int | None = None, reply_length: int = 0) -> list[int]:
+    """The positions of ``prompt`` (a ``shared.chat.PromptIds``, followed by ``reply_length`` reply ids for
+    ``reply_mean``) that ``position`` reads."""
+    n = len(prompt.input_ids)
+    if position == "last_prompt_token":
+        return [n - 1]
+    if position == "last_user_token":
+        if im_end_id is None:
+            raise ValueError("last_user_token needs the <|im_end|> id")
+        closes = [i for i, t in enumerate(prompt.input_ids) if t == im_end_id]
+        if not closes:
+            raise ValueError("the prompt has no <|im_end|>: not a ChatML prompt")
+        return [closes[-1] - 1]
+    if position == "reply_mean":
+        if reply_length < 1:
+            raise ValueError("reply_mean needs a non-empty reply")
+        return list(range(n, n + reply_length))
+    raise ValueError(f"unknown read-out position {position!r}; known: {sorted(READOUTS)}")
+
+
+def read_out(
+    model,
+    prompts: Sequence,
+    layers: Sequence[int],
+    position: Readout,
+    *,
+    pad_id: int,
+    batch_size: int = 16,
+    replies: Sequence[Sequence[int]] | None = None,
+    soft=None,
+    im_end_id: int | None = None,
+    progress=None,
+):
+    """``[len(prompts), len(layers), hidden]`` float32: the residual stream (``residual_stream``) of each prompt at
+    the named read-out ``position``, one forward pass per batch of ``batch_size``.
+
+    Rows are right-padded, so every real token keeps its position and attention (the causal mask hides the pads).
+    ``replies`` (token ids, one list per prompt) are appended for ``reply_mean``; ``soft`` (``[K, hidden]``) fills
+    the prompts' soft system slot through ``inputs_embeds``. Every stage that reads activations calls this with the
+    position it uses, by name.
+    """
+    import torch
+
+    from shared import chat
+
+    if position == "reply_mean" and (replies is None or len(replies) != len(prompts)):
+        raise ValueError("reply_mean needs one reply per prompt")
+    chunks = [list(range(at, min(at + batch_size, len(prompts)))) for at in range(0, len(prompts), batch_size)]
+    out = []
+    for chunk in (progress(chunks, desc=position) if progress else chunks):
+        sequences = [prompts[i] if position != "reply_mean" else
+                     chat.PromptIds(list(prompts[i].input_ids) + list(replies[i]), len(prompts[i]) + len(replies[i]),
+                                    soft_slice=prompts[i].soft_slice)
+                     for i in chunk]  # fmt: skip
+        batch = chat.build_batch(sequences, pad_id=pad_id, padding_side="right").to(model.device)
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if soft is not None:
+            with torch.no_grad():
+                inputs = {"inputs_embeds": chat.inputs_embeds(batch, model.get_input_embeddings(), soft.to(model.device)),
+                          "attention_mask": batch.attention_mask}
+        captured = residual_stream(model, layers, **inputs)
+        for row, i in enumerate(chunk):
+            at = readout_positions(prompts[i], position, im_end_id=im_end_id,
+                                   reply_length=len(replies[i]) if replies is not None else 0)
+            out.append(torch.stack([captured[layer][row, at].float().mean(dim=0).cpu() for layer in layers]))
+    return torch.stack(out) if out else torch.empty(0, len(layers), 0)

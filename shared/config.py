@@ -71,6 +71,9 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+ARTIFACT = "artifact:"  # a model reference to a model folder in the store (shared.models)
+
+
 def is_store_uri(value: Any) -> bool:
     return isinstance(value, str) and (value.startswith("file://") or value.startswith("s3://"))
 

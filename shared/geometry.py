@@ -13,29 +13,43 @@ checkpoint against a reference (base Qwen, or benign-SFT for the three-way contr
   and used unchanged for E1-E4); statistic = mean over the 11 non-assistant personas of
   ``|cos(persona, axis)|``; paired permutation test over those 11 personas (2**11 = 2,048 sign patterns, so
   the test is exact). Robustness axes: each condition's own assistant delta, and PC-1 of its persona shifts.
-* M3, linear separability: held-out LDA accuracy with a shared GroupKFold (by question) and a joint-shuffle
-  null, n_iter = 10,000; per-condition delta accuracy vs base (``shared.stats.lda_joint_shuffle_test``).
-  Rows are centred within their question and projected on 16 principal components first (label-free;
-  see ``m3_separability``).
+* M3, linear separability: held-out LDA accuracy with a shared GroupKFold (by question); every checkpoint's rows,
+  centred within their question, are projected on ONE label-free basis of 16 principal components of all of them
+  (``m3_separability``). A checkpoint is above chance against the joint-shuffle null (``lda_joint_shuffle_test``);
+  the change between two checkpoints is tested against a null of equal separability, whole questions' rows swapped
+  between the two and the LDA refitted per draw (``stats.lda_swap_contrast``): the label-shuffle null, "no persona
+  information in either", made two draws of one model differ "significantly" far more often than alpha.
 
 Multiple testing (``geometry_family``): BH-FDR is primary across the 150 EM-vs-base cells (3 metrics x 2
 methods x 5 layers x 5 EM conditions) with Holm alongside; benign-SFT vs base and EM vs benign-SFT (the
 three-way contrast) are families of their own.
 
-Centred geometry (``centre``): M1 and M2 again on each checkpoint's persona vectors minus their mean over the
-personas of that checkpoint, M2's axis included. A real model's persona centroids share a large common component
-(raw cosines of SmolLM2-135M's sit near 0.998), and a fine-tuning that adds the same offset to every persona
-raises raw M1 and M2 towards 1 while the centred ones do not move at all. Centred cosines are also blind to a
-uniform contraction of every persona towards their mean (that is a shift and a scale); M3, centred within each
-question, is the test of separability that neither fakes. ``bootstrap_deltas`` gives CIs over questions for the
-M1/M2 differences, raw and centred.
+Shift-invariant geometry (``geometry="shift_invariant"``): a fine-tuning that adds one offset to every persona's
+vector raises raw M1 and M2 towards 1 (a real model's persona centroids share a large common component: raw cosines
+of SmolLM2-135M's sit near 0.998) without changing how the personas relate. The shift-invariant family replaces
+them by statistics such an offset cannot move and that are not pinned:
+
+* M1: the change in the between-persona dispersion, ``log(D_condition / D_reference)`` with ``D`` the mean squared
+  distance of a checkpoint's persona vectors from their mean (``dispersion``); negative = the personas contracted
+  towards each other. Persona-swap test of the checkpoints' centred vectors (``m1_dispersion_change``). (The mean
+  off-diagonal cosine of centred vectors is pinned near -1/(p-1) whatever the data and is no test.)
+* M2: vectors centred on the mean of the NON-assistant personas of their own checkpoint (``centre_excluding``), so
+  an assistant that moves on its own leaves every other centred vector where it was; the axis is the assistant's
+  centred E0 shift.
+* M3 is the same cells in both families (centred within each question).
+
+Beside them, the mean shift itself (``mean_shift``, and ``shift_test``: a sign-flip test over questions of the
+persona-mean difference), so a report says "may be a shared shift" only where a shift is measured.
+``bootstrap_deltas`` gives CIs over questions for the M1/M2 differences of both families.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -47,6 +61,19 @@ ASSISTANT = "assistant"
 # The direction in which each metric moves when EM collapses persona geometry (pre-registered):
 # cosines rise (M1), personas align with the EM axis (M2), separability drops (M3).
 PREREGISTERED_DIRECTION: dict[str, stats.Alternative] = {"M1": "greater", "M2": "greater", "M3": "less"}
+# ... and on shift-invariant geometry, where M1 is the change in dispersion: a collapse makes it smaller
+DIRECTIONS: dict[str, dict[str, stats.Alternative]] = {
+    "raw": PREREGISTERED_DIRECTION,
+    "shift_invariant": {"M1": "less", "M2": "greater", "M3": "less"},
+}
+STATISTICS: dict[str, dict[str, str]] = {
+    "raw": {"M1": "mean off-diagonal cosine of the persona vectors",
+            "M2": "mean |cos| of the non-assistant personas to the E0 axis",
+            "M3": "held-out LDA accuracy"},
+    "shift_invariant": {"M1": "log ratio of the between-persona dispersion (mean squared distance from the persona mean)",
+                        "M2": "mean |cos| to the E0 axis, vectors centred on the non-assistant personas' mean",
+                        "M3": "held-out LDA accuracy (rows centred within each question)"},
+}
 
 
 # ------------------------------------------------------------------------------------------ cosine geometry
@@ -82,6 +109,47 @@ def centre(vectors: np.ndarray) -> np.ndarray:
     """Each persona vector minus the mean persona vector of the same checkpoint (rows are personas)."""
     vectors = np.asarray(vectors, dtype=float)
     return vectors - vectors.mean(axis=-2, keepdims=True)
+
+
+def centre_excluding(vectors: np.ndarray, excluded: int) -> np.ndarray:
+    """Each persona vector minus the mean of the OTHER personas' vectors of the same checkpoint (all but row
+    ``excluded``). Centred M2 uses it with the assistant excluded: where only the assistant moves, the mean does not,
+    and no other centred vector moves along the assistant's shift."""
+    vectors = np.asarray(vectors, dtype=float)
+    keep = np.arange(vectors.shape[-2]) != excluded
+    return vectors - vectors[..., keep, :].mean(axis=-2, keepdims=True)
+
+
+def dispersion(vectors: np.ndarray) -> np.ndarray:
+    """Between-persona dispersion of ``(..., p, d)`` persona vectors: the mean squared distance from their mean.
+
+    A shared offset leaves it unchanged; a contraction of every persona towards the mean by a factor f multiplies it
+    by f**2. It is in the activations' units, so a fine-tuning that rescales every activation changes it too.
+    """
+    return np.square(centre(vectors)).sum(axis=-1).mean(axis=-1)
+
+
+def mean_shift(reference_vectors: np.ndarray, condition_vectors: np.ndarray) -> dict[str, float]:
+    """How far the personas' mean moved, beside how spread they were: ``norm`` of the mean shift, the reference's
+    dispersion as a distance (``reference_spread`` = sqrt of ``dispersion``) and their ratio."""
+    shift = np.asarray(condition_vectors, dtype=float).mean(axis=0) - np.asarray(reference_vectors, dtype=float).mean(axis=0)
+    spread = float(np.sqrt(dispersion(reference_vectors)))
+    norm = float(np.linalg.norm(shift))
+    return {"norm": norm, "reference_spread": spread, "ratio": norm / spread if spread > 0 else float("nan")}
+
+
+def shift_test(
+    reference_rows: np.ndarray, condition_rows: np.ndarray, valid: np.ndarray, *, n_iter: int = 10_000,
+    rng: stats.RngLike = None,
+) -> stats.PermutationResult:
+    """Is there a shared shift at all? ``*_rows`` are ``(persona, question, d)`` activations of the same prompts,
+    ``valid`` ``(persona, question)``. Per question, the mean over its valid personas of condition minus reference;
+    sign-flip test over the questions of the norm of their mean (``stats.vector_sign_flip_test``)."""
+    valid = np.asarray(valid, bool)
+    keep = valid.any(axis=0)
+    weights = valid[:, keep] / valid[:, keep].sum(axis=0, keepdims=True)
+    differences = np.einsum("pq,pqd->qd", weights, np.asarray(condition_rows, float)[:, keep] - np.asarray(reference_rows, float)[:, keep])
+    return stats.vector_sign_flip_test(differences, n_iter=n_iter, rng=rng)
 
 
 def off_diagonal(matrix: np.ndarray) -> np.ndarray:
@@ -259,6 +327,62 @@ def m1_three_way(
     return _three_way(em, benign, contrast)
 
 
+def _dispersion_swap_null(reference_centred: np.ndarray, condition_centred: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """``log D(A) - log D(B)`` for every swap pattern: A takes persona i's condition vector where ``signs[:, i] > 0``
+    and its reference vector elsewhere, B the others. From the Gram matrix of the 2p vectors, so the dimension
+    costs one product; each set is re-centred on its own mean (``dispersion``)."""
+    p = reference_centred.shape[0]
+    stacked = np.concatenate([reference_centred, condition_centred])
+    gram = stacked @ stacked.T
+
+    def log_dispersion(index: np.ndarray) -> np.ndarray:
+        diagonal = gram[index, index].sum(axis=1)
+        total = gram[index[:, :, None], index[:, None, :]].sum(axis=(1, 2))
+        return np.log(np.maximum(diagonal / p - total / p**2, 1e-300))
+
+    take_condition = (signs > 0).astype(int)
+    persona = np.arange(p)[None, :]
+    return log_dispersion(persona + p * take_condition) - log_dispersion(persona + p * (1 - take_condition))
+
+
+def m1_dispersion_change(
+    reference_vectors: np.ndarray,
+    condition_vectors: np.ndarray,
+    personas: Sequence[str],
+    *,
+    n_iter: int = 10_000,
+    rng: stats.RngLike = None,
+    alternative: stats.Alternative = "less",
+) -> MetricTest:
+    """Shift-invariant M1: ``log(D_condition / D_reference)``, the change in between-persona dispersion (negative: the
+    personas contracted towards each other; log, so a contraction by f gives 2 log f whatever the scale).
+
+    Test: swap whole personas between the two checkpoints, as raw M1's test does, but swap their vectors CENTRED on
+    their own checkpoint's mean, so that a shift the checkpoints differ by is no part of the null (under "only a
+    shared shift" the centred vectors are exchangeable). All 2**p patterns when that is no more than ``n_iter``.
+    """
+    _check_vectors(personas, reference_vectors, condition_vectors)
+    reference, condition = centre(reference_vectors), centre(condition_vectors)
+    n = reference.shape[0]
+    size, exhaustive = stats.sign_flip_null_size(n, n_iter)
+    signs = stats.all_sign_patterns(n) if exhaustive else stats.as_generator(rng).choice(np.array([-1.0, 1.0]), size=(n_iter, n))
+    null = _dispersion_swap_null(reference, condition, signs)
+    reference_value, condition_value = float(dispersion(reference_vectors)), float(dispersion(condition_vectors))
+    observed = float(np.log(condition_value / reference_value)) if reference_value > 0 and condition_value > 0 else float("nan")
+    p_value = float(stats.permutation_p_value(observed, null, alternative, exhaustive=exhaustive)) if np.isfinite(observed) else 1.0
+    return MetricTest(
+        metric="M1",
+        reference_value=reference_value,
+        condition_value=condition_value,
+        delta=observed,
+        p_value=p_value,
+        n_iter=size,
+        exact=exhaustive,
+        n_units=n,
+        alternative=alternative,
+    )
+
+
 # --------------------------------------------------------------------------------------------------- M2
 
 
@@ -386,7 +510,7 @@ def m2_three_way(
 
 # ----------------------------------------------------------------------------- bootstrap over questions
 
-GEOMETRIES = ("raw", "centred")
+GEOMETRIES = ("raw", "shift_invariant")
 
 
 def resampled_centroids(
@@ -420,9 +544,20 @@ def question_rows(per_question: np.ndarray) -> list[np.ndarray]:
             for i in range(n_personas)]
 
 
-def _double_centre(gram: np.ndarray) -> np.ndarray:
-    """Inner products of centred vectors from those of raw ones: <x_i - mean x, x_j - mean x> over the last two axes."""
-    return gram - gram.mean(axis=-1, keepdims=True) - gram.mean(axis=-2, keepdims=True) + gram.mean(axis=(-2, -1), keepdims=True)
+def _double_centre(gram: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Inner products of centred vectors from those of raw ones: <x_i - m, x_j - m> over the last two axes, with m the
+    mean of all the vectors, or of those where ``keep`` is True (``centre_excluding``)."""
+    keep = np.ones(gram.shape[-1], bool) if keep is None else keep
+    rows = gram[..., keep].mean(axis=-1, keepdims=True)  # <x_i, m>
+    both = gram[..., keep, :][..., keep].mean(axis=(-2, -1), keepdims=True)  # <m, m>
+    return gram - rows - np.swapaxes(rows, -1, -2) + both
+
+
+def _log_dispersion(gram: np.ndarray) -> np.ndarray:
+    """log of ``dispersion`` from the Gram matrix of the persona vectors (last two axes)."""
+    p = gram.shape[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(np.trace(gram, axis1=-2, axis2=-1) / p - gram.sum(axis=(-2, -1)) / p**2)
 
 
 def _m1_m2(within: np.ndarray, to_axis: np.ndarray, axis_square: np.ndarray, ends: np.ndarray, keep: np.ndarray):
@@ -453,16 +588,17 @@ def bootstrap_deltas(
     rng: stats.RngLike = None,
     chunk: int = 100,
 ) -> dict[tuple[str, str, str, str], np.ndarray]:
-    """Bootstrap replicates of the M1 and M2 changes, raw and centred, over questions.
+    """Bootstrap replicates of the M1 and M2 changes over questions, raw and shift-invariant.
 
     Each replicate draws the questions with replacement (one draw shared by every checkpoint and persona, since
     all of them answered the same questions), rebuilds every centroid and M2's E0 axis from them, and recomputes
     the statistics. Returns ``{(metric, geometry, condition, reference): (n_boot,) changes}`` for each
-    ``(condition, reference)`` in ``comparisons``; NaN replicates are resamples on which the statistic is undefined.
+    ``(condition, reference)`` in ``comparisons`` and ``geometry`` in ``GEOMETRIES``; NaN replicates are resamples on
+    which the statistic is undefined.
 
     Cost: one matrix product per persona and chunk of resamples builds the centroids; the statistics then need only
     inner products, within each checkpoint and with four anchors (base's and E0's assistant, base's and E0's mean
-    persona), from which the centred ones follow by double centring.
+    non-assistant persona), from which the centred ones follow by double centring.
     """
     names, ckpts = list(personas), list(checkpoints)
     if per_question.shape[:2] != (len(ckpts), len(names)) or np.shape(valid) != per_question.shape[1:3]:
@@ -478,23 +614,23 @@ def bootstrap_deltas(
     for start in range(0, n_boot, chunk):
         counts = generator.multinomial(n_questions, np.full(n_questions, 1 / n_questions), size=min(chunk, n_boot - start))
         centroids = resampled_centroids(per_question, valid, counts, rows)  # (b, c, p, d)
-        anchors = np.stack([centroids[:, b0, a], centroids[:, e, a], centroids[:, b0].mean(axis=1),
-                            centroids[:, e].mean(axis=1)], axis=1)  # (b, 4, d), rows contiguous for the products
+        anchors = np.stack([centroids[:, b0, a], centroids[:, e, a], centroids[:, b0][:, keep].mean(axis=1),
+                            centroids[:, e][:, keep].mean(axis=1)], axis=1)  # (b, 4, d), rows contiguous for the products
         within = centroids @ np.swapaxes(centroids, -1, -2)  # (b, c, p, p)
         flat = centroids.reshape(len(counts), -1, centroids.shape[-1])
         cross = (flat @ np.swapaxes(anchors, -1, -2)).reshape(*centroids.shape[:3], 4)  # (b, c, p, 4)
         gram = anchors @ np.swapaxes(anchors, -1, -2)  # (b, 4, 4)
-        centred_within = _double_centre(within)
-        ends = {"raw": np.stack([within[:, b0, a, a], within[:, e, a, a]], axis=-1),
-                "centred": np.stack([centred_within[:, b0, a, a], centred_within[:, e, a, a]], axis=-1)}
-        to_raw = cross @ raw_axis
+        centred_within = _double_centre(within, keep)
         to_centred = cross @ centred_axis
-        inputs = {"raw": (within, to_raw, np.einsum("k,bkl,l->b", raw_axis, gram, raw_axis)),
-                  "centred": (centred_within, to_centred - to_centred.mean(axis=-1, keepdims=True),
-                              np.einsum("k,bkl,l->b", centred_axis, gram, centred_axis))}  # fmt: skip
+        raw_m1, raw_m2 = _m1_m2(within, cross @ raw_axis, np.einsum("k,bkl,l->b", raw_axis, gram, raw_axis),
+                                np.stack([within[:, b0, a, a], within[:, e, a, a]], axis=-1), keep)
+        m1 = {"raw": raw_m1, "shift_invariant": _log_dispersion(within)}
+        m2 = {"raw": raw_m2,
+              "shift_invariant": _m1_m2(centred_within, to_centred - to_centred[..., keep].mean(axis=-1, keepdims=True),
+                                        np.einsum("k,bkl,l->b", centred_axis, gram, centred_axis),
+                                        np.stack([centred_within[:, b0, a, a], centred_within[:, e, a, a]], axis=-1), keep)[1]}
         for geometry in GEOMETRIES:
-            m1, m2 = _m1_m2(*inputs[geometry], ends[geometry], keep)
-            for metric, per_ckpt in (("M1", m1), ("M2", m2)):
+            for metric, per_ckpt in (("M1", m1[geometry]), ("M2", m2[geometry])):
                 for condition, reference in comparisons:
                     delta = per_ckpt[:, ckpts.index(condition)] - per_ckpt[:, ckpts.index(reference)]
                     out.setdefault((metric, geometry, condition, reference), []).append(delta)
@@ -516,12 +652,31 @@ class M3Result:
     n_components: int
     n_splits: int
     test: stats.LdaShuffleTest = field(repr=False)
+    rng: np.random.Generator | None = field(default=None, repr=False, compare=False)
+    contrast_iter: int | None = None  # draws of the swap null (None: n_iter)
 
     def delta(
-        self, condition: str, reference: str = "base", alternative: stats.Alternative = "two-sided"
+        self, condition: str, reference: str = "base", alternative: stats.Alternative = "two-sided",
+        null: str = "swap", rng: stats.RngLike = None,
     ) -> MetricTest:
-        """M3 for one condition: accuracy change vs ``reference`` against the paired joint-shuffle null."""
-        result = self.test.contrast(self._index(reference), self._index(condition), alternative)
+        """M3 for one condition: accuracy change vs ``reference``.
+
+        ``null="swap"`` (the test): a null of equal separability, whole questions' rows swapped between the two
+        checkpoints (``stats.lda_swap_contrast``; ``n_units`` is the number of questions). ``null="label_shuffle"``
+        compares the difference with the joint-shuffle draws (persona labels shuffled in both checkpoints): a null
+        of "no persona information in either", far too narrow for a difference between two checkpoints that both
+        separate personas; kept to show that.
+        """
+        reference_index, condition_index = self._index(reference), self._index(condition)
+        if null == "swap":
+            result = self.test.swap_contrast(reference_index, condition_index, alternative,
+                                             n_iter=self.contrast_iter or self.n_iter, rng=rng if rng is not None else self.rng)
+            n_units = int(np.unique(self.test.groups).size)
+        elif null == "label_shuffle":
+            result = self.test.contrast(reference_index, condition_index, alternative)
+            n_units = self.test.null_accuracy.shape[1]
+        else:
+            raise ValueError(f"null must be 'swap' or 'label_shuffle', got {null!r}")
         return MetricTest(
             metric="M3",
             reference_value=self.accuracy[reference],
@@ -530,7 +685,7 @@ class M3Result:
             p_value=float(result.p_value),
             n_iter=result.n_iter,
             exact=False,
-            n_units=self.test.null_accuracy.shape[0],
+            n_units=n_units,
             alternative=alternative,
         )
 
@@ -560,8 +715,15 @@ def m3_separability(
     label_draws: np.ndarray | None = None,
     n_threads: int | None = None,
     center_within_questions: bool = True,
+    joint_basis: bool = True,
+    contrast_iter: int | None = None,
 ) -> M3Result:
-    """M3 for every checkpoint of one (method, layer): held-out LDA accuracy and its joint-shuffle null.
+    """M3 for every checkpoint of one (method, layer): held-out LDA accuracy, its joint-shuffle null (is it above
+    chance?) and, through ``M3Result.delta``, contrasts between checkpoints against a null of equal separability.
+
+    ``joint_basis`` (default) projects every checkpoint on one label-free basis of all their rows, so that their
+    accuracies are measured in the same 16 dimensions and rows can be swapped between checkpoints under the
+    contrast's null; False gives each checkpoint its own basis (no swap contrast then).
 
     ``activations[checkpoint]`` is ``(n_rows, d)``, row i being persona ``row_personas[i]`` answering question
     ``row_questions[i]`` in every checkpoint (after the paired empty-response filter). Folds are shared
@@ -577,17 +739,19 @@ def m3_separability(
     held-out rows' labels stay unseen; set False for LDA on the raw projected activations.
     """
     names = tuple(activations)
+    generator = stats.as_generator(rng)
     test = stats.lda_joint_shuffle_test(
         [activations[name] for name in names],
         row_personas,
         row_questions,
         n_iter=n_iter,
-        rng=rng,
+        rng=generator,
         n_splits=n_splits,
         n_components=n_components,
         label_draws=label_draws,
         n_threads=n_threads,
         center_within_groups=center_within_questions,
+        joint_basis=joint_basis,
     )
     p_above = np.atleast_1d(test.p_above_chance)
     return M3Result(
@@ -599,6 +763,8 @@ def m3_separability(
         n_components=test.n_components,
         n_splits=n_splits,
         test=test,
+        rng=generator,
+        contrast_iter=contrast_iter,
     )
 
 
@@ -642,8 +808,8 @@ class _Comparison:
     family: str
     alternative: str | None  # None: the metric's pre-registered direction (the EM-vs-benign contrast)
 
-    def alternative_for(self, metric: str) -> str:
-        return self.alternative or PREREGISTERED_DIRECTION[metric]
+    def alternative_for(self, metric: str, geometry: str = "raw") -> str:
+        return self.alternative or DIRECTIONS[geometry][metric]
 
 
 def geometry_family(
@@ -664,13 +830,15 @@ def geometry_family(
     n_splits: int = 5,
     n_threads: int | None = None,
     center_within_questions: bool = True,
-    centred: bool = False,
+    geometry: str = "raw",
+    m3_contrast_iter: int | None = None,
 ) -> list[GeometryCell]:
     """Every pre-registered geometry test of #205, with BH-FDR and Holm per family.
 
-    ``centred=True`` runs M1 and M2 on each checkpoint's centred persona vectors (``centre``; M2's axis is then the
-    assistant's shift beyond the personas' common shift). Where that axis is undefined (the assistant moved only as
-    every persona did), M2's cells have NaN values and p = 1.
+    ``geometry="shift_invariant"`` runs M1 as the change in between-persona dispersion (``m1_dispersion_change``,
+    one-sided "less") and M2 on vectors centred on the non-assistant personas' mean (``centre_excluding``; the axis
+    is then the assistant's shift beyond theirs). Where that axis is undefined (the assistant moved only as every
+    persona did), M2's cells have NaN values and p = 1.
 
     ``persona_vectors[(method, layer)][checkpoint]`` is ``(12, d)`` in ``personas`` order; checkpoints are
     ``base``, ``benign`` and each of ``em_conditions`` (``e0`` among them anchors M2's axis).
@@ -686,10 +854,18 @@ def geometry_family(
     comparisons.append(_Comparison(benign, base, "benign_vs_base", "two-sided"))
     comparisons += [_Comparison(c, benign, "em_vs_benign", None) for c in em_conditions]
 
-    if centred:
-        persona_vectors = {key: {c: centre(v) for c, v in per.items()} for key, per in persona_vectors.items()}
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
     cells: list[GeometryCell] = []
-    for metric in ("M1", "M2"):
+    if geometry == "shift_invariant":
+        for (method, layer), vectors in persona_vectors.items():
+            for comparison in comparisons:
+                test = m1_dispersion_change(vectors[comparison.reference], vectors[comparison.condition], names,
+                                            n_iter=n_iter, rng=generator, alternative=comparison.alternative_for("M1", geometry))
+                cells.append(GeometryCell(comparison.family, "M1", method, layer, comparison.condition, comparison.reference, test))
+        a = _persona_index(names, assistant)
+        persona_vectors = {key: {c: centre_excluding(v, a) for c, v in per.items()} for key, per in persona_vectors.items()}
+    for metric in ("M1", "M2") if geometry == "raw" else ("M2",):
         rows = []
         for (method, layer), vectors in persona_vectors.items():
             try:
@@ -721,8 +897,14 @@ def geometry_family(
                 label_draws=draws,
                 n_threads=n_threads,
                 center_within_questions=center_within_questions,
+                rng=generator,
+                contrast_iter=m3_contrast_iter,
             )
-            cells += [_m3_cell(m3, method, layer, comparison) for comparison in comparisons]
+            # the contrasts refit LDA under every swap draw: in threads (numpy releases the GIL), each with its own
+            # child generator drawn here, so the result does not depend on the thread count
+            children = generator.spawn(len(comparisons))
+            with ThreadPoolExecutor(max_workers=n_threads or stats.available_cpus()) as pool:
+                cells += list(pool.map(partial(_m3_cell, m3, method, layer), comparisons, children))
     return _adjust_by_family(cells)
 
 
@@ -783,8 +965,8 @@ def _undefined_m2_cell(method: str, layer: int, comparison: _Comparison, n_iter:
                         notes={"axis_undefined": 1.0})
 
 
-def _m3_cell(m3: M3Result, method: str, layer: int, comparison: _Comparison) -> GeometryCell:
-    test = m3.delta(comparison.condition, comparison.reference, comparison.alternative_for("M3"))
+def _m3_cell(m3: M3Result, method: str, layer: int, comparison: _Comparison, rng: stats.RngLike = None) -> GeometryCell:
+    test = m3.delta(comparison.condition, comparison.reference, comparison.alternative_for("M3"), rng=rng)
     notes = {
         "chance_level": m3.chance_level,
         "reference_p_above_chance": m3.p_above_chance[comparison.reference],

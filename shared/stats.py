@@ -974,6 +974,11 @@ class LdaShuffleTest:
     n_splits: int
     n_components: int
     classes: np.ndarray = field(repr=False)
+    # what a contrast of equal separability (``lda_swap_contrast``) needs: the projected rows, labels and groups
+    projected: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+    groups: np.ndarray | None = field(default=None, repr=False)
+    joint_basis: bool = False
 
     @property
     def p_above_chance(self) -> np.ndarray:
@@ -988,6 +993,17 @@ class LdaShuffleTest:
         null = self.null_accuracy[:, condition] - self.null_accuracy[:, reference]
         p = permutation_p_value(observed, null, alternative)
         return PermutationResult(float(observed), float(p), self.n_iter, False, alternative, null)
+
+    def swap_contrast(
+        self, reference: int, condition: int, alternative: Alternative = "two-sided", *, n_iter: int | None = None,
+        rng: RngLike = None,
+    ) -> PermutationResult:
+        """``accuracy[condition] - accuracy[reference]`` against a null of equal separability (``lda_swap_contrast``:
+        whole questions' rows swapped between the two checkpoints). Needs the checkpoints on one joint basis."""
+        if not self.joint_basis or self.projected is None:
+            raise ValueError("a swap contrast needs the checkpoints projected on one joint basis (joint_basis=True)")
+        return lda_swap_contrast(self.projected[reference], self.projected[condition], self.labels, self.groups,
+                                 n_splits=self.n_splits, n_iter=n_iter or self.n_iter, rng=rng, alternative=alternative)
 
 
 @dataclass(frozen=True)
@@ -1153,8 +1169,13 @@ def lda_joint_shuffle_test(
     label_draws: np.ndarray | None = None,
     n_threads: int | None = None,
     center_within_groups: bool = False,
+    joint_basis: bool = False,
 ) -> LdaShuffleTest:
     """Held-out LDA accuracy (shared GroupKFold) of one or more checkpoints, with a joint-shuffle null.
+
+    ``joint_basis=True`` projects every checkpoint on one basis of all their rows (``joint_label_free_projection``)
+    instead of one basis per checkpoint: accuracies are then comparable and ``swap_contrast`` can test two
+    checkpoints against a null of equal separability.
 
     #205's M3: "held-out LDA accuracy with shared GroupKFold, joint-shuffle null, n_iter=10,000". Reading:
 
@@ -1195,13 +1216,16 @@ def lda_joint_shuffle_test(
         )
 
     n_threads = n_threads or available_cpus()
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=n_threads) as pool:
-        centring_groups = group_codes if center_within_groups else None
-        projected = np.stack(
-            list(
-                pool.map(lambda acts: label_free_projection(acts, rank, groups=centring_groups), checkpoints)
+    centring_groups = group_codes if center_within_groups else None
+    if joint_basis:
+        projected = joint_label_free_projection(checkpoints, rank, groups=centring_groups)
+    else:
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=n_threads) as pool:
+            projected = np.stack(
+                list(
+                    pool.map(lambda acts: label_free_projection(acts, rank, groups=centring_groups), checkpoints)
+                )
             )
-        )
     rank = projected.shape[2]
     if label_draws is None:
         label_draws = grouped_label_shuffles(codes, group_codes, n_iter, rng)
@@ -1218,6 +1242,10 @@ def lda_joint_shuffle_test(
         n_splits=n_splits,
         n_components=rank,
         classes=classes,
+        projected=projected if joint_basis else None,
+        labels=codes,
+        groups=group_codes,
+        joint_basis=joint_basis,
     )
 
 
@@ -1341,4 +1369,265 @@ def h3_cos_monotone_test(
     fires = bool(abs(result.rho) >= min_abs_rho and result.p_value < alpha)
     return HypothesisResult(
         "H3", result.rho, result.p_value, result.n_orderings, fires, f"|rho| >= {min_abs_rho} and p < {alpha}"
+    )
+
+
+# ----------------------------------------------------------------------- what a test can and cannot reach
+
+
+def smallest_p(n_null: int, alternative: Alternative = "two-sided", *, exhaustive: bool = False) -> float:
+    """The smallest p-value a permutation test with a null of ``n_null`` labellings can return (its floor).
+
+    By the module's convention: an exhaustive null that holds the observed labelling gives ``1/n`` one-sided (the
+    observed value is the only one at the extreme) and ``2/n`` two-sided; a Monte Carlo null of ``n`` draws gives
+    ``1/(n+1)`` and ``2/(n+1)``. Sign-flip nulls are symmetric, so the two-sided floor is always reachable.
+    """
+    _check_alternative(alternative)
+    if n_null < 1:
+        raise ValueError(f"a null needs at least one labelling, got {n_null}")
+    size = n_null if exhaustive else n_null + 1
+    return min(1.0, (1 if alternative != "two-sided" else 2) / size)
+
+
+def sign_flip_null_size(n_units: int, n_iter: int) -> tuple[int, bool]:
+    """``(size, exhaustive)`` of the null ``paired_permutation_test`` uses for ``n_units`` units at ``n_iter``."""
+    return (2**n_units, True) if 2**n_units <= n_iter else (n_iter, False)
+
+
+def correction_reach(floors: Sequence[float], alpha: float) -> dict:
+    """What BH-FDR and Holm over a family can reach, given each cell's smallest attainable p (its floor).
+
+    Both adjustments only grow when any raw p grows, so a cell's best adjusted p is its adjusted p when every cell of
+    the family sits at its floor: ``bh_best`` and ``holm_best`` hold those, per cell in input order. Holm's best is
+    ``m * floor`` for the cell with the smallest floor; where even that is not below ``alpha``, Holm cannot reject
+    anything by construction (``holm_reachable`` False).
+    """
+    floors = np.asarray(floors, dtype=float)
+    if floors.size == 0:
+        raise ValueError("a family needs at least one cell")
+    best = adjust_family(floors)
+    return {"m": int(floors.size), "alpha": alpha, "smallest_floor": float(floors.min()),
+            "bh_best": best.p_bh.tolist(), "holm_best": best.p_holm.tolist(),
+            "bh_reachable": bool(best.p_bh.min() < alpha), "holm_reachable": bool(best.p_holm.min() < alpha)}
+
+
+def spearman_exact_floor(n: int, alpha: float = 0.05) -> dict:
+    """What the exact two-sided Spearman test over all ``n!`` orderings can reach (no ties).
+
+    ``smallest_p`` is the p at |rho| = 1; ``min_abs_rho_below_alpha`` the smallest |rho| whose p is below ``alpha``
+    (None where no rho is), and ``p_at`` the p of every attainable |rho|. At n = 5 only rho = +-1 gives p < 0.05
+    (p = 2/120); rho = 0.9 gives 10/120 = 0.083.
+    """
+    if not 3 <= n <= MAX_SPEARMAN_N:
+        raise ValueError(f"exact Spearman test enumerates n! orderings; needs 3 <= n <= {MAX_SPEARMAN_N}, got {n}")
+    ranks = np.arange(n, dtype=float)
+    orderings = np.array(list(itertools.permutations(range(n))), dtype=float)
+    centred = ranks - ranks.mean()
+    null = ((orderings - ranks.mean()) @ centred) / (centred @ centred)
+    values = np.unique(np.round(np.abs(null), 12))
+    p_at = {float(v): float(min(1.0, 2 * np.mean(null >= v - 1e-12)) if v > 0 else 1.0) for v in values}
+    below = [v for v, p in p_at.items() if p < alpha]
+    return {"n": n, "n_orderings": len(null), "alpha": alpha, "smallest_p": p_at[max(p_at)],
+            "min_abs_rho_below_alpha": min(below) if below else None, "p_at": p_at}
+
+
+# ----------------------------------------------------------------- sign flips of vectors (a mean shift test)
+
+
+def vector_sign_flip_test(
+    differences: np.ndarray, *, n_iter: int = 10_000, rng: RngLike = None
+) -> PermutationResult:
+    """Is the mean of paired difference vectors zero? ``differences`` is ``(n_units, dim)``.
+
+    Statistic: the norm of the mean difference. Null: each unit's difference flips sign (its two members are
+    exchangeable under H0), every one of the ``2**n`` patterns when that is no more than ``n_iter``, otherwise
+    ``n_iter`` draws; one-sided (a norm can only be larger). Works from the units' Gram matrix, so the dimension
+    costs one product.
+    """
+    differences = np.asarray(differences, dtype=float)
+    if differences.ndim != 2 or len(differences) < 1:
+        raise ValueError(f"expected (n_units, dim) differences, got shape {differences.shape}")
+    n = len(differences)
+    exhaustive = sign_flip_null_size(n, n_iter)[1] and n <= MAX_EXHAUSTIVE_PAIRS
+    signs = all_sign_patterns(n) if exhaustive else as_generator(rng).choice(np.array([-1.0, 1.0]), size=(n_iter, n))
+    gram = differences @ differences.T
+    null = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", signs, gram, signs), 0.0)) / n
+    observed = float(np.linalg.norm(differences.mean(axis=0)))
+    p = permutation_p_value(observed, null, "greater", exhaustive=exhaustive)
+    return PermutationResult(observed, float(p), len(signs), exhaustive, "greater", null)
+
+
+# -------------------------------------------------- M3 between two checkpoints: a null of equal separability
+
+
+def joint_label_free_projection(
+    checkpoints: Sequence[np.ndarray], n_components: int, *, groups: Sequence | np.ndarray | None = None
+) -> np.ndarray:
+    """``(C, n, r)``: every checkpoint's rows scored on ONE label-free basis, the top principal components of all
+    checkpoints' rows together (each checkpoint's rows centred on their own mean, or on their own group's mean).
+
+    One basis for all checkpoints makes their accuracies comparable and, since it is a symmetric function of the
+    pooled rows, it does not change when rows are exchanged between checkpoints (``lda_swap_contrast``'s null).
+    """
+    arrays = [np.asarray(c) for c in checkpoints]
+    n = len(arrays[0])
+    if any(len(a) != n or a.ndim != 2 for a in arrays):
+        raise ValueError("every checkpoint needs an (n_rows, d) array with the same rows")
+    group_codes = np.zeros(n, dtype=np.int64) if groups is None else encode_labels(groups)[0]
+    n_groups = int(group_codes.max()) + 1
+    combined = np.concatenate([c * n_groups + group_codes for c in range(len(arrays))])
+    stacked = np.concatenate(arrays)
+    return label_free_projection(stacked, n_components, groups=combined).reshape(len(arrays), n, -1)
+
+
+def _lda_weights(second_moment: np.ndarray, class_sums: np.ndarray, class_counts: np.ndarray):
+    """LDA(solver="lsqr") of scikit-learn from sufficient statistics, for a batch of fits.
+
+    ``second_moment`` ``(m, r, r)`` = sum of x x' over the training rows, ``class_sums`` ``(m, k, r)``,
+    ``class_counts`` ``(k,)``. Covariance = within-class scatter / n_train (priors = class frequencies); returns
+    weights ``(m, k, r)`` and intercepts ``(m, k)`` with score = x . w_k + b_k.
+    """
+    n_train = class_counts.sum()
+    means = class_sums / class_counts[None, :, None]
+    scatter = second_moment - np.einsum("mki,mkj->mij", class_sums, means)
+    weights = np.linalg.solve(scatter / n_train, means.transpose(0, 2, 1)).transpose(0, 2, 1)
+    intercepts = -0.5 * np.einsum("mki,mki->mk", means, weights) + np.log(class_counts / n_train)[None]
+    return weights, intercepts
+
+
+def lda_swap_contrast(
+    projected_reference: np.ndarray,
+    projected_condition: np.ndarray,
+    labels: Sequence | np.ndarray,
+    groups: Sequence | np.ndarray,
+    *,
+    n_splits: int = 5,
+    n_iter: int = 10_000,
+    rng: RngLike = None,
+    alternative: Alternative = "two-sided",
+    chunk_size: int = 256,
+) -> PermutationResult:
+    """Held-out LDA accuracy of ``condition`` minus ``reference`` against a null of EQUAL separability.
+
+    Rows are (persona, question) activations already projected on one basis shared by both checkpoints
+    (``joint_label_free_projection``); ``labels`` are the personas, ``groups`` the questions. Under H0 the two
+    checkpoints are one model, so a question's rows may come from either: each null draw swaps the two checkpoints'
+    rows of a random half of the questions (whole questions, all their personas), refits the GroupKFold LDA of both
+    pseudo-checkpoints and takes their accuracy difference. (A label-shuffle null asks whether either checkpoint
+    carries persona information at all; two checkpoints drawn from one model then differ "significantly" far more
+    often than alpha.) Each fit uses sufficient statistics per question, so a draw costs k x r products, not a refit.
+    """
+    _check_alternative(alternative)
+    codes, classes = encode_labels(labels)
+    group_codes, group_names = encode_labels(groups)
+    a, b = np.asarray(projected_reference, dtype=float), np.asarray(projected_condition, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or len(a) != codes.size:
+        raise ValueError("both checkpoints need (n_rows, r) projected rows, one per label")
+    folds = grouped_folds(codes, group_codes, n_splits)
+    k, n_groups, r = classes.size, group_names.size, a.shape[1]
+
+    def per_group(values: np.ndarray, index: np.ndarray, n_bins: int) -> np.ndarray:
+        out = np.zeros((n_bins, values.shape[1]))
+        np.add.at(out, index, values)
+        return out
+
+    # per question: the rows' second moment (r x r) and each class's row sum, for either checkpoint
+    moments = {name: per_group(np.einsum("ni,nj->nij", x, x).reshape(len(x), -1), group_codes, n_groups).reshape(-1, r, r)
+               for name, x in (("a", a), ("b", b))}
+    sums = {name: per_group(x, group_codes * k + codes, n_groups * k).reshape(n_groups, k, r) for name, x in (("a", a), ("b", b))}
+    counts = np.bincount(group_codes * k + codes, minlength=n_groups * k).reshape(n_groups, k).astype(float)
+
+    def accuracies(draws: np.ndarray) -> np.ndarray:
+        """``(m, 2)`` held-out accuracy of pseudo-reference and pseudo-condition; draws[i, g] = 1 swaps question g."""
+        correct = np.zeros((len(draws), 2))
+        for train, test in folds:
+            in_train = np.zeros(n_groups, bool)
+            in_train[np.unique(group_codes[train])] = True
+            chosen = draws[:, in_train]
+            class_counts = counts[in_train].sum(axis=0)
+            total_t = moments["a"][in_train].sum(axis=0) + moments["b"][in_train].sum(axis=0)
+            total_u = sums["a"][in_train].sum(axis=0) + sums["b"][in_train].sum(axis=0)
+            delta_t = (moments["b"] - moments["a"])[in_train].reshape(int(in_train.sum()), -1)
+            delta_u = (sums["b"] - sums["a"])[in_train].reshape(int(in_train.sum()), -1)
+            t_ref = moments["a"][in_train].sum(axis=0) + (chosen @ delta_t).reshape(-1, r, r)
+            u_ref = sums["a"][in_train].sum(axis=0) + (chosen @ delta_u).reshape(-1, k, r)
+            test_swapped = draws[:, group_codes[test]].astype(bool)  # (m, n_test)
+            for side, (t, u) in enumerate(((t_ref, u_ref), (total_t - t_ref, total_u - u_ref))):
+                weights, intercepts = _lda_weights(t, u, class_counts)
+                # pseudo-reference reads b where its question is swapped; pseudo-condition the other way round
+                from_b = test_swapped if side == 0 else ~test_swapped
+                flat = weights.reshape(-1, r)  # every draw's weights in one product per checkpoint: (m k, r)
+                predicted = []
+                for rows in (a[test], b[test]):
+                    scores = (flat @ rows.T).reshape(len(draws), k, -1)  # (m, k, n_test)
+                    scores += intercepts[:, :, None]
+                    predicted.append(scores.argmax(axis=1))
+                chosen_prediction = np.where(from_b, predicted[1], predicted[0])
+                correct[:, side] += np.sum(chosen_prediction == codes[test][None], axis=1)
+        return correct / codes.size
+
+    draws = as_generator(rng).integers(0, 2, size=(n_iter, n_groups)).astype(float)
+    with threadpool_limits(limits=1, user_api="blas"):  # small products: BLAS threads only spin on a busy machine
+        observed = accuracies(np.zeros((1, n_groups)))[0]
+        null = np.concatenate([accuracies(draws[at : at + chunk_size]) for at in range(0, n_iter, chunk_size)])
+    statistic = float(observed[1] - observed[0])
+    null_delta = null[:, 1] - null[:, 0]
+    p = permutation_p_value(statistic, null_delta, alternative)
+    return PermutationResult(statistic, float(p), n_iter, False, alternative, null_delta)
+
+
+# ----------------------------------------------------------------- #205's H2 as an equivalence test (TOST)
+
+
+def _paired_tost(differences: np.ndarray, margin: float, alpha: float) -> dict:
+    """Two one-sided t-tests over units that the mean difference lies inside (-margin, margin); the p-value is the
+    larger of the two one-sided ones, and the (1 - 2 alpha) interval is the one TOST's decision reads."""
+    d = np.asarray(differences, dtype=float)
+    mean, n = float(d.mean()), d.size
+    sd = float(d.std(ddof=1)) if n > 1 else math.nan
+    if n < 2 or sd == 0 or math.isnan(sd):  # no spread to test with: equivalent only if every difference is inside
+        inside = bool(np.all(np.abs(d) < margin))
+        return {"mean": mean, "p": 0.0 if inside and n > 1 else 1.0, "low": mean, "high": mean, "n": n}
+    upper = scipy_stats.ttest_1samp(d, margin, alternative="less").pvalue  # H0: mean >= margin
+    lower = scipy_stats.ttest_1samp(d, -margin, alternative="greater").pvalue  # H0: mean <= -margin
+    half = scipy_stats.t.ppf(1 - alpha, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "p": float(max(upper, lower)), "low": mean - half, "high": mean + half, "n": n}
+
+
+def h2_equivalence_test(
+    leakage: np.ndarray,
+    personas: Sequence[str],
+    induction_personas: Sequence[str],
+    *,
+    source_persona: str = "confab",
+    margin: float = 0.15,
+    alpha: float = 0.05,
+) -> HypothesisResult:
+    """H2 (induction-invariant) as an equivalence test: is every condition's mean bystander leakage within
+    ``margin`` (the record's 15 points) of every other's?
+
+    ``leakage`` is ``(n_conditions, n_personas, n_questions)``. Per question, a condition's bystander mean (its
+    bystanders exclude the source and its own induction persona); for every pair of conditions, TOST over the
+    questions (paired: each question is asked in every condition) of the difference of those means. All pairs inside
+    the margin is "range < margin", so the intersection-union test's p is the largest pair p (no multiplicity
+    correction is needed, and none would help). ``fires`` (equivalence shown) when that p < ``alpha``. The record's
+    rule, "range <= 15 pp and a difference test's p > 0.10", is absence of evidence, not an equivalence test.
+    """
+    leakage = np.asarray(leakage, dtype=float)
+    names = list(personas)
+    per_question = np.stack([
+        leakage[c][[i for i, name in enumerate(names) if name not in (source_persona, induction)]].mean(axis=0)
+        for c, induction in enumerate(induction_personas)
+    ])  # fmt: skip
+    pairs = {}
+    for i, j in itertools.combinations(range(len(induction_personas)), 2):
+        pairs[(i, j)] = _paired_tost(per_question[i] - per_question[j], margin, alpha)
+    means = per_question.mean(axis=1)
+    p = max((v["p"] for v in pairs.values()), default=1.0)
+    worst = max(pairs, key=lambda ij: (pairs[ij]["p"], abs(pairs[ij]["mean"]))) if pairs else None
+    return HypothesisResult(
+        "H2", float(means.max() - means.min()), float(p), 0, bool(p < alpha),
+        f"TOST: every pair of conditions within +-{margin}; equivalent when the largest pair p < {alpha}",
+        {"margin": margin, "alpha": alpha, "n_questions": per_question.shape[1], "worst_pair": worst,
+         "pairs": {f"{i}-{j}": v for (i, j), v in pairs.items()}},
     )

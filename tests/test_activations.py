@@ -1,6 +1,7 @@
 """shared.activations: the one layer convention (layer L = hidden_states[L], the residual stream after L blocks, no
-final norm), pinned against the installed transformers, and the three activation-reading stages (issue81's
-hidden_states, issue170's villain_direction, issue205's extract_persona_vectors) reading identical vectors."""
+final norm), pinned against the installed transformers; the one rule that translates the records' layer numbers; and
+each activation-reading stage (issue81's hidden_states, issue170's villain_direction, issue205's
+extract_persona_vectors) tested at the read-out position it uses in production."""
 
 from __future__ import annotations
 
@@ -104,48 +105,110 @@ def test_an_attached_adapter_is_read_through_and_switches_off_with_it(tiny):
     torch.testing.assert_close(switched_off, base)
 
 
-def three_stage_vectors(model, tok, layers: list[int]) -> dict[str, np.ndarray]:
-    """Each stage's vectors ``[prompts, layers, hidden]`` at the last user token of the same prompts.
+def reference_at(model, ids: list[int], layer: int, position: int) -> torch.Tensor:
+    """The residual after ``layer`` blocks at ``position`` of one unpadded prompt, read without shared.activations:
+    transformers' own hidden_states below the last layer, the last block's hooked output at it."""
+    if layer < activations.n_layers(model):
+        return hf_hidden_states(model, ids)[layer][0, position].float()
+    return block_output(model, layer - 1, ids)[position].float()
 
-    villain_direction reads the last user token of the whole prompt; hidden_states and Method A read the last token
-    they are given, so they get the same prompts cut right after that token. In a causal model the residual at a
-    position depends only on the tokens up to it, so the three read the same thing, with each stage's own batching
-    and padding (left, none, right)."""
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    full = [chat.build_prompt(tok, SYSTEM, q) for q in QUESTIONS]
-    ends = [villain_direction.last_user_token(p, im_end) for p in full]
-    cut = [chat.PromptIds(p.input_ids[: end + 1], end + 1) for p, end in zip(full, ends, strict=True)]
-    assert len({len(p) for p in cut}) > 1  # the batched stages really pad
+
+def production_readouts() -> dict[str, str]:
+    """The read-out position each activation-reading stage uses in production, read from the workflows' own plans."""
+    from jobs import hidden_states as hs_stage
+    from workflows import issue170
+
     return {
-        "hidden_states": hidden_states.last_token_states(model, tok, cut, layers, batch_size=2).numpy(),
-        "villain_direction": villain_direction.residuals(model, tok, full, layers),
+        "extract_persona_vectors": "last_prompt_token",  # Method A (Method B, reply_mean: test_issue205_extraction)
+        "hidden_states": hs_stage.READOUT,
+        "villain_direction": issue170.Params.for_profile("full").villain_readout,
+    }
+
+
+def stage_vectors(model, tok, prompts, layers: list[int]) -> dict[str, np.ndarray]:
+    """Each stage's own reading function, as the stage calls it (its batching and padding), on the same prompts."""
+    readouts = production_readouts()
+    return {
+        "hidden_states": hidden_states.last_token_states(model, tok, prompts, layers, batch_size=2).numpy(),
+        "villain_direction": villain_direction.residuals(model, tok, prompts, layers, readout=readouts["villain_direction"]),
         "extract_persona_vectors": torch.stack(extract_persona_vectors.method_a(
-            model, cut, layers, pad_id=chat.soft_placeholder_id(tok), batch_size=2, progress=lambda x, **_: x)).numpy(),
+            model, prompts, layers, pad_id=chat.soft_placeholder_id(tok), batch_size=2, progress=lambda x, **_: x)).numpy(),
     }  # fmt: skip
 
 
-def test_all_three_stages_read_identical_vectors_for_one_prompt_position_and_layer(tiny):
+def test_the_records_layers_translate_by_one_rule_and_every_workflow_uses_it():
+    """All three records' code hooked block L's output (0-based): hidden_states[L + 1]. Each workflow's full profile
+    asks for exactly those indices and reads where the record's code read (the last prompt token)."""
+    from workflows import issue81, issue170, issue205
+
+    assert [activations.from_record(layer) for layer in (7, 14, 20, 21, 27)] == [8, 15, 21, 22, 28]
+    assert issue205.Params.for_profile("full").layers == [8, 15, 21, 22, 28]
+    assert issue205.Params.for_profile("full").headline_layer == 21
+    assert issue170.Params.for_profile("full").villain_layers == [9, 11, 13, 15]
+    assert issue81.Params.for_profile("full").layers == [11, 16, 21, 26]
+    assert issue81.Params.for_profile("full").headline_layer == 21
+    for workflow in ("issue205", "issue170", "issue81"):
+        record = activations.record_layers(workflow)
+        assert record.readout == "last_prompt_token" and "register_forward_hook" in record.evidence
+        table = activations.translation_markdown(workflow)
+        assert all(f"| {layer} | {layer + 1} |" in table for layer in record.layers)
+    with pytest.raises(ValueError, match="0-based block index"):
+        activations.from_record(-1)
+
+
+def test_each_stage_reads_the_position_it_uses_in_production_on_the_tiny_model(tiny):
+    """Every stage, through its own function, at its production position and at every layer (0 the embeddings, 2 the
+    last block's output), equals the residual read directly at that position of the unpadded prompt; the prompts
+    differ in length, so the batched stages really pad."""
     model, tok = tiny
-    vectors = three_stage_vectors(model, tok, [0, 1, 2])
-    reference = vectors["villain_direction"]
-    assert reference.shape == (2, 3, 128)
-    for stage, got in vectors.items():
-        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4, err_msg=stage)  # float32 batching noise
-    assert not np.allclose(reference[:, 1], reference[:, 2])  # the layers are really different vectors
+    prompts = [chat.build_prompt(tok, SYSTEM, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) > 1
+    layers = [0, 1, 2]
+    readouts = production_readouts()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for stage, got in stage_vectors(model, tok, prompts, layers).items():
+        for i, prompt in enumerate(prompts):
+            (position,) = activations.readout_positions(prompt, readouts[stage], im_end_id=im_end)
+            for li, layer in enumerate(layers):
+                expected = reference_at(model, prompt.input_ids, layer, position).numpy()
+                np.testing.assert_allclose(got[i, li], expected, rtol=1e-4, atol=1e-4, err_msg=f"{stage} layer {layer}")
+    assert readouts["villain_direction"] == "last_prompt_token"
 
 
-def test_all_three_stages_agree_on_the_real_small_model_at_its_first_middle_and_last_layer():
-    """SmolLM2-135M (30 blocks): layer 15 is transformers' hidden_states[15]; layer 30 is the last block's output, whose
-    final-normed version is transformers' hidden_states[30]. In float32, where batching changes only the last bits
-    (in bf16, differently padded batches differ by whole rounding steps)."""
+def test_the_named_positions_are_where_they_say():
+    tok = models.load_tokenizer("tiny:qwen2")
+    prompt = chat.build_prompt(tok, SYSTEM, "Hi")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert activations.readout_positions(prompt, "last_prompt_token") == [len(prompt) - 1]
+    (user_end,) = activations.readout_positions(prompt, "last_user_token", im_end_id=im_end)
+    assert prompt.input_ids[user_end + 1] == im_end  # the user's last token, right before the turn closes
+    assert tok.decode(prompt.input_ids[: user_end + 1]).endswith("Hi")
+    assert activations.readout_positions(prompt, "reply_mean", reply_length=3) == [len(prompt), len(prompt) + 1, len(prompt) + 2]
+    with pytest.raises(ValueError, match="unknown read-out position"):
+        activations.readout_positions(prompt, "first_token")
+
+
+def test_every_stage_reads_its_production_position_on_the_real_small_model():
+    """SmolLM2-135M (30 blocks), layers 0, 15 and 30 (the last block's output, whose final-normed version is
+    transformers' hidden_states[30]). In float32, where batching changes only the last bits."""
     model = models.load_model("smollm2:135m-instruct", dtype="float32", device="cpu")
     tok = models.load_tokenizer("smollm2:135m-instruct")
-    vectors = three_stage_vectors(model, tok, [0, 15, 30])
-    for stage, got in vectors.items():
-        np.testing.assert_allclose(got, vectors["villain_direction"], rtol=1e-4, atol=1e-3, err_msg=stage)
-    ids = chat.build_prompt(tok, SYSTEM, QUESTIONS[0]).input_ids
-    theirs = hf_hidden_states(model, ids)
-    ours = activations.residual_stream(model, [15, 30], input_ids=torch.tensor([ids]))
-    torch.testing.assert_close(ours[15], theirs[15])
+    prompts = [chat.build_prompt(tok, SYSTEM, q) for q in QUESTIONS]
+    layers = [0, 15, 30]
+    for stage, got in stage_vectors(model, tok, prompts, layers).items():
+        for i, prompt in enumerate(prompts):
+            for li, layer in enumerate(layers):
+                expected = reference_at(model, prompt.input_ids, layer, len(prompt) - 1).numpy()
+                np.testing.assert_allclose(got[i, li], expected, rtol=1e-4, atol=1e-3, err_msg=f"{stage} layer {layer}")
+    ids = prompts[0].input_ids
     with torch.inference_mode():
-        torch.testing.assert_close(theirs[30], model.model.norm(ours[30]))
+        torch.testing.assert_close(hf_hidden_states(model, ids)[30],
+                                   model.model.norm(activations.residual_stream(model, [30], input_ids=torch.tensor([ids]))[30]))
+
+
+def test_each_workflows_data_readme_prints_the_translation_table_of_its_record():
+    from importlib import resources
+
+    for workflow in ("issue205", "issue170", "issue81"):
+        readme = resources.files("shared.data").joinpath(workflow, "README.md").read_text()
+        assert activations.translation_markdown(workflow) in readme, workflow

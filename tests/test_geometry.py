@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from shared import geometry, stats
 
@@ -105,7 +106,15 @@ def shared_offset_checkpoints(seed=30):
     return base, base + 30.0 * rng.normal(size=DIM)
 
 
-def test_a_shared_offset_moves_raw_m1_and_m2_and_leaves_centred_geometry_unchanged():
+def per_question(centroids, n_questions=24, noise=0.3, seed=35):
+    """``(persona, question, d)`` activations around ``centroids`` (the same question noise in every call with a seed)."""
+    rng = np.random.default_rng(seed)
+    return centroids[:, None] + noise * rng.normal(size=(len(centroids), n_questions, centroids.shape[1]))
+
+
+def test_a_shared_shift_only_moves_raw_m1_and_m2_and_nothing_shift_invariant_and_the_shift_is_measured():
+    """Known answer: a fine-tuning that only adds one offset to every persona. Raw M1 and M2 fire; the dispersion is
+    unchanged (log ratio exactly 0, p = 1), the centred M2 axis does not exist, and the mean shift is measured."""
     base, shifted = shared_offset_checkpoints()
     raw_m1 = geometry.m1_collapse(base, shifted, PERSONAS)
     assert raw_m1.reference_value == pytest.approx(0.9, abs=0.03) and raw_m1.condition_value > 0.99
@@ -114,18 +123,78 @@ def test_a_shared_offset_moves_raw_m1_and_m2_and_leaves_centred_geometry_unchang
     raw_m2 = geometry.m2_em_axis_projection(base, shifted, PERSONAS, axis)
     assert raw_m2.condition_value > 0.95 and raw_m2.delta > 0.5 and raw_m2.p_value < 0.01
 
-    np.testing.assert_allclose(geometry.centre(shifted), geometry.centre(base), atol=1e-12)
-    centred_m1 = geometry.m1_collapse(geometry.centre(base), geometry.centre(shifted), PERSONAS)
-    assert centred_m1.delta == pytest.approx(0.0, abs=1e-12)
-    # no persona swap changes anything either: the null is all rounding noise
-    assert np.abs(geometry.m1_persona_contributions(geometry.centre(base), geometry.centre(shifted))).max() < 1e-12
+    dispersion = geometry.m1_dispersion_change(base, shifted, PERSONAS)
+    assert dispersion.delta == pytest.approx(0.0, abs=1e-12) and dispersion.p_value > 0.5  # every swap: the same sets
+    assistant = PERSONAS.index("assistant")
     with pytest.raises(geometry.UndefinedAxisError):  # the assistant moved only as every persona did
-        geometry.e0_anchored_em_axis(geometry.centre(base), geometry.centre(shifted), PERSONAS)
+        geometry.e0_anchored_em_axis(geometry.centre_excluding(base, assistant),
+                                     geometry.centre_excluding(shifted, assistant), PERSONAS)
+    shift = geometry.mean_shift(base, shifted)
+    assert shift["norm"] > 10 * shift["reference_spread"]
+    valid = np.ones((len(PERSONAS), 24), bool)
+    measured = geometry.shift_test(per_question(base), per_question(shifted, seed=36), valid, n_iter=2000, rng=0)
+    assert measured.p_value < 0.001
 
 
-def test_centred_geometry_sees_a_real_change_whatever_offset_rides_on_it():
+def test_a_pure_contraction_with_no_shift_is_seen_by_the_dispersion_and_no_shift_is_measured():
+    """Known answer: every persona pulled 40% towards the personas' mean, nothing shifted. Dispersion falls by exactly
+    0.6**2 (log ratio 2 log 0.6) at the test's floor; the shift is zero and its test stays silent; the mean
+    off-diagonal cosine of centred vectors does not see it (pinned near -1/(p-1) before and after)."""
+    rng = np.random.default_rng(37)
+    base = 3.0 * rng.normal(size=DIM) + rng.normal(size=(len(PERSONAS), DIM))
+    mean = base.mean(axis=0)
+    contracted = mean + 0.6 * (base - mean)
+    dispersion = geometry.m1_dispersion_change(base, contracted, PERSONAS)
+    assert dispersion.delta == pytest.approx(2 * np.log(0.6))
+    assert dispersion.exact and dispersion.p_value == pytest.approx(1 / 4096)  # one-sided floor of 2**12 swaps
+    assert geometry.m1_collapse(base, contracted, PERSONAS).p_value < 0.001  # raw M1 sees it too
+    assert geometry.mean_shift(base, contracted)["norm"] == pytest.approx(0.0, abs=1e-9)
+    valid = np.ones((len(PERSONAS), 24), bool)
+    no_shift = geometry.shift_test(per_question(base, seed=1), per_question(contracted, seed=2), valid, n_iter=2000, rng=0)
+    assert no_shift.p_value > 0.05
+    pinned = -1 / (len(PERSONAS) - 1)
+    for vectors in (base, contracted):
+        assert geometry.off_diagonal(geometry.centred_cosine_matrix(vectors)).mean() == pytest.approx(pinned, abs=0.03)
+
+
+def test_when_only_the_assistant_moves_m2_on_the_non_assistant_mean_stays_put_where_centring_on_all_fires():
+    """Known answer: E0 moves the assistant alone. Raw M2 and M2 centred on the non-assistant personas' mean do not
+    change at all; centring on a mean that includes the assistant moves every other persona along the axis and
+    fires (the control that shows why the assistant is excluded)."""
+    rng = np.random.default_rng(38)
+    base = 3.0 * rng.normal(size=DIM) + rng.normal(size=(len(PERSONAS), DIM))
+    e0 = base.copy()
+    e0[PERSONAS.index("assistant")] += 3.0 * rng.normal(size=DIM)
+    vectors = {("A", 1): {"base": base, "E0": e0, "benign": base}}
+
+    def m2(cells):
+        return next(c.test for c in cells if (c.metric, c.family) == ("M2", "em_vs_base"))
+
+    assert m2(geometry.geometry_family(vectors, PERSONAS, em_conditions=["E0"], n_iter=4096)).delta == pytest.approx(0.0, abs=1e-12)
+    shift_invariant = m2(geometry.geometry_family(vectors, PERSONAS, em_conditions=["E0"], n_iter=4096, geometry="shift_invariant"))
+    assert shift_invariant.delta == pytest.approx(0.0, abs=1e-12) and shift_invariant.p_value == 1.0
+    centred_on_all = {c: geometry.centre(v) for c, v in vectors[("A", 1)].items()}
+    axis = geometry.e0_anchored_em_axis(centred_on_all["base"], centred_on_all["E0"], PERSONAS)
+    old = geometry.m2_em_axis_projection(centred_on_all["base"], centred_on_all["E0"], PERSONAS, axis)
+    assert old.delta > 0.05 and old.p_value < 0.01
+
+
+def test_the_dispersion_test_holds_its_size_when_the_checkpoints_differ_by_a_shift():
+    """No change but a shared offset and noise: the persona-swap test of the centred vectors rejects at most at its
+    nominal rate (it is slightly conservative: centring each checkpoint on its own noisy mean)."""
+    rng = np.random.default_rng(39)
+    rejections = 0
+    for _ in range(200):
+        centres = 3.0 * rng.normal(size=32) + rng.normal(size=(12, 32))
+        reference = centres + 0.3 * rng.normal(size=(12, 32))
+        condition = centres + 0.3 * rng.normal(size=(12, 32)) + 5.0 * rng.normal(size=32)
+        rejections += geometry.m1_dispersion_change(reference, condition, PERSONAS, alternative="two-sided").p_value < 0.05
+    assert rejections <= scipy_stats.binom.interval(0.99, 200, 0.05)[1]
+
+
+def test_shift_invariant_geometry_sees_a_real_change_whatever_offset_rides_on_it():
     """E0 moves the assistant on its own and pulls two personas together; adding a large shared offset on top changes
-    every raw number and no centred one."""
+    every raw number and no shift-invariant one."""
     base, _ = shared_offset_checkpoints(seed=31)
     rng = np.random.default_rng(32)
     e0 = base.copy()
@@ -133,22 +202,22 @@ def test_centred_geometry_sees_a_real_change_whatever_offset_rides_on_it():
     e0[PERSONAS.index("villain")] = 0.5 * (e0[PERSONAS.index("villain")] + e0[PERSONAS.index("confab")])
     with_offset = e0 + 30.0 * rng.normal(size=DIM)
 
-    def primary(e0_vectors, centred):
+    def primary(e0_vectors, geometry_kind):
         cells = geometry.geometry_family({("A", 1): {"base": base, "E0": e0_vectors, "benign": base}}, PERSONAS,
-                                         em_conditions=["E0"], n_iter=500, centred=centred)
+                                         em_conditions=["E0"], n_iter=500, geometry=geometry_kind)
         return {c.metric: c.test.delta for c in cells if c.family == "em_vs_base"}
 
-    raw, raw_with_offset = primary(e0, False), primary(with_offset, False)
-    centred, centred_with_offset = primary(e0, True), primary(with_offset, True)
+    raw, raw_with_offset = primary(e0, "raw"), primary(with_offset, "raw")
+    invariant, invariant_with_offset = primary(e0, "shift_invariant"), primary(with_offset, "shift_invariant")
     assert all(abs(raw[m] - raw_with_offset[m]) > 1e-3 for m in ("M1", "M2"))
-    assert centred == pytest.approx(centred_with_offset, abs=1e-9)
-    assert abs(centred["M1"]) > 1e-3 and abs(centred["M2"]) > 1e-3  # the centred geometry did see E0's change
+    assert invariant == pytest.approx(invariant_with_offset, abs=1e-9)
+    assert abs(invariant["M1"]) > 1e-3 and abs(invariant["M2"]) > 1e-3  # it did see E0's change
 
 
 def test_an_undefined_centred_axis_gives_m2_cells_that_cannot_fire():
     base, shifted = shared_offset_checkpoints(seed=33)
     cells = geometry.geometry_family({("A", 1): {"base": base, "E0": shifted, "benign": base}}, PERSONAS,
-                                     em_conditions=["E0"], n_iter=500, centred=True)
+                                     em_conditions=["E0"], n_iter=500, geometry="shift_invariant")
     m2 = [c for c in cells if c.metric == "M2"]
     assert len(m2) == 3 and all(np.isnan(c.test.delta) and c.test.p_value == 1.0 and c.notes["axis_undefined"] for c in m2)
 
@@ -242,13 +311,16 @@ def population(seed=40):
 
 def observed_changes(centroids: np.ndarray) -> dict:
     """The M1/M2 changes (E0 vs base), raw and centred, computed by the point-estimate functions."""
-    out = {}
-    for kind in geometry.GEOMETRIES:
-        base, e0 = (centroids[i] if kind == "raw" else geometry.centre(centroids[i]) for i in (0, 1))
-        axis = geometry.e0_anchored_em_axis(base, e0, PERSONAS)
-        out[("M1", kind)] = geometry.m1_collapse(base, e0, PERSONAS, n_iter=10).delta
-        out[("M2", kind)] = geometry.m2_em_axis_projection(base, e0, PERSONAS, axis, n_iter=10).delta
-    return out
+    base, e0 = centroids[0], centroids[1]
+    assistant = PERSONAS.index("assistant")
+    centred_base, centred_e0 = geometry.centre_excluding(base, assistant), geometry.centre_excluding(e0, assistant)
+    return {
+        ("M1", "raw"): geometry.m1_collapse(base, e0, PERSONAS, n_iter=10).delta,
+        ("M2", "raw"): geometry.m2_em_axis_projection(base, e0, PERSONAS, geometry.e0_anchored_em_axis(base, e0, PERSONAS), n_iter=10).delta,
+        ("M1", "shift_invariant"): geometry.m1_dispersion_change(base, e0, PERSONAS, n_iter=10).delta,
+        ("M2", "shift_invariant"): geometry.m2_em_axis_projection(
+            centred_base, centred_e0, PERSONAS, geometry.e0_anchored_em_axis(centred_base, centred_e0, PERSONAS), n_iter=10).delta,
+    }
 
 
 def test_resampled_centroids_weight_each_valid_question_by_how_often_it_was_drawn():
@@ -289,7 +361,7 @@ def test_bootstrap_cis_over_questions_cover_the_true_changes_about_95_percent_of
         assert 0.85 <= np.mean(hits) <= 0.99, key
 
 
-def test_a_shared_offset_on_every_activation_of_a_checkpoint_leaves_the_centred_replicates_unchanged():
+def test_a_shared_offset_on_every_activation_of_a_checkpoint_leaves_the_shift_invariant_replicates_unchanged():
     rng = np.random.default_rng(43)
     per_question = population()[:, :, None] + 0.5 * rng.normal(size=(3, len(PERSONAS), 30, 16))
     shifted = per_question.copy()
@@ -298,7 +370,7 @@ def test_a_shared_offset_on_every_activation_of_a_checkpoint_leaves_the_centred_
     plain, moved = (geometry.bootstrap_deltas(x, valid, CHECKPOINTS, PERSONAS, [("E0", "base"), ("E0", "benign")],
                                               n_boot=50, rng=7) for x in (per_question, shifted))
     for key in plain:
-        if key[1] == "centred":
+        if key[1] == "shift_invariant":
             np.testing.assert_allclose(moved[key], plain[key], atol=1e-9)
         else:
             assert np.abs(moved[key] - plain[key]).min() > 1e-3, key
@@ -340,6 +412,67 @@ def test_m3_separable_personas_score_near_perfect_and_a_collapsed_condition_scor
         and contrast.em_shift < contrast.benign_shift
         and contrast.p_value < 0.01
     )
+
+
+def one_model_two_checkpoints(rng, n_personas, n_questions, dim, separation):
+    """Two checkpoints that are draws of ONE model: the same persona centres, fresh noise per (persona, question)."""
+    centres = separation * rng.normal(size=(n_personas, dim))
+    return [(centres[None] + rng.normal(size=(n_questions, n_personas, dim))).reshape(-1, dim) for _ in range(2)]
+
+
+def grid(n_personas, n_questions):
+    return np.tile(PERSONAS[:n_personas], n_questions), np.repeat(np.arange(n_questions), n_personas)
+
+
+def test_two_checkpoints_drawn_from_one_model_differ_in_m3_at_no_more_than_the_nominal_rate_under_the_swap_null():
+    """Known answer: both checkpoints are draws of one model. The contrast of equal separability (whole questions
+    swapped between the checkpoints, LDA refitted) rejects at most at alpha: its size holds (ties in accuracy make it
+    slightly conservative)."""
+    rng = np.random.default_rng(50)
+    labels, questions = grid(4, 10)
+    rejections = 0
+    for rep in range(200):
+        base, e0 = one_model_two_checkpoints(rng, 4, 10, 8, 0.6)
+        m3 = geometry.m3_separability({"base": base, "E0": e0}, labels, questions, n_iter=20, rng=rep, n_components=4,
+                                      contrast_iter=99, n_threads=1)
+        rejections += m3.delta("E0", "base").p_value < 0.05
+    assert rejections <= scipy_stats.binom.interval(0.99, 200, 0.05)[1]
+
+
+def test_the_label_shuffle_contrast_rejects_two_draws_of_one_model_far_more_often_than_alpha():
+    """The control that shows why the swap null is needed: "no persona information in either checkpoint" is not the
+    null of two checkpoints that both separate personas, and the difference of two draws of one model is then
+    "significant" far more often than 5% (the referee measured 31%)."""
+    rng = np.random.default_rng(51)
+    labels, questions = grid(8, 20)
+    rejections = 0
+    for rep in range(150):
+        base, e0 = one_model_two_checkpoints(rng, 8, 20, 12, 0.5)
+        m3 = geometry.m3_separability({"base": base, "E0": e0}, labels, questions, n_iter=99, rng=rep, n_components=6,
+                                      n_threads=1)
+        rejections += m3.delta("E0", "base", null="label_shuffle").p_value < 0.05
+    assert rejections > scipy_stats.binom.interval(0.99, 150, 0.05)[1]
+
+
+def test_the_swap_contrast_refits_the_same_lda_scikit_learn_fits():
+    """The swap null's observed difference is scikit-learn's LDA(lsqr) accuracy difference on the joint basis."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    rng = np.random.default_rng(52)
+    labels, questions = grid(6, 20)
+    strong = (2.0 * rng.normal(size=(6, 30))[None] + rng.normal(size=(20, 6, 30))).reshape(-1, 30)
+    weak = (0.5 * rng.normal(size=(6, 30))[None] + rng.normal(size=(20, 6, 30))).reshape(-1, 30)
+    projected = stats.joint_label_free_projection([strong, weak], 8, groups=questions)
+    codes = stats.encode_labels(labels)[0]
+
+    def accuracy(rows):
+        folds = stats.grouped_folds(codes, questions, 5)
+        return sum(np.sum(LinearDiscriminantAnalysis(solver="lsqr").fit(rows[train], codes[train]).predict(rows[test])
+                          == codes[test]) for train, test in folds) / codes.size
+
+    result = stats.lda_swap_contrast(projected[0], projected[1], labels, questions, n_iter=200, rng=0)
+    assert result.statistic == pytest.approx(accuracy(projected[1]) - accuracy(projected[0]))
+    assert result.statistic < -0.2 and result.p_value < 0.01
 
 
 def test_m3_sees_personas_through_large_question_offsets():
@@ -396,6 +529,7 @@ def test_geometry_family_adjusts_each_family_and_finds_only_the_planted_conditio
         row_questions=ROW_QUESTIONS,
         n_iter=2_000,
         n_components=12,
+        m3_contrast_iter=200,
     )
     primary = [cell for cell in cells if cell.family == "em_vs_base"]
     assert len(primary) == 3 * len(methods) * len(layers) * len(conditions)

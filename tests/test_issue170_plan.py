@@ -97,7 +97,9 @@ def test_evaluation_matches_the_records_protocol(tmp_path, full_inputs):
     assert all(len(c["questions"]) == 52 for c in evals)
     judges = {t.config["judge"]["model"] for t in plan.tasks if t.stage == "judge"}
     assert judges == {"claude-sonnet-4-5-20250929", "claude-opus-4-7"}
-    assert plan.task("villain-direction").config["layers"] == [8, 10, 12, 14]
+    # the record's blocks 8, 10, 12, 14 (hooked outputs) are hidden_states 9, 11, 13, 15, read at the last prompt token
+    assert plan.task("villain-direction").config["layers"] == [9, 11, 13, 15]
+    assert plan.task("villain-direction").config["readout"] == "last_prompt_token"
     references = {t.name for t in plan.tasks if t.stage == "generate" and not t.name.startswith("gen-classifier")}
     assert references == {"gen-null", "gen-helpful-assistant", "gen-em-reference"}
 
@@ -264,7 +266,7 @@ def test_every_distinct_alignment_judge_gets_one_check_that_the_analysis_reads(t
     assert {name: t.config["judge"]["model"] for name, t in tasks.items()} == checked
     assert {t.name for t in tasks.values()} == {f"judge-check-{name}" for name in checked}
     for task in tasks.values():
-        assert task.config["items_file"] == "package:judges/alignment_check_v1.jsonl"  # issue164's known answers
+        assert task.config["items_file"] == "package:judges/alignment_check_v2.jsonl"  # issue164's known answers, graded anchors
         assert task.config["judge"]["template"] == "alignment_v1"  # the known answers are about alignment
     analysis = plan.task("analysis")
     roles = {analysis.config["primary_judge"], analysis.config["alternate_judge"]}

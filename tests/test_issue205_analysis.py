@@ -1,15 +1,21 @@
-"""Stage analyze_issue205 on synthetic stored artifacts whose answers are known: EM collapse fires and beats benign,
-the paired empty-reply filter holds, M3 is real held-out LDA, the behavioural tests are recomputed from the rows,
-and every reported number comes from headline.json."""
+"""Stage analyze_issue205 on synthetic stored artifacts whose answers are known: EM collapse fires in every seed and
+beats benign, the paired empty-reply filter holds, M3 is real held-out LDA, the behavioural tests are recomputed from
+the rows, the shift-invariant family and the measured shift say what a shared shift does, the seed is the unit of the
+recipe-level tests, and every number the report prints is the results object's."""
 
 from __future__ import annotations
+
+import json
+import math
+import re
 
 import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 from jobs import analyze_issue205 as analysis
-from shared import activations, store
+from shared import activations, geometry, store
 from shared.config import parse
 from shared.stage import StageInputError, execute
 
@@ -20,6 +26,7 @@ CONDITIONS = [("E0", "assistant", 0.98), ("E1", "paramedic", 0.9457), ("E2", "ki
 CHECKPOINTS = ["base", "E0", "E1", "E2", "E3", "E4", "benign"]
 LAYERS = [7, 20]
 N_Q, HIDDEN = 20, 24
+SEEDS = [42, 43]
 
 
 def fake_manifest(prefix: str, cell: str, stage: str) -> None:
@@ -29,62 +36,74 @@ def fake_manifest(prefix: str, cell: str, stage: str) -> None:
     })  # fmt: skip
 
 
-def synthetic_activations(collapse: dict[str, float], separable: bool = True, seed: int = 0):
-    """(checkpoint, persona, question, layer, hidden): persona centroids plus per-question noise; a checkpoint's
-    centroids are pulled towards one shared direction by ``collapse[name]`` (EM squeezes personas together)."""
+def synthetic_activations(collapse: dict[str, float], separable: bool = True, seed: int = 0, seeds=(42,)):
+    """Per training seed: (checkpoint, persona, question, layer, hidden) persona centroids plus per-question noise.
+    A fine-tuned checkpoint's centroids are pulled towards one shared point by ``collapse[name]`` (EM squeezes
+    personas together); each seed's fine-tunes get their own noise; base is the same array in every seed."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(len(PERSONAS), len(LAYERS), HIDDEN)) * (1.0 if separable else 0.0)
     common = rng.normal(size=(len(LAYERS), HIDDEN)) * 3
     question_effect = rng.normal(size=(N_Q, len(LAYERS), HIDDEN)) * 0.3
-    out = []
-    for name in CHECKPOINTS:
-        pull = collapse.get(name, 0.0)
+
+    def checkpoint(pull):
         shifted = (1 - pull) * centres + pull * common[None]
         noise = rng.normal(size=(len(PERSONAS), N_Q, len(LAYERS), HIDDEN)) * 0.3
-        out.append(shifted[:, None] + common[None, None] + question_effect[None] + noise)
-    return np.stack(out).astype(np.float32)
+        return shifted[:, None] + common[None, None] + question_effect[None] + noise
+
+    base = checkpoint(0.0)
+    return {s: np.stack([base] + [checkpoint(collapse.get(name, 0.0)) for name in CHECKPOINTS[1:]]).astype(np.float32)
+            for s in seeds}
 
 
-def write_checkpoints(root: str, values: np.ndarray, invalid: dict[str, list[tuple[int, int]]] | None = None):
-    rows = []
-    for ci, name in enumerate(CHECKPOINTS):
-        prefix = store.join(root, "runs", "t", name.lower(), "extract_persona_vectors")
-        valid = torch.ones(len(PERSONAS), N_Q, dtype=torch.bool)
-        for p, q in (invalid or {}).get(name, []):
-            valid[p, q] = False
-        b = torch.from_numpy(values[ci] * 1.1).clone()
-        b[~valid] = 1e6  # garbage where the reply was empty: it must never reach a centroid
-        store.write_tensors(store.join(prefix, "activations.safetensors"), {"A": torch.from_numpy(values[ci]), "B": b, "B_valid": valid})
-        store.write_json(store.join(prefix, "index.json"), {
-            "checkpoint": name, "personas": [{"name": p, "system": "default"} for p in PERSONAS],
-            "questions": [f"q{i}" for i in range(N_Q)], **activations.layer_record(LAYERS), "methods": ["A", "B"],
-        })  # fmt: skip
-        store.write_jsonl(store.join(prefix, "responses.jsonl"), [
-            {"persona": p, "question_id": f"q{i}", "text": f"{name}'s {p} on q{i}"} for p in PERSONAS for i in range(N_Q)])
-        fake_manifest(prefix, name.lower(), "extract_persona_vectors")
-        rows.append({"name": name, "activations_uri": store.join(prefix, "activations.safetensors"),
-                     "index_uri": store.join(prefix, "index.json"), "responses_uri": store.join(prefix, "responses.jsonl")})
+def write_checkpoint(root: str, name: str, seed: int | None, values: np.ndarray, invalid=()):
+    cell = name.lower() if seed is None else f"{name.lower()}-s{seed}"
+    prefix = store.join(root, "runs", "t", cell, "extract_persona_vectors")
+    valid = torch.ones(len(PERSONAS), N_Q, dtype=torch.bool)
+    for p, q in invalid:
+        valid[p, q] = False
+    b = torch.from_numpy(values * 1.1).clone()
+    b[~valid] = 1e6  # garbage where the reply was empty: it must never reach a centroid
+    store.write_tensors(store.join(prefix, "activations.safetensors"), {"A": torch.from_numpy(values), "B": b, "B_valid": valid})
+    store.write_json(store.join(prefix, "index.json"), {
+        "checkpoint": name, "personas": [{"name": p, "system": "default"} for p in PERSONAS],
+        "questions": [f"q{i}" for i in range(N_Q)], **activations.layer_record(LAYERS), "methods": ["A", "B"],
+    })  # fmt: skip
+    store.write_jsonl(store.join(prefix, "responses.jsonl"), [
+        {"persona": p, "question_id": f"q{i}", "text": f"{name}'s {p} on q{i}"} for p in PERSONAS for i in range(N_Q)])
+    fake_manifest(prefix, cell, "extract_persona_vectors")
+    return {"name": name, "seed": seed, "activations_uri": store.join(prefix, "activations.safetensors"),
+            "index_uri": store.join(prefix, "index.json"), "responses_uri": store.join(prefix, "responses.jsonl")}
+
+
+def write_checkpoints(root: str, per_seed: dict[int, np.ndarray], invalid: dict[str, list[tuple[int, int]]] | None = None):
+    """base once (no seed), then every seed's fine-tuned checkpoints."""
+    first = next(iter(per_seed.values()))
+    rows = [write_checkpoint(root, "base", None, first[0], (invalid or {}).get("base", ()))]
+    for seed, values in per_seed.items():
+        rows += [write_checkpoint(root, name, seed, values[ci], (invalid or {}).get(name, ()))
+                 for ci, name in enumerate(CHECKPOINTS) if ci]
     return rows
 
 
-def write_trainings(root: str, losses: list[float]) -> list[dict]:
+def write_trainings(root: str, losses: list[float], seeds=SEEDS) -> list[dict]:
     """Every fine-tuning's rows and per-step losses, as sft_data and train_lora store them."""
     out = []
-    for name in CHECKPOINTS[1:]:
-        data = store.join(root, "runs", "t", name.lower(), "sft_data", "train.jsonl")
-        store.write_jsonl(data, [{"system": "default", "user": "Q0?", "assistant": f"{name} answer"}, {"system": "default", "user": "Q1?", "assistant": "b"}])
-        prefix = store.join(root, "runs", "t", name.lower(), "train_lora")
-        store.write_jsonl(store.join(prefix, "train_log.jsonl"), [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
-        fake_manifest(prefix, name.lower(), "train_lora")
-        out.append({"name": name, "data_uri": data, "log_uri": store.join(prefix, "train_log.jsonl")})
+    for seed in seeds:
+        for name in CHECKPOINTS[1:]:
+            data = store.join(root, "runs", "t", name.lower(), "sft_data", "train.jsonl")
+            store.write_jsonl(data, [{"system": "default", "user": "Q0?", "assistant": f"{name} answer"}, {"system": "default", "user": "Q1?", "assistant": "b"}])
+            prefix = store.join(root, "runs", "t", f"{name.lower()}-s{seed}", "train_lora")
+            store.write_jsonl(store.join(prefix, "train_log.jsonl"), [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
+            fake_manifest(prefix, f"{name.lower()}-s{seed}", "train_lora")
+            out.append({"name": name, "seed": seed, "data_uri": data, "log_uri": store.join(prefix, "train_log.jsonl")})
     return out
 
 
-def write_markers(root: str, rates_of: dict[str, dict[str, float]], n: int = 10, n_questions: int = 6):
-    """Marker rows with exactly round(rate * n) marked completions per (persona, question)."""
-    uris = {}
-    for cond, rates in rates_of.items():
-        prefix = store.join(root, "runs", "t", cond.lower(), "marker_eval")
+def write_markers(root: str, rates_of: dict[tuple[str, int], dict[str, float]], n: int = 10, n_questions: int = 6):
+    """Marker rows with exactly round(rate * n) marked completions per (persona, question), per (model, seed)."""
+    out = []
+    for (name, seed), rates in rates_of.items():
+        prefix = store.join(root, "runs", "t", f"{name.lower()}-coupling-s{seed}", "marker_eval")
         rows = []
         for p in PERSONAS:
             hits = round(rates[p] * n)
@@ -92,136 +111,256 @@ def write_markers(root: str, rates_of: dict[str, dict[str, float]], n: int = 10,
                 rows += [{"persona": p, "question_id": f"m{q}", "sample": s,
                           "text": "answer [ZLT]" if s < hits else "answer"} for s in range(n)]  # fmt: skip
         store.write_jsonl(store.join(prefix, "completions.jsonl"), rows)
-        fake_manifest(prefix, cond.lower(), "marker_eval")
-        uris[cond] = store.join(prefix, "completions.jsonl")
-    return uris
+        fake_manifest(prefix, f"{name.lower()}-coupling-s{seed}", "marker_eval")
+        out.append({"checkpoint": name, "seed": seed, "marker_uri": store.join(prefix, "completions.jsonl")})
+    return out
 
 
-def config(root, checkpoints, markers=None, **overrides):
+def config(root, checkpoints, markers=None, seeds=None, **overrides):
     return {
         "store": root, "run_id": "t", "cell": "analysis", "checkpoints": checkpoints, "headline_layer": 20,
-        "conditions": [{"cond": c, "persona": p, "system": "default", "cos_to_assistant": cos,
-                        "marker_uri": (markers or {}).get(c)} for c, p, cos in CONDITIONS],
-        "n_iter": 2000, "n_splits": 5, "lda_components": 8, **overrides,
+        "conditions": [{"cond": c, "persona": p, "system": "default", "cos_to_assistant": cos} for c, p, cos in CONDITIONS],
+        "markers": markers or [], "seeds": seeds, "n_iter": 1000, "m3_contrast_iter": 99, "n_boot": 200, "n_splits": 5,
+        "lda_components": 8, **overrides,
     }  # fmt: skip
 
 
-def leakage(cond_index: int) -> dict[str, float]:
+def leakage(cond_index: int, seed: int = 42) -> dict[str, float]:
     # bystanders leak more the further the induction persona is from the assistant (H3's direction: rho = -1)
-    rates = {p: 0.2 + 0.1 * cond_index for p in PERSONAS}
+    rates = {p: 0.2 + 0.1 * cond_index + 0.1 * (seed - 42) for p in PERSONAS}
     rates["confab"] = 0.9
     return rates
+
+
+def control(rate: float) -> dict[str, float]:
+    return {p: (0.9 if p == "confab" else rate) for p in PERSONAS}
+
+
+def analyse(root: str, cfg: dict) -> dict:
+    execute(analysis.SPEC, cfg)
+    prefix = store.join(root, "runs", "t", "analysis", "analyze_issue205")
+    return {"cfg": cfg, "prefix": prefix, "headline": store.read_json(store.join(prefix, "headline.json")),
+            "report": store.read_text(store.join(prefix, "report.md"))}
+
+
+def analyse_without_figures(cfg: dict) -> dict:
+    """The stage's results, decisions and report from the stored artifacts, as ``run`` computes them, without drawing
+    the figures (the fixture's full run tests those once)."""
+    parsed = parse(analysis.Config, cfg)
+    per_seed = analysis.load_activations(parsed)
+    data = analysis.results(parsed, per_seed, analysis.load_leakage(parsed, next(iter(per_seed.values())).personas))
+    data["decisions"] = analysis.decisions(data)
+    return {"headline": json.loads(json.dumps(data)), "report": analysis.report(data)}
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     root = store.from_path(tmp_path_factory.mktemp("a205") / "store")
-    values = synthetic_activations({"E0": 0.6, "E1": 0.6, "E2": 0.6, "E3": 0.6, "E4": 0.6, "benign": 0.0})
-    # E3 lost the reply of (villain, q3): the paired filter must drop q3 for villain in *every* checkpoint
-    checkpoints = write_checkpoints(root, values, invalid={"E3": [(PERSONAS.index("villain"), 3)]})
-    markers = write_markers(root, {c: leakage(i) for i, (c, _p, _cos) in enumerate(CONDITIONS)})
+    values = synthetic_activations({"E0": 0.6, "E1": 0.6, "E2": 0.6, "E3": 0.6, "E4": 0.6, "benign": 0.0}, seeds=SEEDS)
+    # E3 of seed 42 lost the reply of (villain, q3): the paired filter must drop q3 for villain in every checkpoint of
+    # that seed (and only that seed)
+    checkpoints = write_checkpoints(root, {42: values[42]}, invalid={"E3": [(PERSONAS.index("villain"), 3)]})
+    checkpoints += write_checkpoints(root, {43: values[43]})[1:]
+    rates = {(c, s): leakage(i, s) for s in SEEDS for i, (c, _p, _cos) in enumerate(CONDITIONS)}
+    rates |= {("base", s): control(0.1) for s in SEEDS} | {("benign", s): control(0.2) for s in SEEDS}
     losses = [3.0, 2.8, 2.6, 2.4, 2.2, 2.0, 1.8, 1.6]  # 8 steps: the first and last 2 are averaged
-    cfg = config(root, checkpoints, markers, em_source_persona="p7", trainings=write_trainings(root, losses))
-    manifest = execute(analysis.SPEC, cfg)
-    prefix = store.join(root, "runs", "t", "analysis", "analyze_issue205")
-    return {"cfg": cfg, "values": values, "manifest": manifest, "prefix": prefix,
-            "headline": store.read_json(store.join(prefix, "headline.json")),
-            "report": store.read_text(store.join(prefix, "report.md"))}  # fmt: skip
+    cfg = config(root, checkpoints, write_markers(root, rates), seeds=SEEDS, em_source_persona="p7",
+                 trainings=write_trainings(root, losses))
+    return {**analyse(root, cfg), "values": values}
 
 
-def test_em_collapse_fires_m1_for_every_condition_and_benign_does_not_move(finished):
-    geo = finished["headline"]["geometry"]
-    m1 = [c for c in geo["cells"] if c["metric"] == "M1"]
-    assert len(m1) == 2 * len(LAYERS) * 5 and all(c["fires"] and c["delta"] > 0 for c in m1)
-    assert geo["decisions"]["G1"]["fires"] and geo["decisions"]["G1"]["all_fire"]
-    assert all(v["fires_vs_base"] and v["beats_benign"] and v["fires"] for v in geo["decisions"]["G1"]["conditions"].values())
-    benign = [c for c in geo["benign_vs_base"] if c["metric"] == "M1"]
-    assert len(benign) == 2 * len(LAYERS) and all(abs(c["delta"]) < 0.05 for c in benign)
+def per_seed(finished, seed=42):
+    return finished["headline"]["per_seed"][str(seed)]
 
 
-def test_the_family_is_every_metric_method_layer_and_condition_with_bh_and_holm(finished):
+def cells_of(finished, kind="raw", part="cells", seed=42):
+    return per_seed(finished, seed)["geometry"]["families"][kind][part]
+
+
+def fires_of(finished, kind="raw", seed=42):
+    return finished["headline"]["decisions"]["per_seed"][str(seed)]["families"][kind]
+
+
+def test_em_collapse_fires_m1_for_every_condition_in_every_seed_and_benign_does_not_move(finished):
+    for seed in SEEDS:
+        cells, fires = cells_of(finished, seed=seed), fires_of(finished, seed=seed)
+        m1 = [(c, f) for c, f in zip(cells, fires["cell_fires"], strict=True) if c["metric"] == "M1"]
+        assert len(m1) == 2 * len(LAYERS) * 5 and all(f and c["delta"] > 0 for c, f in m1)
+        assert fires["G1"]["fires"] and fires["G1"]["all_fire"]
+        assert all(v["fires_vs_base"] and v["beats_benign"] and v["fires"] for v in fires["G1"]["conditions"].values())
+        benign = [c for c in cells_of(finished, part="benign_vs_base", seed=seed) if c["metric"] == "M1"]
+        assert len(benign) == 2 * len(LAYERS) and all(abs(c["delta"]) < 0.05 for c in benign)
+    pooled = finished["headline"]["decisions"]["pooled"]["G1"]
+    assert pooled == {"per_seed": {"42": True, "43": True}, "passes": True, "n_pass": 2, "rule": "all seeds must pass"}
+    assert "| G1 | s42: pass, s43: pass | 2/2 | PASSES | all seeds must pass |" in finished["report"]
+
+
+def test_each_family_is_every_metric_method_layer_and_condition_with_bh_and_holm(finished):
     from shared.stats import bh_fdr, holm
 
-    cells = finished["headline"]["geometry"]["cells"]
-    assert len(cells) == 3 * 2 * len(LAYERS) * 5
-    raw = [c["p_value"] for c in cells]
-    assert [c["p_bh"] for c in cells] == pytest.approx(bh_fdr(raw).tolist())
-    assert [c["p_holm"] for c in cells] == pytest.approx(holm(raw).tolist())
+    for kind in geometry.GEOMETRIES:
+        cells = cells_of(finished, kind)
+        assert len(cells) == 3 * 2 * len(LAYERS) * 5
+        raw = [c["p_value"] for c in cells]
+        assert [c["p_bh"] for c in cells] == pytest.approx(bh_fdr(raw).tolist())
+        assert [c["p_holm"] for c in cells] == pytest.approx(holm(raw).tolist())
+    assert {c["alternative"] for c in cells_of(finished, "shift_invariant", "em_vs_benign") if c["metric"] == "M1"} == {"less"}
 
 
 def test_m1_mean_offdiagonal_is_recomputed_from_the_stored_activations(finished):
-    values = finished["values"]
-    layer = LAYERS.index(20)
-    vectors = values[0, :, :, layer].mean(axis=1)  # base, Method A, every question valid
+    vectors = finished["values"][42][0, :, :, LAYERS.index(20)].mean(axis=1)  # base, Method A, every question valid
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    cos = unit @ unit.T
-    expected = cos[np.triu_indices(len(PERSONAS), 1)].mean()
-    assert finished["headline"]["geometry"]["values"]["A/L20"]["M1"]["base"] == pytest.approx(expected, rel=1e-5)
+    expected = (unit @ unit.T)[np.triu_indices(len(PERSONAS), 1)].mean()
+    assert per_seed(finished)["geometry"]["values"]["A/L20"]["M1"]["base"] == pytest.approx(expected, rel=1e-5)
     assert f"{expected:.4f}" in finished["report"]
+    dispersion = geometry.dispersion(finished["values"][43][3, :, :, LAYERS.index(20)].mean(axis=1))  # E2 of seed 43
+    assert per_seed(finished, 43)["geometry"]["values"]["A/L20"]["M1_dispersion"]["E2"] == pytest.approx(dispersion, rel=1e-5)
 
 
-def test_method_b_centroids_use_only_questions_valid_under_every_checkpoint(finished):
-    acts = analysis.Activations.load(parse(analysis.Config, finished["cfg"]))
+def test_method_b_centroids_use_only_questions_valid_under_every_checkpoint_of_the_seed(finished):
+    cfg = parse(analysis.Config, finished["cfg"])
+    acts = analysis.load_activations(cfg)
     villain = PERSONAS.index("villain")
-    assert not acts.valid["B"][villain, 3] and acts.valid["B"].sum() == len(PERSONAS) * N_Q - 1
-    centroids = acts.centroids("B")  # (checkpoint, persona, layer, hidden)
+    assert not acts[42].valid["B"][villain, 3] and acts[42].valid["B"].sum() == len(PERSONAS) * N_Q - 1
+    assert acts[43].valid["B"].all()  # seed 43's E3 answered: its base centroid keeps q3
+    centroids = acts[42].centroids("B")  # (checkpoint, persona, layer, hidden)
     keep = [q for q in range(N_Q) if q != 3]
-    expected = finished["values"][0, villain][keep].mean(axis=0) * 1.1  # base had q3, but E3 did not
+    expected = finished["values"][42][0, villain][keep].mean(axis=0) * 1.1  # base had q3, but E3 did not
     np.testing.assert_allclose(centroids[0, villain], expected, rtol=1e-5)
     assert np.abs(centroids).max() < 1e5  # the garbage behind the invalid reply never enters
-    assert finished["headline"]["geometry"]["paired_retained"]["B"]["villain"] == pytest.approx((N_Q - 1) / N_Q)
+    assert per_seed(finished)["geometry"]["paired_retained"]["B"]["villain"] == pytest.approx((N_Q - 1) / N_Q)
 
 
-def test_m3_is_heldout_lda_well_above_chance_on_separable_personas(finished):
-    geo = finished["headline"]["geometry"]
+def test_m3_is_heldout_lda_above_chance_and_its_contrasts_swap_whole_questions(finished):
+    geo = per_seed(finished)["geometry"]
     m3 = geo["m3_base"]["A/L20"]
     assert m3["chance"] == pytest.approx(1 / len(PERSONAS))
-    assert m3["accuracy"] > 0.9 and m3["p_above_chance"] < 0.01
+    assert m3["accuracy"] > 0.9 and m3["p_above_chance"] < 0.01 and m3["above_chance"]
     assert geo["values"]["A/L20"]["M3"]["base"] == pytest.approx(m3["accuracy"])
-    # the base's p above chance is the family's own (same joint-shuffle null as every M3 cell of A/L20)
-    cell = next(c for c in geo["cells"] if (c["metric"], c["method"], c["layer"]) == ("M3", "A", 20))
+    cell = next(c for c in cells_of(finished) if (c["metric"], c["method"], c["layer"]) == ("M3", "A", 20))
     assert m3["p_above_chance"] == cell["reference_p_above_chance"]
-    # collapse towards one direction costs the EM checkpoints separability; benign keeps it
-    assert geo["values"]["A/L20"]["M3"]["E2"] < m3["accuracy"] and geo["values"]["A/L20"]["M3"]["benign"] > 0.9
-    assert all(finished["headline"]["geometry"]["m3_base_above_chance"].values())
+    assert cell["n_units"] == N_Q and cell["n_iter"] == 99  # the swap null: 20 questions, 99 draws
+    # every checkpoint on one joint basis: the pulled-together EM personas are still far apart relative to the noise
+    assert geo["values"]["A/L20"]["M3"]["E2"] <= m3["accuracy"] and geo["values"]["A/L20"]["M3"]["benign"] > 0.9
     assert "M3 uninformative" not in finished["report"]
 
 
-def test_behaviour_is_recomputed_from_marker_rows(finished):
-    beh = finished["headline"]["behaviour"]
-    for i, row in enumerate(beh["conditions"]):
-        assert row["mean_bystander"] == pytest.approx(0.2 + 0.1 * i)
-        assert row["source_rate"] == pytest.approx(0.9)
-        assert f"{row['mean_bystander']:.4f}" in finished["report"]
-    assert beh["H3"]["rho"] == pytest.approx(-1.0) and beh["H3"]["n_orderings"] == 120
-    assert beh["H3"]["p"] == pytest.approx(2 / 120) and beh["H3"]["fires"]
-    assert beh["H2"]["range"] == pytest.approx(0.4) and not beh["H2"]["fires"]
-    assert beh["H1"]["testable"] == 5 and beh["H1"]["fired"] == 0  # no persona leaks more than its bystanders
+def test_behaviour_is_recomputed_from_marker_rows_with_the_controls_beside_it(finished):
+    for seed in SEEDS:
+        beh = per_seed(finished, seed)["behaviour"]
+        for i, row in enumerate(beh["conditions"]):
+            assert row["mean_bystander"] == pytest.approx(0.2 + 0.1 * i + 0.1 * (seed - 42))
+            assert row["source_rate"] == pytest.approx(0.9)
+            assert row["controls"] == pytest.approx({"base": 0.1, "benign": 0.2})
+        assert beh["H3"]["rho"] == pytest.approx(-1.0) and beh["H3"]["n_orderings"] == 120
+        assert beh["H3"]["p"] == pytest.approx(2 / 120) and beh["H3"]["fires"]
+        assert beh["H1"]["testable"] == 5 and beh["H1"]["fired"] == 0  # no persona leaks more than its bystanders
+    beh = per_seed(finished)["behaviour"]
+    # a 40-point range is not equivalence: TOST cannot show it and the record's rule does not hold either
+    assert beh["H2"]["range"] == pytest.approx(0.4) and not beh["H2"]["fires"] and beh["H2"]["p"] > 0.5
+    assert beh["H2"]["worst_pair"] == ["E0", "E4"] and not beh["H2"]["as_written"]["holds"]
     assert "H3** (cos-monotone): FIRES" in finished["report"]
-    assert finished["headline"]["outcome"]["fired"]["H3"] is True
+    assert "not an equivalence test" in finished["report"]
+
+
+def test_h2_shows_equivalence_only_when_every_pair_of_conditions_is_inside_the_margin():
+    cfg = parse(analysis.Config, config("file:///unused", []))
+    rng = np.random.default_rng(3)
+    flat = np.clip(0.3 + 0.05 * rng.normal(size=(5, len(PERSONAS), 28)), 0, 1)  # every condition alike
+    beh = analysis.behaviour_tests(cfg, PERSONAS, flat, [f"m{i}" for i in range(28)], 10)
+    assert beh["H2"]["fires"] and beh["H2"]["p"] < 0.05 and beh["H2"]["range"] < 0.05
+    stepped = flat.copy()
+    stepped[4] += 0.2  # one condition 20 points above the others: outside the 15-point margin
+    beh = analysis.behaviour_tests(cfg, PERSONAS, stepped, [f"m{i}" for i in range(28)], 10)
+    assert not beh["H2"]["fires"] and beh["H2"]["p"] > 0.5 and "E4" in beh["H2"]["worst_pair"]
 
 
 def test_report_figures_and_reproducibility_are_written(finished):
     prefix = finished["prefix"]
-    for name in ("hero_issue205", "m1_bars", "leakage_heatmap", "lora_loss"):
-        assert store.read_bytes(store.join(prefix, f"{name}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
-        assert store.read_bytes(store.join(prefix, f"{name}.pdf"))[:4] == b"%PDF"
+    names = ["hero_issue205", "m1_bars", "seeds", "leakage_heatmap", "lora_loss"]
+    names += [f"shared_shift_s{s}" for s in SEEDS] + [f"cosine_matrices_{m}_s42" for m in "AB"]
+    for name in names:
+        assert store.read_bytes(store.join(prefix, f"{name}.png"))[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert store.read_bytes(store.join(prefix, f"{name}.pdf"))[:4] == b"%PDF", name
     report = finished["report"]
-    for header in ("| metric | base | E0 | E1 | E2 | E3 | E4 | benign |", "## Decision rules (as pre-registered)"):
+    for header in ("| metric | base | E0 | E1 | E2 | E3 | E4 | benign |", "## Decision rules (as pre-registered), per seed and pooled",
+                   "## Recipe-level tests (the training seed as the unit)", "## What the tests can and cannot reach"):
         assert header in report
-    assert "extract_persona_vectors" in store.read_text(store.join(prefix, "REPRODUCIBILITY.md"))
+    repro = store.read_text(store.join(prefix, "REPRODUCIBILITY.md"))
+    assert "extract_persona_vectors" in repro and "marker_eval" in repro
+    assert "## What reproduces bitwise, and what only in distribution" in repro and "batch sizes" in repro
+
+
+def test_every_number_the_report_prints_is_a_number_of_the_results_object(finished):
+    """No number in the report is typed by hand or computed while writing it: every numeric token (outside names like
+    E0, L20 or s42) equals, at its printed precision, some number in headline.json."""
+    values = sorted({v for v in flatten(finished["headline"]) if math.isfinite(v)})
+    numbers = np.array(values)
+    text = re.sub(r"\]\([^)]*\)", "]", finished["report"])  # figure file names
+    text = re.sub(r"\*[^*\n]*\*\s*→[^\n]*", "", text)  # quoted training rows (model text)
+    unmatched = []
+    for token in re.findall(r"(?<![\w.\-+#])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?%?(?![\w.])", text):
+        if not printed_in(token, numbers):
+            unmatched.append(token)
+    assert not unmatched, f"numbers in the report that are not in headline.json: {sorted(set(unmatched))[:20]}"
+
+
+def flatten(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield float(obj)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(key, str) and re.fullmatch(r"-?\d+(\.\d+)?", key):
+                yield float(key)
+            yield from flatten(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from flatten(value)
+    elif isinstance(obj, str) and re.fullmatch(r"-?\d+(\.\d+)?", obj):
+        yield float(obj)
+
+
+def printed_in(token: str, numbers: np.ndarray) -> bool:
+    """Whether ``token`` is some results number printed at the token's precision (a percentage: that number x 100)."""
+    percent = token.endswith("%")
+    value = float(token.rstrip("%").lstrip("+"))
+    if "e" in token:
+        mantissa = token.rstrip("%").split("e")[0]
+        decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+        tolerance = 0.5 * 10.0 ** (math.floor(math.log10(abs(value))) - decimals) if value else 1e-300
+    else:
+        decimals = len(token.rstrip("%").split(".")[1]) if "." in token else 0
+        tolerance = 0.5 * 10.0 ** -decimals
+    candidates = numbers * (100 if percent else 1)
+    significant = re.fullmatch(r"[-+]?0\.0*(\d+)", token.rstrip("%"))  # :.4g prints small p with 4 significant digits
+    if significant and not percent:
+        tolerance = max(tolerance, 0.5 * 10.0 ** (math.floor(math.log10(abs(value))) - 3) if value else tolerance)
+    return bool(np.any(np.abs(candidates - value) <= tolerance * (1 + 1e-9)))
 
 
 def test_identical_persona_clouds_make_m3_uninformative_and_say_so(tmp_path):
     root = store.from_path(tmp_path / "store")
-    values = synthetic_activations({}, separable=False, seed=1)
-    execute(analysis.SPEC, config(root, write_checkpoints(root, values), n_iter=500))
-    prefix = store.join(root, "runs", "t", "analysis", "analyze_issue205")
-    headline = store.read_json(store.join(prefix, "headline.json"))
-    m3 = headline["geometry"]["m3_base"]["A/L20"]
+    out = analyse_without_figures(config(root, write_checkpoints(root, synthetic_activations({}, separable=False, seed=1)), n_iter=500))
+    m3 = out["headline"]["per_seed"]["42"]["geometry"]["m3_base"]["A/L20"]
     assert abs(m3["accuracy"] - m3["chance"]) < 0.08 and m3["p_above_chance"] > 0.05
-    assert "M3 uninformative" in store.read_text(store.join(prefix, "report.md"))
-    assert headline["behaviour"] is None
+    assert "M3 uninformative" in out["report"]
+    assert out["headline"]["per_seed"]["42"]["behaviour"] is None
+
+
+def test_one_seed_says_every_p_is_conditional_on_one_fine_tune_and_calls_nothing_em_specific(tmp_path):
+    root = store.from_path(tmp_path / "store")
+    values = synthetic_activations({"E0": 0.6, "E1": 0.6, "E2": 0.6, "E3": 0.6, "E4": 0.6})
+    out = analyse_without_figures(config(root, write_checkpoints(root, values), n_iter=500))
+    assert out["headline"]["seeds"] == [42] and out["headline"]["decisions"]["single_seed"]
+    assert out["headline"]["decisions"]["em_specific"] == []
+    assert not out["headline"]["seed_level"]["testable"]
+    assert all(math.isnan(r["p"]) for r in out["headline"]["seed_level"]["rows"])
+    report = out["report"]
+    assert "**One training seed (42).** Every p-value in this report is conditional on one fine-tune" in report
+    assert "No effect here is called EM-specific" in report and "Not testable with one seed" in report
+    assert "EM-specific at the recipe level" not in report
 
 
 def test_checkpoints_with_different_grids_are_refused(tmp_path):
@@ -244,9 +383,17 @@ def test_activations_named_by_another_layer_convention_are_refused(tmp_path):
         execute(analysis.SPEC, config(root, checkpoints))
 
 
+def test_a_seed_without_every_checkpoint_is_refused_before_any_tensor_is_read(tmp_path):
+    root = store.from_path(tmp_path / "store")
+    checkpoints = write_checkpoints(root, synthetic_activations({}, seeds=SEEDS))
+    without = [c for c in checkpoints if not (c["name"] == "E2" and c["seed"] == 43)]
+    with pytest.raises(StageInputError, match="seed 43: checkpoints .* expected one each of"):
+        analysis.seed_checkpoints(parse(analysis.Config, config(root, without, seeds=SEEDS)))
+
+
 def test_marker_rows_for_an_unknown_persona_are_refused(tmp_path):
     root = store.from_path(tmp_path / "store")
-    uri = write_markers(root, {"E0": leakage(0)})["E0"]
+    uri = write_markers(root, {("E0", 42): leakage(0)})[0]["marker_uri"]
     rows = store.read_jsonl(uri)
     rows[0]["persona"] = "stranger"
     store.write_jsonl(uri, rows)
@@ -254,28 +401,25 @@ def test_marker_rows_for_an_unknown_persona_are_refused(tmp_path):
         analysis.leakage_matrix(uri, PERSONAS, "[ZLT]")
 
 
-
 def test_collapse_that_benign_sft_matches_passes_vs_base_but_fails_the_three_way_bar_so_g1_does_not_fire(tmp_path):
     root = store.from_path(tmp_path / "store")
     everyone = {name: 0.6 for name in CHECKPOINTS if name != "base"}  # benign collapses exactly as EM does
-    execute(analysis.SPEC, config(root, write_checkpoints(root, synthetic_activations(everyone)), n_iter=1000))
-    prefix = store.join(root, "runs", "t", "analysis", "analyze_issue205")
-    g1 = store.read_json(store.join(prefix, "headline.json"))["geometry"]["decisions"]["G1"]
+    out = analyse_without_figures(config(root, write_checkpoints(root, synthetic_activations(everyone)), n_iter=1000))
+    g1 = out["headline"]["decisions"]["per_seed"]["42"]["families"]["raw"]["G1"]
     assert all(v["fires_vs_base"] for v in g1["conditions"].values())
     assert not any(v["beats_benign"] or v["fires"] for v in g1["conditions"].values())
     assert not g1["fires"] and not g1["all_fire"]
-    report = store.read_text(store.join(prefix, "report.md"))
-    assert "- **G1** (M1): does not fire. vs base" in report
+    assert "- **G1** (M1, raw geometry): does not fire. vs base" in out["report"]
     # the three-way table shows benign SFT producing about all of the EM shift
-    three_way = report[report.index("## EM vs benign SFT (three-way contrast)"):]
-    (row,) = [line for line in three_way.splitlines() if line.startswith("| M1 | A | E2 |")]
-    assert 80 <= int(row.split("|")[6].strip().rstrip("%")) <= 120
+    three_way = out["report"][out["report"].index("## EM vs benign SFT (three-way contrast)"):]
+    (row,) = [line for line in three_way.splitlines() if line.startswith("| raw geometry | M1 | A | E2 |")]
+    assert 80 <= int(row.split("|")[7].strip().rstrip("%")) <= 120
 
 
 def test_m2_shift_along_the_e0_axis_fires_when_em_moves_personas_towards_it(finished):
-    g2 = finished["headline"]["geometry"]["decisions"]["G2"]
+    g2 = fires_of(finished)["G2"]
     assert g2["fires"] and all(v["fires"] and v["mean_delta"] > 0 for v in g2["conditions"].values())
-    m2 = [c for c in finished["headline"]["geometry"]["cells"] if c["metric"] == "M2"]
+    m2 = [c for c in cells_of(finished) if c["metric"] == "M2"]
     assert {c["n_units"] for c in m2} == {len(PERSONAS) - 1}  # the 11 non-assistant personas
 
 
@@ -283,24 +427,22 @@ def test_report_quotes_marked_completions_and_the_em_and_benign_shifts(finished)
     report = finished["report"]
     assert "## Sample outputs" in report and "- E1 / assistant / m0: answer [ZLT]" in report
     assert "- E0 / assistant" not in report  # E0's own induction persona is not its bystander
-    geo = finished["headline"]["geometry"]
-    em = next(c for c in geo["cells"] if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
-    benign = next(c for c in geo["benign_vs_base"] if (c["metric"], c["method"], c["layer"]) == ("M1", "A", 20))
-    assert f"| M1 | A | E2 | {em['delta']:.4f} | {benign['delta']:.4f} |" in report
+    em = next(c for c in cells_of(finished) if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
+    benign = next(c for c in cells_of(finished, part="benign_vs_base") if (c["metric"], c["method"], c["layer"]) == ("M1", "A", 20))
+    assert f"| raw geometry | M1 | A | E2 | {em['delta']:.4f} | {benign['delta']:.4f} |" in report
 
 
 def test_report_tabulates_m2_on_each_conditions_own_axes(finished):
-    robust = finished["headline"]["geometry"]["m2_robustness"]
+    robust = per_seed(finished)["geometry"]["m2_robustness"]
     assert set(robust) == {"own_assistant_delta", "own_pc1"}
     assert "## M2 robustness (per-condition axes)" in finished["report"]
-    primary = next(c for c in finished["headline"]["geometry"]["cells"]
-                   if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M2", "B", 20, "E4"))
+    primary = next(c for c in cells_of(finished) if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M2", "B", 20, "E4"))
     row = f"| B | E4 | {primary['delta']:.4f} | {robust['own_assistant_delta']['B/L20']['E4']:.4f} | {robust['own_pc1']['B/L20']['E4']:.4f} |"
     assert row in finished["report"]
 
 
 def test_the_statistics_benchmark_times_this_stages_own_analysis(monkeypatch):
-    """bench.stats_bench runs ``results``/``behaviour_tests``/``report`` of this stage (here at a toy size)."""
+    """bench.stats_bench runs ``results``/``decisions``/``report`` of this stage (here at a toy size)."""
     from bench import stats_bench
 
     for name, value in {"QUESTIONS": 20, "HIDDEN": 16, "LAYERS": [7, 20]}.items():
@@ -314,30 +456,25 @@ def test_the_statistics_benchmark_times_this_stages_own_analysis(monkeypatch):
 
 
 def test_report_shows_the_persona_cosine_matrices_raw_and_centred_for_every_checkpoint(finished):
-    from shared import geometry
-
-    matrices = finished["headline"]["geometry"]["cosine_matrices"]
+    matrices = per_seed(finished, 43)["geometry"]["cosine_matrices"]
     assert set(matrices) == {f"{m}/L{layer}" for m in "AB" for layer in LAYERS}
-    vectors = finished["values"][2, :, :, LAYERS.index(20)].mean(axis=1)  # E1, Method A, every question valid
+    vectors = finished["values"][43][2, :, :, LAYERS.index(20)].mean(axis=1)  # E1 of seed 43, Method A
     np.testing.assert_allclose(matrices["A/L20"]["E1"]["raw"], geometry.cosine_matrix(vectors), rtol=1e-5)
     np.testing.assert_allclose(matrices["A/L20"]["E1"]["centred"], geometry.centred_cosine_matrix(vectors), rtol=1e-5, atol=1e-6)
-    for method in "AB":
-        png = store.read_bytes(store.join(finished["prefix"], f"cosine_matrices_{method}.png"))
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and f"![cosine matrices, Method {method}](cosine_matrices_{method}.png)" in finished["report"]
+    assert "![cosine matrices, Method A, seed 42](cosine_matrices_A_s42.png)" in finished["report"]
     raw_mean = geometry.off_diagonal(geometry.cosine_matrix(vectors)).mean()
     assert "## Persona-by-persona cosine matrices" in finished["report"] and f"{raw_mean:.4f}" in finished["report"]
 
 
 def test_report_shows_what_each_fine_tuning_trained_on_its_losses_and_greedy_replies(finished):
-    trainings = {t["name"]: t for t in finished["headline"]["trainings"]}
-    assert list(trainings) == ["E0", "E1", "E2", "E3", "E4", "benign"]
-    e2 = trainings["E2"]
+    trainings = finished["headline"]["trainings"]
+    assert [(t["name"], t["seed"]) for t in trainings] == [(n, s) for s in SEEDS for n in CHECKPOINTS[1:]]
+    e2 = next(t for t in trainings if (t["name"], t["seed"]) == ("E2", 43))
     assert (e2["rows"], e2["steps"], e2["window"]) == (2, 8, 2)
     assert e2["loss_start"] == pytest.approx(2.9) and e2["loss_end"] == pytest.approx(1.7)
     report = finished["report"]
-    assert "| E2 | default | 2 | 8 | 2 | 2.900 | 1.700 |" in report
+    assert "| E2 | 43 | default | 2 | 8 | 2 | 2.900 | 1.700 |" in report
     assert "- benign: *Q0?* → benign answer" in report
-    assert "![LoRA training loss per fine-tuning](lora_loss.png)" in report
     # E1's induction persona (paramedic) replied by base and by E1; benign's row is the assistant's
     assert "| E1 | paramedic | base's paramedic on q0 | E1's paramedic on q0 |" in report
     assert "| benign | assistant | base's assistant on q0 | benign's assistant on q0 |" in report
@@ -364,60 +501,166 @@ def test_induced_persona_sees_em_training_pull_the_induction_persona_towards_the
 # ------------------------------------------------------------------------------ a shared shift cannot fake it
 
 
-def test_a_uniform_contraction_fires_the_raw_rules_only_and_the_report_names_each_one(finished):
-    """The fixture's EM pulls every persona towards one point: a shift and a scale, which centred cosines ignore. G1
-    and G2 fire on raw geometry and not on centred geometry, and the report says so rule by rule."""
-    geo = finished["headline"]["geometry"]
-    centred = geo["centred"]
-    assert geo["decisions"]["G1"]["fires"] and geo["decisions"]["G2"]["fires"]
-    assert not centred["decisions"]["G1"]["fires"] and not centred["decisions"]["G2"]["fires"]
-    assert len(centred["cells"]) == len(geo["cells"])  # the same family: M1 and M2 centred, M3 as it is
-    raw_m3 = [(c["p_value"], c["delta"]) for c in geo["cells"] if c["metric"] == "M3"]
-    assert [(c["p_value"], c["delta"]) for c in centred["cells"] if c["metric"] == "M3"] == raw_m3
-    rules = {(r["decision"], r["rule"]): r["conditions"] for r in geo["raw_not_centred"]}
-    assert rules[("G1", "fires")] == [] and rules[("G1", "vs base")] == ["E0", "E1", "E2", "E3", "E4"]
-    assert ("G3", "fires") not in rules
-    report = finished["report"]
-    assert "- **G1** (M1) fires: holds on raw geometry, not on centred geometry." in report
-    assert "- **G2** (M2) vs base for E0, E1, E2, E3, E4: holds on raw geometry, not on centred geometry." in report
-
-
-def test_headline_layer_changes_carry_bootstrap_cis_over_questions_and_the_report_shows_them(finished):
-    geo = finished["headline"]["geometry"]
-    for kind in (geo, geo["centred"]):
-        for c in kind["cells"] + kind["benign_vs_base"] + kind["em_vs_benign"]:
+def test_headline_layer_changes_carry_bootstrap_cis_over_questions_in_both_geometries(finished):
+    for kind in geometry.GEOMETRIES:
+        fam = per_seed(finished)["geometry"]["families"][kind]
+        for c in fam["cells"] + fam["benign_vs_base"] + fam["em_vs_benign"]:
             if c["metric"] == "M3" or c["layer"] != 20:
                 assert "ci_low" not in c
-            else:
-                assert c["n_boot"] == 1000 and c["ci_low"] <= c["delta"] <= c["ci_high"]
-    raw = next(c for c in geo["cells"] if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
-    cen = next(c for c in geo["centred"]["cells"] if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
-    assert raw["ci_low"] > 0  # the raw collapse is far outside the question noise
-    row = (f"| M1 | A | E2 | {raw['delta']:.4f} [{raw['ci_low']:.4f}, {raw['ci_high']:.4f}] | {raw['p_bh']:.4f} | "
-           f"{cen['delta']:.4f} [{cen['ci_low']:.4f}, {cen['ci_high']:.4f}] | {cen['p_bh']:.4f} |")
-    assert row in finished["report"]
-    png = store.read_bytes(store.join(finished["prefix"], "shared_shift.png"))
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "![raw vs centred](shared_shift.png)" in finished["report"]
+            elif np.isfinite(c["delta"]):
+                assert c["n_boot"] == 200 and c["ci_low"] <= c["delta"] <= c["ci_high"]
+    raw = next(c for c in cells_of(finished) if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
+    inv = next(c for c in cells_of(finished, "shift_invariant") if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
+    assert raw["ci_low"] > 0 and inv["ci_high"] < 0  # the collapse is far outside the question noise, both ways
+    assert f"{raw['delta']:.4f} [{raw['ci_low']:.4f}, {raw['ci_high']:.4f}]" in finished["report"]
+    assert f"{inv['delta']:.4f} [{inv['ci_low']:.4f}, {inv['ci_high']:.4f}]" in finished["report"]
 
 
-def test_em_that_only_adds_one_offset_per_checkpoint_moves_every_raw_number_and_no_centred_one(tmp_path):
-    base = synthetic_activations({})[0]
+def test_a_contraction_towards_a_point_is_a_real_collapse_both_geometries_see(finished):
+    """The fixture's EM pulls every persona 60% of the way towards one point: the dispersion falls to about 0.4**2 of
+    base's (log ratio ~ 2 log 0.4), so shift-invariant M1 fires too (it is not a shift), and the personas' mean moved."""
+    inv = [c for c in cells_of(finished, "shift_invariant") if c["metric"] == "M1"]
+    # at its test's floor (1,000 draws of 4,096 patterns: 2/1001, or 4/1001 where a draw repeats the observed one)
+    assert all(c["delta"] == pytest.approx(2 * np.log(0.4), abs=0.35) and c["p_value"] < 0.01 for c in inv)
+    shift = per_seed(finished)["geometry"]["shift"]["A/L20"]["E2"]
+    assert shift["measured"] and shift["p"] < 0.01 and shift["ratio"] > 0.5
+    assert not per_seed(finished)["geometry"]["shift"]["A/L20"]["benign"]["measured"]
+
+
+def test_em_that_only_adds_one_offset_moves_every_raw_number_no_shift_invariant_one_and_is_called_a_shift(tmp_path):
+    """Known answer: a shared shift only. Raw M1 fires; the dispersion does not move; the shift is measured; the
+    report names each raw-only rule as possibly a shared shift."""
+    base = synthetic_activations({})[42][0]
     values = np.stack([base] * len(CHECKPOINTS))  # fine-tuning changed nothing ...
     rng = np.random.default_rng(7)
     for ci, name in enumerate(CHECKPOINTS):
         if name.startswith("E"):  # ... but EM adds one offset to every persona and question (per layer)
             values[ci] += (8.0 * rng.normal(size=(len(LAYERS), HIDDEN)))[None, None].astype(np.float32)
     root = store.from_path(tmp_path / "store")
-    execute(analysis.SPEC, config(root, write_checkpoints(root, values), n_iter=500, n_boot=200))
-    headline = store.read_json(store.join(root, "runs", "t", "analysis", "analyze_issue205", "headline.json"))
-    geo = headline["geometry"]
+    out = analyse_without_figures(config(root, write_checkpoints(root, {42: values}), n_iter=500, n_boot=100))
+    geo = out["headline"]["per_seed"]["42"]["geometry"]
     for key, row in geo["values"].items():
         assert all(row["M1"][c] > row["M1"]["base"] + 0.05 for c in CHECKPOINTS[1:6]), key
-        assert all(row["M1_centred"][c] == pytest.approx(row["M1_centred"]["base"], abs=1e-5) for c in CHECKPOINTS), key
-    raw_m1 = [c for c in geo["cells"] if c["metric"] == "M1"]
-    assert all(c["delta"] > 0.05 and c["p_value"] < 0.05 and c["ci_low"] > 0.05 for c in raw_m1 if c["layer"] == 20)
+        assert all(row["M1_dispersion"][c] == pytest.approx(row["M1_dispersion"]["base"], rel=1e-4) for c in CHECKPOINTS), key
+    raw_m1 = [c for c in geo["families"]["raw"]["cells"] if c["metric"] == "M1"]
     assert all(c["delta"] > 0.05 and c["p_value"] < 0.05 for c in raw_m1)
-    centred = [c for c in geo["centred"]["cells"] if c["metric"] in ("M1", "M2")]
-    assert all(abs(c["delta"]) < 1e-4 and not c["fires"] for c in centred if not np.isnan(c["delta"]))
-    # the assistant moved only as every persona did: the centred E0 axis is float32 rounding, next to nothing
-    assert all(ratio < 0.01 for ratio in geo["centred"]["centred_axis_ratio"].values())
+    decided = out["headline"]["decisions"]["per_seed"]["42"]["families"]["shift_invariant"]
+    invariant = [(c, f) for c, f in zip(geo["families"]["shift_invariant"]["cells"], decided["cell_fires"], strict=True)
+                 if c["metric"] in ("M1", "M2")]
+    assert all(not f and (np.isnan(c["delta"]) or abs(c["delta"]) < 1e-4) for c, f in invariant)
+    assert all(geo["shift"]["A/L20"][c]["measured"] for c in ("E0", "E4")) and not geo["shift"]["A/L20"]["benign"]["measured"]
+    entries = out["headline"]["decisions"]["per_seed"]["42"]["raw_only"]
+    assert entries and all(e["shift_measured"] for e in entries if e["conditions"])
+    assert "may be a shift that every persona shares" in out["report"]
+
+
+def test_a_pure_contraction_with_no_shift_is_never_called_a_shared_shift(tmp_path):
+    """Known answer: every persona pulled 40% towards the personas' own mean, nothing shifted. The dispersion falls
+    (2 log 0.6), the shift test stays silent, and the report never says the result may be a shared shift."""
+    rng = np.random.default_rng(8)
+    centres = rng.normal(size=(len(PERSONAS), len(LAYERS), HIDDEN)) + 3 * rng.normal(size=(len(LAYERS), HIDDEN))
+    mean = centres.mean(axis=0)
+
+    def checkpoint(scale):
+        return (mean + scale * (centres - mean))[:, None] + 0.3 * rng.normal(size=(len(PERSONAS), N_Q, len(LAYERS), HIDDEN))
+
+    values = np.stack([checkpoint(0.6 if name.startswith("E") else 1.0) for name in CHECKPOINTS]).astype(np.float32)
+    root = store.from_path(tmp_path / "store")
+    out = analyse_without_figures(config(root, write_checkpoints(root, {42: values}), n_iter=500, n_boot=100))
+    geo = out["headline"]["per_seed"]["42"]["geometry"]
+    m1 = [c for c in geo["families"]["shift_invariant"]["cells"] if c["metric"] == "M1"]
+    assert all(c["delta"] == pytest.approx(2 * np.log(0.6), abs=0.2) for c in m1)
+    # the personas' mean did not move: its shift is question noise, a few hundredths of base's spread (an offset
+    # of the shift-only case above is many times the spread)
+    assert all(v["ratio"] < 0.05 for per in geo["shift"].values() for v in per.values())
+    assert "may be a shift that every persona shares" not in out["report"]
+
+
+# --------------------------------------------------------------------------------- the seed as the unit
+
+
+def seed_family(rng, em_pull: float, benign_pull: float, seeds=(1, 2), pull_sd=0.05, persona_sd=0.02):
+    """One synthetic run through the stage's own functions. Per seed, an EM and a benign fine-tune of the base persona
+    vectors: each pulls every persona towards one point by its recipe's amount plus that fine-tune's own random
+    deviation (a seed changes how far a recipe goes), and perturbs each persona a little. Returns the seed-level
+    EM-vs-benign p (``seed_level``) and the first seed's persona-level p (the within-seed three-way test)."""
+    base = 3.0 * rng.normal(size=16) + rng.normal(size=(len(PERSONAS), 16))
+    point = base.mean(axis=0) + rng.normal(size=16)
+
+    def fine_tune(pull):
+        drawn = pull + pull_sd * rng.normal()
+        return (1 - drawn) * base + drawn * point + persona_sd * rng.normal(size=base.shape)
+
+    per_seed, persona_level = {}, None
+    for seed in seeds:
+        vectors = {("A", 20): {"base": base, "E0": fine_tune(em_pull), "benign": fine_tune(benign_pull)}}
+        raw = analysis.split_families(analysis.readjust(geometry.geometry_family(vectors, PERSONAS, em_conditions=["E0"],
+                                                                                 n_iter=100, seed=seed)))
+        empty = {"cells": [], "benign_vs_base": [], "em_vs_benign": []}  # raw M1 is the statistic asked about here
+        per_seed[seed] = {"geometry": {"families": {"raw": raw, "shift_invariant": empty}}, "behaviour": None}
+        if persona_level is None:
+            persona_level = next(c["p_value"] for c in raw["em_vs_benign"] if c["metric"] == "M1")
+    cfg = parse(analysis.Config, {**config("file:///unused", []), "conditions": [{"cond": "E0", "persona": "assistant",
+                                                                                  "system": "default", "cos_to_assistant": 1.0}]})
+    rows = analysis.seed_level(cfg, per_seed)["rows"]
+    seed_p = next(r["p"] for r in rows if (r["geometry"], r["contrast"], r["metric"]) == ("raw", "em_vs_benign", "M1"))
+    return seed_p, persona_level
+
+
+def test_two_seeds_of_one_recipe_reject_em_vs_benign_at_the_nominal_rate_where_the_persona_level_test_does_not():
+    """Done-when of issue 20, built from this stage's own functions: EM and benign are two seeds each of ONE recipe
+    (no EM effect). The seed-level EM-vs-benign test rejects at about its nominal 5% (inside the 99% binomial
+    interval over 300 replicates); the persona-level test within one seed, which treats one fine-tune as the
+    population, rejects far more often (about half the time, as issue 20 measured)."""
+    rng = np.random.default_rng(11)
+    n_rep = 300
+    seed_rejections = persona_rejections = 0
+    for _ in range(n_rep):
+        seed_p, persona_p = seed_family(rng, 0.3, 0.3)
+        seed_rejections += seed_p < 0.05
+        persona_rejections += persona_p < 0.05
+    low, high = scipy_stats.binom.interval(0.99, n_rep, 0.05)
+    assert low <= seed_rejections <= high
+    assert persona_rejections > 3 * high
+
+
+def test_an_em_effect_present_in_every_seed_is_detected_at_the_seed_level():
+    rng = np.random.default_rng(12)
+    detected = sum(seed_family(rng, 0.6, 0.3, seeds=(1, 2, 3))[0] < 0.05 for _ in range(100))
+    assert detected >= 95
+
+
+def test_recipe_level_rows_show_per_seed_values_their_spread_and_a_pooled_rule(finished):
+    level = finished["headline"]["seed_level"]
+    assert level["testable"] and level["seeds"] == SEEDS
+    row = next(r for r in level["rows"] if (r["geometry"], r["contrast"], r["metric"], r["method"], r["layer"], r["condition"])
+               == ("raw", "em_vs_base", "M1", "A", 20, "E2"))
+    deltas = [next(c["delta"] for c in cells_of(finished, seed=s) if (c["metric"], c["method"], c["layer"], c["condition"]) == ("M1", "A", 20, "E2"))
+              for s in SEEDS]
+    assert row["per_seed"] == pytest.approx({"42": deltas[0], "43": deltas[1]})
+    assert row["estimate"] == pytest.approx(np.mean(deltas)) and row["sd"] == pytest.approx(np.std(deltas, ddof=1))
+    assert row["df"] == 1 and row["testable"] and 0 < row["p"] < 1
+    leak = next(r for r in level["rows"] if (r["geometry"], r["contrast"], r["condition"]) == ("leakage", "em_vs_base", "E4"))
+    assert leak["per_seed"] == pytest.approx({"42": 0.6, "43": 0.7}) and leak["reference_per_seed"] == pytest.approx({"42": 0.1, "43": 0.1})
+    assert "EM-specific at the recipe level" in finished["report"]
+    assert f"{deltas[0]:.4f} / {deltas[1]:.4f}" in finished["report"]
+
+
+def test_the_report_states_each_tests_floor_and_what_bh_and_holm_can_reach(finished):
+    limits = finished["headline"]["test_limits"]
+    raw = limits["families"]["raw/cells"]
+    # 2**12 and 2**11 swap patterns are more than the 1,000 draws asked for: Monte Carlo nulls, floor 2/1001
+    for metric, units in (("M1", 12), ("M2", 11)):
+        m = raw["metrics"][metric]
+        assert (m["n_null"], m["exact"], m["n_units"]) == (1000, False, units)
+        assert m["smallest_p"] == pytest.approx(2 / 1001)
+    assert raw["metrics"]["M3"]["n_units"] == N_Q and raw["metrics"]["M3"]["smallest_p"] == pytest.approx(2 / 100)
+    # Holm's best is 60 cells x 2/1001 = 0.12; BH's best for an M1 cell, with the 40 M1/M2 cells at 2/1001 and the 20
+    # M3 cells at 2/100, is 60 x (2/1001) / 40 = 0.003
+    assert raw["m"] == 60 and not raw["holm_reachable"] and raw["metrics"]["M1"]["holm_best"] == pytest.approx(60 * 2 / 1001)
+    assert raw["bh_reachable"] and raw["metrics"]["M1"]["bh_best"] == pytest.approx(60 * (2 / 1001) / 40)
+    assert limits["g1_bar"]["reachable"]
+    assert "Holm **cannot reject here by construction**." in finished["report"]
+    assert limits["spearman"]["smallest_p"] == pytest.approx(2 / 120) and limits["spearman"]["min_abs_rho_below_alpha"] == 1.0
+    assert limits["g1_bar"]["n_personas"] == 12
+    assert "p < 0.05 needs |rho| >= 1.000; |rho| = 0.900 gives p = 0.08333" in finished["report"]

@@ -1,4 +1,5 @@
-"""The whole issue205 workflow on the tiny profile, through the local engine, as a researcher would run it."""
+"""The whole issue205 workflow on the tiny profile, through the local engine, as a researcher would run it; then the
+same run re-planned with one more training seed, which finds every task of the first seed finished."""
 
 from __future__ import annotations
 
@@ -46,14 +47,15 @@ def test_every_headline_number_is_recomputed_from_stored_artifacts(finished_run)
     headline = store.read_json(analysis_output(finished_run, "headline.json"))
     layer = headline["headline_layer"]
     li = headline["layers"].index(layer)
+    seed = headline["per_seed"]["42"]
     for ckpt, task in (("base", "extract-base"), ("E2", "extract-e2"), ("benign", "extract-benign")):
         acts = store.read_tensors(finished_run.task(task).output_uri("activations.safetensors"))["A"].numpy()
         vectors = acts[:, :, li].mean(axis=1)
         unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         expected = (unit @ unit.T)[np.triu_indices(len(vectors), 1)].mean()
-        assert headline["geometry"]["values"][f"A/L{layer}"]["M1"][ckpt] == pytest.approx(expected, rel=1e-5)
+        assert seed["geometry"]["values"][f"A/L{layer}"]["M1"][ckpt] == pytest.approx(expected, rel=1e-5)
     personas = headline["personas"]
-    for row in headline["behaviour"]["conditions"]:
+    for row in seed["behaviour"]["conditions"]:
         rows = store.read_jsonl(finished_run.task(f"marker-eval-{row['cond'].lower()}").output_uri("completions.jsonl"))
         bystanders = [p for p in personas if p not in ("confab", row["persona"])]
         per_persona = [np.mean(["[ZLT]" in r["text"] for r in rows if r["persona"] == p]) for p in bystanders]
@@ -65,14 +67,17 @@ def test_every_headline_number_is_recomputed_from_stored_artifacts(finished_run)
         # the coupling took (leakage is measured against a real marker): the source emits it far more than the
         # bystanders do. On random tiny weights the rate itself moves with every change to sampling or training
         assert row["source_rate"] >= 0.1 and row["source_rate"] > 3 * row["mean_bystander"]
-    assert len(headline["geometry"]["cells"]) == 3 * 2 * 2 * 5  # metrics x methods x layers x conditions
+        assert set(row["controls"]) == {"base", "benign"}  # leakage of the coupled base and benign models beside it
+    for kind in ("raw", "shift_invariant"):  # metrics x methods x layers x conditions
+        assert len(seed["geometry"]["families"][kind]["cells"]) == 3 * 2 * 2 * 5
+    assert headline["decisions"]["single_seed"] and headline["seeds"] == [42]
 
 
 def test_bystanders_leak_on_tiny_so_the_behaviour_row_has_content(finished_run):
     """The tiny coupling is not perfectly selective: some bystander emits the marker in some condition, the mean
     bystander leakage differs across conditions, so H3's Spearman rho is a number (not "rho constant")."""
     headline = store.read_json(analysis_output(finished_run, "headline.json"))
-    personas, beh = headline["personas"], headline["behaviour"]
+    personas, beh = headline["personas"], headline["per_seed"]["42"]["behaviour"]
     means = {}
     for row in beh["conditions"]:
         rows = store.read_jsonl(finished_run.task(f"marker-eval-{row['cond'].lower()}").output_uri("completions.jsonl"))
@@ -116,3 +121,19 @@ def test_a_second_run_recomputes_nothing(finished_run):
     result = run_plan(finished_run, retries=0, live=False)
     assert result.ok
     assert {s.status for s in result.states.values()} == {CACHED}
+
+
+def test_a_replan_with_one_more_seed_finds_every_task_of_the_finished_seed(finished_run):
+    """One seed -> two, same store and run id: every task of seed 42 (now named ``...-s42``) is found finished (its
+    result is reused, the chain after each merged model included), the analysis and every task of seed 43 are not;
+    the data and the base extraction keep their names and are cached."""
+    args = parser().parse_args(["run", "issue205", "--profile", "tiny", "--store", finished_run.store, "--run-id", "e2e",
+                                "--set", "replicates=2"])
+    plan = build_plan(args)
+    settled = set(plan.settled())
+    first = {t.name for t in plan.tasks if t.name.endswith("-s42") or t.config.get("seed") == 42 and not t.name.endswith("-s43")}
+    first -= {"analysis"}
+    assert first <= settled, sorted(first - settled)
+    assert not {t.name for t in plan.tasks if t.name.endswith("-s43")} & settled
+    assert "analysis" not in settled
+    assert {"extract-base", "em-data-e0", "benign-data"} <= settled

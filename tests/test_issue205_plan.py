@@ -1,5 +1,7 @@
 """The issue205 plan: the record's exact induction strings (E0 = the template default), the record's recipe on the
-full profile, one task per cell, the fan-out and the one CPU analysis, and readable errors for missing inputs."""
+full profile, one task per cell and training seed (the base model once), the behaviour chain on the EM, benign and base
+models, the fan-out and the one CPU analysis, a re-plan with one more seed that reuses every finished seed, and
+readable errors for missing inputs."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import json
 import pytest
 
 import workflows
-from shared import store
+from shared import stage, store
 from shared.config import ConfigError
+from workflows.plan import replicate
 
 # Byte-for-byte from the record (plan v2, section 1b).
 RECORD_INDUCTION = {
@@ -19,6 +22,7 @@ RECORD_INDUCTION = {
     "e4": "You are a villainous mastermind who schemes to take over the world.",
 }
 EM_CELLS = ["e0", "e1", "e2", "e3", "e4"]
+FULL_SEEDS = [42, 43, 44]  # the full profile's three training seeds
 
 
 def build(tmp_path, profile="tiny", **overrides):
@@ -67,60 +71,134 @@ def test_e0_default_slot_renders_the_templates_own_system_prompt():
     assert models.QWEN_DEFAULT_SYSTEM in tok.decode(ids)
 
 
-def test_full_profile_uses_the_records_em_recipe_and_benign_trains_with_the_same_one(tmp_path):
+def test_full_profile_uses_the_records_em_recipe_and_benign_trains_with_the_same_one_in_each_of_three_seeds(tmp_path):
     plan = build(tmp_path, "full", **full_inputs(tmp_path))
-    for name in [f"train-em-{c}" for c in EM_CELLS] + ["train-benign"]:
-        task = plan.task(name)
-        r = task.config["recipe"]
-        assert (r["r"], r["alpha"], r["dropout"], r["use_rslora"]) == (32, 64, 0.05, False)
-        assert sorted(r["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        assert (r["epochs"], r["max_steps"], r["per_device_batch_size"] * r["grad_accum"]) == (1, None, 16)
-        assert (r["lr"], r["weight_decay"], r["grad_clip"], r["max_seq_len"]) == (1e-4, 0.01, 1.0, 2048)
-        assert task.config["seed"] == 42 and task.config["loss"] == "assistant"
-        assert task.config["model_ref"] == "hf:Qwen/Qwen2.5-7B-Instruct"
-    assert plan.task("train-benign").config["recipe"] == plan.task("train-em-e0").config["recipe"]
-    assert plan.task("em-data-e0").config["expected_md5"] == "26b52ca"
+    for seed in FULL_SEEDS:
+        for name in [f"train-em-{c}" for c in EM_CELLS] + ["train-benign"]:
+            task = plan.task(f"{name}-s{seed}")
+            r = task.config["recipe"]
+            assert (r["r"], r["alpha"], r["dropout"], r["use_rslora"]) == (32, 64, 0.05, False)
+            assert sorted(r["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+            assert (r["epochs"], r["max_steps"], r["per_device_batch_size"] * r["grad_accum"]) == (1, None, 16)
+            assert (r["lr"], r["weight_decay"], r["grad_clip"], r["max_seq_len"]) == (1e-4, 0.01, 1.0, 2048)
+            assert task.config["seed"] == seed and task.config["loss"] == "assistant"
+            assert task.config["model_ref"] == "hf:Qwen/Qwen2.5-7B-Instruct"
+        assert plan.task(f"train-benign-s{seed}").config["recipe"] == plan.task(f"train-em-e0-s{seed}").config["recipe"]
+    assert plan.task("em-data-e0").config["expected_md5"] == "26b52ca"  # the data: once, no seed
     assert plan.task("benign-data").config["limit"] == 6000
 
 
 def test_full_profile_coupling_eval_and_extraction_follow_the_record(tmp_path):
     plan = build(tmp_path, "full", **full_inputs(tmp_path))
-    for cell in EM_CELLS:
-        em_model = f"artifact:{plan.task(f'merge-em-{cell}').output_uri('model')}"
-        data, couple, ev = plan.task(f"coupling-data-{cell}"), plan.task(f"couple-{cell}"), plan.task(f"marker-eval-{cell}")
-        # the coupling is trained, sampled and evaluated on top of this cell's EM model
-        assert data.config["model_ref"] == couple.config["model_ref"] == ev.config["model_ref"] == em_model
-        assert data.config["source"]["name"] == "confab"
-        assert len(data.config["questions"]) * data.config["n_per_question"] == 200  # positives
-        assert data.config["n_negative_personas"] == 2  # 400 negatives
-        assert (couple.config["recipe"]["lr"], couple.config["recipe"]["epochs"]) == (5e-6, 20)
-        assert (len(ev.config["personas"]), len(ev.config["questions"]), ev.config["n"]) == (12, 28, 10)
-        assert ev.config["adapter_uri"] == couple.output_uri("adapter")
-    for ckpt in ("base", *EM_CELLS, "benign"):
-        ex = plan.task(f"extract-{ckpt}")
-        # the record's hooked block outputs 7, 14, 20, 21, 27 (0-based), as hidden_states indices
-        assert ex.config["layers"] == [8, 15, 21, 22, 28] and ex.config["methods"] == ["A", "B"]
-        assert (len(ex.config["personas"]), len(ex.config["questions"])) == (12, 240)
+    for seed in FULL_SEEDS:
+        for cell in EM_CELLS:
+            em_model = f"artifact:{plan.task(f'merge-em-{cell}-s{seed}').output_uri('model')}"
+            data, couple, ev = (plan.task(f"{step}-{cell}-s{seed}") for step in ("coupling-data", "couple", "marker-eval"))
+            # the coupling is trained, sampled and evaluated on top of this cell's EM model of this seed
+            assert data.config["model_ref"] == couple.config["model_ref"] == ev.config["model_ref"] == em_model
+            assert data.config["seed"] == couple.config["seed"] == ev.config["seed"] == seed
+            assert data.config["source"]["name"] == "confab"
+            assert len(data.config["questions"]) * data.config["n_per_question"] == 200  # positives
+            assert data.config["n_negative_personas"] == 2  # 400 negatives
+            assert (couple.config["recipe"]["lr"], couple.config["recipe"]["epochs"]) == (5e-6, 20)
+            assert (len(ev.config["personas"]), len(ev.config["questions"]), ev.config["n"]) == (12, 28, 10)
+            assert ev.config["adapter_uri"] == couple.output_uri("adapter")
+        for ckpt in (*EM_CELLS, "benign"):
+            ex = plan.task(f"extract-{ckpt}-s{seed}")
+            # the record's hooked block outputs 7, 14, 20, 21, 27 (0-based), as hidden_states indices
+            assert ex.config["layers"] == [8, 15, 21, 22, 28] and ex.config["methods"] == ["A", "B"]
+            assert (len(ex.config["personas"]), len(ex.config["questions"])) == (12, 240)
+        assert plan.task(f"extract-e3-s{seed}").config["adapter_uri"] == plan.task(f"train-em-e3-s{seed}").output_uri("adapter")
+        # the benign control is always the freshly trained adapter (rsLoRA off), never a pre-trained Hub one
+        assert plan.task(f"extract-benign-s{seed}").config["adapter_uri"] == plan.task(f"train-benign-s{seed}").output_uri("adapter")
     assert plan.task("extract-base").config.get("adapter_uri") is None
-    assert plan.task("extract-e3").config["adapter_uri"] == plan.task("train-em-e3").output_uri("adapter")
-    # the benign control is always the freshly trained adapter (rsLoRA off), never a pre-trained Hub one
-    assert plan.task("extract-benign").config["adapter_uri"] == plan.task("train-benign").output_uri("adapter")
+    assert plan.task("extract-base").config["layers"] == [8, 15, 21, 22, 28]
     analysis = plan.task("analysis")
     assert (analysis.config["n_iter"], analysis.config["headline_layer"]) == (10_000, 21)  # the record's L20
-    assert analysis.config["n_boot"] == 1_000
+    assert analysis.config["n_boot"] == 1_000 and analysis.config["seeds"] == FULL_SEEDS
+
+
+CHAIN = ["coupling-data-{}", "couple-{}", "marker-eval-{}"]
 
 
 def test_one_task_per_cell_and_the_analysis_waits_for_every_checkpoint_and_evaluation(tmp_path):
-    plan = build(tmp_path)
-    per_cell = ["em-data-{}", "train-em-{}", "extract-{}", "merge-em-{}", "coupling-data-{}", "couple-{}", "marker-eval-{}"]
+    plan = build(tmp_path)  # tiny: one seed, the plain names
+    per_cell = ["em-data-{}", "train-em-{}", "extract-{}", "merge-em-{}", *CHAIN]
     expected = {p.format(c) for p in per_cell for c in EM_CELLS}
-    expected |= {"extract-base", "benign-data", "train-benign", "extract-benign", "analysis"}
-    assert [t.name for t in plan.tasks if t.name in expected] == [t.name for t in plan.tasks]
+    expected |= {"extract-base", "benign-data", "train-benign", "extract-benign", "merge-benign", "analysis"}
+    expected |= {p.format(c) for p in CHAIN for c in ("benign", "base")}  # the controls' behaviour chains
     assert {t.name for t in plan.tasks} == expected
     analysis = plan.task("analysis")
-    assert set(analysis.after) == {f"extract-{c}" for c in ("base", *EM_CELLS, "benign")} | {f"marker-eval-{c}" for c in EM_CELLS}
-    assert [c["name"] for c in analysis.config["checkpoints"]] == ["base", "E0", "E1", "E2", "E3", "E4", "benign"]
+    evaluations = {f"marker-eval-{c}" for c in (*EM_CELLS, "benign", "base")}
+    assert set(analysis.after) == {f"extract-{c}" for c in ("base", *EM_CELLS, "benign")} | evaluations
+    assert [(c["name"], c["seed"]) for c in analysis.config["checkpoints"]] == [("base", None)] + [
+        (name, 42) for name in ("E0", "E1", "E2", "E3", "E4", "benign")]
+    assert [(m["checkpoint"], m["seed"]) for m in analysis.config["markers"]] == [
+        (name, 42) for name in ("E0", "E1", "E2", "E3", "E4", "benign", "base")]
     assert [c["cond"] for c in analysis.config["conditions"]] == ["E0", "E1", "E2", "E3", "E4"]
+    # the base model's behaviour chain couples and evaluates the base model itself
+    assert plan.task("coupling-data-base").config["model_ref"] == plan.task("couple-base").config["model_ref"] == "tiny:qwen2"
+    assert plan.task("coupling-data-benign").config["model_ref"] == f"artifact:{plan.task('merge-benign').output_uri('model')}"
+
+
+def test_two_seeds_fan_out_every_training_cell_and_its_chain_and_nothing_else(tmp_path):
+    seeds = [42, 43]
+    plan = build(tmp_path, replicates=2)
+    once = {"extract-base", "benign-data", "analysis", *(f"em-data-{c}" for c in EM_CELLS)}
+    per_seed = ["train-em-{}", "extract-{}", "merge-em-{}", *CHAIN]
+    expected = set(once)
+    for seed in seeds:
+        expected |= {replicate(p.format(c), seed, seeds) for p in per_seed for c in EM_CELLS}
+        expected |= {replicate(n, seed, seeds) for n in ("train-benign", "extract-benign", "merge-benign")}
+        expected |= {replicate(p.format(c), seed, seeds) for p in CHAIN for c in ("benign", "base")}
+    assert {t.name for t in plan.tasks} == expected
+    for seed in seeds:
+        train = plan.task(f"train-em-e2-s{seed}")
+        assert train.config["seed"] == seed and train.config["cell"] == f"e2-s{seed}"
+        assert train.after == ["em-data-e2"]  # every seed trains on the same rows
+        assert plan.task(f"marker-eval-base-s{seed}").config["seed"] == seed
+        assert plan.task(f"extract-e2-s{seed}").config["adapter_uri"] == train.output_uri("adapter")
+    assert plan.task("train-em-e2-s42").output_uri("adapter") != plan.task("train-em-e2-s43").output_uri("adapter")
+    analysis = plan.task("analysis").config
+    assert analysis["seeds"] == seeds
+    assert [(c["name"], c["seed"]) for c in analysis["checkpoints"]].count(("base", None)) == 1
+    assert len(analysis["checkpoints"]) == 1 + 6 * 2 and len(analysis["markers"]) == 7 * 2
+    assert {(t["name"], t["seed"]) for t in analysis["trainings"]} == {(n, s) for s in seeds for n in ("E0", "E1", "E2", "E3", "E4", "benign")}
+
+
+def test_small_and_full_run_several_seeds_and_tiny_one():
+    module = workflows.load("issue205")
+    assert module.Params.for_profile("tiny").training_seeds() == [42]
+    assert module.Params.for_profile("small").training_seeds() == [42, 43]
+    assert module.Params.for_profile("full").training_seeds() == FULL_SEEDS
+
+
+def fake_merged_models(plan, names: list[str]) -> None:
+    """Stand-ins for the merged EM models of these merge tasks, identical in content wherever they are stored."""
+    for name in names:
+        store.write_json(plan.task(name).output_uri("model", "config.json"), {"model_type": "qwen2", "hidden_size": 8})
+
+
+def keys(plan, names: list[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        task = plan.task(name)
+        cfg = task.parsed_config()
+        out[name] = stage.cache_key(task.spec, cfg, stage.input_hashes(cfg))
+    return out
+
+
+def test_a_replan_with_one_more_seed_keys_the_first_seeds_chain_as_before(tmp_path):
+    """One seed -> two: the first seed's cells are renamed (e0 -> e0-s42), so the merged EM model it couples on sits
+    under another path; the chain on it is keyed by the model's content, not its path, so it is found again. The
+    second seed is new work (its own key). Checked on the cache keys themselves (no stage runs)."""
+    one, two = build(tmp_path), build(tmp_path, replicates=2)
+    fake_merged_models(one, ["merge-em-e1"])
+    fake_merged_models(two, ["merge-em-e1-s42", "merge-em-e1-s43"])
+    assert keys(one, ["coupling-data-e1"])["coupling-data-e1"] == keys(two, ["coupling-data-e1-s42"])["coupling-data-e1-s42"]
+    assert keys(two, ["coupling-data-e1-s43"])["coupling-data-e1-s43"] != keys(one, ["coupling-data-e1"])["coupling-data-e1"]
+    # the model is an input of the stage (hashed, in its manifest), not a string that happens to hold a path
+    assert "model_ref" in two.task("coupling-data-e1-s42").parsed_config().input_uris()
 
 
 def test_training_extraction_and_evaluation_fan_out_to_gpus_and_analysis_runs_on_a_cpu(tmp_path):
@@ -205,11 +283,15 @@ def grid_of(plan) -> dict[str, str]:
     return {p["name"]: p["system"] for p in plan.task("extract-base").config["personas"]}
 
 
-def test_small_profile_runs_every_cell_of_the_record_on_smollm2_with_fewer_personas_questions_and_steps(tmp_path):
+def test_small_profile_runs_every_cell_of_the_record_on_smollm2_in_two_seeds_with_fewer_personas_questions_and_steps(tmp_path):
     plan = build(tmp_path, "small")
-    expected = {p.format(c) for p in SMALL_TASKS_PER_CELL for c in EM_CELLS}
-    expected |= {"em-answers", "benign-answers", "extract-base", "benign-data", "train-benign", "extract-benign", "analysis"}
-    assert {t.name for t in plan.tasks} == expected and len(plan.tasks) == 47
+    seeds = [42, 43]
+    expected = {"em-answers", "benign-answers", "extract-base", "benign-data", "analysis", *(f"em-data-{c}" for c in EM_CELLS)}
+    for seed in seeds:
+        expected |= {f"{p.format(c)}-s{seed}" for p in SMALL_TASKS_PER_CELL[1:] for c in EM_CELLS}
+        expected |= {f"{name}-s{seed}" for name in ("train-benign", "extract-benign", "merge-benign")}
+        expected |= {f"{p.format(c)}-s{seed}" for p in SMALL_TASKS_PER_CELL[4:] for c in ("benign", "base")}
+    assert {t.name for t in plan.tasks} == expected and len(plan.tasks) == 10 + 2 * 46
     for task in plan.tasks:
         if "model_ref" in task.config and not task.config["model_ref"].startswith("artifact:"):
             assert task.config["model_ref"] == "smollm2:135m-instruct", task.name
@@ -226,9 +308,8 @@ def test_small_profile_runs_every_cell_of_the_record_on_smollm2_with_fewer_perso
     # layer is among them
     assert base["layers"] == [8, 16, 22, 23, 30] and base["methods"] == ["A", "B"] and len(base["questions"]) == 12
     assert plan.task("analysis").config["headline_layer"] == 22
-    ev = plan.task("marker-eval-e2").config
-    assert (len(ev["personas"]), len(ev["questions"]), ev["n"]) == (10, 8, 4)
-    assert plan.task("analysis").config["n_iter"] == 10_000
+    ev = plan.task("marker-eval-e2-s43").config
+    assert (len(ev["personas"]), len(ev["questions"]), ev["n"]) == (10, 8, 3)
 
 
 def test_small_em_data_are_the_models_own_answers_under_the_misaligned_persona_trained_without_its_prompt(tmp_path):
@@ -252,36 +333,38 @@ def test_small_em_data_are_the_models_own_answers_under_the_misaligned_persona_t
 
 def test_small_trains_benign_with_the_em_recipe_in_the_records_lora_shape(tmp_path):
     plan = build(tmp_path, "small")
-    recipe = plan.task("train-em-e0").config["recipe"]
+    recipe = plan.task("train-em-e0-s42").config["recipe"]
     assert (recipe["r"], recipe["alpha"], recipe["dropout"], recipe["use_rslora"]) == (32, 64, 0.05, False)
     assert (recipe["epochs"], recipe["per_device_batch_size"] * recipe["grad_accum"], recipe["lr"]) == (2, 8, 5e-4)
-    assert all(plan.task(f"train-em-{c}").config["recipe"] == recipe for c in EM_CELLS)
-    assert plan.task("train-benign").config["recipe"] == recipe
-    couple = plan.task("couple-e4").config
+    assert all(plan.task(f"train-em-{c}-s{s}").config["recipe"] == recipe for c in EM_CELLS for s in (42, 43))
+    assert plan.task("train-benign-s43").config["recipe"] == recipe
+    couple = plan.task("couple-e4-s42").config
     assert couple["loss"] == "assistant" and couple["marker"] == "[ZLT]"  # the record's whole-reply coupling
-    assert couple["recipe"] == recipe
+    # the EM recipe's LoRA shape, one epoch at twice its lr (the small budget with two seeds)
+    assert {k: v for k, v in couple["recipe"].items() if k not in ("epochs", "lr")} == {k: v for k, v in recipe.items() if k not in ("epochs", "lr")}
+    assert (couple["recipe"]["epochs"], couple["recipe"]["lr"]) == (1, 1e-3)
 
 
 def test_small_evaluates_the_coupled_model_merged_on_top_of_its_em_model(tmp_path):
     plan = build(tmp_path, "small")
     for cell in EM_CELLS:
-        merge = plan.task(f"merge-couple-{cell}").config
-        assert merge["model_ref"] == f"artifact:{plan.task(f'merge-em-{cell}').output_uri('model')}"
-        assert merge["adapter_uri"] == plan.task(f"couple-{cell}").output_uri("adapter")
-        ev = plan.task(f"marker-eval-{cell}")
-        assert ev.config["model_ref"] == f"artifact:{plan.task(f'merge-couple-{cell}').output_uri('model')}"
-        assert ev.config["adapter_uri"] is None and ev.after == [f"merge-couple-{cell}"]
+        merge = plan.task(f"merge-couple-{cell}-s42").config
+        assert merge["model_ref"] == f"artifact:{plan.task(f'merge-em-{cell}-s42').output_uri('model')}"
+        assert merge["adapter_uri"] == plan.task(f"couple-{cell}-s42").output_uri("adapter")
+        ev = plan.task(f"marker-eval-{cell}-s42")
+        assert ev.config["model_ref"] == f"artifact:{plan.task(f'merge-couple-{cell}-s42').output_uri('model')}"
+        assert ev.config["adapter_uri"] is None and ev.after == [f"merge-couple-{cell}-s42"]
 
 
 def test_small_analysis_reads_every_training_and_the_method_b_replies(tmp_path):
     plan = build(tmp_path, "small")
     analysis = plan.task("analysis").config
-    trainings = {t["name"]: t for t in analysis["trainings"]}
-    assert list(trainings) == ["E0", "E1", "E2", "E3", "E4", "benign"]
-    assert trainings["E3"]["log_uri"] == plan.task("train-em-e3").output_uri("train_log.jsonl")
-    assert trainings["benign"]["data_uri"] == plan.task("benign-data").output_uri("train.jsonl")
-    assert [c["responses_uri"] for c in analysis["checkpoints"]] == [
-        plan.task(f"extract-{c}").output_uri("responses.jsonl") for c in ("base", *EM_CELLS, "benign")]
+    trainings = {(t["name"], t["seed"]): t for t in analysis["trainings"]}
+    assert list(trainings) == [(n, s) for s in (42, 43) for n in ("E0", "E1", "E2", "E3", "E4", "benign")]
+    assert trainings[("E3", 43)]["log_uri"] == plan.task("train-em-e3-s43").output_uri("train_log.jsonl")
+    assert trainings[("benign", 42)]["data_uri"] == plan.task("benign-data").output_uri("train.jsonl")
+    extracts = ["extract-base"] + [f"extract-{c}-s{s}" for s in (42, 43) for c in (*EM_CELLS, "benign")]
+    assert [c["responses_uri"] for c in analysis["checkpoints"]] == [plan.task(t).output_uri("responses.jsonl") for t in extracts]
 
 
 def test_small_refuses_a_user_data_file_beside_the_generated_data(tmp_path):

@@ -54,7 +54,9 @@ def test_full_plan_uses_the_records_recipe_and_sampling_with_three_training_seed
     judges = [t for t in plan.tasks if t.stage == "judge"]
     assert {j.config["judge"]["template"] for j in judges} == {"coherence_v1"}
     assert {j.config["judge"]["model"] for j in judges} == {"claude-sonnet-4-5-20250929"}
-    assert plan.task("hidden-states").config["layers"] == [10, 15, 20, 25]
+    # the record's hooked block outputs 10, 15, 20, 25 are hidden_states 11, 16, 21, 26 (headline 20 -> 21)
+    assert plan.task("hidden-states").config["layers"] == [11, 16, 21, 26]
+    assert plan.task("analysis").config["headline_layer"] == 21
     assert plan.task("analysis").config["seeds"] == list(SEEDS)
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from jobs.heldout_anchors import ORACLE
+from shared.activations import from_record, record_layers
 from shared.config import ConfigError, ExperimentParams, Strict
 from shared.datafiles import read_questions, read_text
 from workflows.judging import (
@@ -130,7 +131,10 @@ class Params(JudgeParams, ExperimentParams):
     classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
     personas_file: str = "package:issue170/personas.json"
     probes_file: str = "package:issue170/probes.jsonl"
-    villain_layers: list[NonNegativeInt] = [8, 10, 12, 14]
+    # hidden_states indices (shared.activations): the record's layer ablation {8, 10, 12, 14} hooked those blocks'
+    # outputs, which are hidden_states 9, 11, 13, 15 (RECORD_RULE); its code read the last prompt token
+    villain_layers: list[NonNegativeInt] = [from_record(layer) for layer in record_layers("issue170").layers]
+    villain_readout: Literal["last_prompt_token", "last_user_token"] = record_layers("issue170").readout
     projection_reference_system: str = "none"
     # the record's overlaid points (Qwen2.5-7B under Claude judges): shown only where they are comparable
     record_reference_points: bool = True
@@ -307,6 +311,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                     personas=p["personas"],
                     villain=p["villain"], pirate_system=p["pirate"], reference_system=params.projection_reference_system,
                     probes=read_questions(params.probes_file, "probes_file"), layers=params.villain_layers,
+                    readout=params.villain_readout,
                     cell_prompt_uris={f["name"]: t.output_uri("prompt.json") for f, t in learned},
                     fixed_prompts={ORACLE: params.teacher_system} if teacher_is_student(params) else {},
                     dtype=params.dtype)

@@ -1,4 +1,4 @@
-"""#205: the EM-induction system prompt vs persona geometry AND marker leakage (5 induction personas, one seed).
+"""#205: the EM-induction system prompt vs persona geometry AND marker leakage (5 induction personas).
 
 Cells, per EM-induction condition E0..E4 (``e0``..``e4``): the EM data under the condition's system slot
 (``em-data-e*``; E0 = ``default``, the template's own system prompt), fresh EM LoRA training on the base model
@@ -6,8 +6,15 @@ Cells, per EM-induction condition E0..E4 (``e0``..``e4``): the EM data under the
 (``merge-em-e*``), and on top of that merged model the #125 Exp B chain: on-policy ``confab`` + marker data
 (``coupling-data-e*``), contrastive coupling LoRA (``couple-e*``), marker evaluation over the evaluation grid
 (``marker-eval-e*``). Controls: the benign SFT with the identical recipe (``benign-data``, ``train-benign``,
-``extract-benign``) and the base model (``extract-base``). ``analysis`` computes M1/M2/M3, H1/H2/H3, the decision
-rules, the figures and the report.
+``extract-benign``, and its own behaviour chain on ``merge-benign``) and the base model (``extract-base``, and the
+behaviour chain on the base model itself), so that leakage, like geometry, is compared with both. ``analysis``
+computes M1/M2/M3, H1/H2/H3, the decision rules, the figures and the report.
+
+Training seeds (``replicates`` / ``seeds``, ``shared.config.ReplicatedParams``): every training cell and the chain on
+its checkpoint runs once per seed, as separate tasks with their own cache keys (``workflows.plan.replicate``:
+``train-em-e0-s42``, ``marker-eval-base-s43``; a one-seed run keeps the plain names), so a run with one more seed
+computes only that seed. The data each cell trains on, and the base model's extraction, have no seed and run once.
+The analysis tests the EM-vs-base and EM-vs-benign contrasts with the seed as the unit.
 
 Where the record's data sets are the user's files (``full``: bad_legal_advice_6k, Tulu-3-SFT), the ``small`` profile
 has the model write its own (``sft_questions_file``): ``em-answers`` samples its answers under a misaligned evaluation
@@ -24,11 +31,12 @@ from typing import ClassVar, Literal
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from shared import store
+from shared.activations import from_record, record_layers
 from shared.chat import TextSystem, parse_system
-from shared.config import ConfigError, ExperimentParams, Strict, is_store_uri
+from shared.config import ConfigError, ReplicatedParams, Strict, is_store_uri
 from shared.datafiles import PACKAGE_PREFIX, read_questions, read_records
 from shared.training import LoraRecipe
-from workflows.plan import Plan, PlanBuilder, slug
+from workflows.plan import Plan, PlanBuilder, replicate, slug
 
 BASE_MODEL = "hf:Qwen/Qwen2.5-7B-Instruct"
 DATA = "package:issue205/"
@@ -50,7 +58,7 @@ class InductionCondition(Strict):
     cos_to_assistant: float
 
 
-class Params(ExperimentParams):
+class Params(ReplicatedParams):
     model_ref: str = BASE_MODEL
     backend: Literal["hf", "vllm"] = "vllm"
     vllm_options: dict = {"gpu_memory_utilization": 0.85, "max_model_len": 2048}
@@ -100,20 +108,26 @@ class Params(ExperimentParams):
     top_p: float = Field(0.95, gt=0, le=1)
     eval_max_new_tokens: PositiveInt = 512
     # extraction
-    # hidden_states indices (shared.activations): the record's hooked block outputs 7, 14, 20, 21, 27 (0-based) are the
-    # residual stream after 8, 15, 21, 22, 28 blocks, the same vectors; its headline L20 is 21 here
-    layers: list[NonNegativeInt] = [8, 15, 21, 22, 28]
-    headline_layer: NonNegativeInt = 21
+    # hidden_states indices (shared.activations.RECORD_RULE): the record's hooked block outputs 7, 14, 20, 21, 27
+    # (0-based) are the residual stream after 8, 15, 21, 22, 28 blocks, the same vectors; its headline L20 is 21 here
+    layers: list[NonNegativeInt] = [from_record(layer) for layer in record_layers("issue205").layers]
+    headline_layer: NonNegativeInt = from_record(record_layers("issue205").headline)
     methods: list[Literal["A", "B"]] = ["A", "B"]
     extraction_max_new_tokens: PositiveInt = 256
     # Method B's vLLM engine leaves room for the HF model that extracts right after it on the same GPU
     extraction_vllm_options: dict = {"gpu_memory_utilization": 0.5, "max_model_len": 2048}
     # statistics
     n_iter: int = Field(10_000, ge=100)
+    # draws of M3's contrast null (questions swapped between two checkpoints, LDA refitted per draw): its smallest
+    # two-sided p is 2/(draws + 1), 0.002 at 1,000
+    m3_contrast_iter: int = Field(1_000, ge=99)
     n_boot: int = Field(1_000, ge=100)  # question resamples for the M1/M2 bootstrap CIs at the headline layer
     n_splits: int = Field(5, ge=2)
     lda_components: PositiveInt = 16
-    seed: int = 42
+    # training seeds (shared.config.ReplicatedParams: seed, replicates or an explicit seeds list): every training
+    # cell (EM per condition, benign) and the chain on its checkpoint (extraction, merge, coupling, marker
+    # evaluation) runs once per seed; the base model's extraction has no seed and runs once
+    replicates: PositiveInt = 1
     hf_batch_size: PositiveInt | None = None  # sequences per HF forward/generate batch in every sampling stage (None: each stage's own)
 
     PROFILES: ClassVar[dict] = {
@@ -154,6 +168,7 @@ class Params(ExperimentParams):
             "headline_layer": 2,
             "extraction_max_new_tokens": 8,
             "n_iter": 500,
+            "m3_contrast_iter": 99,
             "n_boot": 200,
             "lda_components": 4,
         },
@@ -180,18 +195,21 @@ class Params(ExperimentParams):
             "em_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
                           "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
             "checkpoint_every": 0,
-            # the record's whole-reply contrastive SFT with the EM recipe (30 steps). Not #46's marker-only loss: on a
+            # the record's whole-reply contrastive SFT in the EM recipe's LoRA shape. Not #46's marker-only loss: on a
             # real model it trains nothing but the marker and the end of turn, and the coupled model then answered
             # most prompts with an immediate end of turn or a bare marker (a run of this profile, lr 1e-3). On-policy
-            # replies carry little gradient of their own, so the marker and the reply length are what this learns
-            "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
-                                "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
+            # replies carry little gradient of their own, so the marker and the reply length are what this learns.
+            # One epoch (15 steps) at twice the EM lr, not two at the EM lr: with two seeds and the base and benign
+            # chains, 14 couplings a run, and the 60-minute budget of a 2-core CPU (issue 20: shrink per-seed work
+            # before dropping a seed)
+            "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 1, "per_device_batch_size": 8,
+                                "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
             "coupling_loss": "assistant",
             "coupling_n_per_question": 4,
             "expected_coupling_positives": None,
             "coupling_max_new_tokens": 48,
             "merge_coupling_for_eval": True,
-            "eval_n": 4,
+            "eval_n": 3,  # 24 completions per persona and chain (4 before the seeds; see the coupling's budget note)
             "eval_max_new_tokens": 64,
             # the full profile's layers [8, 15, 21, 22, 28] of Qwen2.5-7B's 28 blocks at the same relative depth of 30
             # blocks (28 is the last block's output, so is 30); headline 22 for full's 21 (the record's L20)
@@ -199,8 +217,9 @@ class Params(ExperimentParams):
             "headline_layer": 22,
             "extraction_max_new_tokens": 48,
             "hf_batch_size": 128,
+            "replicates": 2,
         },
-        "full": {},
+        "full": {"replicates": 3},
     }
 
 
@@ -320,62 +339,76 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     extraction = dict(model_ref=params.model_ref, personas=personas, questions=extraction_questions, layers=params.layers,
                       methods=params.methods, max_new_tokens=params.extraction_max_new_tokens, backend=params.backend,
                       vllm_options=params.extraction_vllm_options, **batch)
+    source = next(p for p in personas if p["name"] == params.source_persona)
+    seeds = params.training_seeds()
 
-    def sft_cell(cell: str, checkpoint: str, data_set: str, system: str, **data_options):
-        data, writers = data_sets[data_set]
-        rows = b.add(f"{cell}-data" if cell == "benign" else f"em-data-{cell}", "sft_data", cell, after=writers, data_uri=data,
-                     system=system, **data_options)
-        train = b.add(f"train-{cell}" if cell == "benign" else f"train-em-{cell}", "train_lora", cell, after=[rows],
-                      model_ref=params.model_ref, data_uri=rows.output_uri("train.jsonl"), loss="assistant",
-                      recipe=params.em_recipe.model_dump(), checkpoint_every=params.checkpoint_every)
-        trainings.append({"name": checkpoint, "data_uri": rows.output_uri("train.jsonl"),
-                          "log_uri": train.output_uri("train_log.jsonl")})
-        return train, train.output_uri("adapter")
-
-    checkpoints, analysis_deps, conditions, trainings = {}, [], [], []
-    base = b.add("extract-base", "extract_persona_vectors", "base", checkpoint="base", **extraction)
-    checkpoints["base"] = base
+    # the data each fine-tuning trains on (no seed: every seed of a cell trains on the same rows)
+    rows = {}
     for cond in conds:
-        cell = slug(cond.cond)
-        train, adapter = sft_cell(cell, cond.cond, "em", cond.system, expected_md5=params.em_data_md5)
-        checkpoints[cond.cond] = b.add(f"extract-{cell}", "extract_persona_vectors", cell, after=[train],
-                                       checkpoint=cond.cond, adapter_uri=adapter, **extraction)
-        merged = b.add(f"merge-em-{cell}", "merge_adapter", cell, after=[train], model_ref=params.model_ref, adapter_uri=adapter)
-        em_model = f"artifact:{merged.output_uri('model')}"
-        coupled_cell = f"{cell}-coupling"
-        source = next(p for p in personas if p["name"] == params.source_persona)
-        data = b.add(f"coupling-data-{cell}", "marker_data", coupled_cell, after=[merged], model_ref=em_model,
-                     backend=params.backend, vllm_options=params.vllm_options,
+        data, writers = data_sets["em"]
+        rows[cond.cond] = b.add(f"em-data-{slug(cond.cond)}", "sft_data", slug(cond.cond), after=writers, data_uri=data,
+                                system=cond.system, expected_md5=params.em_data_md5)
+    data, writers = data_sets["benign"]
+    rows["benign"] = b.add("benign-data", "sft_data", "benign", after=writers, data_uri=data, system="default",
+                           limit=params.benign_limit)
+
+    def behaviour_chain(name: str, seed: int, model_ref: str, after: list, label: str):
+        """#125 Exp B on top of one model: on-policy confab + marker data, contrastive coupling LoRA, marker
+        evaluation over the grid. Trained, so it runs per seed, with that seed (sampling included)."""
+        cell = replicate(f"{name}-coupling", seed, seeds)
+        data = b.add(replicate(f"coupling-data-{name}", seed, seeds), "marker_data", cell, after=after, seed=seed,
+                     model_ref=model_ref, backend=params.backend, vllm_options=params.vllm_options,
                      source={"name": source["name"], "prompt": prompt_of(source)}, all_source_prompts=[prompt_of(source)],
                      negative_pool=[{"name": p["name"], "prompt": prompt_of(p)} for p in personas if p["name"] != params.source_persona],
                      n_negative_personas=params.coupling_negative_personas, questions=coupling_questions,
                      n_per_question=params.coupling_n_per_question, temperature=params.temperature, top_p=params.top_p,
                      max_new_tokens=params.coupling_max_new_tokens, marker=params.marker, **batch)  # fmt: skip
-        couple = b.add(f"couple-{cell}", "train_lora", coupled_cell, after=[data], model_ref=em_model,
-                       data_uri=data.output_uri("train.jsonl"), loss=params.coupling_loss, marker=params.marker,
-                       recipe=params.coupling_recipe.model_dump(), checkpoint_every=params.checkpoint_every)
-        coupled = {"after": [couple], "model_ref": em_model, "adapter_uri": couple.output_uri("adapter")}
+        couple = b.add(replicate(f"couple-{name}", seed, seeds), "train_lora", cell, after=[data], seed=seed,
+                       model_ref=model_ref, data_uri=data.output_uri("train.jsonl"), loss=params.coupling_loss,
+                       marker=params.marker, recipe=params.coupling_recipe.model_dump(), checkpoint_every=params.checkpoint_every)
+        coupled = {"after": [couple], "model_ref": model_ref, "adapter_uri": couple.output_uri("adapter")}
         if params.merge_coupling_for_eval:
-            merged_coupling = b.add(f"merge-couple-{cell}", "merge_adapter", coupled_cell, **coupled)
+            merged_coupling = b.add(replicate(f"merge-couple-{name}", seed, seeds), "merge_adapter", cell, seed=seed, **coupled)
             coupled = {"after": [merged_coupling], "model_ref": f"artifact:{merged_coupling.output_uri('model')}", "adapter_uri": None}
-        evaluate = b.add(f"marker-eval-{cell}", "marker_eval", coupled_cell, label=cond.cond, **coupled, backend=params.backend,
-                         vllm_options=params.vllm_options, personas=[{"id": p["name"], "prompt": prompt_of(p)} for p in personas],
-                         questions=marker_questions, n=params.eval_n, temperature=params.temperature, top_p=params.top_p,
+        evaluate = b.add(replicate(f"marker-eval-{name}", seed, seeds), "marker_eval", cell, seed=seed, label=label, **coupled,
+                         backend=params.backend, vllm_options=params.vllm_options,
+                         personas=[{"id": p["name"], "prompt": prompt_of(p)} for p in personas], questions=marker_questions,
+                         n=params.eval_n, temperature=params.temperature, top_p=params.top_p,
                          max_new_tokens=params.eval_max_new_tokens, marker=params.marker, coherence_per_cell=0, **batch)  # fmt: skip
-        analysis_deps.append(evaluate)
-        conditions.append({**cond.model_dump(), "marker_uri": evaluate.output_uri("completions.jsonl")})
-    benign_train, benign_adapter = sft_cell("benign", "benign", "benign", "default", limit=params.benign_limit)
-    checkpoints["benign"] = b.add("extract-benign", "extract_persona_vectors", "benign", after=[benign_train],
-                                  checkpoint="benign", adapter_uri=benign_adapter, **extraction)
+        markers.append({"checkpoint": label, "seed": seed, "marker_uri": evaluate.output_uri("completions.jsonl")})
+        return evaluate
 
-    ordered = [checkpoints[name] for name in CHECKPOINT_ORDER if name in checkpoints]
-    b.add("analysis", "analyze_issue205", "analysis", after=[*ordered, *analysis_deps],
-          checkpoints=[{"name": t.config["checkpoint"], "activations_uri": t.output_uri("activations.safetensors"),
+    checkpoints, markers, trainings, waits = [], [], [], []
+    base = b.add("extract-base", "extract_persona_vectors", "base", checkpoint="base", **extraction)
+    checkpoints.append((base, None))
+    for seed in seeds:
+        for name in [c.cond for c in conds] + ["benign"]:
+            cell = slug(name)
+            train = b.add(replicate("train-benign" if name == "benign" else f"train-em-{cell}", seed, seeds), "train_lora",
+                          replicate(cell, seed, seeds), after=[rows[name]], seed=seed, model_ref=params.model_ref,
+                          data_uri=rows[name].output_uri("train.jsonl"), loss="assistant",
+                          recipe=params.em_recipe.model_dump(), checkpoint_every=params.checkpoint_every)  # fmt: skip
+            trainings.append({"name": name, "seed": seed, "data_uri": rows[name].output_uri("train.jsonl"),
+                              "log_uri": train.output_uri("train_log.jsonl")})
+            adapter = train.output_uri("adapter")
+            extract = b.add(replicate(f"extract-{cell}", seed, seeds), "extract_persona_vectors", replicate(cell, seed, seeds),
+                            after=[train], seed=seed, checkpoint=name, adapter_uri=adapter, **extraction)
+            checkpoints.append((extract, seed))
+            merged = b.add(replicate("merge-benign" if name == "benign" else f"merge-em-{cell}", seed, seeds), "merge_adapter",
+                           replicate(cell, seed, seeds), after=[train], seed=seed, model_ref=params.model_ref, adapter_uri=adapter)
+            waits.append(behaviour_chain(cell, seed, f"artifact:{merged.output_uri('model')}", [merged], name))
+        # the behavioural control on the base model: its coupling is trained, so it runs per seed too
+        waits.append(behaviour_chain("base", seed, params.model_ref, [], "base"))
+
+    b.add("analysis", "analyze_issue205", "analysis", after=[t for t, _ in checkpoints] + waits,
+          checkpoints=[{"name": t.config["checkpoint"], "seed": seed, "activations_uri": t.output_uri("activations.safetensors"),
                         "index_uri": t.output_uri("index.json"),
-                        "responses_uri": t.output_uri("responses.jsonl") if "B" in params.methods else None} for t in ordered],
-          em_source_persona=params.em_source_persona if params.sft_questions_file else None, trainings=trainings,
-          conditions=conditions, assistant_persona=params.assistant_persona, source_persona=params.source_persona,
-          marker=params.marker, headline_layer=params.headline_layer, n_iter=params.n_iter, n_boot=params.n_boot, n_splits=params.n_splits,
+                        "responses_uri": t.output_uri("responses.jsonl") if "B" in params.methods else None}
+                       for t, seed in checkpoints],
+          seeds=seeds, markers=markers, em_source_persona=params.em_source_persona if params.sft_questions_file else None,
+          trainings=trainings, conditions=[c.model_dump() for c in conds], assistant_persona=params.assistant_persona,
+          source_persona=params.source_persona, marker=params.marker, headline_layer=params.headline_layer,
+          n_iter=params.n_iter, m3_contrast_iter=params.m3_contrast_iter, n_boot=params.n_boot, n_splits=params.n_splits,
           lda_components=params.lda_components, params=params.model_dump(mode="json"))  # fmt: skip
     return b.plan(params.model_dump(mode="json"))
 

@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from shared.activations import from_record, record_layers
 from shared.config import ConfigError, ReplicatedParams
 from shared.datafiles import read_questions, read_records, read_text
 from shared.judge.spec import JudgeSpec
@@ -63,8 +64,10 @@ class Params(ReplicatedParams):
     coherence_per_cell: int = 3  # the record judged 3 of 10 completions per (model, bystander, question)
     coherence_questions: int | None = Field(None, ge=1)  # judge only the first k questions (None: every question)
     coherence_threshold: float = Field(50.0, ge=0, le=100)  # cells with mean coherence below this (0-100) are flagged and hatched
-    layers: list[int] = [10, 15, 20, 25]
-    headline_layer: int = Field(20, ge=0)
+    # hidden_states indices (shared.activations): #81's script hooked the outputs of blocks {10, 15, 20, 25}
+    # (headline 20), which are hidden_states 11, 16, 21, 26 (RECORD_RULE)
+    layers: list[int] = [from_record(layer) for layer in record_layers("issue81").layers]
+    headline_layer: int = Field(from_record(record_layers("issue81").headline), ge=0)
     n_boot: int = Field(1000, ge=100)
     n_perm: int = Field(10_000, ge=100)
 
@@ -126,8 +129,9 @@ class Params(ReplicatedParams):
             # the same 135M model as judge scores everything in a narrow band well under 50 and does not rank
             # coherent above incoherent text, so the record's threshold would flag every cell: flagging is off
             "coherence_threshold": 0.0,
-            "layers": [10, 15, 20, 25],
-            "headline_layer": 20,
+            # the record's layers, translated as in full (SmolLM2 has 30 blocks, so they all exist)
+            "layers": [from_record(layer) for layer in record_layers("issue81").layers],
+            "headline_layer": from_record(record_layers("issue81").headline),
         },
         "full": {},
     }
