@@ -359,9 +359,7 @@ def screened_losses(model, examples: Sequence[chat.PromptIds], candidates: torch
     tokens_all = n_loss_tokens(examples)
     cost = candidate_ce_sums(model, screen_set, candidates, max_tokens_per_forward=max_tokens_per_forward)
     screen_sums = cost.losses
-    kept = (screen_sums / n_loss_tokens(screen_set)).argsort()[: screen.keep].cpu()
-    if current is not None and current not in kept.tolist():
-        kept = torch.cat([kept, torch.tensor([current])])
+    kept = kept_rows(screen_sums / n_loss_tokens(screen_set), screen.keep, current)
     kept_rest = candidate_ce_sums(model, rest, candidates[kept], max_tokens_per_forward=max_tokens_per_forward)
     kept_losses = (screen_sums[kept.to(screen_sums.device)] + kept_rest.losses) / tokens_all
     evaluation = CandidateEval(kept_losses, cost.tokens + kept_rest.tokens, cost.forwards + kept_rest.forwards,
@@ -374,12 +372,71 @@ def screened_losses(model, examples: Sequence[chat.PromptIds], candidates: torch
         others = candidate_ce_sums(model, rest, candidates, max_tokens_per_forward=max_tokens_per_forward)
         full = (screen_sums + others.losses) / tokens_all
         report.checked = True
-        report.rank = int((full < full[pick]).sum())
+        report.rank, report.gap = rank_in_full(full, pick)
         report.agreed = report.rank == 0
-        report.gap = float(full[pick] - full.min())
         report.check_s = others.seconds
         report.full_tokens = cost.tokens + others.tokens
     return pick, pick_loss, evaluation, report
+
+
+def kept_rows(screen_losses: torch.Tensor, keep: int, current: int | None = None) -> torch.Tensor:
+    """The rows the screen passes on to the full evaluation: the ``keep`` lowest screen losses (ties in row order),
+    and ``current`` whatever its screen loss."""
+    import torch
+
+    kept = screen_losses.argsort(stable=True)[:keep].cpu()
+    if current is not None and current not in kept.tolist():
+        kept = torch.cat([kept, torch.tensor([current])])
+    return kept
+
+
+def rank_in_full(full_losses: torch.Tensor, pick: int) -> tuple[int, float]:
+    """A pick's rank among every candidate's CE on all pairs (0: none is lower) and its CE above the lowest."""
+    return int((full_losses < full_losses[pick]).sum()), float(full_losses[pick] - full_losses.min())
+
+
+@dataclass
+class ScreenOutcome:
+    """What the screen would pick from one step's candidates, given the pairs it draws, against the full best."""
+
+    pick: int
+    best: int  # the full evaluation's pick (every candidate on every pair; the current suffix unless beaten)
+    rank: int  # the screen's pick's rank in the full evaluation (0: no candidate is lower)
+    gap: float  # its CE minus the lowest CE, on all pairs (nats/token)
+
+    @property
+    def agreed(self) -> bool:
+        return self.pick == self.best
+
+
+def screen_outcome(pair_sums: torch.Tensor, pair_tokens: Sequence[int], screen_pairs: Sequence[int], keep: int,
+                   current: int | None = 0) -> ScreenOutcome:
+    """The screen of ``screened_losses`` replayed on a full matrix of per-pair CE sums (``[rows, pairs]``,
+    ``candidate_pair_ce_sums``): rank every row on ``screen_pairs``, keep ``keep`` (and ``current``), pick the
+    lowest CE on all pairs among them. The same selection code as the stage's, so any screen setting can be
+    measured against the full evaluation from one matrix, for every draw of screen pairs."""
+    import torch
+
+    sums = pair_sums.double()
+    tokens = torch.as_tensor(list(pair_tokens), dtype=torch.float64)
+    chosen = torch.as_tensor(list(screen_pairs), dtype=torch.long)
+    full = sums.sum(dim=1) / tokens.sum()
+    kept = kept_rows(sums[:, chosen].sum(dim=1) / tokens[chosen].sum(), keep, current)
+    pick = best_row(CandidateEval(full[kept], 0, 0, 0.0, rows=kept), current)
+    best = best_row(CandidateEval(full, 0, 0, 0.0), current)
+    rank, gap = rank_in_full(full, pick)
+    return ScreenOutcome(pick=pick, best=best, rank=rank, gap=gap)
+
+
+def candidate_pair_ce_sums(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor, *,
+                           max_tokens_per_forward: int = 65536) -> torch.Tensor:
+    """``[rows, pairs]``: each candidate's CE summed over each example's loss tokens (the full evaluation, kept
+    per pair so that a screen can be replayed on it)."""
+    import torch
+
+    return torch.stack([candidate_ce_sums(model, [example], candidates,
+                                          max_tokens_per_forward=max_tokens_per_forward).losses.cpu()
+                        for example in examples], dim=1)
 
 
 def best_row(evaluation: CandidateEval, current: int | None = None) -> int:
