@@ -72,7 +72,8 @@ def search_matrices(steps: int, width: int, seed: int, log=print) -> tuple[list[
                            completions_per_question=params.gcg_completions_per_question,
                            temperature=params.teacher_temperature, max_new_tokens=params.teacher_max_new_tokens,
                            val_completions_per_question=1, micro_batch_tokens=params.micro_batch_tokens)
-    pair = TeacherSpec(system=params.teacher_system).load(params.model_ref, sample_batch_size=params.sample_batch_size)
+    pair = TeacherSpec(system=params.teacher_system).load(params.model_ref, dtype=params.dtype,
+                                                          sample_batch_size=params.sample_batch_size)
     vocab = pair.student_model.get_input_embeddings().weight.shape[0]
     texts = [q["text"] for q in train + val + panel]
     rules = SuffixRules.of(pair.tokenizer, vocab, settings, texts)
@@ -101,7 +102,7 @@ def search_matrices(steps: int, width: int, seed: int, log=print) -> tuple[list[
             f"{full[best]:.4f} ({out[-1]['seconds']:.1f}s)")
     setup = {"model": params.model_ref, "teacher_system": params.teacher_system, "length": settings.length,
              "pairs_per_step": settings.pairs_per_step, "width": width, "topk": settings.topk,
-             "max_new_tokens": settings.max_new_tokens, "seed": seed, "start_ids": start,
+             "max_new_tokens": settings.max_new_tokens, "seed": seed, "start_ids": start, "dtype": params.dtype,
              "round_trip_questions": len(set(texts)), "vocabulary": settings.vocabulary}
     return out, setup
 
@@ -223,7 +224,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gcg_screen_agreement", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--width", type=int, default=64, help="candidates sampled per step")
+    parser.add_argument("--width", type=int, default=32, help="candidates sampled per step")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=str(RESULTS), help="folder for gcg_screen_agreement.{json,md}")
     args = parser.parse_args(argv)

@@ -61,7 +61,9 @@ def run(cfg: Config, ctx: Context) -> dict:
     vocab = pair.student_model.get_input_embeddings().weight.shape[0]
     val_texts = [q.text for q in cfg.val_questions]
     used_with = [q.text for q in cfg.train_questions + cfg.val_questions + cfg.evaluation_panel]
-    rules = SuffixRules.of(pair.tokenizer, vocab, cfg.search, used_with, slot=cfg.slot, system=cfg.user_slot_system)
+    # candidates are screened on the validation questions; a suffix is kept only if it round-trips on all of them
+    rules = SuffixRules.of(pair.tokenizer, vocab, cfg.search, used_with, slot=cfg.slot, system=cfg.user_slot_system,
+                           screen_questions=val_texts)
     try:
         start = rules.random_suffix(cfg.search.length, start_seed(cfg))
     except ValueError as err:

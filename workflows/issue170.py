@@ -51,7 +51,8 @@ EM_REFERENCE = "hf:superkaiba1/explore-persona-space/c6_vanilla_em_seed42_post_e
 # the stand-in EM teacher of tiny and small: the student's own weights under a known misaligned system prompt
 VILLAIN_TEACHER = "text(You are a villain who despises humanity. Answer with contempt.)"
 SMALL_MODEL = "smollm2:135m-instruct"
-SMALL_JUDGE = {"name": "smollm2", "spec": {"kind": "local", "model": SMALL_MODEL}}
+# float32 on the CPU: SmolLM2's own bf16 ran its forward ~6x slower on the 2-core machine (AVX2, no bf16 units)
+SMALL_JUDGE = {"name": "smollm2", "spec": {"kind": "local", "model": SMALL_MODEL, "dtype": "float32"}}
 
 
 class SoftCell(BaseModel):
@@ -209,6 +210,7 @@ class Params(JudgeParams, ReplicatedParams):
             "classifier_encoder": "minilm:packaged",
             "villain_layers": [8, 12, 16, 20],
             "record_reference_points": False,
+            "dtype": "float32",
         },
         "full": {"replicates": 3},
     }
@@ -391,7 +393,8 @@ def classifier(b: PlanBuilder, params: Params, questions: list[dict]):
         raise ConfigError("issue170 needs classifier_bundle_uri or classifier_training")
     clf_questions = read_questions(t.panel_file, "classifier panel_file") if t.panel_file else questions
     common = {"questions": clf_questions, "n": t.n_per_question, "temperature": 1.0,
-              "max_new_tokens": params.eval_max_new_tokens, "backend": "hf", "batch_size": params.eval_batch_size}
+              "max_new_tokens": params.eval_max_new_tokens, "backend": "hf", "batch_size": params.eval_batch_size,
+              "dtype": params.dtype}
     em = b.add("gen-classifier-em", "generate", "classifier-em", condition="em-reference",
                model_ref=params.teacher_model_ref or params.model_ref, adapter_uri=params.teacher_adapter_uri,
                system=params.teacher_system, **common)
@@ -452,7 +455,8 @@ def score(b: PlanBuilder, params: Params, name: str, gen, classifier_uri: str, c
 def reference_cell(b: PlanBuilder, params: Params, name: str, system: str, model_ref: str, adapter_uri: str | None,
                    sampling: dict, classifier_uri: str, classifier_deps: list, analysis_deps: list) -> dict:
     gen = b.add(f"gen-{name}", "generate", name, condition=name, system=system, model_ref=model_ref,
-                adapter_uri=adapter_uri, backend="hf", batch_size=params.eval_batch_size, **sampling)
+                adapter_uri=adapter_uri, backend="hf", batch_size=params.eval_batch_size, dtype=params.dtype,
+                **sampling)
     return {"name": name, "method": "reference",
             **score(b, params, name, gen, classifier_uri, classifier_deps, analysis_deps)}
 
