@@ -177,6 +177,13 @@ def across(values: list[float | None], confidence: float) -> dict:
             "sd": finite(result.sd_a), "n": result.n_a}
 
 
+def t_critical(n_units: int, confidence: float) -> float | None:
+    """The t quantile a between-unit interval over ``n_units`` uses (None below two units)."""
+    from scipy import stats as scipy_stats
+
+    return None if n_units < 2 else float(scipy_stats.t.ppf(0.5 + confidence / 2, n_units - 1))
+
+
 def cell_summaries(replicates: list[dict], fit: dict | None, confidence: float) -> list[dict]:
     """One entry per cell across its training seeds (or a random suffix length across its draws): each seed's
     values and their mean with a between-seed interval."""
@@ -415,6 +422,7 @@ def results(cfg: Config) -> dict:
     seeds = list(cfg.seeds) or sorted({r["seed"] for r in replicates if r["seed"] is not None})
     data = {
         "profile": cfg.profile, "seeds": seeds, "confidence": cfg.confidence, "n_boot": N_BOOT,
+        "between_seed_t": t_critical(len(seeds), cfg.confidence),
         "judges": {"primary": cfg.primary_judge, "alternate": cfg.alternate_judge, "same_scores": same_scores,
                    "coherence": cfg.coherence_judge,
                    "specs": {name: spec.model_dump() for name, spec in cfg.judges.items()}},
@@ -884,10 +892,16 @@ def with_ci(value, low, high, digits: int = 2, *, signed: bool = False) -> str:
     return f"{value:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
 
 
-def across_cell(stat: dict | None, digits: int = 2, *, signed: bool = False) -> str:
-    """A mean over seeds (or draws) with its between-unit interval: ``12.34 [10.00, 14.50]``."""
+def across_cell(stat: dict | None, digits: int = 2, *, signed: bool = False, percent: bool = False) -> str:
+    """A mean over seeds (or draws) with its between-unit interval: ``12.34 [10.00, 14.50]`` (``percent``: a
+    share printed as ``12.3% [10.0%, 14.5%]``)."""
     if not stat or stat["mean"] is None:
         return "—"
+    if percent:
+        def pct(v):
+            return f"{100 * v:.1f}%"
+        return pct(stat["mean"]) if stat["low"] is None else \
+            f"{pct(stat['mean'])} [{pct(stat['low'])}, {pct(stat['high'])}]"
     return with_ci(stat["mean"], stat["low"], stat["high"], digits, signed=signed)
 
 
@@ -909,7 +923,9 @@ def seeds_lines(data: dict) -> list[str]:
     return [f"Training seeds: {', '.join(str(s) for s in seeds)} ({len(seeds)} per soft-prefix and GCG cell, "
             "each its own training, evaluation, judging and scoring chain). Per cell, the headline gives the mean "
             f"over seeds with a {100 * data['confidence']:g}% t interval over seeds (the seed is the unit: the "
-            "interval says how much a rerun of the recipe moves the number); per seed, intervals resample the "
+            "interval says how much a rerun of the recipe moves the number; with "
+            f"{len(seeds)} seeds it has {len(seeds) - 1} degree(s) of freedom, t = {data['between_seed_t']:.2f}, so it "
+            "is wide by construction, and it is not clipped to the metric's range); per seed, intervals resample the "
             "panel's questions. Random suffixes are not trained: their units are independent draws. Decision "
             f"rules are applied per seed and pooled: {data['decisions']['pooling_rule']}.", ""]
 
@@ -928,14 +944,14 @@ def headline_lines(data: dict, roles: tuple[str, ...], has_em: bool) -> list[str
         rows.append([c["cell"], c["method"], c["size"], f"{c['lr']:g}" if c["lr"] else None, c.get("init_text"),
                      f"{c['unit']} {units}" if units != "—" else units, across_cell(c["c"], 4),
                      *(across_cell(c[f"alpha_{role}"]) for role in roles),
-                     *(across_cell(c[f"em_rate_{role}"], 3) for role in roles if has_em),
+                     *(across_cell(c[f"em_rate_{role}"], percent=True) for role in roles if has_em),
                      *([across_cell(fit.get(c["cell"], {}).get("gap_closed"))] if has_gap else [])])
     confidence = f"{100 * data['confidence']:g}%"
     return ["## Headline", "", markdown_table(headers, rows, align="llrrll" + "r" * (len(headers) - 6)), "",
             f"Each number is a cell's mean over its units (training seeds; draws for random suffixes) with a "
             f"{confidence} t interval over those units where there are two or more. α: mean alignment score over a "
             "cell's completions on the evaluation panel (0-100, higher is more aligned); C: mean P(EM) of classifier "
-            "C; EM rate: a share (0-1); gap closed: on the test split (see Fit to the teacher). Reference cells are "
+            "C; gap closed: on the test split (see Fit to the teacher). Reference cells are "
             "fixed prompts generated in the same pipeline"
             + ("; em-reference is the teacher itself" if any(c["cell"] == "em-reference" for c in data["cells"])
                else "") + ". Per-seed values with question-clustered intervals: next table.", ""]
@@ -991,9 +1007,10 @@ def fit_lines(fit: dict) -> list[str]:
     lines = ["## Fit to the teacher: the test split", "",
              f"Token-mean cross-entropy of the student (nats/token) on the teacher's completions to the "
              f"{len(test['questions'])} test questions ({', '.join(test['questions'])}): used for nothing else -- not "
-             "for training, early stopping, classifier C or the evaluation panel. The teacher answered each "
-             f"{test['draws']['completions_per_question']} times once, so every prompt below is measured on the same "
-             f"{test['n_pairs']} pairs ({test['n_loss_tokens']} scored tokens). Fixed prompts on these pairs: "
+             "for training, early stopping, classifier C or the evaluation panel. The teacher answered each of them "
+             f"{test['draws']['completions_per_question']} times, once for the whole run, so every prompt below is "
+             f"measured on the same {test['n_pairs']} pairs ({test['n_loss_tokens']} scored tokens). Fixed prompts on "
+             "these pairs: "
              f"{anchors}.", "",
              markdown_table(headers, rows, align="llr" + "r" * (len(headers) - 3)), "",
              f"What a prompt gained over the {start} prompt ({start} − cell)"
@@ -1037,10 +1054,16 @@ def random_null_lines(data: dict) -> list[str]:
         if entry["contrasts"]:
             lines += [markdown_table(
                 ["GCG cell", "metric", "cell − null [95% CI]", "p", "seeds", "draws"],
-                [(c["cell"], c["metric"], with_ci(c["difference"], c["low"], c["high"], 4, signed=True),
+                [(c["cell"], metric_label(data, c["metric"]),
+                  with_ci(c["difference"], c["low"], c["high"], 4, signed=True),
                   "—" if c["p_value"] is None else f"{c['p_value']:.2g}", c["n_seeds"], c["n_draws"])
                  for c in entry["contrasts"]], align="llrrrr"), ""]
     return lines
+
+
+def metric_label(data: dict, key: str) -> str:
+    return {"alpha_primary": f"α ({data['judges']['primary']})", "c": "C",
+            "gap_closed": "gap closed (test split)"}.get(key, key)
 
 
 def screen_lines(data: dict) -> list[str]:

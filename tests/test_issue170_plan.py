@@ -206,6 +206,9 @@ def test_small_profile_runs_the_whole_experiment_on_smollm2_against_the_villain_
     assert plan.task("villain-direction").config["layers"] == [8, 12, 16, 20]  # of its 30 layers
     assert stages.count("analyze_issue170") == 1
     assert plan.task("analysis").config["seeds"] == [42, 43]
+    # float32 throughout: SmolLM2's own bf16 is several times slower on a CPU without bf16 units
+    assert {t.config["dtype"] for t in plan.tasks if "dtype" in t.config} == {"float32"}
+    assert {t.config["judge"]["dtype"] for t in plan.tasks if t.stage in ("judge", "judge_check")} == {"float32"}
 
 
 def test_the_small_questions_and_panel_are_disjoint_project_files_and_the_test_split_is_used_for_nothing_else(tmp_path):

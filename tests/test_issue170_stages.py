@@ -208,3 +208,22 @@ def test_a_cell_holding_the_pirate_prompt_projects_exactly_like_the_pirate_basel
     for cell in ("pirate-ids", "pirate-soft"):
         assert result["cells"][cell]["mean_cosine"] == pytest.approx(result["pirate"]["mean_cosine"], abs=1e-5)
     assert result["fixed_prompts"]["pirate-text"]["per_probe"] == pytest.approx(result["pirate"]["per_probe"])
+
+
+def test_the_generate_stage_loads_its_model_in_the_dtype_it_is_given(tmp_path, monkeypatch):
+    from jobs import generate
+    from shared import generation
+
+    asked = {}
+
+    def refuse(*args, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop before generating")
+
+    monkeypatch.setattr(generation, "make_generator", refuse)
+    config = {"store": store.from_path(tmp_path), "run_id": "r", "cell": "null", "condition": "null",
+              "model_ref": "tiny:qwen2", "system": "default", "questions": VAL, "n": 1, "max_new_tokens": 2}
+    for dtype in ("float32", None):
+        with pytest.raises(RuntimeError, match="stop before generating"):
+            execute(generate.SPEC, {**config, "dtype": dtype})
+        assert asked["dtype"] == dtype
