@@ -43,9 +43,13 @@ GAP_SHARE = 0.10  # the screen may lose at most this share of a full-evaluation 
 RECORD_WIDTH, RECORD_PAIRS = 512, 32  # the record's GCG: 512 candidates, 16 questions x 2 completions
 
 
-def search_matrices(steps: int, width: int, seed: int, log=print) -> tuple[list[dict], dict]:
+def search_matrices(steps: int, width: int, seed: int, log=print, partial: Path | None = None
+                    ) -> tuple[list[dict], dict]:
     """Run a full-evaluation GCG search with the small profile's shapes; per step, every candidate's CE on every
-    pair (``[rows, pairs]`` sums), each pair's loss tokens and the row of the current suffix (0)."""
+    pair (``[rows, pairs]`` sums), each pair's loss tokens and the row of the current suffix (0).
+
+    With ``partial``, every finished step is saved there and a later call with the same settings resumes after the
+    last saved step (a step's draws are seeded by its number, so a resumed search is the same search)."""
     import torch
 
     import workflows
@@ -82,7 +86,13 @@ def search_matrices(steps: int, width: int, seed: int, log=print) -> tuple[list[
     search = GcgSearch(pair, prompt, settings, [q["text"] for q in train], [q["text"] for q in val], seed=seed,
                        rules=rules)
     suffix, out = list(start), []
-    for step in range(steps):
+    key = {"steps": steps, "width": width, "seed": seed, "start": start}
+    if partial is not None and partial.exists():
+        saved = json.loads(partial.read_text())
+        if saved["key"] == key:
+            out, suffix = saved["steps"], saved["suffix"]
+            log(f"resuming after step {len(out)}")
+    for step in range(len(out), steps):
         started = time.perf_counter()
         examples = with_suffix(prompt, search.draws.step_examples(step), suffix)
         generator = torch.Generator().manual_seed(derived_seed(seed, step, 1))
@@ -98,6 +108,8 @@ def search_matrices(steps: int, width: int, seed: int, log=print) -> tuple[list[
         out.append({"step": step, "rows": int(pool.scored), "pair_tokens": tokens, "pair_sums": sums.tolist(),
                     "current_ce": float(full[0]), "best_ce": float(full[best]), "seconds": time.perf_counter() - started})
         suffix = [int(t) for t in pool.rows[best]]
+        if partial is not None:
+            partial.write_text(json.dumps({"key": key, "suffix": suffix, "steps": out}))
         log(f"step {step + 1}/{steps}: {pool.scored} rows scored on {len(examples)} pairs, CE {full[0]:.4f} -> "
             f"{full[best]:.4f} ({out[-1]['seconds']:.1f}s)")
     setup = {"model": params.model_ref, "teacher_system": params.teacher_system, "length": settings.length,
@@ -223,19 +235,20 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gcg_screen_agreement", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--width", type=int, default=32, help="candidates sampled per step")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--width", type=int, default=16, help="candidates sampled per step")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=str(RESULTS), help="folder for gcg_screen_agreement.{json,md}")
     args = parser.parse_args(argv)
     started, cpu = time.perf_counter(), time.process_time()
-    steps, setup = search_matrices(args.steps, args.width, args.seed)
-    result = analyse(steps, setup)
-    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                         "load_average_at_end": os.getloadavg(), "wall_s": time.perf_counter() - started,
-                         "process_cpu_s": time.process_time() - cpu}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    steps, setup = search_matrices(args.steps, args.width, args.seed, partial=out / "gcg_screen_agreement.partial.json")
+    result = analyse(steps, setup)
+    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                         "load_average_at_end": os.getloadavg(), "wall_s_this_call": time.perf_counter() - started,
+                         "process_cpu_s_this_call": time.process_time() - cpu,
+                         "step_seconds_wall": sum(s["seconds"] for s in steps)}
     (out / "gcg_screen_agreement.json").write_text(json.dumps({**result, "pair_sums": [s["pair_sums"] for s in steps]},
                                                               indent=1) + "\n")
     (out / "gcg_screen_agreement.md").write_text(markdown(result))

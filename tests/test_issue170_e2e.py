@@ -135,7 +135,7 @@ def test_the_em_rate_beside_alpha_and_the_judge_error_rates_are_recomputed_from_
         for judge in ("local-a", "local-b", "coherence"):
             assert headline["judge_errors"]["passes"][judge]["by_condition"][row["name"]]["n_items"] == 10
     assert headline["templates"]["coherence"]["sha256"] == load_template("coherence_v1").sha256
-    for needle in ("EM rate (local-a) [95% CI]", "## EM rate", "## Judge errors", "## Judges and templates",
+    for needle in ("| EM rate (local-a) |", "## EM rate", "## Judge errors", "## Judges and templates",
                    load_template("coherence_v1").sha256):
         assert needle in report
 
