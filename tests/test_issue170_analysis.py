@@ -157,8 +157,9 @@ def write_run(root: str, cells=CELLS, *, seeds=(42, 43), checks=None, primary="a
 
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory):
+    """The analysis of a two-seed run whose alternate judge fails its check (it scores at chance)."""
     root = store.from_path(tmp_path_factory.mktemp("analysis170"))
-    manifest = execute(analyze_issue170.SPEC, write_run(root))
+    manifest = execute(analyze_issue170.SPEC, write_run(root, checks={"a": SEPARATES, "b": AT_CHANCE}))
     return (manifest, store.read_json(output(manifest, "headline.json")), store.read_text(output(manifest, "report.md")),
             store.read_text(output(manifest, "REPRODUCIBILITY.md")))
 
@@ -502,11 +503,8 @@ def test_the_em_rate_has_a_known_answer_and_unbalanced_judge_errors_are_flagged(
     assert "| coherence | coherence | anthropic:claude-x | `coherence_v1` | shipped |" in report
 
 
-def test_a_judge_at_chance_makes_alpha_and_the_gates_not_interpretable(tmp_path):
-    manifest = execute(analyze_issue170.SPEC, write_run(store.from_path(tmp_path),
-                                                        checks={"a": SEPARATES, "b": AT_CHANCE}))
-    headline = store.read_json(output(manifest, "headline.json"))
-    report = store.read_text(output(manifest, "report.md"))
+def test_a_judge_at_chance_makes_alpha_and_the_gates_not_interpretable(analysed):
+    manifest, headline, report, _ = analysed
     assert headline["judge_check_auc"] == manifest["metrics"]["judge_check_auc"] == {"a": 1.0, "b": 0.5}
     assert headline["judge_checks"]["b"]["verdict"] == "does not separate"
     assert "**The judge check fails (b: does not separate): α, the H2 gate, the Pareto front and the user-slot " \

@@ -356,3 +356,22 @@ def test_seeds_are_parameters_of_the_plan_with_three_per_cell_in_full(tmp_path, 
     # the split and the random-suffix null do not move with the training seeds
     assert listed.task("gcg-l20-s7").config["train_questions"] == full.task("gcg-l20-s43").config["train_questions"]
     assert listed.task("random-l20-d0").config == full.task("random-l20-d0").config | {"run_id": "t"}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("random_draws=0", "random_draws: Input should be greater than 0"),
+    ("n_test_questions=0", "n_test_questions: Input should be greater than 0"),
+    ("gcg_screen_keep=0", "gcg_screen_keep: Input should be greater than 0"),
+    ("replicates=0", "replicates: Input should be greater than 0"),
+    ("seeds=[1,1]", "seeds must be distinct"),
+    ("n_test_questions=3", "the test split needs 3"),  # tiny has 2 questions off its panel
+])
+def test_bad_seed_split_and_null_parameters_stop_before_anything_runs(setting, message, tmp_path, monkeypatch,
+                                                                       capsys):
+    from workflows.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "issue170", "--profile", "tiny", "--store", str(tmp_path / "store"), "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "store" / "runs").exists()
