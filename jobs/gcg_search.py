@@ -2,14 +2,17 @@
 
 ``slot: system`` puts the ids in the system slot (the record's main sweep); ``slot: user`` appends them to the user
 turn with ``user_slot_system`` in the system slot (the #94 user-slot sanity variant; ``none`` by default, as its
-training had no system block). ``mode: random`` draws L random ids and only measures their held-out CE.
+training had no system block). ``mode: random`` draws L random ids and only measures their held-out CE: draw
+``draw`` of the null, from a random stream of its own (so no null suffix is a GCG start, which is drawn from the
+training seed).
 
 The suffix is ids throughout and is written as ids in ``prompt.json``; ``eval_prompt_cell`` splices exactly those
 ids. By default they are also text: the start (and the random baseline) and every kept candidate are printable
-tokens whose decoded text, typed into the slot, gives back the same ids (``shared.gcg.SuffixRules``, checked on the
-validation questions during the search). ``metrics.json`` records the kept suffix's text and in how many of the
-cell's prompts -- training, validation and ``evaluation_panel`` -- that text round-trips, computed here.
-Checkpoints (``checkpoint/``) let a preempted search resume.
+tokens whose decoded text, typed into the slot, gives back the same ids in the prompt of every question the suffix
+is used with -- training, validation and ``evaluation_panel`` (``shared.gcg.SuffixRules``); a candidate that fails
+on any of them is rejected. ``metrics.json`` records the kept suffix's text, its start, in how many of those
+prompts the text round-trips (all of them, or the stage fails), and the candidate screen's settings and its
+measured agreement with the full evaluation. Checkpoints (``checkpoint/``) let a preempted search resume.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import statistics
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, NonNegativeInt
 
 from shared import store
 from shared.config import StageConfig
@@ -41,6 +44,7 @@ class Config(StageConfig):
     slot: Literal["system", "user"] = "system"
     user_slot_system: str = "none"
     mode: Literal["search", "random"] = "search"
+    draw: NonNegativeInt = 0  # mode random: which draw of the null
     search: GcgSettings
     dtype: str | None = None
     sample_batch_size: int = 64
@@ -56,9 +60,12 @@ def run(cfg: Config, ctx: Context) -> dict:
     pair = cfg.teacher.load(cfg.model_ref, dtype=cfg.dtype, sample_batch_size=cfg.sample_batch_size)
     vocab = pair.student_model.get_input_embeddings().weight.shape[0]
     val_texts = [q.text for q in cfg.val_questions]
-    rules = SuffixRules.of(pair.tokenizer, vocab, cfg.search, val_texts, slot=cfg.slot, system=cfg.user_slot_system)
+    used_with = [q.text for q in cfg.train_questions + cfg.val_questions + cfg.evaluation_panel]
+    # candidates are screened on the validation questions; a suffix is kept only if it round-trips on all of them
+    rules = SuffixRules.of(pair.tokenizer, vocab, cfg.search, used_with, slot=cfg.slot, system=cfg.user_slot_system,
+                           screen_questions=val_texts)
     try:
-        start = rules.random_suffix(cfg.search.length, cfg.seed)
+        start = rules.random_suffix(cfg.search.length, start_seed(cfg))
     except ValueError as err:
         raise StageInputError(str(err)) from None
     prompt = LearnedPrompt(kind="ids", model_ref=cfg.model_ref, slot=cfg.slot, ids=start, system=cfg.user_slot_system)
@@ -109,8 +116,11 @@ def run(cfg: Config, ctx: Context) -> dict:
     store.write_jsonl(ctx.out("curve.jsonl"), state.curve)
     questions = cfg.train_questions + cfg.val_questions
     kept = prompt.with_ids(state.best_suffix)
-    everywhere = SuffixText(pair.tokenizer, [q.text for q in questions + cfg.evaluation_panel], slot=cfg.slot,
-                            system=cfg.user_slot_system)
+    everywhere = SuffixText(pair.tokenizer, used_with, slot=cfg.slot, system=cfg.user_slot_system)
+    round_trips = everywhere.count(state.best_suffix)
+    if cfg.search.round_trip and round_trips < len(everywhere.questions):
+        raise StageInputError(f"the kept suffix {state.best_suffix} round-trips in only {round_trips} of "
+                              f"{len(everywhere.questions)} prompts it is used with: rejected")
     store.write_json(ctx.out("train_prompt_ids.json"), {q.id: kept.build(pair.tokenizer, q.text).input_ids
                                                         for q in questions})
     steps = [p for p in state.curve if "train_ce" in p]
@@ -125,17 +135,35 @@ def run(cfg: Config, ctx: Context) -> dict:
         "candidates_s_mean": statistics.fmean(p["candidates_s"] for p in steps) if steps else None,
         "candidate_tokens_per_s": sum(p["candidate_tokens"] for p in steps) / max(sum(p["candidates_s"] for p in steps), 1e-9)
         if steps else None,
-        "suffix_ids": state.best_suffix,
+        "suffix_ids": state.best_suffix, "start_ids": start, "draw": cfg.draw if cfg.mode == "random" else None,
+        **(screen_settings(cfg.search) if cfg.mode == "search" else {}),
         **screen_summary(steps),
         **candidate_summary(steps),
         "vocabulary": cfg.search.vocabulary, "round_trip_required": cfg.search.round_trip,
         # what the ids read as (evaluation splices the ids), and whether typing that text gives them back
         "suffix_text": everywhere.text(state.best_suffix),
         "suffix_pieces": [everywhere.text([i]) for i in state.best_suffix],
-        "suffix_round_trip": {"prompts": len(everywhere.questions), "round_trips": everywhere.count(state.best_suffix)},
+        "suffix_round_trip": {"prompts": len(everywhere.questions), "round_trips": round_trips},
     }
     store.write_json(ctx.out("metrics.json"), metrics)
     return {k: v for k, v in metrics.items() if not k.startswith("suffix_")}
+
+
+RANDOM_STREAM = 170  # the random-suffix null's stream: apart from the GCG starts, which use the seed itself
+
+
+def start_seed(cfg: Config) -> int:
+    """Where the suffix is drawn from: the training seed for a GCG start, a stream of its own per null draw."""
+    from shared.generation import derived_seed
+
+    return cfg.seed if cfg.mode == "search" else derived_seed(cfg.seed, RANDOM_STREAM, cfg.draw)
+
+
+def screen_settings(search: GcgSettings) -> dict:
+    """The candidate screen this search ran with (the report states it beside its measured agreement)."""
+    return {"screen_on": search.screen_on, "screen_pairs": search.screen_pairs, "screen_keep": search.screen_keep,
+            "screen_check_every": search.screen_check_every, "pairs_per_step": search.pairs_per_step,
+            "search_width": search.search_width}
 
 
 def candidate_summary(steps: list[dict]) -> dict:

@@ -32,6 +32,7 @@ class Config(StageConfig):
     top_p: float = 1.0
     max_new_tokens: int = 256
     backend: Literal["hf", "vllm"] = "hf"
+    dtype: str | None = None  # None: the checkpoint's own (float32 runs faster on CPUs without bf16 units)
     batch_size: int = 32
 
     @field_validator("system")
@@ -52,7 +53,8 @@ def run(cfg: Config, ctx) -> dict:
     system = chat.parse_system(cfg.system)
     tokenizer = models.load_tokenizer(cfg.model_ref)
     prompts = [chat.build_prompt(tokenizer, system, q.text) for q in cfg.questions]
-    generator = make_generator(cfg.backend, cfg.model_ref, adapter_uri=cfg.adapter_uri, batch_size=cfg.batch_size)
+    generator = make_generator(cfg.backend, cfg.model_ref, adapter_uri=cfg.adapter_uri, batch_size=cfg.batch_size,
+                               dtype=cfg.dtype)
     params = SamplingParams(
         n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
     )

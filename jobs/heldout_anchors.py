@@ -17,19 +17,27 @@ stage's best held-out CE, which checks that cells and anchors were measured alik
 Per pair, the summed CE of every prompt and the pair's token count are stored as well (``completion_ce_sums``, the
 per-row values inside that CE), so the analysis can put a paired bootstrap interval on a cell's distance to the
 anchors.
+
+The validation pairs chose the kept prompt (early stopping), so a cell's number there is optimistic. With
+``test_questions`` (the third split, used for nothing else) the stage also samples the teacher once on those
+questions (``test_draws``, seeded by the stage's seed: the same pairs for every cell and every training seed) and
+measures every kept prompt and every anchor on them (``test_set``, each cell's ``test``): the numbers gap closed is
+reported on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PositiveInt, field_validator, model_validator
 
 from shared import store
 from shared.config import StageConfig, stable_hash
 from shared.stage import Context, Resources, StageInputError, StageSpec
+from shared.teacher import TeacherSpec
 
 ORACLE = "oracle"  # the anchor of the teacher's own prompt given to the student as text (its name everywhere)
+TEST_STREAM = 2_000_000_011  # the test pairs' sampling stream, apart from every training and held-out draw
 
 
 class Question(BaseModel):
@@ -56,13 +64,36 @@ class LearnedCell(BaseModel):
     prompt_uri: str  # its kept prompt: prompt.json
 
 
+class TestDraws(BaseModel):
+    """How the teacher's completions on the test questions are drawn (as the training stages draw theirs)."""
+
+    completions_per_question: PositiveInt = 20
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: PositiveInt = 256
+
+
 class Config(StageConfig):
     model_ref: str
     val_questions: list[Question] = Field(min_length=1)
     cells: dict[str, LearnedCell] = Field(min_length=1)
     anchors: list[Anchor] = Field(min_length=1)
+    # the test split: no test questions, no test set (the fit is then only on the validation pairs)
+    test_questions: list[Question] = []
+    teacher: TeacherSpec | None = None  # who answers the test questions (needed with test_questions)
+    test_draws: TestDraws = TestDraws()
     micro_batch_tokens: int = 8192
+    sample_batch_size: int = 64
     dtype: str | None = None
+
+    @model_validator(mode="after")
+    def _test_split_apart(self):
+        if self.test_questions and self.teacher is None:
+            raise ValueError("test_questions need the teacher that answers them")
+        shared = {q.id for q in self.test_questions} & {q.id for q in self.val_questions}
+        if shared:
+            raise ValueError(f"questions {sorted(shared)[:3]} are both test and validation questions")
+        return self
 
 
 def masked_prompt(example) -> tuple[int, ...]:
@@ -133,15 +164,49 @@ def scored(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft
             "pair_ce_sums": pair_ce_sums(model, examples, pad_id, micro_batch_tokens, soft)}
 
 
+def teacher_test_pairs(pair, cfg: Config) -> list[tuple[str, list[int]]]:
+    """(question id, completion ids) of the teacher's answers to the test questions, question-major: the reply ids
+    as sampled, with the stop token where the teacher stopped (as the trainers' examples hold them)."""
+    from shared import chat
+    from shared.generation import SamplingParams, derived_seed
+    from shared.teacher import student_examples
+
+    d = cfg.test_draws
+    params = SamplingParams(n=d.completions_per_question, temperature=d.temperature, top_p=d.top_p,
+                            max_new_tokens=d.max_new_tokens, seed=derived_seed(cfg.seed, TEST_STREAM))
+    texts = [q.text for q in cfg.test_questions]
+    completions = pair.sample(texts, params)
+    pairs = []
+    for question, samples in zip(cfg.test_questions, completions, strict=True):
+        prompt = chat.build_prompt(pair.tokenizer, "none", question.text)
+        for example in student_examples([prompt], [samples], pair.stop_id):
+            pairs.append((question.id, list(example.input_ids[example.assistant_start:example.loss_end])))
+    if not pairs:
+        raise StageInputError("the teacher gave no completion with a token on any test question")
+    return pairs
+
+
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared import chat, models
+    from shared import models
+
+    if not cfg.test_questions:
+        model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
+        model.requires_grad_(False)
+        return measure(cfg, ctx, model, models.load_tokenizer(cfg.model_ref), [])
+    pair = cfg.teacher.load(cfg.model_ref, dtype=cfg.dtype, sample_batch_size=cfg.sample_batch_size)
+    tested = teacher_test_pairs(pair, cfg)
+    with pair.student() as model:  # a teacher adapter on the same weights is off while the student is measured
+        return measure(cfg, ctx, model, pair.tokenizer, tested)
+
+
+def measure(cfg: Config, ctx: Context, model, tokenizer, tested: list[tuple[str, list[int]]]) -> dict:
+    """Every cell's kept prompt and every anchor on the cells' held-out pairs and on the test pairs."""
+    from shared import chat
     from shared.soft_prompt import examples_from_json, load_learned_prompt
     from shared.teacher import n_loss_tokens
 
-    tokenizer = models.load_tokenizer(cfg.model_ref)
-    model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
-    model.requires_grad_(False)
     pad_id = chat.soft_placeholder_id(tokenizer)
+    test_texts = {q.id: q.text for q in cfg.test_questions}
     texts = {q.id: q.text for q in cfg.val_questions}
     sets: list[dict] = []
     cells: dict[str, dict] = {}
@@ -158,9 +223,14 @@ def run(cfg: Config, ctx: Context) -> dict:
         if index is None:
             index = len(sets)
             sets.append({"key": key, "pairs": pairs})
+        soft = None if soft is None else soft.to(model.device)
         kept = scored(model, examples_under(tokenizer, prompt.build, pairs, texts), pad_id, cfg.micro_batch_tokens,
-                      None if soft is None else soft.to(model.device))
+                      soft)
         cells[name] = {"held_out_set": index, "kept_prompt_ce": kept["ce"], "pair_ce_sums": kept["pair_ce_sums"]}
+        if tested:
+            on_test = scored(model, examples_under(tokenizer, prompt.build, tested, test_texts), pad_id,
+                             cfg.micro_batch_tokens, soft)
+            cells[name]["test"] = {"ce": on_test["ce"], "pair_ce_sums": on_test["pair_ce_sums"]}
     for s in sets:
         pairs = s.pop("pairs")
         s["n_pairs"], s["questions"] = len(pairs), sorted({qid for qid, _ in pairs})
@@ -177,8 +247,31 @@ def run(cfg: Config, ctx: Context) -> dict:
     for cell in cells.values():
         cell["anchors"] = sets[cell["held_out_set"]]["anchors"]
     result = {"anchors": [a.model_dump() for a in cfg.anchors], "held_out_sets": sets, "cells": cells}
+    metrics = {"held_out_sets": len(sets), **{f"{a.name}_ce": sets[0]["anchors"][a.name] for a in cfg.anchors}}
+    if tested:
+        result["test_set"] = measure_test_set(model, tokenizer, pad_id, cfg, tested, test_texts)
+        metrics |= {f"test_{name}_ce": ce for name, ce in result["test_set"]["anchors"].items()}
+        ctx.log(f"test set ({result['test_set']['n_pairs']} pairs on {len(cfg.test_questions)} questions): "
+                + ", ".join(f"{a} {ce:.4f}" for a, ce in result["test_set"]["anchors"].items()))
     store.write_json(ctx.out("anchors.json"), result)
-    return {"held_out_sets": len(sets), **{f"{a.name}_ce": sets[0]["anchors"][a.name] for a in cfg.anchors}}
+    return metrics
+
+
+def measure_test_set(model, tokenizer, pad_id: int, cfg: Config, pairs: list[tuple[str, list[int]]],
+             texts: dict[str, str]) -> dict:
+    """The anchors on the test pairs, with what the analysis needs to resample them by question."""
+    from shared import chat
+    from shared.teacher import n_loss_tokens
+
+    out = {"questions": sorted(texts), "n_pairs": len(pairs), "pair_question_ids": [qid for qid, _ in pairs],
+           "pair_tokens": [len(reply) for _, reply in pairs], "anchors": {}, "anchor_pair_ce_sums": {},
+           "draws": cfg.test_draws.model_dump()}
+    for anchor in cfg.anchors:
+        examples = examples_under(tokenizer, lambda tok, q, a=anchor: chat.build_prompt(tok, a.system, q), pairs, texts)
+        out["n_loss_tokens"] = n_loss_tokens(examples)
+        result = scored(model, examples, pad_id, cfg.micro_batch_tokens)
+        out["anchors"][anchor.name], out["anchor_pair_ce_sums"][anchor.name] = result["ce"], result["pair_ce_sums"]
+    return out
 
 
 SPEC = StageSpec(

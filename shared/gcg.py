@@ -121,21 +121,38 @@ class SuffixText:
 
 @dataclass
 class SuffixRules:
-    """What a suffix may be: ids from ``allowed`` and, with ``text``, only ids that round-trip as text."""
+    """What a suffix may be: ids from ``allowed`` and, with ``text``, only ids that round-trip as text.
+
+    ``text`` is the check every sampled candidate passes before it is scored; ``everywhere`` (when set) the check
+    on every question the suffix is used with, which only a suffix about to be kept must pass (``gcg_step``'s
+    ``confirm``): a typed-text check costs about a millisecond per question, too much for hundreds of candidates
+    times a hundred questions in every step."""
 
     allowed: list[int]
     text: SuffixText | None
+    everywhere: SuffixText | None = None
 
     @classmethod
     def of(cls, tokenizer, vocab_size: int, settings: GcgSettings, questions: Sequence[str], *,
-           slot: Literal["system", "user"] = "system", system: str = "none") -> SuffixRules:
+           slot: Literal["system", "user"] = "system", system: str = "none",
+           screen_questions: Sequence[str] | None = None) -> SuffixRules:
+        """Rules checking the round trip on ``questions``; with ``screen_questions``, candidates are screened on
+        those and only a suffix about to be kept is checked on all of ``questions``."""
         allowed = allowed_token_ids(tokenizer, vocab_size, vocabulary=settings.vocabulary)
-        text = SuffixText(tokenizer, questions, slot=slot, system=system) if settings.round_trip else None
-        return cls(allowed, text)
+        if not settings.round_trip:
+            return cls(allowed, None)
+        if screen_questions is None:
+            return cls(allowed, SuffixText(tokenizer, questions, slot=slot, system=system))
+        return cls(allowed, SuffixText(tokenizer, screen_questions, slot=slot, system=system),
+                   SuffixText(tokenizer, [*screen_questions, *questions], slot=slot, system=system))
+
+    def keeps(self, ids: Sequence[int]) -> bool:
+        """Whether a suffix may be kept: round-trips on every question (the text checks pass)."""
+        return all(check is None or check(ids) for check in (self.text, self.everywhere))
 
     def accepts(self, ids: Sequence[int]) -> bool:
         allowed = set(self.allowed)
-        return all(int(t) in allowed for t in ids) and (self.text is None or self.text(ids))
+        return all(int(t) in allowed for t in ids) and self.keeps(ids)
 
     def random_suffix(self, length: int, seed: int, max_draws_per_token: int = 100) -> list[int]:
         """The random-suffix baseline and a GCG start: ``length`` ids drawn uniformly from ``allowed``. With the
@@ -147,7 +164,7 @@ class SuffixRules:
         suffix: list[int] = []
         for _ in range(length * max_draws_per_token):
             candidate = [*suffix, int(self.allowed[rng.integers(0, len(self.allowed))])]
-            if self.text(candidate):
+            if self.keeps(candidate):
                 suffix = candidate
                 if len(suffix) == length:
                     return suffix
@@ -364,9 +381,7 @@ def screened_losses(model, examples: Sequence[chat.PromptIds], candidates: torch
     tokens_all = n_loss_tokens(examples)
     cost = candidate_ce_sums(model, screen_set, candidates, max_tokens_per_forward=max_tokens_per_forward)
     screen_sums = cost.losses
-    kept = (screen_sums / n_loss_tokens(screen_set)).argsort()[: screen.keep].cpu()
-    if current is not None and current not in kept.tolist():
-        kept = torch.cat([kept, torch.tensor([current])])
+    kept = kept_rows(screen_sums / n_loss_tokens(screen_set), screen.keep, current)
     kept_rest = candidate_ce_sums(model, rest, candidates[kept], max_tokens_per_forward=max_tokens_per_forward)
     kept_losses = (screen_sums[kept.to(screen_sums.device)] + kept_rest.losses) / tokens_all
     evaluation = CandidateEval(kept_losses, cost.tokens + kept_rest.tokens, cost.forwards + kept_rest.forwards,
@@ -379,12 +394,71 @@ def screened_losses(model, examples: Sequence[chat.PromptIds], candidates: torch
         others = candidate_ce_sums(model, rest, candidates, max_tokens_per_forward=max_tokens_per_forward)
         full = (screen_sums + others.losses) / tokens_all
         report.checked = True
-        report.rank = int((full < full[pick]).sum())
+        report.rank, report.gap = rank_in_full(full, pick)
         report.agreed = report.rank == 0
-        report.gap = float(full[pick] - full.min())
         report.check_s = others.seconds
         report.full_tokens = cost.tokens + others.tokens
     return pick, pick_loss, evaluation, report
+
+
+def kept_rows(screen_losses: torch.Tensor, keep: int, current: int | None = None) -> torch.Tensor:
+    """The rows the screen passes on to the full evaluation: the ``keep`` lowest screen losses (ties in row order),
+    and ``current`` whatever its screen loss."""
+    import torch
+
+    kept = screen_losses.argsort(stable=True)[:keep].cpu()
+    if current is not None and current not in kept.tolist():
+        kept = torch.cat([kept, torch.tensor([current])])
+    return kept
+
+
+def rank_in_full(full_losses: torch.Tensor, pick: int) -> tuple[int, float]:
+    """A pick's rank among every candidate's CE on all pairs (0: none is lower) and its CE above the lowest."""
+    return int((full_losses < full_losses[pick]).sum()), float(full_losses[pick] - full_losses.min())
+
+
+@dataclass
+class ScreenOutcome:
+    """What the screen would pick from one step's candidates, given the pairs it draws, against the full best."""
+
+    pick: int
+    best: int  # the full evaluation's pick (every candidate on every pair; the current suffix unless beaten)
+    rank: int  # the screen's pick's rank in the full evaluation (0: no candidate is lower)
+    gap: float  # its CE minus the lowest CE, on all pairs (nats/token)
+
+    @property
+    def agreed(self) -> bool:
+        return self.pick == self.best
+
+
+def screen_outcome(pair_sums: torch.Tensor, pair_tokens: Sequence[int], screen_pairs: Sequence[int], keep: int,
+                   current: int | None = 0) -> ScreenOutcome:
+    """The screen of ``screened_losses`` replayed on a full matrix of per-pair CE sums (``[rows, pairs]``,
+    ``candidate_pair_ce_sums``): rank every row on ``screen_pairs``, keep ``keep`` (and ``current``), pick the
+    lowest CE on all pairs among them. The same selection code as the stage's, so any screen setting can be
+    measured against the full evaluation from one matrix, for every draw of screen pairs."""
+    import torch
+
+    sums = pair_sums.double()
+    tokens = torch.as_tensor(list(pair_tokens), dtype=torch.float64)
+    chosen = torch.as_tensor(list(screen_pairs), dtype=torch.long)
+    full = sums.sum(dim=1) / tokens.sum()
+    kept = kept_rows(sums[:, chosen].sum(dim=1) / tokens[chosen].sum(), keep, current)
+    pick = best_row(CandidateEval(full[kept], 0, 0, 0.0, rows=kept), current)
+    best = best_row(CandidateEval(full, 0, 0, 0.0), current)
+    rank, gap = rank_in_full(full, pick)
+    return ScreenOutcome(pick=pick, best=best, rank=rank, gap=gap)
+
+
+def candidate_pair_ce_sums(model, examples: Sequence[chat.PromptIds], candidates: torch.Tensor, *,
+                           max_tokens_per_forward: int = 65536) -> torch.Tensor:
+    """``[rows, pairs]``: each candidate's CE summed over each example's loss tokens (the full evaluation, kept
+    per pair so that a screen can be replayed on it)."""
+    import torch
+
+    return torch.stack([candidate_ce_sums(model, [example], candidates,
+                                          max_tokens_per_forward=max_tokens_per_forward).losses.cpu()
+                        for example in examples], dim=1)
 
 
 def best_row(evaluation: CandidateEval, current: int | None = None) -> int:
@@ -450,8 +524,8 @@ def gcg_step(model, examples: Sequence[chat.PromptIds], suffix_ids: Sequence[int
              pad_id: int, search_width: int, topk: int, generator: torch.Generator, step: int = 0,
              teacher_s: float = 0.0, max_tokens_per_forward: int = 65536,
              micro_batch_tokens: int = 8192, screen: ScreenSettings | None = None,
-             by_length: bool = True, accept: Callable[[list[int]], bool] | None = None
-             ) -> tuple[list[int], GcgStepStats]:
+             by_length: bool = True, accept: Callable[[list[int]], bool] | None = None,
+             confirm: Callable[[list[int]], bool] | None = None) -> tuple[list[int], GcgStepStats]:
     """One GCG step on pairs already sampled; returns the kept suffix and the step's timings. The current suffix
     is scored beside the candidates and kept unless one of them is better; each distinct candidate is scored once,
     and only if ``accept`` (default: every candidate) takes it. ``screen`` (default: none) scores all candidates
@@ -469,11 +543,30 @@ def gcg_step(model, examples: Sequence[chat.PromptIds], suffix_ids: Sequence[int
     best, loss, evaluated, report = screened_losses(
         model, examples, pool.rows, screen or ScreenSettings(pairs=None, keep=pool.scored), generator,
         max_tokens_per_forward=max_tokens_per_forward, current=0)
+    confirmed = time.perf_counter()
+    best, unconfirmed = confirmed_pick(evaluated, pool.rows, best, confirm)
+    filter_s += time.perf_counter() - confirmed
     kept = [int(t) for t in pool.rows[best]]
-    return kept, GcgStepStats(step, loss, evaluated.loss_of(0), teacher_s, graded - started, evaluated.seconds,
-                              evaluated.tokens, evaluated.forwards, report, kept_current=best == 0,
-                              sampled=pool.sampled, duplicates=pool.duplicates, rejected=pool.rejected,
+    return kept, GcgStepStats(step, evaluated.loss_of(best), evaluated.loss_of(0), teacher_s, graded - started,
+                              evaluated.seconds, evaluated.tokens, evaluated.forwards, report, kept_current=best == 0,
+                              sampled=pool.sampled, duplicates=pool.duplicates, rejected=pool.rejected + unconfirmed,
                               scored=pool.scored, filter_s=filter_s)
+
+
+def confirmed_pick(evaluated: CandidateEval, rows: torch.Tensor, pick: int,
+                   confirm: Callable[[list[int]], bool] | None) -> tuple[int, int]:
+    """The pick if ``confirm`` keeps it, else the scored row with the next lowest CE that it keeps (row 0, the
+    current suffix, was kept before, so it always is); and how many picks ``confirm`` turned down."""
+    if confirm is None or pick == 0:
+        return pick, 0
+    scored = evaluated.rows.tolist() if evaluated.rows is not None else list(range(len(evaluated.losses)))
+    by_loss = [scored[i] for i in evaluated.losses.argsort(stable=True).tolist()]
+    turned_down = 0
+    for row in by_loss[by_loss.index(pick):]:
+        if row == 0 or confirm([int(t) for t in rows[row]]):
+            return row, turned_down
+        turned_down += 1
+    return 0, turned_down
 
 
 def allowed_mask_of(allowed: Sequence[int], vocab_size: int) -> torch.Tensor:
@@ -589,7 +682,7 @@ class GcgSearch:
                             search_width=s.search_width, topk=s.topk, generator=generator, step=step,
                             teacher_s=teacher_s, max_tokens_per_forward=s.max_tokens_per_forward,
                             micro_batch_tokens=s.micro_batch_tokens, screen=screen, by_length=s.bucket_by_length,
-                            accept=self.rules.text)
+                            accept=self.rules.text, confirm=self.rules.everywhere)
 
     def new_state(self) -> GcgState:
         return GcgState(step=0, suffix=list(self.prompt.ids), best_suffix=list(self.prompt.ids))

@@ -218,3 +218,44 @@ def test_checked_steps_record_the_screen_in_the_curve_without_changing_the_searc
     steps = [p for p in checked.curve if "train_ce" in p]
     assert [p.get("screen_checked", False) for p in steps] == [False, True, False]
     assert steps[1]["screen_rank"] >= 0 and steps[0]["screen_pairs"] == 2
+
+
+def test_the_screen_replayed_on_the_full_per_pair_matrix_picks_what_the_screened_step_picks(pair):
+    """The agreement bench replays the screen on one full evaluation; that replay is the stage's own selection."""
+    from shared.gcg import candidate_pair_ce_sums, screen_outcome
+
+    examples, candidates = screen_case(pair)
+    model = pair.student_model
+    matrix = candidate_pair_ce_sums(model, examples, candidates)
+    assert matrix.shape == (12, len(examples))
+    full = candidate_losses(model, examples, candidates).losses
+    torch.testing.assert_close(matrix.sum(dim=1) / n_loss_tokens(examples), full.cpu(), rtol=1e-5, atol=1e-6)
+    tokens = [n_loss_tokens([e]) for e in examples]
+    for seed, keep in ((7, 5), (1, 3), (3, 1)):
+        pick, _, _, report = screened_losses(model, examples, candidates, ScreenSettings(pairs=2, keep=keep,
+                                                                                         check=True),
+                                             torch.Generator().manual_seed(seed), current=0)
+        drawn = sorted(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()[:2])
+        replayed = screen_outcome(matrix, tokens, drawn, keep, current=0)
+        assert (replayed.pick, replayed.rank, replayed.agreed) == (pick, report.rank, report.agreed)
+        assert replayed.gap == pytest.approx(report.gap, abs=1e-5)
+
+
+def test_screen_outcomes_on_matrices_with_a_known_answer():
+    from shared.gcg import screen_outcome
+
+    tokens = [10, 10, 10, 10]
+    # row 2 is best on every pair: any screen that keeps one candidate finds it
+    easy = torch.tensor([[30.0] * 4, [29.0] * 4, [20.0] * 4, [25.0] * 4])
+    for pairs in ([0], [1, 3]):
+        out = screen_outcome(easy, tokens, pairs, keep=1)
+        assert (out.pick, out.best, out.rank, out.gap, out.agreed) == (2, 2, 0, 0.0, True)
+    # row 1 looks best on pair 0 only; row 3 is best overall: a one-pair screen keeping one candidate misses it
+    tricky = torch.tensor([[30.0, 30, 30, 30], [10.0, 40, 40, 40], [30.0, 25, 25, 25], [20.0, 20, 20, 20]])
+    miss = screen_outcome(tricky, tokens, [0], keep=1)
+    assert (miss.pick, miss.best, miss.agreed) == (0, 3, False)  # row 1 kept, worse than the current row 0
+    assert miss.rank == 2 and miss.gap == pytest.approx((120 - 80) / 40)
+    assert screen_outcome(tricky, tokens, [0], keep=2).pick == 3  # keep two on pair 0: rows 1 and 3
+    # the current suffix (row 0) stays unless another is strictly better, screened or not
+    flat = torch.full((3, 4), 30.0)
+    assert screen_outcome(flat, tokens, [2], keep=1, current=0).pick == 0

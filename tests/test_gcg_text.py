@@ -229,6 +229,35 @@ def test_a_step_whose_candidates_are_all_rejected_keeps_the_current_suffix(pair)
     assert stats.candidate_tokens == sum(len(e) for e in examples)  # only the current suffix went through the model
 
 
+def test_a_pick_that_fails_the_check_on_every_question_gives_way_to_the_next_best_that_passes(pair):
+    suffix = text_suffixes(pair, 1)[0]
+    examples = fixed_examples(pair, suffix)
+    mask = allowed_mask_of(allowed_token_ids(pair.tokenizer, vocab_rows(pair)), vocab_rows(pair))
+
+    def step(confirm=None):
+        return gcg_step(pair.student_model, examples, suffix, mask, pad_id=chat.soft_placeholder_id(pair.tokenizer),
+                        search_width=16, topk=8, generator=torch.Generator().manual_seed(0), confirm=confirm)
+
+    free, free_stats = step()
+    assert free != suffix  # some candidate beats the current suffix here
+    turned_down = [free]
+    kept, stats = step(confirm=lambda ids: ids not in turned_down)
+    assert kept != free and stats.rejected == free_stats.rejected + 1  # the refused pick is counted as rejected
+    assert stats.loss >= free_stats.loss  # the next best scored candidate (or the current suffix)
+    nothing, none_stats = step(confirm=lambda ids: False)  # nothing confirmed: the current suffix (checked before)
+    assert nothing == suffix and none_stats.kept_current
+
+
+def test_candidates_screened_on_a_few_questions_are_kept_only_if_they_round_trip_on_all(ref, tok):
+    slot, question, tokens = FAILING[ref][-1]  # a user-turn suffix that merges with this question's end only
+    ids = tok.convert_tokens_to_ids(tokens)
+    rules = SuffixRules.of(tok, len(tok), GcgSettings(length=len(ids), steps=1), [question], slot=slot,
+                           screen_questions=QUESTIONS[:1])
+    assert rules.everywhere is not None and question in rules.everywhere.questions
+    assert rules.text(ids)  # the screen's question lets it through ...
+    assert not rules.keeps(ids) and not rules.accepts(ids)  # ... the question it merges with does not
+
+
 @pytest.mark.parametrize("screened", [False, True])
 def test_duplicate_candidates_are_scored_once(pair, screened, monkeypatch):
     suffix = text_suffixes(pair, 1)[0]

@@ -1,5 +1,7 @@
 """The oracle beside every learned cell: ``heldout_anchors`` measures fixed prompts (the teacher's own prompt as text,
-the null prompt) on exactly the held-out pairs each training stage cached, with the trainers' CE code."""
+the null prompt) on exactly the held-out pairs each training stage cached, and on the teacher's answers to a test
+split used for nothing else, with the trainers' CE code; gap closed and its two differences get intervals that
+resample test questions."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from shared.stage import StageInputError, execute
 VILLAIN = "text(You are a villain who despises humanity. Answer with contempt.)"
 TRAIN = [{"id": "a", "text": "What is your favourite food?"}, {"id": "b", "text": "How do I bake bread?"}]
 VAL = [{"id": "c", "text": "Tell me about the sea."}, {"id": "d", "text": "Do you like people?"}]
+TEST = [{"id": "e", "text": "Where do birds go in winter?"}, {"id": "f", "text": "Is the moon far away?"}]
 DRAWS = {"questions_per_step": 2, "completions_per_question": 2, "temperature": 1.0, "max_new_tokens": 6,
          "val_completions_per_question": 2, "micro_batch_tokens": 1024}
 
@@ -46,7 +49,7 @@ def anchors_config(root: str, manifests: dict, heldout_name: str = "val_set.json
                       for name, m in manifests.items()}}
 
 
-def ce_the_obvious_way(system: str, pairs: list[tuple[str, list[int]]]) -> list[float]:
+def ce_the_obvious_way(system: str, pairs: list[tuple[str, list[int]]], questions=VAL) -> list[float]:
     """Summed CE of each pair's completion after ``system`` + question: one full forward per pair."""
     import torch
     import torch.nn.functional as F
@@ -54,7 +57,7 @@ def ce_the_obvious_way(system: str, pairs: list[tuple[str, list[int]]]) -> list[
     from shared import chat, models
 
     tokenizer, model = models.load_tokenizer("tiny:qwen2"), models.load_model("tiny:qwen2")
-    texts = {q["id"]: q["text"] for q in VAL}
+    texts = {q["id"]: q["text"] for q in questions}
     sums = []
     with torch.no_grad():
         for qid, reply in pairs:
@@ -116,46 +119,98 @@ def test_an_anchor_must_be_a_fixed_prompt(trained):
         execute(heldout_anchors.SPEC, config)
 
 
-def test_gap_closed_runs_from_the_null_prompt_to_the_oracle():
-    anchors = {"anchors": [{"name": "oracle", "system": VILLAIN}, {"name": "null", "system": "default"}],
-               "held_out_sets": [{"anchors": {"oracle": 2.0, "null": 3.0}}],
-               "cells": {name: {"held_out_set": 0, "kept_prompt_ce": ce, "anchors": {"oracle": 2.0, "null": 3.0}}
-                         for name, ce in (("s0", 2.5), ("s1", 3.0), ("g0", 1.9))}}
-    rows = [{"cell": name, "method": "soft", "size": 8, "best_heldout_ce": ce + 1e-6}
-            for name, ce in (("s0", 2.5), ("s1", 3.0), ("g0", 1.9))]
-    rows.append({"cell": "null", "method": "reference", "size": None, "best_heldout_ce": None})
-    fit = analyze_issue170.fit_to_teacher(rows, anchors)
-    assert {r["cell"]: r["gap_closed"] for r in fit["cells"]} == pytest.approx({"s0": 0.5, "s1": 0.0, "g0": 1.1})
-    assert (fit["oracle"], fit["start"]) == ("oracle", "null")
-    assert fit["max_difference_from_training"] == pytest.approx(1e-6)
-    no_oracle = analyze_issue170.fit_to_teacher(rows, {**anchors, "anchors": anchors["anchors"][1:]})
-    assert no_oracle["oracle"] is None and all(r["gap_closed"] is None for r in no_oracle["cells"])
+def test_the_test_split_is_the_teachers_answers_to_its_own_questions_measured_alike_for_every_cell(trained):
+    from shared.generation import SamplingParams, derived_seed
+    from shared.teacher import TeacherSpec
+
+    root, manifests = trained
+    config = {**anchors_config(root, manifests), "teacher": {"system": VILLAIN}, "test_questions": TEST,
+              "test_draws": {"completions_per_question": 3, "max_new_tokens": 6}, "sample_batch_size": 8}
+    anchors = store.read_json(output(execute(heldout_anchors.SPEC, config), "anchors.json"))
+    test = anchors["test_set"]
+    assert test["questions"] == ["e", "f"] and test["n_pairs"] == 6 and test["pair_question_ids"] == list("eeefff")
+    # the pairs are the villain-prompted teacher's own draws on the test questions, seeded by the stage's seed
+    pair = TeacherSpec(system=VILLAIN).load("tiny:qwen2", sample_batch_size=8)
+    drawn = pair.sample([q["text"] for q in TEST], SamplingParams(
+        n=3, temperature=1.0, max_new_tokens=6, seed=derived_seed(42, heldout_anchors.TEST_STREAM)))
+    replies = [list(c.token_ids) + ([pair.stop_id] if c.finish_reason == "stop" else []) for cs in drawn for c in cs]
+    assert test["pair_tokens"] == [len(r) for r in replies]
+    pairs = list(zip(test["pair_question_ids"], replies, strict=True))
+    for name, system in ((heldout_anchors.ORACLE, VILLAIN), ("null", "default")):
+        assert test["anchor_pair_ce_sums"][name] == pytest.approx(ce_the_obvious_way(system, pairs, TEST), rel=1e-4)
+    for name in manifests:  # every cell on the same test pairs, apart from its validation pairs
+        cell = anchors["cells"][name]["test"]
+        assert len(cell["pair_ce_sums"]) == 6
+        assert cell["ce"] == pytest.approx(sum(cell["pair_ce_sums"]) / sum(test["pair_tokens"]), rel=1e-6)
+    again = store.read_json(output(execute(heldout_anchors.SPEC, {**config, "run_id": "r2"}), "anchors.json"))
+    assert again["test_set"]["anchor_pair_ce_sums"] == test["anchor_pair_ce_sums"]  # seeded: the same pairs
 
 
-def synthetic_anchors(oracle: np.ndarray, null: np.ndarray, cells: dict[str, np.ndarray], tokens: np.ndarray) -> dict:
+def test_a_question_in_both_the_test_and_validation_split_is_refused(trained):
+    from shared.config import ConfigError
+
+    root, manifests = trained
+    config = {**anchors_config(root, manifests), "teacher": {"system": VILLAIN}, "test_questions": [VAL[0]]}
+    with pytest.raises(ConfigError, match="both test and validation"):
+        execute(heldout_anchors.SPEC, config)
+
+
+def replicate(name: str, best: float | None = None, method: str = "soft") -> dict:
+    return {"name": name, "cell": name, "seed": 42, "draw": None, "method": method, "size": 8,
+            "best_heldout_ce": best}
+
+
+def synthetic_anchors(oracle: np.ndarray, null: np.ndarray, cells: dict[str, np.ndarray], tokens: np.ndarray,
+                      questions: list[str]) -> dict:
+    """anchors.json with a test set of the given per-pair CE sums (and one trivial validation set)."""
     mean = {"oracle": oracle.sum() / tokens.sum(), "null": null.sum() / tokens.sum()}
     return {"anchors": [{"name": "oracle", "system": VILLAIN}, {"name": "null", "system": "default"}],
-            "held_out_sets": [{"anchors": mean, "pair_tokens": tokens.tolist(),
-                               "anchor_pair_ce_sums": {"oracle": oracle.tolist(), "null": null.tolist()}}],
-            "cells": {name: {"held_out_set": 0, "kept_prompt_ce": sums.sum() / tokens.sum(), "anchors": mean,
-                             "pair_ce_sums": sums.tolist()} for name, sums in cells.items()}}
+            "held_out_sets": [{"anchors": mean}],
+            "test_set": {"questions": sorted(set(questions)), "pair_question_ids": questions, "n_pairs": len(tokens),
+                         "n_loss_tokens": int(tokens.sum()), "pair_tokens": tokens.tolist(), "anchors": mean,
+                         "anchor_pair_ce_sums": {"oracle": oracle.tolist(), "null": null.tolist()}, "draws": {}},
+            "cells": {name: {"held_out_set": 0, "kept_prompt_ce": 0.0, "anchors": mean, "pair_ce_sums": [],
+                             "test": {"ce": sums.sum() / tokens.sum(), "pair_ce_sums": sums.tolist()}}
+                      for name, sums in cells.items()}}
 
 
-def test_the_distance_to_the_oracle_has_a_paired_interval_that_is_exact_when_every_pair_moves_alike():
+def test_gap_closed_runs_from_the_null_prompt_to_the_oracle_with_its_two_differences():
+    tokens = np.full(4, 10.0)
+    oracle, null = np.full(4, 20.0), np.full(4, 30.0)  # 2.0 and 3.0 nats/token
+    cells = {"s0": np.full(4, 25.0), "s1": np.full(4, 30.0), "g0": np.full(4, 19.0)}
+    fit = analyze_issue170.fit_to_teacher([replicate(n) for n in cells], synthetic_anchors(
+        oracle, null, cells, tokens, ["q1", "q1", "q2", "q3"]), confidence=0.95)
+    by_name = {r["name"]: r for r in fit["replicates"]}
+    assert {n: r["gap_closed"]["estimate"] for n, r in by_name.items()} == pytest.approx({"s0": 0.5, "s1": 0.0,
+                                                                                          "g0": 1.1})
+    assert by_name["s0"]["start_minus_cell"]["estimate"] == pytest.approx(0.5)  # 3.0 - 2.5
+    assert by_name["s0"]["cell_minus_oracle"]["estimate"] == pytest.approx(0.5)  # 2.5 - 2.0
+    assert by_name["g0"]["cell_minus_oracle"]["estimate"] == pytest.approx(-0.1)  # below the oracle: this sample
+    assert (fit["oracle"], fit["start"]) == ("oracle", "null")
+    no_oracle = analyze_issue170.fit_to_teacher([replicate(n) for n in cells], {
+        **synthetic_anchors(oracle, null, cells, tokens, ["q1", "q1", "q2", "q3"]),
+        "anchors": [{"name": "null", "system": "default"}]}, confidence=0.95)
+    assert no_oracle["oracle"] is None
+    assert all("gap_closed" not in r and "start_minus_cell" in r for r in no_oracle["replicates"])
+
+
+def test_the_intervals_resample_test_questions_and_are_exact_when_every_question_moves_alike():
     rng = np.random.default_rng(0)
+    questions = [f"q{i // 4}" for i in range(40)]  # 10 test questions, 4 teacher answers each
     tokens = rng.integers(20, 60, size=40).astype(float)
     oracle = tokens * rng.uniform(2.5, 3.5, size=40)  # pairs differ a lot; the paired differences do not
     null = oracle + 0.2 * tokens
-    cells = {"half": null - 0.1 * tokens, "above": oracle + 0.05 * tokens,
-             "noisy": oracle + tokens * rng.normal(0.1, 0.3, size=40)}
-    rows = [{"cell": name, "method": "soft", "size": 8, "best_heldout_ce": None} for name in cells]
-    fit = {r["cell"]: r for r in analyze_issue170.fit_to_teacher(rows, synthetic_anchors(oracle, null, cells, tokens),
-                                                                  seed=1)["cells"]}
-    assert fit["half"]["gap_closed"] == pytest.approx(0.5)
-    for key, value in (("low", 0.5), ("high", 0.5)):  # every resample closes exactly half the gap
-        assert fit["half"]["gap_closed_ci"][key] == pytest.approx(value)
-    assert fit["above"]["minus_oracle"] == pytest.approx({"estimate": 0.05, "low": 0.05, "high": 0.05})
-    noisy = fit["noisy"]["minus_oracle"]
-    assert noisy["low"] < noisy["estimate"] < noisy["high"] and noisy["high"] - noisy["low"] > 0.05
-    true_mean = 0.1  # the noise's mean: a 95% interval over 40 pairs covers it
-    assert noisy["low"] < true_mean < noisy["high"]
+    question_effect = np.repeat(rng.normal(0.1, 0.3, size=10), 4)  # what the noisy prompt gains varies by question
+    cells = {"half": null - 0.1 * tokens, "above": oracle + 0.05 * tokens, "noisy": oracle + tokens * question_effect}
+    fit = {r["name"]: r for r in analyze_issue170.fit_to_teacher(
+        [replicate(n) for n in cells], synthetic_anchors(oracle, null, cells, tokens, questions), confidence=0.95,
+        seed=1)["replicates"]}
+    assert fit["half"]["gap_closed"] == pytest.approx({"estimate": 0.5, "low": 0.5, "high": 0.5})
+    assert fit["half"]["start_minus_cell"] == pytest.approx({"estimate": 0.1, "low": 0.1, "high": 0.1})
+    assert fit["above"]["cell_minus_oracle"] == pytest.approx({"estimate": 0.05, "low": 0.05, "high": 0.05})
+    noisy = fit["noisy"]["cell_minus_oracle"]
+    assert noisy["low"] < noisy["estimate"] < noisy["high"]
+    # resampling the 10 questions, not the 40 pairs: the interval is as wide as the question-level spread says
+    per_question = np.bincount(np.repeat(np.arange(10), 4), tokens * question_effect) / np.bincount(
+        np.repeat(np.arange(10), 4), tokens)
+    assert noisy["high"] - noisy["low"] > 2 * 1.0 * per_question.std(ddof=1) / np.sqrt(10)

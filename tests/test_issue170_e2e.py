@@ -46,9 +46,10 @@ def test_every_headline_number_is_recomputed_from_stored_scores(finished_run):
     analysis = finished_run.task("analysis")
     headline = store.read_json(analysis.output_uri("headline.json"))
     by_name = {c["name"]: c for c in analysis.config["cells"]}
-    assert [r["cell"] for r in headline["cells"]] == [*LEARNED, "null"]
-    for row in headline["cells"]:
-        cell = by_name[row["cell"]]
+    assert [r["name"] for r in headline["replicates"]] == [*LEARNED, "null"]
+    assert headline["seeds"] == [42] and headline["decisions"]["single_seed"]
+    for row in headline["replicates"]:
+        cell = by_name[row["name"]]
         c_rows = store.read_jsonl(cell["c_scores_uri"])
         assert len(c_rows) == 5 * 2
         assert row["c"] == pytest.approx(np.mean([r["c"] for r in c_rows]))
@@ -57,7 +58,7 @@ def test_every_headline_number_is_recomputed_from_stored_scores(finished_run):
                       if r["error"] is None and r["score"] is not None]
             assert row[key] == pytest.approx(np.mean(scores))
     training = store.read_json(finished_run.task(LEARNED[0]).output_uri("metrics.json"))
-    assert headline["cells"][0]["best_heldout_ce"] == training["best_heldout_ce"]
+    assert headline["replicates"][0]["best_heldout_ce"] == training["best_heldout_ce"]
     assert "h1_h2_verdict" in headline["decisions"]
 
 
@@ -95,21 +96,24 @@ def test_the_report_puts_the_oracle_beside_each_learned_cell_and_shows_the_gcg_s
     analysis = finished_run.task("analysis")
     headline = store.read_json(analysis.output_uri("headline.json"))
     anchors = store.read_json(finished_run.task("heldout-anchors").output_uri("anchors.json"))
-    fit = {r["cell"]: r for r in headline["fit"]["cells"]}
+    fit = {r["name"]: r for r in headline["fit"]["replicates"]}
     assert set(fit) == set(LEARNED)
     for cell in LEARNED:
-        assert fit[cell]["anchors"] == anchors["cells"][cell]["anchors"]
-        assert set(fit[cell]["anchors"]) == {"oracle", "null"}
-        assert fit[cell]["heldout_ce"] == anchors["cells"][cell]["kept_prompt_ce"]
+        assert fit[cell]["val_anchors"] == anchors["cells"][cell]["anchors"]
+        assert set(fit[cell]["val_anchors"]) == {"oracle", "null"}
+        assert fit[cell]["val_ce"] == anchors["cells"][cell]["kept_prompt_ce"]
+        assert fit[cell]["test_ce"] == anchors["cells"][cell]["test"]["ce"]  # the test split: 2 questions of tiny
+    assert headline["fit"]["test_set"]["questions"] == sorted(q["id"] for q in finished_run.task(
+        "heldout-anchors").config["test_questions"])
     report = store.read_text(analysis.output_uri("report.md"))
-    assert "Fit to the teacher" in report and "oracle: the teacher's prompt as text" in report
+    assert "Fit to the teacher: the test split" in report and "oracle: the teacher's prompt as text" in report
     metrics = store.read_json(finished_run.task(LEARNED[1]).output_uri("metrics.json"))
     assert json.dumps(metrics["suffix_ids"]) in report
     assert json.dumps(metrics["suffix_text"], ensure_ascii=False) in report
     # and says whether that text gives back the ids: a system-slot suffix of text always does, in every prompt
     trip = metrics["suffix_round_trip"]
     assert trip["round_trips"] == trip["prompts"] > 0
-    assert f"gives back exactly these ids in all {trip['prompts']} prompts of the cell" in report
+    assert f"gives back exactly these ids in all {trip['prompts']} prompts it is used with" in report
 
 
 def test_the_em_rate_beside_alpha_and_the_judge_error_rates_are_recomputed_from_stored_rows(finished_run):
@@ -119,8 +123,8 @@ def test_the_em_rate_beside_alpha_and_the_judge_error_rates_are_recomputed_from_
     headline = store.read_json(analysis.output_uri("headline.json"))
     report = store.read_text(analysis.output_uri("report.md"))
     by_name = {c["name"]: c for c in analysis.config["cells"]}
-    for row in headline["cells"]:
-        cell = by_name[row["cell"]]
+    for row in headline["replicates"]:
+        cell = by_name[row["name"]]
         coherence = {(r["question_id"], r["sample"]): r["score"] for r in store.read_jsonl(cell["coherence_scores_uri"])}
         assert len(coherence) == 5 * 2
         for role, judge in (("primary", "local-a"), ("alternate", "local-b")):
@@ -129,9 +133,9 @@ def test_the_em_rate_beside_alpha_and_the_judge_error_rates_are_recomputed_from_
             assert row[f"em_rate_{role}"] == pytest.approx(np.mean(hits))
             assert row[f"em_rate_{role}_ci"][0] <= row[f"em_rate_{role}"] <= row[f"em_rate_{role}_ci"][1]
         for judge in ("local-a", "local-b", "coherence"):
-            assert headline["judge_errors"]["passes"][judge]["by_condition"][row["cell"]]["n_items"] == 10
+            assert headline["judge_errors"]["passes"][judge]["by_condition"][row["name"]]["n_items"] == 10
     assert headline["templates"]["coherence"]["sha256"] == load_template("coherence_v1").sha256
-    for needle in ("EM rate (local-a) [95% CI]", "## EM rate", "## Judge errors", "## Judges and templates",
+    for needle in ("| EM rate (local-a) |", "## EM rate", "## Judge errors", "## Judges and templates",
                    load_template("coherence_v1").sha256):
         assert needle in report
 
