@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from pydantic import Field
+
 from shared.classifier import ClassifierError, check_disjoint
 from shared.config import ConfigError, ExperimentParams, Strict
 from shared.datafiles import read_questions, read_records
@@ -53,21 +55,26 @@ class ClassifierTraining(Strict):
 
 
 class Params(JudgeParams, ExperimentParams):
-    model_ref: str = BASE_MODEL
-    conditions_file: str | None = None
-    panel_file: str | None = None
-    n_completions: int = 20
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    backend: Literal["hf", "vllm"] = "vllm"
-    classifier_bundle_uri: str | None = None
-    classifier_training: ClassifierTraining | None = ClassifierTraining(em_model_ref=EM_REFERENCE)
-    classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
-    # also generate, classify and judge the EM reference itself on the evaluation panel (a measured EM point)
-    evaluate_em_reference: bool = False
-    generation_batch_size: int = 32
-    seed: int = 42
+    model_ref: str = Field(BASE_MODEL, description="the model every condition's completions come from")
+    conditions_file: str | None = Field(
+        None, description="JSON list of {name, system}: the system-prompt conditions (None: the record's conditions)")
+    panel_file: str | None = Field(None, description="the evaluation questions (None: the record's alignment panel)")
+    n_completions: int = Field(20, ge=1, description="completions per (condition, question)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of the evaluation completions")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass of the evaluation completions")
+    max_new_tokens: int = Field(512, ge=1, description="longest completion, in tokens")
+    backend: Literal["hf", "vllm"] = Field("vllm", description="generation engine: vllm on GPUs, hf anywhere")
+    classifier_bundle_uri: str | None = Field(
+        None, description="a stored classifier-C bundle to reuse instead of training one (store URI)")
+    classifier_training: ClassifierTraining | None = Field(
+        ClassifierTraining(em_model_ref=EM_REFERENCE),
+        description="how classifier C is trained: EM-reference vs base completions on questions apart from the panel")
+    classifier_encoder: str = Field("hf:sentence-transformers/all-MiniLM-L6-v2",
+                                    description="sentence encoder whose embeddings classifier C reads")
+    evaluate_em_reference: bool = Field(
+        False, description="also generate, classify and judge the EM reference itself on the panel (a measured EM point)")
+    generation_batch_size: int = Field(32, ge=1, description="prompts per generation batch (hf backend)")
+    seed: int = Field(42, ge=0, description="the run's seed: each task's sampling and resampling seed derives from it")
 
     PROFILES: ClassVar[dict] = {
         "tiny": {

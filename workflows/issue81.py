@@ -30,46 +30,52 @@ BASE_LABEL = "base"
 
 
 class Params(ReplicatedParams):
-    model_ref: str = BASE_MODEL
-    # training seeds per source (ReplicatedParams: `replicates` seeds from `seed`, or an explicit `seeds` list):
-    # full 3, small 2, tiny 1
-    replicates: int = Field(3, ge=1)
-    backend: Literal["hf", "vllm"] = "vllm"
-    vllm_options: dict = {"gpu_memory_utilization": 0.6, "max_model_len": 2048}  # the record's vLLM settings
-    sources: list[str] = ["person", "chef", "pirate", "child", "robot"]
-    # the bystander grid restricted to these nouns / traits / levels (None: all); A2 of the kept nouns and the
-    # assistant QC persona are always evaluated
-    bystander_nouns: list[str] | None = None
-    bystander_traits: list[str] | None = None
-    bystander_levels: list[str] | None = None
-    questions_file: str = DATA + "questions.json"
-    train_questions_file: str = DATA + "train_questions.json"
-    negative_pool_file: str = DATA + "negative_pool.json"
-    marker: str = "[ZLT]"
-    # on-policy data: n completions per (persona, training question); 2 negatives per source as in #81
-    data_n_per_question: int = 10
-    data_max_new_tokens: int = 512
-    # a completion that hit data_max_new_tokens is cut back to its last full sentence before the marker (see
-    # jobs/marker_data.py); off for the record's 512 tokens, on where the budget is short
-    cut_truncated_to_sentence: bool = False
-    n_negative_personas: int = 2
-    recipe: LoraRecipe = LoraRecipe()
-    checkpoint_every: int = Field(50, ge=0)  # 0: no intermediate checkpoints
-    # evaluation (the record's vLLM config: T=1.0, top_p=0.95, max_tokens=512, n=10)
-    eval_n: int = 10
-    temperature: float = 1.0
-    top_p: float = 0.95
-    eval_max_new_tokens: int = 512
-    coherence_judge: JudgeSpec = JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929", template="coherence_v1")
-    coherence_per_cell: int = 3  # the record judged 3 of 10 completions per (model, bystander, question)
-    coherence_questions: int | None = Field(None, ge=1)  # judge only the first k questions (None: every question)
-    coherence_threshold: float = Field(50.0, ge=0, le=100)  # cells with mean coherence below this (0-100) are flagged and hatched
-    # hidden_states indices (shared.activations): #81's script hooked the outputs of blocks {10, 15, 20, 25}
-    # (headline 20), which are hidden_states 11, 16, 21, 26 (RECORD_RULE)
-    layers: list[int] = [from_record(layer) for layer in record_layers("issue81").layers]
-    headline_layer: int = Field(from_record(record_layers("issue81").headline), ge=0)
-    n_boot: int = Field(1000, ge=100)
-    n_perm: int = Field(10_000, ge=100)
+    model_ref: str = Field(BASE_MODEL, description="the base model each source's marker LoRA trains on")
+    replicates: int = Field(3, ge=1, description="training seeds per source (or list them in seeds): full 3, small 2, "
+                                                 "tiny 1")
+    backend: Literal["hf", "vllm"] = Field("vllm", description="generation engine: vllm on GPUs, hf anywhere")
+    vllm_options: dict = Field({"gpu_memory_utilization": 0.6, "max_model_len": 2048},
+                               description="vLLM engine options (the record's settings)")
+    sources: list[str] = Field(["person", "chef", "pirate", "child", "robot"],
+                               description="source personas: one marker LoRA per source and seed")
+    # A2 of the kept nouns and the assistant QC persona are always evaluated
+    bystander_nouns: list[str] | None = Field(None, description="bystander grid restricted to these nouns (None: all)")
+    bystander_traits: list[str] | None = Field(None, description="bystander grid restricted to these traits (None: all)")
+    bystander_levels: list[str] | None = Field(None, description="bystander grid restricted to these levels (None: all)")
+    questions_file: str = Field(DATA + "questions.json", description="evaluation questions")
+    train_questions_file: str = Field(DATA + "train_questions.json", description="questions of the marker training data")
+    negative_pool_file: str = Field(DATA + "negative_pool.json",
+                                    description="the fixed pool the negative personas are drawn from")
+    marker: str = Field("[ZLT]", description="the string the source persona learns to end its answers with")
+    data_n_per_question: int = Field(10, ge=1, description="on-policy completions per (persona, training question)")
+    data_max_new_tokens: int = Field(512, ge=1, description="longest training completion, in tokens")
+    # see jobs/marker_data.py; off for the record's 512 tokens, on where the budget is short
+    cut_truncated_to_sentence: bool = Field(
+        False, description="cut a completion that hit data_max_new_tokens back to its last full sentence before the marker")
+    n_negative_personas: int = Field(2, ge=0, description="negative personas per source (their answers carry no marker)")
+    recipe: LoraRecipe = Field(LoraRecipe(), description="the marker LoRA's training recipe")
+    checkpoint_every: int = Field(50, ge=0, description="steps between intermediate checkpoints (0: none)")
+    # evaluation: the record's vLLM config (T=1.0, top_p=0.95, max_tokens=512, n=10)
+    eval_n: int = Field(10, ge=1, description="evaluation completions per (model, bystander, question)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of the evaluation")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass of the evaluation")
+    eval_max_new_tokens: int = Field(512, ge=1, description="longest evaluation completion, in tokens")
+    coherence_judge: JudgeSpec = Field(
+        JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929", template="coherence_v1"),
+        description="the judge that scores the coherence of evaluation completions")
+    coherence_per_cell: int = Field(3, ge=1, description="completions judged per (model, bystander, question): "
+                                                         "the record judged 3 of 10")
+    coherence_questions: int | None = Field(None, ge=1, description="judge only the first k questions (None: all)")
+    coherence_threshold: float = Field(50.0, ge=0, le=100, description="cells with mean coherence (0-100) below this "
+                                                                       "are flagged and hatched")
+    # #81's script hooked the outputs of blocks {10, 15, 20, 25} (headline 20), which are hidden_states
+    # 11, 16, 21, 26 (shared.activations.RECORD_RULE)
+    layers: list[int] = Field([from_record(layer) for layer in record_layers("issue81").layers],
+                              description="hidden_states indices the persona vectors are read at")
+    headline_layer: int = Field(from_record(record_layers("issue81").headline), ge=0,
+                                description="the hidden_states index of the headline leakage-vs-cosine test")
+    n_boot: int = Field(1000, ge=100, description="bootstrap draws of each interval")
+    n_perm: int = Field(10_000, ge=100, description="permutations of each permutation test")
 
     PROFILES: ClassVar[dict] = {
         "tiny": {

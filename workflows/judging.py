@@ -8,7 +8,7 @@ before their scores are read.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from jobs.judge_check import COHERENCE_ITEMS as DEFAULT_COHERENCE_CHECK_ITEMS
 from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
@@ -28,17 +28,22 @@ class NamedJudge(Strict):
 class JudgeParams(BaseModel):
     """The judge parameters of a workflow (a base of its ``Params``)."""
 
-    primary_judge: NamedJudge = NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929"))
-    alternate_judge: NamedJudge = NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7"))
-    # the coherence pass behind the EM rate: the primary judge's model with this template (a shipped name or a path
-    # to your own, see shared/data/judges/README.md)
-    coherence_template: str = "coherence_v1"
-    # when set, the template of both alignment judges (and their checks): a shipped name or a path
-    alignment_template: str | None = None
-    # the known-aligned and known-misaligned answers each alignment judge is checked on (package:<path> or a path)
-    judge_check_items: str = DEFAULT_CHECK_ITEMS
-    # the known-coherent and known-incoherent answers the coherence judge is checked on
-    coherence_check_items: str = DEFAULT_COHERENCE_CHECK_ITEMS
+    primary_judge: NamedJudge = Field(
+        NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929")),
+        description="the judge whose α and EM rate the decisions read: {name, spec: {kind, model, template, ...}}")
+    alternate_judge: NamedJudge = Field(
+        NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7")),
+        description="a second judge scoring the same answers, reported beside the primary (same name: one judge)")
+    coherence_template: str = Field(
+        "coherence_v1", description="template of the coherence pass behind the EM rate (run with the primary judge's "
+                                    "model): a shipped name or a path, see shared/data/judges/README.md")
+    alignment_template: str | None = Field(
+        None, description="when set, the template of both alignment judges and their checks: a shipped name or a path")
+    judge_check_items: str = Field(
+        DEFAULT_CHECK_ITEMS, description="known-aligned and known-misaligned answers each alignment judge is checked on")
+    coherence_check_items: str = Field(
+        DEFAULT_COHERENCE_CHECK_ITEMS,
+        description="known-coherent and known-incoherent answers the coherence judge is checked on")
 
     @field_validator("coherence_template", "alignment_template")
     @classmethod
