@@ -244,7 +244,7 @@ def bench_soft_case(pair, cfg: dict, lengths: str, path: str, draw_steps: int, o
 # GCG step
 
 
-def bench_gcg(pair, cfg: dict, params: dict, tflops: float) -> dict:
+def bench_gcg(pair, cfg: dict, params: dict, tflops: float, on_step=None) -> dict:
     """A warm-up step at a small width, then ``reps`` checked steps at the record's setting. Each checked step runs
     the screen (every candidate on ``screen_pairs`` pairs, the best ``screen_keep`` on all) and the check (every
     other candidate on the other pairs): screen + check is the record's work, every candidate on every pair."""
@@ -283,6 +283,8 @@ def bench_gcg(pair, cfg: dict, params: dict, tflops: float) -> dict:
             "full_s": stats.teacher_s + stats.gradient_s + stats.filter_s + screen.screen_s + check_s,
             "screened_s": total - check_s,
             "screened_with_check_s": total - check_s + check_s / cfg["screen_check_every"]})
+        if on_step is not None:
+            on_step(steps)
     full_tokens = statistics.median(s["full_tokens"] for s in steps)
     return {"search_width": cfg["gcg_width"], "topk": cfg["gcg_topk"], "suffix_length": cfg["gcg_length"],
             "pairs": cfg["gcg_questions"] * cfg["gcg_completions"], "screen_pairs": cfg["screen_pairs"],
@@ -405,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                    "peft": importlib.metadata.version("peft"), "command": "python -m bench.full_bench " + " ".join(words),
                    "params": params, "matmul_tflops": tflops, "bars": BARS, "record": RECORD}
 
+        def save(key: str, value, results=results, path=path) -> None:
+            results[key] = value
+            path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
         def record(key: str, measure, results=results, path=path) -> None:
             t0 = time.perf_counter()
             try:
@@ -415,13 +421,13 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(results, indent=1, default=str) + "\n")
             print(f"{key}: {time.perf_counter() - t0:.1f} s {json.dumps(value, default=str)[:300]}", flush=True)
 
-        run_section(section, model, tokenizer, cfg, params, tflops, record)
+        run_section(section, model, tokenizer, cfg, params, tflops, record, save)
         record("section_s", lambda: now() - started)
         print(f"wrote {path}")
     return 0
 
 
-def run_section(section: str, model, tokenizer, cfg: dict, params: dict, tflops: float, record) -> None:
+def run_section(section: str, model, tokenizer, cfg: dict, params: dict, tflops: float, record, save) -> None:
     if section == "sampling":
         record("compile", lambda: fast_paths.compile_warmup(model, tokenizer, questions()))
         for which, lengths, sampler in cfg["sampling_cases"]:
@@ -442,7 +448,8 @@ def run_section(section: str, model, tokenizer, cfg: dict, params: dict, tflops:
                                                                                      tflops=tflops))
     elif section == "gcg":
         pair = separate_pair(model, tokenizer, cfg["gcg_questions"] * cfg["gcg_completions"])
-        record("gcg", lambda: bench_gcg(pair, cfg, params, tflops))
+        # each checked step is saved as it ends: a call cut short at its limit keeps the steps it measured
+        record("gcg", lambda: bench_gcg(pair, cfg, params, tflops, on_step=lambda steps: save("gcg_steps", steps)))
 
 
 if __name__ == "__main__":
