@@ -86,7 +86,7 @@ class PackedRow:
 def pack(examples: Sequence[PromptIds], max_tokens: int) -> list[PackedRow]:
     """The examples' distinct prompts, each with its replies, packed into rows of at most ``max_tokens`` tokens
     (at least one reply per row): a question whose replies do not fit continues in the next row, its head again."""
-    from shared.teacher import distinct_prompts
+    from shared.token_loss import distinct_prompts
 
     prompts, owners = distinct_prompts(examples)
     members: list[list[int]] = [[] for _ in prompts]
@@ -122,7 +122,7 @@ def packed_ce_sum(model, row: PackedRow, pad_id: int, soft=None, *, attention: A
     """The summed next-token CE of a packed row (a scalar), with ``soft`` ([K, H]) filling every head's soft slot."""
     import torch
 
-    from shared.teacher import token_ce
+    from shared.token_loss import token_ce
 
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
@@ -218,7 +218,7 @@ def fused_completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tenso
     summed CE at the labelled positions, the backbone run by ``causal_hidden``."""
     import torch
 
-    from shared.teacher import token_ce
+    from shared.token_loss import token_ce
 
     hidden = causal_hidden(model, input_ids, compiled=compiled)
     targets = labels[:, 1:]

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from shared import chat, models
 from shared.generation import Completion, HFGenerator, Sampler, SamplingParams
+from shared.token_loss import distinct_prompts, token_ce
 
 if TYPE_CHECKING:
     import torch
@@ -178,9 +179,6 @@ def student_examples(
 # the objective
 
 
-CE_CHUNK_POSITIONS = 2048  # LM-head positions per chunk: [2048, 152064] fp32 logits are ~1.2 GB on Qwen2.5
-
-
 def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inputs_embeds=None, *,
                        past_key_values=None, attention_mask=None, position_ids=None) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled positions, per row (``[B]``).
@@ -210,35 +208,11 @@ def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inp
     return torch.zeros(labels.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
 
 
-def token_ce(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The CE (fp32, ``[N]``) of the LM head's prediction at each of ``hidden``'s N positions against ``targets``:
-    in chunks, recomputed in the backward pass, so ``[N, vocab]`` logits never sit in memory at once."""
-    import torch
-
-    head = model.get_output_embeddings()
-    out = []
-    for at in range(0, targets.shape[0], CE_CHUNK_POSITIONS):
-        chunk = (hidden[at : at + CE_CHUNK_POSITIONS], targets[at : at + CE_CHUNK_POSITIONS])
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            from torch.utils.checkpoint import checkpoint
-
-            out.append(checkpoint(_head_ce, head, *chunk, use_reentrant=False))
-        else:
-            out.append(_head_ce(head, *chunk))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-
 def _cache_argument(backbone) -> str:
     """The name this transformers version gives a forward's KV cache (``past_key_values``, ``cache`` from 5.2x)."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-
-
-def _head_ce(head, hidden, targets):
-    import torch.nn.functional as F
-
-    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def n_loss_tokens(examples: Sequence[PromptIds]) -> int:
@@ -378,20 +352,6 @@ def packed_prompt_ce(model, examples: Sequence[PromptIds], pad_id: int, soft=Non
         real += len(row)
         padded += len(row) + (-len(row) % ALIGN if on_cuda else 0)
     return StudentPass(total, real, padded)
-
-
-def distinct_prompts(examples: Sequence[PromptIds]) -> tuple[list[PromptIds], list[int]]:
-    """The distinct evaluation prompts of ``examples`` (first-seen order) and each example's index among them."""
-    index: dict[tuple, int] = {}
-    prompts, owners = [], []
-    for example in examples:
-        soft = example.soft_slice
-        key = (tuple(example.prompt_ids), None if soft is None else (soft.start, soft.stop))
-        if key not in index:
-            index[key] = len(prompts)
-            prompts.append(example.prompt_only())
-        owners.append(index[key])
-    return prompts, owners
 
 
 def _reply_tail(example: PromptIds) -> tuple[list[int], list[int]]:

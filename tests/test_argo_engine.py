@@ -19,8 +19,9 @@ import yaml
 from jobs.registry import all_stages
 from shared.store import from_path
 from workflows import cluster, exit_status
-from workflows.engines import argo
+from workflows.engines import argo, argo_settings
 from workflows.engines.argo import ClusterError, ClusterSettings
+from workflows.engines.argo_settings import Semaphore
 from workflows.plan import Plan, PlanBuilder
 
 REGISTRY = "registry.invalid/lab"
@@ -472,12 +473,12 @@ def test_submit_posts_the_compiled_workflow_with_the_bearer_token(s3_plan, setti
         assert value not in json.dumps(body)
 
 
-def test_cluster_submit_is_the_same_call_and_keeps_an_explicit_bearer_prefix(s3_plan, settings, argo_server):
-    name, _ = cluster.submit(s3_plan, token="Bearer abc.def", cluster=settings)
+def test_submit_keeps_an_explicit_bearer_prefix_and_refuses_a_second_submit(s3_plan, settings, argo_server):
+    name, _ = argo.submit(s3_plan, token="Bearer abc.def", cluster=settings)
     assert argo_server.requests[-1]["headers"]["Authorization"] == "Bearer abc.def"
     # a second submit of the same run is refused with a pointer to retry
     with pytest.raises(ClusterError) as err:
-        cluster.submit(s3_plan, cluster=settings)
+        argo.submit(s3_plan, cluster=settings)
     text = str(err.value)
     assert "409" in text and "already exists" in text and "make retry" in text and "\n" not in text
 
@@ -505,7 +506,7 @@ def test_submit_refuses_a_local_store_and_a_missing_registry(plan, settings, arg
 
 
 def test_submit_refuses_to_guess_the_image_tag(s3_plan, argo_server, monkeypatch):
-    monkeypatch.setattr(argo, "git_commit", lambda: "unknown")
+    monkeypatch.setattr(argo_settings, "git_commit", lambda: "unknown")
     with pytest.raises(ClusterError, match="EPS_IMAGE_TAG"):
         argo.submit(s3_plan, cluster=ClusterSettings(image_registry=REGISTRY))
     monkeypatch.setenv("EPS_IMAGE_TAG", "v1")
@@ -630,7 +631,7 @@ def test_a_multi_gpu_stage_is_refused_while_the_semaphore_counts_pods(plan, sett
     two = dataclasses.replace(spec, resources=spec.resources.model_copy(update={"gpus": 2}))
     with pytest.raises(ClusterError, match="asks for 2 GPUs"):
         argo._stage_template(two, plan, settings)
-    off = settings.model_copy(update={"gpu_semaphore": argo.Semaphore(enabled=False)})
+    off = settings.model_copy(update={"gpu_semaphore": Semaphore(enabled=False)})
     tmpl = argo._stage_template(two, plan, off)._build_template().model_dump(by_alias=True, exclude_none=True)
     assert tmpl["container"]["resources"]["limits"]["nvidia.com/gpu"] == "2" and "synchronization" not in tmpl
 

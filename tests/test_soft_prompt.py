@@ -57,6 +57,7 @@ def test_completion_ce_equals_the_full_logits_cross_entropy(pair):
 
 def test_chunked_lm_head_gives_the_same_loss_and_gradient(pair, monkeypatch):
     import shared.teacher
+    import shared.token_loss
 
     tok, model = pair.tokenizer, pair.student_model
     prompt = LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=3)
@@ -71,7 +72,7 @@ def test_chunked_lm_head_gives_the_same_loss_and_gradient(pair, monkeypatch):
         return loss.detach(), soft.grad
 
     whole = loss_and_grad()
-    monkeypatch.setattr(shared.teacher, "CE_CHUNK_POSITIONS", 7)  # many chunks, recomputed in backward
+    monkeypatch.setattr(shared.token_loss, "CE_CHUNK_POSITIONS", 7)  # many chunks, recomputed in backward
     chunked = loss_and_grad()
     torch.testing.assert_close(chunked[0], whole[0])
     torch.testing.assert_close(chunked[1], whole[1])

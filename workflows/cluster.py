@@ -16,35 +16,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import requests
 
-if TYPE_CHECKING:  # pragma: no cover
-    from workflows.engines.argo import ClusterSettings
-    from workflows.plan import Plan
+from workflows.engines.argo_names import ClusterError, dns_label, workflow_name
+from workflows.engines.argo_settings import ClusterSettings
 
 REQUEST_TIMEOUT_S = 30.0
 TRUE = {"1", "true", "yes", "on"}
-
-
-class ClusterError(RuntimeError):
-    """A cluster operation cannot go ahead or failed; the message is one readable line."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# names shared with the engine
-
-
-def dns_label(text: str, limit: int = 63) -> str:
-    """``Issue164 full/ab12`` -> ``issue164-full-ab12``: a DNS-1123 label (workflow names, label values)."""
-    out = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
-    return out[:limit].strip("-") or "x"
-
-
-def workflow_name(run_id: str) -> str:
-    """The Argo workflow name of a run: the run id as a DNS label, so ``status``/``retry`` find it by run id."""
-    return dns_label(run_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,8 +84,6 @@ def connect(server: str | None = None, token: str | None = None, namespace: str 
         )
     token = token if len(token.split()) > 1 else f"Bearer {token}"
     if namespace is None:
-        from workflows.engines.argo import ClusterSettings
-
         namespace = ClusterSettings.load().namespace
     base_href = os.environ.get("ARGO_BASE_HREF", "").strip().rstrip("/")
     if base_href and not base_href.startswith("/"):
@@ -152,15 +130,6 @@ def _server_message(err: Exception) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the three operations
-
-
-def submit(
-    plan: Plan, *, server: str | None = None, token: str | None = None, cluster: ClusterSettings | None = None
-):
-    """Compile ``plan`` (less what is complete) and create it on the Argo Server; unpacks as (name, Argo UI link)."""
-    from workflows.engines import argo
-
-    return argo.submit(plan, server=server, token=token, cluster=cluster)
 
 
 @dataclass
