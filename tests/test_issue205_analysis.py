@@ -327,10 +327,10 @@ def test_null_sizes_floors_ci_level_and_firing_counts_are_printed_from_the_resul
     data["decisions"]["per_seed"]["43"]["families"]["raw"]["n_firing"] = 61
     data["seed_level"]["df"] = {"em_vs_base": 7, "em_vs_benign": 14}
     report = analysis.report(data)
-    assert "| raw/cells | M1 | 3333 " in report and " 0.000777 |" in report
+    assert re.search(r"\| raw/cells \| M1 \| 3333 draws \| 12 \| [\w-]+ \| 0\.000777 \|", report)
     assert "with 90% bootstrap CIs over questions" in report and "raw change [90% CI]" in report
     assert "95% bootstrap CIs" not in report
-    assert "Seed 43: 150 cells (metrics x methods x layers x EM conditions); 61 fire." in report
+    assert "Seed 43: 60 cells (metrics x methods x layers x EM conditions); 61 fire." in report
     assert "have 7 degree(s) of freedom against the base model and 14 against benign SFT" in report
     original = finished["report"]
     assert "with 95% bootstrap CIs over questions" in original
@@ -393,6 +393,7 @@ def test_one_seed_says_every_p_is_conditional_on_one_fine_tune_and_calls_nothing
     assert "**One training seed (42).** Every p-value in this report is conditional on one fine-tune" in report
     assert "No effect here is called EM-specific" in report and "Not testable with one seed" in report
     assert "EM-specific at the recipe level" not in report
+    assert not stray_numbers(report, out["headline"])  # the one-seed report prints the results object's numbers too
 
 
 def test_checkpoints_with_different_grids_are_refused(tmp_path):
