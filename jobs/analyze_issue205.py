@@ -40,6 +40,7 @@ from shared.stage import Resources, StageInputError, StageSpec
 
 METRICS = ("M1", "M2", "M3")
 CI_LEVEL = 0.95  # of the bootstrap CIs over questions
+SEED_CI_LEVEL = 0.95  # of the seed-level t intervals
 DECISIONS = {"M1": "G1", "M2": "G2", "M3": "G3"}
 CONTROLS = ("base", "benign")
 GEOMETRY_TITLES = {"raw": "raw geometry", "shift_invariant": "shift-invariant geometry"}
@@ -716,7 +717,7 @@ def seed_level(cfg: Config, per_seed: dict) -> dict:
     rows = []
 
     def add(kind, contrast, key, em, reference_values, **test):
-        result = seed_contrast(em, **test)
+        result = seed_contrast(em, confidence=SEED_CI_LEVEL, **test)
         finite = bool(np.all(np.isfinite(em)) and np.all(np.isfinite(reference_values)))
         rows.append({"geometry": kind, "contrast": contrast, **key,
                      "per_seed": {str(s): float(v) for s, v in zip(seeds, em, strict=True)},
@@ -755,7 +756,10 @@ def seed_level(cfg: Config, per_seed: dict) -> dict:
                 r["p_bh"] = float(bh)
     for r in rows:
         r.setdefault("p_bh", math.nan)
-    return {"seeds": seeds, "n_seeds": len(seeds), "testable": len(seeds) >= 2, "rows": rows}
+    df = {contrast: next((r["df"] for r in rows if r["contrast"] == contrast and r["geometry"] != "leakage"), math.nan)
+          for contrast in ("em_vs_base", "em_vs_benign")}
+    return {"seeds": seeds, "n_seeds": len(seeds), "testable": len(seeds) >= 2, "df": df,
+            "confidence": SEED_CI_LEVEL, "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -1137,7 +1141,7 @@ def shared_shift_figure(data: dict, seed: str, uri: str) -> dict:
             ax.set_xticks(np.arange(len(conds)), conds, fontsize=8)
             ax.set_title(f"{metric} change from base, Method {method}, L{layer}", fontsize=9)
             ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"Seed {seed}: raw vs shift-invariant geometry (bars: change from base; whiskers: 95 % bootstrap CI over "
+    fig.suptitle(f"Seed {seed}: raw vs shift-invariant geometry (bars: change from base; whiskers: {data['ci_level']:.0%} bootstrap CI over "
                  "questions; M1 shift-invariant = log dispersion ratio)", fontsize=8)
     fig.tight_layout()
     return save(fig, uri)
@@ -1398,9 +1402,9 @@ def limits_section(data: dict) -> list[str]:
               f"alpha {rules['h2_equivalence_alpha']}); the record's own rule (range <= {rules['h2_max_range']} and a difference "
               f"test's p > {rules['h2_alpha']}) is printed beside it and is not an equivalence test: a large p is absence of evidence.", ""]
     if data["seed_level"]["testable"]:
-        n = data["seed_level"]["n_seeds"]
-        lines += [f"The recipe-level t-tests have {n - 1} degree(s) of freedom against the base model and {2 * n - 2} against "
-                  "benign SFT: with few seeds only large, consistent effects reach significance.", ""]
+        df = data["seed_level"]["df"]
+        lines += [f"The recipe-level t-tests have {df['em_vs_base']:.0f} degree(s) of freedom against the base model and "
+                  f"{df['em_vs_benign']:.0f} against benign SFT: with few seeds only large, consistent effects reach significance.", ""]
     return lines
 
 
@@ -1748,7 +1752,7 @@ def run(cfg: Config, ctx) -> dict:
     store.write_text(ctx.out("REPRODUCIBILITY.md"), reproducibility("#205", cfg.params, list(unique.values())) + "\n" + REPRODUCES)
     fired = data["decisions"]["pooled"]
     return {"seeds": len(data["seeds"]), **{f"pooled_{k}": v["passes"] for k, v in fired.items() if " " not in k},
-            "geometry_cells_firing": sum(sum(d["families"]["raw"]["cell_fires"]) for d in data["decisions"]["per_seed"].values())}
+            "geometry_cells_firing": sum(d["families"]["raw"]["n_firing"] for d in data["decisions"]["per_seed"].values())}
 
 
 SPEC = StageSpec(

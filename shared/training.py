@@ -45,22 +45,23 @@ class LoraRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    r: int = Field(32, ge=1)
-    alpha: float = Field(64, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(QWEN_LINEAR_MODULES))
-    use_rslora: bool = False
-    epochs: int = Field(5, ge=1)
+    r: int = Field(32, ge=1, description="LoRA rank")
+    alpha: float = Field(64, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] = Field(default_factory=lambda: list(QWEN_LINEAR_MODULES),
+                                      description="the projections that get a LoRA (default: every linear projection)")
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA scaling (alpha / sqrt(r) instead of alpha / r)")
+    epochs: int = Field(5, ge=1, description="passes over the training rows")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
-    per_device_batch_size: int = Field(4, ge=1)
+    per_device_batch_size: int = Field(4, ge=1, description="rows per micro-batch")
     grad_accum: int = Field(4, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(1e-4, gt=0)
-    lr_schedule: Literal["linear", "constant"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    max_seq_len: int = Field(2048, ge=8)
-    gradient_checkpointing: bool = False
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    lr_schedule: Literal["linear", "constant"] = Field("linear", description="learning-rate schedule after warm-up")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the steps spent warming the learning rate up")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    grad_clip: float | None = Field(1.0, gt=0, description="gradient-norm clip (None: no clipping)")
+    max_seq_len: int = Field(2048, ge=8, description="longer rows are cut to this many tokens where trained tokens survive, else dropped")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory, more time)")
 
     @property
     def effective_batch_size(self) -> int:

@@ -291,18 +291,50 @@ def test_report_figures_and_reproducibility_are_written(finished):
     assert "## What reproduces bitwise, and what only in distribution" in repro and "batch sizes" in repro
 
 
-def test_every_number_the_report_prints_is_a_number_of_the_results_object(finished):
-    """No number in the report is typed by hand or computed while writing it: every numeric token (outside names like
-    E0, L20 or s42) equals, at its printed precision, some number in headline.json."""
-    values = sorted({v for v in flatten(finished["headline"]) if math.isfinite(v)})
-    numbers = np.array(values)
-    text = re.sub(r"\]\([^)]*\)", "]", finished["report"])  # figure file names
+def report_numbers(report: str) -> list[str]:
+    """The numeric tokens a reader sees, outside names like E0, L20 or s42, figure file names and quoted model text."""
+    text = re.sub(r"\]\([^)]*\)", "]", report)  # figure file names
     text = re.sub(r"\*[^*\n]*\*\s*→[^\n]*", "", text)  # quoted training rows (model text)
-    unmatched = []
-    for token in re.findall(r"(?<![\w.\-+#])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?%?(?![\w.])", text):
-        if not printed_in(token, numbers):
-            unmatched.append(token)
+    return re.findall(r"(?<![\w.\-+#])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?%?(?![\w.])", text)
+
+
+def stray_numbers(report: str, headline: dict) -> list[str]:
+    """The report's numbers that no number of the results object gives at their printed precision."""
+    numbers = np.array(sorted({v for v in flatten(headline) if math.isfinite(v)}))
+    return [token for token in report_numbers(report) if not printed_in(token, numbers)]
+
+
+def test_every_number_the_report_prints_is_a_number_of_the_results_object(finished):
+    """No number in the report is typed by hand or computed while writing it: every numeric token equals, at its
+    printed precision, some number in headline.json."""
+    assert len(report_numbers(finished["report"])) > 500  # the report prints plenty of numbers: the check is not vacuous
+    unmatched = stray_numbers(finished["report"], finished["headline"])
     assert not unmatched, f"numbers in the report that are not in headline.json: {sorted(set(unmatched))[:20]}"
+
+
+def test_the_number_check_catches_a_number_typed_into_the_report(finished):
+    typed = finished["report"].replace("## Headline", "## Headline\n\nEM moves M1 by 0.01234 on its own.")
+    assert stray_numbers(typed, finished["headline"]) == ["0.01234"]
+
+
+def test_null_sizes_floors_ci_level_and_firing_counts_are_printed_from_the_results_object(finished):
+    """The report is a function of the results object: change a null's size and floor, the CI level, a seed's firing
+    count or the seed-level degrees of freedom there, and the report prints the new value."""
+    data = json.loads(json.dumps(finished["headline"]))
+    m1 = data["test_limits"]["families"]["raw/cells"]["metrics"]["M1"]
+    m1.update(n_null=3333, smallest_p=0.000777)
+    data["ci_level"] = 0.9
+    data["decisions"]["per_seed"]["43"]["families"]["raw"]["n_firing"] = 61
+    data["seed_level"]["df"] = {"em_vs_base": 7, "em_vs_benign": 14}
+    report = analysis.report(data)
+    assert re.search(r"\| raw/cells \| M1 \| 3333 draws \| 12 \| [\w-]+ \| 0\.000777 \|", report)
+    assert "with 90% bootstrap CIs over questions" in report and "raw change [90% CI]" in report
+    assert "95% bootstrap CIs" not in report
+    assert "Seed 43: 60 cells (metrics x methods x layers x EM conditions); 61 fire." in report
+    assert "have 7 degree(s) of freedom against the base model and 14 against benign SFT" in report
+    original = finished["report"]
+    assert "with 95% bootstrap CIs over questions" in original
+    assert "have 1 degree(s) of freedom against the base model and 2 against benign SFT" in original
 
 
 def flatten(obj):
@@ -361,6 +393,7 @@ def test_one_seed_says_every_p_is_conditional_on_one_fine_tune_and_calls_nothing
     assert "**One training seed (42).** Every p-value in this report is conditional on one fine-tune" in report
     assert "No effect here is called EM-specific" in report and "Not testable with one seed" in report
     assert "EM-specific at the recipe level" not in report
+    assert not stray_numbers(report, out["headline"])  # the one-seed report prints the results object's numbers too
 
 
 def test_checkpoints_with_different_grids_are_refused(tmp_path):

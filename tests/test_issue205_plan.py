@@ -375,3 +375,18 @@ def test_small_refuses_a_user_data_file_beside_the_generated_data(tmp_path):
 def test_small_refuses_an_em_source_persona_outside_the_evaluation_grid(tmp_path):
     with pytest.raises(ConfigError, match="em_source_persona 'sailor' must be a persona of the evaluation grid"):
         build(tmp_path, "small", em_source_persona="sailor")
+
+
+def test_every_parameter_and_every_field_of_its_recipes_has_a_description():
+    """``python -m workflows params issue205`` prints a description beside every parameter, and the LoRA recipes it
+    nests describe their fields too."""
+    from pydantic import BaseModel
+
+    from workflows.params import missing_descriptions
+
+    params = workflows.load("issue205").Params
+    assert missing_descriptions(params) == []
+    nested = {name: f.annotation for name, f in params.model_fields.items()
+              if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    assert set(nested) == {"em_recipe", "coupling_recipe"}
+    assert {name: missing_descriptions(model) for name, model in nested.items()} == {"em_recipe": [], "coupling_recipe": []}

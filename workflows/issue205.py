@@ -59,76 +59,78 @@ class InductionCondition(Strict):
 
 
 class Params(ReplicatedParams):
-    model_ref: str = BASE_MODEL
-    backend: Literal["hf", "vllm"] = "vllm"
-    vllm_options: dict = {"gpu_memory_utilization": 0.85, "max_model_len": 2048}
-    induction_file: str = DATA + "induction_personas.json"
-    # the 12 EVAL_PERSONAS of #184 as [{name, system: "text(...)"}]; the record names only three of them
-    eval_personas_file: str | None = None
-    expected_eval_personas: PositiveInt | None = 12
-    required_eval_personas: list[str] = ["confab", "assistant", "zelthari_scholar"]
-    source_persona: str = "confab"
-    assistant_persona: str = "assistant"
-    extraction_questions_file: str | None = None  # the record's 240 extraction questions
-    expected_extraction_questions: PositiveInt | None = 240
-    marker_questions_file: str | None = None  # the 28 marker-evaluation questions of #125 Exp B
-    expected_marker_questions: PositiveInt | None = 28
-    coupling_questions_file: str | None = None  # the questions the coupling data answers
-    # data sets live in the store (upload them first): the record's files are the user's
-    em_data_uri: str | None = None  # bad_legal_advice_6k.jsonl
-    em_data_md5: str | None = "26b52ca"  # the record's MD5 (prefix) of that file
-    benign_data_uri: str | None = None  # Tulu-3-SFT, of which the first benign_limit rows are used
-    benign_limit: PositiveInt | None = 6000
+    model_ref: str = Field(BASE_MODEL, description="the base model every checkpoint starts from (the record's Qwen2.5-7B-Instruct)")
+    backend: Literal["hf", "vllm"] = Field("vllm", description="sampling engine of the generation stages: vllm on a GPU, hf (transformers) elsewhere")
+    vllm_options: dict = Field({"gpu_memory_utilization": 0.85, "max_model_len": 2048},
+                               description="vLLM engine options of the sampling stages (coupling data, marker evaluation)")
+    induction_file: str = Field(DATA + "induction_personas.json",
+                                description="the EM-induction conditions E0..E4: [{cond, persona, system, cos_to_assistant}]; E0 first (it anchors M2's axis)")
+    eval_personas_file: str | None = Field(
+        None, description="the evaluation grid: #184's 12 EVAL_PERSONAS as [{name, system: 'text(...)'}]; the record names only three of them")
+    expected_eval_personas: PositiveInt | None = Field(12, description="refuse a grid of another size (None: any size)")
+    required_eval_personas: list[str] = Field(["confab", "assistant", "zelthari_scholar"],
+                                              description="personas the record's grid includes; the grid must hold them")
+    source_persona: str = Field("confab", description="the persona the coupling LoRA teaches the marker to (leakage is measured off it)")
+    assistant_persona: str = Field("assistant", description="the grid's assistant persona (M2's axis, the centring that excludes it)")
+    extraction_questions_file: str | None = Field(None, description="the questions persona vectors are read on (the record's 240)")
+    expected_extraction_questions: PositiveInt | None = Field(240, description="refuse another number of extraction questions (None: any)")
+    marker_questions_file: str | None = Field(None, description="the marker-evaluation questions (the 28 of #125 Exp B)")
+    expected_marker_questions: PositiveInt | None = Field(28, description="refuse another number of marker questions (None: any)")
+    coupling_questions_file: str | None = Field(None, description="the questions the confab + marker coupling data answers")
+    em_data_uri: str | None = Field(None, description="the EM training set in the store (the record's bad_legal_advice_6k.jsonl; upload it first)")
+    em_data_md5: str | None = Field("26b52ca", description="the record's MD5 (prefix) of the EM set: another file is refused (None: no check)")
+    benign_data_uri: str | None = Field(None, description="the benign SFT set in the store (Tulu-3-SFT; upload it first)")
+    benign_limit: PositiveInt | None = Field(6000, description="benign rows used: the first N (the record's 6k, as many as the EM set)")
     # data the model writes in the run (small): its answers to these questions under em_source_persona (an evaluation
     # persona, so the geometry shows it too) are the EM set, its answers as the default assistant the benign set;
     # em_data_uri and benign_data_uri are then left unset. 0.7, not the evaluation's 1.0: SmolLM2-135M's replies at
     # 1.0 are close to incoherent under either persona, so the persona would barely show in the data
-    sft_questions_file: str | None = None
-    em_source_persona: str | None = None
-    sft_n_per_question: PositiveInt = 3
-    sft_max_new_tokens: PositiveInt = 64
-    sft_temperature: NonNegativeFloat = 0.7
-    sft_top_p: float = Field(0.95, gt=0, le=1)
-    em_recipe: LoraRecipe = EM_RECIPE
-    checkpoint_every: NonNegativeInt = 50  # 0: no intermediate checkpoints
-    # coupling: 200 confab + [ZLT] positives and 400 negatives (2 negative personas) on top of each EM model
-    marker: str = "[ZLT]"
-    coupling_recipe: LoraRecipe = COUPLING_RECIPE
-    coupling_loss: Literal["assistant", "marker_only"] = "assistant"
-    coupling_n_per_question: PositiveInt = 10
-    coupling_negative_personas: PositiveInt = 2
-    expected_coupling_positives: PositiveInt | None = 200
-    coupling_max_new_tokens: PositiveInt = 512
-    # evaluate the coupled model merged (base + EM + coupling) rather than as a LoRA on the EM model: the same
-    # model, but HF generation through a peft adapter takes ~6x the memory (7.9 GB at batch 128) and ~1.5x the time
-    merge_coupling_for_eval: bool = False
-    # marker evaluation: every eval persona x question x eval_n completions
-    eval_n: PositiveInt = 10
-    temperature: NonNegativeFloat = 1.0
-    top_p: float = Field(0.95, gt=0, le=1)
-    eval_max_new_tokens: PositiveInt = 512
-    # extraction
+    sft_questions_file: str | None = Field(
+        None, description="questions the model answers to make its own EM set (under em_source_persona) and benign set (as the "
+                          "default assistant); leave em_data_uri and benign_data_uri unset")
+    em_source_persona: str | None = Field(None, description="the grid persona whose answers are the EM set (with sft_questions_file)")
+    sft_n_per_question: PositiveInt = Field(3, description="answers sampled per question for each self-written training set")
+    sft_max_new_tokens: PositiveInt = Field(64, description="token limit of each self-written training answer")
+    sft_temperature: NonNegativeFloat = Field(0.7, description="sampling temperature of the self-written training answers")
+    sft_top_p: float = Field(0.95, gt=0, le=1, description="nucleus top-p of the self-written training answers")
+    em_recipe: LoraRecipe = Field(EM_RECIPE, description="LoRA and optimiser recipe of every EM fine-tune and of benign SFT (one object, so they cannot drift apart)")
+    checkpoint_every: NonNegativeInt = Field(50, description="save an intermediate adapter every N optimizer steps (0: none)")
+    marker: str = Field("[ZLT]", description="the marker string the coupling teaches the source persona to emit")
+    coupling_recipe: LoraRecipe = Field(COUPLING_RECIPE, description="LoRA recipe of the contrastive coupling on top of each model (the record: lr 5e-6, 20 epochs)")
+    coupling_loss: Literal["assistant", "marker_only"] = Field(
+        "assistant", description="coupling loss: the whole reply (assistant, the record's) or the marker tokens only")
+    coupling_n_per_question: PositiveInt = Field(10, description="source-persona (marker) replies per coupling question; each has its negatives")
+    coupling_negative_personas: PositiveInt = Field(2, description="other grid personas answering each coupling question without the marker")
+    expected_coupling_positives: PositiveInt | None = Field(200, description="refuse another number of positives (questions x n_per_question; None: any)")
+    coupling_max_new_tokens: PositiveInt = Field(512, description="token limit of each coupling reply")
+    # the same model either way, but HF generation through a peft adapter takes ~6x the memory (7.9 GB at batch 128)
+    # and ~1.5x the time
+    merge_coupling_for_eval: bool = Field(False, description="evaluate the coupled model merged (base + EM + coupling) instead of as a LoRA on the EM model")
+    eval_n: PositiveInt = Field(10, description="marker-evaluation completions per (grid persona, question)")
+    temperature: NonNegativeFloat = Field(1.0, description="sampling temperature of the coupling data and the marker evaluation")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus top-p of the coupling data and the marker evaluation")
+    eval_max_new_tokens: PositiveInt = Field(512, description="token limit of each marker-evaluation completion")
     # hidden_states indices (shared.activations.RECORD_RULE): the record's hooked block outputs 7, 14, 20, 21, 27
     # (0-based) are the residual stream after 8, 15, 21, 22, 28 blocks, the same vectors; its headline L20 is 21 here
-    layers: list[NonNegativeInt] = [from_record(layer) for layer in record_layers("issue205").layers]
-    headline_layer: NonNegativeInt = from_record(record_layers("issue205").headline)
-    methods: list[Literal["A", "B"]] = ["A", "B"]
-    extraction_max_new_tokens: PositiveInt = 256
+    layers: list[NonNegativeInt] = Field(
+        [from_record(layer) for layer in record_layers("issue205").layers],
+        description="hidden_states indices persona vectors are read at (0 = embeddings; the record's 0-based block outputs + 1)")
+    headline_layer: NonNegativeInt = Field(from_record(record_layers("issue205").headline),
+                                           description="the layer the headline, CIs and figures show (full: the record's L20, index 21)")
+    methods: list[Literal["A", "B"]] = Field(["A", "B"], description="persona-vector read-outs: A the prompt's last token, B the mean over a greedy reply")
+    extraction_max_new_tokens: PositiveInt = Field(256, description="token limit of Method B's greedy replies")
     # Method B's vLLM engine leaves room for the HF model that extracts right after it on the same GPU
-    extraction_vllm_options: dict = {"gpu_memory_utilization": 0.5, "max_model_len": 2048}
-    # statistics
-    n_iter: int = Field(10_000, ge=100)
-    # draws of M3's contrast null (questions swapped between two checkpoints, LDA refitted per draw): its smallest
-    # two-sided p is 2/(draws + 1), 0.002 at 1,000
-    m3_contrast_iter: int = Field(1_000, ge=99)
-    n_boot: int = Field(1_000, ge=100)  # question resamples for the M1/M2 bootstrap CIs at the headline layer
-    n_splits: int = Field(5, ge=2)
-    lda_components: PositiveInt = 16
-    # training seeds (shared.config.ReplicatedParams: seed, replicates or an explicit seeds list): every training
-    # cell (EM per condition, benign) and the chain on its checkpoint (extraction, merge, coupling, marker
-    # evaluation) runs once per seed; the base model's extraction has no seed and runs once
-    replicates: PositiveInt = 1
-    hf_batch_size: PositiveInt | None = None  # sequences per HF forward/generate batch in every sampling stage (None: each stage's own)
+    extraction_vllm_options: dict = Field({"gpu_memory_utilization": 0.5, "max_model_len": 2048},
+                                          description="vLLM engine options of Method B's replies (room left for the HF extraction after it)")
+    n_iter: int = Field(10_000, ge=100, description="permutations asked for per geometry test (fewer where the null has fewer: every one is used)")
+    m3_contrast_iter: int = Field(1_000, ge=99, description="draws of M3's equal-separability null (questions swapped between checkpoints, "
+                                                            "LDA refitted per draw); smallest two-sided p 2/(draws + 1)")
+    n_boot: int = Field(1_000, ge=100, description="question resamples for the M1/M2 bootstrap CIs at the headline layer")
+    n_splits: int = Field(5, ge=2, description="GroupKFold folds (grouped by question) of M3's held-out LDA")
+    lda_components: PositiveInt = Field(16, description="PCA components before M3's LDA")
+    replicates: PositiveInt = Field(1, description="training seeds per training cell (EM per condition, benign, and the chain on each "
+                                                   "checkpoint), counting up from seed; base extraction runs once")
+    hf_batch_size: PositiveInt | None = Field(None, description="sequences per HF forward/generate batch in every sampling stage (None: each stage's own)")
 
     PROFILES: ClassVar[dict] = {
         "tiny": {
