@@ -40,6 +40,7 @@ from workflows.judging import (
     JudgeParams,
     alignment_judges,
     check_judges,
+    coherence_check_task,
     coherence_judge,
 )
 from workflows.plan import Plan, PlanBuilder, replicate, slug
@@ -366,12 +367,14 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                     fixed_prompts={ORACLE: params.teacher_system} if teacher_is_student(params) else {},
                     dtype=params.dtype)
     check_uris, checks = judge_checks(b, params)
+    coherence_check = coherence_check_task(b, params)
     b.add("analysis", "analyze_issue170", "analysis",
-          after=[*analysis_deps, villain, *(t for _, t in learned), *([anchors] if anchors else []), *checks],
+          after=[*analysis_deps, villain, *(t for _, t in learned), *([anchors] if anchors else []), *checks,
+                 coherence_check],
           cells=cells, seeds=seeds, primary_judge=params.primary_judge.name,
           alternate_judge=params.alternate_judge.name, coherence_judge=COHERENCE_JUDGE,
           judges={j.name: j.spec.model_dump() for j in (*alignment_judges(params), coherence_judge(params))},
-          judge_check_uris=check_uris, profile=profile,
+          judge_check_uris=check_uris, coherence_check_uri=coherence_check.output_uri("check.json"), profile=profile,
           classifier_uri=classifier_uri, villain_uri=villain.output_uri("villain_direction.json"),
           anchors_uri=anchors.output_uri("anchors.json") if anchors else None,
           record_reference_points=params.record_reference_points, params=params.model_dump(mode="json"))
@@ -456,7 +459,7 @@ def score(b: PlanBuilder, params: Params, name: str, gen, classifier_uri: str, c
                      completions_uri=completions, judge=coherence.spec.model_dump(), judge_name=coherence.name)
     analysis_deps += [gen, scored, coherent]
     return {"c_scores_uri": scored.output_uri("c_scores.jsonl"), "judge_scores_uris": judged,
-            "coherence_scores_uri": coherent.output_uri("scores.jsonl")}
+            "coherence_scores_uri": coherent.output_uri("scores.jsonl"), "completions_uri": completions}
 
 
 def reference_cell(b: PlanBuilder, params: Params, name: str, system: str, model_ref: str, adapter_uri: str | None,
