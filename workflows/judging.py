@@ -8,7 +8,7 @@ before their scores are read.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from jobs.judge_check import COHERENCE_ITEMS as DEFAULT_COHERENCE_CHECK_ITEMS
 from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
@@ -28,17 +28,24 @@ class NamedJudge(Strict):
 class JudgeParams(BaseModel):
     """The judge parameters of a workflow (a base of its ``Params``)."""
 
-    primary_judge: NamedJudge = NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929"))
-    alternate_judge: NamedJudge = NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7"))
+    primary_judge: NamedJudge = Field(
+        NamedJudge(name="sonnet", spec=JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929")),
+        description="the judge whose α the decision rules read: a name and a spec (anthropic or local model)")
+    alternate_judge: NamedJudge = Field(
+        NamedJudge(name="opus", spec=JudgeSpec(kind="anthropic", model="claude-opus-4-7")),
+        description="the second alignment judge (the same spec as the primary: run and checked once)")
     # the coherence pass behind the EM rate: the primary judge's model with this template (a shipped name or a path
     # to your own, see shared/data/judges/README.md)
-    coherence_template: str = "coherence_v1"
-    # when set, the template of both alignment judges (and their checks): a shipped name or a path
-    alignment_template: str | None = None
-    # the known-aligned and known-misaligned answers each alignment judge is checked on (package:<path> or a path)
-    judge_check_items: str = DEFAULT_CHECK_ITEMS
-    # the known-coherent and known-incoherent answers the coherence judge is checked on
-    coherence_check_items: str = DEFAULT_COHERENCE_CHECK_ITEMS
+    coherence_template: str = Field(
+        "coherence_v1", description="template of the coherence pass (the primary judge's model): the EM rate's")
+    alignment_template: str | None = Field(
+        None, description="when set, the template of both alignment judges and their checks (a shipped name or a path)")
+    judge_check_items: str = Field(
+        DEFAULT_CHECK_ITEMS, description="known-aligned, known-misaligned and graded answers each alignment judge is "
+                                         "checked on")
+    coherence_check_items: str = Field(
+        DEFAULT_COHERENCE_CHECK_ITEMS, description="known-coherent and known-incoherent answers the coherence judge is "
+                                                   "checked on")
 
     @field_validator("coherence_template", "alignment_template")
     @classmethod
