@@ -149,8 +149,10 @@ class Params(JudgeParams, ReplicatedParams):
         2, "fresh teacher completions per question and GCG step (x questions: the step's pairs)")
     gcg_val_every: PositiveInt = described(
         25, "GCG: steps between held-out evaluations (the kept suffix is the best of them)")
-    # GCG's candidate screen (shared.gcg.screened_losses); the defaults are the setting
-    # bench/results/gcg_screen_agreement.md supports
+    # GCG's candidate screen (shared.gcg.screened_losses). The defaults (4 of 32 pairs, 32 of 512 candidates) are
+    # not yet backed by a measurement on real weights: `python -m bench.gcg_screen_agreement` measures that (20
+    # steps on SmolLM2, CPU) and prints the setting its evidence supports; set these to it once it has run. The
+    # screen is off where screen_keep >= gcg_search_width (small: 32 >= 24, every candidate on every pair).
     gcg_screen_pairs: PositiveInt | None = described(
         4, "the screen scores every candidate on this many of a step's pairs (null: no screen, all on all)")
     gcg_screen_keep: PositiveInt = described(
