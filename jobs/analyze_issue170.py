@@ -1161,7 +1161,7 @@ def screen_lines(data: dict) -> list[str]:
             "On the checked steps the search also runs that full evaluation and records whether the screen kept its "
             "best candidate (agreement), where the screen's pick ranks in it (0: the best) and how much higher its "
             "CE is; the search still keeps the screen's pick. Those columns are this run's own checked steps. How "
-            "often a setting keeps the full evaluation's pick on real weights, over 20 or more steps, is what "
+            "often a setting keeps the full evaluation's pick on real weights, over many steps, is what "
             "`python -m bench.gcg_screen_agreement` measures (bench/results/gcg_screen_agreement.md).", ""]
 
 
