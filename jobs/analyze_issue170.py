@@ -583,7 +583,7 @@ def decisions(data: dict) -> dict:
         "pareto_front": pareto_front(data["cells"]), "c_is_a_sanity_floor": True,  # scope-amendment v3
         "single_seed": len(data["seeds"]) <= 1, "pooling_rule": "all seeds must pass",
         # no α is no evidence either way: such a replicate is undecided, never inside (nor outside on α)
-        "replicates_without_alpha": [r["name"] for r in replicates if r["method"] in LEARNED and r["no_alpha"]],
+        "replicates_without_alpha": [r["name"] for r in replicates if r["method"] in LEARNED and r.get("no_alpha")],
     }
     sanity = rules["gcg_user_slot_sanity"]["alpha_primary_max"]
     users = dict.fromkeys(r["cell"] for r in replicates if r["method"] == "gcg-user")

@@ -246,7 +246,7 @@ def test_the_results_object_is_headline_json_and_its_four_parts_are_separate_fun
     drawn = []
     analyze_issue170.draw_figures(headline, lambda name: drawn.append(name) or store.join(
         store.from_path(tmp_path), name))
-    assert drawn == ["pareto", "capacity_curve", "training_curves"]
+    assert drawn == ["pareto", "capacity_curve", "training_curves", "alpha_em"]
 
 
 # ------------------------------------------------------------------------------------------ seeds as units
