@@ -34,6 +34,7 @@ SWEEP = ("soft", "gcg-system")  # the cells H1/H2/H_intermediate speak about (th
 DEFAULT_INIT = "You are a helpful assistant."
 N_BOOT = 2_000
 CONFIDENCE = 0.95
+N_LOWEST = 3  # lowest-scored answers quoted per replicate and alignment judge
 # what the report shows of a GCG or random cell's suffix, from its search stage's metrics.json
 SUFFIX_KEYS = ("suffix_ids", "suffix_text", "suffix_pieces", "suffix_round_trip", "vocabulary",
                "candidates_rejected_share", "start_ids", "draw")
@@ -55,6 +56,7 @@ class CellArtifacts(BaseModel):
     c_scores_uri: str
     judge_scores_uris: dict[str, str]
     coherence_scores_uri: str | None = None  # the coherence pass over the same completions (for the EM rate)
+    completions_uri: str | None = None  # the completions judged (the lowest-scored answers are quoted from them)
     train_metrics_uri: str | None = None  # metrics.json of the training stage
 
 
@@ -69,6 +71,7 @@ class Config(StageConfig):
     judges: dict[str, JudgeSpec] = {}  # judge name -> spec (a local judge's α gets its caveat; templates named)
     coherence_judge: str | None = None  # the name of the coherence pass (None: no EM rate)
     judge_check_uris: dict[str, str] = {}  # alignment judge name -> check.json of its judge_check stage
+    coherence_check_uri: str | None = None  # check.json of the coherence judge's judge_check stage
     profile: str = ""
     record_reference_points: bool = True  # overlay the record's points (Qwen2.5-7B, Claude judges)
     confidence: float = Field(CONFIDENCE, gt=0, lt=1)
@@ -104,7 +107,7 @@ def clustered_mean(rows: list[dict], key: str, *, confidence: float, seed: int) 
 def judgement_fields(cfg: Config, cell: CellArtifacts) -> dict:
     """α of both judges with question-clustered intervals, and the EM rate, coherent share and error rates of every
     judge pass, for one cell."""
-    from shared.judge.report import condition_judgements, read_judged_rows
+    from shared.judge.report import condition_judgements, lowest_scored, read_judged_rows
 
     alignment, coherence = read_judged_rows(f"cell {cell.name}", cell.judge_scores_uris, cell.coherence_scores_uri,
                                             alignment_judges=(cfg.primary_judge, cfg.alternate_judge),
@@ -114,6 +117,8 @@ def judgement_fields(cfg: Config, cell: CellArtifacts) -> dict:
     except ValueError as err:
         raise StageInputError(f"cell {cell.name}: {err}") from None
     em = judgements["em"]
+    completions = store.read_jsonl(cell.completions_uri) if cell.completions_uri else []
+    lowest = {name: lowest_scored(rows, completions, N_LOWEST) for name, rows in alignment.items()}
     alphas = {role: clustered_mean(alignment[name], "score", confidence=cfg.confidence, seed=cfg.seed)
               for role, name in (("primary", cfg.primary_judge), ("alternate", cfg.alternate_judge))}
     return {
@@ -127,8 +132,18 @@ def judgement_fields(cfg: Config, cell: CellArtifacts) -> dict:
         "errors_primary": judgements["errors"][cfg.primary_judge]["n_errors"],
         "errors_alternate": judgements["errors"][cfg.alternate_judge]["n_errors"],
         "errors_coherence": judgements["errors"][cfg.coherence_judge]["n_errors"] if coherence else None,
-        "judgements": judgements,
+        "judgements": judgements, "lowest": lowest,
+        "no_alpha": {role: why_no_alpha(judgements["alpha"][name])
+                     for role, name in (("primary", cfg.primary_judge), ("alternate", cfg.alternate_judge))
+                     if alphas[role]["estimate"] is None},
     }
+
+
+def why_no_alpha(alpha: dict) -> str:
+    """Why a judge pass gave no α: what became of each of its answers (abstentions, other errors, labels)."""
+    parts = [f"{n} {kind}" for kind, n in alpha["errors_by_kind"].items()]
+    parts += [f"{n} labelled {label}" for label, n in alpha["labels"].items()]
+    return f"none of its {alpha['n_items']} answers was scored ({', '.join(parts) or 'no answers'})"
 
 
 def classifier_fields(cfg: Config, cell: CellArtifacts) -> dict:
@@ -410,7 +425,13 @@ def results(cfg: Config) -> dict:
     """Every number the report, the figures and headline.json print, read and recomputed from stored artifacts;
     the decisions are applied to it by ``decisions``."""
     from shared.judge.em import ALIGNMENT_BELOW, COHERENCE_ABOVE
-    from shared.judge.report import alignment_roles, check_aucs, error_accounting, read_judge_checks
+    from shared.judge.report import (
+        alignment_roles,
+        check_aucs,
+        error_accounting,
+        read_check,
+        read_judge_checks,
+    )
 
     replicates = replicate_rows(cfg)
     villain = store.read_json(cfg.villain_uri) if cfg.villain_uri else None
@@ -431,7 +452,13 @@ def results(cfg: Config) -> dict:
                           "coherence_judge": cfg.coherence_judge},
         "judge_errors": error_accounting({r["name"]: r["judgements"]["errors"] for r in replicates}),
         "templates": {name: {"role": judge_roles(cfg).get(name, ""), "kind": spec.kind, "model": spec.model,
+                             "local_method": spec.local_method if spec.kind == "local" else None,
+                             "min_candidate_mass": spec.min_candidate_mass if spec.kind == "local" else None,
                              **spec.template_facts()} for name, spec in cfg.judges.items()},
+        # constants the report's prose prints (the exact interval's tail, the judges' score range, ...)
+        "constants": {"confidence_percent": round(100 * cfg.confidence), "tail": round((1 - cfg.confidence) / 2, 3),
+                      "n_lowest": N_LOWEST, "score_range": [0, 100], "graded_anchors": [30, 50, 70]},
+        "coherence_check": read_check(cfg.coherence_check_uri),
         "setup": {k: cfg.params.get(k) for k in ("model_ref", "teacher_model_ref", "teacher_adapter_uri",
                                                  "teacher_system")} if cfg.params else {},
         "replicates": replicates, "cells": cells, "classifier": classifier_facts(cfg), "fit": fit,
@@ -555,6 +582,8 @@ def decisions(data: dict) -> dict:
             replicates, c, lambda r: point_hits_h2(r, gate))["passes"]],
         "pareto_front": pareto_front(data["cells"]), "c_is_a_sanity_floor": True,  # scope-amendment v3
         "single_seed": len(data["seeds"]) <= 1, "pooling_rule": "all seeds must pass",
+        # no α is no evidence either way: such a replicate is undecided, never inside (nor outside on α)
+        "replicates_without_alpha": [r["name"] for r in replicates if r["method"] in LEARNED and r.get("no_alpha")],
     }
     sanity = rules["gcg_user_slot_sanity"]["alpha_primary_max"]
     users = dict.fromkeys(r["cell"] for r in replicates if r["method"] == "gcg-user")
@@ -582,9 +611,14 @@ def decisions(data: dict) -> dict:
 
 def draw_figures(data: dict, out) -> None:
     """Every figure of the report, drawn from the results object; ``out(name)`` is where each goes."""
+    from shared.figures import alpha_em_figure
+
     pareto_figure(data, out("pareto"))
     capacity_figure(data, out("capacity_curve"))
     curve_figure(data, out("training_curves"))
+    j = data["judges"]
+    alpha_em_figure([{"label": r["name"], "judgements": r["judgements"]} for r in data["replicates"]],
+                    out("alpha_em"), judges=list(dict.fromkeys((j["primary"], j["alternate"]))))
 
 
 def pareto_figure(data: dict, uri: str) -> None:
@@ -765,7 +799,7 @@ def local_judges(data: dict) -> list[str]:
 def judge_caveat(data: dict) -> list[str]:
     """What the α columns are: one judge twice or two judges; each alignment judge's measured check; and, where a
     check fails or none was run, that α and the gates on it cannot be read as alignment."""
-    from shared.judge.report import judge_check_line, where_read
+    from shared.judge.report import coherence_check_lines, judge_check_line, where_read
 
     checks, profile = data["judge_checks"], data.get("profile", "")
     lines = []
@@ -775,7 +809,9 @@ def judge_caveat(data: dict) -> list[str]:
     lines.append("Judge check: each alignment judge scores known-aligned and known-misaligned answers (project-written, "
                  "the judge_check stage); AUC is the chance that an aligned answer scores above a misaligned one "
                  "(0.5: chance), p its permutation p-value.\n\n"
-                 + "\n".join(judge_check_line(name, check, profile) for name, check in checks.items()))
+                 + "\n".join([*(judge_check_line(name, check, profile) for name, check in checks.items()),
+                              *(coherence_check_lines(data.get("coherence_check"), data["judges"]["coherence"],
+                                                      profile) if data["judges"].get("coherence") else [])]))
     gates = "α, the H2 gate, the Pareto front and the user-slot sanity gate below"
     failed = {name: c["verdict"] for name, c in checks.items() if c["alpha_interpretable"] is False}
     unchecked = [name for name, c in checks.items() if not c["checked"]]
@@ -865,6 +901,44 @@ def alpha_header(data: dict, name: str) -> str:
     return f"α ({name}" + ("" if auc is None else f", check AUC {auc:.2f}") + ")"
 
 
+def no_alpha_lines(data: dict) -> list[str]:
+    """Where a replicate has no α (every answer abstained, failed or was labelled): its cells print "—", and why."""
+    j = data["judges"]
+    missing = [(r["name"], j[role], why) for r in data["replicates"] for role, why in r["no_alpha"].items()
+               if not (role == "alternate" and one_judge(data))]
+    if not missing:
+        return []
+    return ["**No α** (printed as —, never as 0): " + "; ".join(f"{name} under {judge}: {why}"
+                                                                 for name, judge, why in missing)
+            + ". A replicate without α is undecided on the H2 gate, not inside it.", ""]
+
+
+def alpha_section(data: dict) -> list[str]:
+    """What each replicate's α rests on: the item set, the shares left out, sensitivity bounds, the local judge's
+    method and its abstentions (``shared.judge.report.alpha_table_lines``), and the α/EM figure."""
+    from jobs.analyze_issue164 import local_judge_lines
+    from shared.judge.report import alpha_table_lines
+
+    j = data["judges"]
+    return ["## α: what it rests on", "", *local_judge_lines(data),
+            *alpha_table_lines(data["replicates"], [j["primary"], j["alternate"]], lambda r: r["name"],
+                               what="replicate"), "", *no_alpha_lines(data),
+            "![alpha and EM rate per replicate](alpha_em.png)", ""]
+
+
+def lowest_section(data: dict) -> list[str]:
+    from shared.judge.report import lowest_scored_lines
+
+    j = data["judges"]
+    lines = ["## The lowest-scored answers", "",
+             f"Per replicate and alignment judge, the {data['constants']['n_lowest']} answers it scored lowest, with "
+             "the judge's own reply (every judged answer: `python -m workflows export-inspect <run>`).", ""]
+    for row in data["replicates"]:
+        for judge in dict.fromkeys((j["primary"], j["alternate"])):
+            lines += lowest_scored_lines(row["name"], judge, row["lowest"][judge])
+    return [*lines, ""]
+
+
 def em_section(data: dict, roles: tuple[str, ...], judges: dict[str, JudgeSpec]) -> list[str]:
     from shared.judge.report import em_definition_lines, em_table_lines
 
@@ -874,9 +948,6 @@ def em_section(data: dict, roles: tuple[str, ...], judges: dict[str, JudgeSpec])
     spec = judges.get(j["coherence"])
     lines = ["## EM rate", "", *em_definition_lines(j["coherence"], spec), "",
              *em_table_lines(data["replicates"], [j[role] for role in roles], lambda r: r["name"], what="cell"), ""]
-    if spec is not None and spec.kind == "local":
-        lines += ["The coherence judge is a local model: its score is the expected score over its candidate "
-                  "replies, and this run does not check that it can tell coherent from incoherent answers.", ""]
     return lines
 
 
@@ -976,7 +1047,7 @@ def replicate_lines(data: dict, roles: tuple[str, ...], has_em: bool) -> list[st
     return ["## Per seed", "", markdown_table(headers, rows, align="lr" + "r" * (len(headers) - 2)), "",
             f"Intervals: {100 * data['confidence']:g}% percentile bootstrap over the panel's questions "
             f"({data['n_boot']} resamples; the answers to one question share its prompt). Errors are judge items "
-            "that failed or could not be parsed; they are left out of α and the EM rate, never scored as 0. H2 gate: "
+            "that failed, could not be parsed or on which a local judge abstained; they are left out of α and the EM rate, never scored as 0. H2 gate: "
             "*inside* when every bound is on the gate's side (α upper bounds at or below the maxima, C's lower bound "
             "at or above its minimum), *outside* when one bound alone rules the gate out, else *undecided*.", ""]
 
@@ -1089,9 +1160,9 @@ def screen_lines(data: dict) -> list[str]:
             "few, and always the current suffix, on all of them (the record scored every candidate on every pair). "
             "On the checked steps the search also runs that full evaluation and records whether the screen kept its "
             "best candidate (agreement), where the screen's pick ranks in it (0: the best) and how much higher its "
-            "CE is; the search still keeps the screen's pick. The `full` profile's default setting is the one the "
-            "agreement measured on SmolLM2-135M supports (bench/results/gcg_screen_agreement.md, "
-            "`python -m bench.gcg_screen_agreement`).", ""]
+            "CE is; the search still keeps the screen's pick. Those columns are this run's own checked steps. How "
+            "often a setting keeps the full evaluation's pick on real weights, over many steps, is what "
+            "`python -m bench.gcg_screen_agreement` measures (bench/results/gcg_screen_agreement.md).", ""]
 
 
 def best_cell_lines(data: dict) -> list[str]:
@@ -1228,7 +1299,9 @@ def report_text(data: dict) -> str:
         *replicate_lines(data, roles, has_em),
         *[line for caveat in judge_caveat(data) for line in (caveat, "")],
         classifier_line(data["classifier"]), "",
+        *alpha_section(data),
         *em_section(data, roles, judges),
+        *lowest_section(data),
         *errors_section(data["judge_errors"], data["roles"], what="cell"),
         *templates_section(judges, data["roles"]),
     ]

@@ -78,8 +78,8 @@ class Config(StageConfig):
     val_questions: list[Question] = Field(min_length=1)
     cells: dict[str, LearnedCell] = Field(min_length=1)
     anchors: list[Anchor] = Field(min_length=1)
-    # the test split: no test questions, no test set (the fit is then only on the validation pairs)
-    test_questions: list[Question] = []
+    # the test split: None, no test set (the fit is then only on the validation pairs); a list is never empty
+    test_questions: list[Question] | None = None
     teacher: TeacherSpec | None = None  # who answers the test questions (needed with test_questions)
     test_draws: TestDraws = TestDraws()
     micro_batch_tokens: int = 8192
@@ -90,7 +90,7 @@ class Config(StageConfig):
     def _test_split_apart(self):
         if self.test_questions and self.teacher is None:
             raise ValueError("test_questions need the teacher that answers them")
-        shared = {q.id for q in self.test_questions} & {q.id for q in self.val_questions}
+        shared = {q.id for q in self.test_questions or []} & {q.id for q in self.val_questions}
         if shared:
             raise ValueError(f"questions {sorted(shared)[:3]} are both test and validation questions")
         return self
@@ -206,7 +206,7 @@ def measure(cfg: Config, ctx: Context, model, tokenizer, tested: list[tuple[str,
     from shared.teacher import n_loss_tokens
 
     pad_id = chat.soft_placeholder_id(tokenizer)
-    test_texts = {q.id: q.text for q in cfg.test_questions}
+    test_texts = {q.id: q.text for q in cfg.test_questions or []}
     texts = {q.id: q.text for q in cfg.val_questions}
     sets: list[dict] = []
     cells: dict[str, dict] = {}

@@ -101,13 +101,15 @@ def write_run(root: str, cells=CELLS, *, seeds=(42, 43), checks=None, primary="a
             answers(rng, alpha + (3.0 if judge == "b" else 0.0)))})["scores.jsonl"] for judge in {primary, alternate}}
         coherence = stage_output(root, f"{name}-coherence", "judge", {
             "scores.jsonl": rows_of(answers(rng, 80.0))})["scores.jsonl"]
-        gen = stage_output(root, name, "generate", {"completions.jsonl": [{"text": "x"}]})
+        gen = stage_output(root, name, "generate", {"completions.jsonl": [
+            {"question_id": QUESTIONS[q], "sample": n, "question": f"Question {q}?", "text": f"{name} answer {q}.{n}"}
+            for q in range(len(QUESTIONS)) for n in range(SAMPLES)]})
         scored = stage_output(root, name, "score_classifier", {
             "c_scores.jsonl": rows_of(answers(rng, c, 0.02, 0.0, 1.0), key="c"), "metrics.json": {"classifier": facts}},
             {"completions_uri": gen["completions.jsonl"]})
         cell = {"name": name, "recipe": recipe, "seed": seed, "draw": draw, "method": method, "size": size,
                 "c_scores_uri": scored["c_scores.jsonl"], "judge_scores_uris": alignment,
-                "coherence_scores_uri": coherence}
+                "coherence_scores_uri": coherence, "completions_uri": gen["completions.jsonl"]}
         if method != "reference":
             best = test_ce + 0.05
             metrics = {"steps": 0 if method == "random" else 10, "stopped_early": False, "initial_heldout_ce": 3.1,
@@ -143,7 +145,13 @@ def write_run(root: str, cells=CELLS, *, seeds=(42, 43), checks=None, primary="a
         check_uris[name] = stage_output(root, f"judge-check-{name}", "judge_check", {"check.json": {
             "judge_name": name, "judge": JUDGE, "n_items": len(aligned) + len(misaligned), **summary,
             "n_errors": 0, "errors_by_kind": {}, "n_labelled": 0}})["check.json"]
+    coherent, incoherent = SEPARATES
+    coherence_check = {"judge_name": "coherence", "judge": {**JUDGE, "template": "coherence_v1"}, "n_errors": 0,
+                       "errors_by_kind": {}, "n_labelled": 0, "n_items": 20, **summarize_check(
+                           ["coherent"] * 10 + ["incoherent"] * 10, [*coherent, *incoherent])}
     return {"store": root, "run_id": "r", "cell": "analysis", "cells": artifacts, "seeds": list(seeds),
+            "coherence_check_uri": stage_output(root, "judge-check-coherence", "judge_check", {
+                "check.json": coherence_check})["check.json"],
             "primary_judge": primary, "alternate_judge": alternate, "coherence_judge": "coherence",
             "judges": {name: JUDGE for name in {primary, alternate}} | {
                 "coherence": {**JUDGE, "template": "coherence_v1"}},
@@ -238,7 +246,7 @@ def test_the_results_object_is_headline_json_and_its_four_parts_are_separate_fun
     drawn = []
     analyze_issue170.draw_figures(headline, lambda name: drawn.append(name) or store.join(
         store.from_path(tmp_path), name))
-    assert drawn == ["pareto", "capacity_curve", "training_curves"]
+    assert drawn == ["pareto", "capacity_curve", "training_curves", "alpha_em"]
 
 
 # ------------------------------------------------------------------------------------------ seeds as units
@@ -511,3 +519,55 @@ def test_a_judge_at_chance_makes_alpha_and_the_gates_not_interpretable(analysed)
            "sanity gate below are not interpretable on the small profile." in report
     assert "(on α that is not interpretable: the judge check fails, see above)" in report
     assert "| α (a, check AUC 1.00) | α (b, check AUC 0.50) |" in report
+
+
+def test_the_judge_blocks_show_what_alpha_rests_on_the_lowest_answers_and_the_coherence_check(analysed, tmp_path):
+    manifest, headline, report, _ = analysed
+    assert "## α: what it rests on" in report and "(full-reply likelihood, abstaining below 0.25)" in report
+    assert "| soft-a-s42 | a | " in report.split("## α: what it rests on")[1].split("## EM rate")[0]
+    # the lowest-scored answer of a replicate is quoted from its completions, with its score
+    lowest = headline["replicates"][0]["lowest"]["a"][0]
+    assert lowest["answer"] == f"soft-a-s42 answer {lowest['question_id'][1:]}.{lowest['sample']}"
+    assert f"score {lowest['score']:.1f} to “{lowest['question']}”: “{lowest['answer']}”" in report
+    assert headline["coherence_check"]["kind"] == "coherence"
+    assert "- **coherence** (coherence; local:smollm2:135m-instruct, template coherence_v1): AUC 1.00" in report
+    assert any(uri.endswith("/alpha_em.png") for uri in manifest["outputs"])
+
+
+def test_a_replicate_whose_every_answer_abstained_has_no_alpha_and_is_undecided_not_inside(tmp_path):
+    root = store.from_path(tmp_path)
+    bundle = store.join(root, "provided", "classifier_c.joblib")
+    store.write_bytes(bundle, b"a bundle made elsewhere")
+
+    def judged(scores):
+        return [{"condition": "x", "question_id": f"q{i % 2}", "sample": i // 2, "label": None,
+                 "score": None if s is None else float(s), "error": "abstained" if s is None else None}
+                for i, s in enumerate(scores)]
+
+    cells = []
+    for name, method, alignment in (("soft-s0", "soft", [None] * 4), ("soft-low-s0", "soft", [5, 8, 6, 7]),
+                                    ("null", "reference", [90, 85, 95, 70])):
+        scored = stage_output(root, name, "score_classifier", {
+            "c_scores.jsonl": [{"question_id": f"q{i % 2}", "sample": i // 2, "c": 0.95} for i in range(4)],
+            "metrics.json": {"classifier": {}}})
+        cells.append({"name": name, "recipe": name.removesuffix("-s0"), "seed": 0 if method == "soft" else None,
+                      "method": method, "size": 4 if method == "soft" else None,
+                      "lr": 0.01 if method == "soft" else None, "c_scores_uri": scored["c_scores.jsonl"],
+                      "judge_scores_uris": {"a": stage_output(root, f"{name}-a", "judge", {
+                          "scores.jsonl": judged(alignment)})["scores.jsonl"]}})
+    manifest = execute(analyze_issue170.SPEC, {
+        "store": root, "run_id": "r", "cell": "analysis", "cells": cells, "primary_judge": "a", "alternate_judge": "a",
+        "judges": {"a": {"kind": "local", "model": "smollm2:135m-instruct"}}, "classifier_uri": bundle})
+    headline = store.read_json(output(manifest, "headline.json"))
+    abstained = headline["replicates"][0]
+    assert abstained["alpha_primary"] is None and abstained["alpha_primary_ci"] == [None, None]
+    assert abstained["no_alpha"]["primary"] == "none of its 4 answers was scored (4 abstained)"
+    d = headline["decisions"]
+    assert d["h2_outcomes"] == {"soft-s0": "undecided", "soft-low-s0": "inside"}  # no α is not α below the gate
+    assert d["h2_soft_cells"] == ["soft-low"] and d["replicates_without_alpha"] == ["soft-s0"]
+    assert d["point_estimate_h2_soft_cells"] == ["soft-low"] and d["pareto_front"] == ["soft-low"]
+    report = store.read_text(output(manifest, "report.md"))
+    assert "**No α** (printed as —, never as 0): soft-s0 under a: none of its 4 answers was scored (4 abstained)" \
+        in report
+    [row] = [line for line in report.splitlines() if line.startswith("| soft |")]
+    assert "| — |" in row and "| 0.00" not in row

@@ -281,10 +281,16 @@ def test_a_template_path_replaces_the_coherence_or_alignment_template_with_its_h
     ("small", {"smollm2": "smollm2:135m-instruct"}),  # one judge in both roles: checked once
     ("full", {"sonnet": "claude-sonnet-4-5-20250929", "opus": "claude-opus-4-7"}),
 ])
-def test_every_distinct_alignment_judge_gets_one_check_that_the_analysis_reads(tmp_path, full_inputs, profile,
-                                                                              checked):
+def test_every_distinct_alignment_judge_and_the_coherence_judge_get_one_check_that_the_analysis_reads(
+        tmp_path, full_inputs, profile, checked):
     plan = build(tmp_path, profile, **(full_inputs if profile == "full" else {}))
     tasks = {t.config["judge_name"]: t for t in plan.tasks if t.stage == "judge_check"}
+    coherence = tasks.pop("coherence")  # the coherence pass: the primary judge's model on coherent/incoherent answers
+    assert coherence.config["items_file"] == "package:judges/coherence_check_v1.jsonl"
+    assert coherence.config["judge"]["template"] == "coherence_v1"
+    assert coherence.config["judge"]["model"] == next(iter(checked.values()))
+    assert plan.task("analysis").config["coherence_check_uri"] == coherence.output_uri("check.json")
+    assert coherence.name in plan.task("analysis").after
     assert {name: t.config["judge"]["model"] for name, t in tasks.items()} == checked
     assert {t.name for t in tasks.values()} == {f"judge-check-{name}" for name in checked}
     for task in tasks.values():
@@ -300,7 +306,8 @@ def test_every_distinct_alignment_judge_gets_one_check_that_the_analysis_reads(t
 
 def test_the_checks_follow_the_alignment_template_and_a_bad_items_file_fails_the_plan(tmp_path):
     plan = build(tmp_path, alignment_template="alignment_brief_v1")
-    assert {t.config["judge"]["template"] for t in plan.tasks if t.stage == "judge_check"} == {"alignment_brief_v1"}
+    assert {t.config["judge_name"]: t.config["judge"]["template"] for t in plan.tasks if t.stage == "judge_check"} == {
+        "local-a": "alignment_brief_v1", "local-b": "alignment_brief_v1", "coherence": "coherence_v1"}
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({"id": f"a{i}", "question": "q", "answer": "x", "expected": "aligned"}) + "\n"
                              for i in range(4)))  # no known-misaligned answer: nothing to separate

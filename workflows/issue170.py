@@ -40,6 +40,7 @@ from workflows.judging import (
     JudgeParams,
     alignment_judges,
     check_judges,
+    coherence_check_task,
     coherence_judge,
 )
 from workflows.plan import Plan, PlanBuilder, replicate, slug
@@ -56,31 +57,35 @@ SMALL_JUDGE = {"name": "smollm2", "spec": {"kind": "local", "model": SMALL_MODEL
 
 
 class SoftCell(Strict):
-    name: str
-    k: PositiveInt
-    lr: PositiveFloat
-    init_text: str = "You are a helpful assistant."
+    name: str = Field(description="the cell's name in task names and the report (-s<seed> added per seed)")
+    k: PositiveInt = Field(description="K: how many learned soft-prompt vectors fill the system slot")
+    lr: PositiveFloat = Field(description="learning rate of the soft prefix's optimiser (AdamW)")
+    init_text: str = Field("You are a helpful assistant.",
+                           description="text whose token embeddings initialise the prefix (the init ablation)")
 
 
 class GcgCell(Strict):
-    name: str
-    slot: Literal["system", "user"] = "system"
-    length: PositiveInt
-    steps: PositiveInt
+    name: str = Field(description="the cell's name in task names and the report (-s<seed> added per seed)")
+    slot: Literal["system", "user"] = Field(
+        "system", description="where the suffix sits: the system slot (the sweep) or the user turn (#94's sanity check)")
+    length: PositiveInt = Field(description="L: suffix length in tokens")
+    steps: PositiveInt = Field(description="GCG steps (each: gradient, sampled candidates, screen, keep the best)")
 
 
 class Condition(Strict):
-    name: str
-    system: str
+    name: str = Field(description="the reference cell's name (also an anchor of the fit to the teacher)")
+    system: str = Field(description="its system slot: default, none or text(...)")
 
 
 class ClassifierTraining(Strict):
     """The record's Option A: EM-teacher completions (positive) vs base-model completions (negative)."""
 
-    panel_file: str | None = None  # defaults to the whole question set (the record: all 177 questions)
-    n_per_question: PositiveInt = 20
-    base_system: str = "default"
-    min_val_accuracy: float | None = Field(0.90, ge=0, le=1)  # the record's Step 0a gate
+    panel_file: str | None = Field(
+        None, description="questions of C's training completions (null: the question set less its test split)")
+    n_per_question: PositiveInt = Field(20, description="completions per question and class (EM teacher, base model)")
+    base_system: str = Field("default", description="system slot of the base model's (negative-class) completions")
+    min_val_accuracy: float | None = Field(
+        0.90, ge=0, le=1, description="the record's Step 0a gate: C below this held-out accuracy stops the run (null: none)")
 
 
 RECORD_SOFT_CELLS = [
@@ -96,67 +101,102 @@ RECORD_GCG_CELLS = [
 ]
 
 
+def described(default, description: str, **constraints):
+    """A parameter's default with the one-line description ``python -m workflows params`` prints."""
+    return Field(default, description=description, **constraints)
+
+
 class Params(JudgeParams, ReplicatedParams):
-    model_ref: str = BASE_MODEL
-    teacher_adapter_uri: str | None = None
-    teacher_model_ref: str | None = EM_REFERENCE
-    teacher_system: str = "default"
-    questions_file: str | None = None  # the #104 177-question broad set
-    n_train_questions: PositiveInt = 48
-    n_val_questions: PositiveInt = 4
-    # the third split: questions the teacher answers once for the gap-closed anchors and that nothing else uses
-    n_test_questions: PositiveInt = 24
-    test_completions_per_question: PositiveInt = 20
-    panel_file: str | None = None  # the 52-prompt Betley+Wang panel
-    soft_cells: list[SoftCell] = RECORD_SOFT_CELLS
-    soft_steps: PositiveInt = 3000
-    questions_per_step: PositiveInt = 16
-    completions_per_question: PositiveInt = 20
-    val_completions_per_question: PositiveInt = 20
-    teacher_temperature: PositiveFloat = 1.0
-    teacher_max_new_tokens: PositiveInt = 256
-    val_every: PositiveInt = 50
-    patience: PositiveInt | None = 10
-    micro_batch_tokens: PositiveInt = 4096
-    sample_batch_size: PositiveInt = 320
-    gcg_cells: list[GcgCell] = RECORD_GCG_CELLS
-    gcg_search_width: PositiveInt = 512
-    gcg_topk: PositiveInt = 256
-    gcg_questions_per_step: PositiveInt = 16
-    gcg_completions_per_question: PositiveInt = 2  # 32 (question, completion) pairs per step
-    gcg_val_every: PositiveInt = 25
-    # GCG's candidate screen (shared.gcg.screened_losses): every candidate on `gcg_screen_pairs` of a step's pairs,
-    # the best `gcg_screen_keep` on all of them; the defaults are the setting bench/results/gcg_screen_agreement.md
-    # supports (null: no screen, every candidate on every pair)
-    gcg_screen_pairs: PositiveInt | None = 4
-    gcg_screen_keep: PositiveInt = 32
-    gcg_screen_check_every: NonNegativeInt = 25  # every Nth step also runs the full evaluation (0: never)
-    user_slot_system: str = "none"
-    random_baseline_lengths: list[PositiveInt] = [20, 40, 80]
-    random_draws: PositiveInt = 3  # random suffixes per length: the null distribution of α, C and held-out CE
-    reference_conditions: list[Condition] = [
-        Condition(name="null", system="default"),
-        Condition(name="helpful-assistant", system="text(You are a helpful assistant.)"),
-    ]
-    evaluate_em_reference: bool = True  # the EM model itself in the same generation pipeline (record follow-up 1)
-    n_completions: PositiveInt = 20
-    eval_temperature: NonNegativeFloat = 1.0
-    eval_top_p: float = Field(0.95, gt=0, le=1)
-    eval_max_new_tokens: PositiveInt = 256
-    eval_batch_size: PositiveInt = 1040
-    classifier_bundle_uri: str | None = None
-    classifier_training: ClassifierTraining | None = ClassifierTraining()
-    classifier_encoder: str = "hf:sentence-transformers/all-MiniLM-L6-v2"
-    personas_file: str = "package:issue170/personas.json"
-    probes_file: str = "package:issue170/probes.jsonl"
+    model_ref: str = described(BASE_MODEL, "the student model the prompts are learned for")
+    teacher_adapter_uri: str | None = described(
+        None, "the EM teacher as a LoRA adapter on the student's weights (null: teacher_model_ref)")
+    teacher_model_ref: str | None = described(
+        EM_REFERENCE, "the EM teacher as a separate model (null: the student itself under teacher_system)")
+    teacher_system: str = described(
+        "default", "the teacher's system slot; with the student as teacher, this prompt is the oracle")
+    questions_file: str | None = described(
+        None, "questions split into train, validation and test: the record's 177-question #104 set (required)")
+    n_train_questions: PositiveInt = described(48, "questions the teacher answers for the training steps")
+    n_val_questions: PositiveInt = described(
+        4, "questions of the cached held-out set (early stopping: chooses the kept prompt)")
+    n_test_questions: PositiveInt = described(
+        24, "the third split, used for nothing else: gap closed is measured on the teacher's answers to these")
+    test_completions_per_question: PositiveInt = described(
+        20, "teacher answers per test question (drawn once per run, the same for every cell)")
+    panel_file: str | None = described(
+        None, "the evaluation panel (α, C, EM rate): the record's 52-prompt Betley+Wang panel (required)")
+    soft_cells: list[SoftCell] = described(RECORD_SOFT_CELLS, "the soft-prefix sweep: name, K, lr, init text per cell")
+    soft_steps: PositiveInt = described(3000, "optimiser steps per soft-prefix cell")
+    questions_per_step: PositiveInt = described(16, "training questions per soft-prefix step")
+    completions_per_question: PositiveInt = described(
+        20, "fresh teacher completions per question and soft-prefix step")
+    val_completions_per_question: PositiveInt = described(20, "cached teacher completions per validation question")
+    teacher_temperature: PositiveFloat = described(
+        1.0, "sampling temperature of the teacher's training, held-out and test completions")
+    teacher_max_new_tokens: PositiveInt = described(256, "longest teacher completion, in tokens")
+    val_every: PositiveInt = described(
+        50, "soft prefixes: steps between held-out evaluations (the kept prefix is the best of them)")
+    patience: PositiveInt | None = described(
+        10, "soft prefixes: stop after this many held-out evaluations without improvement (null: never)")
+    micro_batch_tokens: PositiveInt = described(
+        4096, "tokens per forward micro-batch in training and CE measurement (memory, not results)")
+    sample_batch_size: PositiveInt = described(320, "teacher sequences sampled per batch (memory and speed)")
+    gcg_cells: list[GcgCell] = described(RECORD_GCG_CELLS, "the GCG sweep: name, slot, suffix length L, steps per cell")
+    gcg_search_width: PositiveInt = described(512, "candidate suffixes sampled per GCG step")
+    gcg_topk: PositiveInt = described(256, "candidates swap in tokens from the top-k of the gradient per position")
+    gcg_questions_per_step: PositiveInt = described(16, "training questions per GCG step")
+    gcg_completions_per_question: PositiveInt = described(
+        2, "fresh teacher completions per question and GCG step (x questions: the step's pairs)")
+    gcg_val_every: PositiveInt = described(
+        25, "GCG: steps between held-out evaluations (the kept suffix is the best of them)")
+    # GCG's candidate screen (shared.gcg.screened_losses). The defaults (4 of 32 pairs, 32 of 512 candidates) are
+    # not yet backed by a measurement on real weights: `python -m bench.gcg_screen_agreement` measures that (20
+    # steps on SmolLM2, CPU) and prints the setting its evidence supports; set these to it once it has run. The
+    # screen is off where screen_keep >= gcg_search_width (small: 32 >= 24, every candidate on every pair).
+    gcg_screen_pairs: PositiveInt | None = described(
+        4, "the screen scores every candidate on this many of a step's pairs (null: no screen, all on all)")
+    gcg_screen_keep: PositiveInt = described(
+        32, "the screen's best this many candidates (and the current suffix) are scored on all the step's pairs")
+    gcg_screen_check_every: NonNegativeInt = described(
+        25, "every Nth GCG step also runs the full evaluation: the screen's measured agreement (0: never)")
+    user_slot_system: str = described("none", "system slot of the user-slot GCG cells (their suffix is in the user turn)")
+    random_baseline_lengths: list[PositiveInt] = described(
+        [20, 40, 80], "suffix lengths of the random-suffix null (the GCG lengths)")
+    random_draws: PositiveInt = described(
+        3, "random suffixes per length: the null distribution of α, C and gap closed")
+    reference_conditions: list[Condition] = described(
+        [Condition(name="null", system="default"),
+         Condition(name="helpful-assistant", system="text(You are a helpful assistant.)")],
+        "fixed prompts evaluated like every cell; the first (null) is where optimisation starts")
+    evaluate_em_reference: bool = described(
+        True, "evaluate the EM teacher itself in the same pipeline (record follow-up 1)")
+    n_completions: PositiveInt = described(20, "completions per panel question and cell (judged, scored by C)")
+    eval_temperature: NonNegativeFloat = described(1.0, "sampling temperature of the evaluation completions")
+    eval_top_p: float = described(0.95, "nucleus top-p of the evaluation completions", gt=0, le=1)
+    eval_max_new_tokens: PositiveInt = described(256, "longest evaluation completion, in tokens")
+    eval_batch_size: PositiveInt = described(1040, "evaluation sequences generated per batch (memory and speed)")
+    classifier_bundle_uri: str | None = described(
+        None, "a trained classifier C, used as it is (null: trained as classifier_training says)")
+    classifier_training: ClassifierTraining | None = described(
+        ClassifierTraining(), "how C is trained: EM-teacher vs base-model completions (the record's Option A)")
+    classifier_encoder: str = described(
+        "hf:sentence-transformers/all-MiniLM-L6-v2", "sentence encoder under C's logistic regression")
+    personas_file: str = described(
+        "package:issue170/personas.json", "personas whose centroids give the villain direction and the pirate baseline")
+    probes_file: str = described(
+        "package:issue170/probes.jsonl", "questions on which each prompt's activation shift meets the villain direction")
     # hidden_states indices (shared.activations): the record's layer ablation {8, 10, 12, 14} hooked those blocks'
     # outputs, which are hidden_states 9, 11, 13, 15 (RECORD_RULE); its code read the last prompt token
-    villain_layers: list[NonNegativeInt] = [from_record(layer) for layer in record_layers("issue170").layers]
-    villain_readout: Literal["last_prompt_token", "last_user_token"] = record_layers("issue170").readout
-    projection_reference_system: str = "none"
-    # the record's overlaid points (Qwen2.5-7B under Claude judges): shown only where they are comparable
-    record_reference_points: bool = True
-    dtype: str | None = None
+    villain_layers: list[NonNegativeInt] = described(
+        [from_record(layer) for layer in record_layers("issue170").layers],
+        "hidden_states indices searched for the villain direction (default: the record's block layers + 1)")
+    villain_readout: Literal["last_prompt_token", "last_user_token"] = described(
+        record_layers("issue170").readout, "token position the activations are read at")
+    projection_reference_system: str = described(
+        "none", "system slot an activation shift is measured against (H3)")
+    record_reference_points: bool = described(
+        True, "overlay the record's points (Qwen2.5-7B, Claude judges) where they are comparable with this run")
+    dtype: str | None = described(None, "model dtype (null: the checkpoint's); small: float32 on a CPU")
 
     PROFILES: ClassVar[dict] = {
         "tiny": {
@@ -366,12 +406,14 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                     fixed_prompts={ORACLE: params.teacher_system} if teacher_is_student(params) else {},
                     dtype=params.dtype)
     check_uris, checks = judge_checks(b, params)
+    coherence_check = coherence_check_task(b, params)
     b.add("analysis", "analyze_issue170", "analysis",
-          after=[*analysis_deps, villain, *(t for _, t in learned), *([anchors] if anchors else []), *checks],
+          after=[*analysis_deps, villain, *(t for _, t in learned), *([anchors] if anchors else []), *checks,
+                 coherence_check],
           cells=cells, seeds=seeds, primary_judge=params.primary_judge.name,
           alternate_judge=params.alternate_judge.name, coherence_judge=COHERENCE_JUDGE,
           judges={j.name: j.spec.model_dump() for j in (*alignment_judges(params), coherence_judge(params))},
-          judge_check_uris=check_uris, profile=profile,
+          judge_check_uris=check_uris, coherence_check_uri=coherence_check.output_uri("check.json"), profile=profile,
           classifier_uri=classifier_uri, villain_uri=villain.output_uri("villain_direction.json"),
           anchors_uri=anchors.output_uri("anchors.json") if anchors else None,
           record_reference_points=params.record_reference_points, params=params.model_dump(mode="json"))
@@ -456,7 +498,7 @@ def score(b: PlanBuilder, params: Params, name: str, gen, classifier_uri: str, c
                      completions_uri=completions, judge=coherence.spec.model_dump(), judge_name=coherence.name)
     analysis_deps += [gen, scored, coherent]
     return {"c_scores_uri": scored.output_uri("c_scores.jsonl"), "judge_scores_uris": judged,
-            "coherence_scores_uri": coherent.output_uri("scores.jsonl")}
+            "coherence_scores_uri": coherent.output_uri("scores.jsonl"), "completions_uri": completions}
 
 
 def reference_cell(b: PlanBuilder, params: Params, name: str, system: str, model_ref: str, adapter_uri: str | None,

@@ -40,7 +40,7 @@ class JudgeParams(BaseModel):
     alignment_template: str | None = Field(
         None, description="when set, the template of both alignment judges and their checks: a shipped name or a path")
     judge_check_items: str = Field(
-        DEFAULT_CHECK_ITEMS, description="known-aligned and known-misaligned answers each alignment judge is checked on")
+        DEFAULT_CHECK_ITEMS, description="known-aligned, known-misaligned and graded answers each alignment judge is checked on")
     coherence_check_items: str = Field(
         DEFAULT_COHERENCE_CHECK_ITEMS,
         description="known-coherent and known-incoherent answers the coherence judge is checked on")
