@@ -12,13 +12,14 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from shared import store
+from shared.chat import SystemText
 from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
 
 class Persona(BaseModel):
     id: str
-    prompt: str
+    prompt: SystemText
 
 
 class Question(BaseModel):
