@@ -19,7 +19,9 @@ and a training prompt is always the evaluation prompt followed by the reply's id
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
@@ -504,11 +506,25 @@ def slot_problem(tokenizer: PreTrainedTokenizerBase, slot: str | dict | _Slot, c
             return (f"ids([...]) holds {len(outside)} id(s) outside the model's vocabulary of {len(tokenizer)} "
                     f"tokens (first: {outside[0]})")
     if context is not None:
-        length = len(build_prompt(tokenizer, slot, ""))
+        with _no_length_warning():
+            length = len(build_prompt(tokenizer, slot, ""))
         if length >= context:
             return (f"the prompt of this system slot alone is {length} tokens, and the model's context is {context}: "
                     "nothing is left for the question and the reply")
     return None
+
+
+@contextmanager
+def _no_length_warning():
+    """transformers' own "longer than the maximum sequence length" warning off while a slot is measured: the
+    measuring is for saying that, in the one error line of the plan."""
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def ids_outside_vocabulary(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[int]:

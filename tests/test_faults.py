@@ -441,14 +441,18 @@ def test_a_kill_before_the_new_manifest_is_in_place_leaves_the_previous_result_v
     killed = subprocess.run([sys.executable, "-c", killer], cwd=REPO, env=environment(EPS_LOG_COPY="0"),
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert manifests(copy) == before and (folder / "manifest.json").exists()  # the old result, whole
+    after = manifests(copy)
+    staged = sorted(set(after) - set(before))  # the killed run's work, left in its staging folder
+    assert [p.split("/")[-4:-2] for p in staged] == [["analysis", "analyze_issue164.staging"]], staged
+    assert {p: after[p] for p in before} == before and (folder / "manifest.json").exists()  # the old result, whole
     ran = run_cli(copy, cwd=tmp_path)
     assert ran.code == 0, ran.err[-3000:]
     assert set(ran.statuses().values()) == {"cached"}  # the analysis too: its old result was never replaced
     assert headline(copy) == headline(original)
     record("SIGKILL after the new outputs and manifest are staged, before they replace the old (analysis re-run "
-           "with another seed)", f"every manifest unchanged, the old result whole in its folder; the next run took "
-           f"all {len(ran.statuses())} tasks as cached, analysis included; headline unchanged", issue=24)
+           "with another seed)", f"every manifest unchanged, the old result whole in its folder (the killed run's "
+           f"files left in a staging folder beside it, which nothing indexes); the next run took all "
+           f"{len(ran.statuses())} tasks as cached, analysis included; headline unchanged", issue=24)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -72,6 +72,29 @@ def test_a_long_persona_prompt_is_a_problem_on_a_real_tokenizer_too():
     assert slot_problem(info.tokenizer, chat.TextSystem(text=long[:4000]), info.context) is None
 
 
+def test_measuring_a_too_long_prompt_leaves_the_saying_to_the_plans_one_line():
+    import logging
+
+    from transformers import AutoTokenizer
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers.tokenization_utils_base").addHandler(handler)
+    try:
+        info = models.tokenizer_info("tiny:qwen2", fetch=False)
+        def fresh():  # transformers warns once per tokenizer: each half of the test gets its own
+            return AutoTokenizer.from_pretrained(models.local_path("tiny:qwen2"))
+
+        long = "x" * (info.context + 10)
+        assert "the model's context is 4096" in slot_problem(fresh(), chat.TextSystem(text=long), info.context)
+        assert said == []
+        fresh().encode(long)  # the same text through the tokenizer alone: transformers' warning does come
+        assert any("longer than the specified maximum sequence length" in line for line in said)
+    finally:
+        logging.getLogger("transformers.tokenization_utils_base").removeHandler(handler)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the fields a stage config declares
 
