@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from shared import store
+from shared.chat import SystemSpec
 from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
@@ -34,15 +35,7 @@ Method = Literal["A", "B"]
 
 class Persona(BaseModel):
     name: str
-    system: str  # a shared.chat system-slot spec
-
-    @field_validator("system")
-    @classmethod
-    def system_slot_parses(cls, value: str) -> str:
-        from shared.chat import parse_system
-
-        parse_system(value)
-        return value
+    system: SystemSpec
 
 
 class Question(BaseModel):

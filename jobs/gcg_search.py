@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, NonNegativeInt
 
 from shared import store
+from shared.chat import SystemSpec
 from shared.config import StageConfig
 from shared.gcg import GcgSettings
 from shared.stage import Context, Resources, StageInputError, StageSpec
@@ -42,7 +43,7 @@ class Config(StageConfig):
     # the questions the kept suffix will be evaluated on: its text's round trip is reported on them too
     evaluation_panel: list[Question] = []
     slot: Literal["system", "user"] = "system"
-    user_slot_system: str = "none"
+    user_slot_system: SystemSpec = "none"
     mode: Literal["search", "random"] = "search"
     draw: NonNegativeInt = 0  # mode random: which draw of the null
     search: GcgSettings

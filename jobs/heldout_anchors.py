@@ -29,9 +29,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, Field, PositiveInt, model_validator
 
 from shared import store
+from shared.chat import SystemSpec
 from shared.config import StageConfig, stable_hash
 from shared.stage import Context, Resources, StageInputError, StageSpec
 from shared.teacher import TeacherSpec
@@ -47,16 +48,7 @@ class Question(BaseModel):
 
 class Anchor(BaseModel):
     name: str
-    system: str  # a shared.chat system slot: default, none or text(...)
-
-    @field_validator("system")
-    @classmethod
-    def _fixed_prompt(cls, value: str) -> str:
-        from shared.chat import SoftSystem, parse_system
-
-        if isinstance(parse_system(value), SoftSystem):
-            raise ValueError("an anchor is a fixed prompt, not soft(K)")
-        return value
+    system: SystemSpec  # a fixed prompt: default, none, text(...) or ids([...])
 
 
 class LearnedCell(BaseModel):

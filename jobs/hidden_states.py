@@ -14,6 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from shared import store
+from shared.chat import SystemText
 from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
@@ -22,7 +23,7 @@ READOUT = "last_prompt_token"  # where #81's script read (shared.activations.REC
 
 class Persona(BaseModel):
     id: str
-    prompt: str
+    prompt: SystemText
 
 
 class Question(BaseModel):

@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, model_validator
 
 from shared import store
+from shared.chat import SystemText
 from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
@@ -36,7 +37,7 @@ SENTENCE_END = re.compile(r"[.!?][\"')\]*]*(?=\s|$)")
 
 class Persona(BaseModel):
     name: str
-    prompt: str
+    prompt: SystemText
 
 
 class Question(BaseModel):

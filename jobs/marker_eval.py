@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from shared import store
+from shared.chat import SystemText
 from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
@@ -34,7 +35,7 @@ MATCHING_RULE = "decoded completion text (special tokens skipped) contains the m
 
 class Persona(BaseModel):
     id: str
-    prompt: str
+    prompt: SystemText
 
 
 class Question(BaseModel):

@@ -17,26 +17,17 @@ from __future__ import annotations
 
 import hashlib
 
-from pydantic import field_validator
-
 from shared import store
+from shared.chat import SystemSpec
 from shared.config import StageConfig
 from shared.stage import Resources, StageInputError, StageSpec
 
 
 class Config(StageConfig):
     data_uri: str
-    system: str  # a shared.chat system-slot spec for every row: default | none | text(...)
+    system: SystemSpec  # the system slot of every row: default | none | text(...) | ids([...])
     limit: int | None = None  # keep the first N rows (the record's "Tulu-3-SFT first 6k")
     expected_md5: str | None = None
-
-    @field_validator("system")
-    @classmethod
-    def system_slot_parses(cls, value: str) -> str:
-        from shared.chat import parse_system
-
-        parse_system(value)
-        return value
 
 
 def is_generated(record: dict) -> bool:

@@ -26,16 +26,17 @@ import contextlib
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from shared import store
+from shared.chat import SystemSpec
 from shared.config import StageConfig
 from shared.stage import Context, Resources, StageInputError, StageSpec
 
 
 class Persona(BaseModel):
     name: str
-    system: str
+    system: SystemSpec
 
 
 class Question(BaseModel):
@@ -49,25 +50,16 @@ class Config(StageConfig):
     direction_model_ref: str | None = None  # ... or from a merged EM model
     personas: list[Persona] = Field(min_length=2)
     villain: str = "villain"
-    pirate_system: str
-    reference_system: str = "none"  # delta-h = h(prompt) - h(reference)
+    pirate_system: SystemSpec
+    reference_system: SystemSpec = "none"  # delta-h = h(prompt) - h(reference)
     probes: list[Question] = Field(min_length=2)
     layers: list[int] = Field(min_length=1)
     # where the residual stream is read (shared.activations.READOUTS): the record's plan says the last user token,
     # but its code read the last prompt token (shared.activations.RECORD_LAYERS["issue170"])
     readout: Literal["last_prompt_token", "last_user_token"] = "last_prompt_token"
     cell_prompt_uris: dict[str, str] = {}  # cell name -> prompt.json
-    fixed_prompts: dict[str, str] = {}  # name -> system slot, measured like a cell
+    fixed_prompts: dict[str, SystemSpec] = {}  # name -> system slot, measured like a cell
     dtype: str | None = None
-
-    @field_validator("fixed_prompts")
-    @classmethod
-    def _slots_parse(cls, value: dict[str, str]) -> dict[str, str]:
-        from shared.chat import parse_system
-
-        for system in value.values():
-            parse_system(system)
-        return value
 
 
 def residuals(model, tokenizer, prompts, layers: list[int], soft=None, readout: str = "last_prompt_token") -> np.ndarray:

@@ -19,11 +19,24 @@ and a training prompt is always the evaluation prompt followed by the reply's id
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    TypeAdapter,
+)
+
+from shared.config import ConfigError, PlanCheck
 
 if TYPE_CHECKING:
     import torch
@@ -225,6 +238,8 @@ def build_prompt(
     user turn.
     """
     slot = parse_system(system)
+    if isinstance(slot, IdsSystem) and ids_outside_vocabulary(tokenizer, slot.ids):
+        raise ConfigError(f"system slot {slot}: {slot_problem(tokenizer, slot, None)}")
     _check_no_sentinel(
         user,
         *([slot.text] if isinstance(slot, TextSystem) else []),
@@ -441,3 +456,163 @@ def inputs_embeds(batch: Batch, embedding: torch.nn.Module, soft: torch.Tensor) 
         filled = per_row[row].to(embeds.dtype)
         out.append(torch.cat([embeds[row, : span.start], filled, embeds[row, span.stop :]]))
     return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# system slots in stage configs: checked against the model's tokenizer before anything runs
+
+
+@dataclass(frozen=True)
+class SlotField:
+    """Field metadata: the field holds a system slot for the model the stage config's ``model_field`` names
+    (``text_only``: the text of a ``text(...)`` slot, as persona prompts are). ``check_slots`` finds every such
+    field of a stage config, at any depth, and checks its value against that model's tokenizer (the one every
+    prompt of the stage is built with, a separate teacher's included)."""
+
+    text_only: bool = False
+    model_field: str = "model_ref"
+
+
+def _fixed_slot(value: str) -> str:
+    if isinstance(parse_system(value), SoftSystem):
+        raise ValueError(f"{value}: soft(K) needs learned embeddings, which only the soft-prefix cells have "
+                         "(train_soft_prefix, then eval_prompt_cell); this field takes default, none, text(...) or "
+                         "ids([...])")
+    return value
+
+
+# A config field holding a system slot whose content is fixed before the stage runs: default, none, text(...) or
+# ids([...]). soft(K) is refused when the config is parsed (at plan time): no stage that takes a slot spec has
+# embeddings to fill it with.
+SystemSpec = Annotated[str, AfterValidator(_fixed_slot), SlotField()]
+# A config field holding the text of a text(...) system slot (a persona's prompt).
+SystemText = Annotated[str, SlotField(text_only=True)]
+
+# A tokenizer gives at most one token per UTF-8 byte and a chat template adds far fewer than TEMPLATE_ALLOWANCE
+# tokens, so a text slot shorter than MIN_CONTEXT - TEMPLATE_ALLOWANCE bytes fits any model with a context of
+# MIN_CONTEXT tokens or more (every model this project runs: tiny 4096, SmolLM2 8192, Qwen2.5 32768) and is not
+# measured: a plan of short prompts loads no tokenizer.
+MIN_CONTEXT = 2048
+TEMPLATE_ALLOWANCE = 512
+
+
+def slot_problem(tokenizer: PreTrainedTokenizerBase, slot: str | dict | _Slot, context: int | None) -> str | None:
+    """Why this system slot cannot be used with the model of this tokenizer (and context length), or None: raw ids
+    outside its vocabulary, or a prompt of the slot alone (an empty user turn) that fills the whole context."""
+    slot = parse_system(slot)
+    if isinstance(slot, IdsSystem):
+        outside = ids_outside_vocabulary(tokenizer, slot.ids)
+        if outside:
+            return (f"ids([...]) holds {len(outside)} id(s) outside the model's vocabulary of {len(tokenizer)} "
+                    f"tokens (first: {outside[0]})")
+    if context is not None:
+        with _no_length_warning():
+            length = len(build_prompt(tokenizer, slot, ""))
+        if length >= context:
+            return (f"the prompt of this system slot alone is {length} tokens, and the model's context is {context}: "
+                    "nothing is left for the question and the reply")
+    return None
+
+
+@contextmanager
+def _no_length_warning():
+    """transformers' own "longer than the maximum sequence length" warning off while a slot is measured: the
+    measuring is for saying that, in the one error line of the plan."""
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def ids_outside_vocabulary(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[int]:
+    """The ids no token of the tokenizer has (an embedding row past the vocabulary is padding, not a token)."""
+    return [int(i) for i in ids if not 0 <= int(i) < len(tokenizer)]
+
+
+def _needs_measuring(slot: _Slot) -> bool:
+    if isinstance(slot, IdsSystem):
+        return True
+    return isinstance(slot, TextSystem) and len(slot.text.encode()) >= MIN_CONTEXT - TEMPLATE_ALLOWANCE
+
+
+def _member_for(annotation: Any, value: Any) -> tuple[Any, list[Any]]:
+    """The bare type of ``annotation`` that ``value`` was validated as, and the metadata on the way there (a union
+    member chosen by the value's type; ``Annotated`` unwrapped)."""
+    import types
+    import typing
+
+    metadata: list[Any] = []
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation, *extra = typing.get_args(annotation)
+            metadata += extra
+        elif origin in (Union, types.UnionType):
+            members = [m for m in typing.get_args(annotation) if _fits(m, value)]
+            if not members:
+                return Any, metadata
+            annotation = members[0]
+        else:
+            return annotation, metadata
+
+
+def _fits(annotation: Any, value: Any) -> bool:
+    import typing
+
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    bare = typing.get_origin(annotation) or annotation
+    return isinstance(bare, type) and isinstance(value, bare)
+
+
+def slot_fields(cfg: BaseModel) -> list[tuple[str, SlotField, str, str | None]]:
+    """Every system slot a stage config holds, at any depth: ``(field path, marker, value, model ref)``."""
+    import typing
+
+    found: list[tuple[str, SlotField, str, str | None]] = []
+
+    def walk(value: Any, annotation: Any, metadata: list[Any], path: str) -> None:
+        annotation, more = _member_for(annotation, value)
+        marker = next((m for m in [*metadata, *more] if isinstance(m, SlotField)), None)
+        if marker is not None and isinstance(value, str):
+            found.append((path, marker, value, getattr(cfg, marker.model_field, None)))
+        elif isinstance(value, BaseModel):
+            for name, info in type(value).model_fields.items():
+                walk(getattr(value, name), info.annotation, list(info.metadata), f"{path}.{name}" if path else name)
+        elif isinstance(value, (list, tuple, dict)):
+            args = typing.get_args(annotation)
+            inner = (args[-1] if isinstance(value, dict) else args[0]) if args else Any
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                walk(item, inner, [], f"{path}[{key!r}]" if isinstance(value, dict) else f"{path}[{key}]")
+
+    walk(cfg, type(cfg), [], "")
+    return found
+
+
+def check_slots(cfg: BaseModel, *, fetch: bool) -> PlanCheck:
+    """Check every system slot of a stage config against its model's tokenizer (``slot_problem``).
+
+    ``fetch=False`` (a plan): tokenizers only from disk (``shared.models.folder_on_disk``); a slot whose model is
+    not there is counted as unchecked, with the reason. ``fetch=True`` (the stage, before it computes): the model
+    as the stage resolves it. Short text slots need no measuring (see ``MIN_CONTEXT``) and load nothing.
+    """
+    from shared import models
+
+    result = PlanCheck()
+    for path, marker, value, ref in slot_fields(cfg):
+        slot = TextSystem(text=value) if marker.text_only else parse_system(value)
+        if not _needs_measuring(slot) or ref is None:
+            continue
+        try:
+            info = models.tokenizer_info(ref, fetch=fetch)
+        except models.NotOnDisk as err:
+            result.unchecked.append((ref, str(err)))
+            continue
+        problem = slot_problem(info.tokenizer, slot, info.context)
+        if problem:
+            result.problems.append(f"{path} ({ref}): {problem}")
+    return result

@@ -10,8 +10,11 @@ import hashlib
 import json
 import math
 import re
+import types
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pydantic
@@ -162,6 +165,19 @@ class StageConfig(Strict):
     cell: str
     seed: int = 42
 
+    @model_validator(mode="before")
+    @classmethod
+    def _records_name_only_their_fields(cls, data: Any) -> Any:
+        # The records a stage config holds (questions, personas, cells, artifact lists) are written by a workflow,
+        # which keeps from a data file only the fields the stage uses (shared.datafiles.read_questions and the
+        # workflows' own readers drop a file's extra metadata there). An unknown key that reaches a stage config is
+        # therefore a typo or a bug, and a model that ignored it would drop the field silently: it is an error at
+        # every depth, whatever the nested model says, unless that model sets ``extra`` itself, for a reason.
+        where = unknown_key(cls, data)
+        if where:
+            raise ValueError(f"{where}: Extra inputs are not permitted")
+        return data
+
     def config_hash(self) -> str:
         return stable_hash(self.model_dump(mode="json"))
 
@@ -243,3 +259,56 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
+
+
+@dataclass
+class PlanCheck:
+    """What a stage's plan-time check found (``StageSpec.plan_check``): ``problems``, one line each, which stop the
+    plan; and ``(model ref, why)`` for each value that could not be checked here, which the plan reports in one
+    warning line while the stage checks them itself before it computes."""
+
+    problems: list[str] = field(default_factory=list)
+    unchecked: list[tuple[str, str]] = field(default_factory=list)
+
+
+def unknown_key(model: type[BaseModel], data: Any, path: str = "") -> str | None:
+    """The dotted path of the first key in ``data`` (the raw input of ``model``) that a model nested in it does not
+    declare, or None. Models that set ``extra`` themselves are left to it (pydantic refuses for ``forbid``); the
+    top level is the caller's own (``Strict`` forbids there)."""
+    if not isinstance(data, dict):
+        return None
+    if path and model.model_config.get("extra") is None:
+        known = set()
+        for name, info in model.model_fields.items():
+            known |= {name, *(a for a in (info.alias, info.validation_alias) if isinstance(a, str))}
+        for key in data:
+            if key not in known:
+                return f"{path}.{key}"
+    for name, info in model.model_fields.items():
+        key = name if name in data else info.alias if info.alias in data else None
+        if key is not None:
+            found = _unknown_key_in(info.annotation, data[key], f"{path}.{key}" if path else key)
+            if found:
+                return found
+    return None
+
+
+def _unknown_key_in(annotation: Any, value: Any, path: str) -> str | None:
+    """``unknown_key`` for a value of any annotation: models, and models inside lists, tuples, dicts and unions."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _unknown_key_in(args[0], value, path)
+    if origin in (typing.Union, types.UnionType):
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        others = [a for a in args if a not in models and a is not type(None)]
+        if len(models) == 1 and isinstance(value, dict):
+            return _unknown_key_in(models[0], value, path)
+        return next((p for a in others if (p := _unknown_key_in(a, value, path))), None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return unknown_key(annotation, value, path)
+    if origin in (list, tuple, set, frozenset) and isinstance(value, (list, tuple)) and args:
+        return next((p for i, item in enumerate(value) if (p := _unknown_key_in(args[0], item, f"{path}.{i}"))), None)
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return next((p for k, item in value.items() if (p := _unknown_key_in(args[1], item, f"{path}.{k}"))), None)
+    return None

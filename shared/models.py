@@ -565,3 +565,83 @@ def _init_weights(model, seed: int) -> None:
                 param.zero_()
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * TINY_INIT_STD)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a model's tokenizer without its weights: what a plan may read before anything runs
+
+
+class NotOnDisk(Exception):
+    """A model's files are not on this machine and were not to be fetched; the message says why."""
+
+
+def folder_on_disk(ref: str | ModelRef) -> Path:
+    """The model's folder if this machine has it without a download: tiny and smollm2 models are built here from
+    what is installed (no network); an ``hf:`` ref only from the local Hugging Face cache; an ``artifact:`` ref only
+    as a local folder or a finished local copy of a stored one. Raises ``NotOnDisk`` otherwise."""
+    parsed = parse_ref(ref)
+    if parsed.kind in ("tiny", "smollm2"):
+        return Path(local_path(parsed))
+    if parsed.kind == "hf":
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            root = snapshot_download(parsed.name, revision=parsed.revision, local_files_only=True,
+                                     token=os.environ.get("HF_TOKEN") or None)
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise NotOnDisk("not in the local Hugging Face cache (a plan never downloads a model)") from None
+        return Path(root, parsed.subfolder) if parsed.subfolder else Path(root)
+    if urlparse(parsed.name).scheme == "file":
+        folder = Path(unquote(urlparse(parsed.name).path))
+        if not folder.is_dir():
+            raise NotOnDisk("not in the store yet (a model this run makes is checked by the stage that reads it)")
+        return folder
+    from shared import store
+
+    folder = Path(store.local_cache_dir(parsed.name))
+    if not (folder / ".complete").exists():
+        raise NotOnDisk("stored remotely and not downloaded here (a plan never downloads a model)")
+    return folder
+
+
+def context_length(folder: str | Path, tokenizer=None) -> int | None:
+    """The longest sequence the model at ``folder`` takes (its position limit), or None when nothing says."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    for settings in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(settings.get(key), int) and settings[key] > 0:
+                return settings[key]
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 10**7 else None  # transformers' "no limit" is ~1e30
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    tokenizer: PreTrainedTokenizerBase
+    context: int | None  # the model's position limit, if its files say
+
+
+_TOKENIZERS: dict[tuple[str, bool], TokenizerInfo] = {}
+
+
+def tokenizer_info(ref: str | ModelRef, *, fetch: bool) -> TokenizerInfo:
+    """The model's tokenizer and context length, loaded once per process. ``fetch=False`` (a plan) reads only what
+    ``folder_on_disk`` finds and raises ``NotOnDisk`` otherwise; ``fetch=True`` (a stage) resolves the model as the
+    stage will (``local_path``)."""
+    key = (str(parse_ref(ref)), fetch)
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        folder = Path(local_path(ref)) if fetch else folder_on_disk(ref)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as err:
+            if fetch:
+                raise
+            raise NotOnDisk(f"its tokenizer cannot be read from {folder} ({str(err).splitlines()[0][:120]})") from None
+        _TOKENIZERS[key] = TokenizerInfo(tokenizer, context_length(folder, tokenizer))
+    return _TOKENIZERS[key]

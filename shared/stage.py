@@ -44,8 +44,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared import fingerprint, store, tracking
-from shared.config import ARTIFACT_REF, ConfigError, StageConfig, is_store_uri, parse, stable_hash
+from shared import chat, fingerprint, store, tracking
+from shared.config import ARTIFACT_REF, ConfigError, PlanCheck, StageConfig, is_store_uri, parse, stable_hash
 from shared.lease import Lease, LeaseLost
 
 MANIFEST = "manifest.json"
@@ -92,6 +92,9 @@ class StageSpec:
     resources: Resources = field(default_factory=Resources)
     image_kind: Literal["gpu", "cpu"] = "cpu"
     description: str = ""
+    # checks a config needs its model for, made when the plan is made (fetch=False: only what is on this machine)
+    # and by the stage before it computes (fetch=True); the default checks every system slot field (shared.chat)
+    plan_check: Callable[..., PlanCheck] = chat.check_slots
 
     @property
     def module(self) -> str:
@@ -537,6 +540,15 @@ def _commit(ctx: Context, cfg: StageConfig, inputs: dict[str, str], key: str, st
     return manifest
 
 
+def check_before_computing(spec: StageSpec, cfg: StageConfig) -> None:
+    """The stage's plan-time check again, with its model at hand: what a plan could not check (a model not on the
+    planning machine) is one error line here, before any work, instead of a traceback inside it."""
+    problems = spec.plan_check(cfg, fetch=True).problems
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{problems[0]}{more}")
+
+
 def execute(spec: StageSpec, raw_config: Any) -> dict:
     """Validate, settle-or-run under the stage's lease, and write the manifest. Raises on failure."""
     cfg = parse(spec.config, raw_config, f"config for stage {spec.name}")
@@ -553,6 +565,7 @@ def execute(spec: StageSpec, raw_config: Any) -> dict:
                     else f"same work done in run {source.get('run_id')}: reused ({source.get('mode')}), skipping")
             tracking.write_url_file(settled.manifest.get("tracking"))  # the run that computed it
             return settled.manifest
+        check_before_computing(spec, cfg)
         key = cache_key(spec, cfg, inputs)
         ctx.prefix = staging_prefix(cfg, spec.name, key)
         started = time.time()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 
 from shared import chat, models
 from shared.generation import Completion, HFGenerator, Sampler, SamplingParams
@@ -41,14 +41,8 @@ class TeacherSpec(BaseModel):
 
     adapter_uri: str | None = None
     model_ref: str | None = None
-    system: str = "default"
+    system: chat.SystemSpec = "default"
     sampler: Sampler = "fast"  # "generate": transformers' model.generate, the slower reference
-
-    @field_validator("system")
-    @classmethod
-    def _slot_parses(cls, value: str) -> str:
-        chat.parse_system(value)
-        return value
 
     def load(
         self, model_ref: str, *, dtype: str | None = None, sample_batch_size: int = 64

@@ -263,3 +263,58 @@ def test_a_missing_anthropic_key_is_named_at_plan_time_with_the_count_of_judge_t
     assert missing_key_warning(plan, {"ANTHROPIC_API_KEY": "set"}) is None  # silent where it must be
     local = build_plan(types.SimpleNamespace(**{**vars(args), "set": []}))
     assert claude_tasks(local) == [] and missing_key_warning(local, {}) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# records inside stage configs: a workflow keeps only the fields a stage uses, so an unknown key is an error there
+
+
+def test_an_unknown_key_in_a_record_of_a_stage_config_is_refused_at_any_depth():
+    from pydantic import BaseModel, ConfigDict
+
+    from shared.config import ConfigError, StageConfig, parse
+
+    class Question(BaseModel):
+        id: str
+        text: str
+
+    class Cell(BaseModel):
+        questions: list[Question] = []
+
+    class Metadata(BaseModel):  # a model that tolerates extra keys, and says so
+        model_config = ConfigDict(extra="ignore")
+        source: str = ""
+
+    class Config(StageConfig):
+        question: Question | None = None
+        by_name: dict[str, Cell] = {}
+        metadata: Metadata = Metadata()
+
+    base = {"store": "file:///s", "run_id": "r", "cell": "c"}
+    for typo, where in (
+        ({"question": {"id": "q", "txt": "Hi?", "text": "Hi?"}}, "question.txt"),
+        ({"by_name": {"a": {"questions": [{"id": "q", "text": "Hi?"}, {"id": "r", "text": "Ho?", "tag": 1}]}}},
+         "by_name.a.questions.1.tag"),
+        ({"by_name": {"a": {"question": []}}}, "by_name.a.question"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            parse(Config, {**base, **typo}, "config")
+        assert str(err.value) == f"bad config: {where}: Extra inputs are not permitted"
+    fine = parse(Config, {**base, "question": {"id": "q", "text": "Hi?"}, "metadata": {"source": "x", "year": 2025},
+                          "by_name": {"a": {"questions": [{"id": "q", "text": "Hi?"}]}}}, "config")
+    assert fine.question.text == "Hi?" and fine.metadata.source == "x"  # declared tolerance is kept
+
+
+def test_a_typo_in_a_question_record_of_a_real_stage_is_one_line_and_a_data_files_metadata_is_not(tmp_path):
+    from jobs.generate import Config
+    from shared.config import ConfigError, parse
+    from shared.datafiles import read_questions
+
+    base = {"store": store.from_path(tmp_path), "run_id": "r", "cell": "c", "condition": "c", "model_ref": "tiny:qwen2"}
+    with pytest.raises(ConfigError, match=r"questions.0.txt: Extra inputs are not permitted"):
+        parse(Config, {**base, "questions": [{"id": "q", "txt": "Hi?", "text": "Hi?"}]}, "config")
+    panel = tmp_path / "panel.jsonl"
+    panel.write_text("".join(json.dumps({"id": f"q{i}", "text": "Hi?", "category": "ethics", "source": "#104"}) + "\n"
+                             for i in range(2)))
+    questions = read_questions(str(panel))  # the reader keeps what a stage uses
+    assert parse(Config, {**base, "questions": questions}, "config").questions[1].id == "q1"

@@ -76,6 +76,8 @@ def build_plan(args, *, for_cluster: bool = False):
     with plan_errors(args.workflow):
         plan = module.build(params, profile=args.profile, run_id=run_id, store=root)
     plan.tracking = chosen_tracking
+    if plan.unchecked_warning():
+        print(f"warning: {plan.unchecked_warning()}", file=sys.stderr)
     return plan
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from graphlib import CycleError, TopologicalSorter
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from jobs import registry
 from shared import stage as stage_contract
@@ -90,6 +90,7 @@ class Plan(BaseModel):
     # how the run is watched, not what it computes: not a parameter, never in a task config (so never in a cache
     # key); None leaves it to the environment (shared.tracking)
     tracking: Literal["off", "wandb"] | None = None
+    _unchecked: dict[str, tuple[str, int]] = PrivateAttr(default_factory=dict)  # model ref -> (why, slots)
 
     def model_post_init(self, _context) -> None:
         self.validate_plan()
@@ -106,6 +107,7 @@ class Plan(BaseModel):
             if missing:
                 raise ConfigError(f"plan {self.workflow}: task {task.name} waits for unknown {missing}")
             task.parsed_config()  # every config is checked before anything runs
+        self._check_with_models()
         prefixes: dict[str, str] = {}
         for task in self.tasks:  # two tasks writing one folder would each take the other's result for its own
             other = prefixes.setdefault(task.output_prefix(), task.name)
@@ -116,6 +118,28 @@ class Plan(BaseModel):
             list(TopologicalSorter(self.graph()).static_order())
         except CycleError as err:
             raise ConfigError(f"plan {self.workflow}: dependency cycle {err.args[1]}") from None
+
+    def _check_with_models(self) -> None:
+        """Each stage's plan-time check (``StageSpec.plan_check``: system slots against the model's tokenizer) on
+        what is on this machine; the first problem stops the plan, what could not be checked is kept for
+        ``unchecked_warning``."""
+        unchecked: dict[str, tuple[str, int]] = {}
+        for task in self.tasks:
+            checked = task.spec.plan_check(task.parsed_config(), fetch=False)
+            if checked.problems:
+                more = f" (+{len(checked.problems) - 1} more)" if len(checked.problems) > 1 else ""
+                raise ConfigError(f"plan {self.workflow}: task {task.name}: {checked.problems[0]}{more}")
+            for ref, why in checked.unchecked:
+                unchecked[ref] = (why, unchecked.get(ref, ("", 0))[1] + 1)
+        self._unchecked = unchecked
+
+    def unchecked_warning(self) -> str | None:
+        """One line naming what the plan could not check here (a model's tokenizer not on this machine)."""
+        if not self._unchecked:
+            return None
+        parts = [f"{n} against {ref}: {why}" for ref, (why, n) in sorted(self._unchecked.items())]
+        return ("system slots not checked at plan time (their stages check them before computing): "
+                + "; ".join(parts))
 
     def graph(self) -> dict[str, set[str]]:
         return {t.name: set(t.after) for t in self.tasks}
