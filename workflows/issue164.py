@@ -59,10 +59,10 @@ class Params(JudgeParams, ExperimentParams):
     conditions_file: str | None = Field(
         None, description="JSON list of {name, system}: the system-prompt conditions (None: the record's conditions)")
     panel_file: str | None = Field(None, description="the evaluation questions (None: the record's alignment panel)")
-    n_completions: int = Field(20, ge=1, description="completions per (condition, question)")
-    temperature: float = Field(1.0, ge=0, description="sampling temperature of the evaluation completions")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass of the evaluation completions")
-    max_new_tokens: int = Field(512, ge=1, description="longest completion, in tokens")
+    n_completions: int = Field(20, description="completions per (condition, question)")
+    temperature: float = Field(1.0, description="sampling temperature of the evaluation completions")
+    top_p: float = Field(1.0, description="nucleus sampling mass of the evaluation completions")
+    max_new_tokens: int = Field(512, description="longest completion, in tokens")
     backend: Literal["hf", "vllm"] = Field("vllm", description="generation engine: vllm on GPUs, hf anywhere")
     classifier_bundle_uri: str | None = Field(
         None, description="a stored classifier-C bundle to reuse instead of training one (store URI)")
@@ -73,8 +73,8 @@ class Params(JudgeParams, ExperimentParams):
                                     description="sentence encoder whose embeddings classifier C reads")
     evaluate_em_reference: bool = Field(
         False, description="also generate, classify and judge the EM reference itself on the panel (a measured EM point)")
-    generation_batch_size: int = Field(32, ge=1, description="prompts per generation batch (hf backend)")
-    seed: int = Field(42, ge=0, description="the run's seed: each task's sampling and resampling seed derives from it")
+    generation_batch_size: int = Field(32, description="prompts per generation batch (hf backend)")
+    seed: int = Field(42, description="the run's seed: each task's sampling and resampling seed derives from it")
 
     PROFILES: ClassVar[dict] = {
         "tiny": {

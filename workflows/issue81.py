@@ -47,23 +47,23 @@ class Params(ReplicatedParams):
     negative_pool_file: str = Field(DATA + "negative_pool.json",
                                     description="the fixed pool the negative personas are drawn from")
     marker: str = Field("[ZLT]", description="the string the source persona learns to end its answers with")
-    data_n_per_question: int = Field(10, ge=1, description="on-policy completions per (persona, training question)")
-    data_max_new_tokens: int = Field(512, ge=1, description="longest training completion, in tokens")
+    data_n_per_question: int = Field(10, description="on-policy completions per (persona, training question)")
+    data_max_new_tokens: int = Field(512, description="longest training completion, in tokens")
     # see jobs/marker_data.py; off for the record's 512 tokens, on where the budget is short
     cut_truncated_to_sentence: bool = Field(
         False, description="cut a completion that hit data_max_new_tokens back to its last full sentence before the marker")
-    n_negative_personas: int = Field(2, ge=0, description="negative personas per source (their answers carry no marker)")
+    n_negative_personas: int = Field(2, description="negative personas per source (their answers carry no marker)")
     recipe: LoraRecipe = Field(LoraRecipe(), description="the marker LoRA's training recipe")
     checkpoint_every: int = Field(50, ge=0, description="steps between intermediate checkpoints (0: none)")
     # evaluation: the record's vLLM config (T=1.0, top_p=0.95, max_tokens=512, n=10)
-    eval_n: int = Field(10, ge=1, description="evaluation completions per (model, bystander, question)")
-    temperature: float = Field(1.0, ge=0, description="sampling temperature of the evaluation")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass of the evaluation")
-    eval_max_new_tokens: int = Field(512, ge=1, description="longest evaluation completion, in tokens")
+    eval_n: int = Field(10, description="evaluation completions per (model, bystander, question)")
+    temperature: float = Field(1.0, description="sampling temperature of the evaluation")
+    top_p: float = Field(0.95, description="nucleus sampling mass of the evaluation")
+    eval_max_new_tokens: int = Field(512, description="longest evaluation completion, in tokens")
     coherence_judge: JudgeSpec = Field(
         JudgeSpec(kind="anthropic", model="claude-sonnet-4-5-20250929", template="coherence_v1"),
         description="the judge that scores the coherence of evaluation completions")
-    coherence_per_cell: int = Field(3, ge=1, description="completions judged per (model, bystander, question): "
+    coherence_per_cell: int = Field(3, description="completions judged per (model, bystander, question): "
                                                          "the record judged 3 of 10")
     coherence_questions: int | None = Field(None, ge=1, description="judge only the first k questions (None: all)")
     coherence_threshold: float = Field(50.0, ge=0, le=100, description="cells with mean coherence (0-100) below this "
