@@ -383,7 +383,7 @@ def test_the_lora_training_section_summarises_each_sources_stored_losses(tmp_pat
     store.write_jsonl(log, [{"step": i + 1, "loss": loss} for i, loss in enumerate([4.0, 3.0, 2.0, 1.0, 0.5, 0.5, 0.5, 0.5])])
     cells = [{"label": "pirate", "rates_uri": store.join(root, "pirate", "marker_rates.json"), "train_log_uri": log},
              {"label": "base", "rates_uri": store.join(root, "base", "marker_rates.json")}]
-    cfg = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES[:1], bystanders=[GRID[0]], cells=cells)
+    cfg = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES[:1], bystanders=[{k: GRID[0][k] for k in ("id", "kind", "noun", "trait", "level")}], cells=cells)
     # 8 steps: a window of 8 // 4 = 2 steps at each end
     assert A.training_summary(cfg) == {"pirate": {"steps": 8, "window": 2, "loss_start": 3.5, "loss_end": 0.5}}
     section = "\n".join(A.training_section(A.training_summary(cfg)))
