@@ -70,7 +70,7 @@ class FakeProcess:
 
 def test_each_stage_gets_the_retry_count_both_engines_use(builder):
     from shared.stage import DEFAULT_RETRIES
-    from workflows.engines.argo import RetrySettings
+    from workflows.engines.argo_settings import RetrySettings
 
     gen(builder, "gen-a")
     engine = LocalEngine(builder.plan({}), live=False)

@@ -135,17 +135,20 @@ def test_hidden_states_at_layer_l_are_the_residual_after_l_blocks(model, tok):
     from jobs.hidden_states import last_token_states
 
     prompts = [chat.build_prompt(tok, PIRATE, q) for q in ("Hi?", "Tell me about ships.")]
-    captured = {}
-    hook = model.model.layers[9].register_forward_hook(lambda _m, _i, out: captured.update(block10=out))
-    try:
-        states = last_token_states(model, tok, prompts, layers=[0, 10], batch_size=2)
-    finally:
-        hook.remove()
-    block_out = captured["block10"][0] if isinstance(captured["block10"], tuple) else captured["block10"]
+    states = last_token_states(model, tok, prompts, layers=[0, 10], batch_size=2)  # two lengths in one batch
     assert states.shape == (2, 2, 576)
-    torch.testing.assert_close(states[:, 1], block_out[:, -1].float())  # layer 10 = output of the 10th block
-    embeddings = model.get_input_embeddings()(torch.tensor([prompts[0].input_ids]))[0, -1].float()
-    torch.testing.assert_close(states[0, 0], embeddings)  # layer 0 = the token embeddings
+    captured = {}
+    for i, prompt in enumerate(prompts):  # each prompt alone, unpadded: its last position is its last token
+        hook = model.model.layers[9].register_forward_hook(lambda _m, _i, out: captured.update(block10=out))
+        try:
+            with torch.no_grad():
+                model(torch.tensor([prompt.input_ids]))
+        finally:
+            hook.remove()
+        block_out = captured["block10"][0] if isinstance(captured["block10"], tuple) else captured["block10"]
+        torch.testing.assert_close(states[i, 1], block_out[0, -1].float())  # layer 10 = output of the 10th block
+        embeddings = model.get_input_embeddings()(torch.tensor([prompt.input_ids]))[0, -1].float()
+        torch.testing.assert_close(states[i, 0], embeddings)  # layer 0 = the token embeddings
 
 
 @pytest.fixture(scope="module")
