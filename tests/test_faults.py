@@ -414,7 +414,7 @@ def test_the_same_inputs_under_a_new_run_id_reuse_every_task(copy, tmp_path):
     ran = run_cli(copy, cwd=tmp_path, run_id="another")
     assert ran.code == 0, ran.err[-3000:]
     statuses = ran.statuses()
-    assert len(statuses) == 21 and set(statuses.values()) == {"reused"}
+    assert len(statuses) == 22 and set(statuses.values()) == {"reused"}  # every task, the coherence check among them
     modes = {json.loads(p.read_text())["reused_from"]["mode"] for p in (copy / "runs" / "another").rglob("manifest.json")}
     assert modes == {"link"}
     assert headline(copy, "another") == headline(copy)
