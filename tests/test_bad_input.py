@@ -126,9 +126,8 @@ OUT_OF_RANGE = [  # (workflow, the parameter set, a phrase of the error line)
 ]
 
 
-@pytest.mark.parametrize("workflow, setting, message", OUT_OF_RANGE)
-def test_out_of_range_parameters_of_every_workflow_stop_before_anything_runs(
-        workflow, setting, message, tmp_path, monkeypatch, capsys):
+def assert_refused_before_anything_runs(workflow, setting, message, tmp_path, monkeypatch, capsys):
+    """``--set setting`` on a tiny run: exit 2, one error line holding ``message``, nothing written to the store."""
     from workflows.__main__ import main
 
     monkeypatch.chdir(tmp_path)
@@ -136,6 +135,12 @@ def test_out_of_range_parameters_of_every_workflow_stop_before_anything_runs(
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "store" / "runs").exists()
+
+
+@pytest.mark.parametrize("workflow, setting, message", OUT_OF_RANGE)
+def test_out_of_range_parameters_of_every_workflow_stop_before_anything_runs(
+        workflow, setting, message, tmp_path, monkeypatch, capsys):
+    assert_refused_before_anything_runs(workflow, setting, message, tmp_path, monkeypatch, capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,13 +229,7 @@ NOT_A_NUMBER = [  # (workflow, setting, a phrase of the error line): refused bef
 @pytest.mark.parametrize("workflow, setting, message", NOT_A_NUMBER)
 def test_non_finite_numbers_and_negative_seeds_stop_before_anything_runs(
         workflow, setting, message, tmp_path, monkeypatch, capsys):
-    from workflows.__main__ import main
-
-    monkeypatch.chdir(tmp_path)
-    code = main(["run", workflow, "--profile", "tiny", "--store", str(tmp_path / "store"), "--set", setting])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and message in err, err
-    assert not (tmp_path / "store" / "runs").exists()
+    assert_refused_before_anything_runs(workflow, setting, message, tmp_path, monkeypatch, capsys)
 
 
 def test_every_json_the_store_writes_is_strict_json(tmp_path):
