@@ -187,11 +187,15 @@ class LocalJudge(Judge):
         # an additive float mask: understood alike by the eager and SDPA attention paths
         mask = torch.zeros((total, total), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
+        # only the last prompt row and the candidate rows predict a candidate token: the vocabulary projection of
+        # the other prompt rows would cost about as much as the candidates' whole pass on a small model
+        kept = torch.arange(n_prompt - 1, total, device=device)
         with torch.inference_mode():
             logits = model(
                 input_ids=torch.tensor([prompt_ids + tokens], device=device),
                 attention_mask=mask[None, None].to(device),
                 position_ids=torch.tensor([list(range(n_prompt)) + positions], device=device),
+                logits_to_keep=kept,
             ).logits[0]
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
 
@@ -199,7 +203,7 @@ class LocalJudge(Judge):
         for index, (candidate, start) in enumerate(zip(candidates, starts, strict=True)):
             # token 0 is predicted by the last prompt row; token k>0 by the row of the candidate's token k-1
             rows = [n_prompt - 1] + list(range(start, start + len(candidate) - 1))
-            totals[index] = logprobs[rows, candidate].sum()
+            totals[index] = logprobs[[row - (n_prompt - 1) for row in rows], candidate].sum()
         return totals
 
     def _verdict(self, item: JudgeItem) -> Verdict:

@@ -68,8 +68,9 @@ class JudgeSpec(BaseModel):
     max_batch_requests: int = Field(10_000, ge=1, le=100_000)
     request_timeout_s: float = Field(120.0, gt=0)
     retry: RetryPolicy = RetryPolicy()
-    # local judge: how many candidate continuations go through the model in one forward pass
-    candidate_batch_size: int = Field(101, ge=1)
+    # local judge: how many candidate continuations go through the model in one forward pass; every pass recomputes
+    # the whole prompt, so the default holds a 0-100 range and its sentinel words in one
+    candidate_batch_size: int = Field(256, ge=1)
     # local judge: the dtype to load the model in (None: the checkpoint's own); part of the cache key when set
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     # local judge: "full_reply" scores each valid reply (a number, a sentinel word) by the likelihood of all its
