@@ -175,7 +175,8 @@ def alive(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def wait_for(predicate, timeout: float = 180, what: str = "", proc: subprocess.Popen | None = None) -> None:
+def wait_for(predicate, timeout: float = 180, what: str = "", proc: subprocess.Popen | None = None,
+             poll_s: float = 0.1) -> None:
     deadline = time.time() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
@@ -183,7 +184,7 @@ def wait_for(predicate, timeout: float = 180, what: str = "", proc: subprocess.P
             raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-3000:]}")
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(poll_s)
 
 
 @pytest.fixture(scope="module")
@@ -297,12 +298,16 @@ def test_sigterm_stops_every_task_and_a_second_run_waits_for_the_stage_instead_o
             return False
 
     first = start_cli(copy, cwd=tmp_path)
-    wait_for(stage_holds_lease, what="gen-null's stage to take its lease", proc=first)
+    wait_for(lambda: stage_holds_lease() and "starting (key" in new_log(), poll_s=0.01,
+             what="gen-null's stage to take its lease and start", proc=first)
     stage_pid = json.loads(lease.read_text())["pid"]
+    # a tiny stage ends within a second of taking its lease: hold it there while the second run starts
+    os.kill(stage_pid, signal.SIGSTOP)
     second = start_cli(copy, cwd=tmp_path)  # an immediate re-run while the first still works
     wait_for(lambda: "waiting:" in new_log(), what="the second run's gen-null to wait for the lease")
     assert new_log().count("starting (key") == 1  # the second copy did not start writing
     first.send_signal(signal.SIGTERM)
+    os.kill(stage_pid, signal.SIGCONT)  # it wakes to the engine's SIGTERM
     stopped = finish(first, timeout=120)
     assert stopped.code == 143 and stopped.errors and "terminated" in stopped.errors[-1]
     assert not alive(stage_pid)

@@ -117,11 +117,12 @@ def alive(pid: int) -> bool:
 def test_a_task_past_its_deadline_is_stopped_and_retried_like_on_the_cluster(builder, monkeypatch):
     task = gen(builder, "gen-slow")
     spec = task.spec
-    monkeypatch.setattr(spec, "resources", spec.resources.model_copy(update={"timeout_s": 1, "retries": 1}))
-    result = run_plan(builder.plan({}), live=False)
+    # a deadline no stage can meet (a warm-started tiny stage can end within a second), checked every 10 ms
+    monkeypatch.setattr(spec, "resources", spec.resources.model_copy(update={"timeout_s": 0.001, "retries": 1}))
+    result = run_plan(builder.plan({}), live=False, poll_s=0.01)
     state = result.states["gen-slow"]
     assert state.status == FAILED and state.attempts == 2  # the first timeout was retried once
-    assert "timed out after 1s" in state.last_line
+    assert "timed out after 0.001s" in state.last_line
     assert not store.exists(task.output_uri("manifest.json"))
 
 

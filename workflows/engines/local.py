@@ -1,6 +1,7 @@
 """The local engine: runs a plan as processes on this machine, with resume, retries and a live progress table.
 
-Each task runs as ``python -m jobs.<stage> --config <file>``, exactly the command its container runs on a cluster,
+Each task runs as ``python -m jobs.<stage> --config <file>``, exactly the command its container runs on a cluster
+(forked warm from a process that has already imported torch: ``workflows.engines.warm_start``),
 in its own process group, under the stage's deadline (``Resources.timeout_s``) and retry count (``Resources.retries``
 or the default both engines share). GPU tasks get one visible GPU each while GPUs are free; with no GPU they run on
 the CPU. Before a task starts, the engine settles it from the store when it can, as the stage itself would: a
@@ -25,6 +26,7 @@ from urllib.parse import unquote, urlparse
 from shared import stage as stage_contract
 from shared import store
 from shared.config import ConfigError
+from workflows.engines import warm_start
 from workflows.plan import Plan, Task
 
 PENDING, RUNNING, DONE, CACHED, REUSED, FAILED, BLOCKED = (
@@ -66,7 +68,7 @@ class TaskState:
     started: float | None = None
     attempt_started: float | None = None
     finished: float | None = None
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen | warm_start.WarmProcess | None = None
     gpu: str | None = None
     last_line: str = ""
     log_path: Path | None = None
@@ -170,6 +172,7 @@ class LocalEngine:
         self.poll_s = poll_s
         self.folder = run_folder(plan)
         self.states = {t.name: TaskState(t, uses_gpu=t.spec.resources.uses_gpu) for t in plan.tasks}
+        self._warm: warm_start.WarmServer | bool | None = None
 
     def retries_of(self, task: Task) -> int:
         if self.retries is not None:
@@ -230,12 +233,30 @@ class LocalEngine:
             log.write(f"\n=== attempt {state.attempts} of {task.name} ({task.stage}) ===\n")
             log.flush()
             state.log_offset = log.tell()
+            args, root = ["--config", str(config_path)], str(Path(__file__).resolve().parents[2])
+            server = self._warm_server()
+            if server is not None:
+                state.process = server.start(task.spec.module, args, env=self._env(gpu), cwd=root,
+                                             log=str(state.log_path))
+                return
             state.process = subprocess.Popen(
-                [sys.executable, "-m", task.spec.module, "--config", str(config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=self._env(gpu), cwd=Path(__file__).resolve().parents[2],
+                [sys.executable, "-m", task.spec.module, *args],
+                stdout=log, stderr=subprocess.STDOUT, env=self._env(gpu), cwd=root,
                 start_new_session=True,  # its own process group: stopped as a whole, never orphaned
                 preexec_fn=_die_with(os.getpid()),  # and SIGTERM when the engine dies, however it dies
             )
+
+    def _warm_server(self) -> warm_start.WarmServer | None:
+        """The server that forks tasks with torch already imported (started on first use), or None: turned off
+        (``EPS_WARM_START=0``) or failed to start, and then every task is a fresh interpreter."""
+        if self._warm is None:
+            self._warm = False
+            if warm_start.enabled():
+                try:
+                    self._warm = warm_start.WarmServer(cwd=str(Path(__file__).resolve().parents[2]))
+                except OSError as err:
+                    print(f"warning: tasks start cold ({err})", file=sys.stderr)
+        return self._warm or None
 
     def _finish_attempt(self, state: TaskState, code: int | None, timed_out: bool = False) -> None:
         lines = _attempt_lines(state.log_path, state.log_offset) if state.log_path else []
@@ -356,6 +377,8 @@ class LocalEngine:
             self._loop()
         finally:
             self.stop_all()  # on success nothing runs; on Ctrl-C, SIGTERM or an engine error every task stops
+            if self._warm:
+                self._warm.close()
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
         return RunResult(self.plan, self.states, self.folder)
