@@ -281,8 +281,19 @@ def test_an_s3_store_without_a_bucket_is_refused(tmp_path):
     record("`--store s3://` (no bucket)", f"exit {ran.code}: `{line}`; nothing written anywhere")
 
 
+@pytest.fixture
+def engines():
+    """Engines a test starts; any still running when it ends (a failed assertion) are killed, stages with them."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()  # its warm-start server and the stages die with it (PR_SET_PDEATHSIG)
+            proc.communicate()
+
+
 def test_sigterm_stops_every_task_and_a_second_run_waits_for_the_stage_instead_of_writing_beside_it(
-        original, copy, tmp_path):
+        original, copy, tmp_path, engines):
     (stage_dir(copy, "null", "generate") / "manifest.json").unlink()  # gen-null has work to do
     lease = copy / "runs" / RUN_ID / "null" / "generate.lease.json"
     log = copy / "runs" / RUN_ID / "_local" / "logs" / "gen-null.log"
@@ -298,16 +309,20 @@ def test_sigterm_stops_every_task_and_a_second_run_waits_for_the_stage_instead_o
             return False
 
     first = start_cli(copy, cwd=tmp_path)
+    engines.append(first)
     wait_for(lambda: stage_holds_lease() and "starting (key" in new_log(), poll_s=0.01,
              what="gen-null's stage to take its lease and start", proc=first)
     stage_pid = json.loads(lease.read_text())["pid"]
     # a tiny stage ends within a second of taking its lease: hold it there while the second run starts
     os.kill(stage_pid, signal.SIGSTOP)
-    second = start_cli(copy, cwd=tmp_path)  # an immediate re-run while the first still works
-    wait_for(lambda: "waiting:" in new_log(), what="the second run's gen-null to wait for the lease")
-    assert new_log().count("starting (key") == 1  # the second copy did not start writing
-    first.send_signal(signal.SIGTERM)
-    os.kill(stage_pid, signal.SIGCONT)  # it wakes to the engine's SIGTERM
+    try:
+        second = start_cli(copy, cwd=tmp_path)  # an immediate re-run while the first still works
+        engines.append(second)
+        wait_for(lambda: "waiting:" in new_log(), what="the second run's gen-null to wait for the lease")
+        assert new_log().count("starting (key") == 1  # the second copy did not start writing
+        first.send_signal(signal.SIGTERM)
+    finally:
+        os.kill(stage_pid, signal.SIGCONT)  # it wakes to the engine's SIGTERM (a stopped process would not)
     stopped = finish(first, timeout=120)
     assert stopped.code == 143 and stopped.errors and "terminated" in stopped.errors[-1]
     assert not alive(stage_pid)
