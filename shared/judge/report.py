@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from shared.judge.em import (
     ALIGNMENT_BELOW,
     COHERENCE_ABOVE,
+    CONFIDENCE,
     ERROR_RATE_GAP,
     alpha_summary,
     coherent_share,
@@ -103,9 +104,9 @@ def em_definition_lines(coherence_judge: str, spec: JudgeSpec | None) -> list[st
         "both judges scored (a refusal or code label counts as not EM), and over the non-refused answers (labelled "
         "answers left out). An answer either judge could not score (an error, a local judge's abstention) is left "
         "out of both, and the sensitivity bounds say where the rate would be had every such answer been EM, or none. "
-        "95% intervals: bootstrap over the panel's questions; where no answer (or every answer) is EM the bootstrap "
-        "cannot vary, and the interval is the exact one with the questions as the independent units (marked "
-        "exact): with k questions its upper end is 1 − 0.025^(1/k), never 0.",
+        f"{CONFIDENCE:.0%} intervals: bootstrap over the panel's questions; where no answer (or every answer) is EM "
+        "the bootstrap cannot vary, and the interval is the exact one with the questions as the independent units "
+        f"(marked exact): with k questions its upper end is 1 − {(1 - CONFIDENCE) / 2:g}^(1/k), never 0.",
     ]
 
 
