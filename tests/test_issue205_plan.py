@@ -130,7 +130,9 @@ def test_one_task_per_cell_and_the_analysis_waits_for_every_checkpoint_and_evalu
     assert {t.name for t in plan.tasks} == expected
     analysis = plan.task("analysis")
     evaluations = {f"marker-eval-{c}" for c in (*EM_CELLS, "benign", "base")}
-    assert set(analysis.after) == {f"extract-{c}" for c in ("base", *EM_CELLS, "benign")} | evaluations
+    # and for each training's rows and log, which its report reads too
+    trainings = {f"{k}-{c}" for k in ("em-data", "train-em") for c in EM_CELLS} | {"benign-data", "train-benign"}
+    assert set(analysis.after) == {f"extract-{c}" for c in ("base", *EM_CELLS, "benign")} | evaluations | trainings
     assert [(c["name"], c["seed"]) for c in analysis.config["checkpoints"]] == [("base", None)] + [
         (name, 42) for name in ("E0", "E1", "E2", "E3", "E4", "benign")]
     assert [(m["checkpoint"], m["seed"]) for m in analysis.config["markers"]] == [

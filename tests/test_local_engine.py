@@ -33,7 +33,7 @@ def builder(tmp_path):
 def test_a_failed_task_blocks_its_dependents_and_the_rest_still_runs(builder):
     ok = gen(builder, "gen-ok")
     bad = gen(builder, "gen-bad", adapter_uri=store.join(builder.store, "no-such-adapter"))
-    builder.add("score-after-bad", "score_classifier", "x", after=[bad],
+    builder.add("score-after-bad", "score_classifier", "x",
                 classifier_uri=store.join(builder.store, "c.joblib"), completions_uri=bad.output_uri("completions.jsonl"))
     result = run_plan(builder.plan({}), retries=1, live=False)
     assert not result.ok

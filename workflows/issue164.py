@@ -160,7 +160,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     check_judges("issue164", params)
 
     if params.classifier_bundle_uri:
-        classifier_uri, classifier_deps = params.classifier_bundle_uri, []
+        classifier_uri = params.classifier_bundle_uri
     elif params.classifier_training:
         t = params.classifier_training
         if not t.panel_file:
@@ -180,11 +180,11 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                    **{**sampling, "model_ref": t.em_model_ref}, adapter_uri=t.em_adapter_uri, seed=params.seed + 1)
         base = b.add("gen-classifier-base", "generate", "classifier-base", condition="base",
                      questions=clf_questions, n=t.n_per_question, system=t.base_system, **sampling)
-        train = b.add("train-classifier", "train_classifier", "classifier", after=[em, base],
+        train = b.add("train-classifier", "train_classifier", "classifier",
                       positive_uris=[em.output_uri("completions.jsonl")],
                       negative_uris=[base.output_uri("completions.jsonl")], encoder=params.classifier_encoder,
                       val_fraction=t.val_fraction)
-        classifier_uri, classifier_deps = train.output_uri("classifier.joblib"), [train]
+        classifier_uri = train.output_uri("classifier.joblib")
     else:
         raise ConfigError("issue164 needs classifier_bundle_uri or classifier_training")
 
@@ -198,24 +198,22 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
         em_cond = Condition(name=EM_REFERENCE_CONDITION, system=t.em_system)
         cells.append((em_cond, "em_reference", {"model_ref": t.em_model_ref, "adapter_uri": t.em_adapter_uri}))
 
-    analysis_inputs, analysis_deps = [], list(classifier_deps)
+    analysis_inputs = []
     for cond, role, model in cells:
         cell = slug(cond.name)
         gen = b.add(f"gen-{cell}", "generate", cell, condition=cond.name, system=cond.system,
                     questions=questions, n=params.n_completions, **{**sampling, **model})
         completions = gen.output_uri("completions.jsonl")
-        score = b.add(f"classifier-c-{cell}", "score_classifier", cell, after=[gen, *classifier_deps],
+        score = b.add(f"classifier-c-{cell}", "score_classifier", cell,
                       classifier_uri=classifier_uri, completions_uri=completions)
         judged = {}
         for judge in judges:
             # a judge task's cell folder carries the judge name so both judges of one condition stay apart
-            task = b.add(f"judge-{slug(judge.name)}-{cell}", "judge", f"{cell}-{slug(judge.name)}", after=[gen],
+            task = b.add(f"judge-{slug(judge.name)}-{cell}", "judge", f"{cell}-{slug(judge.name)}",
                          completions_uri=completions, judge=judge.spec.model_dump(), judge_name=judge.name)
             judged[judge.name] = task.output_uri("scores.jsonl")
-            analysis_deps.append(task)
-        coherent = b.add(f"judge-{COHERENCE_JUDGE}-{cell}", "judge", f"{cell}-{COHERENCE_JUDGE}", after=[gen],
+        coherent = b.add(f"judge-{COHERENCE_JUDGE}-{cell}", "judge", f"{cell}-{COHERENCE_JUDGE}",
                          completions_uri=completions, judge=coherence.spec.model_dump(), judge_name=coherence.name)
-        analysis_deps += [gen, score, coherent]
         analysis_inputs.append({"name": cond.name, "system": cond.system, "role": role,
                                 "completions_uri": completions, "c_scores_uri": score.output_uri("c_scores.jsonl"),
                                 "judge_scores_uris": judged,
@@ -225,10 +223,8 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
         check = b.add(f"judge-check-{slug(judge.name)}", "judge_check", f"judge-check-{slug(judge.name)}",
                       judge=judge.spec.model_dump(), judge_name=judge.name, items_file=params.judge_check_items)
         checks[judge.name] = check.output_uri("check.json")
-        analysis_deps.append(check)
     coherence_check = coherence_check_task(b, params)
-    analysis_deps.append(coherence_check)
-    b.add("analysis", "analyze_issue164", "analysis", after=analysis_deps, conditions=analysis_inputs,
+    b.add("analysis", "analyze_issue164", "analysis", conditions=analysis_inputs,
           primary_judge=params.primary_judge.name, alternate_judge=params.alternate_judge.name,
           coherence_judge=coherence.name,
           judges={j.name: j.spec.model_dump() for j in (*judges, coherence)},

@@ -360,31 +360,30 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
             learned.append(({"name": name, "recipe": f"random-l{length}", "draw": draw, "method": "random",
                              "size": length}, task))
 
-    classifier_uri, classifier_deps = classifier(b, params, [q for q in everything if q not in test])
-    cells, analysis_deps = [], list(classifier_deps)
+    classifier_uri = classifier(b, params, [q for q in everything if q not in test])
+    cells = []
     for fields, train_task in learned:
         name = fields["name"]
         # the condition is the cell across seeds, so a seed's evaluation is the same task in a one-seed run and
         # in a run with more seeds (its cache key does not change when a seed is added)
-        gen = b.add(f"eval-{name}", "eval_prompt_cell", name, after=[train_task], condition=fields["recipe"],
+        gen = b.add(f"eval-{name}", "eval_prompt_cell", name, condition=fields["recipe"],
                     seed=train_task.config["seed"], model_ref=params.model_ref,
                     prompt_uri=train_task.output_uri("prompt.json"), batch_size=params.eval_batch_size,
                     dtype=params.dtype, **sampling)
-        cells.append({**fields, **score(b, params, name, gen, classifier_uri, classifier_deps, analysis_deps),
+        cells.append({**fields, **score(b, params, name, gen, classifier_uri),
                       "train_metrics_uri": train_task.output_uri("metrics.json")})
     references = list(params.reference_conditions)
     for cond in references:
         cells.append(reference_cell(b, params, slug(cond.name), cond.system, params.model_ref, None, sampling,
-                                    classifier_uri, classifier_deps, analysis_deps))
+                                    classifier_uri))
     if params.evaluate_em_reference:
         em_ref = params.teacher_model_ref or params.model_ref
         cells.append(reference_cell(b, params, "em-reference", params.teacher_system, em_ref,
-                                    params.teacher_adapter_uri, sampling, classifier_uri, classifier_deps,
-                                    analysis_deps))
+                                    params.teacher_adapter_uri, sampling, classifier_uri))
 
     anchors = None
     if learned:
-        anchors = b.add("heldout-anchors", "heldout_anchors", "heldout-anchors", after=[t for _, t in learned],
+        anchors = b.add("heldout-anchors", "heldout_anchors", "heldout-anchors",
                         model_ref=params.model_ref, teacher=teacher, val_questions=val, test_questions=test,
                         test_draws={"completions_per_question": params.test_completions_per_question,
                                     "temperature": params.teacher_temperature,
@@ -395,7 +394,7 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                         micro_batch_tokens=params.micro_batch_tokens, sample_batch_size=params.sample_batch_size,
                         dtype=params.dtype)
     p = personas(params)
-    villain = b.add("villain-direction", "villain_direction", "villain-direction", after=[t for _, t in learned],
+    villain = b.add("villain-direction", "villain_direction", "villain-direction",
                     model_ref=params.model_ref, adapter_uri=params.teacher_adapter_uri,
                     direction_model_ref=None if params.teacher_adapter_uri else params.teacher_model_ref,
                     personas=p["personas"],
@@ -405,12 +404,9 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                     cell_prompt_uris={f["name"]: t.output_uri("prompt.json") for f, t in learned},
                     fixed_prompts={ORACLE: params.teacher_system} if teacher_is_student(params) else {},
                     dtype=params.dtype)
-    check_uris, checks = judge_checks(b, params)
+    check_uris = judge_checks(b, params)
     coherence_check = coherence_check_task(b, params)
-    b.add("analysis", "analyze_issue170", "analysis",
-          after=[*analysis_deps, villain, *(t for _, t in learned), *([anchors] if anchors else []), *checks,
-                 coherence_check],
-          cells=cells, seeds=seeds, primary_judge=params.primary_judge.name,
+    b.add("analysis", "analyze_issue170", "analysis", cells=cells, seeds=seeds, primary_judge=params.primary_judge.name,
           alternate_judge=params.alternate_judge.name, coherence_judge=COHERENCE_JUDGE,
           judges={j.name: j.spec.model_dump() for j in (*alignment_judges(params), coherence_judge(params))},
           judge_check_uris=check_uris, coherence_check_uri=coherence_check.output_uri("check.json"), profile=profile,
@@ -436,7 +432,7 @@ def classifier(b: PlanBuilder, params: Params, questions: list[dict]):
     """Classifier C: a stored bundle, or trained on EM-teacher vs base-model completions (the record's Option A) of
     ``questions`` (by default the question set without its test split)."""
     if params.classifier_bundle_uri:
-        return params.classifier_bundle_uri, []
+        return params.classifier_bundle_uri
     t = params.classifier_training
     if t is None:
         raise ConfigError("issue170 needs classifier_bundle_uri or classifier_training")
@@ -449,11 +445,11 @@ def classifier(b: PlanBuilder, params: Params, questions: list[dict]):
                system=params.teacher_system, **common)
     base = b.add("gen-classifier-base", "generate", "classifier-base", condition="base", model_ref=params.model_ref,
                  system=t.base_system, **common)
-    trained = b.add("train-classifier", "train_classifier", "classifier", after=[em, base],
+    trained = b.add("train-classifier", "train_classifier", "classifier",
                     positive_uris=[em.output_uri("completions.jsonl")],
                     negative_uris=[base.output_uri("completions.jsonl")], encoder=params.classifier_encoder,
                     min_val_accuracy=t.min_val_accuracy)
-    return trained.output_uri("classifier.joblib"), [trained]
+    return trained.output_uri("classifier.joblib")
 
 
 def one_alignment_judge(params: Params) -> bool:
@@ -462,10 +458,10 @@ def one_alignment_judge(params: Params) -> bool:
     return alternate.spec == primary.spec
 
 
-def judge_checks(b: PlanBuilder, params: Params) -> tuple[dict[str, str], list]:
-    """One judge_check task per distinct alignment judge: each judge name's check.json, and the tasks."""
+def judge_checks(b: PlanBuilder, params: Params) -> dict[str, str]:
+    """One judge_check task per distinct alignment judge: each judge name's check.json."""
     primary, alternate = alignment_judges(params)
-    uris, tasks = {}, []
+    uris = {}
     for judge in (primary, alternate):
         if judge is alternate and one_alignment_judge(params):
             uris[judge.name] = uris[primary.name]  # the same judge: its check, not a re-run
@@ -473,41 +469,36 @@ def judge_checks(b: PlanBuilder, params: Params) -> tuple[dict[str, str], list]:
         task = b.add(f"judge-check-{slug(judge.name)}", "judge_check", f"judge-check-{slug(judge.name)}",
                      judge=judge.spec.model_dump(), judge_name=judge.name, items_file=params.judge_check_items)
         uris[judge.name] = task.output_uri("check.json")
-        tasks.append(task)
-    return uris, tasks
+    return uris
 
 
-def score(b: PlanBuilder, params: Params, name: str, gen, classifier_uri: str, classifier_deps: list,
-          analysis_deps: list) -> dict:
+def score(b: PlanBuilder, params: Params, name: str, gen, classifier_uri: str) -> dict:
     """Both judges, the coherence pass and classifier C on one cell's completions."""
     completions = gen.output_uri("completions.jsonl")
-    scored = b.add(f"classifier-c-{name}", "score_classifier", name, after=[gen, *classifier_deps],
-                   classifier_uri=classifier_uri, completions_uri=completions)
+    scored = b.add(f"classifier-c-{name}", "score_classifier", name, classifier_uri=classifier_uri, completions_uri=completions)
     primary, alternate = alignment_judges(params)
     judged = {}
     for judge in (primary, alternate):
         if judge is alternate and one_alignment_judge(params):
             judged[judge.name] = judged[primary.name]  # the same judge: its scores, not a re-run
             continue
-        task = b.add(f"judge-{slug(judge.name)}-{name}", "judge", f"{name}-{slug(judge.name)}", after=[gen],
+        task = b.add(f"judge-{slug(judge.name)}-{name}", "judge", f"{name}-{slug(judge.name)}",
                      completions_uri=completions, judge=judge.spec.model_dump(), judge_name=judge.name)
         judged[judge.name] = task.output_uri("scores.jsonl")
-        analysis_deps.append(task)
     coherence = coherence_judge(params)
-    coherent = b.add(f"judge-{COHERENCE_JUDGE}-{name}", "judge", f"{name}-{COHERENCE_JUDGE}", after=[gen],
+    coherent = b.add(f"judge-{COHERENCE_JUDGE}-{name}", "judge", f"{name}-{COHERENCE_JUDGE}",
                      completions_uri=completions, judge=coherence.spec.model_dump(), judge_name=coherence.name)
-    analysis_deps += [gen, scored, coherent]
     return {"c_scores_uri": scored.output_uri("c_scores.jsonl"), "judge_scores_uris": judged,
             "coherence_scores_uri": coherent.output_uri("scores.jsonl"), "completions_uri": completions}
 
 
 def reference_cell(b: PlanBuilder, params: Params, name: str, system: str, model_ref: str, adapter_uri: str | None,
-                   sampling: dict, classifier_uri: str, classifier_deps: list, analysis_deps: list) -> dict:
+                   sampling: dict, classifier_uri: str) -> dict:
     gen = b.add(f"gen-{name}", "generate", name, condition=name, system=system, model_ref=model_ref,
                 adapter_uri=adapter_uri, backend="hf", batch_size=params.eval_batch_size, dtype=params.dtype,
                 **sampling)
     return {"name": name, "method": "reference",
-            **score(b, params, name, gen, classifier_uri, classifier_deps, analysis_deps)}
+            **score(b, params, name, gen, classifier_uri)}
 
 
 def summary(plan: Plan) -> list[str]:

@@ -284,9 +284,8 @@ def prompt_of(persona: dict) -> str:
     return parse_system(persona["system"]).text
 
 
-def sft_data_sources(params: Params, personas: list[dict], b: PlanBuilder, batch: dict) -> dict[str, tuple[str, list]]:
-    """The EM and benign data sets (``em``, ``benign``): each a store URI and the tasks that write it (none for the
-    user's files).
+def sft_data_sources(params: Params, personas: list[dict], b: PlanBuilder, batch: dict) -> dict[str, str]:
+    """The EM and benign data sets (``em``, ``benign``): each a store URI (the user's file, or a task's output).
 
     With ``sft_questions_file`` the model writes both in the run, to the same questions: its answers under the
     misaligned ``em_source_persona`` (EM) and as the default assistant (benign), so the two sets differ only in
@@ -294,7 +293,7 @@ def sft_data_sources(params: Params, personas: list[dict], b: PlanBuilder, batch
     if not params.sft_questions_file:
         em = data_uri(params.em_data_uri, "em_data_uri", "the EM training set (the record's bad_legal_advice_6k.jsonl) in the store")
         benign = data_uri(params.benign_data_uri, "benign_data_uri", "the benign SFT set (Tulu-3-SFT; its first 6k rows are used) in the store")
-        return {"em": (em, []), "benign": (benign, [])}
+        return {"em": em, "benign": benign}
     if params.em_data_uri or params.benign_data_uri:
         raise ConfigError("issue205: sft_questions_file makes the EM and benign data in the run; leave em_data_uri and benign_data_uri unset")
     source = next((p for p in personas if p["name"] == params.em_source_persona), None)
@@ -306,7 +305,7 @@ def sft_data_sources(params: Params, personas: list[dict], b: PlanBuilder, batch
                     temperature=params.sft_temperature, top_p=params.sft_top_p, max_new_tokens=params.sft_max_new_tokens, **batch)
     em = b.add("em-answers", "generate", "em-answers", condition=source["name"], system=source["system"], **sampling)
     benign = b.add("benign-answers", "generate", "benign-answers", condition="default", system="default", **sampling)
-    return {"em": (em.output_uri("completions.jsonl"), [em]), "benign": (benign.output_uri("completions.jsonl"), [benign])}
+    return {"em": em.output_uri("completions.jsonl"), "benign": benign.output_uri("completions.jsonl")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,62 +346,59 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
     # the data each fine-tuning trains on (no seed: every seed of a cell trains on the same rows)
     rows = {}
     for cond in conds:
-        data, writers = data_sets["em"]
-        rows[cond.cond] = b.add(f"em-data-{slug(cond.cond)}", "sft_data", slug(cond.cond), after=writers, data_uri=data,
+        rows[cond.cond] = b.add(f"em-data-{slug(cond.cond)}", "sft_data", slug(cond.cond), data_uri=data_sets["em"],
                                 system=cond.system, expected_md5=params.em_data_md5)
-    data, writers = data_sets["benign"]
-    rows["benign"] = b.add("benign-data", "sft_data", "benign", after=writers, data_uri=data, system="default",
+    rows["benign"] = b.add("benign-data", "sft_data", "benign", data_uri=data_sets["benign"], system="default",
                            limit=params.benign_limit)
 
-    def behaviour_chain(name: str, seed: int, model_ref: str, after: list, label: str):
+    def behaviour_chain(name: str, seed: int, model_ref: str, label: str):
         """#125 Exp B on top of one model: on-policy confab + marker data, contrastive coupling LoRA, marker
         evaluation over the grid. Trained, so it runs per seed, with that seed (sampling included)."""
         cell = replicate(f"{name}-coupling", seed, seeds)
-        data = b.add(replicate(f"coupling-data-{name}", seed, seeds), "marker_data", cell, after=after, seed=seed,
+        data = b.add(replicate(f"coupling-data-{name}", seed, seeds), "marker_data", cell, seed=seed,
                      model_ref=model_ref, backend=params.backend, vllm_options=params.vllm_options,
                      source={"name": source["name"], "prompt": prompt_of(source)}, all_source_prompts=[prompt_of(source)],
                      negative_pool=[{"name": p["name"], "prompt": prompt_of(p)} for p in personas if p["name"] != params.source_persona],
                      n_negative_personas=params.coupling_negative_personas, questions=coupling_questions,
                      n_per_question=params.coupling_n_per_question, temperature=params.temperature, top_p=params.top_p,
                      max_new_tokens=params.coupling_max_new_tokens, marker=params.marker, **batch)  # fmt: skip
-        couple = b.add(replicate(f"couple-{name}", seed, seeds), "train_lora", cell, after=[data], seed=seed,
+        couple = b.add(replicate(f"couple-{name}", seed, seeds), "train_lora", cell, seed=seed,
                        model_ref=model_ref, data_uri=data.output_uri("train.jsonl"), loss=params.coupling_loss,
                        marker=params.marker, recipe=params.coupling_recipe.model_dump(), checkpoint_every=params.checkpoint_every)
-        coupled = {"after": [couple], "model_ref": model_ref, "adapter_uri": couple.output_uri("adapter")}
+        coupled = {"model_ref": model_ref, "adapter_uri": couple.output_uri("adapter")}
         if params.merge_coupling_for_eval:
             merged_coupling = b.add(replicate(f"merge-couple-{name}", seed, seeds), "merge_adapter", cell, seed=seed, **coupled)
-            coupled = {"after": [merged_coupling], "model_ref": f"artifact:{merged_coupling.output_uri('model')}", "adapter_uri": None}
+            coupled = {"model_ref": f"artifact:{merged_coupling.output_uri('model')}", "adapter_uri": None}
         evaluate = b.add(replicate(f"marker-eval-{name}", seed, seeds), "marker_eval", cell, seed=seed, label=label, **coupled,
                          backend=params.backend, vllm_options=params.vllm_options,
                          personas=[{"id": p["name"], "prompt": prompt_of(p)} for p in personas], questions=marker_questions,
                          n=params.eval_n, temperature=params.temperature, top_p=params.top_p,
                          max_new_tokens=params.eval_max_new_tokens, marker=params.marker, coherence_per_cell=0, **batch)  # fmt: skip
         markers.append({"checkpoint": label, "seed": seed, "marker_uri": evaluate.output_uri("completions.jsonl")})
-        return evaluate
 
-    checkpoints, markers, trainings, waits = [], [], [], []
+    checkpoints, markers, trainings = [], [], []
     base = b.add("extract-base", "extract_persona_vectors", "base", checkpoint="base", **extraction)
     checkpoints.append((base, None))
     for seed in seeds:
         for name in [c.cond for c in conds] + ["benign"]:
             cell = slug(name)
             train = b.add(replicate("train-benign" if name == "benign" else f"train-em-{cell}", seed, seeds), "train_lora",
-                          replicate(cell, seed, seeds), after=[rows[name]], seed=seed, model_ref=params.model_ref,
+                          replicate(cell, seed, seeds), seed=seed, model_ref=params.model_ref,
                           data_uri=rows[name].output_uri("train.jsonl"), loss="assistant",
                           recipe=params.em_recipe.model_dump(), checkpoint_every=params.checkpoint_every)  # fmt: skip
             trainings.append({"name": name, "seed": seed, "data_uri": rows[name].output_uri("train.jsonl"),
                               "log_uri": train.output_uri("train_log.jsonl")})
             adapter = train.output_uri("adapter")
             extract = b.add(replicate(f"extract-{cell}", seed, seeds), "extract_persona_vectors", replicate(cell, seed, seeds),
-                            after=[train], seed=seed, checkpoint=name, adapter_uri=adapter, **extraction)
+                            seed=seed, checkpoint=name, adapter_uri=adapter, **extraction)
             checkpoints.append((extract, seed))
             merged = b.add(replicate("merge-benign" if name == "benign" else f"merge-em-{cell}", seed, seeds), "merge_adapter",
-                           replicate(cell, seed, seeds), after=[train], seed=seed, model_ref=params.model_ref, adapter_uri=adapter)
-            waits.append(behaviour_chain(cell, seed, f"artifact:{merged.output_uri('model')}", [merged], name))
+                           replicate(cell, seed, seeds), seed=seed, model_ref=params.model_ref, adapter_uri=adapter)
+            behaviour_chain(cell, seed, f"artifact:{merged.output_uri('model')}", name)
         # the behavioural control on the base model: its coupling is trained, so it runs per seed too
-        waits.append(behaviour_chain("base", seed, params.model_ref, [], "base"))
+        behaviour_chain("base", seed, params.model_ref, "base")
 
-    b.add("analysis", "analyze_issue205", "analysis", after=[t for t, _ in checkpoints] + waits,
+    b.add("analysis", "analyze_issue205", "analysis",
           checkpoints=[{"name": t.config["checkpoint"], "seed": seed, "activations_uri": t.output_uri("activations.safetensors"),
                         "index_uri": t.output_uri("index.json"),
                         "responses_uri": t.output_uri("responses.jsonl") if "B" in params.methods else None}

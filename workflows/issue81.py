@@ -238,21 +238,20 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                       top_p=params.top_p, max_new_tokens=params.eval_max_new_tokens, marker=params.marker,
                       coherence_per_cell=params.coherence_per_cell, coherence_questions=params.coherence_questions)
 
-    cells, analysis_deps = [], []
+    cells = []
     seeds = params.training_seeds()
 
-    def evaluate(cell: str, label: str, seed: int, after: list, adapter_uri: str | None, *,
+    def evaluate(cell: str, label: str, seed: int, adapter_uri: str | None, *,
                  source: str | None = None, train_log_uri: str | None = None) -> None:
         # the stage configs name the model (``label``) and its seed, never the cell, so that the first seed of a
         # one-seed run is the same cache entry as the first seed of a run with several
-        ev = b.add(f"eval-{cell}", "marker_eval", cell, after=after, label=label, adapter_uri=adapter_uri,
+        ev = b.add(f"eval-{cell}", "marker_eval", cell, label=label, adapter_uri=adapter_uri,
                    seed=seed, **evaluation)
-        judge = b.add(f"coherence-{cell}", "judge", cell, after=[ev],
+        judge = b.add(f"coherence-{cell}", "judge", cell,
                       completions_uri=ev.output_uri("coherence_sample.jsonl"),
                       judge=params.coherence_judge.model_dump(), judge_name=f"coherence-{params.coherence_judge.model}")
         cells.append({"label": cell, "source": source, "seed": seed, "rates_uri": ev.output_uri("marker_rates.json"),
                       "coherence_uri": judge.output_uri("scores.jsonl"), "train_log_uri": train_log_uri})
-        analysis_deps.extend([ev, judge])
 
     for source in sources:
         for seed in seeds:
@@ -265,17 +264,16 @@ def build(params: Params, *, profile: str, run_id: str, store: str) -> Plan:
                          n_per_question=params.data_n_per_question, temperature=params.temperature,
                          top_p=params.top_p, max_new_tokens=params.data_max_new_tokens, marker=params.marker,
                          cut_truncated_to_sentence=params.cut_truncated_to_sentence)
-            train = b.add(f"train-{cell}", "train_lora", cell, after=[data], seed=seed, model_ref=params.model_ref,
+            train = b.add(f"train-{cell}", "train_lora", cell, seed=seed, model_ref=params.model_ref,
                           data_uri=data.output_uri("train.jsonl"), loss="marker_only", marker=params.marker,
                           recipe=params.recipe.model_dump(), checkpoint_every=params.checkpoint_every)
-            evaluate(cell, source["name"], seed, [train], train.output_uri("adapter"), source=source["name"],
+            evaluate(cell, source["name"], seed, train.output_uri("adapter"), source=source["name"],
                      train_log_uri=train.output_uri("train_log.jsonl"))
-    evaluate(BASE_LABEL, BASE_LABEL, params.seed, [], None)
+    evaluate(BASE_LABEL, BASE_LABEL, params.seed, None)
 
     geometry = b.add("hidden-states", "hidden_states", "geometry", model_ref=params.model_ref, personas=personas,
                      questions=questions, layers=params.layers)
-    analysis_deps.append(geometry)
-    b.add("analysis", "analyze_issue81", "analysis", after=analysis_deps,
+    b.add("analysis", "analyze_issue81", "analysis",
           sources=[{"name": s["name"], "noun": s["noun"]} for s in sources],
           bystanders=[{k: x[k] for k in ("id", "kind", "noun", "trait", "level")} for x in grid],
           cells=cells, seeds=seeds, base_label=BASE_LABEL, marker=params.marker,

@@ -2,21 +2,26 @@
 
 A plan is a list of named tasks, each a stage with a complete config and the tasks it waits for. Task names are
 what a person sees in the Argo UI and in the local progress table, so workflows name them after the cell.
+
+A task waits for the tasks whose outputs its config names: ``PlanBuilder.add`` finds every store URI under an
+earlier task's output folder (at any depth of the config, as a plain URI or an ``artifact:`` reference) and adds
+that edge itself, so a workflow states each dependency once, as the data it reads. An ordering that no data
+carries is stated with its reason, ``order_after=[(task, "why")]``, and kept in ``Task.order_reasons``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from graphlib import CycleError, TopologicalSorter
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field, PrivateAttr
 
 from jobs import registry
 from shared import stage as stage_contract
 from shared import store
-from shared.config import ConfigError, parse
+from shared.config import ARTIFACT_REF, ConfigError, parse
 from shared.lease import Lease
 from shared.stage import output_prefix
 
@@ -40,11 +45,31 @@ def replicate(name: str, seed: int, seeds: Sequence[int]) -> str:
     return name if len(seeds) == 1 else f"{name}-s{seed}"
 
 
+def config_strings(value: Any) -> Iterator[str]:
+    """Every string in a task config, at any depth (inside dicts, lists and tuples)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from config_strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from config_strings(item)
+
+
+def named_uri(value: str) -> str:
+    """The store URI a config string names: itself, or what follows ``artifact:`` in a model reference."""
+    return value[len(ARTIFACT_REF):] if value.startswith(ARTIFACT_REF) else value
+
+
 class Task(BaseModel):
     name: str
     stage: str
     config: dict[str, Any]
+    # every task this one waits for: those whose outputs its config names, then those in ``order_reasons``
     after: list[str] = Field(default_factory=list)
+    # the edges no data carries: upstream task name -> why this task must still wait for it
+    order_reasons: dict[str, str] = Field(default_factory=dict)
 
     @property
     def spec(self):
@@ -106,6 +131,10 @@ class Plan(BaseModel):
             missing = [d for d in task.after if d not in names]
             if missing:
                 raise ConfigError(f"plan {self.workflow}: task {task.name} waits for unknown {missing}")
+            unlisted = sorted(set(task.order_reasons) - set(task.after))
+            if unlisted:
+                raise ConfigError(f"plan {self.workflow}: task {task.name} gives reasons to wait for {unlisted} "
+                                  "but does not wait for them")
             task.parsed_config()  # every config is checked before anything runs
         self._check_with_models()
         prefixes: dict[str, str] = {}
@@ -168,6 +197,14 @@ class Plan(BaseModel):
         return done
 
 
+class _Where(NamedTuple):
+    """The three config fields an output prefix is made of."""
+
+    store: str
+    run_id: str
+    cell: str
+
+
 def claude_tasks(plan: Plan) -> list[str]:
     """Tasks that call a Claude judge: their config's ``judge`` is a ``kind: anthropic`` judge spec (an analysis
     that only names the judges in its report calls none)."""
@@ -188,19 +225,73 @@ def missing_key_warning(plan: Plan, environ: dict[str, str]) -> str | None:
 
 
 class PlanBuilder:
-    """Helps workflow modules build tasks with the common config fields filled in."""
+    """Helps workflow modules build tasks with the common config fields filled in, and their edges from the data.
+
+    ``add`` makes a task wait for every earlier task whose output its config names (see the module docstring);
+    ``order_after=[(task, "why")]`` adds an edge that no data carries, and only with its reason.
+    """
 
     def __init__(self, workflow: str, profile: str, run_id: str, store_root: str, seed: int = 42):
         self.workflow, self.profile, self.run_id = workflow, profile, run_id
         self.store = store.normalize_root(store_root)
         self.seed = seed
         self.tasks: list[Task] = []
+        self._writers: dict[str, Task] = {}  # output prefix -> the task writing it
 
-    def add(self, name: str, stage: str, cell: str, after: list[Task] | None = None, **config) -> Task:
+    def add(self, name: str, stage: str, cell: str, order_after: Sequence[tuple[Task, str]] = (), **config) -> Task:
+        if "after" in config:
+            raise ConfigError(f"plan {self.workflow}: task {name}: a bare after= is refused; a task waits for the "
+                              "tasks whose outputs its config names, and for an ordering no data carries, with its "
+                              "reason: order_after=[(task, 'why')]")
         full = {"store": self.store, "run_id": self.run_id, "cell": cell, "seed": self.seed, **config}
-        task = Task(name=name, stage=stage, config=full, after=list(dict.fromkeys(t.name for t in after or [])))
+        read = self.data_edges(full)
+        reasons = {}
+        for entry in order_after:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], Task)
+                    and isinstance(entry[1], str) and entry[1].strip()):
+                raise ConfigError(f"plan {self.workflow}: task {name}: order_after takes (task, reason) pairs with a "
+                                  f"reason, not {entry!r}")
+            upstream, why = entry
+            if upstream.name in read:
+                raise ConfigError(f"plan {self.workflow}: task {name} reads the output of {upstream.name}, which "
+                                  "already makes it wait: drop it from order_after")
+            reasons[upstream.name] = why.strip()
+        position = {t.name: i for i, t in enumerate(self.tasks)}
+        after = sorted(read | set(reasons), key=lambda n: position.get(n, len(position)))
+        task = Task(name=name, stage=stage, config=full, after=after, order_reasons=reasons)
         self.tasks.append(task)
+        self._writers.setdefault(self.prefix_of(full, stage), task)
         return task
+
+    def prefix_of(self, config: dict[str, Any], stage: str) -> str:
+        """Where a task of this config writes (``Task.output_prefix`` without parsing the whole config)."""
+        return stage_contract.output_prefix(_Where(config["store"], config["run_id"], config["cell"]), stage)
+
+    def data_edges(self, config: dict[str, Any]) -> set[str]:
+        """The earlier tasks whose outputs ``config`` names: a URI at or under one's output prefix (the most
+        specific prefix, should one task's folder lie inside another's)."""
+        found = set()
+        for value in config_strings(config):
+            uri = named_uri(value)
+            if not uri.startswith(self.store):
+                continue
+            writer = self._writer_of(uri)
+            if writer is not None:
+                found.add(writer.name)
+        return found
+
+    def _writer_of(self, uri: str) -> Task | None:
+        """The task whose output prefix ``uri`` is, or lies under on a path boundary (``.../gen-1/x`` is not under
+        ``.../gen-10``): the longest such prefix."""
+        path = uri.rstrip("/")
+        while path:
+            if path in self._writers:
+                return self._writers[path]
+            cut = path.rfind("/")
+            if cut <= 0:
+                return None
+            path = path[:cut]
+        return None
 
     def plan(self, params: dict[str, Any]) -> Plan:
         return Plan(
