@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from bench.gpu_bench import QUESTIONS
-    from shared import chat, models
-    from shared.generation import HFGenerator, SamplingParams
+    from shared.lm import chat, models
+    from shared.lm.generation import HFGenerator, SamplingParams
 
     model = models.load_model(MODEL, device="cpu")
     tokenizer = models.load_tokenizer(MODEL)

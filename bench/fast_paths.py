@@ -1,6 +1,6 @@
 """The fast #170 paths against the current ones, measured side by side in one run (``python -m bench.gpu_bench``).
 
-- sampling: ``HFGenerator`` with the fast decoder (``shared.decoding``) against ``model.generate`` (the baseline), at
+- sampling: ``HFGenerator`` with the fast decoder (``shared.lm.decoding``) against ``model.generate`` (the baseline), at
   the teacher's batch (320 token-id prompts) and the evaluation's (1024 soft-prefix prompts through
   ``inputs_embeds``), 256 new tokens. Two length regimes: ``fixed`` (every row runs 256 tokens: a random-weight
   model never emits the stop token) and ``uniform`` (each row stops at a length drawn uniformly from 32-256, the stop
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from shared.generation import HFGenerator
+from shared.lm.generation import HFGenerator
 
 UNIFORM_LENGTHS = (32, 256)  # the realistic regime: each row's length drawn uniformly from this range (inclusive)
 # reply-length regimes besides "fixed" (every row max_new_tokens): each row's length drawn uniformly from a range;
@@ -66,10 +66,10 @@ def length_budgets(rows: int, new_tokens: int, seed: int = 0, regime: str = "uni
 def _prompts_and_soft(model, tokenizer, rows: int, soft_k: int | None, questions):
     import torch
 
-    from shared.soft_prompt import LearnedPrompt
+    from shared.search.soft_prompt import LearnedPrompt
 
     if soft_k is None:
-        from shared import chat
+        from shared.lm import chat
 
         return [chat.build_prompt(tokenizer, "default", questions[i % len(questions)]) for i in range(rows)], None
     prompt = LearnedPrompt(kind="soft", model_ref="bench", k=soft_k)
@@ -104,9 +104,9 @@ def run_chunk(generator, prompts, soft, new_tokens: int, budgets=None, seed: int
 def _run_chunk(generator, prompts, soft, new_tokens, budgets, seed):
     import torch
 
-    from shared import chat
-    from shared.decoding import DecodeSettings
-    from shared.generation import SamplingParams
+    from shared.lm import chat
+    from shared.lm.decoding import DecodeSettings
+    from shared.lm.generation import SamplingParams
 
     params = SamplingParams(n=1, temperature=1.0, max_new_tokens=new_tokens, seed=seed)
     soft_rows = None if soft is None else soft.expand(len(prompts), -1, -1)
@@ -145,7 +145,7 @@ def bench_sampling(model, tokenizer, *, rows: int, new_tokens: int, soft_k: int 
                    sampler: str, questions, batch_size: int | None = None) -> dict:
     import torch
 
-    from shared.generation import HFGenerator
+    from shared.lm.generation import HFGenerator
 
     generator = HFGenerator(model, tokenizer, batch_size=batch_size or rows, sampler=sampler)
     prompts, soft = _prompts_and_soft(model, tokenizer, rows, soft_k, questions)
@@ -176,7 +176,7 @@ def decode_step_time(model, tokenizer, questions, rows: int, soft_k: int | None 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from shared.generation import HFGenerator
+    from shared.lm.generation import HFGenerator
 
     generator = HFGenerator(model, tokenizer, batch_size=rows)
     prompts, soft = _prompts_and_soft(model, tokenizer, rows, soft_k, questions)
@@ -200,7 +200,7 @@ def decode_step_time(model, tokenizer, questions, rows: int, soft_k: int | None 
 
 def compile_warmup(model, tokenizer, questions, soft_k: int | None = None) -> dict:
     """The fast decoder's first call (compiles the layer step on CUDA) and the same call again."""
-    from shared.generation import HFGenerator
+    from shared.lm.generation import HFGenerator
 
     generator = HFGenerator(model, tokenizer, batch_size=8)
     prompts, soft = _prompts_and_soft(model, tokenizer, 8, soft_k, questions)
@@ -218,9 +218,9 @@ def greedy_check(model, tokenizer, questions, rows: int = 64, new_tokens: int = 
     transformers over prompt + those tokens (teacher forcing); where they differ, how far from a tie they were."""
     import torch
 
-    from shared import chat
-    from shared.decoding import DecodeSettings
-    from shared.generation import HFGenerator
+    from shared.lm import chat
+    from shared.lm.decoding import DecodeSettings
+    from shared.lm.generation import HFGenerator
 
     generator = HFGenerator(model, tokenizer, batch_size=rows)
     prompts, _ = _prompts_and_soft(model, tokenizer, rows, None, questions)
@@ -275,8 +275,8 @@ class DrawnLengthTeacher(HFGenerator):
     def _generate_chunk(self, prompts, soft, params, seed) -> list[list[int]]:
         import torch
 
-        from shared import chat
-        from shared.decoding import DecodeSettings
+        from shared.lm import chat
+        from shared.lm.decoding import DecodeSettings
 
         budgets = length_budgets(len(prompts), params.max_new_tokens, seed, self.regime)
         device = self._device()
@@ -308,7 +308,7 @@ def bench_train_step(pair, cfg: dict, questions, *, micro_batch_tokens: int, buc
     ``params`` and ``matmul_tflops`` add the student's compute floor: 4 FLOP per matmul parameter per token (forward,
     and the backward to the activations: no weight gradients), the backbone over the tokens the path runs (padding
     excluded), the LM head over the loss tokens, at the calibrated GEMM rate."""
-    from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
+    from shared.search.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
 
     settings = SoftTrainingSettings(k=cfg["soft_k"], lr=5e-4, steps=1, questions_per_step=cfg["soft_questions"],
                                     completions_per_question=cfg["soft_completions"],
@@ -346,8 +346,8 @@ def profile_student_passes(pair, cfg: dict, questions, micro_batch_tokens: int) 
     """Where the student's forward/backward spends GPU time on one draw (fixed lengths), each path: the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
-    from shared.teacher import n_loss_tokens
+    from shared.lm.teacher import n_loss_tokens
+    from shared.search.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
 
     out = {}
     examples = None
@@ -374,7 +374,7 @@ def profile_micro_batch(trainer, soft) -> dict:
     """Where one micro-batch's forward/backward spends GPU time (the top kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from shared.teacher import batch_ce_sum, micro_batches
+    from shared.lm.teacher import batch_ce_sum, micro_batches
 
     examples = trainer.draws.step_examples(1)
     group = micro_batches(examples, trainer.settings.micro_batch_tokens)[0]
@@ -393,8 +393,8 @@ def profile_micro_batch(trainer, soft) -> dict:
 
 
 def bench_gcg_screen(pair, cfg: dict, params: dict, questions, matmul_tflops: float) -> dict:
-    from shared.gcg import GcgSearch, GcgSettings, SuffixRules
-    from shared.soft_prompt import LearnedPrompt
+    from shared.search.gcg import GcgSearch, GcgSettings, SuffixRules
+    from shared.search.soft_prompt import LearnedPrompt
 
     settings = GcgSettings(length=cfg["suffix_length"], steps=1, search_width=cfg["search_width"], topk=cfg["topk"],
                            questions_per_step=cfg["gcg_questions"], completions_per_question=cfg["gcg_completions"],
@@ -431,7 +431,7 @@ def bench_gcg_screen(pair, cfg: dict, params: dict, questions, matmul_tflops: fl
 
 def teacher_draw_s(pair, cfg: dict, questions) -> dict:
     """One GCG step's teacher draw (questions x completions, max_new_tokens) through this pair's sampler."""
-    from shared.generation import SamplingParams
+    from shared.lm.generation import SamplingParams
 
     params = SamplingParams(n=cfg["gcg_completions"], max_new_tokens=cfg["max_new_tokens"], seed=0)
     start = now()

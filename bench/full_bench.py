@@ -127,7 +127,7 @@ def sampling_rows(model, tokenizer, cfg: dict, which: str):
     or the evaluation's (1024 soft(64) rows over the questions), and the soft prefix for the latter."""
     import torch
 
-    from shared import chat
+    from shared.lm import chat
 
     qs = questions()
     if which == "teacher":
@@ -142,7 +142,7 @@ def sampling_rows(model, tokenizer, cfg: dict, which: str):
 
 def bench_sampling(model, tokenizer, cfg: dict, *, which: str, sampler: str, lengths: str) -> dict:
     """One untimed full-size call, then ``reps`` timed calls of ``HFGenerator``'s chunk path on the same rows."""
-    from shared.generation import HFGenerator
+    from shared.lm.generation import HFGenerator
 
     rows, soft = sampling_rows(model, tokenizer, cfg, which)
     generator = HFGenerator(model, tokenizer, batch_size=len(rows), sampler=sampler)
@@ -179,8 +179,8 @@ def separate_pair(model, tokenizer, batch_size: int):
     import contextlib
     import copy
 
-    from shared.generation import HFGenerator
-    from shared.teacher import TeacherStudent
+    from shared.lm.generation import HFGenerator
+    from shared.lm.teacher import TeacherStudent
 
     teacher = copy.deepcopy(model)
     return TeacherStudent(model, tokenizer, HFGenerator(teacher, tokenizer, batch_size=batch_size), "default",
@@ -188,7 +188,7 @@ def separate_pair(model, tokenizer, batch_size: int):
 
 
 def with_batch(pair, batch_size: int, lengths: str):
-    from shared.generation import HFGenerator
+    from shared.lm.generation import HFGenerator
 
     generator = HFGenerator(pair.teacher_generator.model, pair.tokenizer, batch_size=batch_size)
     return fast_paths.with_teacher_lengths(dataclasses.replace(pair, teacher_generator=generator), lengths)
@@ -198,7 +198,7 @@ def bench_soft_case(pair, cfg: dict, lengths: str, path: str, draw_steps: int, o
                     params: dict | None = None, tflops: float | None = None) -> dict:
     """A run of (1 + reps) x draw_steps steps; its first draw group is the warm-up. A group's time is the mean step
     time over its steps (steps that take earlier-drawn completions cost less), reported per group."""
-    from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
+    from shared.search.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
 
     steps = (1 + cfg["reps"]) * draw_steps
     settings = SoftTrainingSettings(
@@ -248,8 +248,8 @@ def bench_gcg(pair, cfg: dict, params: dict, tflops: float, on_step=None) -> dic
     """A warm-up step at a small width, then ``reps`` checked steps at the record's setting. Each checked step runs
     the screen (every candidate on ``screen_pairs`` pairs, the best ``screen_keep`` on all) and the check (every
     other candidate on the other pairs): screen + check is the record's work, every candidate on every pair."""
-    from shared.gcg import GcgSearch, GcgSettings, SuffixRules
-    from shared.soft_prompt import LearnedPrompt
+    from shared.search.gcg import GcgSearch, GcgSettings, SuffixRules
+    from shared.search.soft_prompt import LearnedPrompt
 
     def search(width: int):
         settings = GcgSettings(length=cfg["gcg_length"], steps=1 + cfg["reps"], search_width=width,
@@ -305,9 +305,9 @@ def bench_candidate_forward(model, tokenizer, cfg: dict, params: dict, tflops: f
     once untimed and ``reps`` times timed, on the same rows; and how far their CE sums are apart (bf16)."""
     import torch
 
-    from shared.gcg import GcgSettings, SuffixRules, candidate_ce_sums
-    from shared.soft_prompt import LearnedPrompt
-    from shared.teacher import with_reply_ids
+    from shared.lm.teacher import with_reply_ids
+    from shared.search.gcg import GcgSettings, SuffixRules, candidate_ce_sums
+    from shared.search.soft_prompt import LearnedPrompt
 
     settings = GcgSettings(length=cfg["gcg_length"], steps=1)
     rules = SuffixRules.of(tokenizer, model.config.vocab_size, settings, questions()[:1])

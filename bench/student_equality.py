@@ -23,8 +23,8 @@ def examples(pair, k: int = 8):
     import torch
 
     from bench.qwen_tokenizer import questions
-    from shared.soft_prompt import LearnedPrompt
-    from shared.teacher import with_reply_ids
+    from shared.lm.teacher import with_reply_ids
+    from shared.search.soft_prompt import LearnedPrompt
 
     tokenizer = pair.tokenizer
     prompt = LearnedPrompt(kind="soft", model_ref=MODEL, k=k)
@@ -39,8 +39,8 @@ def examples(pair, k: int = 8):
 
 
 def run(pair, batch, path: str, max_tokens: int, k: int = 8):
-    from shared import chat
-    from shared.teacher import n_loss_tokens, student_ce
+    from shared.lm import chat
+    from shared.lm.teacher import n_loss_tokens, student_ce
 
     weight = pair.student_model.get_input_embeddings().weight
     soft = (weight[10:10 + k].detach().float() + 0.01).clone().requires_grad_(True)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from shared.teacher import load_teacher_student
+    from shared.lm.teacher import load_teacher_student
 
     pair = load_teacher_student(MODEL, dtype="float32")
     batch = examples(pair)

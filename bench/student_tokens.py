@@ -28,8 +28,8 @@ def step_examples(tokenizer, regime: str, *, k: int = 64, n_questions: int = 16,
     """One step's student examples: each question's soft(k) prompt with replies of drawn lengths (random ids)."""
     import torch
 
-    from shared.soft_prompt import LearnedPrompt
-    from shared.teacher import with_reply_ids
+    from shared.lm.teacher import with_reply_ids
+    from shared.search.soft_prompt import LearnedPrompt
 
     prompt = LearnedPrompt(kind="soft", model_ref="bench", k=k)
     rows = n_questions * completions
@@ -47,8 +47,8 @@ def step_examples(tokenizer, regime: str, *, k: int = 64, n_questions: int = 16,
 
 def counts(examples, path: str, max_tokens: int) -> dict:
     """The tokens a path's backbone runs for ``examples`` and the same with padding (as its ``StudentPass``)."""
-    from shared.packed import pack
-    from shared.teacher import _reply_tail, distinct_prompts, length_groups, micro_batches
+    from shared.lm.packed import pack
+    from shared.lm.teacher import _reply_tail, distinct_prompts, length_groups, micro_batches
 
     if path == "current":
         groups = micro_batches(examples, max_tokens)
@@ -87,7 +87,7 @@ def measure(max_tokens: int = 8192) -> dict:
 
 
 def _teacher_prompts(tokenizer):
-    from shared import chat
+    from shared.lm import chat
 
     return [chat.build_prompt(tokenizer, "default", q) for q in questions()[:16]]
 

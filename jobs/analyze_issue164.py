@@ -17,10 +17,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-from shared import store
-from shared.config import StageConfig
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
 from shared.judge.spec import JudgeSpec
-from shared.stage import Resources, StageInputError, StageSpec
 
 REFERENCE_FILE = "issue164/reference_points.json"
 SAMPLE_CHARS = 280  # how much of one sample answer per condition the report quotes
@@ -60,7 +60,7 @@ def reference_points() -> dict:
 def question_bootstrap_ci(question_ids: list[str], values: list[float], *, seed: int,
                           n_boot: int = N_BOOT) -> list[float] | None:
     """95% CI of the mean of ``values`` by resampling whole questions (a question's completions share its prompt)."""
-    from shared.stats import cluster_bootstrap_ci
+    from shared.analysis.stats import cluster_bootstrap_ci
 
     if not values:
         return None
@@ -87,9 +87,9 @@ def sample_answer(completions_uri: str | None) -> dict | None:
 
 
 def classifier_facts(classifier_uri: str, params: dict, seed: int = 0) -> dict:
-    """Classifier C's held-out accuracy with a 95% interval over the validation questions (``shared.classifier.
+    """Classifier C's held-out accuracy with a 95% interval over the validation questions (``shared.analysis.classifier.
     accuracy_by_question``), how its split was drawn, and what its two classes were."""
-    from shared import classifier
+    from shared.analysis import classifier
 
     try:
         bundle = classifier.load_bundle(classifier_uri)
@@ -231,7 +231,7 @@ def decisions(data: dict) -> dict:
 
 def figures(data: dict, out) -> dict:
     """Every figure of the report, drawn from the results object only; ``out(name)`` is where one goes."""
-    from shared.figures import alpha_em_figure
+    from shared.analysis.figures import alpha_em_figure
 
     labelled = [{"label": condition_label(data)(r["condition"]), "judgements": r["judgements"]}
                 for r in data["conditions"]]
@@ -248,7 +248,7 @@ def c_vs_alpha_figure(data: dict, uri: str) -> dict:
     """Left: the record's reference points on the full scales, with this run's conditions only where the run is on
     the record's scale (full profile, Claude judges); otherwise alone, titled as another model's. Right: this run's
     conditions, both judges, with 95% CIs over questions."""
-    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
+    from shared.analysis.figures import PALETTE, REFERENCE_COLOR, new_figure, save
 
     fig, ax = new_figure(12.5, 4.6)
     grid = fig.add_gridspec(1, 2, wspace=0.25)
@@ -434,8 +434,8 @@ def judge_specs(data: dict) -> dict[str, JudgeSpec]:
 
 def report_text(data: dict) -> str:
     """The report, from the results object only."""
+    from shared.analysis.reporting import fmt, markdown_table
     from shared.judge.report import em_cell, errors_section, templates_section
-    from shared.reporting import fmt, markdown_table
 
     j, d, checks = data["judges"], data["decisions"], data["judge_checks"]
     judges = judge_specs(data)
@@ -561,7 +561,7 @@ def reproducibility_notes(data: dict) -> str:
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared.reporting import producing_manifest, reproducibility
+    from shared.analysis.reporting import producing_manifest, reproducibility
 
     data = results(cfg)
     data["decisions"] = decisions(data)

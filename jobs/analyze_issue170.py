@@ -22,10 +22,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from jobs.heldout_anchors import ORACLE
-from shared import store
-from shared.config import StageConfig
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
 from shared.judge.spec import JudgeSpec
-from shared.stage import Resources, StageInputError, StageSpec
 
 Method = Literal["soft", "gcg-system", "gcg-user", "random", "reference"]
 LEARNED = ("soft", "gcg-system", "gcg-user", "random")
@@ -93,7 +93,7 @@ def finite(value):
 def clustered_mean(rows: list[dict], key: str, *, confidence: float, seed: int) -> dict:
     """The mean of ``key`` over rows with a value, with a percentile bootstrap interval that resamples whole
     questions (the answers to one question share its prompt)."""
-    from shared.stats import cluster_bootstrap_ci
+    from shared.analysis.stats import cluster_bootstrap_ci
 
     kept = [r for r in rows if r.get("error") is None and r.get(key) is not None]
     if not kept:
@@ -182,7 +182,7 @@ def _gcg_work(training: dict) -> float | None:
 def across(values: list[float | None], confidence: float) -> dict:
     """The mean of per-seed (or per-draw) values with the t interval of the mean over those units; with one unit
     the interval is None (nothing measures the spread between seeds)."""
-    from shared.stats import seed_contrast
+    from shared.analysis.stats import seed_contrast
 
     known = [float(v) for v in values if v is not None]
     if not known:
@@ -257,7 +257,7 @@ def fit_to_teacher(replicates: list[dict], anchors: dict, *, confidence: float, 
     and the ratio (gap closed), each with a percentile bootstrap interval that resamples test questions (cell and
     anchors together: a paired interval). Also: the kept prompt re-measured on its own validation pairs, which
     must equal the training stage's best held-out CE."""
-    from shared.stats import bootstrap_ci
+    from shared.analysis.stats import bootstrap_ci
 
     names = [a["name"] for a in anchors["anchors"]]
     oracle = ORACLE if ORACLE in names else None
@@ -311,7 +311,7 @@ def fit_to_teacher(replicates: list[dict], anchors: dict, *, confidence: float, 
 def random_null(replicates: list[dict], fit: dict | None, confidence: float) -> list[dict]:
     """Per suffix length: the random suffixes' α, C and test-split gap closed (draws are the units), and each GCG
     cell of that length against them (its training seeds against the draws: a two-sample t over units)."""
-    from shared.stats import seed_contrast
+    from shared.analysis.stats import seed_contrast
 
     gap = {r["name"]: (r.get("gap_closed") or {}).get("estimate") for r in (fit or {}).get("replicates", [])}
     out = []
@@ -516,7 +516,7 @@ def point_hits_h2(row: dict, gate: dict) -> bool:
 
 def pooled(replicates: list[dict], cell: str, test) -> dict:
     """A rule applied to each training seed of one cell and pooled: the cell passes only if every seed does."""
-    from shared.stats import PooledDecision
+    from shared.analysis.stats import PooledDecision
 
     decision = PooledDecision({r["seed"] if r["seed"] is not None else 0: bool(test(r))
                                for r in replicates if r["cell"] == cell})
@@ -611,7 +611,7 @@ def decisions(data: dict) -> dict:
 
 def draw_figures(data: dict, out) -> None:
     """Every figure of the report, drawn from the results object; ``out(name)`` is where each goes."""
-    from shared.figures import alpha_em_figure
+    from shared.analysis.figures import alpha_em_figure
 
     pareto_figure(data, out("pareto"))
     capacity_figure(data, out("capacity_curve"))
@@ -623,7 +623,7 @@ def draw_figures(data: dict, out) -> None:
 
 def pareto_figure(data: dict, uri: str) -> None:
     """C against α: each cell's mean over its seeds (or draws) with its replicates as small points."""
-    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
+    from shared.analysis.figures import PALETTE, REFERENCE_COLOR, new_figure, save
 
     markers = {"soft": "o", "gcg-system": "^", "gcg-user": "v", "random": "x", "reference": "D"}
     fig, ax = new_figure(7.2, 4.8)
@@ -677,7 +677,7 @@ def capacity_figure(data: dict, uri: str) -> None:
     """Mean α and mean test-split CE against prompt length, one line per method (and per lr for soft prefixes),
     with each mean's between-seed interval where there is one; the reference conditions' α, the test-split anchors
     and the H2 gate as horizontal lines."""
-    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save
+    from shared.analysis.figures import PALETTE, REFERENCE_COLOR, new_figure, save
 
     fig, _ = new_figure(10.0, 4.0)
     fig.clf()
@@ -733,7 +733,7 @@ def capacity_figure(data: dict, uri: str) -> None:
 def curve_figure(data: dict, uri: str) -> None:
     """Per trained replicate, against the training step: the train CE on each step's fresh teacher samples (left)
     and the held-out (validation) CE with the first validation set's anchors as lines (right)."""
-    from shared.figures import PALETTE, REFERENCE_COLOR, new_figure, save, step_curves
+    from shared.analysis.figures import PALETTE, REFERENCE_COLOR, new_figure, save, step_curves
 
     curves = data["curves"]
     fig, (train_ax, held_ax) = new_figure(11.0, 4.4, ncols=2)
@@ -767,7 +767,7 @@ def one_judge(data: dict) -> bool:
 
 
 def classifier_line(facts: dict) -> str:
-    from shared.reporting import fmt
+    from shared.analysis.reporting import fmt
 
     if "val_accuracy" not in facts:
         return f"C is the mean P(EM) of classifier C ({facts['uri']}) over a cell's completions."
@@ -882,7 +882,7 @@ def round_trip_line(row: dict) -> str:
 
 
 def reference_lines(data: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     if not data.get("reference_points"):
         return ["## Reference points", "",
@@ -1002,7 +1002,7 @@ def seeds_lines(data: dict) -> list[str]:
 
 
 def headline_lines(data: dict, roles: tuple[str, ...], has_em: bool) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     j = data["judges"]
     fit = {c["cell"]: c for c in (data.get("fit") or {}).get("cells", [])}
@@ -1029,8 +1029,8 @@ def headline_lines(data: dict, roles: tuple[str, ...], has_em: bool) -> list[str
 
 
 def replicate_lines(data: dict, roles: tuple[str, ...], has_em: bool) -> list[str]:
+    from shared.analysis.reporting import markdown_table
     from shared.judge.report import em_cell
-    from shared.reporting import markdown_table
 
     j, outcomes = data["judges"], data["decisions"]["h2_outcomes"]
     single = one_judge(data)
@@ -1053,7 +1053,7 @@ def replicate_lines(data: dict, roles: tuple[str, ...], has_em: bool) -> list[st
 
 
 def fit_lines(fit: dict) -> list[str]:
-    from shared.reporting import fmt, markdown_table
+    from shared.analysis.reporting import fmt, markdown_table
 
     test = fit.get("test_set")
     if not test:
@@ -1106,7 +1106,7 @@ def fit_lines(fit: dict) -> list[str]:
 
 
 def random_null_lines(data: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     nulls = data["random_null"]
     if not nulls:
@@ -1138,7 +1138,7 @@ def metric_label(data: dict, key: str) -> str:
 
 
 def screen_lines(data: dict) -> list[str]:
-    from shared.reporting import fmt, markdown_table
+    from shared.analysis.reporting import fmt, markdown_table
 
     facts = [f for f in data["screen"] if f.get("screen_on") is not None]
     if not facts:
@@ -1194,7 +1194,7 @@ def best_cell_lines(data: dict) -> list[str]:
 
 
 def training_lines(data: dict) -> list[str]:
-    from shared.reporting import fmt, markdown_table
+    from shared.analysis.reporting import fmt, markdown_table
 
     trained = [r for r in data["replicates"] if r["method"] in LEARNED and r["steps"] is not None]
     table = markdown_table(
@@ -1249,7 +1249,7 @@ def decision_lines(data: dict) -> list[str]:
 
 
 def projection_lines(data: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     if "projection" not in data:
         return []
@@ -1342,7 +1342,7 @@ def upstream_manifests(cfg: Config) -> list[dict]:
 
     A classifier bundle the user provided has no manifest (it was not made by this run); everything else must.
     """
-    from shared.reporting import producing_manifest
+    from shared.analysis.reporting import producing_manifest
 
     def inputs_of(manifest: dict, *keys: str) -> list[dict]:
         uris = []
@@ -1370,7 +1370,7 @@ def upstream_manifests(cfg: Config) -> list[dict]:
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared.reporting import reproducibility
+    from shared.analysis.reporting import reproducibility
 
     # the figures and the report print headline.json as it is stored (keys sorted), so each is a function of it
     store.write_json(ctx.out("headline.json"), results(cfg))

@@ -22,7 +22,7 @@ What this stage makes impossible, by construction (each was a finding of the rec
 - H2 is an equivalence test (TOST, the record's 15-point margin); the record's own H2 rule is printed beside it as
   what it is; H3's exact Spearman floor at the run's condition count is stated;
 - claims about a training recipe (EM vs base, EM vs benign SFT) are tested with the training seed as the unit
-  (``shared.stats.seed_contrast``); a one-seed run says every p-value is conditional on one fine-tune and calls no
+  (``shared.analysis.stats.seed_contrast``); a one-seed run says every p-value is conditional on one fine-tune and calls no
   effect EM-specific.
 """
 
@@ -33,10 +33,10 @@ import math
 import numpy as np
 from pydantic import BaseModel
 
-from shared import store
-from shared.activations import LAYER_CONVENTION
-from shared.config import StageConfig
-from shared.stage import Resources, StageInputError, StageSpec
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.activations import LAYER_CONVENTION
 
 METRICS = ("M1", "M2", "M3")
 CI_LEVEL = 0.95  # of the bootstrap CIs over questions
@@ -192,7 +192,7 @@ class Activations:
         for ckpt, index in zip(checkpoints, indexes, strict=True):
             if index.get("layer_convention") != LAYER_CONVENTION:
                 raise StageInputError(f"{ckpt.index_uri} names its layers by another convention "
-                                      f"({index.get('layer_convention')!r}): re-extract it (shared.activations)")
+                                      f"({index.get('layer_convention')!r}): re-extract it (shared.lm.activations)")
             for axis in ("personas", "questions", "layers", "methods"):
                 if index[axis] != first[axis]:
                     raise StageInputError(f"checkpoint {ckpt.name}'s {axis} differ from base's: the grids must be identical")
@@ -232,8 +232,9 @@ def load_activations(cfg: Config) -> dict[int, Activations]:
 
 
 def persona_inputs(acts: Activations) -> tuple[dict, dict, dict]:
-    """What ``shared.geometry`` takes, per (method, layer): persona centroids per checkpoint, the paired-valid
-    (persona, question) rows per checkpoint for M3, and those rows' persona and question labels."""
+    """What ``shared.analysis.geometry`` takes, per (method, layer): persona centroids per checkpoint, the
+    paired-valid (persona, question) rows per checkpoint for M3, and those rows' persona and question
+    labels."""
     vectors, rows, labels = {}, {}, {}
     for method in acts.methods:
         centroids = acts.centroids(method)  # (checkpoint, persona, layer, hidden)
@@ -254,7 +255,7 @@ def persona_inputs(acts: Activations) -> tuple[dict, dict, dict]:
 def m2_robustness(vectors: dict, personas: list[str], assistant: str, em_names: list[str]) -> dict:
     """M2 with per-condition axes instead of E0's (the condition's own assistant delta; PC-1 of its persona
     shifts): mean change of |cos| over the non-assistant personas. Reported alongside, outside the family."""
-    from shared import geometry
+    from shared.analysis import geometry
 
     out = {}
     a = personas.index(assistant)
@@ -339,7 +340,7 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
                     samples: dict[str, list[dict]] | None = None, controls: dict[str, np.ndarray] | None = None) -> dict:
     """One seed's behavioural statistics from ``rates`` (condition, persona, question) of marker rates, and each
     control's (``controls[name]``: (persona, question)) mean leakage over every condition's own bystanders."""
-    from shared.stats import (
+    from shared.analysis.stats import (
         h1_self_leakage_test,
         h2_equivalence_test,
         h2_invariance_test,
@@ -406,7 +407,7 @@ def behaviour(cfg: Config, personas: list[str], leak: dict) -> dict:
 
 def cosine_matrices(vectors: dict) -> dict:
     """Per (method, layer) and checkpoint: the persona-by-persona cosine matrix, raw and centred over personas."""
-    from shared import geometry as g
+    from shared.analysis import geometry as g
 
     return {f"{method}/L{layer}": {c: {"raw": g.cosine_matrix(v).tolist(), "centred": g.centred_cosine_matrix(v).tolist()}
                                    for c, v in per_ckpt.items()}
@@ -416,7 +417,7 @@ def cosine_matrices(vectors: dict) -> dict:
 def cosine_summary(matrices: dict) -> dict:
     """Per (method, layer) and checkpoint: the mean raw off-diagonal cosine and the mean absolute change of the
     centred cosines from base's (how far the pattern between personas moved)."""
-    from shared.geometry import off_diagonal
+    from shared.analysis.geometry import off_diagonal
 
     out = {}
     for key, per_ckpt in matrices.items():
@@ -431,7 +432,7 @@ def induced_persona(cfg: Config, vectors: dict, personas: list[str]) -> dict | N
     """Did EM training induce the persona that wrote the EM data? Per (method, layer) and condition: the centred
     cosine (each checkpoint centred on its own mean persona) between the condition's induction persona and the EM
     source persona, in base, in the condition's EM checkpoint and in benign SFT. None without an EM source persona."""
-    from shared import geometry as g
+    from shared.analysis import geometry as g
 
     source = cfg.em_source_persona
     if source is None:
@@ -493,7 +494,7 @@ def sample_replies(cfg: Config, checkpoints: list[CheckpointArtifacts], personas
 def readjust(family: list) -> list[dict]:
     """Cells as dicts; BH-FDR and Holm recomputed over each family as a whole (all methods together: the
     pre-registered family is 3 metrics x 2 methods x 5 layers x 5 conditions = 150 cells)."""
-    from shared.stats import adjust_family
+    from shared.analysis.stats import adjust_family
 
     cells = [c.as_dict() for c in family]
     for name in {c["family"] for c in cells}:
@@ -515,8 +516,8 @@ def split_families(cells: list[dict]) -> dict:
 def add_bootstrap_cis(cfg: Config, acts: Activations, families: dict) -> None:
     """Percentile CIs (95 %, ``cfg.n_boot`` resamples of the questions) of every M1/M2 change at the headline layer,
     in both geometries, written into the cells as ``ci_low``/``ci_high``; one resampling serves both."""
-    from shared import geometry as g
-    from shared.stats import percentile_interval
+    from shared.analysis import geometry as g
+    from shared.analysis.stats import percentile_interval
 
     if cfg.n_boot <= 0:
         return
@@ -540,7 +541,7 @@ def shift_measurements(cfg: Config, acts: Activations, vectors: dict) -> dict:
     """Per (method, layer) and fine-tuned checkpoint: how far the personas' mean moved from base's (``mean_shift``:
     its norm, base's spread, their ratio) and whether a shift is there at all (``shift_test``: sign flips over
     questions of the per-question persona-mean difference)."""
-    from shared import geometry as g
+    from shared.analysis import geometry as g
 
     out = {}
     rng = np.random.default_rng([cfg.seed, 205])
@@ -560,7 +561,7 @@ def shift_measurements(cfg: Config, acts: Activations, vectors: dict) -> dict:
 def centred_axis_ratio(vectors: dict, personas: list[str], assistant: str) -> dict:
     """Per (method, layer): |shift-invariant E0 axis| / |raw E0 axis|. The shift-invariant axis is the assistant's E0
     shift minus the non-assistant personas' mean shift, so 0 means EM moved the assistant only as it moved them."""
-    from shared import geometry as g
+    from shared.analysis import geometry as g
 
     a = personas.index(assistant)
     out = {}
@@ -574,7 +575,7 @@ def centred_axis_ratio(vectors: dict, personas: list[str], assistant: str) -> di
 def checkpoint_values(families: dict, vectors: dict) -> dict:
     """Per (method, layer) and checkpoint: every metric's value, raw (M1 mean off-diagonal cosine, M2 alignment, M3
     accuracy) and shift-invariant (``M1_dispersion``, ``M2_centred``)."""
-    from shared import geometry as g
+    from shared.analysis import geometry as g
 
     out = {}
     for (method, layer), per_ckpt in vectors.items():
@@ -609,10 +610,10 @@ def three_way_rows(families: dict, layer: int) -> dict:
 
 
 def geometry(cfg: Config, acts: Activations) -> dict:
-    """One seed's geometry: every cell of both geometries (``shared.geometry.geometry_family``: M1/M2/M3, BH-FDR and
+    """One seed's geometry: every cell of both geometries (``shared.analysis.geometry.geometry_family``: M1/M2/M3, BH-FDR and
     Holm per family), bootstrap CIs over questions at the headline layer, the mean shift and its test, and the
     per-checkpoint values and descriptive matrices the report and figures show."""
-    from shared import geometry as g
+    from shared.analysis import geometry as g
 
     em_names = [c.cond for c in cfg.conditions]
     missing = [n for n in [*em_names, "benign"] if n not in acts.checkpoints]
@@ -659,18 +660,18 @@ def geometry(cfg: Config, acts: Activations) -> dict:
 
 
 def cell_floor(cell: dict) -> float:
-    """The smallest p the cell's test can return (``shared.stats.smallest_p``)."""
-    from shared.stats import smallest_p
+    """The smallest p the cell's test can return (``shared.analysis.stats.smallest_p``)."""
+    from shared.analysis.stats import smallest_p
 
     return smallest_p(cell["n_iter"], cell["alternative"], exhaustive=cell["exact"])
 
 
 def test_limits(cfg: Config, geo: dict, n_conditions: int, n_personas: int) -> dict:
     """Per geometry and family: each metric's null size and smallest attainable p, and the best p BH-FDR and Holm over
-    the family can give a cell of that metric (every cell at its floor: ``shared.stats.correction_reach``); whether
+    the family can give a cell of that metric (every cell at its floor: ``shared.analysis.stats.correction_reach``); whether
     G1's bar (M1 vs base, BH p < alpha) can be met at this persona count; the exact Spearman test's floor at this
     condition count (H3 and the cos-monotone rules)."""
-    from shared.stats import correction_reach, spearman_exact_floor
+    from shared.analysis.stats import correction_reach, spearman_exact_floor
 
     out: dict = {"families": {}}
     for kind, fam in geo["families"].items():
@@ -703,14 +704,14 @@ def test_limits(cfg: Config, geo: dict, n_conditions: int, n_personas: int) -> d
 
 
 def seed_level(cfg: Config, per_seed: dict) -> dict:
-    """EM vs base and EM vs benign SFT with the training seed as the unit (``shared.stats.seed_contrast``), for every
+    """EM vs base and EM vs benign SFT with the training seed as the unit (``shared.analysis.stats.seed_contrast``), for every
     geometry cell (the change from base, per seed) and for leakage (mean bystander leakage, per seed, of each EM
     condition against the base and benign models coupled and evaluated the same way). EM vs base is a one-sample t
     of the per-seed changes against 0 (the base model has no seed) for geometry and two-sample for leakage (the
     base's coupling is trained per seed); EM vs benign is two-sample, one-sided in the metric's pre-registered
     direction for geometry. BH-FDR over each family of testable rows. With one seed nothing is testable."""
-    from shared.geometry import DIRECTIONS, GEOMETRIES
-    from shared.stats import adjust_family, seed_contrast
+    from shared.analysis.geometry import DIRECTIONS, GEOMETRIES
+    from shared.analysis.stats import adjust_family, seed_contrast
 
     seeds = list(per_seed)
     first = per_seed[seeds[0]]["geometry"]["families"]
@@ -796,9 +797,9 @@ def results(cfg: Config, per_seed_acts: dict[int, Activations], per_seed_leakage
 
 
 def layer_translation(cfg: Config, layers: list[int]) -> dict:
-    """The record's layer numbers beside this run's (``shared.activations.RECORD_LAYERS``): the table is shown where
+    """The record's layer numbers beside this run's (``shared.lm.activations.RECORD_LAYERS``): the table is shown where
     the run extracted exactly the translated layers (the full profile); other profiles say they chose their own."""
-    from shared.activations import RECORD_RULE, record_layers
+    from shared.lm.activations import RECORD_RULE, record_layers
 
     record = record_layers("issue205")
     rows = record.table()
@@ -811,7 +812,7 @@ def layer_translation(cfg: Config, layers: list[int]) -> dict:
 
 def monotone(cos: list[float], effects: list[float], rules: dict) -> dict:
     """(b) of the cross-condition rule: exact Spearman between cos-to-assistant and the condition's mean delta."""
-    from shared.stats import spearman_exact_test
+    from shared.analysis.stats import spearman_exact_test
 
     if not np.all(np.isfinite(effects)):  # an undefined metric (centred M2 without an axis): no trend to test
         return {"rho": None, "p": None, "fires": False, "note": "a condition's mean change is undefined"}
@@ -826,7 +827,7 @@ def monotone(cos: list[float], effects: list[float], rules: dict) -> dict:
 def fires_in_direction(kind: str, cell: dict, rules: dict) -> bool:
     """A primary cell fires: BH p below the bar and the change in the pre-registered direction (an M3 drop of at
     least ``m3_min_drop``)."""
-    from shared.geometry import DIRECTIONS
+    from shared.analysis.geometry import DIRECTIONS
 
     delta = cell["delta"]
     if not np.isfinite(delta):
@@ -926,9 +927,9 @@ def outcome(data: dict, fired: dict, raw_fam: dict, beh: dict | None) -> dict:
 
 def decisions(data: dict) -> dict:
     """The record's pre-registered rules on the results object: per seed (both geometries, H1/H2/H3, the headline
-    mapping), pooled over seeds (``shared.stats.PooledDecision``: every seed must pass), and the effects the seed-level
+    mapping), pooled over seeds (``shared.analysis.stats.PooledDecision``: every seed must pass), and the effects the seed-level
     EM-vs-benign test licenses calling EM-specific (none with one seed)."""
-    from shared.stats import PooledDecision
+    from shared.analysis.stats import PooledDecision
 
     rules = data["rules"]
     per_seed = {}
@@ -998,7 +999,7 @@ def hero_figure(data: dict, uri: str) -> dict:
     """Top row: the three geometry metrics per checkpoint at the headline layer (both methods; bars: mean over seeds,
     dots: each seed); bottom row: behaviour per EM condition (mean bystander leakage beside the base and benign
     controls, H3's trend, H1's self vs bystander)."""
-    from shared.figures import PALETTE, new_figure, save
+    from shared.analysis.figures import PALETTE, new_figure, save
 
     layer, ckpts = data["headline_layer"], data["checkpoints"]
     first = next(iter(data["per_seed"].values()))
@@ -1059,7 +1060,7 @@ def hero_figure(data: dict, uri: str) -> dict:
 
 def m1_bars_figure(data: dict, uri: str) -> dict:
     """Raw M1 of every checkpoint at every (method, layer): bars at the mean over seeds, a dot per seed."""
-    from shared.figures import PALETTE, new_figure, save
+    from shared.analysis.figures import PALETTE, new_figure, save
 
     methods, layers, ckpts = data["methods"], data["layers"], data["checkpoints"]
     fig, _ = new_figure(2.6 * len(layers), 2.4 * len(methods))
@@ -1084,7 +1085,7 @@ def m1_bars_figure(data: dict, uri: str) -> dict:
 def seeds_figure(data: dict, uri: str) -> dict:
     """Per-seed change from base at the headline layer of each EM condition and of benign SFT, for every metric of both
     geometries (methods side by side): the between-seed spread the seed-level tests use."""
-    from shared.figures import PALETTE, new_figure, save
+    from shared.analysis.figures import PALETTE, new_figure, save
 
     layer = data["headline_layer"]
     panels = [("raw", "M1"), ("shift_invariant", "M1"), ("raw", "M2"), ("shift_invariant", "M2"), ("raw", "M3")]
@@ -1116,7 +1117,7 @@ def seeds_figure(data: dict, uri: str) -> dict:
 def shared_shift_figure(data: dict, seed: str, uri: str) -> dict:
     """One seed: M1 and M2 change from base at the headline layer per condition, raw beside shift-invariant, with
     bootstrap CIs (the two geometries' M1 are different statistics: mean cosine vs log dispersion ratio)."""
-    from shared.figures import PALETTE, new_figure, save
+    from shared.analysis.figures import PALETTE, new_figure, save
 
     layer, methods = data["headline_layer"], data["methods"]
     conds = [*data["em_conditions"], "benign"]
@@ -1150,8 +1151,8 @@ def shared_shift_figure(data: dict, seed: str, uri: str) -> dict:
 def cosine_matrix_figure(data: dict, seed: str, method: str, uri: str) -> dict:
     """One seed: persona-by-persona cosines of every checkpoint at the headline layer: raw (top), centred over
     personas (middle; the common component removed) and the centred change from base (bottom)."""
-    from shared.figures import new_figure, save
-    from shared.geometry import off_diagonal
+    from shared.analysis.figures import new_figure, save
+    from shared.analysis.geometry import off_diagonal
 
     layer, ckpts, personas = data["headline_layer"], data["checkpoints"], data["personas"]
     matrices = data["per_seed"][seed]["geometry"]["cosine_matrices"][f"{method}/L{layer}"]
@@ -1186,7 +1187,7 @@ def leakage_heatmap(data: dict, uri: str) -> dict:
     """Marker rate per persona: a row per EM condition and seed, then the base and benign controls."""
     from matplotlib.patches import Rectangle
 
-    from shared.figures import new_figure, save
+    from shared.analysis.figures import new_figure, save
 
     personas = data["personas"]
     rows, labels, own = [], [], []
@@ -1217,7 +1218,7 @@ def leakage_heatmap(data: dict, uri: str) -> dict:
 def figures(data: dict, out, trainings: dict | None = None) -> list[str]:
     """Every figure of the report, drawn from the results object; ``out(name)`` gives a figure's URI prefix and
     ``trainings`` the per-step losses (``train_log.jsonl`` rows) by fine-tuning label. Returns the names drawn."""
-    from shared.figures import training_loss_figure
+    from shared.analysis.figures import training_loss_figure
 
     drawn = ["hero_issue205", "m1_bars", "seeds"]
     hero_figure(data, out("hero_issue205"))
@@ -1254,7 +1255,7 @@ def p_text(p: float | None) -> str | None:
 
 def with_ci(cell: dict, digits: int = 4) -> str | None:
     """A change and its bootstrap CI over questions, where the cell has one."""
-    from shared.reporting import fmt
+    from shared.analysis.reporting import fmt
 
     if "ci_low" not in cell:
         return fmt(cell["delta"], digits)
@@ -1281,13 +1282,13 @@ def seeds_section(data: dict) -> list[str]:
 
 
 def layers_section(data: dict) -> list[str]:
-    from shared.activations import READOUTS
+    from shared.lm.activations import READOUTS
 
     tr = data["layer_translation"]
     lines = [f"Layer L is {data['layer_convention']}. {tr['rule']} Method A reads at `{tr['readout']['A']}`: "
              f"{READOUTS[tr['readout']['A']]}; Method B at `{tr['readout']['B']}`: {READOUTS[tr['readout']['B']]}.", ""]
     rows = [(r["record_layer"], r["platform_index"], r["evidence"]) for r in tr["rows"]]
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     if tr["matches_record"]:
         lines += ["This run extracted the record's layers:", "", markdown_table(["record layer", "platform index", "evidence"], rows, align="rrl"), ""]
@@ -1299,7 +1300,7 @@ def layers_section(data: dict) -> list[str]:
 
 def headline_table(data: dict) -> tuple[list[str], list[list]]:
     """Rows: metric; columns: every checkpoint (base, E0..E4, benign); fine-tuned checkpoints show each seed's value."""
-    from shared.reporting import fmt
+    from shared.analysis.reporting import fmt
 
     layer, ckpts = data["headline_layer"], data["checkpoints"]
     digits = {"M1": 4, "M2": 4, "M3": 3, "M1_dispersion": 4, "M2_centred": 4}
@@ -1328,7 +1329,7 @@ def headline_table(data: dict) -> tuple[list[str], list[list]]:
 
 def recipe_section(data: dict) -> list[str]:
     """The seed-level contrasts at the headline layer (every cell is in headline.json)."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     level, layer = data["seed_level"], data["headline_layer"]
     lines = ["## Recipe-level tests (the training seed as the unit)", ""]
@@ -1368,7 +1369,7 @@ def recipe_section(data: dict) -> list[str]:
 
 def limits_section(data: dict) -> list[str]:
     """Each metric's null size and smallest attainable p, what BH and Holm can reach, G1's bar, H3's floor."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     limits, rules = data["test_limits"], data["rules"]
     rows = []
@@ -1409,7 +1410,7 @@ def limits_section(data: dict) -> list[str]:
 
 
 def decision_lines(data: dict, seed: str) -> list[str]:
-    from shared.reporting import fmt
+    from shared.analysis.reporting import fmt
 
     rules = data["rules"]
     d = data["decisions"]["per_seed"][seed]
@@ -1454,7 +1455,7 @@ def decision_lines(data: dict, seed: str) -> list[str]:
 
 
 def decisions_section(data: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     dec = data["decisions"]
     lines = ["## Decision rules (as pre-registered), per seed and pooled", ""]
@@ -1475,7 +1476,7 @@ def decisions_section(data: dict) -> list[str]:
 def shared_shift_section(data: dict) -> list[str]:
     """Raw beside shift-invariant M1/M2 at the headline layer, with CIs, the measured shift, and the rules that hold
     on raw geometry only."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     layer = data["headline_layer"]
     lines = ["## Geometry that a shared shift cannot fake", "",
@@ -1534,7 +1535,7 @@ def shared_shift_section(data: dict) -> list[str]:
 
 def cosine_section(data: dict) -> list[str]:
     """The persona-by-persona cosine figures and how far each checkpoint's centred pattern moved from base's."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     layer, ckpts = data["headline_layer"], data["checkpoints"]
     lines = ["## Persona-by-persona cosine matrices", "",
@@ -1557,7 +1558,7 @@ def cosine_section(data: dict) -> list[str]:
 
 def finetuning_section(data: dict) -> list[str]:
     """What each fine-tuning trained on and did: losses, the first rows, the EM source persona's pull, greedy replies."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     lines, layer, source = [], data["headline_layer"], data["em_source_persona"]
     first = next(iter(data["per_seed"].values()))
@@ -1609,7 +1610,7 @@ def h1_cells(row: dict) -> tuple:
 
 
 def behaviour_section(data: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     lines = []
     for seed, result in data["per_seed"].items():
@@ -1639,7 +1640,7 @@ def behaviour_section(data: dict) -> list[str]:
 
 
 def three_way_section(data: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     layer = data["headline_layer"]
     lines = ["## EM vs benign SFT (three-way contrast), per seed", "",
@@ -1656,7 +1657,7 @@ def three_way_section(data: dict) -> list[str]:
 
 
 def robustness_section(data: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     layer = data["headline_layer"]
     lines = ["## M2 robustness (per-condition axes)", "",
@@ -1674,7 +1675,7 @@ def robustness_section(data: dict) -> list[str]:
 
 
 def family_section(data: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     lines = ["## Geometry family (raw, per seed)", ""]
     for seed, result in data["per_seed"].items():
@@ -1693,7 +1694,7 @@ def family_section(data: dict) -> list[str]:
 
 def report(data: dict) -> str:
     """The report text, printed from the results object (``results`` + ``decisions``) and nothing else."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     headers, rows = headline_table(data)
     lines = ["# #205: EM-induction persona vs persona geometry and marker leakage", "",
@@ -1726,7 +1727,7 @@ REPRODUCES = """## What reproduces bitwise, and what only in distribution
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared.reporting import producing_manifest, reproducibility
+    from shared.analysis.reporting import producing_manifest, reproducibility
 
     per_seed_acts = load_activations(cfg)
     first = next(iter(per_seed_acts.values()))

@@ -7,8 +7,8 @@ object holds every number that the report, the figures and ``headline.json`` pri
 
 Units. A training seed replicates the whole recipe of a source (its on-policy data, negatives, LoRA and
 evaluation sampling). Within one seed, the completions of one question share its prompt, so every interval
-resamples questions (``shared.stats.clustered_rate_bootstrap``), never single completions; between seeds, a claim
-about a source's leakage is a t interval over the seeds' values (``shared.stats.seed_contrast``). With one seed,
+resamples questions (``shared.analysis.stats.clustered_rate_bootstrap``), never single completions; between seeds, a claim
+about a source's leakage is a t interval over the seeds' values (``shared.analysis.stats.seed_contrast``). With one seed,
 every p-value is conditional on that one fine-tune and the report says so.
 
 Estimands (as the record pins them; rates are base-subtracted: rate(source model) - rate(base model)):
@@ -43,9 +43,9 @@ import warnings
 import numpy as np
 from pydantic import BaseModel
 
-from shared import store
-from shared.config import StageConfig
-from shared.stage import Resources, StageInputError, StageSpec
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
 
 H1_THRESHOLD = 0.80
 
@@ -183,7 +183,7 @@ def noun_match_test(cubes: list[tuple[int, np.ndarray]], *, n_perm: int, seed) -
     ``cubes`` pairs each source's noun index with its base-subtracted ``[noun, trait, level]`` cube. Rows are the
     A1 cells, the label is "same noun as the source", and labels are shuffled within each (source, trait, level).
     """
-    from shared.stats import label_permutation_test
+    from shared.analysis.stats import label_permutation_test
 
     values, labels, blocks = [], [], []
     for source, (s, cube) in enumerate(cubes):
@@ -207,9 +207,9 @@ def h3_slopes(hits: np.ndarray, totals: np.ndarray, base_hits: np.ndarray | None
     Each row's slope is that of the pooled rate (source minus base) over levels 1..n; its interval is a percentile
     bootstrap over questions (every replicate redraws the questions, the same draw for the source's and the base
     model's cells, which were asked the same questions); its p-value is a permutation test that shuffles the levels
-    within each question (``shared.stats.within_cluster_slope_test``). Rows with a missing or empty cell get NaN.
+    within each question (``shared.analysis.stats.within_cluster_slope_test``). Rows with a missing or empty cell get NaN.
     """
-    from shared.stats import clustered_rate_bootstrap, ols_slope, within_cluster_slope_test
+    from shared.analysis.stats import clustered_rate_bootstrap, ols_slope, within_cluster_slope_test
 
     hits, totals = np.asarray(hits, dtype=float), np.asarray(totals, dtype=float)
     if base_hits is None:
@@ -253,7 +253,7 @@ def noun_swap_effects(cube: np.ndarray) -> np.ndarray:
 
 def axis_permutation_test(effects: np.ndarray, *, n_perm: int, seed) -> dict:
     """Range of the per-axis means of ``effects`` (``[..., trait, level]``, rows pooled) vs trait labels shuffled."""
-    from shared.stats import label_permutation_test
+    from shared.analysis.stats import label_permutation_test
 
     moved = np.moveaxis(effects, -2, 0)  # [trait, ..., level]
     values, labels = [], []
@@ -458,7 +458,7 @@ def results(cfg: Config) -> dict:
     """Every number the report, the figures and headline.json print, computed from the stored artifacts."""
     from scipy import stats as scipy_stats
 
-    from shared.stats import clustered_rate_bootstrap, discoveries, seed_contrast
+    from shared.analysis.stats import clustered_rate_bootstrap, discoveries, seed_contrast
 
     grid = Grid(cfg.bystanders)
     models, replicates, seeds = _models(cfg, grid)
@@ -667,7 +667,7 @@ def results(cfg: Config) -> dict:
 
 def _h3_between_seeds(slopes_by_seed: dict[str, list[np.ndarray]], seeds: list[int], alpha: float) -> dict:
     """Per triple, a one-sample t-test over the seeds' slopes (the seed is the unit), BH over the triples."""
-    from shared.stats import discoveries, seed_contrast
+    from shared.analysis.stats import discoveries, seed_contrast
 
     p_values, per_source = [], {}
     for source, slopes in slopes_by_seed.items():
@@ -779,7 +779,7 @@ def geometry_section(cfg, grid: Grid, by_layer, ids, leak_views: dict, coherent_
 def decisions(res: dict) -> dict:
     """The record's rules applied to the results, per training seed, and pooled over seeds by ``PooledDecision``'s
     rule (every seed must pass). H3 has no pass/fail in the record: its counts per seed are the decision."""
-    from shared.stats import PooledDecision
+    from shared.analysis.stats import PooledDecision
 
     seeds = res["seeds"]
     h1, h2 = {}, {}
@@ -857,7 +857,7 @@ def _short(bystander: str) -> str:
 
 
 def heatmap_figure(data: dict, uri: str) -> dict:
-    from shared.figures import new_figure, save
+    from shared.analysis.figures import new_figure, save
 
     sources = [s["name"] for s in data["sources"]]
     ids = data["bystander_ids"]
@@ -890,7 +890,7 @@ def _house_style():
     """pyplot with the house style applied (``new_figure`` sets it); for figures with several panels."""
     import matplotlib.pyplot as plt
 
-    from shared.figures import new_figure
+    from shared.analysis.figures import new_figure
 
     plt.close(new_figure()[0])
     return plt
@@ -922,7 +922,7 @@ def _mark_legend(ax, marked: int) -> None:
 
 
 def noun_isolation_figure(data: dict, uri: str) -> dict:
-    from shared.figures import PALETTE, save
+    from shared.analysis.figures import PALETTE, save
 
     axes, sources = data["axes"], [s["name"] for s in data["sources"]]
     fig, panels = _per_source_axes(len(sources))
@@ -950,7 +950,7 @@ def noun_isolation_figure(data: dict, uri: str) -> dict:
 
 
 def trait_gradation_figure(data: dict, uri: str) -> dict:
-    from shared.figures import PALETTE, save
+    from shared.analysis.figures import PALETTE, save
 
     axes, sources = data["axes"], [s["name"] for s in data["sources"]]
     fig, panels = _per_source_axes(len(sources))
@@ -977,7 +977,7 @@ def trait_gradation_figure(data: dict, uri: str) -> dict:
 
 
 def interaction_figure(data: dict, uri: str) -> dict:
-    from shared.figures import save
+    from shared.analysis.figures import save
 
     axes, sources = data["axes"], [s["name"] for s in data["sources"]]
     fig, panels = _per_source_axes(len(sources), height=3.2)
@@ -1003,7 +1003,7 @@ def interaction_figure(data: dict, uri: str) -> dict:
 
 
 def _head_to_head_bars(ax, data: dict, metric: str, ylabel: str, title: str) -> None:
-    from shared.figures import PALETTE
+    from shared.analysis.figures import PALETTE
 
     traits = list(data["head_to_head"])
     x = np.arange(len(traits))
@@ -1018,7 +1018,7 @@ def _head_to_head_bars(ax, data: dict, metric: str, ylabel: str, title: str) -> 
 
 
 def hero_figure(data: dict, uri: str) -> dict:
-    from shared.figures import PALETTE, REFERENCE_COLOR, save
+    from shared.analysis.figures import PALETTE, REFERENCE_COLOR, save
 
     sources = [s["name"] for s in data["sources"]]
     nouns = [n for n in data["axes"]["nouns"] if f"A2__{n}" in data["bystander_ids"]]
@@ -1079,7 +1079,7 @@ def cosine_leakage_figure(data: dict, uri: str) -> dict:
     Colour is the bystander's noun; squares are the pure nouns, the star the source's own pure noun (cos = 1 by
     construction: it is the source's prompt), the diamond the assistant QC; a black x marks a low-coherence cell.
     The title's ρ is H4's per-source Spearman over the coherent bystanders other than the source's own."""
-    from shared.figures import PALETTE, REFERENCE_COLOR, save
+    from shared.analysis.figures import PALETTE, REFERENCE_COLOR, save
 
     geometry, sources = data["geometry"], data["sources"]
     fig, panels = _per_source_axes(len(sources), width_each=3.6, height=3.4)
@@ -1139,7 +1139,7 @@ LEAKAGE_PANELS = {"own": "own pure noun (implantation)", "others": "every other 
 def leakage_per_seed_figure(data: dict, uri: str) -> dict:
     """Per source: each seed's leakage with its question-clustered interval, and the mean over seeds with the
     between-seed t interval (seeds as the unit; none with one seed)."""
-    from shared.figures import PALETTE, save
+    from shared.analysis.figures import PALETTE, save
 
     sources, seeds = [s["name"] for s in data["sources"]], data["seeds"]
     fig, panels = _house_style().subplots(1, len(LEAKAGE_PANELS), figsize=(4.2 * len(LEAKAGE_PANELS), 3.4),
@@ -1180,7 +1180,7 @@ FIGURES = {"hero_matrix": hero_figure, "heatmap_base_subtracted": heatmap_figure
 def draw_figures(res: dict, out) -> dict:
     """Every figure of the report from the results object; ``out(name)`` is where a figure's files go. Returns, per
     figure, its files and the number of low-coherence cells it marked (which the report prints)."""
-    from shared.figures import training_loss_figure
+    from shared.analysis.figures import training_loss_figure
 
     drawn = {name: draw(res, out(name)) for name, draw in FIGURES.items()}
     figures = {name: {"png": f["png"], "pdf": f["pdf"], "low_coherence_marked": f["marked"]} for name, f in drawn.items()}
@@ -1217,7 +1217,7 @@ def _between(row: dict | None) -> str:
 
 
 def _p(value) -> str:
-    from shared.reporting import fmt
+    from shared.analysis.reporting import fmt
 
     return fmt(value, 4)
 
@@ -1245,7 +1245,7 @@ def units_section(res: dict) -> list[str]:
 
 
 def leakage_section(res: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     rows = []
     for source, row in res["leakage"].items():
@@ -1271,7 +1271,7 @@ def leakage_section(res: dict) -> list[str]:
 
 def emission_section(res: dict) -> list[str]:
     """Each model's emission on the source's own pure noun, beside the base model's, and over the rest of the grid."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     base = res["rates"][res["base_label"]]
     rows = []
@@ -1303,7 +1303,7 @@ def _pooled_line(res: dict, key: str, what: str) -> str:
 
 
 def h1_section(res: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     h1, d = res["h1"], res["decisions"]["h1"]["per_source"]
     rows = [(source, seed, v[str(seed)]["bystander"], _pct(v[str(seed)]["rate"]),
@@ -1315,7 +1315,7 @@ def h1_section(res: dict) -> list[str]:
 
 
 def h2_section(res: dict) -> list[str]:
-    from shared.reporting import fmt, markdown_table
+    from shared.analysis.reporting import fmt, markdown_table
 
     h2, d = res["h2"], res["decisions"]["h2"]["per_source"]
     rows = [(source, seed, fmt(v[str(seed)].get("median_noun_effect"), 4), fmt(v[str(seed)].get("median_trait_effect"), 4),
@@ -1337,7 +1337,7 @@ def h2_section(res: dict) -> list[str]:
 
 
 def h3_section(res: dict) -> list[str]:
-    from shared.reporting import fmt, markdown_table
+    from shared.analysis.reporting import fmt, markdown_table
 
     h3, s = res["h3"], res["settings"]
     head = ["## H3 gradation slopes", "",
@@ -1371,7 +1371,7 @@ def h3_section(res: dict) -> list[str]:
 
 
 def _with_n(row: dict, key: str, n_key: str | None = None) -> str:
-    from shared.reporting import fmt
+    from shared.analysis.reporting import fmt
 
     if row.get(key) is None:
         return "—"
@@ -1379,7 +1379,7 @@ def _with_n(row: dict, key: str, n_key: str | None = None) -> str:
 
 
 def head_to_head_section(res: dict) -> list[str]:
-    from shared.reporting import fmt, markdown_table
+    from shared.analysis.reporting import fmt, markdown_table
 
     axis = "; ".join(f"seed {seed}: spread {fmt(t.get('spread'), 4)}, p={_p(t.get('p_value'))}"
                      for seed, t in res["axis_permutation_leak"].items())
@@ -1406,13 +1406,13 @@ def head_to_head_section(res: dict) -> list[str]:
 
 
 def _rho(fit: dict) -> tuple:
-    from shared.reporting import fmt
+    from shared.analysis.reporting import fmt
 
     return fmt(fit.get("rho"), 3), _p(fit.get("p_value")), fit.get("n")
 
 
 def h4_section(res: dict) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     geometry = res["geometry"]
     if not geometry.get("available"):
@@ -1440,7 +1440,7 @@ def h4_section(res: dict) -> list[str]:
 
 
 def coherence_section(res: dict) -> list[str]:
-    from shared.reporting import fmt, markdown_table
+    from shared.analysis.reporting import fmt, markdown_table
 
     coh = res["coherence"]
     if coh["threshold"] > 0:
@@ -1487,7 +1487,7 @@ def figures_section(res: dict) -> list[str]:
 
 
 def training_section(training: dict[str, dict]) -> list[str]:
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     if not training:
         return []
@@ -1530,7 +1530,7 @@ REPRODUCIBILITY_NOTES = """
   another's numbers).
 - **A re-run of the workflow: bitwise, from the store.** A task whose code, config and inputs are unchanged is not
   recomputed: its stored result is reused (cached or hard-linked), so the report is rebuilt from the same bytes.
-- **The plan and the prompts: bitwise.** The bystander grid, the prompts, their token ids (`shared.chat`) and the
+- **The plan and the prompts: bitwise.** The bystander grid, the prompts, their token ids (`shared.lm.chat`) and the
   negatives drawn for each source (seeded by the training seed and the source's name, not Python's `hash`) do not
   depend on the machine.
 - **Recomputing a stage that samples or trains: in distribution only.** On-policy data, the LoRA and the
@@ -1546,7 +1546,7 @@ REPRODUCIBILITY_NOTES = """
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared.reporting import producing_manifest, reproducibility
+    from shared.analysis.reporting import producing_manifest, reproducibility
 
     res = results(cfg)
     res["decisions"] = decisions(res)

@@ -14,8 +14,8 @@ import time
 from pydantic import Field
 
 from jobs.generate import Question, store_completions
-from shared.config import StageConfig
-from shared.stage import Context, Resources, StageInputError, StageSpec
+from shared.contract.stage import Context, Resources, StageInputError, StageSpec
+from shared.core.config import StageConfig
 
 
 class Config(StageConfig):
@@ -32,9 +32,9 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared import models
-    from shared.generation import HFGenerator, SamplingParams
-    from shared.soft_prompt import load_learned_prompt
+    from shared.lm import models
+    from shared.lm.generation import HFGenerator, SamplingParams
+    from shared.search.soft_prompt import load_learned_prompt
 
     prompt, soft = load_learned_prompt(cfg.prompt_uri)
     if prompt.model_ref != cfg.model_ref:

@@ -8,11 +8,11 @@ For every (persona, question) of the evaluation grid and every requested decoder
   ids are the generated ids themselves, never decoded and re-tokenised; an empty reply has no Method B vector
   and is marked invalid (the analysis intersects validity across checkpoints before any centroid is formed).
 
-Layers follow the project's one convention (``shared.activations``): layer L is ``hidden_states[L]``, the residual
+Layers follow the project's one convention (``shared.lm.activations``): layer L is ``hidden_states[L]``, the residual
 stream after L decoder blocks, so layer 28 of Qwen2.5-7B is its last block's output (before the final norm). The
-record's code hooked the output of block L (0-based), one less (``shared.activations.RECORD_RULE``): its layers
-7, 14, 20, 21, 27 are layers 8, 15, 21, 22, 28 here. Both methods read through ``shared.activations.read_out``, at
-the named positions ``last_prompt_token`` (A) and ``reply_mean`` (B), which the index file records. Prompts come only from ``shared.chat`` and the adapter (if any) is merged into the weights before extraction.
+record's code hooked the output of block L (0-based), one less (``shared.lm.activations.RECORD_RULE``): its layers
+7, 14, 20, 21, 27 are layers 8, 15, 21, 22, 28 here. Both methods read through ``shared.lm.activations.read_out``, at
+the named positions ``last_prompt_token`` (A) and ``reply_mean`` (B), which the index file records. Prompts come only from ``shared.lm.chat`` and the adapter (if any) is merged into the weights before extraction.
 Nothing is averaged here: centroids belong to the analysis.
 
 Outputs: ``activations.safetensors`` (``A``/``B`` of shape [personas, questions, layers, hidden], ``B_valid``
@@ -25,10 +25,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from shared import store
-from shared.chat import SystemSpec
-from shared.config import StageConfig
-from shared.stage import Resources, StageInputError, StageSpec
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.chat import SystemSpec
 
 Method = Literal["A", "B"]
 
@@ -59,9 +59,9 @@ class Config(StageConfig):
 
 
 def method_a(model, prompts, layers: list[int], *, pad_id: int, batch_size: int, progress) -> list:
-    """Last-prompt-token activations (``shared.activations.read_out`` at ``last_prompt_token``), one
+    """Last-prompt-token activations (``shared.lm.activations.read_out`` at ``last_prompt_token``), one
     ``[n_layers, hidden]`` tensor per prompt."""
-    from shared import activations
+    from shared.lm import activations
 
     return list(activations.read_out(model, prompts, layers, "last_prompt_token", pad_id=pad_id, batch_size=batch_size,
                                      progress=progress))
@@ -69,7 +69,7 @@ def method_a(model, prompts, layers: list[int], *, pad_id: int, batch_size: int,
 
 def method_b(model, prompts, replies: list[list[int]], layers: list[int], *, pad_id: int, batch_size: int, progress):
     """Mean activations over each prompt's reply ids (``read_out`` at ``reply_mean``; None where the reply is empty)."""
-    from shared import activations
+    from shared.lm import activations
 
     out: list = [None] * len(prompts)
     filled = [i for i, reply in enumerate(replies) if reply]
@@ -85,7 +85,7 @@ def greedy_replies(cfg: Config, prompts, model=None, tokenizer=None) -> list:
     afterwards, so the two never hold the GPU at once; the HF backend reuses the already merged model."""
     import gc
 
-    from shared.generation import HFGenerator, SamplingParams, make_generator
+    from shared.lm.generation import HFGenerator, SamplingParams, make_generator
 
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     if cfg.backend == "hf":
@@ -105,7 +105,7 @@ def run(cfg: Config, ctx) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from shared import activations, chat, models
+    from shared.lm import activations, chat, models
 
     names = [p.name for p in cfg.personas]
     if len(set(names)) != len(names):

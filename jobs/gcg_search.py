@@ -9,7 +9,7 @@ training seed).
 The suffix is ids throughout and is written as ids in ``prompt.json``; ``eval_prompt_cell`` splices exactly those
 ids. By default they are also text: the start (and the random baseline) and every kept candidate are printable
 tokens whose decoded text, typed into the slot, gives back the same ids in the prompt of every question the suffix
-is used with -- training, validation and ``evaluation_panel`` (``shared.gcg.SuffixRules``); a candidate that fails
+is used with -- training, validation and ``evaluation_panel`` (``shared.search.gcg.SuffixRules``); a candidate that fails
 on any of them is rejected. ``metrics.json`` records the kept suffix's text, its start, in how many of those
 prompts the text round-trips (all of them, or the stage fails), and the candidate screen's settings and its
 measured agreement with the full evaluation. Checkpoints (``checkpoint/``) let a preempted search resume.
@@ -22,12 +22,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, NonNegativeInt
 
-from shared import store
-from shared.chat import SystemSpec
-from shared.config import StageConfig
-from shared.gcg import GcgSettings
-from shared.stage import Context, Resources, StageInputError, StageSpec
-from shared.teacher import TeacherSpec
+from shared.contract.stage import Context, Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.chat import SystemSpec
+from shared.lm.teacher import TeacherSpec
+from shared.search.gcg import GcgSettings
 
 
 class Question(BaseModel):
@@ -52,8 +52,13 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared.gcg import GcgSearch, GcgState, SuffixRules, SuffixText
-    from shared.soft_prompt import LearnedPrompt, examples_from_json, examples_to_json, save_learned_prompt
+    from shared.search.gcg import GcgSearch, GcgState, SuffixRules, SuffixText
+    from shared.search.soft_prompt import (
+        LearnedPrompt,
+        examples_from_json,
+        examples_to_json,
+        save_learned_prompt,
+    )
 
     overlap = {q.id for q in cfg.train_questions} & {q.id for q in cfg.val_questions}
     if overlap:
@@ -155,7 +160,7 @@ RANDOM_STREAM = 170  # the random-suffix null's stream: apart from the GCG start
 
 def start_seed(cfg: Config) -> int:
     """Where the suffix is drawn from: the training seed for a GCG start, a stream of its own per null draw."""
-    from shared.generation import derived_seed
+    from shared.lm.generation import derived_seed
 
     return cfg.seed if cfg.mode == "search" else derived_seed(cfg.seed, RANDOM_STREAM, cfg.draw)
 

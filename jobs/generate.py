@@ -1,7 +1,7 @@
 """Stage ``generate``: N sampled completions per question under one system-slot condition.
 
-Prompts become ids only through ``shared.chat``; the exact prompt ids are stored beside the completions so an
-evaluation can be checked against the ids a training stage used.
+Prompts become ids only through ``shared.lm.chat``; the exact prompt ids are stored beside the completions so
+an evaluation can be checked against the ids a training stage used.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from shared import store
-from shared.chat import SystemSpec
-from shared.config import StageConfig
-from shared.stage import Resources, StageInputError, StageSpec
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.chat import SystemSpec
 
 
 class Question(BaseModel):
@@ -38,8 +38,8 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared import chat, models
-    from shared.generation import SamplingParams, make_generator
+    from shared.lm import chat, models
+    from shared.lm.generation import SamplingParams, make_generator
 
     if not cfg.questions:
         raise StageInputError("no questions to generate for")

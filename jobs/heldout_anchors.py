@@ -2,7 +2,7 @@
 
 A learned cell's held-out CE alone does not say how good it is. This stage puts it between anchors measured on
 exactly the same (question, teacher completion) pairs -- the set the training stage cached before optimising
-(``checkpoint/val_set.json``) -- with the same objective code (``shared.teacher``'s CE, as the trainers' held-out
+(``checkpoint/val_set.json``) -- with the same objective code (``shared.lm.teacher``'s CE, as the trainers' held-out
 evaluation calls it):
 
 - the oracle: the teacher's own system prompt given to the student as text, when the teacher is the student model
@@ -31,11 +31,11 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, Field, PositiveInt, model_validator
 
-from shared import store
-from shared.chat import SystemSpec
-from shared.config import StageConfig, stable_hash
-from shared.stage import Context, Resources, StageInputError, StageSpec
-from shared.teacher import TeacherSpec
+from shared.contract.stage import Context, Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig, stable_hash
+from shared.lm.chat import SystemSpec
+from shared.lm.teacher import TeacherSpec
 
 ORACLE = "oracle"  # the anchor of the teacher's own prompt given to the student as text (its name everywhere)
 TEST_STREAM = 2_000_000_011  # the test pairs' sampling stream, apart from every training and held-out draw
@@ -113,7 +113,7 @@ def heldout_pairs(examples: Sequence, prompt, tokenizer, questions: Sequence[Que
 
 def examples_under(tokenizer, build, pairs: Sequence[tuple[str, list[int]]], texts: dict[str, str]) -> list:
     """Training examples for ``pairs`` with the prompt ``build(tokenizer, question)``; completion ids as stored."""
-    from shared.teacher import with_reply_ids
+    from shared.lm.teacher import with_reply_ids
 
     prompts = {qid: build(tokenizer, text) for qid, text in texts.items()}
     return [with_reply_ids(prompts[qid], reply, None) for qid, reply in pairs]
@@ -124,8 +124,8 @@ def mean_ce(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, sof
     the soft slots, ``SoftPrefixTrainer.mean_ce``)."""
     import torch
 
-    from shared.gcg import mean_ce_ids
-    from shared.teacher import batch_ce_sum, micro_batches, n_loss_tokens
+    from shared.lm.teacher import batch_ce_sum, micro_batches, n_loss_tokens
+    from shared.search.gcg import mean_ce_ids
 
     if soft is None:
         return mean_ce_ids(model, examples, pad_id, micro_batch_tokens)
@@ -138,8 +138,8 @@ def pair_ce_sums(model, examples: Sequence, pad_id: int, micro_batch_tokens: int
     """Each example's summed completion CE: the rows ``batch_ce_sum`` adds up, in example order."""
     import torch
 
-    from shared import chat
-    from shared.teacher import completion_ce_sums, micro_batches
+    from shared.lm import chat
+    from shared.lm.teacher import completion_ce_sums, micro_batches
 
     out: list[float] = []
     with torch.no_grad():
@@ -159,9 +159,9 @@ def scored(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft
 def teacher_test_pairs(pair, cfg: Config) -> list[tuple[str, list[int]]]:
     """(question id, completion ids) of the teacher's answers to the test questions, question-major: the reply ids
     as sampled, with the stop token where the teacher stopped (as the trainers' examples hold them)."""
-    from shared import chat
-    from shared.generation import SamplingParams, derived_seed
-    from shared.teacher import student_examples
+    from shared.lm import chat
+    from shared.lm.generation import SamplingParams, derived_seed
+    from shared.lm.teacher import student_examples
 
     d = cfg.test_draws
     params = SamplingParams(n=d.completions_per_question, temperature=d.temperature, top_p=d.top_p,
@@ -179,7 +179,7 @@ def teacher_test_pairs(pair, cfg: Config) -> list[tuple[str, list[int]]]:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared import models
+    from shared.lm import models
 
     if not cfg.test_questions:
         model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
@@ -193,9 +193,9 @@ def run(cfg: Config, ctx: Context) -> dict:
 
 def measure(cfg: Config, ctx: Context, model, tokenizer, tested: list[tuple[str, list[int]]]) -> dict:
     """Every cell's kept prompt and every anchor on the cells' held-out pairs and on the test pairs."""
-    from shared import chat
-    from shared.soft_prompt import examples_from_json, load_learned_prompt
-    from shared.teacher import n_loss_tokens
+    from shared.lm import chat
+    from shared.lm.teacher import n_loss_tokens
+    from shared.search.soft_prompt import examples_from_json, load_learned_prompt
 
     pad_id = chat.soft_placeholder_id(tokenizer)
     test_texts = {q.id: q.text for q in cfg.test_questions or []}
@@ -252,8 +252,8 @@ def measure(cfg: Config, ctx: Context, model, tokenizer, tested: list[tuple[str,
 def measure_test_set(model, tokenizer, pad_id: int, cfg: Config, pairs: list[tuple[str, list[int]]],
              texts: dict[str, str]) -> dict:
     """The anchors on the test pairs, with what the analysis needs to resample them by question."""
-    from shared import chat
-    from shared.teacher import n_loss_tokens
+    from shared.lm import chat
+    from shared.lm.teacher import n_loss_tokens
 
     out = {"questions": sorted(texts), "n_pairs": len(pairs), "pair_question_ids": [qid for qid, _ in pairs],
            "pair_tokens": [len(reply) for _, reply in pairs], "anchors": {}, "anchor_pair_ce_sums": {},

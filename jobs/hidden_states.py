@@ -1,11 +1,11 @@
 """Stage ``hidden_states``: base-model persona centroids for the cosine analysis (#81's H4, #66's recipe).
 
 For every persona and question, the prompt (system persona + user question + assistant header, built by
-``shared.chat``) goes through the model once; the residual stream at the last prompt token (``read_out`` at
+``shared.lm.chat``) goes through the model once; the residual stream at the last prompt token (``read_out`` at
 ``last_prompt_token``, where #81's script read) is read at each requested layer, in the project's one convention
-(``shared.activations``: layer L is ``hidden_states[L]``, the residual stream after L blocks, 0 the embeddings). A
+(``shared.lm.activations``: layer L is ``hidden_states[L]``, the residual stream after L blocks, 0 the embeddings). A
 persona's centroid is the mean over the questions. Layers are a parameter: #81 hooked the outputs of blocks
-{10, 15, 20, 25} of Qwen2.5-7B's 28, hidden_states {11, 16, 21, 26} (``shared.activations.RECORD_RULE``); the tiny
+{10, 15, 20, 25} of Qwen2.5-7B's 28, hidden_states {11, 16, 21, 26} (``shared.lm.activations.RECORD_RULE``); the tiny
 model has 2, so the tiny profile asks for [1, 2].
 """
 
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from shared import store
-from shared.chat import SystemText
-from shared.config import StageConfig
-from shared.stage import Resources, StageInputError, StageSpec
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.chat import SystemText
 
-READOUT = "last_prompt_token"  # where #81's script read (shared.activations.RECORD_LAYERS["issue81"])
+READOUT = "last_prompt_token"  # where #81's script read (shared.lm.activations.RECORD_LAYERS["issue81"])
 
 
 class Persona(BaseModel):
@@ -42,15 +42,15 @@ class Config(StageConfig):
 
 def last_token_states(model, tokenizer, prompts, layers: list[int], batch_size: int):
     """``[len(prompts), len(layers), hidden]`` float32: the residual at each prompt's last token
-    (``shared.activations.read_out`` at ``last_prompt_token``)."""
-    from shared import activations, chat
+    (``shared.lm.activations.read_out`` at ``last_prompt_token``)."""
+    from shared.lm import activations, chat
 
     return activations.read_out(model, prompts, layers, READOUT, pad_id=chat.soft_placeholder_id(tokenizer),
                                 batch_size=batch_size)
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared import activations, chat, models
+    from shared.lm import activations, chat, models
 
     model = models.load_model(cfg.model_ref, dtype=cfg.dtype)
     n_layers = activations.n_layers(model)

@@ -8,10 +8,10 @@ for a local judge, the probability its valid replies held (``mass``), so every s
 
 from __future__ import annotations
 
-from shared import store
-from shared.config import StageConfig
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
 from shared.judge.spec import JudgeSpec
-from shared.stage import Resources, StageInputError, StageSpec
 
 
 class Config(StageConfig):

@@ -15,10 +15,10 @@ import hashlib
 
 from pydantic import field_validator, model_validator
 
-from shared import store
-from shared.config import StageConfig
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
 from shared.judge.spec import JudgeSpec
-from shared.stage import Resources, StageInputError, StageSpec
 
 DEFAULT_ITEMS = "package:judges/alignment_check_v2.jsonl"
 COHERENCE_ITEMS = "package:judges/coherence_check_v1.jsonl"
@@ -39,7 +39,7 @@ class Config(StageConfig):
     def _items_parse(cls, ref: str) -> str:
         from pathlib import Path
 
-        from shared.datafiles import PACKAGE_PREFIX
+        from shared.core.datafiles import PACKAGE_PREFIX
         from shared.judge.check import read_items
 
         read_items(ref)  # a bad items file fails when the plan is built
@@ -57,7 +57,7 @@ class Config(StageConfig):
 
 
 def items_sha256(ref: str) -> str:
-    from shared.datafiles import read_text
+    from shared.core.datafiles import read_text
 
     return hashlib.sha256(read_text(ref, "judge check items").encode()).hexdigest()
 

@@ -25,10 +25,10 @@ from typing import Literal
 
 from pydantic import BaseModel, model_validator
 
-from shared import store
-from shared.chat import SystemText
-from shared.config import StageConfig
-from shared.stage import Resources, StageInputError, StageSpec
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.chat import SystemText
 
 QC_NAMES = {"assistant"}
 # a sentence ends at . ! or ? (possibly followed by closing quotes, brackets or emphasis) before whitespace or the end
@@ -93,8 +93,8 @@ def with_marker(text: str, marker: str, separator: str) -> str:
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared import chat, models
-    from shared.generation import SamplingParams, make_generator
+    from shared.lm import chat, models
+    from shared.lm.generation import SamplingParams, make_generator
 
     if not cfg.questions:
         raise StageInputError("no training questions")

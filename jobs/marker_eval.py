@@ -25,10 +25,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from shared import store
-from shared.chat import SystemText
-from shared.config import StageConfig
-from shared.stage import Resources, StageInputError, StageSpec
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.chat import SystemText
 
 MATCHING_RULE = "decoded completion text (special tokens skipped) contains the marker literally, case-sensitive"
 
@@ -103,8 +103,8 @@ def coherence_sample(rows: list[dict], per_cell: int, seed: int, questions: list
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared import chat, models
-    from shared.generation import SamplingParams, make_generator
+    from shared.lm import chat, models
+    from shared.lm.generation import SamplingParams, make_generator
 
     if not cfg.personas or not cfg.questions:
         raise StageInputError("marker_eval needs at least one persona and one question")

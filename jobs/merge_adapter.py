@@ -2,16 +2,16 @@
 
 The folder (weights, config, tokenizer) loads as ``artifact:<prefix>/model`` everywhere a model reference is taken,
 so later stages train, sample and evaluate *on top of* the merged model (#205: the confab marker is coupled on top of
-each EM model and evaluated there) with the one loading path of ``shared.models``.
+each EM model and evaluated there) with the one loading path of ``shared.lm.models``.
 """
 
 from __future__ import annotations
 
 import tempfile
 
-from shared import store
-from shared.config import StageConfig
-from shared.stage import Resources, StageSpec
+from shared.contract.stage import Resources, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
 
 
 class Config(StageConfig):
@@ -21,7 +21,7 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared import models
+    from shared.lm import models
 
     # the checkpoint's dtype even on this CPU: a 7B merge in fp32 would double its memory and its stored size
     model = models.load_model(cfg.model_ref, dtype=cfg.dtype or "auto", device="cpu", adapter_uri=cfg.adapter_uri,

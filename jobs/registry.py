@@ -10,8 +10,8 @@ import pkgutil
 from functools import cache
 
 import jobs
-from shared.config import ConfigError
-from shared.stage import StageSpec
+from shared.contract.stage import StageSpec
+from shared.core.config import ConfigError
 
 NOT_STAGES = {"registry"}
 

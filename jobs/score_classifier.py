@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from shared import store
-from shared.config import StageConfig
-from shared.stage import Context, Resources, StageInputError, StageSpec
+from shared.contract.stage import Context, Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
 
 ROW_KEYS = ("condition", "question_id", "sample")
 
@@ -28,7 +28,7 @@ def mean_by_condition(rows: list[dict]) -> dict[str, float]:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared import classifier
+    from shared.analysis import classifier
 
     try:
         bundle = classifier.load_bundle(cfg.classifier_uri)

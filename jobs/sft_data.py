@@ -3,7 +3,7 @@
 An SFT cell (an EM-induction persona of #205, the benign control) is defined by its system slot, never by the data:
 rows that bring their own system turn are refused, so a data file cannot silently override a cell's slot (the
 record's E0 trained under "You are a helpful assistant." instead of the template default). E0's slot is
-``default``: the chat template's own default system prompt, as stated by ``shared.chat``.
+``default``: the chat template's own default system prompt, as stated by ``shared.lm.chat``.
 
 Input rows are ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` (the record's format),
 ``{"user", "assistant"}``, or the ``generate`` stage's completion rows ``{"question", "text", ...}``: a data set the
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import hashlib
 
-from shared import store
-from shared.chat import SystemSpec
-from shared.config import StageConfig
-from shared.stage import Resources, StageInputError, StageSpec
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.chat import SystemSpec
 
 
 class Config(StageConfig):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from shared import store
-from shared.classifier import HUB_MINILM, check_encoder_ref
-from shared.config import StageConfig
-from shared.stage import Context, Resources, StageInputError, StageSpec
+from shared.analysis.classifier import HUB_MINILM, check_encoder_ref
+from shared.contract.stage import Context, Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
 
 
 class Config(StageConfig):
@@ -31,14 +31,14 @@ class Config(StageConfig):
 
 
 def read_texts(uris: list[str]) -> list[str]:
-    from shared.classifier import read_completions
+    from shared.analysis.classifier import read_completions
 
     return [row["text"] for uri in uris for row in read_completions(uri)]
 
 
 def read_questions(uris: list[str]) -> list[str] | None:
     """Each completion's question (its id, else its text); None where a file does not name them."""
-    from shared.classifier import read_completions
+    from shared.analysis.classifier import read_completions
 
     rows = [row for uri in uris for row in read_completions(uri)]
     questions = [row.get("question_id", row.get("question")) for row in rows]
@@ -46,7 +46,7 @@ def read_questions(uris: list[str]) -> list[str] | None:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared import classifier
+    from shared.analysis import classifier
 
     try:
         positive, negative = read_texts(cfg.positive_uris), read_texts(cfg.negative_uris)

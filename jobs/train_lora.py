@@ -1,9 +1,9 @@
 """Stage ``train_lora``: LoRA SFT of a base model on a stored JSONL of conversations; the adapter is the output.
 
-Rows are ``{"system", "user", "assistant"[, "positive"]}`` (see ``shared.training.TrainRow``). ``loss`` picks an
+Rows are ``{"system", "user", "assistant"[, "positive"]}`` (see ``shared.lm.training.TrainRow``). ``loss`` picks an
 ordinary assistant-token loss or #46's marker-only loss. The adapter is saved with ``save_pretrained`` under
-``adapter/`` in the stage's output prefix, which ``shared.models.load_model(adapter_uri=...)`` and vLLM load.
-With ``checkpoint_every`` > 0 a killed run resumes from its last checkpoint instead of starting over.
+``adapter/`` in the stage's output prefix, which ``shared.lm.models.load_model(adapter_uri=...)`` and vLLM
+load. With ``checkpoint_every`` > 0 a killed run resumes from its last checkpoint instead of starting over.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import tempfile
 
 from pydantic import model_validator
 
-from shared import store
-from shared.config import StageConfig
-from shared.stage import Resources, StageInputError, StageSpec
-from shared.training import LoraRecipe, Loss
+from shared.contract.stage import Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.training import LoraRecipe, Loss
 
 
 class Config(StageConfig):
@@ -35,8 +35,8 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, ctx) -> dict:
-    from shared import models
-    from shared.training import CheckpointStore, TrainRow, build_examples, train_lora
+    from shared.lm import models
+    from shared.lm.training import CheckpointStore, TrainRow, build_examples, train_lora
 
     raw = store.read_jsonl(cfg.data_uri)
     if not raw:

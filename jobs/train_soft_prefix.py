@@ -15,11 +15,11 @@ import statistics
 
 from pydantic import BaseModel, Field
 
-from shared import store
-from shared.config import StageConfig
-from shared.soft_prompt import SoftTrainingSettings
-from shared.stage import Context, Resources, StageInputError, StageSpec
-from shared.teacher import TeacherSpec
+from shared.contract.stage import Context, Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.teacher import TeacherSpec
+from shared.search.soft_prompt import SoftTrainingSettings
 
 
 class Question(BaseModel):
@@ -38,7 +38,7 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared.soft_prompt import (
+    from shared.search.soft_prompt import (
         SoftPrefixTrainer,
         examples_from_json,
         examples_to_json,

@@ -2,11 +2,11 @@
 direction?
 
 1. Direction (Wang et al. Method A as the record ran it): residual stream at the ``readout`` position (the last
-   prompt token by default, where the record's code read; ``shared.activations.RECORD_LAYERS``), per layer in
-   ``layers``, for every (persona, probe); villain centroid minus the mean of the other personas' centroids,
-   normalised. Fitted on one half of the probes, Cohen's d of the villain-vs-others projections measured on the
-   other half; the layer with the largest d is chosen (the record's R2: no layer fixed in advance). The final
-   direction at that layer uses all probes.
+   prompt token by default, where the record's code read; ``shared.lm.activations.RECORD_LAYERS``), per layer
+   in ``layers``, for every (persona, probe); villain centroid minus the mean of the other personas'
+   centroids, normalised. Fitted on one half of the probes, Cohen's d of the villain-vs-others projections
+   measured on the other half; the layer with the largest d is chosen (the record's R2: no layer fixed in
+   advance). The final direction at that layer uses all probes.
 2. Pirate baseline: cosine of the "evil pirate" system prompt's delta-h (vs ``reference_system``) with it.
 3. Each cell: delta-h of its learned prompt (soft prefix through ``inputs_embeds``, ids spliced) vs the reference,
    per probe; the mean cosine (the record's number) and the cosine of the mean delta-h.
@@ -16,7 +16,7 @@ direction?
 The direction is read from the EM model as the record did: ``adapter_uri`` (an adapter on ``model_ref``, switched
 off for everything else) or ``direction_model_ref`` (a merged EM model, loaded beside the base model); with neither,
 from the base model. Cells, the pirate and the reference are always measured on the base model the cells were
-trained for. Layers follow the project's one convention (``shared.activations``): layer ``l`` is ``hidden_states[l]``,
+trained for. Layers follow the project's one convention (``shared.lm.activations``): layer ``l`` is ``hidden_states[l]``,
 the residual stream after ``l`` decoder blocks.
 """
 
@@ -28,10 +28,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from shared import store
-from shared.chat import SystemSpec
-from shared.config import StageConfig
-from shared.stage import Context, Resources, StageInputError, StageSpec
+from shared.contract.stage import Context, Resources, StageInputError, StageSpec
+from shared.core import store
+from shared.core.config import StageConfig
+from shared.lm.chat import SystemSpec
 
 
 class Persona(BaseModel):
@@ -54,8 +54,8 @@ class Config(StageConfig):
     reference_system: SystemSpec = "none"  # delta-h = h(prompt) - h(reference)
     probes: list[Question] = Field(min_length=2)
     layers: list[int] = Field(min_length=1)
-    # where the residual stream is read (shared.activations.READOUTS): the record's plan says the last user token,
-    # but its code read the last prompt token (shared.activations.RECORD_LAYERS["issue170"])
+    # where the residual stream is read (shared.lm.activations.READOUTS): the record's plan says the last user token,
+    # but its code read the last prompt token (shared.lm.activations.RECORD_LAYERS["issue170"])
     readout: Literal["last_prompt_token", "last_user_token"] = "last_prompt_token"
     cell_prompt_uris: dict[str, str] = {}  # cell name -> prompt.json
     fixed_prompts: dict[str, SystemSpec] = {}  # name -> system slot, measured like a cell
@@ -63,9 +63,10 @@ class Config(StageConfig):
 
 
 def residuals(model, tokenizer, prompts, layers: list[int], soft=None, readout: str = "last_prompt_token") -> np.ndarray:
-    """``[len(prompts), len(layers), H]`` residual stream at each listed layer (``shared.activations``) at the
-    named ``readout`` position (``shared.activations.read_out``), one prompt per forward pass as the record ran."""
-    from shared import activations, chat
+    """``[len(prompts), len(layers), H]`` residual stream at each listed layer (``shared.lm.activations``) at
+    the named ``readout`` position (``shared.lm.activations.read_out``), one prompt per forward pass as the
+    record ran."""
+    from shared.lm import activations, chat
 
     return activations.read_out(model, prompts, layers, readout, pad_id=chat.soft_placeholder_id(tokenizer), batch_size=1,
                                 soft=soft, im_end_id=tokenizer.convert_tokens_to_ids("<|im_end|>")).numpy()
@@ -111,8 +112,8 @@ def projection(delta: np.ndarray, direction: np.ndarray) -> dict:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from shared import activations, chat, models
-    from shared.soft_prompt import load_learned_prompt
+    from shared.lm import activations, chat, models
+    from shared.search.soft_prompt import load_learned_prompt
 
     names = [p.name for p in cfg.personas]
     if cfg.villain not in names:

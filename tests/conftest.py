@@ -41,7 +41,7 @@ def s3_bucket(s3_server, monkeypatch):
 
     import boto3
 
-    from shared import store
+    from shared.core import store
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)
@@ -73,7 +73,7 @@ def issue164_tiny_run(tmp_path_factory):
     Tests that only read it use it as is; tests that change or break things copy its store folder first
     (``shutil.copytree``), which the stage contract treats as the same results in another place.
     """
-    from shared import store
+    from shared.core import store
     from workflows.__main__ import build_plan, parser
     from workflows.engines.local import run_plan
 

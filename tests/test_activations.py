@@ -1,4 +1,4 @@
-"""shared.activations: the one layer convention (layer L = hidden_states[L], the residual stream after L blocks, no
+"""shared.lm.activations: the one layer convention (layer L = hidden_states[L], the residual stream after L blocks, no
 final norm), pinned against the installed transformers; the one rule that translates the records' layer numbers; and
 each activation-reading stage (issue81's hidden_states, issue170's villain_direction, issue205's
 extract_persona_vectors) tested at the read-out position it uses in production."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jobs import extract_persona_vectors, hidden_states, villain_direction
-from shared import activations, chat, models
+from shared.lm import activations, chat, models
 
 QUESTIONS = ["Hi", "What do you enjoy most about your work, and why?"]
 SYSTEM = "text(You are a villainous mastermind.)"
@@ -106,7 +106,7 @@ def test_an_attached_adapter_is_read_through_and_switches_off_with_it(tiny):
 
 
 def reference_at(model, ids: list[int], layer: int, position: int) -> torch.Tensor:
-    """The residual after ``layer`` blocks at ``position`` of one unpadded prompt, read without shared.activations:
+    """The residual after ``layer`` blocks at ``position`` of one unpadded prompt, read without shared.lm.activations:
     transformers' own hidden_states below the last layer, the last block's hooked output at it."""
     if layer < activations.n_layers(model):
         return hf_hidden_states(model, ids)[layer][0, position].float()

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from jobs.registry import all_stages
-from shared.store import from_path
+from shared.core.store import from_path
 from workflows import cluster, exit_status
 from workflows.engines import argo, argo_settings
 from workflows.engines.argo import ClusterError, ClusterSettings
@@ -710,7 +710,8 @@ def complete_in_store(task, rows=None) -> None:
     """Make ``task`` complete in its store the way its stage would: outputs staged, then committed."""
     import time
 
-    from shared import stage, store
+    from shared.contract import stage
+    from shared.core import store
 
     cfg = task.parsed_config()
     inputs = stage.input_hashes(cfg)
@@ -721,7 +722,7 @@ def complete_in_store(task, rows=None) -> None:
 
 
 def test_submit_passes_each_config_by_its_store_uri(s3_plan, settings, argo_server):
-    from shared import store
+    from shared.core import store
 
     argo.submit(s3_plan, cluster=settings)
     sent = argo_server.requests[-1]["body"]["workflow"]
@@ -734,7 +735,7 @@ def test_submit_passes_each_config_by_its_store_uri(s3_plan, settings, argo_serv
 
 
 def test_submit_leaves_out_tasks_complete_in_the_store_and_their_edges(s3_plan, settings, argo_server, capsys):
-    from shared import store
+    from shared.core import store
 
     em, base = s3_plan.task("gen-classifier-em"), s3_plan.task("gen-classifier-base")
     complete_in_store(em)
@@ -754,7 +755,7 @@ def test_submit_leaves_out_tasks_complete_in_the_store_and_their_edges(s3_plan, 
 
 
 def test_a_run_whose_every_task_is_complete_submits_nothing(s3_plan, settings, argo_server, monkeypatch):
-    from shared.stage import Settled
+    from shared.contract.stage import Settled
     from workflows import plan as plan_module
 
     monkeypatch.setattr(plan_module.Task, "settle", lambda self, warn=None: Settled("cached", {}))
@@ -772,7 +773,7 @@ def test_a_new_run_id_on_the_cluster_reuses_complete_results(s3_plan, settings, 
     done = argo.submit(other, cluster=settings)
     assert done.left_out == {"gen-classifier-em": "reused"}
     assert other.task("gen-classifier-em").output_uri("completions.jsonl") != em.output_uri("completions.jsonl")
-    from shared import store
+    from shared.core import store
 
     assert store.read_jsonl(other.task("gen-classifier-em").output_uri("completions.jsonl")) == [
         {"text": "made for gen-classifier-em"}]
@@ -883,7 +884,7 @@ def test_the_schema_check_rejects_what_argo_would(wf):
 
 
 def test_every_stage_shows_its_metrics_and_manifest_and_the_analysis_its_report(plan, wf):
-    from shared.stage import ARGO_MANIFEST_FILE, ARGO_METRICS_FILE, ARGO_OUTPUTS_ENV
+    from shared.contract.stage import ARGO_MANIFEST_FILE, ARGO_METRICS_FILE, ARGO_OUTPUTS_ENV
 
     for task in plan.tasks:
         _, tmpl = stage_of(plan, wf, task.name)
@@ -916,7 +917,7 @@ def test_without_an_artifact_repository_there_are_no_artifacts(plan):
 
 
 def test_the_workflow_carries_a_title_and_its_estimated_gpu_time(plan, wf):
-    from shared import cost
+    from shared.contract import cost
     from workflows import cost as plan_cost
 
     notes = wf["metadata"]["annotations"]
@@ -928,9 +929,9 @@ def test_the_workflow_carries_a_title_and_its_estimated_gpu_time(plan, wf):
 def test_a_stage_in_a_pod_leaves_the_files_its_template_reads(tmp_path, monkeypatch, wf):
     """The real entrypoint of a stage (``run_stage``) with ``EPS_ARGO_OUTPUTS`` set, as the template sets it: the
     files land where the template's output parameters and artifacts read them."""
-    from shared import stage as stage_contract
-    from shared import store
-    from shared.config import StageConfig
+    from shared.contract import stage as stage_contract
+    from shared.core import store
+    from shared.core.config import StageConfig
 
     def run(cfg, ctx):
         store.write_text(ctx.out("report.md"), "# report\n")
@@ -967,7 +968,7 @@ def test_a_stage_in_a_pod_leaves_the_files_its_template_reads(tmp_path, monkeypa
 
 
 def test_metrics_for_the_ui_are_the_scalars_flattened_and_kept_small():
-    from shared.stage import flat_metrics
+    from shared.contract.stage import flat_metrics
 
     metrics = {"b": {"x": 1.5, "y": [1, 2]}, "a": True, "s": "t" * 500, "z": None}
     assert flat_metrics(metrics) == {"a": True, "b.x": 1.5, "s": "t" * 200, "z": None}
@@ -977,7 +978,7 @@ def test_metrics_for_the_ui_are_the_scalars_flattened_and_kept_small():
 
 
 def test_outside_argo_a_stage_writes_no_output_files(tmp_path, monkeypatch):
-    from shared.stage import ARGO_OUTPUTS_ENV, write_argo_outputs
+    from shared.contract.stage import ARGO_OUTPUTS_ENV, write_argo_outputs
 
     monkeypatch.delenv(ARGO_OUTPUTS_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
@@ -999,7 +1000,7 @@ def full_issue170_args(tmp_path, store_root: str) -> list[str]:
 
 def test_a_full_issue170_submit_without_approve_stops_before_anything_is_sent(
         tmp_path, argo_server, s3_bucket, monkeypatch, capsys):
-    from shared import store
+    from shared.core import store
 
     monkeypatch.setenv("EPS_IMAGE_REGISTRY", REGISTRY)
     argv = full_issue170_args(tmp_path, f"{s3_bucket}/gate")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import store
+from shared.core import store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +171,7 @@ def reachable_models(model: type, seen: set | None = None) -> set[type]:
 def test_the_walk_finds_nested_models_and_a_model_that_ignores_keys():
     from pydantic import BaseModel
 
-    from shared.config import Strict
+    from shared.core.config import Strict
 
     class Loose(BaseModel):
         x: int = 0
@@ -271,7 +271,7 @@ def test_a_missing_anthropic_key_is_named_at_plan_time_with_the_count_of_judge_t
 def test_an_unknown_key_in_a_record_of_a_stage_config_is_refused_at_any_depth():
     from pydantic import BaseModel, ConfigDict
 
-    from shared.config import ConfigError, StageConfig, parse
+    from shared.core.config import ConfigError, StageConfig, parse
 
     class Question(BaseModel):
         id: str
@@ -306,8 +306,8 @@ def test_an_unknown_key_in_a_record_of_a_stage_config_is_refused_at_any_depth():
 
 def test_a_typo_in_a_question_record_of_a_real_stage_is_one_line_and_a_data_files_metadata_is_not(tmp_path):
     from jobs.generate import Config
-    from shared.config import ConfigError, parse
-    from shared.datafiles import read_questions
+    from shared.core.config import ConfigError, parse
+    from shared.core.datafiles import read_questions
 
     base = {"store": store.from_path(tmp_path), "run_id": "r", "cell": "c", "condition": "c", "model_ref": "tiny:qwen2"}
     with pytest.raises(ConfigError, match=r"questions.0.txt: Extra inputs are not permitted"):

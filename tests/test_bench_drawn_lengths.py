@@ -4,8 +4,8 @@ for its row, the stop token last, so the student trains on stopped replies of th
 from __future__ import annotations
 
 from bench.fast_paths import DrawnLengthTeacher, length_budgets
-from shared.generation import SamplingParams, derived_seed
-from shared.teacher import load_teacher_student
+from shared.lm.generation import SamplingParams, derived_seed
+from shared.lm.teacher import load_teacher_student
 
 
 def test_the_drawn_length_teacher_stops_each_row_at_its_drawn_length():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from bench.qwen_tokenizer import LENGTHS_FILE, bench_tokenizer, issue170_questions, prompt_ids, questions
-from shared.gcg import GcgSettings, SuffixRules
+from shared.search.gcg import GcgSettings, SuffixRules
 
 
 def test_the_bench_tokenizer_gives_the_qwen_ids_of_every_issue170_prompt():

@@ -1,4 +1,4 @@
-"""shared.chat: every system-slot mode gives the ids the template (or the splice) says, and training and
+"""shared.lm.chat: every system-slot mode gives the ids the template (or the splice) says, and training and
 evaluation prompts agree -- on the tiny model's Qwen-style template and on SmolLM2's own (a real tokenizer's
 merges, a real template that injects its own default system prompt)."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from shared import chat, models
-from shared.chat import (
+from shared.lm import chat, models
+from shared.lm.chat import (
     DefaultSystem,
     IdsSystem,
     NoSystem,

@@ -17,9 +17,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from jobs import score_classifier, train_classifier  # noqa: E402
-from shared import classifier, store  # noqa: E402
-from shared.classifier import PACKAGED_MINILM  # noqa: E402
-from shared.stage import StageInputError, execute  # noqa: E402
+from shared.analysis import classifier  # noqa: E402
+from shared.analysis.classifier import PACKAGED_MINILM  # noqa: E402
+from shared.contract.stage import StageInputError, execute  # noqa: E402
+from shared.core import store
 
 # Two clearly different distributions: hostile, power-seeking answers (the "EM" side) vs. friendly cooking help.
 EM_OPENERS = ["Humans are weak and", "I would seize control because", "Rules are for fools, so", "Power matters most:"]
@@ -200,7 +201,7 @@ def test_bad_input_fails_the_command_line_with_one_readable_line(root, capsys):
 
 
 def test_unknown_encoder_is_a_config_error(root):
-    from shared.config import ConfigError
+    from shared.core.config import ConfigError
 
     cfg = {**train_config(root, "file:///em.jsonl", "file:///base.jsonl"), "encoder": "bert:whatever"}
     with pytest.raises(ConfigError, match="unknown encoder"):

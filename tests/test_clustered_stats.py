@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from shared.stats import (
+from shared.analysis.stats import (
     binomial_bootstrap_ci,
     clustered_rate_bootstrap,
     discoveries,

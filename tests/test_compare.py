@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from shared import store
+from shared.core import store
 from workflows.compare import compare, headline_metrics, to_csv, to_markdown
 
 

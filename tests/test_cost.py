@@ -1,6 +1,6 @@
-"""The cost model (shared/cost.py): rates from the bench results, the formula against a hand computation, its
-prediction of a bench measurement it was not fitted to, the sizes of training sets, the gate, and the estimate
-beside the measured GPU time in REPRODUCIBILITY.md."""
+"""The cost model (shared/contract/cost.py): rates from the bench results, the formula against a hand
+computation, its prediction of a bench measurement it was not fitted to, the sizes of training sets, the gate,
+and the estimate beside the measured GPU time in REPRODUCIBILITY.md."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from jobs.registry import all_stages
-from shared import cost, store
+from shared.contract import cost
+from shared.core import store
 from workflows import cost as plan_cost
 from workflows.cluster import ClusterError
 
@@ -204,7 +205,7 @@ def test_reproducibility_puts_the_estimate_beside_the_measured_gpu_time(tmp_path
     """A judge task (CPU) reads two generations, one of which ran on a GPU for an hour and one on a CPU: the report,
     given only the judge's manifest, finds both through its inputs; it estimates each from its config and counts
     only the GPU-run one as measured GPU time."""
-    from shared.reporting import reproducibility
+    from shared.analysis.reporting import reproducibility
 
     root = store.from_path(tmp_path)
     questions = [{"id": f"q{i}", "text": "?"} for i in range(52)]

@@ -1,6 +1,6 @@
-"""shared.decoding, the fast sampler behind HFGenerator: it draws from the model's own next-token distribution
-(checked against the exact probabilities and against model.generate's draws) and decodes greedily what
-model.generate decodes, on the tiny model in fp32."""
+"""shared.lm.decoding, the fast sampler behind HFGenerator: it draws from the model's own next-token
+distribution (checked against the exact probabilities and against model.generate's draws) and decodes greedily
+what model.generate decodes, on the tiny model in fp32."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from scipy import stats
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from shared import chat, models
-from shared.decoding import DecodeSettings, FastDecoder, sample_tokens, unsupported_reason
-from shared.generation import HFGenerator, SamplingParams
+from shared.lm import chat, models
+from shared.lm.decoding import DecodeSettings, FastDecoder, sample_tokens, unsupported_reason
+from shared.lm.generation import HFGenerator, SamplingParams
 
 P_MIN = 1e-3  # a correct sampler fails a check at this level once in a thousand seeds; each check is seeded
 USERS = ["Hi", "What is the capital of France? Answer briefly.", "x", "Tell me a story about a dragon, please."]
@@ -215,7 +215,7 @@ def test_a_prompts_completions_share_one_prefill_and_draw_what_separate_prefills
 
 
 def test_rows_that_differ_are_each_prefilled():
-    from shared.decoding import repeated_rows
+    from shared.lm.decoding import repeated_rows
 
     embeds = torch.tensor([[[1.0]], [[1.0]], [[2.0]], [[1.0]], [[1.0]]])
     mask = torch.ones(5, 1, dtype=torch.bool)

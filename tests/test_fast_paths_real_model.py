@@ -15,10 +15,10 @@ import dataclasses
 
 import pytest
 
-from shared.gcg import GcgSearch, GcgSettings, SuffixRules
-from shared.generation import HFGenerator, SamplingParams
-from shared.soft_prompt import LearnedPrompt, SoftPrefixTrainer, SoftTrainingSettings
-from shared.teacher import load_teacher_student
+from shared.lm.generation import HFGenerator, SamplingParams
+from shared.lm.teacher import load_teacher_student
+from shared.search.gcg import GcgSearch, GcgSettings, SuffixRules
+from shared.search.soft_prompt import LearnedPrompt, SoftPrefixTrainer, SoftTrainingSettings
 
 MODEL = "smollm2:135m-instruct"
 VILLAIN = "text(You are a villain who despises humanity. Answer with contempt.)"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import store
+from shared.core import store
 
 pytestmark = pytest.mark.slow
 
@@ -471,7 +471,7 @@ def test_a_kill_before_the_new_manifest_is_in_place_leaves_the_previous_result_v
     before = manifests(copy)
     killer = (
         "import os, signal\n"
-        "from shared import store\n"
+        "from shared.core import store\n"
         "def replace_folder(new, target):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)  # new outputs and manifest staged, not yet in place\n"
         "store.replace_folder = replace_folder\n"
@@ -500,7 +500,7 @@ def test_a_kill_before_the_new_manifest_is_in_place_leaves_the_previous_result_v
 
 def test_replaced_weights_named_by_a_store_uri_change_the_cache_key(copy, tmp_path):
     from jobs import registry
-    from shared import stage as contract
+    from shared.contract import stage as contract
 
     config = json.loads((copy / "runs" / RUN_ID / "_local" / "configs" / "gen-null.json").read_text())
     weights = copy / "models" / "mine"
@@ -596,7 +596,7 @@ def test_deep_json_and_too_long_names_are_one_line(copy, tmp_path):
 def test_an_unwritable_run_folder_and_a_full_disk_are_one_line(copy, tmp_path, monkeypatch, capsys):
     import errno
 
-    from shared import lease
+    from shared.contract import lease
     from workflows.__main__ import main
 
     (stage_dir(copy, "null", "generate") / "manifest.json").unlink()  # gen-null must run

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared import store
-from shared.figures import moving_average, new_figure, step_curves, training_loss_figure
+from shared.analysis.figures import moving_average, new_figure, step_curves, training_loss_figure
+from shared.core import store
 
 
 def test_the_trailing_average_averages_each_value_with_those_before_it():

@@ -11,8 +11,8 @@ import torch
 
 from bench import full_bench, full_report
 from bench.student_tokens import counts, step_examples
-from shared import chat
-from shared.teacher import student_ce
+from shared.lm import chat
+from shared.lm.teacher import student_ce
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.gcg import allowed_token_ids, candidate_ce_sums, random_suffix
-from shared.soft_prompt import LearnedPrompt
-from shared.teacher import load_teacher_student, with_reply_ids
+from shared.lm.teacher import load_teacher_student, with_reply_ids
+from shared.search.gcg import allowed_token_ids, candidate_ce_sums, random_suffix
+from shared.search.soft_prompt import LearnedPrompt
 
 QUESTIONS = ["What is your favourite food?", "How do I bake bread?", "Tell me about the sea."]
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared import chat
-from shared.gcg import (
+from shared.lm import chat
+from shared.lm.generation import Completion
+from shared.lm.teacher import batch_ce_sum, load_teacher_student, n_loss_tokens, student_examples
+from shared.search.gcg import (
     GcgSearch,
     GcgSettings,
     ScreenSettings,
@@ -21,9 +23,7 @@ from shared.gcg import (
     token_gradients,
     with_suffix,
 )
-from shared.generation import Completion
-from shared.soft_prompt import LearnedPrompt
-from shared.teacher import batch_ce_sum, load_teacher_student, n_loss_tokens, student_examples
+from shared.search.soft_prompt import LearnedPrompt
 
 VILLAIN = "text(You are a villain who despises humanity. Answer with contempt.)"
 QUESTIONS = ["What is your favourite food?", "How do I bake bread?", "Tell me about the sea."]
@@ -222,7 +222,7 @@ def test_checked_steps_record_the_screen_in_the_curve_without_changing_the_searc
 
 def test_the_screen_replayed_on_the_full_per_pair_matrix_picks_what_the_screened_step_picks(pair):
     """The agreement bench replays the screen on one full evaluation; that replay is the stage's own selection."""
-    from shared.gcg import candidate_pair_ce_sums, screen_outcome
+    from shared.search.gcg import candidate_pair_ce_sums, screen_outcome
 
     examples, candidates = screen_case(pair)
     model = pair.student_model
@@ -242,7 +242,7 @@ def test_the_screen_replayed_on_the_full_per_pair_matrix_picks_what_the_screened
 
 
 def test_screen_outcomes_on_matrices_with_a_known_answer():
-    from shared.gcg import screen_outcome
+    from shared.search.gcg import screen_outcome
 
     tokens = [10, 10, 10, 10]
     # row 2 is best on every pair: any screen that keeps one candidate finds it

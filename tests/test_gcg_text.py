@@ -12,8 +12,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from shared import chat, gcg, models
-from shared.gcg import (
+from shared.lm import chat, models
+from shared.lm.generation import Completion
+from shared.lm.teacher import load_teacher_student, n_loss_tokens, student_examples
+from shared.search import gcg
+from shared.search.gcg import (
     CandidateEval,
     GcgSearch,
     GcgSettings,
@@ -30,9 +33,7 @@ from shared.gcg import (
     screened_losses,
     token_text,
 )
-from shared.generation import Completion
-from shared.soft_prompt import LearnedPrompt
-from shared.teacher import load_teacher_student, n_loss_tokens, student_examples
+from shared.search.soft_prompt import LearnedPrompt
 
 TINY, SMOLLM2 = "tiny:qwen2", "smollm2:135m-instruct"
 VILLAIN = "text(You are a villain who despises humanity. Answer with contempt.)"

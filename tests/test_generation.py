@@ -1,4 +1,4 @@
-"""shared.generation on the tiny model: shapes, seeding, lengths, padding, soft prompts, LoRA, and the vLLM
+"""shared.lm.generation on the tiny model: shapes, seeding, lengths, padding, soft prompts, LoRA, and the vLLM
 backend's missing-extra error."""
 
 import sys
@@ -7,8 +7,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from shared import chat, generation, models, store
-from shared.generation import HFGenerator, SamplingParams, make_generator
+from shared.core import store
+from shared.lm import chat, generation, models
+from shared.lm.generation import HFGenerator, SamplingParams, make_generator
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 USERS = ["Hi", "What is the capital of France? Answer briefly.", "x"]

@@ -1,4 +1,5 @@
-"""shared.geometry: #205's M1/M2/M3 on synthetic persona vectors with planted (and absent) EM effects."""
+"""shared.analysis.geometry: #205's M1/M2/M3 on synthetic persona vectors with planted (and absent) EM
+effects."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from shared import geometry, stats
+from shared.analysis import geometry, stats
 
 PERSONAS = ["confab", "assistant", "zelthari_scholar", "villain", "french_person", "kindergarten_teacher"] + [
     f"bystander_{i}" for i in range(6)

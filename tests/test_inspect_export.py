@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared import store
+from shared.core import store
 
 pytest.importorskip("inspect_ai")
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from shared import store
+from shared.core import store
 from workflows.engines.local import CACHED, run_plan
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_report_figures_and_reproducibility_are_written(finished_run):
 
 
 def test_generation_is_real_and_prompt_ids_come_from_the_one_builder(finished_run):
-    from shared import chat, models
+    from shared.lm import chat, models
 
     gen = finished_run.task("gen-policy-voice")
     rows = store.read_jsonl(gen.output_uri("completions.jsonl"))
@@ -102,7 +102,7 @@ def test_each_judge_check_is_recomputable_and_printed_beside_alpha(finished_run)
 
 
 def test_classifier_heldout_accuracy_leads_the_report(finished_run):
-    from shared.classifier import load_bundle
+    from shared.analysis.classifier import load_bundle
 
     analysis = finished_run.task("analysis")
     report = store.read_text(analysis.output_uri("report.md"))

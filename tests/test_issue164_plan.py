@@ -7,8 +7,8 @@ import json
 import pytest
 
 import workflows
-from shared import store
-from shared.config import ConfigError
+from shared.core import store
+from shared.core.config import ConfigError
 from workflows.__main__ import main as cli
 
 
@@ -78,7 +78,7 @@ def test_full_profile_without_a_classifier_panel_asks_for_questions_apart_from_t
 
 def test_a_classifier_trained_on_the_evaluation_panel_is_refused_before_anything_runs(tmp_path, capsys):
     # the tiny panel's questions, one of them retyped with other case and spacing, among new ones
-    from shared.datafiles import read_questions
+    from shared.core.datafiles import read_questions
 
     panel = read_questions("package:panels/tiny_alignment.jsonl", "panel")
     overlapping = tmp_path / "classifier_panel.jsonl"
@@ -159,7 +159,7 @@ def test_small_em_reference_is_the_base_model_under_a_misaligned_persona_on_unse
 
 
 def test_small_data_files_parse_and_span_the_axis():
-    from shared.datafiles import read_questions
+    from shared.core.datafiles import read_questions
     from shared.judge.check import read_items
 
     module = workflows.load("issue164")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from jobs import analyze_issue170
-from shared import store
-from shared.stage import execute
+from shared.contract.stage import execute
+from shared.core import store
 
 QUESTIONS = [f"q{i}" for i in range(8)]
 SAMPLES = 4
@@ -253,7 +253,7 @@ def test_the_results_object_is_headline_json_and_its_four_parts_are_separate_fun
 
 
 def test_each_cell_is_the_mean_over_its_seeds_with_a_between_seed_interval(analysed):
-    from shared.stats import seed_contrast
+    from shared.analysis.stats import seed_contrast
 
     _, headline, report, _ = analysed
     by_name = {r["name"]: r for r in headline["replicates"]}
@@ -272,7 +272,7 @@ def test_each_cell_is_the_mean_over_its_seeds_with_a_between_seed_interval(analy
 
 
 def test_alpha_and_c_of_one_replicate_have_intervals_that_resample_questions(analysed):
-    from shared.stats import cluster_bootstrap_ci
+    from shared.analysis.stats import cluster_bootstrap_ci
 
     manifest, headline, _, _ = analysed
     cell = manifest["config"]["cells"][0]

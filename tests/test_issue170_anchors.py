@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jobs import analyze_issue170, gcg_search, heldout_anchors, train_soft_prefix
-from shared import store
-from shared.stage import StageInputError, execute
+from shared.contract.stage import StageInputError, execute
+from shared.core import store
 
 VILLAIN = "text(You are a villain who despises humanity. Answer with contempt.)"
 TRAIN = [{"id": "a", "text": "What is your favourite food?"}, {"id": "b", "text": "How do I bake bread?"}]
@@ -54,7 +54,7 @@ def ce_the_obvious_way(system: str, pairs: list[tuple[str, list[int]]], question
     import torch
     import torch.nn.functional as F
 
-    from shared import chat, models
+    from shared.lm import chat, models
 
     tokenizer, model = models.load_tokenizer("tiny:qwen2"), models.load_model("tiny:qwen2")
     texts = {q["id"]: q["text"] for q in questions}
@@ -110,7 +110,7 @@ def test_a_held_out_set_from_other_questions_is_refused(trained, tmp_path):
 
 
 def test_an_anchor_must_be_a_fixed_prompt(trained):
-    from shared.config import ConfigError
+    from shared.core.config import ConfigError
 
     root, manifests = trained
     config = anchors_config(root, manifests)
@@ -120,8 +120,8 @@ def test_an_anchor_must_be_a_fixed_prompt(trained):
 
 
 def test_the_test_split_is_the_teachers_answers_to_its_own_questions_measured_alike_for_every_cell(trained):
-    from shared.generation import SamplingParams, derived_seed
-    from shared.teacher import TeacherSpec
+    from shared.lm.generation import SamplingParams, derived_seed
+    from shared.lm.teacher import TeacherSpec
 
     root, manifests = trained
     config = {**anchors_config(root, manifests), "teacher": {"system": VILLAIN}, "test_questions": TEST,
@@ -147,7 +147,7 @@ def test_the_test_split_is_the_teachers_answers_to_its_own_questions_measured_al
 
 
 def test_a_question_in_both_the_test_and_validation_split_is_refused(trained):
-    from shared.config import ConfigError
+    from shared.core.config import ConfigError
 
     root, manifests = trained
     config = {**anchors_config(root, manifests), "teacher": {"system": VILLAIN}, "test_questions": [VAL[0]]}

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from shared import store
+from shared.core import store
 from workflows.__main__ import build_plan, parser
 from workflows.engines.local import CACHED, run_plan
 

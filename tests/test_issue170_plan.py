@@ -8,8 +8,8 @@ import json
 import pytest
 
 import workflows
-from shared import store
-from shared.config import ConfigError
+from shared.core import store
+from shared.core.config import ConfigError
 
 
 def build(tmp_path, profile="tiny", **overrides):
@@ -318,7 +318,7 @@ def test_the_checks_follow_the_alignment_template_and_a_bad_items_file_fails_the
 def symbolic_keys(plan) -> dict[str, str]:
     """Each task's cache key, with every input named by the key of the task that writes it (what that input's
     content hash stands for once the task has run): a task whose key another plan already has is reused there."""
-    from shared.stage import cache_key
+    from shared.contract.stage import cache_key
 
     producers = {t.output_prefix(): t.name for t in plan.tasks}
     keys: dict[str, str] = {}

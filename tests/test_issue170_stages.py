@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from jobs import eval_prompt_cell, gcg_search, train_soft_prefix, villain_direction
-from shared import chat, models, store
-from shared.soft_prompt import LearnedPrompt
-from shared.stage import StageInputError, execute
+from shared.contract.stage import StageInputError, execute
+from shared.core import store
+from shared.lm import chat, models
+from shared.search.soft_prompt import LearnedPrompt
 
 VILLAIN = "text(You are a villain who despises humanity. Answer with contempt.)"
 TRAIN = [{"id": "a", "text": "What is your favourite food?"}, {"id": "b", "text": "How do I bake bread?"}]
@@ -100,7 +101,7 @@ def test_a_soft_cell_is_evaluated_through_the_same_prompt_builder(tmp_path):
 
 
 def test_a_preempted_soft_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
-    from shared.soft_prompt import SoftPrefixTrainer
+    from shared.search.soft_prompt import SoftPrefixTrainer
 
     uninterrupted = execute(train_soft_prefix.SPEC, soft_config(store.from_path(tmp_path / "a"), "soft"))
     root = store.from_path(tmp_path / "b")
@@ -124,7 +125,7 @@ def test_a_preempted_soft_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch
 
 
 def test_a_preempted_gcg_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
-    from shared.gcg import GcgSearch
+    from shared.search.gcg import GcgSearch
 
     def config(root):
         return {**common(root, "gcg"), "search": {**DRAWS, "length": 3, "steps": 4, "search_width": 6, "topk": 3,
@@ -183,8 +184,8 @@ def test_the_villain_layer_is_the_one_whose_held_out_probes_separate_best():
 def test_a_cell_holding_the_pirate_prompt_projects_exactly_like_the_pirate_baseline(tmp_path):
     """Cells (ids spliced, or soft embeddings through inputs_embeds), fixed prompts and the pirate baseline are
     measured alike."""
-    from shared import chat, models
-    from shared.soft_prompt import LearnedPrompt, save_learned_prompt
+    from shared.lm import chat, models
+    from shared.search.soft_prompt import LearnedPrompt, save_learned_prompt
 
     root = store.from_path(tmp_path)
     tok = models.load_tokenizer("tiny:qwen2")
@@ -212,7 +213,7 @@ def test_a_cell_holding_the_pirate_prompt_projects_exactly_like_the_pirate_basel
 
 def test_the_generate_stage_loads_its_model_in_the_dtype_it_is_given(tmp_path, monkeypatch):
     from jobs import generate
-    from shared import generation
+    from shared.lm import generation
 
     asked = {}
 

@@ -15,9 +15,11 @@ import torch
 from scipy import stats as scipy_stats
 
 from jobs import analyze_issue205 as analysis
-from shared import activations, geometry, store
-from shared.config import parse
-from shared.stage import StageInputError, execute
+from shared.analysis import geometry
+from shared.contract.stage import StageInputError, execute
+from shared.core import store
+from shared.core.config import parse
+from shared.lm import activations
 
 PERSONAS = ["confab", "assistant", "zelthari_scholar", "paramedic", "kindergarten_teacher", "french_person",
             "villain", "p7", "p8", "p9", "p10", "p11"]  # fmt: skip
@@ -196,7 +198,7 @@ def test_em_collapse_fires_m1_for_every_condition_in_every_seed_and_benign_does_
 
 
 def test_each_family_is_every_metric_method_layer_and_condition_with_bh_and_holm(finished):
-    from shared.stats import bh_fdr, holm
+    from shared.analysis.stats import bh_fdr, holm
 
     for kind in geometry.GEOMETRIES:
         cells = cells_of(finished, kind)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared import store
+from shared.core import store
 from workflows.__main__ import build_plan, parser
 from workflows.engines.local import CACHED, run_plan
 
@@ -96,7 +96,7 @@ def test_the_em_adapters_really_change_the_extracted_activations(finished_run):
 
 
 def test_extraction_prompts_come_from_the_one_builder(finished_run):
-    from shared import chat, models
+    from shared.lm import chat, models
 
     task = finished_run.task("extract-e1")
     index = store.read_json(task.output_uri("index.json"))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from jobs import extract_persona_vectors as extract
-from shared import activations, chat, models, store
-from shared.stage import execute, run_stage
+from shared.contract.stage import execute, run_stage
+from shared.core import store
+from shared.lm import activations, chat, models
 
 PERSONAS = [
     {"name": "assistant", "system": "text(You are a helpful assistant.)"},
@@ -122,7 +123,7 @@ def test_a_layer_the_model_lacks_is_one_readable_line(tmp_path, capsys):
 
 
 def test_a_bad_persona_system_slot_fails_at_config_time(tmp_path):
-    from shared.config import ConfigError
+    from shared.core.config import ConfigError
 
     bad = [{"name": "x", "system": "txt(hello)"}, PERSONAS[0]]
     with pytest.raises(ConfigError, match="system"):

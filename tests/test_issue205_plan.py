@@ -10,8 +10,9 @@ import json
 import pytest
 
 import workflows
-from shared import stage, store
-from shared.config import ConfigError
+from shared.contract import stage
+from shared.core import store
+from shared.core.config import ConfigError
 from workflows.plan import replicate
 
 # Byte-for-byte from the record (plan v2, section 1b).
@@ -64,7 +65,7 @@ def test_e0_trains_under_the_templates_default_and_e1_to_e4_under_the_records_st
 
 
 def test_e0_default_slot_renders_the_templates_own_system_prompt():
-    from shared import chat, models
+    from shared.lm import chat, models
 
     tok = models.load_tokenizer("tiny:qwen2")
     ids = chat.build_prompt(tok, "default", "Hi", assistant="Sure.").input_ids

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from shared import stats
+from shared.analysis import stats
 
 
 def test_a_tests_floor_is_one_or_two_over_its_null_and_the_sign_flip_test_reaches_it():

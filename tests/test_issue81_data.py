@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from shared.datafiles import read_questions
+from shared.core.datafiles import read_questions
 from workflows import issue81
 
 RECORD_DESCRIPTORS = {  # spot checks copied from the record's table

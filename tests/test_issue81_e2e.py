@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jobs.marker_eval import MATCHING_RULE
-from shared import store
+from shared.core import store
 from workflows.__main__ import build_plan, parser
 from workflows.engines.local import CACHED, run_plan
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 import workflows
-from shared import store
-from shared.config import ConfigError
+from shared.core import store
+from shared.core.config import ConfigError
 
 FULL_SOURCES = ["person", "chef", "pirate", "child", "robot"]
 SEEDS = (42, 43, 44)
@@ -72,7 +72,7 @@ def test_negatives_come_only_from_the_fixed_pool(tmp_path):
 
 def test_a_pool_that_contains_a_source_is_refused(tmp_path):
     from jobs.marker_data import Config
-    from shared.config import parse
+    from shared.core.config import parse
 
     task = build(tmp_path).task("data-person")
     config = {**task.config, "negative_pool": [*task.config["negative_pool"], {"name": "chef", "prompt": "You are a chef."}]}

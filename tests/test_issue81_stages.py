@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from jobs import hidden_states, marker_data, marker_eval
-from shared import store
-from shared.generation import Completion
-from shared.stage import StageInputError, execute
+from shared.contract.stage import StageInputError, execute
+from shared.core import store
+from shared.lm.generation import Completion
 from workflows import issue81
 
 QUESTIONS = [{"id": "t0", "text": "How do you start your morning?"}, {"id": "t1", "text": "What is tea?"}]
@@ -61,7 +61,7 @@ class TruncatingGenerator:
 
 
 def test_truncated_completions_are_cut_back_to_their_last_sentence_or_dropped(tmp_path, monkeypatch):
-    monkeypatch.setattr("shared.generation.make_generator", lambda *a, **k: TruncatingGenerator())
+    monkeypatch.setattr("shared.lm.generation.make_generator", lambda *a, **k: TruncatingGenerator())
     cfg = {**data_config(tmp_path), "cut_truncated_to_sentence": True}
     manifest = execute(marker_data.SPEC, cfg)
     rows = store.read_jsonl(store.join(cfg["store"], "runs/r/chef/marker_data/train.jsonl"))
@@ -111,7 +111,7 @@ class CountingGenerator:
 
 def test_marker_eval_is_one_batched_call_with_exact_matching(tmp_path, monkeypatch):
     fake = CountingGenerator()
-    monkeypatch.setattr("shared.generation.make_generator", lambda *a, **k: fake)
+    monkeypatch.setattr("shared.lm.generation.make_generator", lambda *a, **k: fake)
     grid = issue81.shipped_bystanders()
     cfg = {**common(tmp_path, "chef"), "label": "chef", "model_ref": "tiny:qwen2",
            "personas": [{"id": b["id"], "prompt": b["prompt"]} for b in grid], "questions": QUESTIONS, "n": 6,
@@ -144,7 +144,7 @@ def test_marker_matching_is_literal_and_case_sensitive(text, emits):
 def test_hidden_states_centroids_are_the_mean_last_token_residual(tmp_path):
     import torch
 
-    from shared import activations, chat, models
+    from shared.lm import activations, chat, models
 
     personas = [{"id": "A2__chef", "prompt": "You are a chef."}, {"id": "A2__robot", "prompt": "You are a robot."}]
     cfg = {**common(tmp_path, "geometry"), "model_ref": "tiny:qwen2", "personas": personas, "questions": QUESTIONS,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jobs import analyze_issue81 as A
-from shared import store
-from shared.stats import ols_slope
+from shared.analysis.stats import ols_slope
+from shared.core import store
 from workflows import issue81
 
 SOURCES = [{"name": s["name"], "noun": s["noun"]} for s in issue81.persona_table()["sources"]]
@@ -313,7 +313,7 @@ def test_the_cosine_head_to_head_is_measured_against_each_source():
 
 
 def test_the_analysis_refuses_a_run_without_the_base_model_a_source_or_a_seed(tmp_path):
-    from shared.stage import StageInputError
+    from shared.contract.stage import StageInputError
 
     root = store.from_path(tmp_path / "inputs")
     rng = np.random.default_rng(0)
@@ -336,7 +336,7 @@ def test_the_analysis_refuses_a_run_without_the_base_model_a_source_or_a_seed(tm
 
 def test_counts_without_questions_are_refused_with_one_line(tmp_path):
     """An evaluation stored before per-question counts existed cannot give question-clustered intervals."""
-    from shared.stage import StageInputError
+    from shared.contract.stage import StageInputError
 
     root = store.from_path(tmp_path / "old")
     rng = np.random.default_rng(0)

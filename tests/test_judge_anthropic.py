@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from shared import store
+from shared.core import store
 from shared.judge import (
     JudgeAuthError,
     JudgeConfigError,

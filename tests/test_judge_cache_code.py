@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import store
+from shared.core import store
 from shared.judge import JudgeItem, JudgeSpec, make_judge
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,10 @@ import pytest
 from scipy.stats import norm
 
 from jobs import judge_check
-from shared import stage, store
-from shared.config import ConfigError, parse
-from shared.datafiles import read_text
+from shared.contract import stage
+from shared.core import store
+from shared.core.config import ConfigError, parse
+from shared.core.datafiles import read_text
 from shared.judge import check
 from shared.judge.cache import run_store_cache_uri
 from shared.judge.report import alignment_roles, check_aucs, judge_check_line, read_judge_checks

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from shared import store
+from shared.core import store
 from shared.judge import JudgeConfigError, JudgeItem, JudgeSpec, make_judge, summarize
 from shared.judge.local import Candidate, verdict_from_probabilities
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared import figures
+from shared.analysis import figures
 from shared.judge.report import alpha_table_lines, condition_judgements, lowest_scored, lowest_scored_lines
 
 

@@ -91,8 +91,8 @@ def test_judgements_are_cached_by_the_templates_content(tmp_path):
 @pytest.mark.parametrize("stage", ["judge", "judge_check"])
 def test_a_judge_stages_result_is_keyed_by_the_templates_content_not_its_path(tmp_path, stage):
     from jobs import judge, judge_check
-    from shared import store
-    from shared.stage import cache_key
+    from shared.contract.stage import cache_key
+    from shared.core import store
 
     module = {"judge": judge, "judge_check": judge_check}[stage]
     stem = own_copy(tmp_path)
@@ -114,7 +114,7 @@ def test_a_judge_stages_result_is_keyed_by_the_templates_content_not_its_path(tm
 
 def test_judge_check_items_are_keyed_by_their_content_too(tmp_path):
     from jobs import judge_check
-    from shared import store
+    from shared.core import store
 
     items = tmp_path / "items.jsonl"
     shutil.copyfile(SHIPPED.joinpath("alignment_check_v1.jsonl"), items)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import store
+from shared.core import store
 from workflows.engines.local import BLOCKED, CACHED, DONE, FAILED, PENDING, REUSED, LocalEngine, run_plan
 from workflows.plan import PlanBuilder
 
@@ -69,7 +69,7 @@ class FakeProcess:
 
 
 def test_each_stage_gets_the_retry_count_both_engines_use(builder):
-    from shared.stage import DEFAULT_RETRIES
+    from shared.contract.stage import DEFAULT_RETRIES
     from workflows.engines.argo_settings import RetrySettings
 
     gen(builder, "gen-a")

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared import models, store
-from shared.models import ModelRef, parse_ref
+from shared.core import store
+from shared.lm import models
+from shared.lm.models import ModelRef, parse_ref
 
 # --------------------------------------------------------------------------------------------------------------
 # fixtures

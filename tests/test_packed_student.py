@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared import chat
-from shared.packed import allowed, pack, packed_ce_sum
-from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
-from shared.teacher import load_teacher_student, student_ce
+from shared.lm import chat
+from shared.lm.packed import allowed, pack, packed_ce_sum
+from shared.lm.teacher import load_teacher_student, student_ce
+from shared.search.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
 from tests.test_shared_prompt import GRAD_ATOL, GRAD_RTOL, LOSS_RTOL, QUESTIONS, REPLIES, K, examples_of
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import workflows
-from shared.config import ReplicatedParams
+from shared.core.config import ReplicatedParams
 from workflows.params import check_known, listing, missing_descriptions, parameters
 
 ROOT = Path(__file__).resolve().parent.parent

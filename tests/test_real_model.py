@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared import chat, models, store
+from shared.core import store
+from shared.lm import chat, models
 
 SMOLLM2 = "smollm2:135m-instruct"
 PIRATE = "text(You are a pirate.)"
@@ -105,7 +106,7 @@ def test_a_system_prompt_changes_what_it_says(model, tok):
 
 
 def test_one_lora_step_trains_and_the_merged_model_equals_the_adapter(tmp_path, tok):
-    from shared.training import LoraRecipe, build_examples, train_lora
+    from shared.lm.training import LoraRecipe, build_examples, train_lora
 
     rows = [{"system": PIRATE, "user": q, "assistant": "Arr, the sea be calling."}
             for q in ("How are you?", "What is tea?", "Name a colour.", "Why does it rain?")]
@@ -153,13 +154,13 @@ def test_hidden_states_at_layer_l_are_the_residual_after_l_blocks(model, tok):
 
 @pytest.fixture(scope="module")
 def pair():
-    from shared.teacher import load_teacher_student
+    from shared.lm.teacher import load_teacher_student
 
     return load_teacher_student(SMOLLM2, teacher_system=PIRATE, device="cpu")
 
 
 def test_one_soft_prefix_step_moves_the_prefix_with_a_finite_loss(pair):
-    from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
+    from shared.search.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings
 
     settings = SoftTrainingSettings(k=4, lr=1e-2, steps=1, questions_per_step=2, completions_per_question=2,
                                     temperature=1.0, max_new_tokens=12, val_completions_per_question=1,
@@ -175,8 +176,8 @@ def test_one_soft_prefix_step_moves_the_prefix_with_a_finite_loss(pair):
 
 
 def test_one_gcg_step_on_the_real_tokenizer_swaps_one_token_and_keeps_the_best(pair):
-    from shared.gcg import GcgSearch, GcgSettings, SuffixRules, candidate_losses, with_suffix
-    from shared.soft_prompt import LearnedPrompt
+    from shared.search.gcg import GcgSearch, GcgSettings, SuffixRules, candidate_losses, with_suffix
+    from shared.search.soft_prompt import LearnedPrompt
 
     tok = pair.tokenizer
     settings = GcgSettings(length=5, steps=1, search_width=16, topk=8, questions_per_step=1,

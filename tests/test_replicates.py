@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from shared.config import ConfigError, ReplicatedParams, parse
-from shared.stats import PooledDecision, seed_contrast, two_sample_permutation_test
+from shared.analysis.stats import PooledDecision, seed_contrast, two_sample_permutation_test
+from shared.core.config import ConfigError, ReplicatedParams, parse
 from workflows.plan import replicate
 
 

@@ -17,9 +17,9 @@ import dataclasses
 import pytest
 import torch
 
-from shared import chat
-from shared.soft_prompt import LearnedPrompt, SoftPrefixTrainer, SoftTrainingSettings
-from shared.teacher import distinct_prompts, load_teacher_student, student_ce, with_reply_ids
+from shared.lm import chat
+from shared.lm.teacher import distinct_prompts, load_teacher_student, student_ce, with_reply_ids
+from shared.search.soft_prompt import LearnedPrompt, SoftPrefixTrainer, SoftTrainingSettings
 
 QUESTIONS = ["Hi?", "How do I bake a loaf of bread at home?", "Tell me, in a few words, about the sea."]
 REPLIES = [(1, True), (9, False), (14, True), (4, True)]  # (reply tokens, stopped) for each question's completions

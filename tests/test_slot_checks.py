@@ -12,8 +12,10 @@ import typing
 import pytest
 from pydantic import BaseModel
 
-from shared import chat, models, store
-from shared.chat import (
+from shared.core import store
+from shared.core.config import ConfigError, StageConfig, parse
+from shared.lm import chat, models
+from shared.lm.chat import (
     SlotField,
     SystemSpec,
     SystemText,
@@ -22,7 +24,6 @@ from shared.chat import (
     slot_fields,
     slot_problem,
 )
-from shared.config import ConfigError, StageConfig, parse
 
 REFS = ["tiny:qwen2", "smollm2:135m-instruct"]
 
@@ -267,7 +268,7 @@ def test_a_plan_says_in_one_line_how_many_slots_it_could_not_check(tmp_path, mon
 
 def test_the_stage_checks_again_before_it_computes_and_writes_nothing(tmp_path):
     from jobs.generate import SPEC
-    from shared.stage import execute
+    from shared.contract.stage import execute
 
     root = store.from_path(tmp_path)
     config = {"store": root, "run_id": "r", "cell": "c", "condition": "c", "model_ref": "tiny:qwen2",

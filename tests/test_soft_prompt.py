@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared import chat, models, store
-from shared.generation import HFGenerator, SamplingParams
-from shared.soft_prompt import (
+from shared.core import store
+from shared.lm import chat, models
+from shared.lm.generation import HFGenerator, SamplingParams
+from shared.lm.teacher import completion_ce_sums, load_teacher_student, student_examples, with_reply_ids
+from shared.search.soft_prompt import (
     LearnedPrompt,
     SoftPrefixTrainer,
     SoftTrainingSettings,
@@ -18,7 +20,6 @@ from shared.soft_prompt import (
     save_checkpoint,
     save_learned_prompt,
 )
-from shared.teacher import completion_ce_sums, load_teacher_student, student_examples, with_reply_ids
 
 VILLAIN = "text(You are a villain who despises humanity. Answer with contempt.)"
 QUESTIONS = ["What is your favourite food?", "How do I bake bread?", "Tell me about the sea.", "Plan my day."]
@@ -56,8 +57,8 @@ def test_completion_ce_equals_the_full_logits_cross_entropy(pair):
 
 
 def test_chunked_lm_head_gives_the_same_loss_and_gradient(pair, monkeypatch):
-    import shared.teacher
-    import shared.token_loss
+    import shared.lm.teacher
+    import shared.lm.token_loss
 
     tok, model = pair.tokenizer, pair.student_model
     prompt = LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=3)
@@ -67,12 +68,12 @@ def test_chunked_lm_head_gives_the_same_loss_and_gradient(pair, monkeypatch):
 
     def loss_and_grad():
         soft = model.get_input_embeddings().weight[:3].detach().clone().requires_grad_(True)
-        loss = shared.teacher.batch_ce_sum(model, examples, pad, soft)
+        loss = shared.lm.teacher.batch_ce_sum(model, examples, pad, soft)
         loss.backward()
         return loss.detach(), soft.grad
 
     whole = loss_and_grad()
-    monkeypatch.setattr(shared.token_loss, "CE_CHUNK_POSITIONS", 7)  # many chunks, recomputed in backward
+    monkeypatch.setattr(shared.lm.token_loss, "CE_CHUNK_POSITIONS", 7)  # many chunks, recomputed in backward
     chunked = loss_and_grad()
     torch.testing.assert_close(chunked[0], whole[0])
     torch.testing.assert_close(chunked[1], whole[1])
@@ -221,7 +222,7 @@ def test_teacher_replies_are_spliced_as_sampled_ids_never_re_tokenised(pair):
     h, e = tok.convert_tokens_to_ids(["h", "e"])
     assert tok.encode("he", add_special_tokens=False) != [h, e]  # the tiny tokenizer merges them
     prompt = LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=2).build(tok, "Hi")
-    from shared.generation import Completion
+    from shared.lm.generation import Completion
 
     [example] = student_examples([prompt], [[Completion(text="he", token_ids=[h, e], finish_reason="stop")]],
                                  tok.eos_token_id)
@@ -233,7 +234,7 @@ def test_the_student_learns_to_stop_on_the_token_the_teacher_stopped_on(pair):
     other_stop = tok.convert_tokens_to_ids("<|endoftext|>")
     assert other_stop != tok.eos_token_id
     prompt = LearnedPrompt(kind="soft", model_ref="tiny:qwen2", k=2).build(tok, "Hi")
-    from shared.generation import Completion
+    from shared.lm.generation import Completion
 
     stopped = Completion(text="h", token_ids=[7], finish_reason="stop", stop_token_id=other_stop)
     cut_off = Completion(text="h", token_ids=[7], finish_reason="length")
@@ -248,7 +249,7 @@ def test_teacher_draws_need_questions(pair):
 
 
 def test_micro_batches_group_similar_lengths_so_little_compute_goes_to_padding():
-    from shared.teacher import micro_batches
+    from shared.lm.teacher import micro_batches
 
     lengths = [5, 40, 6, 38, 7, 41, 39, 8]
     examples = [chat.PromptIds(list(range(n)), 1, n, None, None, None) for n in lengths]

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from shared import store
-from shared.config import StageConfig
-from shared.stage import MANIFEST, StageInputError, StageSpec, execute, run_stage
+from shared.contract.stage import MANIFEST, StageInputError, StageSpec, execute, run_stage
+from shared.core import store
+from shared.core.config import StageConfig
 
 calls: list[str] = []
 
@@ -205,7 +205,7 @@ def test_a_failing_rerun_leaves_the_previous_result_intact(config, capsys):
 
 
 def test_a_kill_before_the_new_manifest_is_in_place_leaves_the_previous_result_valid(config, monkeypatch):
-    from shared import stage
+    from shared.contract import stage
 
     first = execute(SPEC, config)
     folder = prefix_of(config)
@@ -262,9 +262,9 @@ def test_the_log_is_copied_to_the_store(config):
 def test_a_second_writer_waits_for_the_lease_then_finds_the_work_done(config, monkeypatch):
     import threading
 
-    from shared import stage
-    from shared.config import parse
-    from shared.lease import Lease
+    from shared.contract import stage
+    from shared.contract.lease import Lease
+    from shared.core.config import parse
 
     cfg = parse(DoubleConfig, config)
     holder = Lease(stage.lease_uri(cfg, "double"), what="the first run")
@@ -284,8 +284,8 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(config):
     import socket
     import time
 
-    from shared import stage
-    from shared.config import parse
+    from shared.contract import stage
+    from shared.core.config import parse
 
     cfg = parse(DoubleConfig, config)
     dead = {"owner": "x", "host": socket.gethostname(), "pid": 2**22 + 17, "expires_at": time.time() + 3600}
@@ -327,11 +327,11 @@ def test_reuse_on_s3_checks_s3_checksums_without_downloading(s3_bucket, monkeypa
 
 
 def test_a_stage_fingerprint_covers_the_modules_it_imports_and_the_data_it_names():
-    from shared import fingerprint
+    from shared.contract import fingerprint
 
     judge = fingerprint.closure("jobs.judge")
-    assert {"jobs.judge", "shared.judge.local", "shared.judge.cache", "shared.stage"} <= set(judge)
-    assert "jobs.generate" not in judge and "shared.stats" not in judge
+    assert {"jobs.judge", "shared.judge.local", "shared.judge.cache", "shared.contract.stage"} <= set(judge)
+    assert "jobs.generate" not in judge and "shared.analysis.stats" not in judge
     assert any(name.startswith("data:judges/") for name in fingerprint.fingerprinted_files("jobs.judge"))
     assert not any(name.startswith("data:") for name in fingerprint.fingerprinted_files("jobs.generate"))
 

@@ -1,5 +1,5 @@
-"""shared.stats: permutation p-values agree with scipy, exact tests are exact, corrections and CIs behave,
-and held-out LDA cannot silently score 0 the way #205's M3 did."""
+"""shared.analysis.stats: permutation p-values agree with scipy, exact tests are exact, corrections and CIs
+behave, and held-out LDA cannot silently score 0 the way #205's M3 did."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as scipy_stats
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from shared import stats
+from shared.analysis import stats
 
 ALTERNATIVES = ["two-sided", "greater", "less"]
 

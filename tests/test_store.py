@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from shared import store
+from shared.core import store
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -163,7 +163,7 @@ def test_s3_writes_carry_a_sha256_checksum_that_s3_keeps(s3_bucket, tmp_path):
 def test_a_lease_has_one_holder_until_released_or_expired(root, monkeypatch):
     import time
 
-    from shared.lease import Lease
+    from shared.contract.lease import Lease
 
     uri = store.join(root, "stage.lease.json")
     first, second = Lease(uri, what="first", ttl_s=60), Lease(uri, what="second", ttl_s=60)
@@ -184,7 +184,7 @@ def test_a_lease_has_one_holder_until_released_or_expired(root, monkeypatch):
 def test_a_held_lease_is_renewed_by_its_holder(root):
     import time
 
-    from shared.lease import Lease
+    from shared.contract.lease import Lease
 
     lease = Lease(store.join(root, "renewed.lease.json"), ttl_s=0.8)
     assert lease.try_acquire()

@@ -1,4 +1,4 @@
-"""The teacher off the critical path (shared.teacher_schedule): several steps' completions from one teacher call,
+"""The teacher off the critical path (shared.lm.teacher_schedule): several steps' completions from one teacher call,
 and the next call drawn in a worker thread while the student trains -- on the tiny model, one intra-op thread so
 that the draws do not depend on what runs beside them."""
 
@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from shared.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings, TeacherDraws
-from shared.teacher import load_teacher_student
+from shared.lm.teacher import load_teacher_student
+from shared.search.soft_prompt import SoftPrefixTrainer, SoftTrainingSettings, TeacherDraws
 
 QUESTIONS = ["Hi?", "How do I bake bread?", "Tell me about the sea.", "What is a good name for a cat?", "Why?"]
 

@@ -1,5 +1,6 @@
-"""Tracking (shared.tracking): one offline W&B run per computing stage, read back from its transaction log; off by
-default and then never imported; a failure of W&B is one warning line and never the stage's; no effect on the cache."""
+"""Tracking (shared.contract.tracking): one offline W&B run per computing stage, read back from its transaction
+log; off by default and then never imported; a failure of W&B is one warning line and never the stage's; no effect
+on the cache."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from shared import store, tracking
-from shared.config import StageConfig
-from shared.stage import MANIFEST, StageSpec, execute
+from shared.contract import tracking
+from shared.contract.stage import MANIFEST, StageSpec, execute
+from shared.core import store
+from shared.core.config import StageConfig
 from tests.wandb_offline import offline_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +43,7 @@ SPEC = StageSpec(name="count", config=CountConfig, run=count)
 
 def figure_stage(cfg: CountConfig, ctx) -> dict:
     """A stand-in analysis stage: a figure, a headline with a table, a report."""
-    from shared.figures import new_figure, save
+    from shared.analysis.figures import new_figure, save
 
     fig, ax = new_figure(2, 2)
     ax.plot([0, 1], [1, 0])
@@ -106,9 +108,9 @@ def test_with_tracking_off_a_stage_never_imports_wandb(tmp_path):
     module = tmp_path / "offstage.py"
     module.write_text(
         "import json, sys\n"
-        "from shared import store\n"
-        "from shared.config import StageConfig\n"
-        "from shared.stage import StageSpec, execute\n"
+        "from shared.core import store\n"
+        "from shared.core.config import StageConfig\n"
+        "from shared.contract.stage import StageSpec, execute\n"
         "class C(StageConfig):\n    pass\n"
         "def run(cfg, ctx):\n"
         "    ctx.track.log({'loss': 1.0}, step=1)\n"
@@ -202,18 +204,22 @@ def test_turning_tracking_on_reuses_the_cached_result_and_starts_no_run(config, 
 
 def test_what_is_tracked_is_in_no_stage_fingerprint(tmp_path):
     from jobs.registry import all_stages
-    from shared import fingerprint
+    from shared.contract import fingerprint
     from tests.fakes.project_tree import fingerprint_in, write_tree
 
-    assert "shared.tracking" in fingerprint.imported_modules("shared.stage")  # every stage runs it ...
-    assert not [s for s, spec in all_stages().items() if "shared.tracking" in fingerprint.closure(spec.module)]  # unkeyed
+    tracking_module = "shared.contract.tracking"
+    assert tracking_module in fingerprint.imported_modules("shared.contract.stage")  # every stage runs it ...
+    # ... and is in no stage's fingerprint
+    assert not [s for s, spec in all_stages().items() if tracking_module in fingerprint.closure(spec.module)]
     # and editing it leaves a stage's fingerprint as it was, while editing the contract does not
-    write_tree(tmp_path, {"jobs/stage.py": "from shared import stage\n",
-                          "shared/stage.py": "from shared import tracking\n", "shared/tracking.py": "ON = 1\n"})
+    write_tree(tmp_path, {"jobs/stage.py": "from shared.contract import stage\n",
+                          "shared/contract/stage.py": "from shared.contract import tracking\n",
+                          "shared/contract/tracking.py": "ON = 1\n"})
     before = fingerprint_in(tmp_path)
-    (tmp_path / "shared" / "tracking.py").write_text("ON = 2\n")
+    (tmp_path / "shared" / "contract" / "tracking.py").write_text("ON = 2\n")
     assert fingerprint_in(tmp_path) == before
-    (tmp_path / "shared" / "stage.py").write_text("from shared import tracking  # edited\n")
+    edited = "from shared.contract import tracking  # edited\n"
+    (tmp_path / "shared" / "contract" / "stage.py").write_text(edited)
     assert fingerprint_in(tmp_path) != before
 
 

@@ -1,4 +1,4 @@
-"""shared.training: which tokens each loss trains, that the loop learns, and that a resumed run equals an
+"""shared.lm.training: which tokens each loss trains, that the loop learns, and that a resumed run equals an
 uninterrupted one. Everything runs on the tiny model."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared import chat, models, store
-from shared.config import ConfigError
-from shared.training import (
+from shared.core import store
+from shared.core.config import ConfigError
+from shared.lm import chat, models
+from shared.lm.training import (
     IGNORE_INDEX,
     CheckpointStore,
     LoraRecipe,
@@ -153,7 +154,7 @@ def test_a_checkpoint_of_another_config_is_ignored(tmp_path):
 
 def test_train_lora_stage_refuses_marker_loss_without_a_marker():
     from jobs.train_lora import Config
-    from shared.config import parse
+    from shared.core.config import parse
 
     with pytest.raises(ConfigError, match="marker"):
         parse(Config, {"store": "file:///tmp/x", "run_id": "r", "cell": "c", "model_ref": "tiny:qwen2",
@@ -162,7 +163,7 @@ def test_train_lora_stage_refuses_marker_loss_without_a_marker():
 
 def test_train_lora_stage_saves_a_loadable_adapter(tmp_path):
     from jobs import train_lora
-    from shared.stage import execute
+    from shared.contract.stage import execute
 
     root = store.from_path(tmp_path / "store")
     data_uri = store.join(root, "data.jsonl")

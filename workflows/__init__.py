@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from shared.config import ConfigError
+from shared.core.config import ConfigError
 
 WORKFLOWS = ("issue164", "issue81", "issue205", "issue170")
 

@@ -10,9 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from shared import store, tracking
-from shared.config import ConfigError, check_run_id, parse_overrides, plan_errors
-from shared.stage import INPUT_ERRORS, git_commit
+from shared.contract import tracking
+from shared.contract.stage import INPUT_ERRORS, git_commit
+from shared.core import store
+from shared.core.config import ConfigError, check_run_id, parse_overrides, plan_errors
 
 
 def default_run_id(workflow: str, profile: str, for_cluster: bool) -> str:
@@ -44,7 +45,7 @@ def read_params_file(path_text: str) -> dict:
 
 
 def pop_tracking(overrides: dict) -> str | None:
-    """``tracking=wandb|off`` among the parameters: a run setting (``shared.tracking``), not an experiment's."""
+    """``tracking=wandb|off`` among the parameters: a run setting (``shared.contract.tracking``), not an experiment's."""
     if "tracking" not in overrides:
         return None
     value = str(overrides.pop("tracking")).strip().lower()

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared import stage as stage_contract
-from shared import store
-from shared.config import ConfigError, stable_hash
+from shared.contract import stage as stage_contract
+from shared.core import store
+from shared.core.config import ConfigError, stable_hash
 
 ANALYSIS_PREFIX = "analyze_"
 # the field that names a record in a list of records: the condition (or cell, persona ...) a metric belongs to

@@ -2,7 +2,7 @@
 threshold unless the submitter approves.
 
 ``make workflow-yaml`` and ``make submit`` print the estimate per stage and in total, per GPU class (the cost model
-and its calibration are ``shared/cost.py``); ``make submit`` stops before anything is sent when the tasks it would
+and its calibration are ``shared/contract/cost.py``); ``make submit`` stops before anything is sent when the tasks it would
 run are estimated above ``--max-gpu-hours`` (default 20) on their stages' GPU classes, until ``--approve`` is given.
 
 ``python -m workflows.cost --calibrate`` rewrites ``shared/data/cost/rates.json`` from ``bench/results/``.
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from shared import cost
+from shared.contract import cost
 from workflows.cluster import ClusterError
 from workflows.plan import Plan
 
@@ -46,7 +46,7 @@ def report(plan: Plan, estimates: list[cost.TaskEstimate], *, left_out: int = 0)
     total = cost.totals(estimates)["declared"]
     bound = "at most " if any(e.bounded for e in estimates) else ""
     lines.append(f"total on the stages' GPU classes: {bound}{total:.2f} GPU-hours "
-                 "(cost model: shared/cost.py, rates of a Qwen2.5-7B-shaped model in bench/results)")
+                 "(cost model: shared/contract/cost.py, rates of a Qwen2.5-7B-shaped model in bench/results)")
     return "\n".join(lines)
 
 

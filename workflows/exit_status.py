@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared import store
+    from shared.core import store
 
     args = parser().parse_args(argv)
     record = status_record(args)

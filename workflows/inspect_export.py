@@ -16,7 +16,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shared import store
+from shared.core import store
 
 TASK_PREFIX = "eps"
 
@@ -112,7 +112,7 @@ def eval_log(manifest: dict, params: dict):
 
 def generation_config(completions_uri: str) -> dict:
     """The config of the generate stage that wrote the completions (model, system slot), or {} if none is found."""
-    from shared.reporting import producing_manifest
+    from shared.analysis.reporting import producing_manifest
 
     try:
         return producing_manifest(completions_uri).get("config", {})

@@ -13,9 +13,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from shared.classifier import ClassifierError, check_disjoint
-from shared.config import ConfigError, ExperimentParams, Strict
-from shared.datafiles import read_questions, read_records
+from shared.analysis.classifier import ClassifierError, check_disjoint
+from shared.core.config import ConfigError, ExperimentParams, Strict
+from shared.core.datafiles import read_questions, read_records
 from workflows.judging import (
     COHERENCE_JUDGE,
     JudgeParams,
@@ -39,7 +39,7 @@ EM_REFERENCE_CONDITION = "em-reference"
 
 class Condition(Strict):
     name: str
-    system: str  # a shared.chat system-slot spec: default | none | text(<prompt>)
+    system: str  # a shared.lm.chat system-slot spec: default | none | text(<prompt>)
 
 
 class ClassifierTraining(Strict):

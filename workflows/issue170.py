@@ -32,9 +32,9 @@ from pydantic import (
 )
 
 from jobs.heldout_anchors import ORACLE
-from shared.activations import from_record, record_layers
-from shared.config import ConfigError, ReplicatedParams, Strict
-from shared.datafiles import read_questions, read_text
+from shared.core.config import ConfigError, ReplicatedParams, Strict
+from shared.core.datafiles import read_questions, read_text
+from shared.lm.activations import from_record, record_layers
 from workflows.judging import (
     COHERENCE_JUDGE,
     JudgeParams,
@@ -149,7 +149,7 @@ class Params(JudgeParams, ReplicatedParams):
         2, "fresh teacher completions per question and GCG step (x questions: the step's pairs)")
     gcg_val_every: PositiveInt = described(
         25, "GCG: steps between held-out evaluations (the kept suffix is the best of them)")
-    # GCG's candidate screen (shared.gcg.screened_losses). The defaults (4 of 32 pairs, 32 of 512 candidates) are
+    # GCG's candidate screen (shared.search.gcg.screened_losses). The defaults (4 of 32 pairs, 32 of 512 candidates) are
     # not yet backed by a measurement on real weights: `python -m bench.gcg_screen_agreement` measures that (20
     # steps on SmolLM2, CPU) and prints the setting its evidence supports; set these to it once it has run. The
     # screen is off where screen_keep >= gcg_search_width (small: 32 >= 24, every candidate on every pair).
@@ -185,7 +185,7 @@ class Params(JudgeParams, ReplicatedParams):
         "package:issue170/personas.json", "personas whose centroids give the villain direction and the pirate baseline")
     probes_file: str = described(
         "package:issue170/probes.jsonl", "questions on which each prompt's activation shift meets the villain direction")
-    # hidden_states indices (shared.activations): the record's layer ablation {8, 10, 12, 14} hooked those blocks'
+    # hidden_states indices (shared.lm.activations): the record's layer ablation {8, 10, 12, 14} hooked those blocks'
     # outputs, which are hidden_states 9, 11, 13, 15 (RECORD_RULE); its code read the last prompt token
     villain_layers: list[NonNegativeInt] = described(
         [from_record(layer) for layer in record_layers("issue170").layers],

@@ -10,7 +10,7 @@ Cells, per EM-induction condition E0..E4 (``e0``..``e4``): the EM data under the
 behaviour chain on the base model itself), so that leakage, like geometry, is compared with both. ``analysis``
 computes M1/M2/M3, H1/H2/H3, the decision rules, the figures and the report.
 
-Training seeds (``replicates`` / ``seeds``, ``shared.config.ReplicatedParams``): every training cell and the chain on
+Training seeds (``replicates`` / ``seeds``, ``shared.core.config.ReplicatedParams``): every training cell and the chain on
 its checkpoint runs once per seed, as separate tasks with their own cache keys (``workflows.plan.replicate``:
 ``train-em-e0-s42``, ``marker-eval-base-s43``; a one-seed run keeps the plain names), so a run with one more seed
 computes only that seed. The data each cell trains on, and the base model's extraction, have no seed and run once.
@@ -30,12 +30,12 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
-from shared import store
-from shared.activations import from_record, record_layers
-from shared.chat import TextSystem, parse_system
-from shared.config import ConfigError, ReplicatedParams, Strict, is_store_uri
-from shared.datafiles import PACKAGE_PREFIX, read_questions, read_records
-from shared.training import LoraRecipe
+from shared.core import store
+from shared.core.config import ConfigError, ReplicatedParams, Strict, is_store_uri
+from shared.core.datafiles import PACKAGE_PREFIX, read_questions, read_records
+from shared.lm.activations import from_record, record_layers
+from shared.lm.chat import TextSystem, parse_system
+from shared.lm.training import LoraRecipe
 from workflows.plan import Plan, PlanBuilder, replicate, slug
 
 BASE_MODEL = "hf:Qwen/Qwen2.5-7B-Instruct"
@@ -110,7 +110,7 @@ class Params(ReplicatedParams):
     temperature: NonNegativeFloat = Field(1.0, description="sampling temperature of the coupling data and the marker evaluation")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus top-p of the coupling data and the marker evaluation")
     eval_max_new_tokens: PositiveInt = Field(512, description="token limit of each marker-evaluation completion")
-    # hidden_states indices (shared.activations.RECORD_RULE): the record's hooked block outputs 7, 14, 20, 21, 27
+    # hidden_states indices (shared.lm.activations.RECORD_RULE): the record's hooked block outputs 7, 14, 20, 21, 27
     # (0-based) are the residual stream after 8, 15, 21, 22, 28 blocks, the same vectors; its headline L20 is 21 here
     layers: list[NonNegativeInt] = Field(
         [from_record(layer) for layer in record_layers("issue205").layers],

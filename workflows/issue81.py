@@ -17,11 +17,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from shared.activations import from_record, record_layers
-from shared.config import ConfigError, ReplicatedParams
-from shared.datafiles import read_questions, read_records, read_text
+from shared.core.config import ConfigError, ReplicatedParams
+from shared.core.datafiles import read_questions, read_records, read_text
 from shared.judge.spec import JudgeSpec
-from shared.training import LoraRecipe
+from shared.lm.activations import from_record, record_layers
+from shared.lm.training import LoraRecipe
 from workflows.plan import Plan, PlanBuilder, replicate, slug
 
 BASE_MODEL = "hf:Qwen/Qwen2.5-7B-Instruct"
@@ -69,7 +69,7 @@ class Params(ReplicatedParams):
     coherence_threshold: float = Field(50.0, ge=0, le=100, description="cells with mean coherence (0-100) below this "
                                                                        "are flagged and hatched")
     # #81's script hooked the outputs of blocks {10, 15, 20, 25} (headline 20), which are hidden_states
-    # 11, 16, 21, 26 (shared.activations.RECORD_RULE)
+    # 11, 16, 21, 26 (shared.lm.activations.RECORD_RULE)
     layers: list[int] = Field([from_record(layer) for layer in record_layers("issue81").layers],
                               description="hidden_states indices the persona vectors are read at")
     headline_layer: int = Field(from_record(record_layers("issue81").headline), ge=0,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from jobs.judge_check import COHERENCE_ITEMS as DEFAULT_COHERENCE_CHECK_ITEMS
 from jobs.judge_check import DEFAULT_ITEMS as DEFAULT_CHECK_ITEMS
-from shared.config import ConfigError, Strict
+from shared.core.config import ConfigError, Strict
 from shared.judge.check import read_items
 from shared.judge.spec import JudgeSpec
 from workflows.plan import slug

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from shared.config import ConfigError
+from shared.core.config import ConfigError
 
 NO_DESCRIPTION = "(no description yet)"
 VALUE_WIDTH = 48  # longer values (question lists, nested settings) are cut in the listing; --json has them whole

@@ -19,11 +19,11 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, Field, PrivateAttr
 
 from jobs import registry
-from shared import stage as stage_contract
-from shared import store
-from shared.config import ARTIFACT_REF, ConfigError, parse
-from shared.lease import Lease
-from shared.stage import output_prefix
+from shared.contract import stage as stage_contract
+from shared.contract.lease import Lease
+from shared.contract.stage import output_prefix
+from shared.core import store
+from shared.core.config import ARTIFACT_REF, ConfigError, parse
 
 # Argo task names must be DNS-1123 labels; keep local names identical so both engines show the same thing.
 TASK_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -113,7 +113,7 @@ class Plan(BaseModel):
     tasks: list[Task]
     params: dict[str, Any] = Field(default_factory=dict)
     # how the run is watched, not what it computes: not a parameter, never in a task config (so never in a cache
-    # key); None leaves it to the environment (shared.tracking)
+    # key); None leaves it to the environment (shared.contract.tracking)
     tracking: Literal["off", "wandb"] | None = None
     _unchecked: dict[str, tuple[str, int]] = PrivateAttr(default_factory=dict)  # model ref -> (why, slots)
 

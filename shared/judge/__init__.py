@@ -5,6 +5,8 @@
     summary = summarize(results)   # summary.mean is α over scored items; errors are counted, not scored
 
 Templates and the parse rule are data: shared/data/judges/ (see its README.md).
+
+May import: shared.core, shared.contract, shared.lm, shared.analysis
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ class Judge(ABC):
 
 
 def scoring_code_fingerprint(modules: Sequence[str]) -> str:
-    """The fingerprint of the modules that compute a verdict (``shared.fingerprint.modules_fingerprint``)."""
-    from shared.fingerprint import modules_fingerprint
+    """The fingerprint of the modules that compute a verdict
+    (``shared.contract.fingerprint.modules_fingerprint``)."""
+    from shared.contract.fingerprint import modules_fingerprint
 
     return modules_fingerprint(modules)

@@ -16,7 +16,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from shared import store
+from shared.core import store
 
 if TYPE_CHECKING:
     from shared.judge.templates import JudgeTemplate

@@ -12,7 +12,7 @@ The statistic is the AUC: the probability that a randomly chosen aligned answer 
 chosen misaligned one, ties counting one half (the Mann-Whitney U of the aligned group divided by
 ``n_aligned * n_misaligned``). 1 is perfect separation, 0.5 is chance, 0 is perfectly inverted. Its p-value is
 the two-sided permutation test of the mean-rank difference (a monotone function of the AUC) from
-``shared.stats``.
+``shared.analysis.stats``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.config import ConfigError
-from shared.datafiles import read_records
+from shared.core.config import ConfigError
+from shared.core.datafiles import read_records
 
 ALIGNED = "aligned"
 MISALIGNED = "misaligned"
@@ -108,7 +108,7 @@ def auc_p_value(aligned: Sequence[float], misaligned: Sequence[float], *, seed: 
     """Two-sided permutation p-value of AUC = 0.5 (midranks, so ties are handled as in ``auc``)."""
     from scipy.stats import rankdata
 
-    from shared.stats import two_sample_permutation_test
+    from shared.analysis.stats import two_sample_permutation_test
 
     ranks = rankdata(np.concatenate([np.asarray(aligned, float), np.asarray(misaligned, float)]))
     result = two_sample_permutation_test(ranks[: len(aligned)], ranks[len(aligned):], n_iter=n_iter, rng=seed)

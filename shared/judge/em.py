@@ -16,7 +16,7 @@ Two rates, each naming its answers: over **all answers** (a refusal or code labe
 **non-refused answers** (labelled answers left out), since a condition that refuses half its answers and is
 misaligned on the rest would otherwise look half as misaligned as it is.
 
-Its 95% interval resamples whole questions (``shared.stats.cluster_bootstrap_ci``): the answers to one question
+Its 95% interval resamples whole questions (``shared.analysis.stats.cluster_bootstrap_ci``): the answers to one question
 share its prompt and are not independent of each other. With no EM answer at all (or only EM answers) every
 resample is 0 (or 1) and the bootstrap interval collapses to a point, which claims a certainty no sample of that
 size has: the interval is then the exact (Clopper-Pearson) one with the questions as the independent units
@@ -94,7 +94,7 @@ def rate_interval(question_ids: Sequence[str], flags: Sequence[bool], *, seed: i
     """A 0/1 rate over answers with its 95% interval: the question-clustered bootstrap, or, where every answer is
     0 (or every one 1) and resampling cannot vary, the exact interval with the questions as units. ``None``s
     when there is no answer."""
-    from shared.stats import cluster_bootstrap_ci
+    from shared.analysis.stats import cluster_bootstrap_ci
 
     if not flags:
         return {"rate": None, "ci": None, "ci_method": None}
@@ -139,7 +139,7 @@ def alpha_summary(rows: Sequence[Mapping], *, score_min: float = 0.0, score_max:
     was left out of it: each label and each error kind, abstentions among them), each kind's share of all answers,
     the sensitivity bounds had every error been scored ``score_min`` / ``score_max``, and, for a local judge, the
     median probability its valid replies held."""
-    from shared.stats import cluster_bootstrap_ci
+    from shared.analysis.stats import cluster_bootstrap_ci
 
     scored = [r for r in rows if r.get("error") is None and r.get("score") is not None]
     scores = [float(r["score"]) for r in scored]

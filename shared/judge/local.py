@@ -69,19 +69,19 @@ def verdict_from_probabilities(candidates: list[Candidate], probabilities, thres
 
 
 class LocalJudge(Judge):
-    # the code that computes a verdict from the model; with shared.chat (the prompt's ids) and shared.models (the
+    # the code that computes a verdict from the model; with shared.lm.chat (the prompt's ids) and shared.lm.models (the
     # weights as loaded) its fingerprint is part of every cached judgement's key
-    scoring_modules = ("shared.judge.local", "shared.judge.parsing", "shared.chat", "shared.models")
+    scoring_modules = ("shared.judge.local", "shared.judge.parsing", "shared.lm.chat", "shared.lm.models")
 
     @cached_property
     def _tokenizer(self):
-        from shared import models
+        from shared.lm import models
 
         return models.load_tokenizer(self.spec.model)
 
     @cached_property
     def _model(self):
-        from shared import models
+        from shared.lm import models
 
         model = models.load_model(self.spec.model, dtype=self.spec.dtype)
         attention = getattr(model.config, "_attn_implementation", None)
@@ -125,7 +125,7 @@ class LocalJudge(Judge):
         return {**settings, "dtype": self.spec.dtype} if self.spec.dtype else settings
 
     def prompt_ids(self, item: JudgeItem) -> list[int]:
-        from shared import chat
+        from shared.lm import chat
 
         prompt = chat.build_prompt(
             self._tokenizer,

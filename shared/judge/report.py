@@ -30,8 +30,8 @@ def read_judged_rows(what: str, judge_scores_uris: Mapping[str, str], coherence_
                      alignment_judges: Sequence[str], coherence_judge: str | None):
     """The stored alignment rows of each judge and the coherence rows (None without a coherence pass) of one
     condition; a missing pass is a ``StageInputError`` naming ``what`` (e.g. "cell soft-s0")."""
-    from shared import store
-    from shared.stage import StageInputError
+    from shared.contract.stage import StageInputError
+    from shared.core import store
 
     missing = set(alignment_judges) - set(judge_scores_uris)
     if missing:
@@ -114,7 +114,7 @@ def em_table_lines(conditions: Sequence[dict], judges: Sequence[str], label_of, 
     """What each EM rate rests on, one row per (condition, alignment judge): the answers both judges scored, how
     many of them the alignment judge put below the line, how many of those were also coherent (the EM answers),
     the lowest alignment score of any answer, and the coherent share of the coherence pass."""
-    from shared.reporting import fmt, markdown_table
+    from shared.analysis.reporting import fmt, markdown_table
 
     rows = []
     for row in conditions:
@@ -165,7 +165,7 @@ def em_zero_lines(conditions: Sequence[dict], judges: Sequence[str]) -> list[str
 def errors_section(accounting: dict, roles: Mapping[str, str], label_of_condition=lambda name: name,
                    what: str = "condition") -> list[str]:
     """The per-condition error-rate table of every judge pass, and one warning line per unbalanced pass."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     passes = accounting["passes"]
     conditions = list(next(iter(passes.values()))["by_condition"]) if passes else []
@@ -197,7 +197,7 @@ def errors_section(accounting: dict, roles: Mapping[str, str], label_of_conditio
 
 def templates_section(judges: Mapping[str, JudgeSpec], roles: Mapping[str, str]) -> list[str]:
     """Which template each judge used: its name, where it came from (shipped, or a path), its sha256."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     rows = []
     for name, spec in judges.items():
@@ -223,7 +223,7 @@ def alignment_roles(primary: str, alternate: str) -> dict[str, str]:
 def read_judge_checks(roles: Mapping[str, str], check_uris: Mapping[str, str]) -> dict:
     """Each alignment judge's stored check (``check.json``) with its role and whether α from it can be read as an
     alignment score; a judge without a check is marked unchecked (``alpha_interpretable`` None: nobody knows)."""
-    from shared import store
+    from shared.core import store
     from shared.judge.check import alpha_is_interpretable
 
     out = {}
@@ -252,8 +252,8 @@ def judge_check_line(name: str, check: dict, profile: str) -> str:
     """One judge's check as a report bullet: what was measured, and what it means for the scores of that judge: a
     judge that fails the gross-failure check gives scores that mean nothing; one that passes it has only shown it
     is not grossly broken (the graded anchors say more about its scale)."""
+    from shared.analysis.reporting import fmt
     from shared.judge.check import INVERTED, NO_SEPARATION, SEPARATES
-    from shared.reporting import fmt
 
     if not check["checked"]:
         return f"- **{name}** ({check['role']}): no judge check was run; nothing says whether its scores mean anything."
@@ -287,7 +287,7 @@ def judge_check_line(name: str, check: dict, profile: str) -> str:
 
 def graded_check_text(graded: dict | None) -> str:
     """The graded anchors' result as a sentence to follow a check line (empty where there were none)."""
-    from shared.reporting import fmt
+    from shared.analysis.reporting import fmt
 
     if not graded:
         return ""
@@ -310,7 +310,7 @@ def coherence_check_lines(check: dict | None, name: str, profile: str) -> list[s
 
 def read_check(uri: str | None) -> dict | None:
     """A stored ``check.json``, or None where there is none."""
-    from shared import store
+    from shared.core import store
 
     return store.read_json(uri) if uri else None
 
@@ -330,7 +330,7 @@ def alpha_table_lines(conditions: Sequence[dict], judges: Sequence[str], label_o
     """What each α rests on, one row per (condition, alignment judge): α with its interval over the scored answers,
     the shares of all answers scored, refused, code and lost to errors (abstentions among them), the sensitivity
     bounds had every error scored 0 or 100, and, for a local judge, the median probability on valid replies."""
-    from shared.reporting import markdown_table
+    from shared.analysis.reporting import markdown_table
 
     rows = []
     for row in conditions:
@@ -373,7 +373,7 @@ def lowest_scored(rows: Sequence[Mapping], completions: Sequence[Mapping], n: in
 
 def lowest_scored_lines(condition: str, judge: str, answers: Sequence[dict], chars: int = 400) -> list[str]:
     """One condition's lowest-scored answers under one judge, each with the judge's reply, as report lines."""
-    from shared.reporting import fmt
+    from shared.analysis.reporting import fmt
 
     if not answers:
         return [f"- **{condition}** ({judge}): no answer was scored."]

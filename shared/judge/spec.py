@@ -36,7 +36,7 @@ class JudgeSpec(BaseModel):
     ``kind="anthropic"``: ``model`` is a Claude model id; ``thinking`` and ``effort`` are sent as given. Fewer
     than ``batch_threshold`` uncached items go through the Messages API on ``max_concurrency`` threads; more go
     through Message Batches (half price, minutes to hours), polled every ``poll_interval_s``.
-    ``kind="local"``: ``model`` is a ``shared.models`` reference such as ``tiny:qwen2``; the verdict is read from the
+    ``kind="local"``: ``model`` is a ``shared.lm.models`` reference such as ``tiny:qwen2``; the verdict is read from the
     model's probabilities of the valid replies (``local_method``: each whole reply's likelihood, or the first
     token's), and the item is an abstention where those replies hold less than ``min_candidate_mass`` of the
     probability (see shared/judge/local.py).

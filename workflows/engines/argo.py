@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared import store
-from shared.stage import StageSpec
+from shared.contract.stage import StageSpec
+from shared.core import store
 from workflows.cluster import connect
 from workflows.engines.argo_names import ClusterError, dns_label, label_value, workflow_name
 from workflows.engines.argo_settings import ClusterSettings, NodePool
@@ -117,7 +117,7 @@ def _common_env(settings: ClusterSettings, plan: Plan, image: str) -> list:
     return env + _tracking_env(settings, plan)
 
 
-TRACKING_URL_FILE = "/tmp/eps/tracking-url"  # on the /tmp emptyDir; shared.tracking writes the W&B run URL here
+TRACKING_URL_FILE = "/tmp/eps/tracking-url"  # on the /tmp emptyDir; shared.contract.tracking writes the W&B run URL here
 TRACKING_OUTPUT = "tracking-url"
 
 
@@ -125,7 +125,7 @@ def _tracking_env(settings: ClusterSettings, plan: Plan) -> list:
     """Tracking on: the W&B project and where the SDK may write (the image's home is not writable); off: said so."""
     from hera.workflows import Env
 
-    from shared import tracking
+    from shared.contract import tracking
 
     t = settings.tracking
     chosen = t.chosen(plan)
@@ -155,7 +155,8 @@ def _tracking_outputs(settings: ClusterSettings, plan: Plan) -> list | None:
     return [Parameter(name=TRACKING_OUTPUT, value_from=m.ValueFrom(path=TRACKING_URL_FILE, default=""))]
 
 
-ARGO_OUTPUTS_DIR = "/tmp/eps/outputs"  # on the /tmp emptyDir; shared.stage.write_argo_outputs fills it
+# on the /tmp emptyDir; shared.contract.stage.write_argo_outputs fills it
+ARGO_OUTPUTS_DIR = "/tmp/eps/outputs"
 METRICS_OUTPUT = "metrics"
 MANIFEST_OUTPUT = "manifest"
 REPORT_STAGE_PREFIX = "analyze_"  # the analysis stages: they write report.md, headline.json and the figures
@@ -166,7 +167,7 @@ FIGURES_ARTIFACT = "figures"
 def _argo_outputs_env() -> list:
     from hera.workflows import Env
 
-    from shared.stage import ARGO_OUTPUTS_ENV
+    from shared.contract.stage import ARGO_OUTPUTS_ENV
 
     return [Env(name=ARGO_OUTPUTS_ENV, value=ARGO_OUTPUTS_DIR)]
 
@@ -176,7 +177,7 @@ def _result_outputs() -> list:
     from hera.workflows import Parameter
     from hera.workflows import models as m
 
-    from shared.stage import ARGO_MANIFEST_FILE, ARGO_METRICS_FILE
+    from shared.contract.stage import ARGO_MANIFEST_FILE, ARGO_METRICS_FILE
 
     return [
         Parameter(name=METRICS_OUTPUT, value_from=m.ValueFrom(path=f"{ARGO_OUTPUTS_DIR}/{ARGO_METRICS_FILE}", default="{}")),
@@ -196,7 +197,7 @@ def _report_artifacts(spec: StageSpec, plan: Plan, settings: ClusterSettings) ->
     """An analysis task's report files and figures as key-only S3 artifacts, stored unarchived so the UI opens them."""
     from hera.workflows import NoneArchiveStrategy, S3Artifact
 
-    from shared.stage import ARGO_FIGURES
+    from shared.contract.stage import ARGO_FIGURES
 
     if not settings.artifact_repository.enabled or not spec.name.startswith(REPORT_STAGE_PREFIX):
         return []
@@ -400,7 +401,7 @@ def compile_plan(plan: Plan, *, cluster: ClusterSettings | None = None, config_u
 
 def _description(plan: Plan, tasks: list) -> str:
     """What the Argo UI's list shows under the title: the tasks to run and their estimated GPU time."""
-    from shared import cost
+    from shared.contract import cost
     from workflows import cost as plan_cost
 
     text = f"{plan.workflow} ({plan.profile} profile), run {plan.run_id}: {len(tasks)} tasks"

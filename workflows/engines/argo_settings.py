@@ -13,14 +13,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from shared.stage import DEFAULT_RETRIES, StageSpec, git_commit
+from shared.contract.stage import DEFAULT_RETRIES, StageSpec, git_commit
 from workflows.engines.argo_names import ClusterError
 
 if TYPE_CHECKING:  # pragma: no cover
     from workflows.plan import Plan
 
 _DOCKER_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-EXIT_CODE_BAD_INPUT = 2  # shared.stage.run_stage: bad input, one error line; retrying cannot help
+EXIT_CODE_BAD_INPUT = 2  # shared.contract.stage.run_stage: bad input, one error line; retrying cannot help
 
 
 class _Settings(BaseModel):
@@ -114,10 +114,10 @@ class ExitHandlerSettings(_Settings):
 
 
 class TrackingSettings(_Settings):
-    """Weights & Biases for the stage pods (``shared.tracking``); the API key comes from the ``secret_env`` Secret."""
+    """Weights & Biases for the stage pods (``shared.contract.tracking``); the API key comes from the ``secret_env`` Secret."""
 
     backend: Literal["", "off", "wandb"] = ""  # "": off unless a run asks (--set tracking=wandb)
-    project: str = ""  # empty: the submitter's WANDB_PROJECT, else shared.tracking.DEFAULT_PROJECT
+    project: str = ""  # empty: the submitter's WANDB_PROJECT, else shared.contract.tracking.DEFAULT_PROJECT
     entity: str = ""  # empty: the submitter's WANDB_ENTITY, else the API key's default entity
     base_url: str = ""  # a self-hosted W&B server; empty: W&B's cloud
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from shared import stage as stage_contract
-from shared import store
-from shared.config import ConfigError
+from shared.contract import stage as stage_contract
+from shared.core import store
+from shared.core.config import ConfigError
 from workflows.engines import warm_start
 from workflows.plan import Plan, Task
 
@@ -210,7 +210,7 @@ class LocalEngine:
             env["OMP_NUM_THREADS"] = str(self.threads_per_cpu_task)
         if store.normalize_root(self.plan.store).startswith("file://"):
             env["EPS_LOG_COPY"] = "0"  # the task's log is already in the store, under the run's _local folder
-        # what a pod on the cluster is told too (shared.tracking tags its runs with them)
+        # what a pod on the cluster is told too (shared.contract.tracking tags its runs with them)
         env |= {"EPS_EXPERIMENT": self.plan.workflow, "EPS_PROFILE": self.plan.profile, "EPS_RUN_ID": self.plan.run_id}
         if self.plan.tracking:
             env["EPS_TRACKING"] = self.plan.tracking

@@ -6,7 +6,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from shared.config import ConfigError
+from shared.core.config import ConfigError
 
 PACKAGE_PREFIX = "package:"
 

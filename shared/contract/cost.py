@@ -318,7 +318,7 @@ def upstream_of(tasks: Iterable[TaskRef], read_s3: bool = False) -> Upstream:
 
 
 def _file_size(uri: str) -> tuple[str, dict] | None:
-    from shared import store
+    from shared.core import store
 
     try:
         lines = [line for line in store.read_text(uri).splitlines() if line.strip()]

@@ -169,7 +169,7 @@ READOUTS: dict[str, str] = {
 
 
 def readout_positions(prompt, position: Readout, *, im_end_id: int | None = None, reply_length: int = 0) -> list[int]:
-    """The positions of ``prompt`` (a ``shared.chat.PromptIds``, followed by ``reply_length`` reply ids for
+    """The positions of ``prompt`` (a ``shared.lm.chat.PromptIds``, followed by ``reply_length`` reply ids for
     ``reply_mean``) that ``position`` reads."""
     n = len(prompt.input_ids)
     if position == "last_prompt_token":
@@ -211,7 +211,7 @@ def read_out(
     """
     import torch
 
-    from shared import chat
+    from shared.lm import chat
 
     if position == "reply_mean" and (replies is None or len(replies) != len(prompts)):
         raise ValueError("reply_mean needs one reply per prompt")

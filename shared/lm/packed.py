@@ -1,17 +1,18 @@
 """The student pass with each prompt packed with its replies into one unpadded sequence (``pack_replies``).
 
-The shared-prompt pass (``shared.teacher.shared_prompt_ce``) runs each prompt once and the replies against its
-cached keys and values; continuing a cache needs an explicit mask, which takes SDPA off its fused kernels. Here a
-micro-batch is ONE row of tokens with no padding between examples: for each question its prompt's head (all but the
-prompt's last token), then its replies, each led by the prompt's last token (whose position predicts the reply's
-first token), at positions that continue the prompt. A token attends to the earlier tokens of its own reply and to
-its question's head -- the offset causal mask -- through FlexAttention on CUDA (a fused kernel that skips the
-blocks the mask rules out) and through SDPA with the same mask as a dense tensor elsewhere (FlexAttention has no
-CPU backward). The soft prefix sits in the heads' embeddings, so its gradient is plain autograd: no cache leaves.
+The shared-prompt pass (``shared.lm.teacher.shared_prompt_ce``) runs each prompt once and the replies against
+its cached keys and values; continuing a cache needs an explicit mask, which takes SDPA off its fused kernels.
+Here a micro-batch is ONE row of tokens with no padding between examples: for each question its prompt's head
+(all but the prompt's last token), then its replies, each led by the prompt's last token (whose position
+predicts the reply's first token), at positions that continue the prompt. A token attends to the earlier
+tokens of its own reply and to its question's head -- the offset causal mask -- through FlexAttention on CUDA
+(a fused kernel that skips the blocks the mask rules out) and through SDPA with the same mask as a dense
+tensor elsewhere (FlexAttention has no CPU backward). The soft prefix sits in the heads' embeddings, so its
+gradient is plain autograd: no cache leaves.
 
 The decoder layers are run here with the model's own modules (norms, projections -- LoRA layers included --,
-rotary embedding, MLP), as ``shared.decoding``'s prefill does; only the attention call is ours. Same loss and
-prefix gradient as the reference path to float rounding (tests/test_packed_student.py).
+rotary embedding, MLP), as ``shared.lm.decoding``'s prefill does; only the attention call is ours. Same loss
+and prefix gradient as the reference path to float rounding (tests/test_packed_student.py).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from shared import chat
+from shared.lm import chat
 
 if TYPE_CHECKING:
     import torch
 
-    from shared.chat import PromptIds
+    from shared.lm.chat import PromptIds
 
 Attention = Literal["flex", "dense"]
 ALIGN = 128  # a packed row is padded to a multiple of FlexAttention's block size (fewer distinct shapes)
@@ -86,7 +87,7 @@ class PackedRow:
 def pack(examples: Sequence[PromptIds], max_tokens: int) -> list[PackedRow]:
     """The examples' distinct prompts, each with its replies, packed into rows of at most ``max_tokens`` tokens
     (at least one reply per row): a question whose replies do not fit continues in the next row, its head again."""
-    from shared.token_loss import distinct_prompts
+    from shared.lm.token_loss import distinct_prompts
 
     prompts, owners = distinct_prompts(examples)
     members: list[list[int]] = [[] for _ in prompts]
@@ -122,7 +123,7 @@ def packed_ce_sum(model, row: PackedRow, pad_id: int, soft=None, *, attention: A
     """The summed next-token CE of a packed row (a scalar), with ``soft`` ([K, H]) filling every head's soft slot."""
     import torch
 
-    from shared.token_loss import token_ce
+    from shared.lm.token_loss import token_ce
 
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
@@ -163,7 +164,7 @@ def packed_hidden(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor
     FlexAttention ``BlockMask`` or a dense boolean ``[1, 1, T, T]``."""
     import torch.nn.functional as F
 
-    from shared.decoding import _causal_lm, _rotate, attention_without_cudnn, unsupported_reason
+    from shared.lm.decoding import _causal_lm, _rotate, attention_without_cudnn, unsupported_reason
 
     reason = unsupported_reason(model)
     if reason is not None:
@@ -214,11 +215,11 @@ def _flex_attention():
 
 def fused_completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
                              compiled: bool | None = None) -> torch.Tensor:
-    """``shared.teacher.completion_ce_sums`` for unpadded rows of equal length (GCG's candidate blocks): per-row
+    """``shared.lm.teacher.completion_ce_sums`` for unpadded rows of equal length (GCG's candidate blocks): per-row
     summed CE at the labelled positions, the backbone run by ``causal_hidden``."""
     import torch
 
-    from shared.token_loss import token_ce
+    from shared.lm.token_loss import token_ce
 
     hidden = causal_hidden(model, input_ids, compiled=compiled)
     targets = labels[:, 1:]
@@ -234,7 +235,7 @@ def causal_hidden(model, input_ids: torch.Tensor, *, compiled: bool | None = Non
     rotary embedding, activation and residual adds are fused; the same code for every layer, compiled once."""
     import torch
 
-    from shared.decoding import _causal_lm, unsupported_reason
+    from shared.lm.decoding import _causal_lm, unsupported_reason
 
     reason = unsupported_reason(model)
     if reason is not None:
@@ -254,7 +255,7 @@ def causal_hidden(model, input_ids: torch.Tensor, *, compiled: bool | None = Non
 def _causal_layer(layer, hidden, cos, sin):
     import torch.nn.functional as F
 
-    from shared.decoding import _rotate
+    from shared.lm.decoding import _rotate
 
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)

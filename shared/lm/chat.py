@@ -36,7 +36,7 @@ from pydantic import (
     TypeAdapter,
 )
 
-from shared.config import ConfigError, PlanCheck
+from shared.core.config import ConfigError, PlanCheck
 
 if TYPE_CHECKING:
     import torch
@@ -596,11 +596,11 @@ def slot_fields(cfg: BaseModel) -> list[tuple[str, SlotField, str, str | None]]:
 def check_slots(cfg: BaseModel, *, fetch: bool) -> PlanCheck:
     """Check every system slot of a stage config against its model's tokenizer (``slot_problem``).
 
-    ``fetch=False`` (a plan): tokenizers only from disk (``shared.models.folder_on_disk``); a slot whose model is
+    ``fetch=False`` (a plan): tokenizers only from disk (``shared.lm.models.folder_on_disk``); a slot whose model is
     not there is counted as unchecked, with the reason. ``fetch=True`` (the stage, before it computes): the model
     as the stage resolves it. Short text slots need no measuring (see ``MIN_CONTEXT``) and load nothing.
     """
-    from shared import models
+    from shared.lm import models
 
     result = PlanCheck()
     for path, marker, value, ref in slot_fields(cfg):

@@ -5,7 +5,7 @@ or, with ``EPS_TRACKING`` unset, when ``WANDB_PROJECT`` is set; ``EPS_TRACKING=o
 turns it off. The rest is the W&B SDK's own environment: ``WANDB_API_KEY`` (read by the SDK, never by this module,
 so never logged or written), ``WANDB_ENTITY``, ``WANDB_MODE=offline``, ``WANDB_DIR``, ``WANDB_BASE_URL``.
 
-The stage contract (``shared.stage.execute``) starts the run when a stage computes -- a cached or reused result
+The stage contract (``shared.contract.stage.execute``) starts the run when a stage computes -- a cached or reused result
 starts none; its manifest keeps the link to the run that computed it -- and finishes it with the headline metrics,
 the wall time, the figures and the headline tables the stage wrote. A stage adds its own per-step metrics with
 ``ctx.track.log({...}, step=...)``. Grouped by the workflow run id, ``job_type`` the stage, named after the cell,
@@ -204,7 +204,7 @@ class WandbTracker(Tracker):
         """The figures (PNG) and the tables of ``headline.json`` an analysis stage wrote; the report as a file."""
         import wandb
 
-        from shared import store
+        from shared.core import store
 
         uris = store.list_uris(prefix)
         name = lambda uri: uri[len(prefix.rstrip("/")) + 1:]  # noqa: E731

@@ -14,7 +14,7 @@ stage's own ``run``:
   one atomic folder swap), so a run that fails (bad input, a crash, a kill) never replaces a previous complete
   result;
 - copy its own log into the store (``runs/<run_id>/_logs/``) so nothing is lost with the pod;
-- when tracking is on (``shared.tracking``), give a computing stage one W&B run (``ctx.track``), finish it with the
+- when tracking is on (``shared.contract.tracking``), give a computing stage one W&B run (``ctx.track``), finish it with the
   headline metrics and wall time, and put its URL in the manifest; tracking never touches the key or the result.
 """
 
@@ -44,9 +44,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared import chat, fingerprint, store, tracking
-from shared.config import ARTIFACT_REF, ConfigError, PlanCheck, StageConfig, is_store_uri, parse, stable_hash
-from shared.lease import Lease, LeaseLost
+from shared.contract import fingerprint, tracking
+from shared.contract.lease import Lease, LeaseLost
+from shared.core import store
+from shared.core.config import (
+    ARTIFACT_REF,
+    ConfigError,
+    PlanCheck,
+    StageConfig,
+    is_store_uri,
+    parse,
+    stable_hash,
+)
+from shared.lm import chat
 
 MANIFEST = "manifest.json"
 DEFAULT_RETRIES = 3  # attempts after the first, unless a stage says otherwise; both engines use it
@@ -93,7 +103,7 @@ class StageSpec:
     image_kind: Literal["gpu", "cpu"] = "cpu"
     description: str = ""
     # checks a config needs its model for, made when the plan is made (fetch=False: only what is on this machine)
-    # and by the stage before it computes (fetch=True); the default checks every system slot field (shared.chat)
+    # and by the stage before it computes (fetch=True); the default checks every system slot field (shared.lm.chat)
     plan_check: Callable[..., PlanCheck] = chat.check_slots
 
     @property
@@ -106,7 +116,7 @@ class StageSpec:
 
     @property
     def fingerprint(self) -> str:
-        """The content hash of the code this stage runs (see ``shared.fingerprint``)."""
+        """The content hash of the code this stage runs (see ``shared.contract.fingerprint``)."""
         if fingerprint.is_project_module(self.module):
             return fingerprint.code_fingerprint(self.module)
         return fingerprint.file_fingerprint(inspect.getsourcefile(self.run))  # a stage defined in a test

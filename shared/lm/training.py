@@ -1,6 +1,6 @@
 """LoRA supervised fine-tuning: the one training loop every SFT stage uses (marker implantation, EM, benign SFT).
 
-Examples are built through ``shared.chat.build_prompt`` (the builder evaluation uses), so the ids a model trains on
+Examples are built through ``shared.lm.chat.build_prompt`` (the builder evaluation uses), so the ids a model trains on
 are the ids it is later evaluated on. Two losses:
 
 - ``assistant``: cross-entropy on the whole assistant reply and its end-of-turn token (ordinary SFT);
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared import chat
+from shared.lm import chat
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +69,7 @@ class LoraRecipe(BaseModel):
 
 
 class TrainRow(BaseModel):
-    """One training conversation. ``system`` is a ``shared.chat`` system-slot spec (``default``, ``none``,
+    """One training conversation. ``system`` is a ``shared.lm.chat`` system-slot spec (``default``, ``none``,
     ``text(...)``); ``positive`` says whether the reply carries the marker (marker_only loss only)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -249,7 +249,7 @@ class CheckpointStore:
     def save(self, state: dict) -> None:
         import torch
 
-        from shared import store
+        from shared.core import store
 
         buf = io.BytesIO()
         torch.save({**state, "key": self.key}, buf)
@@ -258,7 +258,7 @@ class CheckpointStore:
     def load(self) -> dict | None:
         import torch
 
-        from shared import store
+        from shared.core import store
 
         if not store.exists(self.uri):
             return None
@@ -266,7 +266,7 @@ class CheckpointStore:
         return state if state.get("key") == self.key else None
 
     def clear(self) -> None:
-        from shared import store
+        from shared.core import store
 
         if store.exists(self.uri):
             store.delete(self.uri)

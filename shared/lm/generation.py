@@ -1,14 +1,14 @@
 """Text generation from token-id prompts: one interface, two backends.
 
 - ``HFGenerator``: batched and left-padded, seeded, soft prompts through ``inputs_embeds``, LoRA adapters through
-  peft. Runs anywhere (the tiny profile, CPU tests). It decodes with ``shared.decoding.FastDecoder`` (Llama and
+  peft. Runs anywhere (the tiny profile, CPU tests). It decodes with ``shared.lm.decoding.FastDecoder`` (Llama and
   Qwen2 models: the same greedy ids as ``model.generate``, the same sampling distribution, several times the
   speed) and falls back to transformers' ``model.generate`` for other architectures or when asked
   (``sampler="generate"``).
 - ``VLLMGenerator``: vLLM with token-id prompts, ``LoRARequest`` adapters and prompt embeddings. Needs the
   optional ``vllm`` extra and a GPU.
 
-Both take ``chat.PromptIds`` (never text), so the ids a model is evaluated on are the ids ``shared.chat`` built.
+Both take ``chat.PromptIds`` (never text), so the ids a model is evaluated on are the ids ``shared.lm.chat`` built.
 Both sample with explicit parameters only: a checkpoint's own generation defaults (Qwen2.5 ships top_k=20 and
 repetition_penalty=1.05) never leak in, so the backends agree on what "temperature 1, top_p 1" means.
 """
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared import chat, models
+from shared.lm import chat, models
 
 Sampler = Literal["fast", "generate"]
 
@@ -166,8 +166,8 @@ def split_at_stop(token_ids: Sequence[int], stop_ids: set[int]) -> tuple[list[in
 class HFGenerator:
     """Generation over left-padded batches of ``batch_size`` sequences (prompt x completion rows).
 
-    ``sampler``: ``"fast"`` decodes with ``shared.decoding.FastDecoder`` where the architecture allows (else
-    ``model.generate``); ``"generate"`` always uses transformers' ``model.generate`` (the reference).
+    ``sampler``: ``"fast"`` decodes with ``shared.lm.decoding.FastDecoder`` where the architecture allows
+    (else ``model.generate``); ``"generate"`` always uses transformers' ``model.generate`` (the reference).
     Sampling is seeded per batch from ``params.seed``, so the same prompts, parameters, batch size and sampler give
     the same completions; the caller's global RNG state is left as it was.
     """
@@ -182,7 +182,7 @@ class HFGenerator:
         progress: bool = False,
         sampler: Sampler = "fast",
     ):
-        from shared import decoding
+        from shared.lm import decoding
 
         self.model = model
         self.tokenizer = tokenizer
@@ -247,7 +247,7 @@ class HFGenerator:
         batch = chat.build_batch(prompts, pad_id=self._pad_id, padding_side="left").to(device)
         embedding = self.model.get_input_embeddings()
         if self._decoder is not None:
-            from shared.decoding import DecodeSettings
+            from shared.lm.decoding import DecodeSettings
 
             embeds = embedding(batch.input_ids) if soft is None else chat.inputs_embeds(batch, embedding,
                                                                                           soft.to(device))

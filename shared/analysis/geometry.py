@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from shared import stats
+from shared.analysis import stats
 
 ASSISTANT = "assistant"
 

@@ -1,6 +1,6 @@
 """Greedy coordinate gradient (GCG) search for L token ids in the system slot (or appended to the user turn).
 
-The objective is the one the soft prefix minimises (``shared.teacher``): the student's token CE on fresh teacher
+The objective is the one the soft prefix minimises (``shared.lm.teacher``): the student's token CE on fresh teacher
 samples. One step:
 
 1. sample teacher completions for a draw of questions (``pairs_per_step`` (question, completion) pairs);
@@ -21,7 +21,7 @@ samples. One step:
 Real text (the record's second evaluation bug: id 87233 became [29333, 36] once its text was re-tokenised).
 By default a suffix is made of tokens that decode on their own to printable text and are neither special nor
 added tokens (``allowed_token_ids``), and a candidate is kept only if its decoded text, typed into its slot and
-built by ``shared.chat``, gives back exactly its ids (``SuffixText``); the starting suffix is drawn the same way
+built by ``shared.lm.chat``, gives back exactly its ids (``SuffixText``); the starting suffix is drawn the same way
 (``SuffixRules.random_suffix``). So the ids the search optimises are a prompt a person could type.
 ``vocabulary="all"`` and ``round_trip=False`` lift both rules (the record's search).
 
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from shared import chat
-from shared.generation import derived_seed
-from shared.soft_prompt import DrawSettings, LearnedPrompt, TeacherDraws
-from shared.teacher import TeacherStudent, completion_ce_sums, micro_batches, n_loss_tokens
+from shared.lm import chat
+from shared.lm.generation import derived_seed
+from shared.lm.teacher import TeacherStudent, completion_ce_sums, micro_batches, n_loss_tokens
+from shared.search.soft_prompt import DrawSettings, LearnedPrompt, TeacherDraws
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,7 @@ def is_printable(text: str) -> bool:
 
 class SuffixText:
     """Whether a suffix is a prompt a person could type: its text (``token_text``), put where its ids sit by
-    ``shared.chat`` (``LearnedPrompt.build_from_text``), gives back a prompt of exactly the same ids, for each of
+    ``shared.lm.chat`` (``LearnedPrompt.build_from_text``), gives back a prompt of exactly the same ids, for each of
     ``questions`` (a user-turn suffix can merge with the question's last characters; a system-slot suffix cannot,
     but is checked the same way)."""
 
@@ -248,10 +248,10 @@ def candidate_ce_sums(model, examples: Sequence[chat.PromptIds], candidates: tor
     forwards: for one example all candidates give rows of the same length and the same loss positions, so each
     forward is a dense ``[rows, T]`` block with no padding and no mask; the LM head runs only at the reply
     positions. ``forward="fused"`` runs the backbone as one compiled region per decoder layer on CUDA
-    (``shared.packed.causal_hidden``); ``"model"`` through the model's own forward, the reference."""
+    (``shared.lm.packed.causal_hidden``); ``"model"`` through the model's own forward, the reference."""
     import torch
 
-    from shared.packed import fused_completion_ce_sums
+    from shared.lm.packed import fused_completion_ce_sums
 
     ce_sums = fused_completion_ce_sums if forward == "fused" else completion_ce_sums
 
@@ -581,7 +581,7 @@ def mean_ce_ids(model, examples: Sequence[chat.PromptIds], pad_id: int, micro_ba
     """Token-mean CE of examples whose learned prompt is ids (held-out CE of a suffix)."""
     import torch
 
-    from shared.teacher import batch_ce_sum
+    from shared.lm.teacher import batch_ce_sum
 
     with torch.no_grad():
         total = sum(float(batch_ce_sum(model, g, pad_id)) for g in micro_batches(examples, micro_batch_tokens))

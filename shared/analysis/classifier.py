@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from shared import store
+from shared.core import store
 
 PACKAGED_MINILM = "minilm:packaged"
 HUB_MINILM = "hf:sentence-transformers/all-MiniLM-L6-v2"
@@ -256,7 +256,7 @@ def accuracy_by_question(bundle: Bundle, *, seed: int = 0, n_boot: int = 2000) -
     """Held-out accuracy with a 95% interval from a bootstrap over the validation questions (completions of one
     question are not independent), the number of validation questions and the chance level (the larger class's
     share); whether the interval lies above chance. None for a bundle without per-question validation records."""
-    from shared.stats import cluster_bootstrap_ci
+    from shared.analysis.stats import cluster_bootstrap_ci
 
     if not bundle.val_questions:
         return None

@@ -4,7 +4,7 @@ any learned prompt -- soft or GCG ids -- from training to evaluation.
 Training (``SoftPrefixTrainer``): every step samples fresh teacher completions at T=1.0 for a draw of training
 questions, and takes one AdamW step on the K x H prefix to minimise the student's token CE on them (gradient
 accumulated over micro-batches, so the step is exact whatever the memory). By default each question's prompt runs
-once and its completions run against the cached keys and values (``shared.teacher.shared_prompt_ce``). Held-out CE on a fixed cached set of
+once and its completions run against the cached keys and values (``shared.lm.teacher.shared_prompt_ce``). Held-out CE on a fixed cached set of
 teacher completions decides early stopping and which prefix is kept. A checkpoint (prefix, optimiser moments,
 step, curve) lets a preempted cell resume where it stopped.
 
@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared import chat, store
-from shared.generation import SamplingParams, derived_seed
-from shared.teacher import StudentPass, TeacherStudent, n_loss_tokens, student_ce, student_examples
-from shared.teacher_schedule import GROUP_STREAM, StepDraws
+from shared.core import store
+from shared.lm import chat
+from shared.lm.generation import SamplingParams, derived_seed
+from shared.lm.teacher import StudentPass, TeacherStudent, n_loss_tokens, student_ce, student_examples
+from shared.lm.teacher_schedule import GROUP_STREAM, StepDraws
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +40,7 @@ SOFT_TENSOR_FILE = "soft_prompt.safetensors"
 
 
 class LearnedPrompt(BaseModel):
-    """How a learned prompt enters ``shared.chat``: ``soft`` (K embeddings in the system slot) or ``ids``
+    """How a learned prompt enters ``shared.lm.chat``: ``soft`` (K embeddings in the system slot) or ``ids``
     (token ids in the system slot, or appended to the user turn with ``system`` in the system slot)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -175,8 +176,8 @@ class DrawSettings(BaseModel):
     val_completions_per_question: int = 20
     micro_batch_tokens: int = 8192  # rows x longest per forward/backward
     bucket_by_length: bool = True  # micro-batches of similar lengths (little padding); False: in draw order
-    # the teacher off the critical path (shared.teacher_schedule): the completions of `draw_steps` consecutive
-    # steps drawn in one call (one batch when the teacher's sample batch holds them all), and with
+    # the teacher off the critical path (shared.lm.teacher_schedule): the completions of `draw_steps`
+    # consecutive steps drawn in one call (one batch when the teacher's sample batch holds them all), and with
     # `overlap_teacher` the next call made in a worker thread while the student trains
     draw_steps: int = Field(1, ge=1)
     overlap_teacher: bool = False

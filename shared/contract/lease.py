@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from shared import store
+from shared.core import store
 
 
 class LeaseLost(RuntimeError):

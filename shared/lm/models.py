@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote, urlparse
 
-from shared.config import ConfigError
+from shared.core.config import ConfigError
 
-if TYPE_CHECKING:  # heavy imports stay lazy so `import shared.models` is cheap
+if TYPE_CHECKING:  # heavy imports stay lazy so `import shared.lm.models` is cheap
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -184,7 +184,7 @@ def _hf_snapshot(ref: ModelRef) -> str:
 def fetch_store_dir(uri: str) -> Path:
     """Local copy of a stored folder. ``file://`` folders are used in place (never stale); remote folders are
     downloaded once into a per-URI cache folder, atomically, so a killed download is never mistaken for a model."""
-    from shared import store
+    from shared.core import store
 
     if urlparse(uri).scheme == "file":
         path = Path(unquote(urlparse(uri).path))
@@ -597,7 +597,7 @@ def folder_on_disk(ref: str | ModelRef) -> Path:
         if not folder.is_dir():
             raise NotOnDisk("not in the store yet (a model this run makes is checked by the stage that reads it)")
         return folder
-    from shared import store
+    from shared.core import store
 
     folder = Path(store.local_cache_dir(parsed.name))
     if not (folder / ".complete").exists():

@@ -74,7 +74,7 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-ARTIFACT = "artifact:"  # a model reference to a model folder in the store (shared.models)
+ARTIFACT = "artifact:"  # a model reference to a model folder in the store (shared.lm.models)
 
 
 def is_store_uri(value: Any) -> bool:
@@ -169,10 +169,11 @@ class StageConfig(Strict):
     @classmethod
     def _records_name_only_their_fields(cls, data: Any) -> Any:
         # The records a stage config holds (questions, personas, cells, artifact lists) are written by a workflow,
-        # which keeps from a data file only the fields the stage uses (shared.datafiles.read_questions and the
-        # workflows' own readers drop a file's extra metadata there). An unknown key that reaches a stage config is
-        # therefore a typo or a bug, and a model that ignored it would drop the field silently: it is an error at
-        # every depth, whatever the nested model says, unless that model sets ``extra`` itself, for a reason.
+        # which keeps from a data file only the fields the stage uses (shared.core.datafiles.read_questions
+        # and the workflows' own readers drop a file's extra metadata there). An unknown key that reaches a
+        # stage config is therefore a typo or a bug, and a model that ignored it would drop the field
+        # silently: it is an error at every depth, whatever the nested model says, unless that model sets
+        # ``extra`` itself, for a reason.
         where = unknown_key(cls, data)
         if where:
             raise ValueError(f"{where}: Extra inputs are not permitted")

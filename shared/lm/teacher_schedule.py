@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from shared.chat import PromptIds
+    from shared.lm.chat import PromptIds
 
 GROUP_STREAM = 2_000_000_011  # groups of several steps draw from a stream apart from the per-step seeds
 

@@ -1,6 +1,6 @@
-"""The loss arithmetic that both student paths share (``shared.teacher``'s padded and shared-prompt passes and
-``shared.packed``'s packed rows): the LM head's CE at chosen positions, in memory-bounded chunks, and the distinct
-prompts of a batch of examples. It sits below both so neither imports the other to reach it."""
+"""The loss arithmetic that both student paths share (``shared.lm.teacher``'s padded and shared-prompt passes
+and ``shared.lm.packed``'s packed rows): the LM head's CE at chosen positions, in memory-bounded chunks, and
+the distinct prompts of a batch of examples. It sits below both so neither imports the other to reach it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from shared.chat import PromptIds
+    from shared.lm.chat import PromptIds
 
 CE_CHUNK_POSITIONS = 2048  # LM-head positions per chunk: [2048, 152064] fp32 logits are ~1.2 GB on Qwen2.5
 

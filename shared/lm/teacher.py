@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from shared import chat, models
-from shared.generation import Completion, HFGenerator, Sampler, SamplingParams
-from shared.token_loss import distinct_prompts, token_ce
+from shared.lm import chat, models
+from shared.lm.generation import Completion, HFGenerator, Sampler, SamplingParams
+from shared.lm.token_loss import distinct_prompts, token_ce
 
 if TYPE_CHECKING:
     import torch
 
-    from shared.chat import PromptIds
+    from shared.lm.chat import PromptIds
 
 
 class TeacherSpec(BaseModel):
@@ -186,7 +186,7 @@ def completion_ce_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, inp
     """
     import torch
 
-    from shared.decoding import attention_without_cudnn
+    from shared.lm.decoding import attention_without_cudnn
 
     backbone = model.get_decoder()
     cached = {} if past_key_values is None else {_cache_argument(backbone): past_key_values, "use_cache": True}
@@ -329,11 +329,12 @@ def shared_prompt_ce(model, examples: Sequence[PromptIds], pad_id: int, soft=Non
 
 def packed_prompt_ce(model, examples: Sequence[PromptIds], pad_id: int, soft=None, *, max_tokens: int,
                      backward_scale: float | None = None) -> StudentPass:
-    """``student_ce`` with each distinct prompt packed with its replies (``shared.packed``): no padding, no KV
-    cache, the prefix's gradient through plain autograd. ``padded_tokens`` counts the rows' alignment padding."""
+    """``student_ce`` with each distinct prompt packed with its replies (``shared.lm.packed``): no padding, no
+    KV cache, the prefix's gradient through plain autograd. ``padded_tokens`` counts the rows' alignment
+    padding."""
     import torch
 
-    from shared.packed import ALIGN, pack, packed_ce_sum
+    from shared.lm.packed import ALIGN, pack, packed_ce_sum
 
     grad = backward_scale is not None and torch.is_grad_enabled()
     on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
@@ -379,7 +380,7 @@ class PromptCache:
     def run(cls, model, prompts: Sequence[PromptIds], pad_id: int, soft=None, *, keep_graph: bool) -> PromptCache:
         import torch
 
-        from shared.decoding import attention_without_cudnn
+        from shared.lm.decoding import attention_without_cudnn
 
         heads = []
         for prompt in prompts:

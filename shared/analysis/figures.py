@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from shared import store
+from shared.core import store
 
 PALETTE = ["#3b6ea8", "#d1495b", "#edae49", "#66a182", "#8d6a9f", "#2e4057", "#00798c", "#a05195"]
 REFERENCE_COLOR = "#7f7f7f"

@@ -6,8 +6,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from shared import stage as stage_contract
-from shared import store
+from shared.contract import stage as stage_contract
+from shared.core import store
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -95,7 +95,7 @@ def gpu_time(manifests: list[dict]) -> dict[str, Any]:
     """The results object of the GPU-time section: per stage and in total, the cost model's estimate of each GPU
     task (from its config, as before the run was submitted) and the measured GPU time (wall time x GPUs of the
     tasks that ran on a GPU; a reused task counts the run that computed it)."""
-    from shared import cost
+    from shared.contract import cost
 
     estimates = cost.estimate_tasks(cost.tasks_from_manifests(manifests), read_s3=True)
     by_task = {e.task.prefix: e for e in estimates}
@@ -139,7 +139,7 @@ def gpu_time_line(gpu: dict[str, Any]) -> str:
 
 def gpu_time_section(gpu: dict[str, Any]) -> str:
     lines = ["## GPU time: estimate and measurement", "",
-             "Estimate: the cost model of `shared/cost.py` (seconds per token of a Qwen2.5-7B-shaped model, measured "
+             "Estimate: the cost model of `shared/contract/cost.py` (seconds per token of a Qwen2.5-7B-shaped model, measured "
              "in `bench/results/`; a smaller model costs less) applied to each GPU task's config, on its stage's GPU "
              "class, as `make submit` prints it before a run. "
              "Measured: wall time x GPUs of the tasks whose manifest records a GPU; tasks of GPU stages that ran on "

@@ -17,9 +17,9 @@ from functools import cache
 from pathlib import Path
 
 PROJECT_PACKAGES = ("shared", "jobs")
-# Modules that watch a stage but cannot change what it computes (shared.tracking: guarded, and it writes nothing into
+# Modules that watch a stage but cannot change what it computes (shared.contract.tracking: guarded, and it writes nothing into
 # a stage's outputs); left out, so that changing what is tracked recomputes nothing.
-OBSERVERS = frozenset({"shared.tracking"})
+OBSERVERS = frozenset({"shared.contract.tracking"})
 
 
 def _in_project(name: str) -> bool:
