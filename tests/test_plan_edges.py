@@ -8,8 +8,8 @@ import argparse
 import pytest
 import yaml
 
-from shared import store
-from shared.config import ConfigError
+from shared.core import store
+from shared.core.config import ConfigError
 from workflows import WORKFLOWS
 from workflows.__main__ import build_plan
 from workflows.engines import argo
