@@ -5,6 +5,8 @@ tokens), each in a fresh run folder so nothing is cached. Each mode runs in its 
 of the engine, the warm-start server and every stage process is read from that child's ``RUSAGE_CHILDREN``:
 
     python -m bench.warm_start --tasks 8 --out bench/results/warm_start.json
+
+writes the measurements and, beside them, the table (``warm_start.md``) generated from them.
 """
 
 from __future__ import annotations
@@ -64,7 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".md").write_text(table(result))
     return 0
+
+
+def table(result: dict) -> str:
+    """The measurements as the Markdown table the bench README links to."""
+    label = {"cold": "cold (a fresh interpreter per task)", "warm": "warm (forked from the server)"}
+    lines = [f"# Cold against warm task starts ({result['rows'][0]['tasks']} uncached tiny generate tasks, "
+             f"{result['cpus']} CPUs, load average {result['load_average_at_end'][0]:.1f} at the end)", "",
+             "| start | wall | CPU (engine, server, stages) | CPU per task |", "| :--- | ---: | ---: | ---: |"]
+    lines += [f"| {label[r['mode']]} | {r['wall_s']:.1f} s | {r['cpu_s']:.1f} s | {r['cpu_s_per_task']:.1f} s |"
+              for r in result["rows"]]
+    return "\n".join([*lines, "", f"CPU saved per task: {result['cpu_saved_s_per_task']:.1f} s", ""])
 
 
 if __name__ == "__main__":

@@ -78,3 +78,13 @@ def test_no_task_outlives_the_server(tmp_path):
         assert time.time() < deadline, "the task outlived its server"
         time.sleep(0.05)
     assert process.poll() is not None  # the engine sees it ended
+
+
+def test_the_bench_table_prints_the_stored_measurements():
+    from bench.warm_start import table
+
+    stored = json.loads((ROOT / "bench" / "results" / "warm_start.json").read_text())
+    text = table(stored)
+    for row in stored["rows"]:
+        assert f"{row['cpu_s']:.1f} s" in text and f"{row['wall_s']:.1f} s" in text
+    assert (ROOT / "bench" / "results" / "warm_start.md").read_text() == text  # the committed table is generated
