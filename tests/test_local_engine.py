@@ -104,6 +104,34 @@ def test_gpu_tasks_get_one_visible_gpu_each(builder, monkeypatch):
     assert started == [("gen-a", "0"), ("gen-b", "1")]  # the third waits for a free GPU
 
 
+def test_cpu_tasks_start_warm_and_gpu_tasks_start_cold(builder, monkeypatch):
+    from workflows.engines.warm_start import WarmProcess
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one "GPU": the generate stage falls back to the CPU here
+    gen(builder, "gen-gpu")
+    engine = LocalEngine(builder.plan({}), live=False)
+    started = {}
+    original = engine._start
+
+    def spy(state, gpu):
+        original(state, gpu)
+        started[gpu] = type(state.process)
+
+    monkeypatch.setattr(engine, "_start", spy)
+    for state in engine.states.values():
+        state.uses_gpu = True
+    engine.run()
+    cpu_builder = PlanBuilder("issue164", "tiny", "engine-test-cpu", builder.store)
+    gen(cpu_builder, "gen-cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    cpu_engine = LocalEngine(cpu_builder.plan({}), live=False)
+    original_cpu = cpu_engine._start
+    monkeypatch.setattr(cpu_engine, "_start", lambda state, gpu: (original_cpu(state, gpu),
+                                                                   started.update({gpu: type(state.process)})))
+    assert cpu_engine.run().ok
+    assert started == {"0": subprocess.Popen, None: WarmProcess}
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

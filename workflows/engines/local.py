@@ -234,7 +234,9 @@ class LocalEngine:
             log.flush()
             state.log_offset = log.tell()
             args, root = ["--config", str(config_path)], str(Path(__file__).resolve().parents[2])
-            server = self._warm_server()
+            # GPU tasks start cold: a process that may have touched the CUDA driver cannot hand a GPU to a fork,
+            # and next to minutes on a GPU, ten seconds of imports do not matter
+            server = self._warm_server() if gpu is None else None
             if server is not None:
                 state.process = server.start(task.spec.module, args, env=self._env(gpu), cwd=root,
                                              log=str(state.log_path))

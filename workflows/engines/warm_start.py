@@ -9,8 +9,10 @@ hundred tasks spends a quarter of an hour of CPU on imports alone. The local eng
   ``sys.argv`` as the command line, the stage's module run as ``__main__``, the stage's exit status;
 - the server dies with the engine and every child dies with the server (``PR_SET_PDEATHSIG``), so a killed engine
   leaves no stage writing on;
-- nothing here touches CUDA or starts a thread before forking (a fork copies only the forking thread), and each
-  child sets torch's thread count from its own ``OMP_NUM_THREADS`` (OpenMP read the server's at import).
+- nothing here starts a thread before forking (a fork copies only the forking thread), and each child sets
+  torch's thread count from its own ``OMP_NUM_THREADS`` (OpenMP read the server's at import);
+- only CPU tasks start warm: the server runs with no visible GPU, and the engine starts GPU tasks as fresh
+  interpreters (a CUDA driver initialised before a fork cannot serve the child).
 
 Requests go to the server's stdin and answers come back on its stdout, one JSON object a line:
 ``{"start": {...}}`` -> ``{"pid": N}``; and, whenever a child ends, ``{"exit": N, "code": C}`` (C as ``Popen``
