@@ -166,7 +166,7 @@ def no_alpha_lines(data: dict) -> list[str]:
 def alpha_section(data: dict) -> list[str]:
     """What each replicate's α rests on: the item set, the shares left out, sensitivity bounds, the local judge's
     method and its abstentions (``shared.judge.report.alpha_table_lines``), and the α/EM figure."""
-    from jobs.analyze_issue164 import local_judge_lines
+    from jobs.analyze_issue164.report import local_judge_lines
     from shared.judge.report import alpha_table_lines
 
     j = data["judges"]
