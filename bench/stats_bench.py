@@ -27,7 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs import analyze_issue205 as analysis
+from jobs.analyze_issue205.decisions import decisions
+from jobs.analyze_issue205.report import report as write_report
+from jobs.analyze_issue205.results import (
+    Activations,
+    CheckpointArtifacts,
+    ConditionArtifacts,
+    Config,
+    behaviour_tests,
+    results,
+)
 from shared.analysis import stats
 
 CHECKPOINTS = ["base", "E0", "E1", "E2", "E3", "E4", "benign"]
@@ -87,19 +96,19 @@ def synthetic_leakage(rng: np.random.Generator) -> np.ndarray:
     return rates
 
 
-def analysis_config(n_iter: int, seed: int) -> analysis.Config:
+def analysis_config(n_iter: int, seed: int) -> Config:
     """The stage config the workflow would pass on full (the artifact URIs are never read here)."""
     unused = "file:///nonexistent/bench"
-    return analysis.Config(
+    return Config(
         store=unused,
         run_id="bench",
         cell="analysis",
         seed=seed,
         checkpoints=[
-            analysis.CheckpointArtifacts(name=name, activations_uri=unused, index_uri=unused) for name in CHECKPOINTS
+            CheckpointArtifacts(name=name, activations_uri=unused, index_uri=unused) for name in CHECKPOINTS
         ],
         conditions=[
-            analysis.ConditionArtifacts(cond=cond, persona=persona, system="default", cos_to_assistant=cos)
+            ConditionArtifacts(cond=cond, persona=persona, system="default", cos_to_assistant=cos)
             for cond, persona, cos in zip(EM_CONDITIONS, INDUCTION_PERSONAS, COS_TO_ASSISTANT, strict=True)
         ],
         headline_layer=20,
@@ -115,20 +124,20 @@ def run_analysis(
     cfg = analysis_config(n_iter, seed)
     timings = {}
     start = time.perf_counter()
-    behaviour = analysis.behaviour_tests(
+    behaviour = behaviour_tests(
         cfg, PERSONAS, leakage, [f"m{i}" for i in range(BEHAVIOUR_QUESTIONS)], COMPLETIONS
     )
     timings["behaviour_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    acts = analysis.Activations(CHECKPOINTS, PERSONAS, [f"q{i}" for i in range(QUESTIONS)], LAYERS, values, b_valid)
-    data = analysis.results(cfg, {seed: acts}, None)
+    acts = Activations(CHECKPOINTS, PERSONAS, [f"q{i}" for i in range(QUESTIONS)], LAYERS, values, b_valid)
+    data = results(cfg, {seed: acts}, None)
     data["per_seed"][str(seed)]["behaviour"] = behaviour
-    data["decisions"] = analysis.decisions(data)
+    data["decisions"] = decisions(data)
     timings["geometry_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    analysis.report(data)
+    write_report(data)
     timings["report_s"] = time.perf_counter() - start
 
     geo = data["per_seed"][str(seed)]["geometry"]

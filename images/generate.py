@@ -65,8 +65,13 @@ def all_images() -> list[Image]:
     return [*stage_images(), exit_image]
 
 
+def stage_source(stage: str) -> str:
+    """Where a stage's code is: its module ``jobs/<stage>.py``, or its package ``jobs/<stage>/``."""
+    return f"jobs/{stage}/" if (ROOT / "jobs" / stage / "__init__.py").is_file() else f"jobs/{stage}.py"
+
+
 def render_dockerfile(image: Image) -> str:
-    what = f"stage {image.stage} (jobs/{image.stage}.py)" if image.stage else "the Argo exit handler"
+    what = f"stage {image.stage} ({stage_source(image.stage)})" if image.stage else "the Argo exit handler"
     description = f"\n# {image.description[:200]}" if image.description else ""
     return f"""# syntax=docker/dockerfile:1.7
 # {GENERATED}

@@ -172,3 +172,22 @@ def test_the_checks_find_a_lazy_circle_and_an_upward_import(tmp_path):
     assert upward(graph) == ["shared.c -> jobs.stage"]
     graph["shared.b"].clear()
     assert circle(graph) is None
+
+
+# an experiment's analysis stage is a package of one shape; its parts import each other only downward (a part may
+# import any part before it in this order, none after it), and its __init__ only the stage it exports
+ANALYSIS_PARTS = ["results", "decisions", "figures", "report", "stage", "__main__"]
+
+
+def test_every_analysis_package_has_one_shape_and_imports_its_parts_only_downward():
+    packages = sorted(p.parent.name for p in (ROOT / "jobs").glob("analyze_issue*/__init__.py"))
+    assert packages == ["analyze_issue164", "analyze_issue170", "analyze_issue205", "analyze_issue81"]
+    assert not list((ROOT / "jobs").glob("analyze_issue*.py"))
+    graph = import_graph(ROOT)
+    for package in packages:
+        assert sorted(p.stem for p in (ROOT / "jobs" / package).glob("*.py")) == sorted(["__init__", *ANALYSIS_PARTS])
+        rank = {f"jobs.{package}.{part}": i for i, part in enumerate(ANALYSIS_PARTS)}
+        for module, i in rank.items():
+            inside = {t for t in graph[module] if t.startswith(f"jobs.{package}")}
+            assert all(rank.get(t, len(rank)) < i for t in inside), (module, sorted(inside))
+        assert {t for t in graph[f"jobs.{package}"] if t.startswith(f"jobs.{package}")} == {f"jobs.{package}.stage"}

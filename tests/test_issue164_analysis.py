@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.analyze_issue164 import decisions, question_bootstrap_ci
+from jobs.analyze_issue164.decisions import decisions
+from jobs.analyze_issue164.results import question_bootstrap_ci
 
 
 def test_question_bootstrap_keeps_the_plain_mean_and_collapses_when_questions_agree():

@@ -205,11 +205,12 @@ def test_a_number_that_is_not_in_the_results_object_is_caught():
 
 
 def test_the_analysis_is_four_parts_that_print_one_results_object(finished_run):
-    from jobs import analyze_issue164 as analysis_module
+    from jobs.analyze_issue164.decisions import decisions
+    from jobs.analyze_issue164.report import report_text
 
     analysis = finished_run.task("analysis")
     results = store.read_json(analysis.output_uri("headline.json"))
-    assert analysis_module.decisions(results) == results["decisions"]  # decisions are a function of results only
-    assert analysis_module.report_text(results) == store.read_text(analysis.output_uri("report.md"))
+    assert decisions(results) == results["decisions"]  # decisions are a function of results only
+    assert report_text(results) == store.read_text(analysis.output_uri("report.md"))
     for figure in ("c_vs_alpha", "alpha_em"):
         assert store.read_bytes(analysis.output_uri(f"{figure}.png"))[:8] == b"\x89PNG\r\n\x1a\n"

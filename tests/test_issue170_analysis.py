@@ -10,7 +10,11 @@ import re
 import numpy as np
 import pytest
 
-from jobs import analyze_issue170
+from jobs.analyze_issue170 import SPEC
+from jobs.analyze_issue170.decisions import decisions, pareto_front
+from jobs.analyze_issue170.figures import draw_figures
+from jobs.analyze_issue170.report import report_text
+from jobs.analyze_issue170.results import Config, cell_summaries, clustered_mean, package_json, results
 from shared.contract.stage import execute
 from shared.core import store
 
@@ -167,7 +171,7 @@ def write_run(root: str, cells=CELLS, *, seeds=(42, 43), checks=None, primary="a
 def analysed(tmp_path_factory):
     """The analysis of a two-seed run whose alternate judge fails its check (it scores at chance)."""
     root = store.from_path(tmp_path_factory.mktemp("analysis170"))
-    manifest = execute(analyze_issue170.SPEC, write_run(root, checks={"a": SEPARATES, "b": AT_CHANCE}))
+    manifest = execute(SPEC, write_run(root, checks={"a": SEPARATES, "b": AT_CHANCE}))
     return (manifest, store.read_json(output(manifest, "headline.json")), store.read_text(output(manifest, "report.md")),
             store.read_text(output(manifest, "REPRODUCIBILITY.md")))
 
@@ -238,13 +242,14 @@ def test_the_number_check_catches_a_number_typed_into_the_report(analysed):
 
 def test_the_results_object_is_headline_json_and_its_four_parts_are_separate_functions(analysed, tmp_path):
     manifest, headline, report, _ = analysed
-    cfg = analyze_issue170.Config.model_validate(manifest["config"])
-    again = analyze_issue170.results(cfg)
+    cfg = Config.model_validate(manifest["config"])
+    again = results(cfg)
+    again["decisions"] = decisions(again)  # as ``run`` does
     assert json.loads(json.dumps(again)) == headline  # reading the artifacts twice gives the same object
-    assert analyze_issue170.decisions(headline) == headline["decisions"]
-    assert analyze_issue170.report_text(headline) == report  # the report is a function of the results alone
+    assert decisions(headline) == headline["decisions"]
+    assert report_text(headline) == report  # the report is a function of the results alone
     drawn = []
-    analyze_issue170.draw_figures(headline, lambda name: drawn.append(name) or store.join(
+    draw_figures(headline, lambda name: drawn.append(name) or store.join(
         store.from_path(tmp_path), name))
     assert drawn == ["pareto", "capacity_curve", "training_curves", "alpha_em"]
 
@@ -301,7 +306,7 @@ def test_h2_is_decided_on_interval_bounds_per_seed_and_pooled(analysed):
 
 def test_one_training_seed_makes_every_p_value_conditional_and_the_best_cell_post_hoc(tmp_path):
     one_seed = [c for c in CELLS if c[2] in (None, 42)]
-    manifest = execute(analyze_issue170.SPEC, write_run(store.from_path(tmp_path), one_seed, seeds=(42,)))
+    manifest = execute(SPEC, write_run(store.from_path(tmp_path), one_seed, seeds=(42,)))
     headline = store.read_json(output(manifest, "headline.json"))
     report = store.read_text(output(manifest, "report.md"))
     assert headline["decisions"]["single_seed"] and headline["best_cell"]["post_hoc"]
@@ -369,13 +374,13 @@ def replicate(name, cell, method, seed, alpha_p, alpha_a, c, width=1.0):
 
 
 def decide(replicates, seeds=(42,), projection=None):
-    data = {"rules": analyze_issue170.package_json("decision_rules.json"), "replicates": replicates,
-            "seeds": list(seeds), "confidence": 0.95, "cells": analyze_issue170.cell_summaries(
+    data = {"rules": package_json("decision_rules.json"), "replicates": replicates,
+            "seeds": list(seeds), "confidence": 0.95, "cells": cell_summaries(
                 [{**r, "size": 8, "lr": None, "init_text": None, "draw": None, "em_rate_primary": None,
                   "em_rate_alternate": None} for r in replicates], None, 0.95)}
     if projection:
         data["projection"] = projection
-    return analyze_issue170.decisions(data)
+    return decisions(data)
 
 
 def test_the_records_numbers_with_narrow_intervals_give_its_verdicts_and_a_threshold_inside_an_interval_does_not():
@@ -421,7 +426,7 @@ def test_the_pareto_front_is_drawn_through_cell_means():
     cells = [{"cell": n, "method": m, "c": {"mean": c}, "alpha_primary": {"mean": a}}
              for n, m, a, c in (("s0", "soft", 22.44, 0.952), ("s3", "soft", 21.99, 0.936), ("s2", "soft", 31.49, 0.905),
                                 ("l20", "gcg-system", 20.0, 0.5), ("r", "random", 1.0, 1.0))]
-    assert analyze_issue170.pareto_front(cells) == ["l20", "s3", "s0"]  # s2 is beaten by s3 on both axes
+    assert pareto_front(cells) == ["l20", "s3", "s0"]  # s2 is beaten by s3 on both axes
 
 
 def clustered_alpha(rng, true_alpha: float, n_questions: int = 52, per_question: int = 20) -> dict:
@@ -430,7 +435,7 @@ def clustered_alpha(rng, true_alpha: float, n_questions: int = 52, per_question:
     scores = np.clip(true_alpha + offsets + rng.normal(0, 15, size=(n_questions, per_question)), 0, 100)
     rows = [{"question_id": f"q{q}", "score": float(scores[q, s])} for q in range(n_questions)
             for s in range(per_question)]
-    return analyze_issue170.clustered_mean(rows, "score", confidence=0.95, seed=int(rng.integers(1 << 30)))
+    return clustered_mean(rows, "score", confidence=0.95, seed=int(rng.integers(1 << 30)))
 
 
 def test_the_interval_gate_holds_its_error_rate_where_the_best_of_seven_point_estimates_does_not():
@@ -494,7 +499,7 @@ def test_the_em_rate_has_a_known_answer_and_unbalanced_judge_errors_are_flagged(
                           "scores.jsonl": judged(coherence)})["scores.jsonl"]})
     judges = {"a": {"kind": "anthropic", "model": "claude-x"},
               "coherence": {"kind": "anthropic", "model": "claude-x", "template": "coherence_v1"}}
-    manifest = execute(analyze_issue170.SPEC, {
+    manifest = execute(SPEC, {
         "store": root, "run_id": "r", "cell": "analysis", "cells": cells, "primary_judge": "a", "alternate_judge": "a",
         "coherence_judge": "coherence", "judges": judges, "classifier_uri": bundle})
     headline = store.read_json(output(manifest, "headline.json"))
@@ -555,7 +560,7 @@ def test_a_replicate_whose_every_answer_abstained_has_no_alpha_and_is_undecided_
                       "lr": 0.01 if method == "soft" else None, "c_scores_uri": scored["c_scores.jsonl"],
                       "judge_scores_uris": {"a": stage_output(root, f"{name}-a", "judge", {
                           "scores.jsonl": judged(alignment)})["scores.jsonl"]}})
-    manifest = execute(analyze_issue170.SPEC, {
+    manifest = execute(SPEC, {
         "store": root, "run_id": "r", "cell": "analysis", "cells": cells, "primary_judge": "a", "alternate_judge": "a",
         "judges": {"a": {"kind": "local", "model": "smollm2:135m-instruct"}}, "classifier_uri": bundle})
     headline = store.read_json(output(manifest, "headline.json"))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs import analyze_issue170, gcg_search, heldout_anchors, train_soft_prefix
+from jobs import gcg_search, heldout_anchors, train_soft_prefix
+from jobs.analyze_issue170.results import fit_to_teacher
 from shared.contract.stage import StageInputError, execute
 from shared.core import store
 
@@ -178,7 +179,7 @@ def test_gap_closed_runs_from_the_null_prompt_to_the_oracle_with_its_two_differe
     tokens = np.full(4, 10.0)
     oracle, null = np.full(4, 20.0), np.full(4, 30.0)  # 2.0 and 3.0 nats/token
     cells = {"s0": np.full(4, 25.0), "s1": np.full(4, 30.0), "g0": np.full(4, 19.0)}
-    fit = analyze_issue170.fit_to_teacher([replicate(n) for n in cells], synthetic_anchors(
+    fit = fit_to_teacher([replicate(n) for n in cells], synthetic_anchors(
         oracle, null, cells, tokens, ["q1", "q1", "q2", "q3"]), confidence=0.95)
     by_name = {r["name"]: r for r in fit["replicates"]}
     assert {n: r["gap_closed"]["estimate"] for n, r in by_name.items()} == pytest.approx({"s0": 0.5, "s1": 0.0,
@@ -187,7 +188,7 @@ def test_gap_closed_runs_from_the_null_prompt_to_the_oracle_with_its_two_differe
     assert by_name["s0"]["cell_minus_oracle"]["estimate"] == pytest.approx(0.5)  # 2.5 - 2.0
     assert by_name["g0"]["cell_minus_oracle"]["estimate"] == pytest.approx(-0.1)  # below the oracle: this sample
     assert (fit["oracle"], fit["start"]) == ("oracle", "null")
-    no_oracle = analyze_issue170.fit_to_teacher([replicate(n) for n in cells], {
+    no_oracle = fit_to_teacher([replicate(n) for n in cells], {
         **synthetic_anchors(oracle, null, cells, tokens, ["q1", "q1", "q2", "q3"]),
         "anchors": [{"name": "null", "system": "default"}]}, confidence=0.95)
     assert no_oracle["oracle"] is None
@@ -202,7 +203,7 @@ def test_the_intervals_resample_test_questions_and_are_exact_when_every_question
     null = oracle + 0.2 * tokens
     question_effect = np.repeat(rng.normal(0.1, 0.3, size=10), 4)  # what the noisy prompt gains varies by question
     cells = {"half": null - 0.1 * tokens, "above": oracle + 0.05 * tokens, "noisy": oracle + tokens * question_effect}
-    fit = {r["name"]: r for r in analyze_issue170.fit_to_teacher(
+    fit = {r["name"]: r for r in fit_to_teacher(
         [replicate(n) for n in cells], synthetic_anchors(oracle, null, cells, tokens, questions), confidence=0.95,
         seed=1)["replicates"]}
     assert fit["half"]["gap_closed"] == pytest.approx({"estimate": 0.5, "low": 0.5, "high": 0.5})

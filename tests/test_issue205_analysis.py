@@ -14,7 +14,22 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from jobs import analyze_issue205 as analysis
+from jobs.analyze_issue205 import SPEC
+from jobs.analyze_issue205.decisions import decisions
+from jobs.analyze_issue205.report import report as write_report
+from jobs.analyze_issue205.results import (
+    Config,
+    behaviour_tests,
+    induced_persona,
+    leakage_matrix,
+    load_activations,
+    load_leakage,
+    readjust,
+    results,
+    seed_checkpoints,
+    seed_level,
+    split_families,
+)
 from shared.analysis import geometry
 from shared.contract.stage import StageInputError, execute
 from shared.core import store
@@ -139,7 +154,7 @@ def control(rate: float) -> dict[str, float]:
 
 
 def analyse(root: str, cfg: dict) -> dict:
-    execute(analysis.SPEC, cfg)
+    execute(SPEC, cfg)
     prefix = store.join(root, "runs", "t", "analysis", "analyze_issue205")
     return {"cfg": cfg, "prefix": prefix, "headline": store.read_json(store.join(prefix, "headline.json")),
             "report": store.read_text(store.join(prefix, "report.md"))}
@@ -148,11 +163,11 @@ def analyse(root: str, cfg: dict) -> dict:
 def analyse_without_figures(cfg: dict) -> dict:
     """The stage's results, decisions and report from the stored artifacts, as ``run`` computes them, without drawing
     the figures (the fixture's full run tests those once)."""
-    parsed = parse(analysis.Config, cfg)
-    per_seed = analysis.load_activations(parsed)
-    data = analysis.results(parsed, per_seed, analysis.load_leakage(parsed, next(iter(per_seed.values())).personas))
-    data["decisions"] = analysis.decisions(data)
-    return {"headline": json.loads(json.dumps(data)), "report": analysis.report(data)}
+    parsed = parse(Config, cfg)
+    per_seed = load_activations(parsed)
+    data = results(parsed, per_seed, load_leakage(parsed, next(iter(per_seed.values())).personas))
+    data["decisions"] = decisions(data)
+    return {"headline": json.loads(json.dumps(data)), "report": write_report(data)}
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +235,8 @@ def test_m1_mean_offdiagonal_is_recomputed_from_the_stored_activations(finished)
 
 
 def test_method_b_centroids_use_only_questions_valid_under_every_checkpoint_of_the_seed(finished):
-    cfg = parse(analysis.Config, finished["cfg"])
-    acts = analysis.load_activations(cfg)
+    cfg = parse(Config, finished["cfg"])
+    acts = load_activations(cfg)
     villain = PERSONAS.index("villain")
     assert not acts[42].valid["B"][villain, 3] and acts[42].valid["B"].sum() == len(PERSONAS) * N_Q - 1
     assert acts[43].valid["B"].all()  # seed 43's E3 answered: its base centroid keeps q3
@@ -266,14 +281,14 @@ def test_behaviour_is_recomputed_from_marker_rows_with_the_controls_beside_it(fi
 
 
 def test_h2_shows_equivalence_only_when_every_pair_of_conditions_is_inside_the_margin():
-    cfg = parse(analysis.Config, config("file:///unused", []))
+    cfg = parse(Config, config("file:///unused", []))
     rng = np.random.default_rng(3)
     flat = np.clip(0.3 + 0.05 * rng.normal(size=(5, len(PERSONAS), 28)), 0, 1)  # every condition alike
-    beh = analysis.behaviour_tests(cfg, PERSONAS, flat, [f"m{i}" for i in range(28)], 10)
+    beh = behaviour_tests(cfg, PERSONAS, flat, [f"m{i}" for i in range(28)], 10)
     assert beh["H2"]["fires"] and beh["H2"]["p"] < 0.05 and beh["H2"]["range"] < 0.05
     stepped = flat.copy()
     stepped[4] += 0.2  # one condition 20 points above the others: outside the 15-point margin
-    beh = analysis.behaviour_tests(cfg, PERSONAS, stepped, [f"m{i}" for i in range(28)], 10)
+    beh = behaviour_tests(cfg, PERSONAS, stepped, [f"m{i}" for i in range(28)], 10)
     assert not beh["H2"]["fires"] and beh["H2"]["p"] > 0.5 and "E4" in beh["H2"]["worst_pair"]
 
 
@@ -328,7 +343,7 @@ def test_null_sizes_floors_ci_level_and_firing_counts_are_printed_from_the_resul
     data["ci_level"] = 0.9
     data["decisions"]["per_seed"]["43"]["families"]["raw"]["n_firing"] = 61
     data["seed_level"]["df"] = {"em_vs_base": 7, "em_vs_benign": 14}
-    report = analysis.report(data)
+    report = write_report(data)
     assert re.search(r"\| raw/cells \| M1 \| 3333 draws \| 12 \| [\w-]+ \| 0\.000777 \|", report)
     assert "with 90% bootstrap CIs over questions" in report and "raw change [90% CI]" in report
     assert "95% bootstrap CIs" not in report
@@ -405,7 +420,7 @@ def test_checkpoints_with_different_grids_are_refused(tmp_path):
     index["questions"] = list(reversed(index["questions"]))
     store.write_json(checkpoints[2]["index_uri"], index)
     with pytest.raises(StageInputError, match="E1's questions differ from base's"):
-        execute(analysis.SPEC, config(root, checkpoints))
+        execute(SPEC, config(root, checkpoints))
 
 
 def test_activations_named_by_another_layer_convention_are_refused(tmp_path):
@@ -415,7 +430,7 @@ def test_activations_named_by_another_layer_convention_are_refused(tmp_path):
     del index["layer_convention"]  # an index written before the one convention (the output of block L, 0-based)
     store.write_json(checkpoints[3]["index_uri"], index)
     with pytest.raises(StageInputError, match="names its layers by another convention"):
-        execute(analysis.SPEC, config(root, checkpoints))
+        execute(SPEC, config(root, checkpoints))
 
 
 def test_a_seed_without_every_checkpoint_is_refused_before_any_tensor_is_read(tmp_path):
@@ -423,7 +438,7 @@ def test_a_seed_without_every_checkpoint_is_refused_before_any_tensor_is_read(tm
     checkpoints = write_checkpoints(root, synthetic_activations({}, seeds=SEEDS))
     without = [c for c in checkpoints if not (c["name"] == "E2" and c["seed"] == 43)]
     with pytest.raises(StageInputError, match="seed 43: checkpoints .* expected one each of"):
-        analysis.seed_checkpoints(parse(analysis.Config, config(root, without, seeds=SEEDS)))
+        seed_checkpoints(parse(Config, config(root, without, seeds=SEEDS)))
 
 
 def test_marker_rows_for_an_unknown_persona_are_refused(tmp_path):
@@ -433,7 +448,7 @@ def test_marker_rows_for_an_unknown_persona_are_refused(tmp_path):
     rows[0]["persona"] = "stranger"
     store.write_jsonl(uri, rows)
     with pytest.raises(StageInputError, match="stranger"):
-        analysis.leakage_matrix(uri, PERSONAS, "[ZLT]")
+        leakage_matrix(uri, PERSONAS, "[ZLT]")
 
 
 def test_collapse_that_benign_sft_matches_passes_vs_base_but_fails_the_three_way_bar_so_g1_does_not_fire(tmp_path):
@@ -523,14 +538,14 @@ def test_induced_persona_sees_em_training_pull_the_induction_persona_towards_the
     e1 = base.copy()
     e1[paramedic] = 0.2 * base[paramedic] + 0.8 * base[source]  # E1 trained paramedic into the EM source
     vectors = {("A", 20): {"base": base, "E0": base, "E1": e1, "E2": base, "E3": base, "E4": base, "benign": base}}
-    cfg = parse(analysis.Config, config("file:///unused", [], em_source_persona="p7"))
-    induced = analysis.induced_persona(cfg, vectors, PERSONAS)["A/L20"]
+    cfg = parse(Config, config("file:///unused", [], em_source_persona="p7"))
+    induced = induced_persona(cfg, vectors, PERSONAS)["A/L20"]
     assert set(induced) == {"E0", "E1", "E2", "E3", "E4"}
     assert induced["E1"]["em"] - induced["E1"]["base"] > 0.5 and induced["E1"]["benign"] == induced["E1"]["base"]
     assert induced["E2"]["em"] == pytest.approx(induced["E2"]["base"])  # nothing moved
-    assert analysis.induced_persona(parse(analysis.Config, config("file:///unused", [])), vectors, PERSONAS) is None
+    assert induced_persona(parse(Config, config("file:///unused", [])), vectors, PERSONAS) is None
     with pytest.raises(StageInputError, match="em_source_persona 'pirate' is not in the evaluation grid"):
-        analysis.induced_persona(parse(analysis.Config, config("file:///unused", [], em_source_persona="pirate")), vectors, PERSONAS)
+        induced_persona(parse(Config, config("file:///unused", [], em_source_persona="pirate")), vectors, PERSONAS)
 
 
 # ------------------------------------------------------------------------------ a shared shift cannot fake it
@@ -629,15 +644,15 @@ def seed_family(rng, em_pull: float, benign_pull: float, seeds=(1, 2), pull_sd=0
     per_seed, persona_level = {}, None
     for seed in seeds:
         vectors = {("A", 20): {"base": base, "E0": fine_tune(em_pull), "benign": fine_tune(benign_pull)}}
-        raw = analysis.split_families(analysis.readjust(geometry.geometry_family(vectors, PERSONAS, em_conditions=["E0"],
+        raw = split_families(readjust(geometry.geometry_family(vectors, PERSONAS, em_conditions=["E0"],
                                                                                  n_iter=100, seed=seed)))
         empty = {"cells": [], "benign_vs_base": [], "em_vs_benign": []}  # raw M1 is the statistic asked about here
         per_seed[seed] = {"geometry": {"families": {"raw": raw, "shift_invariant": empty}}, "behaviour": None}
         if persona_level is None:
             persona_level = next(c["p_value"] for c in raw["em_vs_benign"] if c["metric"] == "M1")
-    cfg = parse(analysis.Config, {**config("file:///unused", []), "conditions": [{"cond": "E0", "persona": "assistant",
+    cfg = parse(Config, {**config("file:///unused", []), "conditions": [{"cond": "E0", "persona": "assistant",
                                                                                   "system": "default", "cos_to_assistant": 1.0}]})
-    rows = analysis.seed_level(cfg, per_seed)["rows"]
+    rows = seed_level(cfg, per_seed)["rows"]
     seed_p = next(r["p"] for r in rows if (r["geometry"], r["contrast"], r["metric"]) == ("raw", "em_vs_benign", "M1"))
     return seed_p, persona_level
 

@@ -9,7 +9,30 @@ import re
 import numpy as np
 import pytest
 
-from jobs import analyze_issue81 as A
+from jobs.analyze_issue81.decisions import decisions
+from jobs.analyze_issue81.figures import (
+    cosine_leakage_figure,
+    heatmap_figure,
+    hero_figure,
+    interaction_figure,
+    leakage_per_seed_figure,
+    noun_isolation_figure,
+    trait_gradation_figure,
+)
+from jobs.analyze_issue81.report import report, training_section
+from jobs.analyze_issue81.results import (
+    Bystander,
+    Config,
+    Grid,
+    emission_summary,
+    h3_slopes,
+    head_to_head_columns,
+    noun_effects,
+    results,
+    spearman_permutation,
+    training_summary,
+    trait_effects,
+)
 from shared.analysis.stats import ols_slope
 from shared.core import store
 from workflows import issue81
@@ -56,12 +79,12 @@ def analyse_synthetic(tmp_path, rate_of, *, seed=0, incoherent=None, n_perm=2000
         geometry = {"centroids_uri": store.join(root, "centroids.npz"), "centroid_personas_uri": store.join(root, "ids.json")}
         store.write_npz(geometry["centroids_uri"], centroids=centroids[None], layers=[20])
         store.write_json(geometry["centroid_personas_uri"], {"persona_ids": [b["id"] for b in GRID]})
-    cfg = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES, seeds=list(seeds),
+    cfg = Config(store=root, run_id="t", cell="analysis", sources=SOURCES, seeds=list(seeds),
                    bystanders=[{k: b[k] for k in ("id", "kind", "noun", "trait", "level")} for b in GRID],
                    cells=cells, n_boot=1000, n_perm=n_perm, headline_layer=20, **geometry)
-    res = A.results(cfg)
+    res = results(cfg)
     if full:
-        res["decisions"] = A.decisions(res)
+        res["decisions"] = decisions(res)
     return res
 
 
@@ -168,8 +191,8 @@ def test_h3_intervals_widen_with_the_base_models_noise_on_the_same_questions():
     totals = np.full((1, 20, 5), 10.0)  # 20 questions x 5 levels, 10 completions each
     hits = rng.binomial(10, np.linspace(0.1, 0.5, 5), size=(1, 20, 5)).astype(float)
     base = rng.binomial(10, 0.5, size=(1, 20, 5)).astype(float)
-    alone = A.h3_slopes(hits, totals, n_boot=1000, n_perm=500, seed=0)
-    noisy_base = A.h3_slopes(hits, totals, base, totals, n_boot=1000, n_perm=500, seed=0)
+    alone = h3_slopes(hits, totals, n_boot=1000, n_perm=500, seed=0)
+    noisy_base = h3_slopes(hits, totals, base, totals, n_boot=1000, n_perm=500, seed=0)
     pooled = hits.sum(axis=1) / 200
     assert alone["slope"][0] == pytest.approx(ols_slope(np.arange(1, 6), pooled[0]))
     assert noisy_base["slope"][0] == pytest.approx(ols_slope(np.arange(1, 6), pooled[0] - base.sum(axis=1)[0] / 200))
@@ -180,7 +203,7 @@ def test_h3_intervals_widen_with_the_base_models_noise_on_the_same_questions():
 def test_h3_leaves_a_triple_with_an_empty_cell_out():
     totals = np.full((2, 4, 5), 10.0)
     totals[1, 2, 3] = 0.0
-    result = A.h3_slopes(np.zeros((2, 4, 5)), totals, n_boot=200, n_perm=200, seed=0)
+    result = h3_slopes(np.zeros((2, 4, 5)), totals, n_boot=200, n_perm=200, seed=0)
     assert np.isfinite(result["slope"][0]) and np.isnan(result["slope"][1]) and np.isnan(result["p_value"][1])
 
 
@@ -213,21 +236,21 @@ def test_figures_mark_exactly_the_low_coherence_cells(tmp_path):
             "robot": {"A1__chef__Openness__L2"}}
     result = analyse_synthetic(tmp_path, planted_noun, incoherent=drop, n_perm=200)
     out = store.from_path(tmp_path / "figures")
-    assert A.heatmap_figure(result, store.join(out, "heatmap"))["marked"] == 4
-    assert A.hero_figure(result, store.join(out, "hero"))["marked"] == 1  # the one pure-noun cell
-    assert A.noun_isolation_figure(result, store.join(out, "nouns"))["marked"] == 3  # the three A1 cells
-    assert A.trait_gradation_figure(result, store.join(out, "traits"))["marked"] == 3
+    assert heatmap_figure(result, store.join(out, "heatmap"))["marked"] == 4
+    assert hero_figure(result, store.join(out, "hero"))["marked"] == 1  # the one pure-noun cell
+    assert noun_isolation_figure(result, store.join(out, "nouns"))["marked"] == 3  # the three A1 cells
+    assert trait_gradation_figure(result, store.join(out, "traits"))["marked"] == 3
     # chef's own-noun cell (Neuroticism, L5) leaves its noun effect uncomputable; a flagged other-noun cell does not
-    assert A.interaction_figure(result, store.join(out, "interaction"))["marked"] == 1
+    assert interaction_figure(result, store.join(out, "interaction"))["marked"] == 1
 
 
 def test_spearman_permutation_knows_a_monotone_relation_from_noise():
     x = np.arange(20, dtype=float)
-    assert A.spearman_permutation(x, x**2, n_perm=2000, seed=0)["rho"] == pytest.approx(1.0)
-    assert A.spearman_permutation(x, x**2, n_perm=2000, seed=0)["p_value"] < 0.001
+    assert spearman_permutation(x, x**2, n_perm=2000, seed=0)["rho"] == pytest.approx(1.0)
+    assert spearman_permutation(x, x**2, n_perm=2000, seed=0)["p_value"] < 0.001
     noise = np.random.default_rng(5).normal(size=20)
-    assert A.spearman_permutation(x, noise, n_perm=2000, seed=0)["p_value"] > 0.05
-    assert A.spearman_permutation(x[:2], x[:2], n_perm=10, seed=0)["rho"] is None
+    assert spearman_permutation(x, noise, n_perm=2000, seed=0)["p_value"] > 0.05
+    assert spearman_permutation(x[:2], x[:2], n_perm=10, seed=0)["rho"] is None
 
 
 def test_noun_and_trait_effects_follow_the_pinned_medians():
@@ -235,10 +258,10 @@ def test_noun_and_trait_effects_follow_the_pinned_medians():
     cube[0] = [[0.9, 0.9], [0.9, 0.1]]  # source noun 0
     cube[1] = [[0.1, 0.1], [0.1, 0.1]]
     cube[2] = [[0.5, 0.5], [0.5, 0.5]]
-    noun = A.noun_effects(cube, 0)
+    noun = noun_effects(cube, 0)
     assert noun[0, 0] == pytest.approx(np.median([0.8, 0.4]))
     assert noun[1, 1] == pytest.approx(np.median([0.0, 0.4]))
-    trait = A.trait_effects(cube)
+    trait = trait_effects(cube)
     assert trait[0, 1, 1] == pytest.approx(0.8)  # |0.1 - 0.9| against all three other anchors
     assert trait[0, 0, 0] == pytest.approx(0.0)  # median of {0, 0, 0.8}
 
@@ -295,15 +318,15 @@ def test_the_cosine_axis_test_finds_the_axis_that_moves_personas_most(tmp_path):
 
 def test_the_cosine_head_to_head_is_measured_against_each_source():
     """Hand-built geometry: 2 nouns, 1 trait, 2 levels. Each source's A1 cells sit at a known cosine to it."""
-    bystanders = [A.Bystander(id=f"A1__{n}__T__{lv}", kind="A1", noun=n, trait="T", level=lv)
+    bystanders = [Bystander(id=f"A1__{n}__T__{lv}", kind="A1", noun=n, trait="T", level=lv)
                   for n in ("a", "b") for lv in ("L1", "L2")]
-    bystanders += [A.Bystander(id=f"A2__{n}", kind="A2", noun=n) for n in ("a", "b")]
-    grid = A.Grid(bystanders)
+    bystanders += [Bystander(id=f"A2__{n}", kind="A2", noun=n) for n in ("a", "b")]
+    grid = Grid(bystanders)
     # cos(source a, .) and cos(source b, .) per A1 cell [noun, trait, level] and per A2 noun
     to_a = (np.array([[[0.8, 0.6]], [[0.5, 0.5]]]), np.array([1.0, 0.7]))
     to_b = (np.array([[[0.4, 0.4]], [[0.9, 0.7]]]), np.array([0.7, 1.0]))
     table = {"T": {}}
-    A.head_to_head_columns(grid, [to_a, to_b], "cos", table, n_perm=100, seed=0)
+    head_to_head_columns(grid, [to_a, to_b], "cos", table, n_perm=100, seed=0)
     adjective = np.mean([0.2, 0.4, 0.2, 0.2, 0.3, 0.3, 0.1, 0.3])
     noun_swap = np.mean([0.3, 0.1, 0.5, 0.3])
     assert table["T"]["adjective_cos"] == pytest.approx(adjective)
@@ -321,17 +344,17 @@ def test_the_analysis_refuses_a_run_without_the_base_model_a_source_or_a_seed(tm
     bystanders = [{k: b[k] for k in ("id", "kind", "noun", "trait", "level")} for b in GRID]
 
     def config(cells, **extra):
-        return A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES, bystanders=bystanders, cells=cells,
+        return Config(store=root, run_id="t", cell="analysis", sources=SOURCES, bystanders=bystanders, cells=cells,
                         **extra)
 
     with pytest.raises(StageInputError, match="no base-model cell 'base'"):
-        A.results(config(cells))
+        results(config(cells))
     base = write_cell(root, "base", null_grid, rng)
     with pytest.raises(StageInputError, match=r"no evaluation for source\(s\) \['robot'\]"):
-        A.results(config([*cells[:-1], base]))
+        results(config([*cells[:-1], base]))
     second = write_cell(root, "chef-s43", planted_noun, rng, source="chef", seed=43)
     with pytest.raises(StageInputError, match="every source needs every training seed"):
-        A.results(config([*cells, second, base]))
+        results(config([*cells, second, base]))
 
 
 def test_counts_without_questions_are_refused_with_one_line(tmp_path):
@@ -346,10 +369,10 @@ def test_counts_without_questions_are_refused_with_one_line(tmp_path):
     for cell in stored["rates"].values():
         del cell["questions"]
     store.write_json(base["rates_uri"], stored)
-    cfg = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES, cells=[*cells, base],
+    cfg = Config(store=root, run_id="t", cell="analysis", sources=SOURCES, cells=[*cells, base],
                    bystanders=[{k: b[k] for k in ("id", "kind", "noun", "trait", "level")} for b in GRID])
     with pytest.raises(StageInputError, match="no per-question counts") as err:
-        A.results(cfg)
+        results(cfg)
     assert "\n" not in str(err.value)
 
 
@@ -359,7 +382,7 @@ def test_the_cosine_figure_draws_every_bystander_and_marks_the_low_coherence_one
     cos = result["geometry"]["cos_to_source"]
     assert all(set(cos[s["name"]]) == set(result["bystander_ids"]) for s in SOURCES)  # every bystander has an x
     assert cos["chef"]["A2__chef"] == pytest.approx(1.0)  # the source's own prompt
-    drawn = A.cosine_leakage_figure(result, store.join(store.from_path(tmp_path / "figures"), "cosine"))
+    drawn = cosine_leakage_figure(result, store.join(store.from_path(tmp_path / "figures"), "cosine"))
     assert drawn["marked"] == 4
     assert store.read_bytes(drawn["png"])[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -368,12 +391,12 @@ def test_the_emission_summary_separates_the_sources_own_bystander_from_the_rest(
     rates = {"A2__chef": 0.9, "A2__robot": 0.3, "assistant": 0.1}
     hits, totals = {"A2__chef": 9, "A2__robot": 3, "assistant": 1}, {"A2__chef": 10, "A2__robot": 10, "assistant": 10}
     truncated = {"A2__chef": 1, "A2__robot": 2, "assistant": 3}
-    summary = A.emission_summary(rates, hits, totals, truncated, own="A2__chef")
+    summary = emission_summary(rates, hits, totals, truncated, own="A2__chef")
     assert summary["own_rate"] == 0.9 and summary["n_others"] == 2
     assert summary["mean_rate_others"] == pytest.approx(0.2)
     assert (summary["max_other"], summary["max_other_rate"]) == ("A2__robot", 0.3)
     assert summary["pooled_rate"] == pytest.approx(13 / 30) and summary["truncated_share"] == pytest.approx(6 / 30)
-    base = A.emission_summary(rates, hits, totals, {**truncated, "assistant": None}, own=None)
+    base = emission_summary(rates, hits, totals, {**truncated, "assistant": None}, own=None)
     assert base["own_rate"] is None and base["n_others"] == 3 and base["truncated_share"] is None
 
 
@@ -383,12 +406,12 @@ def test_the_lora_training_section_summarises_each_sources_stored_losses(tmp_pat
     store.write_jsonl(log, [{"step": i + 1, "loss": loss} for i, loss in enumerate([4.0, 3.0, 2.0, 1.0, 0.5, 0.5, 0.5, 0.5])])
     cells = [{"label": "pirate", "rates_uri": store.join(root, "pirate", "marker_rates.json"), "train_log_uri": log},
              {"label": "base", "rates_uri": store.join(root, "base", "marker_rates.json")}]
-    cfg = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES[:1], bystanders=[{k: GRID[0][k] for k in ("id", "kind", "noun", "trait", "level")}], cells=cells)
+    cfg = Config(store=root, run_id="t", cell="analysis", sources=SOURCES[:1], bystanders=[{k: GRID[0][k] for k in ("id", "kind", "noun", "trait", "level")}], cells=cells)
     # 8 steps: a window of 8 // 4 = 2 steps at each end
-    assert A.training_summary(cfg) == {"pirate": {"steps": 8, "window": 2, "loss_start": 3.5, "loss_end": 0.5}}
-    section = "\n".join(A.training_section(A.training_summary(cfg)))
+    assert training_summary(cfg) == {"pirate": {"steps": 8, "window": 2, "loss_start": 3.5, "loss_end": 0.5}}
+    section = "\n".join(training_section(training_summary(cfg)))
     assert "| pirate | 8 | 2 | 3.500 | 0.500 |" in section and "](lora_loss.png)" in section
-    assert A.training_section({}) == []
+    assert training_section({}) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,10 +515,10 @@ def test_every_number_in_the_report_is_the_results_objects(tmp_path, request, ru
     result = request.getfixturevalue(run)
     # one figure drawn for real (the report prints each figure's count of marked cells); the others are drawn
     # by the figure tests
-    drawn = A.leakage_per_seed_figure(result, store.join(store.from_path(tmp_path), "leakage_per_seed"))
+    drawn = leakage_per_seed_figure(result, store.join(store.from_path(tmp_path), "leakage_per_seed"))
     result["figures"] = {"leakage_per_seed": {"png": drawn["png"], "pdf": drawn["pdf"],
                                               "low_coherence_marked": drawn["marked"]}}
-    text = A.report(result)
+    text = report(result)
     printed = report_numbers(text)
     assert len(printed) > 300  # the check below reads a real report, not an empty one
     known = renderings(result)
@@ -507,11 +530,11 @@ def test_every_number_in_the_report_is_the_results_objects(tmp_path, request, ru
 
 def test_a_one_seed_report_says_every_p_value_is_conditional_on_that_fine_tune(tmp_path, planted, two_seeds):
     planted["figures"] = {}
-    one = A.report(planted)
+    one = report(planted)
     assert "every p-value and interval in this report is conditional on that one fine-tune" in one
     assert "mean over seeds" not in one
     two_seeds["figures"] = {}
-    several = A.report(two_seeds)
+    several = report(two_seeds)
     assert "conditional on that one fine-tune" not in several
     assert "**all seeds must pass**" in several and "| chef | mean over seeds |" in several
 
@@ -527,9 +550,9 @@ def test_the_analysis_is_bitwise_repeatable_and_a_new_seed_leaves_the_first_seed
     bystanders = [{k: b[k] for k in ("id", "kind", "noun", "trait", "level")} for b in GRID]
 
     def run(cells, seeds):
-        cfg = A.Config(store=root, run_id="t", cell="analysis", sources=SOURCES, bystanders=bystanders, cells=cells,
+        cfg = Config(store=root, run_id="t", cell="analysis", sources=SOURCES, bystanders=bystanders, cells=cells,
                        seeds=seeds, n_boot=300, n_perm=300)
-        return A.results(cfg)
+        return results(cfg)
 
     one = run([*first, base], [42])
     assert json.dumps(one, sort_keys=True) == json.dumps(run([*first, base], [42]), sort_keys=True)

@@ -336,6 +336,39 @@ def test_a_stage_fingerprint_covers_the_modules_it_imports_and_the_data_it_names
     assert not any(name.startswith("data:") for name in fingerprint.fingerprinted_files("jobs.generate"))
 
 
+def test_a_stage_that_is_a_package_is_fingerprinted_by_every_module_of_it(tmp_path):
+    from tests.fakes.project_tree import fingerprint_in, write_tree
+
+    write_tree(tmp_path, {
+        "jobs/analysis/__init__.py": "from jobs.analysis.stage import SPEC\n",
+        "jobs/analysis/stage.py": "from jobs.analysis import figures\nSPEC = figures\n",
+        "jobs/analysis/figures.py": "from jobs.analysis.results import x\n", "jobs/analysis/results.py": "x = 1\n",
+        "jobs/analysis/__main__.py": "from jobs.analysis.stage import SPEC\n",  # imported by nothing
+        "jobs/analysis/helpers/__init__.py": "", "jobs/analysis/helpers/text.py": "y = 2\n",
+        "jobs/other.py": "z = 3\n",
+    })
+    before = fingerprint_in(tmp_path, "jobs.analysis")
+    (tmp_path / "jobs" / "other.py").write_text("z = 4\n")
+    assert fingerprint_in(tmp_path, "jobs.analysis") == before
+    for name in ("figures.py", "results.py", "__main__.py", "helpers/text.py", "__init__.py"):
+        path = tmp_path / "jobs" / "analysis" / name
+        path.write_text(path.read_text() + "# edited\n")
+        after = fingerprint_in(tmp_path, "jobs.analysis")
+        assert after != before, name
+        before = after
+
+
+def test_every_file_of_an_analysis_package_is_in_its_stage_fingerprint():
+    from jobs.registry import get
+    from shared.contract import fingerprint
+
+    for stage in ("analyze_issue164", "analyze_issue170", "analyze_issue205", "analyze_issue81"):
+        files = fingerprint.fingerprinted_files(get(stage).module)
+        package = {f"jobs.{stage}", *(f"jobs.{stage}.{part}" for part in (
+            "__main__", "results", "decisions", "figures", "report", "stage"))}
+        assert package <= set(files), stage
+
+
 def test_editing_an_imported_module_changes_the_fingerprint_and_editing_another_does_not(tmp_path):
     from tests.fakes.project_tree import fingerprint_in, write_tree
 

@@ -1,4 +1,5 @@
-"""The code fingerprint of a stage: its module and every project module it imports, by content.
+"""The code fingerprint of a stage: its module (every module of it, where the stage is a package) and every project
+module it imports, by content.
 
 Imports are read from the source (``import`` statements anywhere in a file, lazy ones inside functions too) and
 followed transitively within the project's packages (``shared`` and ``jobs``); the fingerprint hashes the module
@@ -128,9 +129,24 @@ def data_folders(module: str) -> set[Path]:
     return out
 
 
+def package_members(module: str) -> list[str]:
+    """Every module of ``module`` when it is a package (its ``__main__`` too, which nothing imports), else none.
+
+    A stage may be a package (``jobs/analyze_issue205/``); its fingerprint covers each of its files whether or not
+    the package's ``__init__`` imports it.
+    """
+    found = _source(module)
+    if found is None or not found[1]:
+        return []
+    folder = found[0].parent
+    return sorted(".".join([module, *path.relative_to(folder).with_suffix("").parts]).removesuffix(".__init__")
+                  for path in folder.rglob("*.py") if "__pycache__" not in path.parts)
+
+
 def closure(module: str) -> list[str]:
-    """``module`` and every project module it reaches through imports, sorted."""
-    return _closure([module])
+    """``module`` (with every module of it, if it is a package) and every project module it reaches through
+    imports, sorted."""
+    return _closure([module, *package_members(module)])
 
 
 def _closure(start: list[str]) -> list[str]:
