@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from shared.core import store
+from tests.fakes.processes import alive
 
 pytestmark = pytest.mark.slow
 
@@ -164,15 +165,6 @@ def headline(store_dir: Path, run_id: str = RUN_ID) -> list[dict]:
     """The headline numbers (the conditions table), which must survive every fault."""
     path = stage_dir(store_dir, "analysis", "analyze_issue164", run_id) / "headline.json"
     return json.loads(path.read_text())["conditions"]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:  # a zombie has exited: it counts as gone
-        return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def wait_for(predicate, timeout: float = 180, what: str = "", proc: subprocess.Popen | None = None,

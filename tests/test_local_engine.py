@@ -4,7 +4,6 @@ deadlines, and every task's process group stopped when the engine stops."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from shared.core import store
+from tests.fakes.processes import alive
 from workflows.engines.local import BLOCKED, CACHED, DONE, FAILED, PENDING, REUSED, LocalEngine, run_plan
 from workflows.plan import PlanBuilder
 
@@ -107,39 +107,29 @@ def test_gpu_tasks_get_one_visible_gpu_each(builder, monkeypatch):
 def test_cpu_tasks_start_warm_and_gpu_tasks_start_cold(builder, monkeypatch):
     from workflows.engines.warm_start import WarmProcess
 
+    started = {}
+
+    def run_recording_starts(plan, *, uses_gpu: bool):
+        engine = LocalEngine(plan, live=False)
+        original = engine._start
+
+        def spy(state, gpu):
+            original(state, gpu)
+            started[gpu] = type(state.process)
+
+        monkeypatch.setattr(engine, "_start", spy)
+        for state in engine.states.values():
+            state.uses_gpu = uses_gpu
+        return engine.run()
+
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one "GPU": the generate stage falls back to the CPU here
     gen(builder, "gen-gpu")
-    engine = LocalEngine(builder.plan({}), live=False)
-    started = {}
-    original = engine._start
-
-    def spy(state, gpu):
-        original(state, gpu)
-        started[gpu] = type(state.process)
-
-    monkeypatch.setattr(engine, "_start", spy)
-    for state in engine.states.values():
-        state.uses_gpu = True
-    engine.run()
+    run_recording_starts(builder.plan({}), uses_gpu=True)
     cpu_builder = PlanBuilder("issue164", "tiny", "engine-test-cpu", builder.store)
     gen(cpu_builder, "gen-cpu")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    cpu_engine = LocalEngine(cpu_builder.plan({}), live=False)
-    original_cpu = cpu_engine._start
-    monkeypatch.setattr(cpu_engine, "_start", lambda state, gpu: (original_cpu(state, gpu),
-                                                                   started.update({gpu: type(state.process)})))
-    assert cpu_engine.run().ok
+    assert run_recording_starts(cpu_builder.plan({}), uses_gpu=False).ok
     assert started == {"0": subprocess.Popen, None: WarmProcess}
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped by someone else) counts as gone
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split(")")[-1].split()[0] != "Z"
 
 
 def test_a_task_past_its_deadline_is_stopped_and_retried_like_on_the_cluster(builder, monkeypatch):

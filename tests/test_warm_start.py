@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.processes import alive
 from workflows.engines.warm_start import WarmServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +33,6 @@ def start(server, how, tmp_path, **env):
 
 def report(log: Path) -> dict:
     return json.loads(log.read_text().splitlines()[0])
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def test_a_task_gets_its_own_environment_arguments_threads_and_session(server, tmp_path):

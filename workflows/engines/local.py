@@ -11,6 +11,7 @@ and shown as ``reused``. SIGINT, SIGTERM or an error in the engine stop every ta
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -142,16 +143,7 @@ def _die_with(engine_pid: int):
     so a killed engine (``kill -9`` of its process group) leaves no stage writing on without it."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def arm() -> None:
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != engine_pid:  # the engine died before the signal was armed
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
+    return functools.partial(warm_start.die_with_parent, engine_pid)
 
 
 class Terminated(KeyboardInterrupt):

@@ -38,7 +38,8 @@ def enabled() -> bool:
     return os.environ.get("EPS_WARM_START", "1") != "0" and sys.platform.startswith("linux")
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """In a child, before it runs: SIGTERM when ``parent_pid`` ends (Linux ``PR_SET_PDEATHSIG``)."""
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -55,7 +56,7 @@ def _run_child(request: dict, server_pid: int) -> None:
     try:
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _die_with_parent(server_pid)
+        die_with_parent(server_pid)
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -109,7 +110,7 @@ def _shut_down_like_an_interpreter() -> None:
 def serve() -> None:
     """The server loop: read start requests, fork, report each child's pid and, later, its exit status."""
     engine_pid = int(os.environ.pop("EPS_WARM_START_ENGINE", "0")) or os.getppid()
-    _die_with_parent(engine_pid)
+    die_with_parent(engine_pid)
     for name in PRELOAD:
         try:
             __import__(name)
