@@ -382,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", nargs="*", choices=sorted(LENGTH_REGIMES), default=sorted(LENGTH_REGIMES),
                         help="reply-length regimes of the sampling and soft sections (the bars' regimes are fixed "
                              "for sampling, record for the soft step): fewer regimes fit a device call's budget")
+    parser.add_argument("--soft-cases", nargs="*", choices=[soft_case_key(*case) for case in SOFT_CASES],
+                        help="only these soft-step configurations (default: every one of the chosen --lengths)")
     args = parser.parse_args(argv)
 
     import torch
@@ -390,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = dict(SETTINGS[args.shape])
     cfg["sampling_cases"] = [case for case in cfg["sampling_cases"] if case[1] in args.lengths]
-    cfg["soft_cases"] = [case for case in cfg["soft_cases"] if case[0] in args.lengths]
+    cfg["soft_cases"] = [case for case in cfg["soft_cases"] if case[0] in args.lengths
+                         and (not args.soft_cases or soft_case_key(*case) in args.soft_cases)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag, name = device_tag(device)
@@ -427,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def soft_case_key(lengths: str, path: str, draw_steps: int, overlap: bool) -> str:
+    return f"{lengths}_{path}_draw{draw_steps}{'_overlap' if overlap else ''}"
+
+
 def run_section(section: str, model, tokenizer, cfg: dict, params: dict, tflops: float, record, save) -> None:
     if section == "sampling":
         record("compile", lambda: fast_paths.compile_warmup(model, tokenizer, questions()))
@@ -443,7 +450,7 @@ def run_section(section: str, model, tokenizer, cfg: dict, params: dict, tflops:
         pair = separate_pair(model, tokenizer, cfg["soft_questions"] * cfg["soft_completions"])
         record("compile", lambda: fast_paths.compile_warmup(pair.teacher_generator.model, tokenizer, questions()))
         for lengths, path, draw_steps, overlap in cfg["soft_cases"]:
-            key = f"soft_{lengths}_{path}_draw{draw_steps}{'_overlap' if overlap else ''}"
+            key = "soft_" + soft_case_key(lengths, path, draw_steps, overlap)
             record(key, lambda a=(lengths, path, draw_steps, overlap): bench_soft_case(pair, cfg, *a, params=params,
                                                                                      tflops=tflops))
     elif section == "gcg":
