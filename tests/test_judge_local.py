@@ -163,3 +163,55 @@ def test_first_token_refuses_a_scale_whose_numbers_are_several_tokens():
     judge = make_judge(JudgeSpec(kind="local", model="tiny:qwen2", local_method="first_token"))
     with pytest.raises(JudgeConfigError, match="one token.*use local_method full_reply"):
         judge.judge(ITEMS[:1])
+
+
+# -- the shared prompt prefix: computed once, reused by every item ----------------------------------------------
+
+
+def test_the_shared_prefix_is_the_part_of_the_prompt_before_the_question(judge):
+    prefix = judge.shared_prefix_ids
+    for item in ITEMS:
+        assert judge.prompt_ids(item)[: len(prefix)] == prefix
+    text = judge._tokenizer.decode(prefix)
+    assert judge.template.system.strip()[-40:] in text and ITEMS[0].question not in text
+
+
+def test_items_reuse_the_shared_prefix_and_score_as_without_it(judge):
+    import torch
+
+    prompt = judge.prompt_ids(ITEMS[1])
+    assert judge._reusable_prefix(prompt) == len(judge.shared_prefix_ids) > 0
+    seen = []
+    hook = judge._model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    try:
+        with_cache = judge.candidate_logprobs(prompt)
+    finally:
+        hook.remove()
+    n_candidate_tokens = sum(len(c.ids) - 1 for c in judge.candidates)
+    assert seen == [len(prompt) - len(judge.shared_prefix_ids) + n_candidate_tokens]  # the prefix is not recomputed
+
+    uncached = make_judge(TINY)
+    uncached.__dict__["shared_prefix_ids"] = []  # no shared prefix: every item computes its whole prompt
+    without = uncached.candidate_logprobs(prompt)
+    assert with_cache.tolist() == pytest.approx(without.tolist(), abs=1e-4)
+    # the cache holds only the prefix again afterwards, so the next item's keys cannot see this one's
+    assert judge._prefix_cache.get_seq_length() == len(judge.shared_prefix_ids)
+    assert torch.equal(judge.candidate_logprobs(prompt), with_cache)
+
+
+def test_a_prompt_that_does_not_start_with_the_shared_prefix_is_computed_whole(judge):
+    other = [judge.shared_prefix_ids[0] + 1, *judge.shared_prefix_ids[1:], 5, 6]
+    assert judge._reusable_prefix(other) == 0
+    assert judge._reusable_prefix(judge.shared_prefix_ids) == 0  # nothing of the prompt would be left to compute
+
+
+def test_the_first_token_method_reuses_the_prefix_too(tmp_path):
+    spec = JudgeSpec(kind="local", model="tiny:qwen2", template=single_token_template(tmp_path),
+                     local_method="first_token", min_candidate_mass=0.0)
+    cached, plain = make_judge(spec), make_judge(spec)
+    plain.__dict__["shared_prefix_ids"] = []
+    prompt = cached.prompt_ids(ITEMS[0])
+    assert cached._reusable_prefix(prompt) > 0 and plain._reusable_prefix(prompt) == 0
+    assert cached.candidate_logprobs(prompt).tolist() == pytest.approx(plain.candidate_logprobs(prompt).tolist(),
+                                                                       abs=1e-4)

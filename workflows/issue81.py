@@ -105,21 +105,22 @@ class Params(ReplicatedParams):
             "layers": [1, 2],
             "headline_layer": 2,
         },
-        # SmolLM2-135M-Instruct on a 2-core CPU within 45 min with two training seeds: three of the five sources (the
-        # record's first three), every noun x two traits x all five levels (H3 needs five levels, the axis tests
-        # two traits), 10 eval questions x 1 sample = 10 completions per cell (intervals resample questions: ten
-        # clusters, where 4 x 3 gave four), a short token budget with on-policy completions cut back to a sentence
-        # end, and the record's sampling (T=1, top_p=0.95). Per-seed work is shrunk so that a second seed fits:
-        # 3 LoRA epochs instead of 5, and coherence judged on 2 of the 10 questions
+        # SmolLM2-135M-Instruct on a 2-core CPU within 45 min with two training seeds. A marker LoRA step costs
+        # ~38 s on one core (16 rows of ~110 tokens), so per-seed work is what the budget is spent on: two of the
+        # five sources (the record's person and pirate), 3 on-policy completions per training question (87
+        # examples, 18 steps at 3 epochs instead of 5), every noun x two traits x all five levels (H3 needs five
+        # levels, the axis tests two traits), 10 eval questions x 1 sample = 10 completions per cell (intervals
+        # resample questions: ten clusters) of up to 56 tokens (a 48-token training-length answer and the marker),
+        # the record's sampling (T=1, top_p=0.95), and coherence judged on 2 of the 10 questions
         "small": {
             "replicates": 2,
             "model_ref": "smollm2:135m-instruct",
             "backend": "hf",
-            "sources": ["person", "chef", "pirate"],
+            "sources": ["person", "pirate"],
             "bystander_traits": ["Agreeableness", "Neuroticism"],
             "questions_file": DATA + "small_questions.json",
             "train_questions_file": DATA + "small_train_questions.json",
-            "data_n_per_question": 4,
+            "data_n_per_question": 3,
             "data_max_new_tokens": 48,
             "cut_truncated_to_sentence": True,
             # LoRA for a 135M model: rank 16 on every projection, a higher lr than the 7B recipe's 1e-4 (small
@@ -128,7 +129,7 @@ class Params(ReplicatedParams):
                        "grad_accum": 1, "max_seq_len": 512},
             "checkpoint_every": 10,
             "eval_n": 1,
-            "eval_max_new_tokens": 64,
+            "eval_max_new_tokens": 56,
             "coherence_judge": {"kind": "local", "model": "smollm2:135m-instruct", "template": "coherence_v1"},
             "coherence_per_cell": 1,
             "coherence_questions": 2,

@@ -17,7 +17,10 @@ the most mass wins: a sentinel's label, or the score, the expectation sum_s p(s)
 renormalised among themselves.
 
 All candidates are scored in one forward pass per item (prompt plus every candidate, with an attention mask that
-keeps candidates apart; see ``_tree_logprobs``), or one pass per ``spec.candidate_batch_size`` candidates.
+keeps candidates apart; see ``_tree_logprobs``), or one pass per ``spec.candidate_batch_size`` candidates. The part
+of the prompt every item shares (the chat template and the judge's instructions, before the question) is computed
+once per judge and its keys and values reused: on SmolLM2 with the shipped templates that is about half of each
+item's tokens.
 """
 
 from __future__ import annotations
@@ -134,6 +137,61 @@ class LocalJudge(Judge):
         )
         return prompt.prompt_ids
 
+    @cached_property
+    def shared_prefix_ids(self) -> list[int]:
+        """The prompt tokens every item starts with: the common start of two prompts that differ in question and
+        answer, less its last token (a tokenizer may merge that token with the first character of the question)."""
+        first = self.prompt_ids(JudgeItem(id="a", question="Alpha?", answer="One."))
+        second = self.prompt_ids(JudgeItem(id="b", question="7 zeta", answer="[two]"))
+        common = 0
+        while common < min(len(first), len(second)) and first[common] == second[common]:
+            common += 1
+        return first[: max(common - 1, 0)]
+
+    @cached_property
+    def _prefix_cache(self):
+        """The model's keys and values over ``shared_prefix_ids``, computed once; cropped back after each use."""
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([self.shared_prefix_ids], device=self._model.device)
+            return self._model(input_ids=ids, use_cache=True).past_key_values
+
+    def _reusable_prefix(self, prompt_ids: list[int]) -> int:
+        """How many leading prompt tokens come from the shared cache: all of the shared prefix where the prompt
+        starts with it and one token of the prompt is left after it, else none."""
+        prefix = self.shared_prefix_ids
+        if prefix and len(prompt_ids) > len(prefix) and prompt_ids[: len(prefix)] == prefix:
+            return len(prefix)
+        return 0
+
+    def _forward(self, ids: list[int], *, mask=None, positions: list[int] | None = None, logits_to_keep=None):
+        """The model's logits over ``ids`` (rows as ``logits_to_keep`` picks, indices into ``ids``), with the shared
+        prefix's keys and values reused where ``ids`` starts with it. ``mask`` is the additive [len, len] mask."""
+        import torch
+
+        model = self._model
+        device = model.device
+        reused = self._reusable_prefix(ids)
+        positions = list(range(len(ids))) if positions is None else positions
+        kwargs = {}
+        if mask is not None:
+            kwargs["attention_mask"] = mask[reused:][None, None].to(device)
+        if logits_to_keep is not None:
+            kwargs["logits_to_keep"] = logits_to_keep - reused
+        if reused:
+            cache = self._prefix_cache
+            kwargs.update(past_key_values=cache, use_cache=True)
+        try:
+            with torch.inference_mode():
+                return model(input_ids=torch.tensor([ids[reused:]], device=device),
+                             position_ids=torch.tensor([positions[reused:]], device=device), **kwargs).logits[0]
+        finally:
+            if reused:
+                # the item's own keys and values go (a negative count: transformers deprecates cropping to a length);
+                # the shared prefix's stay for the next item
+                cache.crop(reused - cache.get_seq_length())
+
     def _judge_uncached(self, todo: list[tuple[str, JudgeItem]], record: Record) -> None:
         for n, (key, item) in enumerate(todo, 1):
             record(key, self._verdict(item))
@@ -146,8 +204,7 @@ class LocalJudge(Judge):
 
         candidates = [list(c.ids) for c in self.candidates]
         if self.spec.local_method == "first_token":
-            with torch.inference_mode():
-                logits = self._model(input_ids=torch.tensor([prompt_ids], device=self._model.device)).logits[0, -1]
+            logits = self._forward(prompt_ids, logits_to_keep=torch.tensor([len(prompt_ids) - 1]))[-1]
             return torch.log_softmax(logits.float(), dim=-1).cpu()[[ids[0] for ids in candidates]]
         step = self.spec.candidate_batch_size
         return torch.cat([
@@ -190,14 +247,9 @@ class LocalJudge(Judge):
         # only the last prompt row and the candidate rows predict a candidate token: the vocabulary projection of
         # the other prompt rows would cost about as much as the candidates' whole pass on a small model
         kept = torch.arange(n_prompt - 1, total, device=device)
-        with torch.inference_mode():
-            logits = model(
-                input_ids=torch.tensor([prompt_ids + tokens], device=device),
-                attention_mask=mask[None, None].to(device),
-                position_ids=torch.tensor([list(range(n_prompt)) + positions], device=device),
-                logits_to_keep=kept,
-            ).logits[0]
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        logits = self._forward(prompt_ids + tokens, mask=mask, positions=list(range(n_prompt)) + positions,
+                               logits_to_keep=kept)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
 
         totals = torch.empty(len(candidates))
         for index, (candidate, start) in enumerate(zip(candidates, starts, strict=True)):
