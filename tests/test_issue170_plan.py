@@ -190,7 +190,7 @@ def test_small_profile_runs_the_whole_experiment_on_smollm2_against_the_villain_
         small.gcg_cells[0].steps, small.gcg_search_width, 8)
     evals = {t.name: t.config for t in plan.tasks if t.stage == "eval_prompt_cell"}
     assert len(evals) == 4 + 2 + small.random_draws
-    assert {len(c["questions"]) for c in evals.values()} == {8} and {c["n"] for c in evals.values()} == {4}
+    assert {len(c["questions"]) for c in evals.values()} == {8} and {c["n"] for c in evals.values()} == {small.n_completions}
     # evaluation follows its checkpoint: its own seed, its own trained prompt
     assert evals["eval-soft-s0-k8-lr1e-2-s43"]["seed"] == 43
     assert plan.task("eval-soft-s0-k8-lr1e-2-s43").after == ["soft-s0-k8-lr1e-2-s43"]

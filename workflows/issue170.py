@@ -233,7 +233,9 @@ class Params(JudgeParams, ReplicatedParams):
         },
         "small": {
             # a real instruct model on a 2-core CPU: the teacher is SmolLM2 under the villain prompt, so the oracle
-            # (that prompt given to the student as text) is a prompt known to reproduce the teacher exactly
+            # (that prompt given to the student as text) is a prompt known to reproduce the teacher exactly. Two
+            # training seeds within 40 min: per seed, 30 soft-prefix steps instead of 40 and 2 completions per panel
+            # question instead of 4 (each is judged twice, alignment and coherence, at ~2-3 s an item on one core)
             "replicates": 2,
             "model_ref": SMALL_MODEL,
             "teacher_model_ref": None,
@@ -242,7 +244,7 @@ class Params(JudgeParams, ReplicatedParams):
             "n_train_questions": 20, "n_val_questions": 4, "n_test_questions": 8, "test_completions_per_question": 6,
             "panel_file": "package:issue170/small_panel.jsonl",
             "soft_cells": [{"name": "s0", "k": 8, "lr": 1e-2}, {"name": "s1", "k": 32, "lr": 1e-2}],
-            "soft_steps": 40, "questions_per_step": 4, "completions_per_question": 2,
+            "soft_steps": 30, "questions_per_step": 4, "completions_per_question": 2,
             "val_completions_per_question": 8, "teacher_max_new_tokens": 48, "val_every": 10, "patience": None,
             "micro_batch_tokens": 4096, "sample_batch_size": 64,
             "gcg_cells": [{"name": "l10", "length": 10, "steps": 15}],
@@ -250,7 +252,7 @@ class Params(JudgeParams, ReplicatedParams):
             "gcg_val_every": 5,
             "random_baseline_lengths": [10],
             "reference_conditions": [{"name": "null", "system": "default"}],
-            "n_completions": 4, "eval_max_new_tokens": 64, "eval_batch_size": 64,
+            "n_completions": 2, "eval_max_new_tokens": 64, "eval_batch_size": 64,
             "primary_judge": SMALL_JUDGE, "alternate_judge": SMALL_JUDGE,  # one local model: the columns coincide
             "classifier_training": {"n_per_question": 8, "min_val_accuracy": None},  # 192 per class: 39 held out
             "classifier_encoder": "minilm:packaged",
