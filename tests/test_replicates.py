@@ -103,6 +103,16 @@ def test_one_seed_per_recipe_is_not_testable_and_says_so():
     assert "one seed" in result.method
 
 
+def test_seeds_that_all_gave_the_same_value_get_no_interval_of_zero_width():
+    # two seeds at 3 of 10 completions each: chance agreement, not a between-seed spread of zero
+    alone = seed_contrast([0.3, 0.3], reference=0.0)
+    assert not alone.testable and math.isnan(alone.low) and math.isnan(alone.high)
+    assert alone.estimate == pytest.approx(0.3) and alone.sd_a == 0.0 and "same value" in alone.method
+    assert not seed_contrast([0.5, 0.5], [0.2, 0.2]).testable
+    # spread on one side is enough to test
+    assert seed_contrast([0.5, 0.5], [0.1, 0.3]).testable and seed_contrast([0.3, 0.4], reference=0.0).testable
+
+
 def test_a_permutation_of_seed_labels_cannot_reject_with_two_seeds_each():
     # why the seed-level test is a t-test: the exact permutation null of 2 vs 2 seeds has 6 labellings, so
     # its smallest two-sided p is 1/3 however large the effect

@@ -785,8 +785,13 @@ def seed_contrast(
         estimate, df = float(a.mean() - b_values.mean()), a.size + b_values.size - 2
         method = "Student t over seeds (pooled variance)"
     p_value = low = high = math.nan
+    spread = float(np.ptp(a)) + (float(np.ptp(b_values)) if b_values.size else 0.0)
     if df < 1:
         method = "not testable: one seed per recipe (a second seed measures the between-seed spread)"
+    elif spread == 0:
+        # t would read identical seeds as a spread of zero and give an interval of zero width (or p = 0): with
+        # two or three seeds equal values are chance (rates over a few completions take few values), not certainty
+        method = "not testable: every seed gave the same value, so the seeds measure no spread"
     else:
         with warnings.catch_warnings(), np.errstate(all="ignore"):  # zero spread: scipy says inf or NaN itself
             warnings.simplefilter("ignore", RuntimeWarning)
