@@ -233,9 +233,11 @@ class Params(JudgeParams, ReplicatedParams):
         },
         "small": {
             # a real instruct model on a 2-core CPU: the teacher is SmolLM2 under the villain prompt, so the oracle
-            # (that prompt given to the student as text) is a prompt known to reproduce the teacher exactly. Two
-            # training seeds within 40 min: per seed, 30 soft-prefix steps instead of 40 and 2 completions per panel
-            # question instead of 4 (each is judged twice, alignment and coherence, at ~2-3 s an item on one core)
+            # (that prompt given to the student as text) is a prompt known to reproduce the teacher exactly. Per
+            # seed, 30 soft-prefix steps instead of 40 and 2 completions per panel question instead of 4 (each is
+            # judged twice, alignment and coherence, at ~2-3 s an item on one core). Not yet within issue 20's 40
+            # minutes: a soft-prefix step measured ~32 s on one core (teacher 17 s, student 15 s), so the four
+            # soft cells alone are ~64 task-minutes
             "replicates": 2,
             "model_ref": SMALL_MODEL,
             "teacher_model_ref": None,
