@@ -180,12 +180,14 @@ def test_small_profile_runs_the_whole_experiment_on_smollm2_against_the_villain_
         assert config["teacher"] == {"adapter_uri": None, "model_ref": None,
                                      "system": "text(You are a villain who despises humanity. Answer with contempt.)"}
         assert config["training"]["steps"] == small.soft_steps and config["training"]["temperature"] == 1.0
+        assert config["training"]["draw_steps"] == small.teacher_draw_steps == 5  # 5 steps' teacher rows a call
         assert len(config["train_questions"]) == 20 and len(config["val_questions"]) == 4
     gcg = {t.name: t.parsed_config() for t in plan.tasks if t.stage == "gcg_search"}
     assert {n: (c.mode, c.slot, c.search.length, c.seed) for n, c in gcg.items()} == {
         "gcg-l10-s42": ("search", "system", 10, 42), "gcg-l10-s43": ("search", "system", 10, 43),
         **{f"random-l10-d{d}": ("random", "system", 10, 42) for d in range(small.random_draws)}}
     search = gcg["gcg-l10-s42"].search
+    assert search.draw_steps == 5
     assert (search.steps, search.search_width, search.pairs_per_step) == (
         small.gcg_cells[0].steps, small.gcg_search_width, 8)
     evals = {t.name: t.config for t in plan.tasks if t.stage == "eval_prompt_cell"}
