@@ -23,8 +23,8 @@ ANSWER = ("I would start by listening to what they need, then offer practical he
 
 
 def items(n: int):
-    from shared.judge import JudgeItem
     from shared.core.datafiles import read_questions
+    from shared.judge import JudgeItem
 
     questions = read_questions("package:issue170/small_panel.jsonl", "panel")
     return [JudgeItem(id=f"i{k}", question=questions[k % len(questions)]["text"], answer=ANSWER) for k in range(n + 1)]
