@@ -253,7 +253,7 @@ class Params(JudgeParams, ReplicatedParams):
             "val_completions_per_question": 8, "teacher_max_new_tokens": 48, "val_every": 10, "patience": None,
             "micro_batch_tokens": 4096, "sample_batch_size": 64,
             # the teacher's draws of 5 steps in one call (40 rows, not 8): at these sizes a CPU decode step costs
-            # about as much for 40 rows as for 8 (measured: 8 rows x 48 tokens 23.7 s, 40 rows 58.8 s on one core)
+            # about as much for 40 rows as for 8 (measured on one core under load: 8 rows x 48 tokens 23.7 s, 40 rows 58.8 s)
             "teacher_draw_steps": 5,
             "gcg_cells": [{"name": "l10", "length": 10, "steps": 15}],
             "gcg_search_width": 24, "gcg_topk": 64, "gcg_questions_per_step": 4, "gcg_completions_per_question": 2,

@@ -793,13 +793,11 @@ def seed_contrast(
         # two or three seeds equal values are chance (rates over a few completions take few values), not certainty
         method = "not testable: every seed gave the same value, so the seeds measure no spread"
     else:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):  # zero spread: scipy says inf or NaN itself
-            warnings.simplefilter("ignore", RuntimeWarning)
-            if b is None:
-                result = scipy_stats.ttest_1samp(a, reference, alternative=alternative)
-            else:
-                result = scipy_stats.ttest_ind(a, b_values, equal_var=True, alternative=alternative)
-            interval = result.confidence_interval(confidence)
+        if b is None:  # spread is not zero here, so t and its interval are finite
+            result = scipy_stats.ttest_1samp(a, reference, alternative=alternative)
+        else:
+            result = scipy_stats.ttest_ind(a, b_values, equal_var=True, alternative=alternative)
+        interval = result.confidence_interval(confidence)
         p_value = float(result.pvalue)
         low, high = float(interval.low), float(interval.high)
         if b is None:  # scipy's one-sample interval is for the mean itself, not for its difference from reference

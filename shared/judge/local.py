@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -143,10 +144,7 @@ class LocalJudge(Judge):
         answer, less its last token (a tokenizer may merge that token with the first character of the question)."""
         first = self.prompt_ids(JudgeItem(id="a", question="Alpha?", answer="One."))
         second = self.prompt_ids(JudgeItem(id="b", question="7 zeta", answer="[two]"))
-        common = 0
-        while common < min(len(first), len(second)) and first[common] == second[common]:
-            common += 1
-        return first[: max(common - 1, 0)]
+        return os.path.commonprefix([first, second])[:-1]  # commonprefix compares any sequences, not only paths
 
     @cached_property
     def _prefix_cache(self):
