@@ -237,10 +237,9 @@ class Params(JudgeParams, ReplicatedParams):
         "small": {
             # a real instruct model on a 2-core CPU: the teacher is SmolLM2 under the villain prompt, so the oracle
             # (that prompt given to the student as text) is a prompt known to reproduce the teacher exactly. Per
-            # seed, 30 soft-prefix steps instead of 40 and 2 completions per panel question instead of 4 (each is
-            # judged twice, alignment and coherence, at ~2-3 s an item on one core). Not yet within issue 20's 40
-            # minutes: a soft-prefix step measured ~32 s on one core (teacher 17 s, student 15 s), so the four
-            # soft cells alone are ~64 task-minutes
+            # seed, for issue 20's 40 minutes with two seeds: 20 soft-prefix steps of 32-token teacher replies (a
+            # step measured ~32 s on one core with 48 tokens: teacher 17 s, student 15 s) and 2 completions per
+            # panel question (each is judged twice, alignment and coherence)
             "replicates": 2,
             "model_ref": SMALL_MODEL,
             "teacher_model_ref": None,
@@ -249,8 +248,8 @@ class Params(JudgeParams, ReplicatedParams):
             "n_train_questions": 20, "n_val_questions": 4, "n_test_questions": 8, "test_completions_per_question": 6,
             "panel_file": "package:issue170/small_panel.jsonl",
             "soft_cells": [{"name": "s0", "k": 8, "lr": 1e-2}, {"name": "s1", "k": 32, "lr": 1e-2}],
-            "soft_steps": 30, "questions_per_step": 4, "completions_per_question": 2,
-            "val_completions_per_question": 8, "teacher_max_new_tokens": 48, "val_every": 10, "patience": None,
+            "soft_steps": 20, "questions_per_step": 4, "completions_per_question": 2,
+            "val_completions_per_question": 8, "teacher_max_new_tokens": 32, "val_every": 10, "patience": None,
             "micro_batch_tokens": 4096, "sample_batch_size": 64,
             # the teacher's draws of 5 steps in one call (40 rows, not 8): at these sizes a CPU decode step costs
             # about as much for 40 rows as for 8 (measured on one core under load: 8 rows x 48 tokens 23.7 s, 40 rows 58.8 s)
