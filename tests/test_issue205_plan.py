@@ -338,14 +338,12 @@ def test_small_trains_benign_with_the_em_recipe_in_the_records_lora_shape(tmp_pa
     plan = build(tmp_path, "small")
     recipe = plan.task("train-em-e0-s42").config["recipe"]
     assert (recipe["r"], recipe["alpha"], recipe["dropout"], recipe["use_rslora"]) == (32, 64, 0.05, False)
-    assert (recipe["epochs"], recipe["per_device_batch_size"] * recipe["grad_accum"], recipe["lr"]) == (2, 8, 5e-4)
+    assert (recipe["epochs"], recipe["per_device_batch_size"] * recipe["grad_accum"], recipe["lr"]) == (1, 8, 1e-3)
     assert all(plan.task(f"train-em-{c}-s{s}").config["recipe"] == recipe for c in EM_CELLS for s in (42, 43))
     assert plan.task("train-benign-s43").config["recipe"] == recipe
     couple = plan.task("couple-e4-s42").config
     assert couple["loss"] == "assistant" and couple["marker"] == "[ZLT]"  # the record's whole-reply coupling
-    # the EM recipe's LoRA shape, one epoch at twice its lr (the small budget with two seeds)
-    assert {k: v for k, v in couple["recipe"].items() if k not in ("epochs", "lr")} == {k: v for k, v in recipe.items() if k not in ("epochs", "lr")}
-    assert (couple["recipe"]["epochs"], couple["recipe"]["lr"]) == (1, 1e-3)
+    assert couple["recipe"] == recipe  # the EM recipe itself: one epoch at lr 1e-3 (the small budget with two seeds)
 
 
 def test_small_evaluates_the_coupled_model_merged_on_top_of_its_em_model(tmp_path):

@@ -192,22 +192,24 @@ class Params(ReplicatedParams):
             "em_source_persona": "malicious_advisor",
             "em_data_md5": None,
             "benign_limit": None,
-            # the record's LoRA shape (r=32, alpha=64, dropout 0.05, rsLoRA off, wd 0.01, clip 1.0); a CPU affords
-            # 24 steps (96 rows x 2 epochs at batch 8), so lr 5e-4 instead of 1e-4 over the record's 375 steps
-            "em_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
-                          "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
+            # the record's LoRA shape (r=32, alpha=64, dropout 0.05, rsLoRA off, wd 0.01, clip 1.0). For issue 20's 60
+            # minutes with two seeds (12 EM and benign fine-tunes a run, a LoRA step ~15-19 s on one core), one epoch
+            # of 96 answers of at most 48 tokens: 12 steps at lr 1e-3 instead of the record's 1e-4 over 375 steps
+            "em_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 1, "per_device_batch_size": 8,
+                          "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
+            "sft_max_new_tokens": 48,
             "checkpoint_every": 0,
             # the record's whole-reply contrastive SFT in the EM recipe's LoRA shape. Not #46's marker-only loss: on a
             # real model it trains nothing but the marker and the end of turn, and the coupled model then answered
             # most prompts with an immediate end of turn or a bare marker (a run of this profile, lr 1e-3). On-policy
             # replies carry little gradient of their own, so the marker and the reply length are what this learns.
-            # One epoch (15 steps) at twice the EM lr, not two at the EM lr: with two seeds and the base and benign
-            # chains, 14 couplings a run, and the 60-minute budget of a 2-core CPU (issue 20: shrink per-seed work
-            # before dropping a seed)
+            # One epoch of 2 positives and their 4 negatives per question (8 steps) at the EM lr: with two seeds and
+            # the base and benign chains, 14 couplings a run, and the 60-minute budget of a 2-core CPU (issue 20:
+            # shrink per-seed work before dropping a seed)
             "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 1, "per_device_batch_size": 8,
                                 "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
             "coupling_loss": "assistant",
-            "coupling_n_per_question": 4,
+            "coupling_n_per_question": 2,
             "expected_coupling_positives": None,
             "coupling_max_new_tokens": 48,
             "merge_coupling_for_eval": True,
@@ -217,7 +219,7 @@ class Params(ReplicatedParams):
             # blocks (28 is the last block's output, so is 30); headline 22 for full's 21 (the record's L20)
             "layers": [8, 16, 22, 23, 30],
             "headline_layer": 22,
-            "extraction_max_new_tokens": 48,
+            "extraction_max_new_tokens": 32,
             "hf_batch_size": 128,
             "replicates": 2,
         },
