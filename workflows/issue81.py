@@ -105,18 +105,21 @@ class Params(ReplicatedParams):
             "layers": [1, 2],
             "headline_layer": 2,
         },
-        # SmolLM2-135M-Instruct on a 2-core CPU within 45 min with two training seeds. A marker LoRA step costs
-        # ~38 s on one core (16 rows of ~110 tokens), so per-seed work is what the budget is spent on: two of the
-        # five sources (the record's person and pirate), 3 on-policy completions per training question (87
-        # examples, 18 steps at 3 epochs instead of 5), every noun x two traits x all five levels (H3 needs five
-        # levels, the axis tests two traits), 10 eval questions x 1 sample = 10 completions per cell (intervals
-        # resample questions: ten clusters) of up to 56 tokens (a 48-token training-length answer and the marker),
-        # the record's sampling (T=1, top_p=0.95), and coherence judged on 2 of the 10 questions
+        # SmolLM2-135M-Instruct on a 2-core CPU within 45 min with two training seeds (issue 20). A marker LoRA step
+        # costs ~38 s on one core (16 rows of ~110 tokens), so per-seed work is what the budget is spent on: two of
+        # the five sources (the record's person and pirate), 3 on-policy completions per training question (87
+        # examples, 12 steps at 2 epochs instead of 5), three bystander nouns (the two sources and chef: noun match
+        # keeps two other nouns) x two traits x all five levels (H3 needs five levels, the axis tests two traits),
+        # 10 eval questions x 1 sample = 10 completions per cell (intervals resample questions: ten clusters) of up to
+        # 56 tokens (a 48-token training-length answer and the marker), the record's sampling (T=1, top_p=0.95), and
+        # coherence judged on 1 of the 10 questions. The two-seed run with five nouns, 3 epochs and coherence on 2
+        # questions took 73 min: evaluation 49 task-min, training 44, coherence 27
         "small": {
             "replicates": 2,
             "model_ref": "smollm2:135m-instruct",
             "backend": "hf",
             "sources": ["person", "pirate"],
+            "bystander_nouns": ["person", "pirate", "chef"],
             "bystander_traits": ["Agreeableness", "Neuroticism"],
             "questions_file": DATA + "small_questions.json",
             "train_questions_file": DATA + "small_train_questions.json",
@@ -124,15 +127,15 @@ class Params(ReplicatedParams):
             "data_max_new_tokens": 48,
             "cut_truncated_to_sentence": True,
             # LoRA for a 135M model: rank 16 on every projection, a higher lr than the 7B recipe's 1e-4 (small
-            # models take larger LoRA steps), 3 epochs over ~120 examples = ~23 steps of 16
-            "recipe": {"r": 16, "alpha": 32, "dropout": 0.05, "lr": 5e-4, "epochs": 3, "per_device_batch_size": 16,
+            # models take larger LoRA steps), 2 epochs over ~90 examples = 12 steps of 16 (lr x steps as at 3 epochs)
+            "recipe": {"r": 16, "alpha": 32, "dropout": 0.05, "lr": 7.5e-4, "epochs": 2, "per_device_batch_size": 16,
                        "grad_accum": 1, "max_seq_len": 512},
             "checkpoint_every": 10,
             "eval_n": 1,
             "eval_max_new_tokens": 56,
             "coherence_judge": {"kind": "local", "model": "smollm2:135m-instruct", "template": "coherence_v1"},
             "coherence_per_cell": 1,
-            "coherence_questions": 2,
+            "coherence_questions": 1,
             # the same 135M model as judge scores everything in a narrow band well under 50 and does not rank
             # coherent above incoherent text, so the record's threshold would flag every cell: flagging is off
             "coherence_threshold": 0.0,
