@@ -119,21 +119,6 @@ def examples_under(tokenizer, build, pairs: Sequence[tuple[str, list[int]]], tex
     return [with_reply_ids(prompts[qid], reply, None) for qid, reply in pairs]
 
 
-def mean_ce(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft=None) -> float:
-    """Token-mean CE, as the trainers' held-out evaluation computes it (``mean_ce_ids``; with ``soft`` filling
-    the soft slots, ``SoftPrefixTrainer.mean_ce``)."""
-    import torch
-
-    from shared.lm.teacher import batch_ce_sum, micro_batches, n_loss_tokens
-    from shared.search.gcg import mean_ce_ids
-
-    if soft is None:
-        return mean_ce_ids(model, examples, pad_id, micro_batch_tokens)
-    with torch.no_grad():
-        total = sum(float(batch_ce_sum(model, group, pad_id, soft)) for group in micro_batches(examples, micro_batch_tokens))
-    return total / max(n_loss_tokens(examples), 1)
-
-
 def pair_ce_sums(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft=None) -> list[float]:
     """Each example's summed completion CE: the rows ``batch_ce_sum`` adds up, in example order."""
     import torch
@@ -151,9 +136,11 @@ def pair_ce_sums(model, examples: Sequence, pad_id: int, micro_batch_tokens: int
 
 
 def scored(model, examples: Sequence, pad_id: int, micro_batch_tokens: int, soft=None) -> dict:
-    """The token-mean CE (the trainers' number) and the per-pair sums behind it."""
-    return {"ce": mean_ce(model, examples, pad_id, micro_batch_tokens, soft),
-            "pair_ce_sums": pair_ce_sums(model, examples, pad_id, micro_batch_tokens, soft)}
+    """The per-pair CE sums and the token-mean CE over them (the trainers' held-out number), from one pass."""
+    from shared.lm.teacher import n_loss_tokens
+
+    sums = pair_ce_sums(model, examples, pad_id, micro_batch_tokens, soft)
+    return {"ce": sum(sums) / max(n_loss_tokens(examples), 1), "pair_ce_sums": sums}
 
 
 def teacher_test_pairs(pair, cfg: Config) -> list[tuple[str, list[int]]]:
@@ -223,6 +210,8 @@ def measure(cfg: Config, ctx: Context, model, tokenizer, tested: list[tuple[str,
             on_test = scored(model, examples_under(tokenizer, prompt.build, tested, test_texts), pad_id,
                              cfg.micro_batch_tokens, soft)
             cells[name]["test"] = {"ce": on_test["ce"], "pair_ce_sums": on_test["pair_ce_sums"]}
+        ctx.log(f"cell {name} ({len(cells)} of {len(cfg.cells)}): kept prompt CE {kept['ce']:.4f} held out"
+                + (f", {cells[name]['test']['ce']:.4f} on the test pairs" if tested else ""))
     for s in sets:
         pairs = s.pop("pairs")
         s["n_pairs"], s["questions"] = len(pairs), sorted({qid for qid, _ in pairs})
