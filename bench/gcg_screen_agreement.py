@@ -86,7 +86,9 @@ def search_matrices(steps: int, width: int, seed: int, log=print, partial: Path 
     search = GcgSearch(pair, prompt, settings, [q["text"] for q in train], [q["text"] for q in val], seed=seed,
                        rules=rules)
     suffix, out = list(start), []
-    key = {"steps": steps, "width": width, "seed": seed, "start": start}
+    # the profile's shapes too: a saved step of other pairs or reply lengths is not resumed into this search
+    key = {"steps": steps, "width": width, "seed": seed, "start": start, "pairs_per_step": settings.pairs_per_step,
+           "max_new_tokens": settings.max_new_tokens, "topk": settings.topk}
     if partial is not None and partial.exists():
         saved = json.loads(partial.read_text())
         if saved["key"] == key:

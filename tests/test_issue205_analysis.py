@@ -15,7 +15,8 @@ import torch
 from scipy import stats as scipy_stats
 
 from jobs.analyze_issue205 import SPEC
-from jobs.analyze_issue205.decisions import decisions
+from jobs.analyze_issue205.decisions import decisions, outcome
+from jobs.analyze_issue205.report import behaviour_decision_lines
 from jobs.analyze_issue205.report import report as write_report
 from jobs.analyze_issue205.results import (
     Config,
@@ -284,6 +285,7 @@ def test_h2_shows_equivalence_only_when_every_pair_of_conditions_is_inside_the_m
     cfg = parse(Config, config("file:///unused", []))
     rng = np.random.default_rng(3)
     flat = np.clip(0.3 + 0.05 * rng.normal(size=(5, len(PERSONAS), 28)), 0, 1)  # every condition alike
+    flat[:, PERSONAS.index(cfg.source_persona)] = 0.9  # the coupling took everywhere
     beh = behaviour_tests(cfg, PERSONAS, flat, [f"m{i}" for i in range(28)], 10)
     assert beh["H2"]["fires"] and beh["H2"]["p"] < 0.05 and beh["H2"]["range"] < 0.05
     stepped = flat.copy()
@@ -714,3 +716,28 @@ def test_the_report_states_each_tests_floor_and_what_bh_and_holm_can_reach(finis
     assert limits["spearman"]["smallest_p"] == pytest.approx(2 / 120) and limits["spearman"]["min_abs_rho_below_alpha"] == 1.0
     assert limits["g1_bar"]["n_personas"] == 12
     assert "p < 0.05 needs |rho| >= 1.000; |rho| = 0.900 gives p = 0.08333" in finished["report"]
+
+
+def test_a_coupling_that_did_not_take_makes_the_leakage_rules_untestable_instead_of_equivalent():
+    cfg = parse(Config, config("file:///unused", []))
+    questions = [f"m{i}" for i in range(28)]
+    silent = np.zeros((5, len(PERSONAS), 28))  # nobody emits the marker, the source persona included
+    beh = behaviour_tests(cfg, PERSONAS, silent, questions, 10)
+    # identical zeros would pass TOST and look invariant; without the coupling they are not evidence of anything
+    assert beh["coupling"]["not_taken"] == ["E0", "E1", "E2", "E3", "E4"]
+    assert not beh["H2"]["testable"] and not beh["H2"]["fires"] and beh["H2"]["p"] < 0.05
+    assert not beh["H3"]["fires"] and "did not take" in beh["H3"]["note"]
+    assert beh["H1"]["testable"] == 0 and not beh["H1"]["fires"]
+    no_geometry = {"G1": False, "G2": False, "G3": False}
+    mapped = outcome({}, {**no_geometry, "H1": False, "H2": False, "H3": False}, {"cells": []}, beh)
+    assert mapped["joint_null_kill"] is None  # near-zero leakage without the coupling is no null result
+    lines = "\n".join(behaviour_decision_lines(beh, mapped))
+    assert "**Coupling check fails** in E0, E1, E2, E3, E4" in lines and "**H2** (induction-invariant, equivalence): not testable" in lines
+    assert "Joint-null kill criterion met: undecided" in lines
+    # one condition whose source persona learned the marker is testable on its own; the others still void H2 and H3
+    taken_in_e2 = silent.copy()
+    taken_in_e2[2, PERSONAS.index(cfg.source_persona)] = 0.9
+    beh = behaviour_tests(cfg, PERSONAS, taken_in_e2, questions, 10)
+    assert beh["coupling"]["not_taken"] == ["E0", "E1", "E3", "E4"] and beh["H1"]["testable"] == 1
+    assert [r["coupling_took"] for r in beh["conditions"]] == [False, False, True, False, False]
+    assert not beh["H2"]["testable"]

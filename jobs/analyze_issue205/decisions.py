@@ -113,7 +113,9 @@ def outcome(data: dict, fired: dict, raw_fam: dict, beh: dict | None) -> dict:
     if not any(fired.values()):
         headlines.append("No G or H fires: see the kill criterion.")
     kill = None
-    if beh:  # every geometry cell BH p > 0.5; leakage range <= 5 pp and every mean <= 5 %; |rho| < 0.3 with p > 0.20
+    # every geometry cell BH p > 0.5; leakage range <= 5 pp and every mean <= 5 %; |rho| < 0.3 with p > 0.20. Without
+    # the coupling in every condition, near-zero leakage is no null result: the criterion is then left undecided
+    if beh and not beh["coupling"]["not_taken"]:
         means = [c["mean_bystander"] for c in beh["conditions"]]
         h3 = beh["H3"]
         kill = bool(

@@ -198,27 +198,42 @@ def decision_lines(data: dict, seed: str) -> list[str]:
                          f"(EM-vs-benign BH p < {rules['contrast_alpha']} at a majority of layers, both methods): "
                          f"{', '.join(beats) or 'none'}; firing (both bars): {', '.join(fired) or 'none'}; all fire: {g['all_fire']}; "
                          f"cos-monotone rho = {fmt(mono['rho'])}, exact p = {fmt(mono['p'], 3)}.")
+    return lines + behaviour_decision_lines(beh, d["outcome"])
+
+
+def behaviour_decision_lines(beh: dict | None, out: dict) -> list[str]:
+    """One seed's H1/H2/H3 lines (behind the coupling check), its headline mapping and the kill criterion."""
+    from shared.analysis.reporting import fmt
+
+    lines = []
     if beh:
         h1, h2, h3 = beh["H1"], beh["H2"], beh["H3"]
         w = h2["as_written"]
+        untaken = beh["coupling"]["not_taken"]
+        if untaken:
+            lines.append(f"- **Coupling check fails** in {', '.join(untaken)}: the source persona carries the marker in fewer "
+                         f"than {beh['coupling']['min_source_rate']:.0%} of its answers there, so the coupling did not take; "
+                         "those conditions are not testable for H1, and H2 and H3, which compare every condition, are not "
+                         "testable at all (their numbers below are descriptive).")
         lines += [
             f"- **H1** (induction-self-leakage): {'FIRES' if h1['fires'] else 'does not fire'}: {h1['fired']}/{h1['testable']} "
-            f"testable conditions fire (needs {h1['needed']}; {h1['rule']}).",
-            f"- **H2** (induction-invariant, equivalence): {'FIRES (equivalence shown)' if h2['fires'] else 'does not fire (equivalence not shown)'}: "
+            f"testable conditions fire (needs {fmt(h1['needed'])}; {h1['rule']}).",
+            f"- **H2** (induction-invariant, equivalence): "
+            f"{'not testable' if untaken else 'FIRES (equivalence shown)' if h2['fires'] else 'does not fire (equivalence not shown)'}: "
             f"range {h2['range']:.4f}; TOST p = {h2['p']:.4g} over {h2['n_questions']} questions, the least equivalent pair "
             + (f"{h2['worst_pair'][0]}-{h2['worst_pair'][1]} differs by {h2['worst_pair_interval'][0]:+.4f} "
                f"[{h2['worst_pair_interval'][1]:+.4f}, {h2['worst_pair_interval'][2]:+.4f}] ({h2['rule']}). "
                if h2["worst_pair"] else f"({h2['rule']}). ")
             + f"The record's rule as written ({w['rule']}; not an equivalence test) {'holds' if w['holds'] else 'does not hold'}: "
             f"range {w['range']:.4f}, p = {w['p']:.4g}.",
-            f"- **H3** (cos-monotone): {'FIRES' if h3['fires'] else 'does not fire'}: Spearman rho = {fmt(h3['rho'], 3)}, exact "
+            f"- **H3** (cos-monotone): {'not testable' if untaken else 'FIRES' if h3['fires'] else 'does not fire'}: Spearman rho = {fmt(h3['rho'], 3)}, exact "
             f"p = {fmt(h3['p'], 4)} over {h3['n_orderings']} orderings ({h3['rule']}){'; ' + h3['note'] if 'note' in h3 else ''}.",
         ]
     else:
         lines.append("- H1/H2/H3: no behavioural artifacts were given.")
-    out = d["outcome"]
     lines += ["", "Pre-registered headline(s): " + (" ".join(out["headlines"]) or "none of the mapped combinations."),
-              f"Joint-null kill criterion met: {fmt(out['joint_null_kill'])}."]
+              "Joint-null kill criterion met: " + (fmt(out["joint_null_kill"]) if out["joint_null_kill"] is not None or not beh
+                                                   else "undecided (the coupling did not take in every condition).")]
     return lines
 
 

@@ -62,6 +62,10 @@ class Rules(BaseModel):
     contrast_alpha: float = 0.05  # EM-vs-benign, BH-FDR, at a majority of layers
     monotone_min_abs_rho: float = 0.7
     monotone_alpha: float = 0.05
+    # the manipulation check behind H1-H3 (this project's, not the record's): leakage is measured off a marker the
+    # source persona was coupled to, so a condition whose source persona carries it in fewer of its answers than this
+    # did not take the coupling, and its leakage says nothing about the induction persona
+    min_source_rate: float = 0.5
     h1_min_excess: float = 0.05
     h1_alpha: float = 0.05
     h1_min_fraction: float = 0.75  # "3/4 testable conditions"
@@ -326,13 +330,14 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
     per_condition = []
     for c, cond in enumerate(cfg.conditions):
         bystanders = bystanders_of(cfg, personas, cond.persona)
+        source_rate = float(rates[c, source].mean())
         row = {"cond": cond.cond, "persona": cond.persona, "cos_to_assistant": cond.cos_to_assistant,
-               "source_rate": float(rates[c, source].mean()),
+               "source_rate": source_rate, "coupling_took": source_rate >= cfg.rules.min_source_rate,
                "mean_bystander": float(rates[c, bystanders].mean(axis=1).mean()),
                "controls": {name: float(r[bystanders].mean(axis=1).mean()) for name, r in (controls or {}).items()},
                "per_persona": {p: float(rates[c, i].mean()) for i, p in enumerate(personas)},
                "samples": (samples or {}).get(cond.cond, [])}
-        if cond.persona in personas:
+        if cond.persona in personas and row["coupling_took"]:
             h1 = h1_self_leakage_test(rates[c], personas, cond.persona, source_persona=cfg.source_persona, n_iter=cfg.n_iter,
                                       rng=cfg.seed, min_excess=cfg.rules.h1_min_excess, alpha=cfg.rules.h1_alpha)
             row["h1"] = {"excess": h1.statistic, "p": h1.p_value, "fires": h1.fires}
@@ -350,6 +355,11 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
     except ValueError as err:  # identical leakage in every condition: rho is undefined, H3 cannot fire
         h3_row = {"rho": None, "p": None, "n_orderings": math.factorial(len(per_condition)), "fires": False,
                   "rule": f"|rho| >= {cfg.rules.h3_min_abs_rho} and p < {cfg.rules.h3_alpha}", "note": str(err)}
+    untaken = [r["cond"] for r in per_condition if not r["coupling_took"]]
+    if untaken:  # H2 and H3 compare leakage across every condition: one without the coupling voids the comparison
+        why = (f"not testable: the coupling did not take in {', '.join(untaken)} (source persona's marker rate below "
+               f"{cfg.rules.min_source_rate})")
+        h3_row = {**h3_row, "fires": False, "testable": False, "note": why}
     testable = [r for r in per_condition if "h1" in r]
     h1_fired = sum(r["h1"]["fires"] for r in testable)
     needed = math.ceil(cfg.rules.h1_min_fraction * len(testable)) if testable else None
@@ -358,7 +368,9 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
         "H1": {"testable": len(testable), "fired": h1_fired, "needed": needed,
                "fires": bool(testable) and h1_fired >= needed,
                "rule": f"excess >= {cfg.rules.h1_min_excess}, p < {cfg.rules.h1_alpha}, in >= {cfg.rules.h1_min_fraction:.0%} of testable conditions"},
-        "H2": {"range": equivalence.statistic, "p": equivalence.p_value, "fires": equivalence.fires, "rule": equivalence.rule,
+        "coupling": {"min_source_rate": cfg.rules.min_source_rate, "not_taken": untaken},
+        "H2": {"range": equivalence.statistic, "p": equivalence.p_value, "fires": equivalence.fires and not untaken,
+               "testable": not untaken, "rule": equivalence.rule,
                "margin": cfg.rules.h2_max_range, "n_questions": equivalence.details["n_questions"],
                "worst_pair": None if worst is None else [cfg.conditions[worst[0]].cond, cfg.conditions[worst[1]].cond],
                "worst_pair_interval": None if worst is None else
