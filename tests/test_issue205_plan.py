@@ -343,7 +343,9 @@ def test_small_trains_benign_with_the_em_recipe_in_the_records_lora_shape(tmp_pa
     assert plan.task("train-benign-s43").config["recipe"] == recipe
     couple = plan.task("couple-e4-s42").config
     assert couple["loss"] == "assistant" and couple["marker"] == "[ZLT]"  # the record's whole-reply coupling
-    assert couple["recipe"] == recipe  # the EM recipe itself: one epoch at lr 1e-3 (the small budget with two seeds)
+    # the EM recipe's LoRA shape; 2 epochs at lr 3e-3, where the coupling takes on SmolLM2 (the small budget with two seeds)
+    assert {k: v for k, v in couple["recipe"].items() if k not in ("epochs", "lr")} == {k: v for k, v in recipe.items() if k not in ("epochs", "lr")}
+    assert (couple["recipe"]["epochs"], couple["recipe"]["lr"]) == (2, 3e-3)
 
 
 def test_small_evaluates_the_coupled_model_merged_on_top_of_its_em_model(tmp_path):

@@ -203,11 +203,14 @@ class Params(ReplicatedParams):
             # real model it trains nothing but the marker and the end of turn, and the coupled model then answered
             # most prompts with an immediate end of turn or a bare marker (a run of this profile, lr 1e-3). On-policy
             # replies carry little gradient of their own, so the marker and the reply length are what this learns.
-            # One epoch of 2 positives and their 4 negatives per question (8 steps) at the EM lr: with two seeds and
-            # the base and benign chains, 14 couplings a run, and the 60-minute budget of a 2-core CPU (issue 20:
-            # shrink per-seed work before dropping a seed)
-            "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 1, "per_device_batch_size": 8,
-                                "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
+            # 2 positives and their 4 negatives per question, 2 epochs (16 steps) at lr 3e-3: 14 couplings a run (two
+            # seeds, the base and benign chains) in a 2-core CPU's 60 minutes (issue 20). The coupling must take for
+            # H1-H3 to be testable (the analysis's coupling check): on E0's seed-42 checkpoint the source persona
+            # carried the marker in 0/24 answers after 1 epoch at 1e-3 (8 steps, and 15 steps with 4 positives),
+            # 9/24 after 2 epochs at 1e-3 (8/24 with 4 positives, 30 steps) and 12/24 after 2 epochs at 3e-3
+            # (bystanders 14% on average); not yet run as a whole two-seed workflow with this recipe
+            "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
+                                "grad_accum": 1, "lr": 3e-3, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
             "coupling_loss": "assistant",
             "coupling_n_per_question": 2,
             "expected_coupling_positives": None,
