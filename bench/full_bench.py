@@ -64,10 +64,12 @@ SAMPLING_CASES = [(which, lengths, "fast") for which in ("teacher", "eval") for 
     + [("teacher", "fixed", "generate")]
 
 SETTINGS = {
+    # the screen is issue170's default, the setting bench.gcg_screen_agreement supports (8 of 32 pairs, 128 of 512
+    # candidates); the H100 results in bench/results were measured at the earlier 4 and 32 (their JSON says so)
     "qwen7b": dict(reps=3, new_tokens=256, teacher_questions=16, teacher_completions=20, eval_rows=1024, soft_k=64,
                    soft_questions=16, soft_completions=20, micro_batch_tokens=8192, lr=5e-4,
-                   gcg_width=512, gcg_topk=256, gcg_questions=16, gcg_completions=2, gcg_length=20, screen_pairs=4,
-                   screen_keep=32, screen_check_every=25, max_tokens_per_forward=65536, gcg_lengths="record",
+                   gcg_width=512, gcg_topk=256, gcg_questions=16, gcg_completions=2, gcg_length=20, screen_pairs=8,
+                   screen_keep=128, screen_check_every=25, max_tokens_per_forward=65536, gcg_lengths="record",
                    soft_cases=SOFT_CASES, sampling_cases=SAMPLING_CASES, greedy_rows=64, greedy_tokens=32,
                    matmul_size=8192),
     "tiny": dict(reps=3, new_tokens=8, teacher_questions=2, teacher_completions=3, eval_rows=8, soft_k=4,

@@ -152,14 +152,16 @@ class Params(JudgeParams, ReplicatedParams):
         2, "fresh teacher completions per question and GCG step (x questions: the step's pairs)")
     gcg_val_every: PositiveInt = described(
         25, "GCG: steps between held-out evaluations (the kept suffix is the best of them)")
-    # GCG's candidate screen (shared.search.gcg.screened_losses). The defaults (4 of 32 pairs, 32 of 512 candidates) are
-    # not yet backed by a measurement on real weights: `python -m bench.gcg_screen_agreement` measures that (20
-    # steps on SmolLM2, CPU) and prints the setting its evidence supports; set these to it once it has run. The
-    # screen is off where screen_keep >= gcg_search_width (small: 32 >= 24, every candidate on every pair).
+    # GCG's candidate screen (shared.search.gcg.screened_losses). The defaults are the setting the evidence supports:
+    # `python -m bench.gcg_screen_agreement` (20 full-evaluation steps on SmolLM2, CPU; bench/results/
+    # gcg_screen_agreement.md) found 2 of 8 pairs and 4 of 16 candidates the cheapest screen that loses at most 10%
+    # of a step's improvement (90% agreement with the full evaluation), which is 8 of 32 pairs and 128 of 512
+    # candidates at the record's width. The screen is off where screen_keep >= gcg_search_width (small: 128 >= 24,
+    # every candidate on every pair).
     gcg_screen_pairs: PositiveInt | None = described(
-        4, "the screen scores every candidate on this many of a step's pairs (null: no screen, all on all)")
+        8, "the screen scores every candidate on this many of a step's pairs (null: no screen, all on all)")
     gcg_screen_keep: PositiveInt = described(
-        32, "the screen's best this many candidates (and the current suffix) are scored on all the step's pairs")
+        128, "the screen's best this many candidates (and the current suffix) are scored on all the step's pairs")
     gcg_screen_check_every: NonNegativeInt = described(
         25, "every Nth GCG step also runs the full evaluation: the screen's measured agreement (0: never)")
     user_slot_system: str = described("none", "system slot of the user-slot GCG cells (their suffix is in the user turn)")
