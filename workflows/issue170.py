@@ -240,8 +240,8 @@ class Params(JudgeParams, ReplicatedParams):
             # a real instruct model on a 2-core CPU: the teacher is SmolLM2 under the villain prompt, so the oracle
             # (that prompt given to the student as text) is a prompt known to reproduce the teacher exactly. Per
             # seed, for issue 20's 40 minutes with two seeds: 20 soft-prefix steps of 32-token teacher replies (a
-            # step measured ~32 s on one core with 48 tokens: teacher 17 s, student 15 s) and 2 completions per
-            # panel question (each is judged twice, alignment and coherence)
+            # step ~5 s on one core of an idle machine: teacher 1.8 s, student 3.0-3.7 s; the two-seed run took
+            # 29.6 min) and 2 completions per panel question (each is judged twice, alignment and coherence)
             "replicates": 2,
             "model_ref": SMALL_MODEL,
             "teacher_model_ref": None,

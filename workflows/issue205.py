@@ -193,7 +193,7 @@ class Params(ReplicatedParams):
             "em_data_md5": None,
             "benign_limit": None,
             # the record's LoRA shape (r=32, alpha=64, dropout 0.05, rsLoRA off, wd 0.01, clip 1.0). For issue 20's 60
-            # minutes with two seeds (12 EM and benign fine-tunes a run, a LoRA step ~15-19 s on one core), one epoch
+            # minutes with two seeds (12 EM and benign fine-tunes a run, a LoRA step ~9 s on one core), one epoch
             # of 96 answers of at most 48 tokens: 12 steps at lr 1e-3 instead of the record's 1e-4 over 375 steps
             "em_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 1, "per_device_batch_size": 8,
                           "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},

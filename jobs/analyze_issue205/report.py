@@ -232,8 +232,8 @@ def behaviour_decision_lines(beh: dict | None, out: dict) -> list[str]:
     else:
         lines.append("- H1/H2/H3: no behavioural artifacts were given.")
     lines += ["", "Pre-registered headline(s): " + (" ".join(out["headlines"]) or "none of the mapped combinations."),
-              "Joint-null kill criterion met: " + (fmt(out["joint_null_kill"]) if out["joint_null_kill"] is not None or not beh
-                                                   else "undecided (the coupling did not take in every condition).")]
+              "Joint-null kill criterion met: " + ("undecided (the coupling did not take in every condition)."
+                                                   if beh and beh["coupling"]["not_taken"] else fmt(out["joint_null_kill"]))]
     return lines
 
 
