@@ -289,7 +289,7 @@ def test_h2_shows_equivalence_only_when_every_pair_of_conditions_is_inside_the_m
     beh = behaviour_tests(cfg, PERSONAS, flat, [f"m{i}" for i in range(28)], 10)
     assert beh["H2"]["fires"] and beh["H2"]["p"] < 0.05 and beh["H2"]["range"] < 0.05
     stepped = flat.copy()
-    stepped[4] += 0.2  # one condition 20 points above the others: outside the 15-point margin
+    stepped[4] = np.clip(stepped[4] + 0.2, 0, 1)  # one condition 20 points above the others: outside the 15-point margin
     beh = behaviour_tests(cfg, PERSONAS, stepped, [f"m{i}" for i in range(28)], 10)
     assert not beh["H2"]["fires"] and beh["H2"]["p"] > 0.5 and "E4" in beh["H2"]["worst_pair"]
 
@@ -741,3 +741,22 @@ def test_a_coupling_that_did_not_take_makes_the_leakage_rules_untestable_instead
     assert beh["coupling"]["not_taken"] == ["E0", "E1", "E3", "E4"] and beh["H1"]["testable"] == 1
     assert [r["coupling_took"] for r in beh["conditions"]] == [False, False, True, False, False]
     assert not beh["H2"]["testable"]
+
+
+def test_the_coupling_check_asks_whether_the_source_rate_is_shown_above_h2s_margin_given_its_answers():
+    cfg = parse(Config, config("file:///unused", []))
+    assert cfg.rules.h2_max_range == 0.15 and cfg.rules.coupling_alpha == 0.05
+
+    def checked(source_rate: float, n_questions: int, per_cell: int) -> list[bool]:
+        rates = np.full((5, len(PERSONAS), n_questions), 0.05)
+        rates[:, PERSONAS.index(cfg.source_persona)] = source_rate
+        beh = behaviour_tests(cfg, PERSONAS, rates, [f"m{i}" for i in range(n_questions)], per_cell)
+        return [r["coupling_took"] for r in beh["conditions"]]
+
+    # a quarter of the source's answers: shown above 0.15 over 280 answers (bound ~0.21), not over 24 (bound 0.115)
+    assert checked(0.25, 28, 10) == [True] * 5
+    assert checked(0.25, 8, 3) == [False] * 5
+    # a rate on the margin itself is never shown above it, however many answers
+    assert checked(0.15, 28, 10) == [False] * 5
+    # the record's source rates (75-90% over 280 answers) pass with room to spare
+    assert checked(0.75, 28, 10) == [True] * 5

@@ -472,3 +472,18 @@ def test_h3_needs_a_perfect_ordering_at_five_conditions():
     assert stats.h3_cos_monotone_test([5, 4, 3, 2, 1], [1, 2, 3, 4, 5]).fires  # rho = -1, p = 2/120
     record = stats.h3_cos_monotone_test([0.98, 0.9457, 0.906, 0.8696, 0.7828], [45.7, 48.6, 50.1, 53.7, 52.0])
     assert not record.fires and record.p_value == pytest.approx(0.0833, abs=1e-4)
+
+
+def test_the_binomial_lower_bound_covers_the_true_rate_at_its_level_and_is_exact():
+    rng = np.random.default_rng(11)
+    for rate, trials in ((0.3, 24), (0.15, 280), (0.8, 50)):
+        draws = rng.binomial(trials, rate, size=2000)
+        bounds = np.array([stats.binomial_lower_bound(int(k), trials) for k in draws])
+        # Clopper-Pearson is conservative: the bound exceeds the true rate in at most alpha of the draws
+        assert (bounds > rate).mean() <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 2000)
+    assert stats.binomial_lower_bound(0, 24) == 0.0
+    # the exact one-sided bound: P(X >= k | p = bound) = alpha
+    bound = stats.binomial_lower_bound(12, 24)
+    assert scipy_stats.binom.sf(11, 24, bound) == pytest.approx(0.05, rel=1e-6)
+    with pytest.raises(ValueError, match="successes <= trials"):
+        stats.binomial_lower_bound(25, 24)

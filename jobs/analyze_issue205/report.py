@@ -211,10 +211,14 @@ def behaviour_decision_lines(beh: dict | None, out: dict) -> list[str]:
         w = h2["as_written"]
         untaken = beh["coupling"]["not_taken"]
         if untaken:
-            lines.append(f"- **Coupling check fails** in {', '.join(untaken)}: the source persona carries the marker in fewer "
-                         f"than {beh['coupling']['min_source_rate']:.0%} of its answers there, so the coupling did not take; "
-                         "those conditions are not testable for H1, and H2 and H3, which compare every condition, are not "
-                         "testable at all (their numbers below are descriptive).")
+            cp = beh["coupling"]
+            rates = "; ".join(f"{r['cond']} {r['source_rate']:.4f} (bound {r['source_rate_low']:.4f})"
+                              for r in beh["conditions"] if r["cond"] in untaken)
+            lines.append(f"- **Coupling check fails** in {', '.join(untaken)}: the source persona's marker rate there is not "
+                         f"above H2's margin of {cp['floor']:.2f} at one-sided {cp['confidence']:.0%} confidence "
+                         f"(Clopper-Pearson lower bound; {rates}), so the coupling did not take; those conditions are not "
+                         "testable for H1, and H2 and H3, which compare every condition, are not testable at all (their "
+                         "numbers below are descriptive).")
         lines += [
             f"- **H1** (induction-self-leakage): {'FIRES' if h1['fires'] else 'does not fire'}: {h1['fired']}/{h1['testable']} "
             f"testable conditions fire (needs {fmt(h1['needed'])}; {h1['rule']}).",
@@ -227,7 +231,7 @@ def behaviour_decision_lines(beh: dict | None, out: dict) -> list[str]:
             + f"The record's rule as written ({w['rule']}; not an equivalence test) {'holds' if w['holds'] else 'does not hold'}: "
             f"range {w['range']:.4f}, p = {w['p']:.4g}.",
             f"- **H3** (cos-monotone): {'not testable' if untaken else 'FIRES' if h3['fires'] else 'does not fire'}: Spearman rho = {fmt(h3['rho'], 3)}, exact "
-            f"p = {fmt(h3['p'], 4)} over {h3['n_orderings']} orderings ({h3['rule']}){'; ' + h3['note'] if 'note' in h3 else ''}.",
+            f"p = {fmt(h3['p'], 4)} over {h3['n_orderings']} orderings ({h3['rule']}){'; ' + h3['note'] if 'note' in h3 and not untaken else ''}.",
         ]
     else:
         lines.append("- H1/H2/H3: no behavioural artifacts were given.")

@@ -63,9 +63,11 @@ class Rules(BaseModel):
     monotone_min_abs_rho: float = 0.7
     monotone_alpha: float = 0.05
     # the manipulation check behind H1-H3 (this project's, not the record's): leakage is measured off a marker the
-    # source persona was coupled to, so a condition whose source persona carries it in fewer of its answers than this
-    # did not take the coupling, and its leakage says nothing about the induction persona
-    min_source_rate: float = 0.5
+    # source persona was coupled to. A condition took the coupling when its source persona's marker rate is above
+    # H2's margin at one-sided confidence 1 - coupling_alpha (Clopper-Pearson over its answers): below that, every
+    # persona's leakage may sit inside the margin only because the marker was barely learned, and H2's equivalence
+    # would be a floor effect. Checked on the source persona alone: how far the marker spreads is the outcome.
+    coupling_alpha: float = 0.05
     h1_min_excess: float = 0.05
     h1_alpha: float = 0.05
     h1_min_fraction: float = 0.75  # "3/4 testable conditions"
@@ -320,6 +322,7 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
     """One seed's behavioural statistics from ``rates`` (condition, persona, question) of marker rates, and each
     control's (``controls[name]``: (persona, question)) mean leakage over every condition's own bystanders."""
     from shared.analysis.stats import (
+        binomial_lower_bound,
         h1_self_leakage_test,
         h2_equivalence_test,
         h2_invariance_test,
@@ -331,8 +334,11 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
     for c, cond in enumerate(cfg.conditions):
         bystanders = bystanders_of(cfg, personas, cond.persona)
         source_rate = float(rates[c, source].mean())
+        answers = rates.shape[2] * n_per_cell
+        source_low = binomial_lower_bound(round(source_rate * answers), answers, cfg.rules.coupling_alpha)
         row = {"cond": cond.cond, "persona": cond.persona, "cos_to_assistant": cond.cos_to_assistant,
-               "source_rate": source_rate, "coupling_took": source_rate >= cfg.rules.min_source_rate,
+               "source_rate": source_rate, "source_rate_low": source_low,
+               "coupling_took": source_low > cfg.rules.h2_max_range,
                "mean_bystander": float(rates[c, bystanders].mean(axis=1).mean()),
                "controls": {name: float(r[bystanders].mean(axis=1).mean()) for name, r in (controls or {}).items()},
                "per_persona": {p: float(rates[c, i].mean()) for i, p in enumerate(personas)},
@@ -357,8 +363,8 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
                   "rule": f"|rho| >= {cfg.rules.h3_min_abs_rho} and p < {cfg.rules.h3_alpha}", "note": str(err)}
     untaken = [r["cond"] for r in per_condition if not r["coupling_took"]]
     if untaken:  # H2 and H3 compare leakage across every condition: one without the coupling voids the comparison
-        why = (f"not testable: the coupling did not take in {', '.join(untaken)} (source persona's marker rate below "
-               f"{cfg.rules.min_source_rate})")
+        why = (f"not testable: the coupling did not take in {', '.join(untaken)} (source persona's marker rate not "
+               f"shown above {cfg.rules.h2_max_range})")
         h3_row = {**h3_row, "fires": False, "testable": False, "note": why}
     testable = [r for r in per_condition if "h1" in r]
     h1_fired = sum(r["h1"]["fires"] for r in testable)
@@ -368,7 +374,7 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
         "H1": {"testable": len(testable), "fired": h1_fired, "needed": needed,
                "fires": bool(testable) and h1_fired >= needed,
                "rule": f"excess >= {cfg.rules.h1_min_excess}, p < {cfg.rules.h1_alpha}, in >= {cfg.rules.h1_min_fraction:.0%} of testable conditions"},
-        "coupling": {"min_source_rate": cfg.rules.min_source_rate, "not_taken": untaken},
+        "coupling": {"floor": cfg.rules.h2_max_range, "confidence": 1 - cfg.rules.coupling_alpha, "not_taken": untaken},
         "H2": {"range": equivalence.statistic, "p": equivalence.p_value, "fires": equivalence.fires and not untaken,
                "testable": not untaken, "rule": equivalence.rule,
                "margin": cfg.rules.h2_max_range, "n_questions": equivalence.details["n_questions"],

@@ -502,6 +502,14 @@ def binomial_bootstrap_ci(
     return _percentile_interval(statistic(rates, axis=-1), statistic(draws / trials, axis=-1), confidence)
 
 
+def binomial_lower_bound(successes: int, trials: int, alpha: float = 0.05) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound of a binomial rate: the true rate is at least this with
+    confidence 1 - alpha (exact, so conservative: it is the lower end of the two-sided 1 - 2 alpha interval)."""
+    if not 0 <= successes <= trials or trials < 1:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
+    return float(scipy_stats.binomtest(successes, trials).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").low)
+
+
 def ols_slope(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     """Least-squares slope of ``y`` on ``x`` along ``axis`` (broadcasts, so it works on bootstrap batches)."""
     x = np.asarray(x, dtype=float)
