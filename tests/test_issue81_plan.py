@@ -134,10 +134,9 @@ def test_small_plan_runs_two_sources_and_two_seeds_on_smollm2_with_a_local_same_
             assert task.config["model_ref"] == "smollm2:135m-instruct"
     evaluation = plan.task("eval-base").config
     ids = [p["id"] for p in evaluation["personas"]]
-    # three nouns (the two sources and chef) x Agreeableness and Neuroticism x all five levels, their pure nouns and
-    # the assistant
-    assert len(ids) == 3 * 2 * 5 + 3 + 1 and {i for i in ids if i.startswith("A2__")} == {"A2__person", "A2__pirate", "A2__chef"}
-    assert {i.split("__")[1] for i in ids if i.startswith("A1__")} == {"person", "pirate", "chef"}
+    # every noun x Agreeableness and Neuroticism x all five levels, the pure nouns and the assistant
+    assert len(ids) == 5 * 2 * 5 + 5 + 1 and {i for i in ids if i.startswith("A2__")} == {f"A2__{n}" for n in FULL_SOURCES}
+    assert {i.split("__")[1] for i in ids if i.startswith("A1__")} == set(FULL_SOURCES)
     assert {i.split("__")[2] for i in ids if i.startswith("A1__")} == {"Agreeableness", "Neuroticism"}
     assert {i.split("__")[3] for i in ids if i.startswith("A1__")} == {"L1", "L2", "L3", "L4", "L5"}
     assert (evaluation["temperature"], evaluation["top_p"], evaluation["backend"]) == (1.0, 0.95, "hf")

@@ -108,18 +108,17 @@ class Params(ReplicatedParams):
         # SmolLM2-135M-Instruct on a 2-core CPU within 45 min with two training seeds (issue 20). A marker LoRA step
         # costs ~15 s on one core (16 rows of ~110 tokens), so per-seed work is what the budget is spent on: two of
         # the five sources (the record's person and pirate), 3 on-policy completions per training question (87
-        # examples, 12 steps at 2 epochs instead of 5), three bystander nouns (the two sources and chef: noun match
-        # keeps two other nouns) x two traits x all five levels (H3 needs five levels, the axis tests two traits),
-        # 10 eval questions x 1 sample = 10 completions per cell (intervals resample questions: ten clusters) of up to
-        # 56 tokens (a 48-token training-length answer and the marker), the record's sampling (T=1, top_p=0.95), and
-        # coherence judged on 1 of the 10 questions. The two-seed run with five nouns, 3 epochs and coherence on 2
-        # questions took 73 min on a busier machine; this profile's run took 17 min
+        # examples, 12 steps at 2 epochs instead of 5), every noun x two traits x all five levels (H3 needs five
+        # levels, the axis tests two traits), 10 eval questions x 1 sample = 10 completions per cell (intervals
+        # resample questions: ten clusters) of up to 56 tokens (a 48-token training-length answer and the marker),
+        # the record's sampling (T=1, top_p=0.95), and coherence judged on 1 of the 10 questions. With three of the
+        # five nouns the two-seed run took 17 min on an idle machine, so the nouns are back (more bystanders for the
+        # cos-leakage and noun-match tests)
         "small": {
             "replicates": 2,
             "model_ref": "smollm2:135m-instruct",
             "backend": "hf",
             "sources": ["person", "pirate"],
-            "bystander_nouns": ["person", "pirate", "chef"],
             "bystander_traits": ["Agreeableness", "Neuroticism"],
             "questions_file": DATA + "small_questions.json",
             "train_questions_file": DATA + "small_train_questions.json",
