@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 
 from jobs.analyze_issue205 import SPEC
 from jobs.analyze_issue205.decisions import decisions, outcome
-from jobs.analyze_issue205.report import behaviour_decision_lines
+from jobs.analyze_issue205.report import behaviour_decision_lines, pooled_verdicts
 from jobs.analyze_issue205.report import report as write_report
 from jobs.analyze_issue205.results import (
     Config,
@@ -209,7 +209,8 @@ def test_em_collapse_fires_m1_for_every_condition_in_every_seed_and_benign_does_
         benign = [c for c in cells_of(finished, part="benign_vs_base", seed=seed) if c["metric"] == "M1"]
         assert len(benign) == 2 * len(LAYERS) and all(abs(c["delta"]) < 0.05 for c in benign)
     pooled = finished["headline"]["decisions"]["pooled"]["G1"]
-    assert pooled == {"per_seed": {"42": True, "43": True}, "passes": True, "n_pass": 2, "rule": "all seeds must pass"}
+    assert pooled == {"per_seed": {"42": True, "43": True}, "passes": True, "n_pass": 2, "rule": "all seeds must pass",
+                      "not_testable": []}
     assert "| G1 | s42: pass, s43: pass | 2/2 | PASSES | all seeds must pass |" in finished["report"]
 
 
@@ -760,3 +761,22 @@ def test_the_coupling_check_asks_whether_the_source_rate_is_shown_above_h2s_marg
     assert checked(0.15, 28, 10) == [False] * 5
     # the record's source rates (75-90% over 280 answers) pass with room to spare
     assert checked(0.75, 28, 10) == [True] * 5
+
+
+def test_a_seed_whose_coupling_did_not_take_is_not_testable_in_the_pooled_table_not_a_fail(finished):
+    import copy
+
+    data = copy.deepcopy(finished["headline"])
+    beh = data["per_seed"]["43"]["behaviour"]
+    beh["H2"] |= {"testable": False, "fires": False}
+    beh["H3"] |= {"testable": False, "fires": False}
+    beh["H1"] |= {"testable": 0, "fires": False}
+    pooled = decisions(data)["pooled"]
+    assert [pooled[h]["not_testable"] for h in ("H1", "H2", "H3")] == [["43"]] * 3
+    assert pooled["G1"]["not_testable"] == []  # geometry is decided whatever the coupling did
+    assert pooled_verdicts(pooled["H3"]) == ("s42: pass, s43: not testable", "1/2", "does not pass")
+    assert pooled_verdicts(pooled["H2"]) == ("s42: fail, s43: not testable", "0/2", "does not pass")
+    for seed in ("42", "43"):
+        b = data["per_seed"][seed]["behaviour"]
+        b["H2"] |= {"testable": False, "fires": False}
+    assert pooled_verdicts(decisions(data)["pooled"]["H2"]) == ("s42: not testable, s43: not testable", "0/2", "not testable")

@@ -148,7 +148,8 @@ def decisions(data: dict) -> dict:
     for name in names:
         decision = PooledDecision({int(s): bool(v["fired"][name]) for s, v in per_seed.items()})
         pooled[name] = {"per_seed": {str(k): v for k, v in decision.per_seed.items()}, "passes": decision.passes,
-                        "n_pass": decision.n_pass, "rule": decision.rule}
+                        "n_pass": decision.n_pass, "rule": decision.rule,
+                        "not_testable": [str(s) for s, v in data["per_seed"].items() if not testable(v["behaviour"], name)]}
     for name in ("G1", "G2", "G3"):
         decision = PooledDecision({int(s): bool(v["families"]["shift_invariant"][name]["fires"]) for s, v in per_seed.items()})
         pooled[f"{name} (shift-invariant)"] = {"per_seed": {str(k): v for k, v in decision.per_seed.items()},
@@ -158,6 +159,14 @@ def decisions(data: dict) -> dict:
                    and (r["geometry"] != "leakage" or r["estimate"] > 0)] if level["testable"] else []  # fmt: skip
     return {"per_seed": per_seed, "pooled": pooled, "pooled_headlines": pooled_headlines(per_seed),
             "em_specific": em_specific, "single_seed": not level["testable"]}
+
+
+def testable(beh: dict | None, name: str) -> bool:
+    """Whether a seed could decide ``name`` at all: H1 needs a condition that took the coupling, H2 and H3 need it
+    in every condition (a geometry rule is always decidable)."""
+    if not name.startswith("H") or not beh:
+        return True
+    return beh["H1"]["testable"] > 0 if name == "H1" else beh[name].get("testable", True)
 
 
 def pooled_headlines(per_seed: dict) -> list[str]:

@@ -241,6 +241,15 @@ def behaviour_decision_lines(beh: dict | None, out: dict) -> list[str]:
     return lines
 
 
+def pooled_verdicts(p: dict) -> tuple[str, str, str]:
+    """A pooled rule's per-seed verdicts, seeds passing and pooled verdict; a seed that could not decide the rule
+    (the coupling did not take) says so instead of 'fail'."""
+    untestable = p.get("not_testable", [])
+    per_seed = ", ".join(f"s{s}: {'not testable' if s in untestable else 'pass' if v else 'fail'}" for s, v in p["per_seed"].items())
+    pooled = ("PASSES" if p["passes"] else "not testable" if len(untestable) == len(p["per_seed"]) else "does not pass")
+    return per_seed, f"{p['n_pass']}/{len(p['per_seed'])}", pooled
+
+
 def decisions_section(data: dict) -> list[str]:
     from shared.analysis.reporting import markdown_table
 
@@ -252,8 +261,7 @@ def decisions_section(data: dict) -> list[str]:
         if uninformative:
             lines += [f"**M3 uninformative** where the base model's held-out accuracy is not above chance (p >= 0.05): "
                       f"{', '.join(uninformative)}.", ""]
-    rows = [(name, ", ".join(f"s{s}: {'pass' if v else 'fail'}" for s, v in p["per_seed"].items()), f"{p['n_pass']}/{len(p['per_seed'])}",
-             "PASSES" if p["passes"] else "does not pass", p["rule"]) for name, p in dec["pooled"].items()]
+    rows = [(name, *pooled_verdicts(p), p["rule"]) for name, p in dec["pooled"].items()]
     lines += ["### Pooled over seeds", "", markdown_table(["decision", "per seed", "seeds passing", "pooled", "pooling rule"], rows,
                                                          align="lllll"), "",
               "Pre-registered headline(s) every seed reaches: " + (" ".join(dec["pooled_headlines"]) or "none") + ".", ""]
