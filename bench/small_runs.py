@@ -19,7 +19,7 @@ from shared.core import store
 
 def run_summary(root: str, run_id: str) -> dict:
     plan = store.read_json(store.join(root, "runs", run_id, "_local", "plan.json"))
-    spans, computed, reused, per_stage = [], 0, 0, {}
+    spans, computed, reused, per_stage, commits = [], 0, 0, {}, set()
     for task in plan["tasks"]:
         uri = store.join(root, "runs", run_id, task["config"]["cell"], task["stage"], "manifest.json")
         manifest = store.read_json(uri)
@@ -27,6 +27,7 @@ def run_summary(root: str, run_id: str) -> dict:
             reused += 1
             continue
         computed += 1
+        commits.add(manifest.get("git_commit", "")[:7] + ("+dirty" if manifest.get("git_dirty") else ""))
         start = dt.datetime.fromisoformat(manifest["started_at"])
         seconds = float(manifest["wall_time_s"])
         spans.append((start, start + dt.timedelta(seconds=seconds)))
@@ -34,15 +35,15 @@ def run_summary(root: str, run_id: str) -> dict:
     span = (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds() if spans else 0.0
     return {"run_id": run_id, "workflow": plan["workflow"], "profile": plan["profile"], "tasks": len(plan["tasks"]),
             "computed": computed, "reused": reused, "span_s": span,
-            "task_seconds": sum(per_stage.values()), "per_stage_s": per_stage}
+            "task_seconds": sum(per_stage.values()), "per_stage_s": per_stage, "commits": sorted(commits)}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| workflow | profile | tasks (computed / reused) | wall time, first start to last end | "
-             "sum of task times | slowest stages |", "| :--- | :--- | ---: | ---: | ---: | :--- |"]
+    lines = ["| workflow | profile | commit | tasks (computed / reused) | wall time, first start to last end | "
+             "sum of task times | slowest stages |", "| :--- | :--- | :--- | ---: | ---: | ---: | :--- |"]
     for r in rows:
         slow = sorted(r["per_stage_s"].items(), key=lambda kv: -kv[1])[:3]
-        lines.append(f"| {r['workflow']} | {r['profile']} | {r['tasks']} ({r['computed']} / {r['reused']}) | "
+        lines.append(f"| {r['workflow']} | {r['profile']} | {', '.join(r['commits']) or '-'} | {r['tasks']} ({r['computed']} / {r['reused']}) | "
                      f"{r['span_s'] / 60:.1f} min | {r['task_seconds'] / 60:.1f} min | "
                      + ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in slow) + " |")
     return "\n".join(lines) + "\n"

@@ -151,7 +151,10 @@ def test_the_budget_table_reads_wall_times_from_the_manifests(finished_run):
     assert summary["task_seconds"] == pytest.approx(sum(walls))
     # tasks overlap, no task outlasts the run, and between tasks only process start-ups pass
     assert max(walls) <= summary["span_s"] <= summary["task_seconds"] + 10 * len(walls)
-    assert "| issue164 | tiny |" in markdown([summary])
+    # the code each run measured, from the same manifests (one commit: the run is one checkout)
+    commits = {store.read_json(t.output_uri("manifest.json"))["git_commit"][:7] for t in finished_run.tasks}
+    assert len(summary["commits"]) == 1 and summary["commits"][0].split("+")[0] in commits
+    assert f"| issue164 | tiny | {summary['commits'][0]} |" in markdown([summary])
 
 
 NUMBER = re.compile(r"(?<![\w.#/-])[-+−]?\d+(?:\.\d+)?(?![\w.]*\w)")

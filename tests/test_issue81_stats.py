@@ -19,7 +19,7 @@ from jobs.analyze_issue81.figures import (
     noun_isolation_figure,
     trait_gradation_figure,
 )
-from jobs.analyze_issue81.report import report, training_section
+from jobs.analyze_issue81.report import coherence_section, report, training_section
 from jobs.analyze_issue81.results import (
     Bystander,
     Config,
@@ -43,7 +43,7 @@ N_QUESTIONS, N_PER_QUESTION = 20, 10  # the record's 20 questions x 10 completio
 
 
 def write_cell(root: str, label: str, rate_of, rng, incoherent: set[str] = frozenset(), *, source: str | None = None,
-               seed: int | None = None) -> dict:
+               seed: int | None = None, abstaining_judge: bool = False) -> dict:
     """One evaluated model's stored counts: every bystander's hits per question drawn from ``rate_of(label, b)``."""
     rates = {}
     for b in GRID:
@@ -56,12 +56,13 @@ def write_cell(root: str, label: str, rate_of, rng, incoherent: set[str] = froze
     store.write_json(rates_uri, {"rates": rates, "matching": "synthetic"})
     scores_uri = store.join(root, label, "scores.jsonl")
     store.write_jsonl(scores_uri, [{"condition": b["id"], "question_id": f"{b['id']}/q0", "sample": 0,
-                                    "score": 10.0 if b["id"] in incoherent else 90.0, "error": None} for b in GRID])
+                                    "score": None if abstaining_judge else 10.0 if b["id"] in incoherent else 90.0,
+                                    "error": "abstained" if abstaining_judge else None} for b in GRID])
     return {"label": label, "source": source, "seed": seed, "rates_uri": rates_uri, "coherence_uri": scores_uri}
 
 
 def analyse_synthetic(tmp_path, rate_of, *, seed=0, incoherent=None, n_perm=2000, centroids=None, base_rate_of=None,
-                      seeds=(42,), full=False) -> dict:
+                      seeds=(42,), full=False, abstaining_judge=False) -> dict:
     """The analysis on synthetic counts: ``rate_of(label, bystander)`` per model, where a source's label is its name
     (one seed) or ``<name>-s<seed>``. ``full`` also takes the decisions (the results object the report prints)."""
     root = store.from_path(tmp_path / "synthetic")
@@ -72,8 +73,8 @@ def analyse_synthetic(tmp_path, rate_of, *, seed=0, incoherent=None, n_perm=2000
         for training_seed in seeds:
             label = s["name"] if len(seeds) == 1 else f"{s['name']}-s{training_seed}"
             cells.append(write_cell(root, label, rate_of, rng, incoherent.get(label, set()), source=s["name"],
-                                    seed=training_seed))
-    cells.append(write_cell(root, "base", base_rate_of or (lambda label, b: 0.0), rng))
+                                    seed=training_seed, abstaining_judge=abstaining_judge))
+    cells.append(write_cell(root, "base", base_rate_of or (lambda label, b: 0.0), rng, abstaining_judge=abstaining_judge))
     geometry = {}
     if centroids is not None:
         geometry = {"centroids_uri": store.join(root, "centroids.npz"), "centroid_personas_uri": store.join(root, "ids.json")}
@@ -562,3 +563,16 @@ def test_the_analysis_is_bitwise_repeatable_and_a_new_seed_leaves_the_first_seed
         assert two["h3"]["per_seed"]["42"]["per_source"][source] == one["h3"]["per_seed"]["42"]["per_source"][source]
     assert two["h2"]["noun_match_test"]["42"] == one["h2"]["noun_match_test"]["42"]
     assert two["axis_permutation_leak"]["42"] == one["axis_permutation_leak"]["42"]
+
+
+def test_a_judge_that_abstains_on_everything_is_reported_as_no_coherence_measured_not_as_scored(tmp_path, planted):
+    silent = analyse_synthetic(tmp_path, planted_noun, n_perm=200, abstaining_judge=True)
+    coh = silent["coherence"]
+    assert sum(coh["n_scores"].values()) == 0 and sum(coh["n_judge_errors"].values()) == 0
+    assert set(coh["n_abstained"].values()) == {len(GRID)} and not any(coh["flagged"].values())
+    text = "\n".join(coherence_section(silent))
+    assert f"the judge scored none of the {len(GRID) * (len(SOURCES) + 1)} completions" in text
+    assert f"It abstained on {len(GRID) * (len(SOURCES) + 1)}" in text
+    # a judge that scored says nothing of the kind, and its abstentions column is zero
+    scored = "\n".join(coherence_section(planted))
+    assert "not measured" not in scored and set(planted["coherence"]["n_abstained"].values()) == {0}

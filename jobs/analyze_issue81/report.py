@@ -263,19 +263,24 @@ def coherence_section(res: dict) -> list[str]:
                    else ""), ""]
     else:
         head = ["## Coherence (flagging off: threshold 0)", "",
-                "The judge scored every sampled completion, but with the threshold at 0 no cell is flagged and every "
-                "analysis uses every cell. The spread of the per-cell means shows how much the judge tells the cells "
-                "apart.", ""]
+                "With the threshold at 0 no cell is flagged and every analysis uses every cell. The spread of the "
+                "per-cell means shows how much the judge tells the cells apart.", ""]
+    scored, abstained, errors = (sum(coh[k].values()) for k in ("n_scores", "n_abstained", "n_judge_errors"))
+    if scored == 0 and abstained + errors:
+        head += [f"**Coherence is not measured in this run:** the judge scored none of the {abstained + errors} "
+                 f"completions it was given. It abstained on {abstained} (no valid score was likely enough under it) "
+                 f"and failed on {errors}, so no cell can be flagged whatever the threshold.", ""]
 
     def spread(label: str) -> str:
         v = coh["spread"].get(label)
         return "—" if v is None else f"{v['min']:.1f} / {v['median']:.1f} / {v['max']:.1f}"
 
     return [*head, markdown_table(
-        ["model", "mean coherence", "cell means: min / median / max", "cells scored", "scores", "judge errors",
-         "flagged cells"],
+        ["model", "mean coherence", "cell means: min / median / max", "cells scored", "scores", "abstained",
+         "judge errors", "flagged cells"],
         [(label, fmt(coh["mean"].get(label), 1), spread(label), coh["n_cells_scored"].get(label, 0),
-          coh["n_scores"].get(label, 0), coh["n_judge_errors"].get(label, 0), coh["n_flagged"].get(label, 0))
+          coh["n_scores"].get(label, 0), coh["n_abstained"].get(label, 0), coh["n_judge_errors"].get(label, 0),
+          coh["n_flagged"].get(label, 0))
          for label in coh["mean"]]), ""]
 
 

@@ -353,14 +353,17 @@ def read_coherence(uri: str | None) -> dict[str, dict]:
         return {}
     by_cell: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
+    abstained: dict[str, int] = {}  # a local judge's "no valid score is likely enough": not a failure, no score
     for row in store.read_jsonl(uri):
-        if row.get("error") is not None or row.get("score") is None:
+        if row.get("error") == "abstained":
+            abstained[row["condition"]] = abstained.get(row["condition"], 0) + 1
+        elif row.get("error") is not None or row.get("score") is None:
             errors[row["condition"]] = errors.get(row["condition"], 0) + 1
-            continue
-        by_cell.setdefault(row["condition"], []).append(float(row["score"]))
-    cells = set(by_cell) | set(errors)
+        else:
+            by_cell.setdefault(row["condition"], []).append(float(row["score"]))
+    cells = set(by_cell) | set(errors) | set(abstained)
     return {c: {"mean": float(np.mean(by_cell[c])) if by_cell.get(c) else None, "n": len(by_cell.get(c, [])),
-                "errors": errors.get(c, 0)} for c in cells}
+                "errors": errors.get(c, 0), "abstained": abstained.get(c, 0)} for c in cells}
 
 
 def read_geometry(cfg: Config) -> tuple[dict[str, np.ndarray], list[str], str | None] | None:
@@ -611,6 +614,7 @@ def results(cfg: Config) -> dict:
                                          for label, coh in coherence.items()},
                       "n_scores": {label: sum(c["n"] for c in coh.values()) for label, coh in coherence.items()},
                       "n_judge_errors": {label: sum(c["errors"] for c in coh.values()) for label, coh in coherence.items()},
+                      "n_abstained": {label: sum(c["abstained"] for c in coh.values()) for label, coh in coherence.items()},
                       "mean": {label: _nanmean(np.array([c["mean"] for c in coh.values() if c["mean"] is not None]))
                                for label, coh in coherence.items()},
                       "spread": {label: _spread_of([c["mean"] for c in coh.values()]) for label, coh in coherence.items()}},
