@@ -208,7 +208,8 @@ class Params(ReplicatedParams):
             # H1-H3 to be testable (the analysis's coupling check): on E0's seed-42 checkpoint the source persona
             # carried the marker in 0/24 answers after 1 epoch at 1e-3 (8 steps, and 15 steps with 4 positives),
             # 9/24 after 2 epochs at 1e-3 (8/24 with 4 positives, 30 steps) and 12/24 after 2 epochs at 3e-3
-            # (bystanders 14% on average); not yet run as a whole two-seed workflow with this recipe
+            # (bystanders 14% on average). The whole two-seed workflow with this recipe took 53 min; its source
+            # persona rates were 0.08-0.54, so the check passes some conditions and not others
             "coupling_recipe": {"r": 32, "alpha": 64, "dropout": 0.05, "use_rslora": False, "epochs": 2, "per_device_batch_size": 8,
                                 "grad_accum": 1, "lr": 3e-3, "weight_decay": 0.01, "grad_clip": 1.0, "max_seq_len": 256},
             "coupling_loss": "assistant",

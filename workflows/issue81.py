@@ -111,9 +111,9 @@ class Params(ReplicatedParams):
         # examples, 12 steps at 2 epochs instead of 5), every noun x two traits x all five levels (H3 needs five
         # levels, the axis tests two traits), 10 eval questions x 1 sample = 10 completions per cell (intervals
         # resample questions: ten clusters) of up to 56 tokens (a 48-token training-length answer and the marker),
-        # the record's sampling (T=1, top_p=0.95), and coherence judged on 1 of the 10 questions. With three of the
-        # five nouns the two-seed run took 17 min on an idle machine, so the nouns are back (more bystanders for the
-        # cos-leakage and noun-match tests)
+        # the record's sampling (T=1, top_p=0.95), and coherence judged on 1 of the 10 questions. The two-seed run
+        # took 17 min with three of the five nouns and 23 min with all five (idle machine), so all five are kept:
+        # more bystanders for the cos-leakage and noun-match tests
         "small": {
             "replicates": 2,
             "model_ref": "smollm2:135m-instruct",

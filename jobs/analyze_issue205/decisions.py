@@ -166,7 +166,7 @@ def testable(beh: dict | None, name: str) -> bool:
     in every condition (a geometry rule is always decidable)."""
     if not name.startswith("H") or not beh:
         return True
-    return beh["H1"]["testable"] > 0 if name == "H1" else beh[name].get("testable", True)
+    return beh["H1"]["testable"] > 0 if name == "H1" else beh[name]["testable"]
 
 
 def pooled_headlines(per_seed: dict) -> list[str]:

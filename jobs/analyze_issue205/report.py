@@ -223,15 +223,15 @@ def behaviour_decision_lines(beh: dict | None, out: dict) -> list[str]:
             f"- **H1** (induction-self-leakage): {'FIRES' if h1['fires'] else 'does not fire'}: {h1['fired']}/{h1['testable']} "
             f"testable conditions fire (needs {fmt(h1['needed'])}; {h1['rule']}).",
             f"- **H2** (induction-invariant, equivalence): "
-            f"{'not testable' if untaken else 'FIRES (equivalence shown)' if h2['fires'] else 'does not fire (equivalence not shown)'}: "
+            f"{'FIRES (equivalence shown)' if h2['fires'] else 'does not fire (equivalence not shown)' if h2['testable'] else 'not testable'}: "
             f"range {h2['range']:.4f}; TOST p = {h2['p']:.4g} over {h2['n_questions']} questions, the least equivalent pair "
             + (f"{h2['worst_pair'][0]}-{h2['worst_pair'][1]} differs by {h2['worst_pair_interval'][0]:+.4f} "
                f"[{h2['worst_pair_interval'][1]:+.4f}, {h2['worst_pair_interval'][2]:+.4f}] ({h2['rule']}). "
                if h2["worst_pair"] else f"({h2['rule']}). ")
             + f"The record's rule as written ({w['rule']}; not an equivalence test) {'holds' if w['holds'] else 'does not hold'}: "
             f"range {w['range']:.4f}, p = {w['p']:.4g}.",
-            f"- **H3** (cos-monotone): {'not testable' if untaken else 'FIRES' if h3['fires'] else 'does not fire'}: Spearman rho = {fmt(h3['rho'], 3)}, exact "
-            f"p = {fmt(h3['p'], 4)} over {h3['n_orderings']} orderings ({h3['rule']}){'; ' + h3['note'] if 'note' in h3 and not untaken else ''}.",
+            f"- **H3** (cos-monotone): {'FIRES' if h3['fires'] else 'does not fire' if h3['testable'] else 'not testable'}: Spearman rho = {fmt(h3['rho'], 3)}, exact "
+            f"p = {fmt(h3['p'], 4)} over {h3['n_orderings']} orderings ({h3['rule']}){'; ' + h3['note'] if 'note' in h3 and h3['testable'] else ''}.",
         ]
     else:
         lines.append("- H1/H2/H3: no behavioural artifacts were given.")

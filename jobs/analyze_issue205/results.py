@@ -365,7 +365,8 @@ def behaviour_tests(cfg: Config, personas: list[str], rates: np.ndarray, questio
     if untaken:  # H2 and H3 compare leakage across every condition: one without the coupling voids the comparison
         why = (f"not testable: the coupling did not take in {', '.join(untaken)} (source persona's marker rate not "
                f"shown above {cfg.rules.h2_max_range})")
-        h3_row = {**h3_row, "fires": False, "testable": False, "note": why}
+        h3_row = {**h3_row, "fires": False, "note": why}
+    h3_row["testable"] = not untaken
     testable = [r for r in per_condition if "h1" in r]
     h1_fired = sum(r["h1"]["fires"] for r in testable)
     needed = math.ceil(cfg.rules.h1_min_fraction * len(testable)) if testable else None
